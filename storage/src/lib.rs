@@ -1,0 +1,25 @@
+//! The persistent versioned log of one DerechoFS shard replica (DESIGN §3).
+//!
+//! A [`Log`] holds the versions a replica delivered, each with its stamp and its delta (the keys
+//! it wrote, with their new values or tombstones), in append-only segment files on a
+//! [`backend::Backend`]. In memory it keeps a version table (version ↔ stamp) and a multi-version
+//! key index whose entries point at values inside the files, which reads hand out without copying
+//! (memory maps on the file backend). The formats are drawn byte by byte in `docs/FORMATS.md`.
+
+pub mod backend;
+mod checkpoint;
+mod error;
+mod index;
+mod log;
+mod meta;
+pub mod record;
+mod stamp;
+
+pub use error::{LogError, Result};
+pub use log::{
+    Change, Log, LogConfig, RecoveryReport, ScanPage, SyncPolicy, SEGMENT_BYTES_MAX,
+    SEGMENT_BYTES_MIN,
+};
+pub use meta::ENGINE_STATE_MAX;
+pub use record::Write;
+pub use stamp::{version_of, Hlc, Version};

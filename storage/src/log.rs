@@ -1,0 +1,1166 @@
+//! The log of one shard replica: appends, group commit, reads at any version or time, checkpoints,
+//! trim, truncation and crash recovery.
+
+use std::ops::Bound;
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::backend::{Backend, BackendFile};
+use crate::checkpoint::{self, Position, SegmentRange, CHECKPOINT_FILE};
+use crate::error::{io_err, LogError, Result};
+use crate::index::{entry_at, Entry, KeyIndex, VersionTable, BASE_FILE};
+use crate::meta::{Meta, ENGINE_STATE_MAX, META_FILE};
+use crate::record::{
+    decode_record, decode_segment_header, encode_record, encode_segment_header, parse_payload,
+    payload_len, Decoded, RecordKind, Write, WriteSpan, RECORD_HEADER_LEN, RECORD_PAYLOAD_MAX,
+    SEGMENT_HEADER_LEN,
+};
+use crate::{Hlc, Version};
+
+/// When appended records are made durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncPolicy {
+    /// Every [`Log::commit`] syncs: one `fdatasync` covers every record appended since the last.
+    Fsync,
+    /// [`Log::commit`] syncs when at least this many milliseconds passed since the last sync;
+    /// [`Log::sync_due_at`] tells the caller when to commit again.
+    BatchMs(u64),
+    /// Never sync: [`Log::commit`] hands the records to the operating system and reports them
+    /// persisted. For volatile benchmarks and tests only.
+    None,
+}
+
+/// How a log is laid out and persisted.
+#[derive(Clone, Debug)]
+pub struct LogConfig {
+    /// When records become durable.
+    pub sync: SyncPolicy,
+    /// Size each new segment file is preallocated to; a larger record gets a segment of its own.
+    pub segment_bytes: u64,
+    /// Appends are gathered in memory up to this many bytes before they are written out.
+    pub write_buffer_bytes: usize,
+    /// Write an index checkpoint at the first commit after this many new versions; 0 never does.
+    pub checkpoint_every_versions: u64,
+}
+
+/// Smallest segment size accepted.
+pub const SEGMENT_BYTES_MIN: u64 = 4096;
+/// Largest segment size accepted (offsets inside a segment are 32-bit).
+pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            sync: SyncPolicy::Fsync,
+            segment_bytes: 64 << 20,
+            write_buffer_bytes: 1 << 20,
+            checkpoint_every_versions: 1 << 20,
+        }
+    }
+}
+
+/// What recovery found when the log was opened.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The index was loaded from a checkpoint, and only the tail after it was scanned.
+    pub from_checkpoint: bool,
+    /// Records read and checked during the scan.
+    pub records_scanned: u64,
+    /// Where the scan stopped before the end of the written data, and why: a torn write or
+    /// garbage. Everything before it was kept.
+    pub torn: Option<(String, u64, &'static str)>,
+    /// Segment files removed because they came after the torn record.
+    pub dropped_segments: Vec<String>,
+}
+
+/// One change in the history of a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The version that made the change.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The length of the new value, or `None` for a deletion.
+    pub value_len: Option<u32>,
+}
+
+/// One page of a prefix scan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Keys with their values, in key order.
+    pub items: Vec<(Vec<u8>, Bytes)>,
+    /// Pass this as `after` to read the next page; `None` when the scan is complete.
+    pub resume_after: Option<Vec<u8>>,
+}
+
+#[derive(Debug)]
+struct Segment {
+    seq: u32,
+    file: Arc<dyn BackendFile>,
+    versions: Option<(Version, Version)>,
+}
+
+/// The write position in the last segment.
+#[derive(Debug, Default)]
+struct Tail {
+    /// Offset after the last record, counting buffered bytes.
+    end: u64,
+    /// Bytes before this offset were handed to the backend.
+    flushed: u64,
+    /// Bytes from `flushed` to `end`.
+    buf: Vec<u8>,
+    /// Size of the segment file.
+    capacity: u64,
+    /// Offset of the last record in the segment, 0 if it holds none.
+    last_at: u64,
+    /// The segment has bytes that were written but not synced.
+    dirty: bool,
+}
+
+/// The persistent versioned log of one shard replica. Writes take `&mut self`; reads take `&self`.
+#[derive(Debug)]
+pub struct Log {
+    backend: Arc<dyn Backend>,
+    config: LogConfig,
+    segments: Vec<Segment>,
+    base: Option<Arc<dyn BackendFile>>,
+    tail: Tail,
+    chain: u32,
+    versions: VersionTable,
+    keys: KeyIndex,
+    meta: Meta,
+    appended: Option<Version>,
+    written: Option<Version>,
+    persisted: Option<Version>,
+    synced_at_ms: Option<u64>,
+    since_checkpoint: u64,
+    poisoned: bool,
+    spans: Vec<WriteSpan>,
+    report: RecoveryReport,
+}
+
+fn segment_name(seq: u32) -> String {
+    format!("seg-{seq:08x}.log")
+}
+
+fn base_name(version: Version) -> String {
+    format!("base-{version:016x}.log")
+}
+
+fn parse_name(name: &str, prefix: &str, digits: usize) -> Option<u64> {
+    let hex = name.strip_prefix(prefix)?.strip_suffix(".log")?;
+    if hex.len() != digits || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+fn corrupt(file: &str, offset: u64, reason: impl Into<String>) -> LogError {
+    LogError::Corrupt {
+        file: file.to_owned(),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+/// How a scan of one segment's records ended.
+enum ScanEnd {
+    /// Zeros or the end of the file.
+    Clean,
+    /// A record that does not check.
+    Bad(&'static str),
+}
+
+/// Walks the records of `bytes` from `pos`, checking the chain, and calls `each` with every valid
+/// record's offset, header and bytes. Returns where it stopped, the chain there, and why.
+fn scan_records(
+    bytes: &[u8],
+    mut pos: usize,
+    mut chain: u32,
+    mut each: impl FnMut(
+        usize,
+        &crate::record::RecordHeader,
+        &[u8],
+    ) -> std::result::Result<(), &'static str>,
+) -> (usize, u32, ScanEnd) {
+    loop {
+        let rest = bytes.get(pos..).unwrap_or_default();
+        if rest.is_empty() {
+            return (pos, chain, ScanEnd::Clean);
+        }
+        match decode_record(rest, chain) {
+            Decoded::End => return (pos, chain, ScanEnd::Clean),
+            Decoded::Bad(reason) => return (pos, chain, ScanEnd::Bad(reason)),
+            Decoded::Record(h) => {
+                let len = h.record_len();
+                if let Err(reason) = each(pos, &h, &rest[..len]) {
+                    return (pos, chain, ScanEnd::Bad(reason));
+                }
+                chain = h.crc;
+                pos += len;
+            }
+        }
+    }
+}
+
+impl Log {
+    /// Opens the log stored in `backend`, recovering from a crash if needed: a torn or corrupt
+    /// tail is cut at the first record that does not check, and everything before it is kept.
+    pub fn open(backend: Arc<dyn Backend>, config: LogConfig) -> Result<Log> {
+        if !(SEGMENT_BYTES_MIN..=SEGMENT_BYTES_MAX).contains(&config.segment_bytes) {
+            return Err(LogError::Invalid(format!(
+                "segment size {} outside {SEGMENT_BYTES_MIN}..={SEGMENT_BYTES_MAX}",
+                config.segment_bytes
+            )));
+        }
+        let meta = match backend
+            .read_all(META_FILE)
+            .map_err(io_err("read of meta"))?
+        {
+            Some(bytes) => Meta::decode(&bytes).map_err(|r| corrupt(META_FILE, 0, r))?,
+            None => Meta::default(),
+        };
+        let mut log = Log {
+            backend,
+            config,
+            segments: Vec::new(),
+            base: None,
+            tail: Tail::default(),
+            chain: 0,
+            versions: VersionTable::default(),
+            keys: KeyIndex::default(),
+            meta,
+            appended: None,
+            written: None,
+            persisted: None,
+            synced_at_ms: None,
+            since_checkpoint: 0,
+            poisoned: false,
+            spans: Vec::new(),
+            report: RecoveryReport::default(),
+        };
+        log.recover()?;
+        Ok(log)
+    }
+
+    fn recover(&mut self) -> Result<()> {
+        let names = self
+            .backend
+            .list()
+            .map_err(io_err("listing of the log directory"))?;
+        let mut seqs = Vec::new();
+        for name in &names {
+            if let Some(seq) = parse_name(name, "seg-", 8) {
+                if seq < u64::from(BASE_FILE) {
+                    seqs.push(seq as u32);
+                }
+            } else if let Some(v) = parse_name(name, "base-", 16) {
+                // A base file the metadata does not name is left from an interrupted trim.
+                if self.meta.horizon.map(|h| h.0) != Some(v) {
+                    self.backend
+                        .remove(name)
+                        .map_err(io_err(format!("removal of {name}")))?;
+                }
+            } else if name.starts_with('.') && name.ends_with(".tmp") {
+                self.backend
+                    .remove(name)
+                    .map_err(io_err(format!("removal of {name}")))?;
+            }
+        }
+        seqs.sort_unstable();
+        if let Some((h, hs)) = self.meta.horizon {
+            self.load_base(h, hs)?;
+        }
+        let mut files = Vec::with_capacity(seqs.len());
+        for &seq in &seqs {
+            let name = segment_name(seq);
+            let file = self
+                .backend
+                .open(&name, false)
+                .map_err(io_err(format!("open of {name}")))?;
+            files.push((seq, file));
+        }
+
+        // Start from the checkpoint when it is consistent with the files, else from the start.
+        let mut start = 0usize;
+        let mut resume: Option<(u64, u32)> = None;
+        let mut resume_range: Option<(Version, Version)> = None;
+        if let Some(ckpt) = self.load_checkpoint(&files)? {
+            start = files
+                .iter()
+                .position(|(s, _)| *s == ckpt.position.segment)
+                .unwrap_or(0);
+            for range in &ckpt.segments {
+                if let Some((_, file)) = files.iter().find(|(s, _)| *s == range.seq) {
+                    if range.seq < ckpt.position.segment {
+                        self.segments.push(Segment {
+                            seq: range.seq,
+                            file: file.clone(),
+                            versions: range.versions,
+                        });
+                    }
+                }
+            }
+            if self.segments.len() != start {
+                // The checkpoint does not describe the segments before its position: distrust it.
+                self.segments.clear();
+                start = 0;
+                self.versions = VersionTable::default();
+                self.keys = KeyIndex::default();
+                if let Some((h, hs)) = self.meta.horizon {
+                    self.load_base(h, hs)?;
+                }
+            } else {
+                self.versions = ckpt.versions;
+                self.keys = ckpt.keys;
+                self.chain = ckpt.position.last_crc;
+                self.tail.last_at = ckpt.position.last_at;
+                resume = Some((ckpt.position.end, ckpt.position.last_crc));
+                self.report.from_checkpoint = true;
+                let range = ckpt
+                    .segments
+                    .iter()
+                    .find(|r| r.seq == ckpt.position.segment);
+                resume_range = range.and_then(|r| r.versions);
+            }
+        }
+
+        let mut stopped = false;
+        for (i, (seq, file)) in files.iter().enumerate().skip(start) {
+            let name = segment_name(*seq);
+            if stopped {
+                self.backend
+                    .remove(&name)
+                    .map_err(io_err(format!("removal of {name}")))?;
+                self.report.dropped_segments.push(name);
+                continue;
+            }
+            let len = file.len().map_err(io_err(format!("size of {name}")))?;
+            let bytes = if len == 0 {
+                Bytes::new()
+            } else {
+                file.read_at(0, len as usize)
+                    .map_err(io_err(format!("read of {name}")))?
+            };
+            let (mut pos, mut chain, mut versions) = (SEGMENT_HEADER_LEN, self.chain, None);
+            let mut last_at = 0u64;
+            if let (true, Some((end, crc))) = (i == start, resume) {
+                pos = end as usize;
+                chain = crc;
+                versions = resume_range.take();
+                last_at = self.tail.last_at;
+            } else {
+                match decode_segment_header(&bytes) {
+                    Ok((s, seed))
+                        if s == u64::from(*seq) && (self.segments.is_empty() || seed == chain) =>
+                    {
+                        chain = seed;
+                    }
+                    Ok(_) => {
+                        self.note_torn(&name, 0, "segment header out of sequence");
+                        stopped = true;
+                    }
+                    Err(reason) => {
+                        self.note_torn(&name, 0, reason);
+                        stopped = true;
+                    }
+                }
+                if stopped {
+                    // A segment whose header never reached the disk holds nothing: remove it.
+                    self.backend
+                        .remove(&name)
+                        .map_err(io_err(format!("removal of {name}")))?;
+                    self.report.dropped_segments.push(name);
+                    continue;
+                }
+            }
+            let horizon = self.meta.horizon.map(|h| h.0);
+            let (versions_table, keys, scanned) = (
+                &mut self.versions,
+                &mut self.keys,
+                &mut self.report.records_scanned,
+            );
+            let (end, new_chain, how) = scan_records(&bytes, pos, chain, |at, h, rec| {
+                if h.kind != RecordKind::Delta {
+                    return Err("record kind not allowed in a segment");
+                }
+                if let Some((lv, ls)) = versions_table.last() {
+                    if h.version <= lv || h.hlc <= ls {
+                        return Err("version or stamp does not increase");
+                    }
+                }
+                let mut spans = Vec::new();
+                parse_payload(rec, |s| spans.push(s))?;
+                *scanned += 1;
+                last_at = at as u64;
+                versions = Some((versions.map_or(h.version, |(f, _)| f), h.version));
+                if horizon.is_some_and(|hv| h.version <= hv) {
+                    return Ok(());
+                }
+                versions_table.push(h.version, h.hlc);
+                for s in spans {
+                    let key = &rec[s.key_at as usize..][..s.key_len as usize];
+                    let value_at = at as u32 + s.value_at;
+                    keys.record(key, Entry::new(h.version, *seq, value_at, s.value_len));
+                }
+                Ok(())
+            });
+            chain = new_chain;
+            if let ScanEnd::Bad(reason) = how {
+                self.note_torn(&name, end as u64, reason);
+                stopped = true;
+            }
+            self.chain = chain;
+            self.segments.push(Segment {
+                seq: *seq,
+                file: file.clone(),
+                versions,
+            });
+            self.tail = Tail {
+                end: end as u64,
+                flushed: end as u64,
+                buf: Vec::new(),
+                capacity: len,
+                last_at,
+                dirty: true,
+            };
+        }
+
+        let last = self.versions.last().map(|l| l.0);
+        if let Some(p) = self.meta.persisted {
+            if last.is_none_or(|l| l < p) {
+                return Err(corrupt(
+                    "log",
+                    0,
+                    format!(
+                        "the log ends at {last:?} but version {p:#x} was recorded as persisted"
+                    ),
+                ));
+            }
+        }
+        self.appended = last;
+        self.written = last;
+        // What survived a process crash may still sit only in the page cache: sync it before
+        // reporting it persisted.
+        self.sync()?;
+        Ok(())
+    }
+
+    fn note_torn(&mut self, file: &str, offset: u64, reason: &'static str) {
+        if self.report.torn.is_none() {
+            self.report.torn = Some((file.to_owned(), offset, reason));
+        }
+    }
+
+    fn load_base(&mut self, h: Version, hs: Hlc) -> Result<()> {
+        let name = base_name(h);
+        let file = self
+            .backend
+            .open(&name, false)
+            .map_err(|_| corrupt(&name, 0, "the base file named by the metadata is missing"))?;
+        let len = file.len().map_err(io_err(format!("size of {name}")))?;
+        let bytes = file
+            .read_at(0, len as usize)
+            .map_err(io_err(format!("read of {name}")))?;
+        let (_, seed) = decode_segment_header(&bytes).map_err(|r| corrupt(&name, 0, r))?;
+        self.versions = VersionTable::default();
+        self.keys = KeyIndex::default();
+        self.versions.push(h, hs);
+        let keys = &mut self.keys;
+        let (end, _, how) = scan_records(&bytes, SEGMENT_HEADER_LEN, seed, |at, head, rec| {
+            if head.kind != RecordKind::Base || head.version != h || head.hlc != hs {
+                return Err("base record does not match the horizon");
+            }
+            parse_payload(rec, |s| {
+                let key = &rec[s.key_at as usize..][..s.key_len as usize];
+                keys.record(
+                    key,
+                    Entry::new(h, BASE_FILE, at as u32 + s.value_at, s.value_len),
+                );
+            })
+        });
+        if let ScanEnd::Bad(reason) = how {
+            return Err(corrupt(&name, end as u64, reason));
+        }
+        self.base = Some(file);
+        Ok(())
+    }
+
+    fn load_checkpoint(
+        &mut self,
+        files: &[(u32, Arc<dyn BackendFile>)],
+    ) -> Result<Option<checkpoint::Checkpoint>> {
+        let Some(bytes) = self
+            .backend
+            .read_all(CHECKPOINT_FILE)
+            .map_err(io_err("read of the checkpoint"))?
+        else {
+            return Ok(None);
+        };
+        let Ok(ckpt) = checkpoint::decode(&bytes) else {
+            return Ok(None);
+        };
+        if ckpt.horizon != self.meta.horizon {
+            return Ok(None);
+        }
+        let p = ckpt.position;
+        let Some((_, file)) = files.iter().find(|(s, _)| *s == p.segment) else {
+            return Ok(None);
+        };
+        // The record the checkpoint ends with must still be there, with the same checksum.
+        let ok = if p.last_at == 0 {
+            file.read_at(0, SEGMENT_HEADER_LEN)
+                .ok()
+                .and_then(|h| decode_segment_header(&h).ok())
+                .is_some_and(|(_, seed)| seed == p.last_crc && p.end == SEGMENT_HEADER_LEN as u64)
+        } else {
+            file.read_at(p.last_at, RECORD_HEADER_LEN)
+                .ok()
+                .is_some_and(|h| {
+                    let len = crate::record::u32_at(&h, 0) as u64;
+                    crate::record::u32_at(&h, 4) == p.last_crc
+                        && p.last_at + RECORD_HEADER_LEN as u64 + len == p.end
+                })
+        };
+        Ok(ok.then_some(ckpt))
+    }
+}
+
+impl Log {
+    /// Appends version `version`, stamped `hlc`, whose delta is `writes`. Versions and stamps must
+    /// strictly increase. The record is buffered; [`Log::commit`] or [`Log::sync`] persists it.
+    pub fn append(&mut self, version: Version, hlc: Hlc, writes: &[Write<'_>]) -> Result<()> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        if let Some((last, last_hlc)) = self.versions.last() {
+            if version <= last {
+                return Err(LogError::VersionNotIncreasing { last, got: version });
+            }
+            if hlc <= last_hlc {
+                return Err(LogError::StampNotIncreasing {
+                    last: last_hlc,
+                    got: hlc,
+                });
+            }
+        }
+        let len = RECORD_HEADER_LEN
+            + payload_len(writes).map_err(|(what, len, max)| LogError::TooLarge {
+                what,
+                len,
+                max,
+            })?;
+        if self.segments.is_empty() || self.tail.end + len as u64 > self.tail.capacity {
+            self.roll(len as u64)?;
+        }
+        let seq = self.segments.last().map_or(0, |s| s.seq);
+        let at = self.tail.end;
+        let crc = encode_record(
+            &mut self.tail.buf,
+            &mut self.spans,
+            self.chain,
+            version,
+            hlc,
+            RecordKind::Delta,
+            writes,
+        );
+        self.versions.push(version, hlc);
+        for (w, s) in writes.iter().zip(&self.spans) {
+            self.keys.record(
+                w.key,
+                Entry::new(version, seq, at as u32 + s.value_at, s.value_len),
+            );
+        }
+        if let Some(segment) = self.segments.last_mut() {
+            segment.versions = Some((segment.versions.map_or(version, |(f, _)| f), version));
+        }
+        self.chain = crc;
+        self.tail.last_at = at;
+        self.tail.end = at + len as u64;
+        self.appended = Some(version);
+        self.since_checkpoint += 1;
+        if self.tail.buf.len() >= self.config.write_buffer_bytes {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes appended records durable as the sync policy says, given the current time in
+    /// milliseconds, and writes a checkpoint when one is due. Returns the persisted version.
+    pub fn commit(&mut self, now_ms: u64) -> Result<Option<Version>> {
+        match self.config.sync {
+            SyncPolicy::Fsync => {
+                self.sync()?;
+            }
+            SyncPolicy::BatchMs(ms) => {
+                let due = self
+                    .synced_at_ms
+                    .is_none_or(|t| now_ms >= t.saturating_add(ms));
+                if self.persisted != self.appended && due {
+                    self.sync()?;
+                    self.synced_at_ms = Some(now_ms);
+                }
+            }
+            SyncPolicy::None => {
+                self.flush()?;
+                self.persisted = self.written;
+            }
+        }
+        if self.config.checkpoint_every_versions > 0
+            && self.since_checkpoint >= self.config.checkpoint_every_versions
+        {
+            self.checkpoint()?;
+        }
+        Ok(self.persisted)
+    }
+
+    /// Under [`SyncPolicy::BatchMs`], the time (ms) at which a commit will sync the records
+    /// appended so far; `None` when nothing waits.
+    pub fn sync_due_at(&self) -> Option<u64> {
+        match self.config.sync {
+            SyncPolicy::BatchMs(ms) if self.persisted != self.appended => {
+                Some(self.synced_at_ms.map_or(0, |t| t.saturating_add(ms)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Writes out buffered records and syncs them, whatever the policy. Returns the persisted
+    /// version.
+    pub fn sync(&mut self) -> Result<Option<Version>> {
+        self.flush()?;
+        if self.tail.dirty {
+            if let Some(segment) = self.segments.last() {
+                let name = segment_name(segment.seq);
+                if let Err(e) = segment.file.sync_data() {
+                    self.poisoned = true;
+                    return Err(io_err(format!("sync of {name}"))(e));
+                }
+            }
+            self.tail.dirty = false;
+        }
+        self.persisted = self.written;
+        Ok(self.persisted)
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if self.tail.buf.is_empty() {
+            return Ok(());
+        }
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let Some(segment) = self.segments.last() else {
+            return Ok(());
+        };
+        if let Err(e) = segment.file.write_at(self.tail.flushed, &self.tail.buf) {
+            self.poisoned = true;
+            return Err(io_err(format!("write of {}", segment_name(segment.seq)))(e));
+        }
+        self.tail.flushed = self.tail.end;
+        self.tail.buf.clear();
+        self.tail.dirty = true;
+        self.written = self.appended;
+        Ok(())
+    }
+
+    /// Starts a new segment with room for a record of `need` bytes. The previous segment is synced
+    /// first, so a torn write can only ever be in the last segment.
+    fn roll(&mut self, need: u64) -> Result<()> {
+        if !self.segments.is_empty() {
+            self.sync()?;
+        }
+        let seq = self.segments.last().map_or(1, |s| s.seq + 1);
+        if seq == BASE_FILE {
+            return Err(LogError::Invalid("segment numbers exhausted".into()));
+        }
+        let name = segment_name(seq);
+        let capacity = self
+            .config
+            .segment_bytes
+            .max(SEGMENT_HEADER_LEN as u64 + need);
+        let file = match self.backend.open(&name, true) {
+            Ok(file) => file,
+            Err(e) => return Err(io_err(format!("creation of {name}"))(e)),
+        };
+        if let Err(e) = file.allocate(capacity) {
+            self.poisoned = true;
+            return Err(io_err(format!("allocation of {name}"))(e));
+        }
+        self.segments.push(Segment {
+            seq,
+            file,
+            versions: None,
+        });
+        self.tail = Tail {
+            end: SEGMENT_HEADER_LEN as u64,
+            flushed: 0,
+            buf: encode_segment_header(u64::from(seq), self.chain).to_vec(),
+            capacity,
+            last_at: 0,
+            dirty: true,
+        };
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the indexes (after syncing), so the next open scans only what comes
+    /// after it, and records the persisted version in the metadata.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        self.sync()?;
+        let Some(active) = self.segments.last() else {
+            return Ok(());
+        };
+        let position = Position {
+            segment: active.seq,
+            end: self.tail.end,
+            last_at: self.tail.last_at,
+            last_crc: self.chain,
+        };
+        let ranges: Vec<SegmentRange> = self
+            .segments
+            .iter()
+            .map(|s| SegmentRange {
+                seq: s.seq,
+                versions: s.versions,
+            })
+            .collect();
+        let bytes = checkpoint::encode(
+            position,
+            &ranges,
+            self.meta.horizon,
+            &self.versions,
+            &self.keys,
+        );
+        self.backend
+            .replace(CHECKPOINT_FILE, &bytes)
+            .map_err(io_err("write of the checkpoint"))?;
+        self.meta.persisted = self.persisted;
+        self.write_meta()?;
+        self.since_checkpoint = 0;
+        Ok(())
+    }
+
+    fn write_meta(&mut self) -> Result<()> {
+        self.backend
+            .replace(META_FILE, &self.meta.encode())
+            .map_err(io_err("write of meta"))
+    }
+
+    /// Replaces the engine's opaque state (its view, ragged trims) in the metadata, durably.
+    pub fn set_engine_state(&mut self, state: &[u8]) -> Result<()> {
+        if state.len() > ENGINE_STATE_MAX {
+            return Err(LogError::TooLarge {
+                what: "engine state",
+                len: state.len(),
+                max: ENGINE_STATE_MAX,
+            });
+        }
+        self.meta.engine = state.to_vec();
+        self.write_meta()
+    }
+
+    /// The engine's opaque state as last set.
+    pub fn engine_state(&self) -> &[u8] {
+        &self.meta.engine
+    }
+}
+
+impl Log {
+    /// The last version and its stamp.
+    pub fn latest(&self) -> Option<(Version, Hlc)> {
+        self.versions.last()
+    }
+
+    /// The oldest readable version and its stamp (the trim horizon, once trimmed).
+    pub fn oldest(&self) -> Option<(Version, Hlc)> {
+        self.versions.first()
+    }
+
+    /// Versions appended and not removed by trim or truncation.
+    pub fn version_count(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// Distinct keys with a history.
+    pub fn key_count(&self) -> usize {
+        self.keys.keys.len()
+    }
+
+    /// The highest version known to be persisted under the sync policy.
+    pub fn persisted(&self) -> Option<Version> {
+        self.persisted
+    }
+
+    /// The trim horizon: reads before it fail.
+    pub fn horizon(&self) -> Option<(Version, Hlc)> {
+        self.meta.horizon
+    }
+
+    /// What recovery found when the log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.report
+    }
+
+    /// The stamp of exactly `version`, if the log holds it.
+    pub fn stamp_of(&self, version: Version) -> Option<Hlc> {
+        self.versions.stamp_of(version)
+    }
+
+    fn check_version(&self, at: Version) -> Result<()> {
+        match self.meta.horizon {
+            Some((h, hs)) if at < h => Err(LogError::Trimmed {
+                horizon: h,
+                horizon_stamp: hs,
+                asked: format!("version {at:#x}"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// The version in force at time `t`: the last one stamped at or before `t`, or `None` if the
+    /// log had no version yet then.
+    pub fn version_at(&self, t: Hlc) -> Result<Option<Version>> {
+        if let Some((h, hs)) = self.meta.horizon {
+            if t < hs {
+                return Err(LogError::Trimmed {
+                    horizon: h,
+                    horizon_stamp: hs,
+                    asked: format!("time {t}"),
+                });
+            }
+        }
+        Ok(self.versions.at_time(t).map(|i| self.versions.versions[i]))
+    }
+
+    /// The value of `key` at `version`; `None` if it did not exist then.
+    pub fn get(&self, key: &[u8], version: Version) -> Result<Option<Bytes>> {
+        self.check_version(version)?;
+        match self.keys.at(key, version) {
+            Some(entry) => self.read_value(entry),
+            None => Ok(None),
+        }
+    }
+
+    /// The latest value of `key`.
+    pub fn get_latest(&self, key: &[u8]) -> Result<Option<Bytes>> {
+        self.get(key, Version::MAX)
+    }
+
+    /// The value of `key` at time `t`.
+    pub fn get_at_time(&self, key: &[u8], t: Hlc) -> Result<Option<Bytes>> {
+        match self.version_at(t)? {
+            Some(v) => self.get(key, v),
+            None => Ok(None),
+        }
+    }
+
+    /// The version and stamp of the change of `key` in force at `version`, if any.
+    pub fn key_version(&self, key: &[u8], version: Version) -> Result<Option<(Version, Hlc)>> {
+        self.check_version(version)?;
+        Ok(self.keys.at(key, version).and_then(|e| {
+            let v = e.version();
+            self.versions.stamp_of(v).map(|s| (v, s))
+        }))
+    }
+
+    /// Every change of `key` still in the log, oldest first (the first may be the trim horizon).
+    pub fn history(&self, key: &[u8]) -> Vec<Change> {
+        let Some(entries) = self.keys.keys.get(key) else {
+            return Vec::new();
+        };
+        entries
+            .iter()
+            .filter_map(|e| {
+                let version = e.version();
+                let hlc = self.versions.stamp_of(version)?;
+                Some(Change {
+                    version,
+                    hlc,
+                    value_len: e.len(),
+                })
+            })
+            .collect()
+    }
+
+    /// Up to `limit` keys starting with `prefix` that exist at `version`, in order, after the key
+    /// `after` when resuming.
+    pub fn scan(
+        &self,
+        prefix: &[u8],
+        version: Version,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        self.check_version(version)?;
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a),
+            _ => Bound::Included(prefix),
+        };
+        let mut page = ScanPage::default();
+        for (key, entries) in self.keys.range_from(start) {
+            if !key.starts_with(prefix) {
+                break;
+            }
+            if page.items.len() == limit {
+                page.resume_after = page.items.last().map(|(k, _)| k.clone());
+                break;
+            }
+            if let Some(entry) = entry_at(entries, version) {
+                if let Some(value) = self.read_value(entry)? {
+                    page.items.push((key.to_vec(), value));
+                }
+            }
+        }
+        Ok(page)
+    }
+
+    fn read_value(&self, entry: Entry) -> Result<Option<Bytes>> {
+        let Some(len) = entry.len() else {
+            return Ok(None);
+        };
+        let offset = u64::from(entry.offset);
+        let file = if entry.file == BASE_FILE {
+            self.base.as_ref()
+        } else {
+            let i = self.segments.partition_point(|s| s.seq < entry.file);
+            let segment = self.segments.get(i).filter(|s| s.seq == entry.file);
+            if let Some(s) = segment {
+                if i + 1 == self.segments.len() && offset >= self.tail.flushed {
+                    let start = (offset - self.tail.flushed) as usize;
+                    let bytes =
+                        self.tail
+                            .buf
+                            .get(start..start + len as usize)
+                            .ok_or_else(|| {
+                                corrupt(
+                                    &segment_name(s.seq),
+                                    offset,
+                                    "index points past the buffer",
+                                )
+                            })?;
+                    return Ok(Some(Bytes::copy_from_slice(bytes)));
+                }
+            }
+            segment.map(|s| &s.file)
+        };
+        let file = file.ok_or_else(|| corrupt("log", offset, "index names a missing file"))?;
+        let bytes = file.read_at(offset, len as usize).map_err(io_err(format!(
+            "read of file {:#x} at {offset}",
+            entry.file
+        )))?;
+        Ok(Some(bytes))
+    }
+}
+
+impl Log {
+    /// Drops history before `before`: the horizon becomes the last version at or before it, each
+    /// key keeps its state at the horizon, and reads before the horizon fail. Returns the horizon.
+    pub fn trim(&mut self, before: Version) -> Result<Option<Version>> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        let Some(i) = self.versions.at_or_below(before) else {
+            return Ok(None);
+        };
+        let (h, hs) = (self.versions.versions[i], self.versions.stamp_at(i));
+        if self.meta.horizon.is_some_and(|(old, _)| old >= h) {
+            return Ok(self.meta.horizon.map(|x| x.0));
+        }
+        self.sync()?;
+
+        // 1. Write the state at the horizon into a new base file and make it durable.
+        let name = base_name(h);
+        let file = self
+            .backend
+            .open(&name, true)
+            .map_err(io_err(format!("creation of {name}")))?;
+        let mut out = encode_segment_header(0, 0).to_vec();
+        let mut chain = 0u32;
+        let mut spans = Vec::new();
+        let mut new_entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
+        let mut batch: Vec<(Box<[u8]>, Bytes)> = Vec::new();
+        let mut batch_len = 4usize;
+        let keys: Vec<(Box<[u8]>, Entry)> = self
+            .keys
+            .keys
+            .iter()
+            .filter_map(|(k, es)| entry_at(es, h).map(|e| (k.clone(), e)))
+            .collect();
+        let mut flush_batch = |batch: &mut Vec<(Box<[u8]>, Bytes)>, out: &mut Vec<u8>| {
+            let writes: Vec<Write<'_>> = batch
+                .iter()
+                .map(|(k, v)| Write::put(k, v.as_ref()))
+                .collect();
+            let at = out.len() as u32;
+            chain = encode_record(out, &mut spans, chain, h, hs, RecordKind::Base, &writes);
+            for ((k, _), s) in batch.iter().zip(&spans) {
+                new_entries.push((
+                    k.clone(),
+                    Entry::new(h, BASE_FILE, at + s.value_at, s.value_len),
+                ));
+            }
+            batch.clear();
+        };
+        for (key, entry) in keys {
+            let Some(value) = self.read_value(entry)? else {
+                continue;
+            };
+            let len = crate::record::WRITE_HEADER_LEN + key.len() + value.len();
+            if batch_len + len > RECORD_PAYLOAD_MAX && !batch.is_empty() {
+                flush_batch(&mut batch, &mut out);
+                batch_len = 4;
+            }
+            batch_len += len;
+            batch.push((key, value));
+        }
+        if !batch.is_empty() {
+            flush_batch(&mut batch, &mut out);
+        }
+        if out.len() as u64 > u64::from(u32::MAX) {
+            return Err(LogError::TooLarge {
+                what: "state at the trim horizon",
+                len: out.len(),
+                max: u32::MAX as usize,
+            });
+        }
+        file.write_at(0, &out)
+            .and_then(|()| file.sync_data())
+            .map_err(io_err(format!("write of {name}")))?;
+
+        // 2. Switch the metadata to the new horizon: from here on the trim has happened.
+        let old_base = self.meta.horizon.map(|(v, _)| base_name(v));
+        self.meta.horizon = Some((h, hs));
+        self.meta.persisted = self.persisted;
+        self.write_meta()?;
+
+        // 3. Update the indexes and drop what nothing refers to any more.
+        self.versions.drop_before(i);
+        let mut new_entries = new_entries.into_iter().peekable();
+        for (key, entries) in self.keys.keys.iter_mut() {
+            let keep = entries.partition_point(|e| e.version() <= h);
+            entries.drain(..keep);
+            if new_entries.peek().is_some_and(|(k, _)| k == key) {
+                if let Some((_, e)) = new_entries.next() {
+                    entries.insert(0, e);
+                }
+            }
+        }
+        self.keys.keys.retain(|_, es| !es.is_empty());
+        self.base = Some(file);
+        if let Some(old) = old_base {
+            self.backend
+                .remove(&old)
+                .map_err(io_err(format!("removal of {old}")))?;
+        }
+        let active = self.segments.len() - 1;
+        let mut removed = 0;
+        for s in &self.segments[..active] {
+            if s.versions.is_none_or(|(_, last)| last <= h) {
+                let n = segment_name(s.seq);
+                self.backend
+                    .remove(&n)
+                    .map_err(io_err(format!("removal of {n}")))?;
+                removed += 1;
+            } else {
+                break;
+            }
+        }
+        self.segments.drain(..removed);
+        self.checkpoint()?;
+        Ok(Some(h))
+    }
+
+    /// Drops history before time `t`; see [`Log::trim`].
+    pub fn trim_before_time(&mut self, t: Hlc) -> Result<Option<Version>> {
+        match self.versions.at_time(t) {
+            Some(i) => self.trim(self.versions.versions[i]),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes every version above `version` (the restart path cuts logs back to the ragged
+    /// trim). The cut is durable when this returns.
+    pub fn truncate_after(&mut self, version: Version) -> Result<()> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        self.check_version(version)?;
+        if self.versions.last().is_none_or(|(last, _)| last <= version) {
+            return Ok(());
+        }
+        self.sync()?;
+        // The checkpoint may cover what is cut: remove it before cutting.
+        self.backend
+            .remove(CHECKPOINT_FILE)
+            .map_err(io_err("removal of the checkpoint"))?;
+        // Keep the first segment that holds a version above the cut, and drop the later ones.
+        let keep = self
+            .segments
+            .iter()
+            .position(|s| s.versions.is_some_and(|(_, last)| last > version))
+            .unwrap_or(0);
+        for s in self.segments.drain(keep + 1..) {
+            let n = segment_name(s.seq);
+            self.backend
+                .remove(&n)
+                .map_err(io_err(format!("removal of {n}")))?;
+        }
+        let segment = &mut self.segments[keep];
+        let name = segment_name(segment.seq);
+        let len = segment
+            .file
+            .len()
+            .map_err(io_err(format!("size of {name}")))?;
+        let bytes = segment
+            .file
+            .read_at(0, len as usize)
+            .map_err(io_err(format!("read of {name}")))?;
+        let (_, seed) = decode_segment_header(&bytes).map_err(|r| corrupt(&name, 0, r))?;
+        let (mut cut, mut cut_chain, mut last_at, mut range) =
+            (SEGMENT_HEADER_LEN, seed, 0u64, None);
+        let (end, _, _) = scan_records(&bytes, SEGMENT_HEADER_LEN, seed, |at, h, _| {
+            if h.version <= version {
+                cut = at + h.record_len();
+                cut_chain = h.crc;
+                last_at = at as u64;
+                range = Some((range.map_or(h.version, |(f, _)| f), h.version));
+            }
+            Ok(())
+        });
+        drop(bytes);
+        // Overwrite the cut records with zeros instead of shrinking the file, so maps stay valid.
+        let zeros = vec![0u8; end.saturating_sub(cut)];
+        segment
+            .file
+            .write_at(cut as u64, &zeros)
+            .and_then(|()| segment.file.sync_data())
+            .map_err(io_err(format!("truncation of {name}")))?;
+        segment.versions = range;
+        self.chain = cut_chain;
+        self.tail = Tail {
+            end: cut as u64,
+            flushed: cut as u64,
+            buf: Vec::new(),
+            capacity: len,
+            last_at,
+            dirty: false,
+        };
+        let n = self.versions.at_or_below(version).map_or(0, |i| i + 1);
+        self.versions.truncate(n);
+        self.keys.truncate_after(version);
+        let last = self.versions.last().map(|l| l.0);
+        self.appended = last;
+        self.written = last;
+        self.persisted = last;
+        if self
+            .meta
+            .persisted
+            .is_some_and(|p| last.is_none_or(|l| p > l))
+        {
+            self.meta.persisted = last;
+            self.write_meta()?;
+        }
+        Ok(())
+    }
+}
