@@ -1,0 +1,41 @@
+//! Every bound of the engine, in one place. Each queue the engine keeps is bounded by one of
+//! these, and the wire decoder rejects anything beyond them before allocating.
+
+/// Members of one view. Suspicions travel as a 64-bit mask over view ranks.
+pub const VIEW_MEMBERS_MAX: usize = 64;
+
+/// Members of one shard, which are also its senders.
+pub const SHARD_MEMBERS_MAX: usize = 16;
+
+/// Shards of one layout, over all subgroups. Shard ids travel as `u16`.
+pub const SHARDS_MAX: usize = 1024;
+
+/// Messages a sender may have outstanding beyond the slowest member's delivered counter. A peer
+/// that exceeds it at a receiver is rejected, so each per-sender receive buffer holds at most this.
+pub const WINDOW_MAX: u32 = 1024;
+
+/// Bytes of one client request's payload.
+pub const REQUEST_BYTES_MAX: usize = 4 << 20;
+
+/// Bytes of requests batched into one multicast message. A request alone in its message may use
+/// up to [`REQUEST_BYTES_MAX`], which is below this.
+pub const BATCH_BYTES_MAX: usize = 8 << 20;
+
+/// Requests batched into one multicast message.
+pub const BATCH_REQUESTS_MAX: usize = 4096;
+
+/// Local requests waiting for the window to open, per shard.
+pub const PENDING_REQUESTS_MAX: usize = 1 << 16;
+
+/// Bytes of local requests waiting for the window to open, per shard.
+pub const PENDING_BYTES_MAX: usize = 256 << 20;
+
+/// Persist requests the driver has not yet confirmed, per shard; beyond it they merge.
+pub const PERSIST_QUEUE_MAX: usize = 64;
+
+/// Published stability floors remembered per member until this replica's log covers them;
+/// beyond it the newest replaces the last one kept.
+pub const FLOOR_HISTORY_MAX: usize = 32;
+
+/// Sequence numbers of one view: the low 32 bits of a version.
+pub const SEQ_MAX: u64 = u32::MAX as u64;

@@ -1,0 +1,91 @@
+//! The messages members exchange. Every message carries the sender's view id.
+
+use bytes::Bytes;
+use derechofs_storage::Hlc;
+
+use crate::layout::ShardId;
+use crate::row::Row;
+
+/// A client request as the engine sees it: opaque bytes, the HLC the client carried, and an id
+/// the submitting node's driver chose so it can match the delivery to its client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Request {
+    /// Chosen by the submitting node's driver; opaque to the engine, delivered with the request.
+    pub id: u64,
+    /// The client's hybrid logical clock when it sent the request.
+    pub client_hlc: Hlc,
+    /// The operation, for the shard's state machine to decode.
+    pub payload: Bytes,
+}
+
+/// Requests a sender multicasts together as one message, hence one version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Batch {
+    /// The sender's stamp: its wall clock at send, or a later client HLC of the requests.
+    pub stamp: Hlc,
+    /// The requests, applied in this order within the version.
+    pub requests: Vec<Request>,
+}
+
+/// What a multicast message carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Body {
+    /// Consumes its sequence number so the round-robin order keeps moving; creates no version.
+    Null,
+    /// A batch of requests; creates one version.
+    Batch(Batch),
+}
+
+/// A message between members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Message number `index` of its sender in `shard`'s multicast; its sequence number is
+    /// `index * senders + sender rank`.
+    Data {
+        /// The sender's view.
+        view_id: u32,
+        /// The shard it is multicast in.
+        shard: ShardId,
+        /// How many messages the sender sent in this shard before this one.
+        index: u64,
+        /// Null or a batch.
+        body: Body,
+    },
+    /// The sender's newest row of counters for `shard`; it replaces any older row.
+    Row {
+        /// The sender's view.
+        view_id: u32,
+        /// The shard the row belongs to.
+        shard: ShardId,
+        /// The counters.
+        row: Row,
+    },
+    /// Liveness, and the sender's suspicions over view ranks for the members outside its shards.
+    Heartbeat {
+        /// The sender's view.
+        view_id: u32,
+        /// Bit `r` set: the sender suspects the member of view rank `r`.
+        suspicions: u64,
+    },
+}
+
+impl Message {
+    /// The view the sender was in.
+    pub fn view_id(&self) -> u32 {
+        match self {
+            Message::Data { view_id, .. }
+            | Message::Row { view_id, .. }
+            | Message::Heartbeat { view_id, .. } => *view_id,
+        }
+    }
+}
+
+impl Body {
+    /// Bytes of request payload it carries.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Body::Null => 0,
+            Body::Batch(batch) => batch.requests.iter().map(|r| r.payload.len()).sum(),
+        }
+    }
+}

@@ -1,0 +1,466 @@
+//! Ordered multicast inside one shard, as Derecho does it over reliable FIFO links.
+//!
+//! Every member is a sender. Message `i` of the sender of shard rank `r` has sequence number
+//! `i * senders + r`. A message is *stable* once every member's row says it received it, and
+//! stable messages are delivered in sequence order. A sender with nothing to send while a later
+//! sequence number has arrived sends *null* messages to fill its slots, so the order keeps
+//! moving; nulls create no version. A sender keeps at most `window` messages outstanding beyond
+//! the slowest member's delivered counter, and batches waiting requests into one message.
+
+use std::collections::VecDeque;
+
+use derechofs_storage::{version_of, Hlc, Version};
+
+use crate::bounds::{
+    BATCH_REQUESTS_MAX, PENDING_BYTES_MAX, PERSIST_QUEUE_MAX, REQUEST_BYTES_MAX, SEQ_MAX,
+    WINDOW_MAX,
+};
+use crate::config::Config;
+use crate::error::{Rejection, SubmitError};
+use crate::hlc::{delivery_stamp, just_before, sender_stamp};
+use crate::layout::ShardId;
+use crate::message::{Batch, Body, Message, Request};
+use crate::node::{Action, Delivery};
+use crate::row::Row;
+use crate::stability::Stability;
+use crate::view::NodeId;
+
+/// This member's state of one shard's multicast.
+#[derive(Debug)]
+pub(crate) struct Multicast {
+    shard: ShardId,
+    view_id: u32,
+    /// Members in shard rank order; all of them send.
+    members: Vec<NodeId>,
+    /// This member's shard rank.
+    rank: usize,
+    /// The shared state table: one row per member; only `rows[rank]` is written here.
+    rows: Vec<Row>,
+    /// The own row changed since it was last pushed.
+    row_dirty: bool,
+    /// Per sender: messages received (or, for this member, sent) and not yet delivered, oldest
+    /// first. Bounded by `WINDOW_MAX` per sender.
+    inbox: Vec<VecDeque<Body>>,
+    /// Local requests waiting for the window to open.
+    pending: VecDeque<Request>,
+    pending_bytes: usize,
+    pending_max: usize,
+    /// Sequence numbers and stamps of own batches not yet delivered and persisted here: the
+    /// oldest bounds the floor this member publishes.
+    own_unpersisted: VecDeque<(u64, Hlc)>,
+    last_hlc: Hlc,
+    last_version: Option<Version>,
+    /// Persist requests not yet confirmed: the version asked for, and the delivered counter
+    /// (nulls included) that becomes persisted with it.
+    persist_queue: VecDeque<(Version, u64)>,
+    /// Every sequence number below it is persisted here (or was a null).
+    persisted_seqs: u64,
+    stability: Stability,
+    wedged: bool,
+}
+
+impl Multicast {
+    pub(crate) fn new(
+        shard: ShardId,
+        view_id: u32,
+        members: Vec<NodeId>,
+        rank: usize,
+        config: &Config,
+    ) -> Multicast {
+        assert!(rank < members.len());
+        let senders = members.len();
+        Multicast {
+            shard,
+            view_id,
+            rows: vec![Row::new(senders); senders],
+            row_dirty: false,
+            inbox: vec![VecDeque::new(); senders],
+            pending: VecDeque::new(),
+            pending_bytes: 0,
+            pending_max: config.pending_requests_max,
+            own_unpersisted: VecDeque::new(),
+            last_hlc: Hlc::ZERO,
+            last_version: None,
+            persist_queue: VecDeque::new(),
+            persisted_seqs: 0,
+            stability: Stability::new(senders),
+            wedged: false,
+            members,
+            rank,
+        }
+    }
+
+    fn senders(&self) -> u64 {
+        self.members.len() as u64
+    }
+
+    /// How many messages of the sender of rank `rank` have a sequence number below `seqs`.
+    fn messages_below(&self, rank: usize, seqs: u64) -> u64 {
+        let rank = rank as u64;
+        if seqs > rank {
+            (seqs - rank).div_ceil(self.senders())
+        } else {
+            0
+        }
+    }
+
+    pub(crate) fn members(&self) -> &[NodeId] {
+        &self.members
+    }
+
+    pub(crate) fn rank_of(&self, node: NodeId) -> Option<usize> {
+        self.members.iter().position(|&member| member == node)
+    }
+
+    pub(crate) fn own_row(&self) -> &Row {
+        &self.rows[self.rank]
+    }
+
+    pub(crate) fn is_wedged(&self) -> bool {
+        self.wedged
+    }
+
+    pub(crate) fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn last_delivered(&self) -> Option<(Version, Hlc)> {
+        self.last_version.map(|version| (version, self.last_hlc))
+    }
+
+    pub(crate) fn stability_frontier(&self) -> Hlc {
+        self.stability.frontier()
+    }
+
+    /// The highest version persisted on every member.
+    pub(crate) fn persistence_frontier(&self) -> Option<Version> {
+        self.rows.iter().map(|row| row.persisted).min().flatten()
+    }
+
+    pub(crate) fn submit(&mut self, request: Request) -> Result<(), SubmitError> {
+        if self.wedged {
+            return Err(SubmitError::Wedged(self.shard));
+        }
+        let bytes = request.payload.len();
+        if bytes > REQUEST_BYTES_MAX {
+            return Err(SubmitError::TooLarge(bytes));
+        }
+        if self.pending.len() >= self.pending_max || self.pending_bytes + bytes > PENDING_BYTES_MAX
+        {
+            return Err(SubmitError::QueueFull(self.shard));
+        }
+        self.pending_bytes += bytes;
+        self.pending.push_back(request);
+        Ok(())
+    }
+
+    pub(crate) fn receive_data(
+        &mut self,
+        sender: usize,
+        index: u64,
+        body: Body,
+    ) -> Result<(), Rejection> {
+        let expected = self.rows[self.rank].received[sender];
+        if index != expected {
+            let (shard, sender) = (self.shard, sender as u32);
+            return Err(Rejection::OutOfOrder {
+                shard,
+                sender,
+                expected,
+                got: index,
+            });
+        }
+        if index
+            .saturating_mul(self.senders())
+            .saturating_add(sender as u64)
+            > SEQ_MAX
+        {
+            return Err(Rejection::OutOfRange("sequence number"));
+        }
+        if self.inbox[sender].len() >= WINDOW_MAX as usize {
+            return Err(Rejection::WindowExceeded {
+                shard: self.shard,
+                sender: sender as u32,
+            });
+        }
+        if let Body::Batch(batch) = &body {
+            if batch.requests.is_empty() || batch.requests.len() > BATCH_REQUESTS_MAX {
+                return Err(Rejection::OutOfRange("requests in a batch"));
+            }
+        }
+        self.inbox[sender].push_back(body);
+        self.rows[self.rank].received[sender] += 1;
+        self.row_dirty = true;
+        Ok(())
+    }
+
+    /// Takes the newest row of the member of rank `sender`; returns the suspicions it carries.
+    pub(crate) fn receive_row(&mut self, sender: usize, row: Row) -> Result<u64, Rejection> {
+        let (shard, rank) = (self.shard, self.rank);
+        self.rows[sender].check_successor(&row, shard, sender as u32)?;
+        // The row travels after the data it counts, so it can count no more than arrived here;
+        // and nobody received more of this member's messages than it sent.
+        let own = &self.rows[rank];
+        if row.received[sender] > own.received[sender] || row.received[rank] > own.received[rank] {
+            return Err(Rejection::RowRegressed {
+                shard,
+                sender: sender as u32,
+            });
+        }
+        self.stability
+            .publish(sender, row.floor, row.floor_delivered, self.persisted_seqs);
+        let suspicions = row.suspicions;
+        self.rows[sender] = row;
+        Ok(suspicions)
+    }
+
+    /// Delivers every message that became stable, in sequence order, as one batch, and asks the
+    /// driver to persist the versions it created.
+    pub(crate) fn deliver(&mut self, out: &mut Vec<Action>) -> usize {
+        if self.wedged {
+            return 0;
+        }
+        let senders = self.senders();
+        let mut deliveries = Vec::new();
+        let mut delivered_any = false;
+        loop {
+            let seq = self.rows[self.rank].delivered;
+            if seq > SEQ_MAX {
+                break;
+            }
+            let (sender, index) = ((seq % senders) as usize, seq / senders);
+            if !self.rows.iter().all(|row| row.received[sender] > index) {
+                break;
+            }
+            let body = self.inbox[sender]
+                .pop_front()
+                .expect("a stable message was received here");
+            if let Body::Batch(batch) = body {
+                let hlc = delivery_stamp(self.last_hlc, batch.stamp);
+                let version = version_of(self.view_id, seq as u32);
+                self.last_hlc = hlc;
+                self.last_version = Some(version);
+                let sender = self.members[sender];
+                deliveries.push(Delivery {
+                    version,
+                    hlc,
+                    sender,
+                    requests: batch.requests,
+                });
+            }
+            self.rows[self.rank].delivered = seq + 1;
+            delivered_any = true;
+        }
+        if !delivered_any {
+            return 0;
+        }
+        self.row_dirty = true;
+        let delivered = self.rows[self.rank].delivered;
+        let count = deliveries.len();
+        if let Some(last) = deliveries.last() {
+            let version = last.version;
+            if self.persist_queue.len() == PERSIST_QUEUE_MAX {
+                *self.persist_queue.back_mut().expect("the queue is full") = (version, delivered);
+            } else {
+                self.persist_queue.push_back((version, delivered));
+            }
+            out.push(Action::Deliver {
+                shard: self.shard,
+                deliveries,
+            });
+            out.push(Action::Persist {
+                shard: self.shard,
+                version,
+            });
+        } else if let Some(back) = self.persist_queue.back_mut() {
+            // Trailing nulls are persisted together with the version before them.
+            back.1 = delivered;
+        } else {
+            self.mark_persisted(delivered);
+        }
+        count
+    }
+
+    /// The driver made every version up to `version` durable on this member.
+    pub(crate) fn persisted(&mut self, version: Version) {
+        assert_eq!(
+            version >> 32,
+            u64::from(self.view_id),
+            "persisted a version of another view"
+        );
+        assert!(
+            Some(version) <= self.last_version,
+            "persisted a version not yet delivered"
+        );
+        let own = &mut self.rows[self.rank];
+        if Some(version) <= own.persisted {
+            return;
+        }
+        own.persisted = Some(version);
+        self.row_dirty = true;
+        let mut covered = (version & SEQ_MAX) + 1;
+        while let Some(&(asked, delivered)) = self.persist_queue.front() {
+            if asked > version {
+                break;
+            }
+            covered = covered.max(delivered);
+            self.persist_queue.pop_front();
+        }
+        self.mark_persisted(covered);
+    }
+
+    fn mark_persisted(&mut self, seqs: u64) {
+        self.persisted_seqs = self.persisted_seqs.max(seqs);
+        while self
+            .own_unpersisted
+            .front()
+            .is_some_and(|&(seq, _)| seq < self.persisted_seqs)
+        {
+            self.own_unpersisted.pop_front();
+        }
+        self.stability.advance(self.persisted_seqs);
+    }
+
+    /// Sends as many messages as the window allows: batches of waiting requests, or nulls when
+    /// a later sequence number of another sender is waiting on this one.
+    /// Returns how many batches and how many nulls it sent.
+    pub(crate) fn send(
+        &mut self,
+        now_us: u64,
+        config: &Config,
+        out: &mut Vec<Action>,
+    ) -> (u64, u64) {
+        let mut sent_count = (0, 0);
+        if self.wedged {
+            return sent_count;
+        }
+        let senders = self.senders();
+        let rank = self.rank;
+        let highest_received = (0..self.members.len())
+            .filter(|&sender| sender != rank && self.rows[rank].received[sender] > 0)
+            .map(|sender| (self.rows[rank].received[sender] - 1) * senders + sender as u64)
+            .max();
+        let slowest = self
+            .rows
+            .iter()
+            .map(|row| row.delivered)
+            .min()
+            .expect("a shard has members");
+        let first_outstanding = self.messages_below(rank, slowest);
+        loop {
+            let sent = self.rows[rank].received[rank];
+            let seq = sent * senders + rank as u64;
+            if seq > SEQ_MAX || sent - first_outstanding >= u64::from(config.window) {
+                break;
+            }
+            let body = if !self.pending.is_empty() {
+                let batch = self.take_batch(now_us, config.batch_bytes_max);
+                self.own_unpersisted.push_back((seq, batch.stamp));
+                sent_count.0 += 1;
+                Body::Batch(batch)
+            } else if highest_received.is_some_and(|highest| seq < highest) {
+                sent_count.1 += 1;
+                Body::Null
+            } else {
+                break;
+            };
+            for &peer in &self.members {
+                if peer != self.members[rank] {
+                    let message = Message::Data {
+                        view_id: self.view_id,
+                        shard: self.shard,
+                        index: sent,
+                        body: body.clone(),
+                    };
+                    out.push(Action::Send { to: peer, message });
+                }
+            }
+            self.inbox[rank].push_back(body);
+            self.rows[rank].received[rank] = sent + 1;
+            self.row_dirty = true;
+        }
+        sent_count
+    }
+
+    fn take_batch(&mut self, now_us: u64, batch_bytes_max: usize) -> Batch {
+        let mut requests = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = self.pending.front() {
+            let len = next.payload.len();
+            if !requests.is_empty()
+                && (bytes + len > batch_bytes_max || requests.len() == BATCH_REQUESTS_MAX)
+            {
+                break;
+            }
+            bytes += len;
+            requests.push(self.pending.pop_front().expect("the queue is not empty"));
+        }
+        self.pending_bytes -= bytes;
+        Batch {
+            stamp: sender_stamp(now_us, &requests),
+            requests,
+        }
+    }
+
+    /// Publishes a new floor: below the clock, and below the stamp of the oldest own message not
+    /// yet delivered and persisted. A wedged member's floor stays where it is: its history may
+    /// still change by the ragged trim.
+    pub(crate) fn publish_floor(&mut self, now_us: u64) {
+        if self.wedged {
+            return;
+        }
+        let mut floor = just_before(Hlc::at(now_us));
+        if let Some(&(_, stamp)) = self.own_unpersisted.front() {
+            floor = floor.min(just_before(stamp));
+        }
+        let own = &mut self.rows[self.rank];
+        if floor <= own.floor {
+            return;
+        }
+        own.floor = floor;
+        own.floor_delivered = own.delivered;
+        let delivered = own.delivered;
+        self.stability
+            .publish(self.rank, floor, delivered, self.persisted_seqs);
+        self.row_dirty = true;
+    }
+
+    pub(crate) fn set_suspicions(&mut self, suspicions: u64) {
+        let own = &mut self.rows[self.rank];
+        if own.suspicions != suspicions {
+            own.suspicions = suspicions;
+            self.row_dirty = true;
+        }
+    }
+
+    /// Stops sending and delivering new messages until the view changes.
+    pub(crate) fn wedge(&mut self) {
+        if !self.wedged {
+            self.wedged = true;
+            self.rows[self.rank].wedged = true;
+            self.row_dirty = true;
+        }
+    }
+
+    /// Pushes the own row to the other members if it changed, after the data it counts.
+    pub(crate) fn push_row(&mut self, out: &mut Vec<Action>) -> usize {
+        if !self.row_dirty {
+            return 0;
+        }
+        self.row_dirty = false;
+        let me = self.members[self.rank];
+        let mut count = 0;
+        for &peer in &self.members {
+            if peer != me {
+                let message = Message::Row {
+                    view_id: self.view_id,
+                    shard: self.shard,
+                    row: self.rows[self.rank].clone(),
+                };
+                out.push(Action::Send { to: peer, message });
+                count += 1;
+            }
+        }
+        count
+    }
+}

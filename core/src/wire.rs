@@ -1,0 +1,465 @@
+//! The compact binary form of a [`Message`], for transports to frame.
+//!
+//! Integers are LEB128 varints (at most 10 bytes, no overlong final byte), so small counters
+//! cost one byte. Layout, after a one-byte tag:
+//!
+//! ```text
+//! Data      = 1 view_id shard index body
+//!   body    = 0                                   (null)
+//!           | 1 stamp count request*count         (batch)
+//!   request = id client_hlc len payload[len]
+//! Row       = 2 view_id shard senders received*senders delivered persisted
+//!             floor floor_delivered suspicions wedged:u8
+//!   persisted = 0 (none) | version + 1
+//! Heartbeat = 3 view_id suspicions
+//! stamp, client_hlc, floor = wall_us logical
+//! ```
+//!
+//! Decoding never panics and never allocates more than the input justifies: every count is
+//! checked against its bound and against the bytes left before anything is reserved.
+
+use bytes::Bytes;
+use derechofs_storage::Hlc;
+
+use crate::bounds::{BATCH_BYTES_MAX, BATCH_REQUESTS_MAX, REQUEST_BYTES_MAX, SHARD_MEMBERS_MAX};
+use crate::layout::ShardId;
+use crate::message::{Batch, Body, Message, Request};
+use crate::row::Row;
+
+const TAG_DATA: u8 = 1;
+const TAG_ROW: u8 = 2;
+const TAG_HEARTBEAT: u8 = 3;
+const BODY_NULL: u8 = 0;
+const BODY_BATCH: u8 = 1;
+
+/// Why bytes are not a message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The input ends inside a field.
+    #[error("truncated message")]
+    Truncated,
+    /// A varint is longer than 10 bytes or does not fit its field.
+    #[error("malformed integer in {0}")]
+    BadInteger(&'static str),
+    /// An unknown message or body tag.
+    #[error("unknown tag {0}")]
+    UnknownTag(u8),
+    /// A count or length beyond its bound.
+    #[error("{0} beyond its bound")]
+    TooLarge(&'static str),
+    /// Bytes left over after the message.
+    #[error("{0} trailing bytes")]
+    TrailingBytes(usize),
+}
+
+impl Message {
+    /// Appends the encoding of this message to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Message::Data {
+                view_id,
+                shard,
+                index,
+                body,
+            } => {
+                out.push(TAG_DATA);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, u64::from(shard.0));
+                put_varint(out, *index);
+                match body {
+                    Body::Null => out.push(BODY_NULL),
+                    Body::Batch(batch) => {
+                        out.push(BODY_BATCH);
+                        put_hlc(out, batch.stamp);
+                        put_varint(out, batch.requests.len() as u64);
+                        for request in &batch.requests {
+                            put_varint(out, request.id);
+                            put_hlc(out, request.client_hlc);
+                            put_varint(out, request.payload.len() as u64);
+                            out.extend_from_slice(&request.payload);
+                        }
+                    }
+                }
+            }
+            Message::Row {
+                view_id,
+                shard,
+                row,
+            } => {
+                out.push(TAG_ROW);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, u64::from(shard.0));
+                put_varint(out, row.received.len() as u64);
+                for &count in &row.received {
+                    put_varint(out, count);
+                }
+                put_varint(out, row.delivered);
+                put_varint(out, row.persisted.map_or(0, |v| v.saturating_add(1)));
+                put_hlc(out, row.floor);
+                put_varint(out, row.floor_delivered);
+                put_varint(out, row.suspicions);
+                out.push(u8::from(row.wedged));
+            }
+            Message::Heartbeat {
+                view_id,
+                suspicions,
+            } => {
+                out.push(TAG_HEARTBEAT);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, *suspicions);
+            }
+        }
+    }
+
+    /// The encoding of this message.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode(&mut out);
+        out
+    }
+
+    /// Decodes one whole message; payloads share `frame`'s memory.
+    pub fn decode(frame: &Bytes) -> Result<Message, DecodeError> {
+        let mut reader = Reader { frame, at: 0 };
+        let message = match reader.u8()? {
+            TAG_DATA => {
+                let view_id = reader.u32("view id")?;
+                let shard = reader.shard()?;
+                let index = reader.varint("index")?;
+                let body = match reader.u8()? {
+                    BODY_NULL => Body::Null,
+                    BODY_BATCH => Body::Batch(reader.batch()?),
+                    tag => return Err(DecodeError::UnknownTag(tag)),
+                };
+                Message::Data {
+                    view_id,
+                    shard,
+                    index,
+                    body,
+                }
+            }
+            TAG_ROW => {
+                let view_id = reader.u32("view id")?;
+                let shard = reader.shard()?;
+                let senders = reader.varint("senders")?;
+                if senders == 0 || senders > SHARD_MEMBERS_MAX as u64 {
+                    return Err(DecodeError::TooLarge("senders"));
+                }
+                let mut received = Vec::with_capacity(senders as usize);
+                for _ in 0..senders {
+                    received.push(reader.varint("received")?);
+                }
+                let delivered = reader.varint("delivered")?;
+                let persisted = reader.varint("persisted")?.checked_sub(1);
+                let floor = reader.hlc()?;
+                let floor_delivered = reader.varint("floor delivered")?;
+                let suspicions = reader.varint("suspicions")?;
+                let wedged = match reader.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadInteger("wedged")),
+                };
+                let row = Row {
+                    received,
+                    delivered,
+                    persisted,
+                    floor,
+                    floor_delivered,
+                    suspicions,
+                    wedged,
+                };
+                Message::Row {
+                    view_id,
+                    shard,
+                    row,
+                }
+            }
+            TAG_HEARTBEAT => {
+                let view_id = reader.u32("view id")?;
+                let suspicions = reader.varint("suspicions")?;
+                Message::Heartbeat {
+                    view_id,
+                    suspicions,
+                }
+            }
+            tag => return Err(DecodeError::UnknownTag(tag)),
+        };
+        let left = frame.len() - reader.at;
+        if left != 0 {
+            return Err(DecodeError::TrailingBytes(left));
+        }
+        Ok(message)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut value: u64) {
+    while value >= 0x80 {
+        out.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    out.push(value as u8);
+}
+
+fn put_hlc(out: &mut Vec<u8>, hlc: Hlc) {
+    put_varint(out, hlc.wall_us);
+    put_varint(out, u64::from(hlc.logical));
+}
+
+struct Reader<'a> {
+    frame: &'a Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn left(&self) -> usize {
+        self.frame.len() - self.at
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        let byte = *self.frame.get(self.at).ok_or(DecodeError::Truncated)?;
+        self.at += 1;
+        Ok(byte)
+    }
+
+    fn varint(&mut self, field: &'static str) -> Result<u64, DecodeError> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = self.u8()?;
+            let bits = u64::from(byte & 0x7f);
+            // The tenth byte holds only the top bit of a u64.
+            if shift == 63 && bits > 1 {
+                return Err(DecodeError::BadInteger(field));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(DecodeError::BadInteger(field))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, DecodeError> {
+        u32::try_from(self.varint(field)?).map_err(|_| DecodeError::BadInteger(field))
+    }
+
+    fn shard(&mut self) -> Result<ShardId, DecodeError> {
+        let value = self.varint("shard")?;
+        u16::try_from(value)
+            .map(ShardId)
+            .map_err(|_| DecodeError::BadInteger("shard"))
+    }
+
+    fn hlc(&mut self) -> Result<Hlc, DecodeError> {
+        let wall_us = self.varint("hlc wall")?;
+        let logical = self.u32("hlc logical")?;
+        Ok(Hlc { wall_us, logical })
+    }
+
+    fn batch(&mut self) -> Result<Batch, DecodeError> {
+        let stamp = self.hlc()?;
+        let count = self.varint("request count")?;
+        if count == 0 || count > BATCH_REQUESTS_MAX as u64 {
+            return Err(DecodeError::TooLarge("request count"));
+        }
+        // Each request takes at least 4 bytes, so the input bounds the allocation.
+        let mut requests = Vec::with_capacity((count as usize).min(self.left() / 4));
+        let mut total = 0usize;
+        for _ in 0..count {
+            let id = self.varint("request id")?;
+            let client_hlc = self.hlc()?;
+            let len = self.varint("payload length")?;
+            if len > REQUEST_BYTES_MAX as u64 {
+                return Err(DecodeError::TooLarge("payload"));
+            }
+            let len = len as usize;
+            total += len;
+            if total > BATCH_BYTES_MAX {
+                return Err(DecodeError::TooLarge("batch"));
+            }
+            if len > self.left() {
+                return Err(DecodeError::Truncated);
+            }
+            let payload = self.frame.slice(self.at..self.at + len);
+            self.at += len;
+            requests.push(Request {
+                id,
+                client_hlc,
+                payload,
+            });
+        }
+        Ok(Batch { stamp, requests })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator so the tests need no dependency and rerun identically.
+    struct SplitMix(u64);
+
+    impl SplitMix {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        /// Small values most of the time, any value sometimes: varints of every length.
+        fn number(&mut self) -> u64 {
+            match self.below(4) {
+                0 => self.below(4),
+                1 => self.below(300),
+                2 => self.next() >> self.below(64),
+                _ => self.next(),
+            }
+        }
+
+        fn hlc(&mut self) -> Hlc {
+            Hlc {
+                wall_us: self.number(),
+                logical: self.number() as u32,
+            }
+        }
+    }
+
+    fn random_message(rng: &mut SplitMix) -> Message {
+        let view_id = rng.number() as u32;
+        let shard = ShardId(rng.number() as u16);
+        match rng.below(4) {
+            0 => Message::Data {
+                view_id,
+                shard,
+                index: rng.number(),
+                body: Body::Null,
+            },
+            1 => {
+                let requests = (0..1 + rng.below(5))
+                    .map(|_| Request {
+                        id: rng.number(),
+                        client_hlc: rng.hlc(),
+                        payload: (0..rng.below(40)).map(|_| rng.next() as u8).collect(),
+                    })
+                    .collect();
+                let body = Body::Batch(Batch {
+                    stamp: rng.hlc(),
+                    requests,
+                });
+                Message::Data {
+                    view_id,
+                    shard,
+                    index: rng.number(),
+                    body,
+                }
+            }
+            2 => {
+                let senders = 1 + rng.below(SHARD_MEMBERS_MAX as u64) as usize;
+                let row = Row {
+                    received: (0..senders).map(|_| rng.number()).collect(),
+                    delivered: rng.number(),
+                    persisted: rng.number().checked_sub(1),
+                    floor: rng.hlc(),
+                    floor_delivered: rng.number(),
+                    suspicions: rng.number(),
+                    wedged: rng.below(2) == 1,
+                };
+                Message::Row {
+                    view_id,
+                    shard,
+                    row,
+                }
+            }
+            _ => Message::Heartbeat {
+                view_id,
+                suspicions: rng.number(),
+            },
+        }
+    }
+
+    #[test]
+    fn every_message_survives_a_round_trip() {
+        let mut rng = SplitMix(1);
+        for _ in 0..5_000 {
+            let message = random_message(&mut rng);
+            let bytes = Bytes::from(message.to_bytes());
+            assert_eq!(Message::decode(&bytes), Ok(message));
+        }
+    }
+
+    #[test]
+    fn random_bytes_never_panic_the_decoder() {
+        let mut rng = SplitMix(2);
+        for _ in 0..50_000 {
+            let len = rng.below(64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            // Start with a valid tag half of the time so the decoder gets past the first byte.
+            if let Some(first) = bytes.first_mut() {
+                if rng.below(2) == 0 {
+                    *first = 1 + (*first % 3);
+                }
+            }
+            let _ = Message::decode(&Bytes::from(bytes));
+        }
+    }
+
+    #[test]
+    fn damaged_encodings_are_refused_or_decode_without_panic() {
+        let mut rng = SplitMix(3);
+        for _ in 0..20_000 {
+            let mut bytes = random_message(&mut rng).to_bytes();
+            match rng.below(3) {
+                0 => bytes.truncate(rng.below(bytes.len() as u64) as usize),
+                1 => {
+                    let at = rng.below(bytes.len() as u64) as usize;
+                    bytes[at] ^= 1 << rng.below(8);
+                }
+                _ => bytes.push(rng.next() as u8),
+            }
+            let _ = Message::decode(&Bytes::from(bytes));
+        }
+    }
+
+    #[test]
+    fn truncation_and_trailing_bytes_are_reported() {
+        let message = Message::Heartbeat {
+            view_id: 3,
+            suspicions: 1 << 40,
+        };
+        let bytes = message.to_bytes();
+        let short = Bytes::copy_from_slice(&bytes[..bytes.len() - 1]);
+        assert_eq!(Message::decode(&short), Err(DecodeError::Truncated));
+        let mut long = bytes.clone();
+        long.push(0);
+        assert_eq!(
+            Message::decode(&Bytes::from(long)),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn a_huge_request_count_is_refused_before_allocating() {
+        let mut bytes = vec![TAG_DATA, 1, 0, 0, BODY_BATCH, 0, 0];
+        put_varint(&mut bytes, u64::MAX);
+        assert_eq!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TooLarge("request count"))
+        );
+    }
+
+    #[test]
+    fn an_overlong_varint_is_refused() {
+        let mut bytes = vec![TAG_HEARTBEAT, 1];
+        bytes.extend_from_slice(&[0xff; 10]);
+        bytes.push(0);
+        assert!(matches!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::BadInteger(_))
+        ));
+    }
+}

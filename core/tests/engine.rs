@@ -1,0 +1,525 @@
+//! The engine driven by hand through its public API: a tiny in-test cluster whose links deliver
+//! instantly, in FIFO order, whenever the test says so.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use derechofs_core::{
+    version_of, Action, Body, Config, Delivery, Hlc, Input, LayoutSpec, Message, Node, NodeId,
+    Rejection, Request, Row, ShardId, StepError, SubmitError, View,
+};
+
+const SHARD: ShardId = ShardId(0);
+
+struct Cluster {
+    nodes: Vec<Node>,
+    /// Messages in flight, in send order; delivering them in this order keeps every link FIFO.
+    wire: VecDeque<(NodeId, NodeId, Message)>,
+    delivered: Vec<Vec<Delivery>>,
+    persist_asked: Vec<Vec<u64>>,
+    wedged: Vec<bool>,
+    now_us: u64,
+}
+
+impl Cluster {
+    fn new(members: usize, configure: impl Fn(&mut Config)) -> Cluster {
+        let ids: Vec<NodeId> = (1..=members as NodeId).collect();
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let view = View::initial(1, ids.clone(), spec).unwrap();
+        let nodes = ids
+            .iter()
+            .map(|&id| {
+                let mut config = Config::new(id);
+                configure(&mut config);
+                Node::new(config, view.clone()).unwrap()
+            })
+            .collect();
+        Cluster {
+            nodes,
+            wire: VecDeque::new(),
+            delivered: vec![Vec::new(); members],
+            persist_asked: vec![Vec::new(); members],
+            wedged: vec![false; members],
+            now_us: 1_000_000,
+        }
+    }
+
+    fn step(&mut self, node: usize, input: Input) -> Result<(), StepError> {
+        let mut actions = Vec::new();
+        let result = self.nodes[node].step(self.now_us, input, &mut actions);
+        let from = self.nodes[node].node_id();
+        for action in actions {
+            match action {
+                Action::Send { to, message } => self.wire.push_back((from, to, message)),
+                Action::Deliver { deliveries, .. } => self.delivered[node].extend(deliveries),
+                Action::Persist { version, .. } => self.persist_asked[node].push(version),
+                Action::Wedge => self.wedged[node] = true,
+                Action::Suspect { .. } => {}
+            }
+        }
+        result
+    }
+
+    fn submit(&mut self, node: usize, id: u64, payload: &'static [u8]) {
+        let request = Request {
+            id,
+            client_hlc: Hlc::ZERO,
+            payload: Bytes::from_static(payload),
+        };
+        self.step(
+            node,
+            Input::Submit {
+                shard: SHARD,
+                request,
+            },
+        )
+        .unwrap();
+    }
+
+    /// Carries every message in flight, and those they cause, to its destination.
+    fn settle(&mut self) {
+        while let Some((from, to, message)) = self.wire.pop_front() {
+            let node = (to - 1) as usize;
+            self.step(node, Input::Message { from, message }).unwrap();
+        }
+    }
+
+    /// Confirms every persist request, then settles.
+    fn persist_all(&mut self) {
+        for node in 0..self.nodes.len() {
+            if let Some(&version) = self.persist_asked[node].last() {
+                self.step(
+                    node,
+                    Input::Persisted {
+                        shard: SHARD,
+                        version,
+                    },
+                )
+                .unwrap();
+            }
+        }
+        self.settle();
+    }
+
+    fn tick_all(&mut self, advance_us: u64) {
+        self.now_us += advance_us;
+        for node in 0..self.nodes.len() {
+            self.step(node, Input::Tick).unwrap();
+        }
+    }
+
+    fn payloads(&self, node: usize) -> Vec<Bytes> {
+        let requests = self.delivered[node].iter().flat_map(|d| d.requests.iter());
+        requests.map(|r| r.payload.clone()).collect()
+    }
+}
+
+#[test]
+fn every_member_delivers_the_same_versions_in_the_same_order() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(0, 1, b"a");
+    cluster.submit(1, 2, b"b");
+    cluster.submit(2, 3, b"c");
+    cluster.submit(1, 4, b"d");
+    cluster.settle();
+    for node in 1..3 {
+        assert_eq!(cluster.delivered[node], cluster.delivered[0]);
+    }
+    // d is node 2's second message: seq 1 * 3 senders + rank 1; seq 3 was node 1's null.
+    let versions: Vec<u64> = cluster.delivered[0].iter().map(|d| d.version).collect();
+    let expected: Vec<u64> = [0, 1, 2, 4]
+        .into_iter()
+        .map(|seq| version_of(1, seq))
+        .collect();
+    assert_eq!(versions, expected);
+    assert_eq!(cluster.payloads(0), vec!["a", "b", "c", "d"]);
+}
+
+#[test]
+fn a_lone_sender_is_followed_by_nulls_that_create_no_version() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(2, 1, b"only");
+    cluster.settle();
+    for node in 0..3 {
+        assert_eq!(cluster.delivered[node].len(), 1);
+        assert_eq!(
+            cluster.delivered[node][0].version,
+            version_of(1, 2),
+            "seq 2 = rank 2, index 0"
+        );
+        assert_eq!(cluster.nodes[node].status(SHARD).unwrap().row.delivered, 3);
+    }
+    assert_eq!(cluster.nodes[0].counters().nulls_sent, 1);
+    assert_eq!(cluster.nodes[1].counters().nulls_sent, 1);
+    assert_eq!(cluster.nodes[2].counters().nulls_sent, 0);
+}
+
+#[test]
+fn stamps_strictly_increase_along_the_log_even_with_a_client_from_the_future() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let future = Hlc::at(cluster.now_us + 60_000_000);
+    let request = Request {
+        id: 1,
+        client_hlc: future,
+        payload: Bytes::from_static(b"x"),
+    };
+    cluster
+        .step(
+            0,
+            Input::Submit {
+                shard: SHARD,
+                request,
+            },
+        )
+        .unwrap();
+    cluster.settle();
+    cluster.submit(1, 2, b"y");
+    cluster.settle();
+    let stamps: Vec<Hlc> = cluster.delivered[2].iter().map(|d| d.hlc).collect();
+    assert_eq!(stamps.len(), 2);
+    assert_eq!(stamps[0], future);
+    assert!(
+        stamps[1] > stamps[0],
+        "the later version is stamped later: {stamps:?}"
+    );
+}
+
+#[test]
+fn the_window_bounds_outstanding_messages_and_waiting_requests_are_batched() {
+    let mut cluster = Cluster::new(3, |config| config.window = 2);
+    for id in 0..50 {
+        cluster.submit(0, id, b"small");
+    }
+    let in_flight = cluster
+        .wire
+        .iter()
+        .filter(|(_, to, m)| *to == 2 && is_data(m))
+        .count();
+    assert_eq!(in_flight, 2, "two messages, then the window is closed");
+    cluster.settle();
+    assert_eq!(cluster.payloads(1).len(), 50);
+    assert!(
+        cluster.nodes[0].counters().batches_sent < 10,
+        "requests waited and were batched"
+    );
+}
+
+#[test]
+fn a_batch_holds_at_most_batch_bytes_max_unless_one_request_is_larger() {
+    let mut cluster = Cluster::new(3, |config| {
+        config.window = 1;
+        config.batch_bytes_max = 8;
+    });
+    cluster.submit(0, 0, b"0123456789abcdef");
+    for id in 1..5 {
+        cluster.submit(0, id, b"1234");
+    }
+    cluster.settle();
+    let sizes: Vec<usize> = cluster.delivered[1]
+        .iter()
+        .map(|d| d.requests.len())
+        .collect();
+    assert_eq!(sizes, vec![1, 2, 2]);
+}
+
+#[test]
+fn the_persistence_frontier_waits_for_every_member() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(0, 1, b"a");
+    cluster.settle();
+    let version = version_of(1, 0);
+    assert_eq!(cluster.persist_asked[0], vec![version]);
+    for node in 0..2 {
+        cluster
+            .step(
+                node,
+                Input::Persisted {
+                    shard: SHARD,
+                    version,
+                },
+            )
+            .unwrap();
+    }
+    cluster.settle();
+    assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), None);
+    cluster
+        .step(
+            2,
+            Input::Persisted {
+                shard: SHARD,
+                version,
+            },
+        )
+        .unwrap();
+    cluster.settle();
+    for node in 0..3 {
+        assert_eq!(
+            cluster.nodes[node].persistence_frontier(SHARD),
+            Some(version)
+        );
+    }
+}
+
+#[test]
+fn the_stability_frontier_passes_a_version_only_once_it_is_persisted_everywhere() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.tick_all(0);
+    cluster.settle();
+    cluster.submit(0, 1, b"a");
+    cluster.settle();
+    let stamp = cluster.delivered[0][0].hlc;
+    cluster.tick_all(100_000);
+    cluster.settle();
+    for node in 0..3 {
+        let frontier = cluster.nodes[node].stability_frontier(SHARD).unwrap();
+        assert!(
+            frontier < stamp,
+            "node {node}: unpersisted version under frontier {frontier}"
+        );
+    }
+    cluster.persist_all();
+    cluster.tick_all(100_000);
+    cluster.settle();
+    for node in 0..3 {
+        let frontier = cluster.nodes[node].stability_frontier(SHARD).unwrap();
+        assert!(
+            frontier >= stamp,
+            "node {node}: frontier {frontier} stuck below {stamp}"
+        );
+    }
+}
+
+#[test]
+fn a_silent_member_is_suspected_and_wedges_the_shard() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.tick_all(0);
+    cluster.settle();
+    // Node 3 falls silent: only nodes 1 and 2 tick, and nothing reaches node 3.
+    for _ in 0..60 {
+        cluster.now_us += 20_000;
+        for node in 0..2 {
+            cluster.step(node, Input::Tick).unwrap();
+        }
+        cluster.wire.retain(|(from, to, _)| *from != 3 && *to != 3);
+        cluster.settle();
+    }
+    assert!(cluster.wedged[0] && cluster.wedged[1]);
+    assert_eq!(cluster.nodes[0].suspected(), vec![3]);
+    let refused = Request {
+        id: 9,
+        client_hlc: Hlc::ZERO,
+        payload: Bytes::new(),
+    };
+    assert_eq!(
+        cluster.step(
+            0,
+            Input::Submit {
+                shard: SHARD,
+                request: refused
+            }
+        ),
+        Err(StepError::Submit(SubmitError::Wedged(SHARD)))
+    );
+    assert!(cluster.nodes[1].status(SHARD).unwrap().row.wedged);
+}
+
+#[test]
+fn a_suspicion_spreads_through_heartbeats_and_rows() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let heartbeat = Message::Heartbeat {
+        view_id: 1,
+        suspicions: 0b100,
+    };
+    cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: heartbeat,
+            },
+        )
+        .unwrap();
+    cluster.settle();
+    assert!(
+        cluster.wedged.iter().all(|&w| w),
+        "the wedged row carried the suspicion to all"
+    );
+    assert_eq!(cluster.nodes[2].suspected(), vec![3]);
+}
+
+#[test]
+fn messages_of_another_view_or_from_strangers_are_refused_and_counted() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let heartbeat = |view_id| Message::Heartbeat {
+        view_id,
+        suspicions: 0,
+    };
+    assert_eq!(
+        cluster.step(
+            0,
+            Input::Message {
+                from: 2,
+                message: heartbeat(7)
+            }
+        ),
+        Err(StepError::Rejected {
+            from: 2,
+            rejection: Rejection::WrongView {
+                got: 7,
+                expected: 1
+            }
+        })
+    );
+    assert_eq!(
+        cluster.step(
+            0,
+            Input::Message {
+                from: 99,
+                message: heartbeat(1)
+            }
+        ),
+        Err(StepError::Rejected {
+            from: 99,
+            rejection: Rejection::UnknownSender(99)
+        })
+    );
+    let beyond = Message::Heartbeat {
+        view_id: 1,
+        suspicions: 1 << 5,
+    };
+    assert!(cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: beyond
+            }
+        )
+        .is_err());
+    assert_eq!(cluster.nodes[0].counters().messages_rejected, 3);
+    assert!(!cluster.nodes[0].is_wedged());
+}
+
+#[test]
+fn data_out_of_fifo_order_and_rows_ahead_of_their_data_are_refused() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let skipped = Message::Data {
+        view_id: 1,
+        shard: SHARD,
+        index: 1,
+        body: Body::Null,
+    };
+    let error = cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: skipped,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        StepError::Rejected {
+            rejection: Rejection::OutOfOrder { .. },
+            ..
+        }
+    ));
+    let mut row = Row::new(3);
+    row.received[1] = 1;
+    let ahead = Message::Row {
+        view_id: 1,
+        shard: SHARD,
+        row,
+    };
+    let error = cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: ahead,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        StepError::Rejected {
+            rejection: Rejection::RowRegressed { .. },
+            ..
+        }
+    ));
+    let unknown = Message::Data {
+        view_id: 1,
+        shard: ShardId(9),
+        index: 0,
+        body: Body::Null,
+    };
+    let error = cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: unknown,
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        StepError::Rejected {
+            rejection: Rejection::UnknownShard(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn submits_beyond_the_bounds_are_refused() {
+    let mut cluster = Cluster::new(3, |config| {
+        config.window = 1;
+        config.pending_requests_max = 2;
+    });
+    let request = |id| Request {
+        id,
+        client_hlc: Hlc::ZERO,
+        payload: Bytes::from_static(b"r"),
+    };
+    let submit = |shard, id| Input::Submit {
+        shard,
+        request: request(id),
+    };
+    assert_eq!(
+        cluster.step(0, submit(ShardId(3), 0)),
+        Err(StepError::Submit(SubmitError::NotReplica(ShardId(3))))
+    );
+    for id in 0..3 {
+        cluster.step(0, submit(SHARD, id)).unwrap();
+    }
+    assert_eq!(
+        cluster.step(0, submit(SHARD, 3)),
+        Err(StepError::Submit(SubmitError::QueueFull(SHARD)))
+    );
+    let huge = Request {
+        id: 4,
+        client_hlc: Hlc::ZERO,
+        payload: Bytes::from(vec![0; derechofs_core::REQUEST_BYTES_MAX + 1]),
+    };
+    assert!(matches!(
+        cluster.step(
+            0,
+            Input::Submit {
+                shard: SHARD,
+                request: huge
+            }
+        ),
+        Err(StepError::Submit(SubmitError::TooLarge(_)))
+    ));
+}
+
+fn is_data(message: &Message) -> bool {
+    matches!(message, Message::Data { .. })
+}
