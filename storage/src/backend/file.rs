@@ -152,7 +152,14 @@ impl BackendFile for MappedFile {
             .checked_add(len as u64)
             .ok_or_else(|| eof(offset, len, u64::MAX))?;
         if len == 0 {
-            return Ok(Bytes::new());
+            // Nothing to map, but a read that starts past the end still fails, as the contract
+            // says and the other backends do.
+            let file_len = self.len()?;
+            return if offset <= file_len {
+                Ok(Bytes::new())
+            } else {
+                Err(eof(offset, len, file_len))
+            };
         }
         match self.mapped(end)? {
             Some(map) => Ok(map.slice(offset as usize..end as usize)),
