@@ -153,9 +153,16 @@ pub fn value_of(version: Version, key: &[u8], len: usize) -> Vec<u8> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Reference {
     pub versions: Vec<(Version, Hlc)>,
-    pub keys: BTreeMap<Vec<u8>, Vec<(Version, Option<Vec<u8>>)>>,
+    pub keys: BTreeMap<Vec<u8>, History>,
     pub horizon: Option<(Version, Hlc)>,
 }
+
+/// A key's changes in the reference: `(version, value or tombstone)`, oldest first.
+pub type History = Vec<(Version, Option<Vec<u8>>)>;
+/// One key write: a value, or a tombstone.
+pub type KeyWrite = (Vec<u8>, Option<Vec<u8>>);
+/// Keys with their values, as a scan returns them.
+pub type Items = Vec<(Vec<u8>, Vec<u8>)>;
 
 /// What the reference says a read gives: a value or a trim error.
 #[derive(Debug, PartialEq, Eq)]
@@ -169,7 +176,7 @@ impl Reference {
         self.versions.last().copied()
     }
 
-    pub fn append(&mut self, version: Version, hlc: Hlc, writes: &[(Vec<u8>, Option<Vec<u8>>)]) {
+    pub fn append(&mut self, version: Version, hlc: Hlc, writes: &[KeyWrite]) {
         if let Some((v, h)) = self.latest() {
             assert!(
                 version > v && hlc > h,
@@ -220,7 +227,7 @@ impl Reference {
     }
 
     /// Every key with `prefix` that has a value at `version`, in order.
-    pub fn scan(&self, prefix: &[u8], version: Version) -> Read<Vec<(Vec<u8>, Vec<u8>)>> {
+    pub fn scan(&self, prefix: &[u8], version: Version) -> Read<Items> {
         if self.trimmed_at(version) {
             return Read::Trimmed;
         }
@@ -310,8 +317,8 @@ pub fn scan_all(
     prefix: &[u8],
     version: Version,
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, LogError> {
-    let mut out: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+) -> Result<Items, LogError> {
+    let mut out: Items = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     for _ in 0..10_000 {
         let page = log.scan(prefix, version, after.as_deref(), limit)?;
