@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: builds every target once, then runs every test with nextest (or
+# cargo test where nextest is missing). Prints a closing "N passed, N failed" line.
+set -uo pipefail
+cd "$(dirname "$0")"
+. scripts/lib.sh
+need_apt build-essential pkg-config
+need_rust
+set -e
+cargo build --workspace --all-targets
+set +e
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast 2>&1 | tee /tmp/derechofs-test.log
+  status=${PIPESTATUS[0]}
+  summary=$(grep -E '^ +Summary' /tmp/derechofs-test.log | tail -1)
+  passed=$(echo "$summary" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || echo 0)
+  failed=$(echo "$summary" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || echo 0)
+else
+  cargo test --workspace --no-fail-fast 2>&1 | tee /tmp/derechofs-test.log
+  status=${PIPESTATUS[0]}
+  passed=$(grep -oE '[0-9]+ passed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
+  failed=$(grep -oE '[0-9]+ failed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
+fi
+echo "${passed:-0} passed, ${failed:-0} failed"
+exit "$status"
