@@ -1,0 +1,333 @@
+//! The invariants of a static view (DESIGN §9), checked after every step of a simulation.
+//!
+//! - *Agreement*: the replicas of a shard deliver the same sequence; one replica's log is a
+//!   prefix of another's. The checker keeps one canonical log per shard, the longest delivered
+//!   anywhere, and every delivery must match it or extend it.
+//! - *Equal states at equal versions*: each log entry carries a hash chain over every version,
+//!   stamp, sender and request before it, so two replicas at the same version hold the same state.
+//! - *HLC order is log order*: versions and stamps both strictly increase along the log.
+//! - *Nothing acknowledged is lost, nothing applied twice*: a request appears at most once in a
+//!   log; at the end every acknowledged request is in every replica's log.
+//! - *Time reads never change*: a read at `T` answered by a replica whose stability frontier
+//!   passed `T` returns the versions stamped at or below `T`; no replica ever delivers another
+//!   version stamped at or below `T`, and every later answer at `T` is the same.
+//! - *Frontiers*: the stability frontier never goes back; the persistence frontier never goes
+//!   back and never runs ahead of what members actually persisted.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use derechofs_core::{Delivery, Hlc, ShardId, Version};
+
+/// An invariant that did not hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation(pub String);
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+macro_rules! violation {
+    ($($arg:tt)*) => { Err(Violation(format!($($arg)*))) };
+}
+
+/// One version of a shard's log as the checker sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// Its version.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The hash chain of the log up to and including it.
+    pub digest: u64,
+}
+
+#[derive(Debug, Default)]
+struct ShardLog {
+    canonical: Vec<Entry>,
+    requests: HashSet<u64>,
+    /// Time reads answered: the time, and how many versions were at or below it.
+    answers: BTreeMap<Hlc, usize>,
+    answered_max: Option<Hlc>,
+}
+
+/// The state every invariant is checked against.
+#[derive(Debug)]
+pub struct Checker {
+    shards: Vec<ShardLog>,
+    /// Per node, per shard: how many entries of the canonical log it delivered.
+    delivered: Vec<Vec<usize>>,
+    /// Per node, per shard: the highest version it persisted.
+    persisted: Vec<Vec<Option<Version>>>,
+    stability: Vec<Vec<Hlc>>,
+    durable: Vec<Vec<Option<Version>>>,
+    /// Time reads answered, over all shards.
+    pub time_reads: u64,
+}
+
+impl Checker {
+    /// A checker for `nodes` nodes and `shards` shards, before anything happened.
+    pub fn new(nodes: usize, shards: usize) -> Checker {
+        Checker {
+            shards: (0..shards).map(|_| ShardLog::default()).collect(),
+            delivered: vec![vec![0; shards]; nodes],
+            persisted: vec![vec![None; shards]; nodes],
+            stability: vec![vec![Hlc::ZERO; shards]; nodes],
+            durable: vec![vec![None; shards]; nodes],
+            time_reads: 0,
+        }
+    }
+
+    /// The longest log of `shard` delivered anywhere.
+    pub fn canonical(&self, shard: ShardId) -> &[Entry] {
+        &self.shards[usize::from(shard.0)].canonical
+    }
+
+    /// How many versions of `shard` node `node` delivered.
+    pub fn delivered(&self, node: usize, shard: ShardId) -> usize {
+        self.delivered[node][usize::from(shard.0)]
+    }
+
+    /// The highest version of `shard` node `node` persisted.
+    pub fn persisted(&self, node: usize, shard: ShardId) -> Option<Version> {
+        self.persisted[node][usize::from(shard.0)]
+    }
+
+    /// Whether a request with this id was delivered in `shard`.
+    pub fn contains_request(&self, shard: ShardId, id: u64) -> bool {
+        self.shards[usize::from(shard.0)].requests.contains(&id)
+    }
+
+    /// Node `node` delivered `deliveries` in `shard`.
+    pub fn deliver(
+        &mut self,
+        node: usize,
+        shard: ShardId,
+        deliveries: &[Delivery],
+    ) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let log = &mut self.shards[s];
+        for delivery in deliveries {
+            let at = self.delivered[node][s];
+            let previous = at.checked_sub(1).map(|i| log.canonical[i]);
+            let digest = chain(previous.map_or(0, |e| e.digest), delivery);
+            let entry = Entry {
+                version: delivery.version,
+                hlc: delivery.hlc,
+                digest,
+            };
+            if let Some(expected) = log.canonical.get(at) {
+                if *expected != entry {
+                    return violation!(
+                        "agreement: node {node} delivered {entry:?} at position {at} of {shard}, \
+                         another replica delivered {expected:?} there"
+                    );
+                }
+            } else {
+                if let Some(previous) = previous {
+                    if entry.version <= previous.version || entry.hlc <= previous.hlc {
+                        return violation!(
+                            "HLC order: {shard} log has {previous:?} followed by {entry:?}"
+                        );
+                    }
+                }
+                if let Some(answered) = log.answered_max {
+                    if entry.hlc <= answered {
+                        return violation!(
+                            "time read: {shard} delivered {entry:?} after a read at {answered} \
+                             was answered"
+                        );
+                    }
+                }
+                for request in &delivery.requests {
+                    if !log.requests.insert(request.id) {
+                        return violation!(
+                            "exactly once: request {:#x} delivered twice in {shard}",
+                            request.id
+                        );
+                    }
+                }
+                log.canonical.push(entry);
+            }
+            self.delivered[node][s] = at + 1;
+        }
+        Ok(())
+    }
+
+    /// Node `node` persisted `shard` up to `version`.
+    pub fn persist(
+        &mut self,
+        node: usize,
+        shard: ShardId,
+        version: Version,
+    ) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let delivered = self.delivered[node][s];
+        let last = delivered
+            .checked_sub(1)
+            .map(|i| self.shards[s].canonical[i].version);
+        if Some(version) > last {
+            return violation!(
+                "node {node} persisted {version:#x} of {shard} before delivering it"
+            );
+        }
+        let persisted = &mut self.persisted[node][s];
+        *persisted = (*persisted).max(Some(version));
+        Ok(())
+    }
+
+    /// Node `node` reports these frontiers for `shard`; `members` are the nodes replicating it.
+    pub fn frontiers(
+        &mut self,
+        node: usize,
+        shard: ShardId,
+        members: &[usize],
+        stability: Hlc,
+        durable: Option<Version>,
+    ) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let before = &mut self.stability[node][s];
+        if stability < *before {
+            return violation!("node {node}: stability frontier of {shard} went back");
+        }
+        *before = stability;
+        let before = &mut self.durable[node][s];
+        if durable < *before {
+            return violation!("node {node}: persistence frontier of {shard} went back");
+        }
+        *before = durable;
+        let actual = members
+            .iter()
+            .map(|&m| self.persisted[m][s])
+            .min()
+            .flatten();
+        if durable > actual {
+            return violation!(
+                "node {node}: persistence frontier {durable:?} of {shard} beyond what every \
+                 member persisted ({actual:?})"
+            );
+        }
+        Ok(())
+    }
+
+    /// Node `node`, whose stability frontier for `shard` is at or above `at`, answers a read at
+    /// time `at` from its own log.
+    pub fn time_read(&mut self, node: usize, shard: ShardId, at: Hlc) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let log = &mut self.shards[s];
+        let local = &log.canonical[..self.delivered[node][s]];
+        let count = local.partition_point(|entry| entry.hlc <= at);
+        let everywhere = log.canonical.partition_point(|entry| entry.hlc <= at);
+        if count != everywhere {
+            return violation!(
+                "time read: node {node} answers {count} versions of {shard} at {at}, but \
+                 {everywhere} are delivered somewhere"
+            );
+        }
+        if let Some(entry) = count.checked_sub(1).map(|i| local[i]) {
+            if Some(entry.version) > self.persisted[node][s] {
+                return violation!(
+                    "time read: node {node} answers at {at} with {:#x} of {shard} not persisted",
+                    entry.version
+                );
+            }
+        }
+        if let Some(&earlier) = log.answers.get(&at) {
+            if earlier != count {
+                return violation!(
+                    "time read: {shard} at {at} answered {earlier} versions, now {count}"
+                );
+            }
+        } else {
+            log.answers.insert(at, count);
+        }
+        log.answered_max = log.answered_max.max(Some(at));
+        self.time_reads += 1;
+        Ok(())
+    }
+}
+
+/// The next link of a log's hash chain.
+fn chain(previous: u64, delivery: &Delivery) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    previous.hash(&mut hasher);
+    delivery.version.hash(&mut hasher);
+    delivery.hlc.hash(&mut hasher);
+    delivery.sender.hash(&mut hasher);
+    for request in &delivery.requests {
+        request.id.hash(&mut hasher);
+        request.client_hlc.hash(&mut hasher);
+        request.payload.hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use derechofs_core::{version_of, Request};
+
+    fn delivery(seq: u32, wall_us: u64, id: u64) -> Delivery {
+        let request = Request {
+            id,
+            client_hlc: Hlc::ZERO,
+            payload: Bytes::from_static(b"x"),
+        };
+        Delivery {
+            version: version_of(1, seq),
+            hlc: Hlc::at(wall_us),
+            sender: 1,
+            requests: vec![request],
+        }
+    }
+
+    #[test]
+    fn a_replica_that_diverges_is_caught() {
+        let mut checker = Checker::new(2, 1);
+        checker
+            .deliver(0, ShardId(0), &[delivery(0, 10, 1)])
+            .unwrap();
+        assert!(checker
+            .deliver(1, ShardId(0), &[delivery(0, 10, 2)])
+            .is_err());
+    }
+
+    #[test]
+    fn a_stamp_that_goes_back_is_caught() {
+        let mut checker = Checker::new(1, 1);
+        checker
+            .deliver(0, ShardId(0), &[delivery(0, 10, 1)])
+            .unwrap();
+        assert!(checker
+            .deliver(0, ShardId(0), &[delivery(1, 10, 2)])
+            .is_err());
+    }
+
+    #[test]
+    fn a_version_below_an_answered_read_is_caught() {
+        let mut checker = Checker::new(1, 1);
+        checker
+            .deliver(0, ShardId(0), &[delivery(0, 10, 1)])
+            .unwrap();
+        checker.persist(0, ShardId(0), version_of(1, 0)).unwrap();
+        checker.time_read(0, ShardId(0), Hlc::at(20)).unwrap();
+        assert!(checker
+            .deliver(0, ShardId(0), &[delivery(1, 15, 2)])
+            .is_err());
+    }
+
+    #[test]
+    fn a_request_delivered_twice_is_caught() {
+        let mut checker = Checker::new(1, 1);
+        checker
+            .deliver(0, ShardId(0), &[delivery(0, 10, 1)])
+            .unwrap();
+        assert!(checker
+            .deliver(0, ShardId(0), &[delivery(1, 11, 1)])
+            .is_err());
+    }
+}

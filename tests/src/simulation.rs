@@ -1,0 +1,770 @@
+//! One simulated cluster run: nodes, network, disks, clients and the event loop that drives
+//! them, checking every invariant after every step.
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+use std::hash::{DefaultHasher, Hash, Hasher};
+
+use bytes::Bytes;
+use derechofs_core::{
+    Action, Config, Hlc, Input, LayoutSpec, Message, Node, NodeId, Request, ShardId, StepError,
+    SubmitError, Version, View,
+};
+
+use crate::checker::{Checker, Violation};
+use crate::network::Network;
+use crate::rng::Rng;
+
+/// Microseconds since the Unix epoch at which simulated time starts: stamps look like real ones.
+const EPOCH_US: u64 = 1_700_000_000_000_000;
+
+/// Everything that shapes one run. [`Options::from_seed`] draws them all from the seed; tests
+/// may then adjust them for a scenario.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The seed of every random choice of the run.
+    pub seed: u64,
+    /// Members of the view.
+    pub nodes: usize,
+    /// The shard layout.
+    pub spec: LayoutSpec,
+    /// Flow control window of every node.
+    pub window: u32,
+    /// Batch bound of every node.
+    pub batch_bytes_max: usize,
+    /// Heartbeat interval of every node.
+    pub heartbeat_ms: u64,
+    /// Silence before suspicion.
+    pub suspect_after_ms: u64,
+    /// Range of one-way link delays, before slowness.
+    pub delay_us: (u64, u64),
+    /// Per node: multiplier of the delays of its links.
+    pub slowness: Vec<u64>,
+    /// Per node: offset of its clock from true time.
+    pub skew_us: Vec<i64>,
+    /// Per node: range of the time its disk takes to persist.
+    pub persist_us: Vec<(u64, u64)>,
+    /// Interval between ticks of each node.
+    pub tick_us: u64,
+    /// Clients submitting requests.
+    pub clients: usize,
+    /// Requests each client submits.
+    pub requests_per_client: u32,
+    /// Requests a client has in flight at most.
+    pub outstanding_max: u32,
+    /// Largest request payload.
+    pub payload_bytes_max: usize,
+    /// Longest pause of a client between requests.
+    pub think_us_max: u64,
+    /// Interval between time reads at random replicas.
+    pub time_read_us: u64,
+    /// A node that stops for good at a time: its events are dropped from then on.
+    pub crash: Option<(usize, u64)>,
+    /// Simulated time by which every request must be delivered (without a crash).
+    pub time_limit_us: u64,
+    /// Events processed at most.
+    pub steps_max: u64,
+}
+
+impl Options {
+    /// Options drawn from `seed`: 3 to 7 nodes, one namespace and one to three data shards of 2
+    /// to 4 replicas, small windows and batches to stress flow control, link delays up to 3 ms
+    /// with some members 4 to 10 times slower, clock skew up to ±100 ms, disks taking up to
+    /// 5 ms (some up to 20 ms), and a few clients with a few dozen requests each.
+    pub fn from_seed(seed: u64) -> Options {
+        let mut rng = Rng::new(seed);
+        let nodes = rng.between(3, 7) as usize;
+        let replicas = rng.between(2, 4).min(nodes as u64) as u16;
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: rng.between(1, 3) as u16,
+            replicas,
+            replicas_min: 1,
+        };
+        let slowness: Vec<u64> = (0..nodes)
+            .map(|_| {
+                if rng.chance(20) {
+                    rng.between(4, 10)
+                } else {
+                    1
+                }
+            })
+            .collect();
+        let skew_us: Vec<i64> = (0..nodes)
+            .map(|_| rng.between(0, 200_000) as i64 - 100_000)
+            .collect();
+        let persist_us: Vec<(u64, u64)> = (0..nodes)
+            .map(|_| {
+                if rng.chance(20) {
+                    (5_000, 20_000)
+                } else {
+                    (0, rng.between(0, 5_000))
+                }
+            })
+            .collect();
+        Options {
+            seed,
+            nodes,
+            spec,
+            window: rng.between(1, 8) as u32,
+            batch_bytes_max: rng.between(64, 4096) as usize,
+            heartbeat_ms: rng.between(5, 30),
+            suspect_after_ms: 5_000,
+            delay_us: (rng.between(20, 500), rng.between(500, 3_000)),
+            slowness,
+            skew_us,
+            persist_us,
+            tick_us: 1_000,
+            clients: rng.between(1, 5) as usize,
+            requests_per_client: rng.between(5, 40) as u32,
+            outstanding_max: rng.between(1, 6) as u32,
+            payload_bytes_max: rng.between(1, 300) as usize,
+            think_us_max: rng.between(0, 5_000),
+            time_read_us: 2_000,
+            crash: None,
+            time_limit_us: 60_000_000,
+            steps_max: 5_000_000,
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Report {
+    /// Its seed.
+    pub seed: u64,
+    /// Events processed.
+    pub steps: u64,
+    /// Simulated time.
+    pub simulated_us: u64,
+    /// Versions delivered over all shards (the canonical logs).
+    pub versions: u64,
+    /// Requests acknowledged to clients.
+    pub requests_acknowledged: u64,
+    /// Time reads answered and checked.
+    pub time_reads: u64,
+    /// Null messages sent over all nodes.
+    pub nulls_sent: u64,
+    /// Per node: whether it ended wedged.
+    pub wedged: Vec<bool>,
+    /// Per node: the nodes it ended suspecting.
+    pub suspected: Vec<Vec<NodeId>>,
+    /// A digest of every event in order: equal digests mean identical runs.
+    pub trace: u64,
+}
+
+/// A run that broke an invariant.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// The seed that reproduces it.
+    pub seed: u64,
+    /// The step at which it was found.
+    pub step: u64,
+    /// Simulated time then.
+    pub time_us: u64,
+    /// What broke.
+    pub violation: Violation,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} failed at step {} ({} us simulated): {}\n  rerun: DERECHOFS_SIM_SEED={} \
+             cargo test -p derechofs-tests --test simulator one_seed_from_the_environment",
+            self.seed, self.step, self.time_us, self.violation, self.seed
+        )
+    }
+}
+
+#[derive(Debug)]
+enum Event {
+    Tick {
+        node: usize,
+    },
+    Message {
+        from: usize,
+        to: usize,
+        frame: Bytes,
+    },
+    Persisted {
+        node: usize,
+        shard: ShardId,
+        version: Version,
+    },
+    Submit {
+        node: usize,
+        shard: ShardId,
+        request: Request,
+    },
+    ClientWake {
+        client: usize,
+    },
+    TimeRead,
+    Crash {
+        node: usize,
+    },
+}
+
+impl Event {
+    fn tag(&self) -> (u8, usize) {
+        match self {
+            Event::Tick { node } => (0, *node),
+            Event::Message { to, .. } => (1, *to),
+            Event::Persisted { node, .. } => (2, *node),
+            Event::Submit { node, .. } => (3, *node),
+            Event::ClientWake { client } => (4, *client),
+            Event::TimeRead => (5, 0),
+            Event::Crash { node } => (6, *node),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Scheduled {
+    time_us: u64,
+    order: u64,
+    event: Event,
+}
+
+impl PartialEq for Scheduled {
+    fn eq(&self, other: &Self) -> bool {
+        (self.time_us, self.order) == (other.time_us, other.order)
+    }
+}
+
+impl Eq for Scheduled {}
+
+impl PartialOrd for Scheduled {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Scheduled {
+    /// Reversed, so the heap pops the earliest event, and among equal times the first scheduled.
+    fn cmp(&self, other: &Self) -> Ordering {
+        (other.time_us, other.order).cmp(&(self.time_us, self.order))
+    }
+}
+
+#[derive(Debug)]
+struct Client {
+    /// The highest stamp this client has seen; its next request must be stamped above it.
+    observed: Hlc,
+    remaining: u32,
+    outstanding: u32,
+    next_number: u64,
+}
+
+#[derive(Debug)]
+struct InFlight {
+    client: usize,
+    node: usize,
+    observed: Hlc,
+}
+
+struct Simulation {
+    options: Options,
+    rng: Rng,
+    nodes: Vec<Node>,
+    crashed: Vec<bool>,
+    /// Per shard: the indices of its members.
+    members: Vec<Vec<usize>>,
+    network: Network,
+    /// Per node, per shard: when its disk finishes the last persist asked of it.
+    disk_free_us: Vec<Vec<u64>>,
+    queue: BinaryHeap<Scheduled>,
+    order: u64,
+    time_us: u64,
+    steps: u64,
+    checker: Checker,
+    clients: Vec<Client>,
+    in_flight: BTreeMap<u64, InFlight>,
+    acknowledged: u64,
+    trace: DefaultHasher,
+    actions: Vec<Action>,
+}
+
+/// Runs the cluster described by `options` to its end, checking every invariant after every
+/// step; returns what it did, or the first violation with its seed.
+pub fn run(options: &Options) -> Result<Report, Failure> {
+    let mut simulation = Simulation::new(options.clone());
+    match simulation.run() {
+        Ok(()) => Ok(simulation.report()),
+        Err(violation) => Err(Failure {
+            seed: options.seed,
+            step: simulation.steps,
+            time_us: simulation.time_us,
+            violation,
+        }),
+    }
+}
+
+impl Simulation {
+    fn new(options: Options) -> Simulation {
+        let mut rng = Rng::new(options.seed).fork();
+        let ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
+        let view = View::initial(1, ids.clone(), options.spec).expect("the options make a view");
+        let nodes: Vec<Node> = ids
+            .iter()
+            .map(|&id| {
+                let config = Config {
+                    heartbeat_ms: options.heartbeat_ms,
+                    suspect_after_ms: options.suspect_after_ms,
+                    window: options.window,
+                    batch_bytes_max: options.batch_bytes_max,
+                    ..Config::new(id)
+                };
+                Node::new(config, view.clone()).expect("the options make a valid config")
+            })
+            .collect();
+        let members: Vec<Vec<usize>> = view
+            .layout
+            .shards()
+            .iter()
+            .map(|shard| shard.members.iter().map(|&id| (id - 1) as usize).collect())
+            .collect();
+        let shards = members.len();
+        let network = Network::new(options.nodes, options.delay_us, options.slowness.clone());
+        let clients = (0..options.clients)
+            .map(|_| Client {
+                observed: Hlc::ZERO,
+                remaining: options.requests_per_client,
+                outstanding: 0,
+                next_number: 0,
+            })
+            .collect();
+        let mut simulation = Simulation {
+            rng: rng.fork(),
+            crashed: vec![false; options.nodes],
+            disk_free_us: vec![vec![0; shards]; options.nodes],
+            queue: BinaryHeap::new(),
+            order: 0,
+            time_us: 0,
+            steps: 0,
+            checker: Checker::new(options.nodes, shards),
+            clients,
+            in_flight: BTreeMap::new(),
+            acknowledged: 0,
+            trace: DefaultHasher::new(),
+            actions: Vec::new(),
+            nodes,
+            members,
+            network,
+            options,
+        };
+        for node in 0..simulation.options.nodes {
+            let first = rng.below(simulation.options.tick_us);
+            simulation.schedule(first, Event::Tick { node });
+        }
+        for client in 0..simulation.options.clients {
+            let first = rng.below(10_000);
+            simulation.schedule(first, Event::ClientWake { client });
+        }
+        simulation.schedule(simulation.options.time_read_us, Event::TimeRead);
+        if let Some((node, at_us)) = simulation.options.crash {
+            simulation.schedule(at_us, Event::Crash { node });
+        }
+        simulation
+    }
+
+    fn schedule(&mut self, time_us: u64, event: Event) {
+        self.order += 1;
+        self.queue.push(Scheduled {
+            time_us,
+            order: self.order,
+            event,
+        });
+    }
+
+    fn local_now_us(&self, node: usize) -> u64 {
+        (EPOCH_US + self.time_us).saturating_add_signed(self.options.skew_us[node])
+    }
+
+    fn total_requests(&self) -> u64 {
+        self.options.clients as u64 * u64::from(self.options.requests_per_client)
+    }
+
+    fn run(&mut self) -> Result<(), Violation> {
+        let skew_max = self
+            .options
+            .skew_us
+            .iter()
+            .map(|s| s.unsigned_abs())
+            .max()
+            .unwrap_or(0);
+        let persist_max = self
+            .options
+            .persist_us
+            .iter()
+            .map(|p| p.1)
+            .max()
+            .unwrap_or(0);
+        let settle_us = 2 * skew_max
+            + 20 * self.options.heartbeat_ms * 1_000
+            + 20 * self.network.delay_max_us()
+            + 4 * persist_max;
+        let mut settle_until: Option<u64> = None;
+        while let Some(Scheduled { time_us, event, .. }) = self.queue.pop() {
+            if settle_until.is_some_and(|until| time_us > until) {
+                break;
+            }
+            if time_us > self.options.time_limit_us {
+                if self.options.crash.is_some() {
+                    return Ok(());
+                }
+                return Err(Violation(format!(
+                    "liveness: {} of {} requests acknowledged after {} us",
+                    self.acknowledged,
+                    self.total_requests(),
+                    self.options.time_limit_us
+                )));
+            }
+            self.time_us = time_us;
+            self.steps += 1;
+            if self.steps > self.options.steps_max {
+                return Err(Violation(format!(
+                    "liveness: {} steps",
+                    self.options.steps_max
+                )));
+            }
+            (time_us, event.tag()).hash(&mut self.trace);
+            self.handle(event)?;
+            if settle_until.is_none()
+                && self.options.crash.is_none()
+                && self.acknowledged == self.total_requests()
+            {
+                settle_until = Some(self.time_us + settle_us);
+            }
+        }
+        if self.options.crash.is_none() {
+            self.check_settled()?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, event: Event) -> Result<(), Violation> {
+        match event {
+            Event::Tick { node } => {
+                if self.crashed[node] {
+                    return Ok(());
+                }
+                let jitter = self.rng.below(self.options.tick_us / 4 + 1);
+                self.schedule(
+                    self.time_us + self.options.tick_us + jitter,
+                    Event::Tick { node },
+                );
+                self.step(node, Input::Tick)
+            }
+            Event::Message { from, to, frame } => {
+                if self.crashed[to] {
+                    return Ok(());
+                }
+                let message = Message::decode(&frame)
+                    .map_err(|e| Violation(format!("wire: a frame does not decode: {e}")))?;
+                let from = self.nodes[from].node_id();
+                self.step(to, Input::Message { from, message })
+            }
+            Event::Persisted {
+                node,
+                shard,
+                version,
+            } => {
+                if self.crashed[node] {
+                    return Ok(());
+                }
+                self.checker.persist(node, shard, version)?;
+                self.step(node, Input::Persisted { shard, version })
+            }
+            Event::Submit {
+                node,
+                shard,
+                request,
+            } => {
+                if self.crashed[node] {
+                    return Ok(());
+                }
+                self.step(node, Input::Submit { shard, request })
+            }
+            Event::ClientWake { client } => {
+                self.client_send(client);
+                Ok(())
+            }
+            Event::TimeRead => {
+                self.schedule(self.time_us + self.options.time_read_us, Event::TimeRead);
+                self.time_read()
+            }
+            Event::Crash { node } => {
+                self.crashed[node] = true;
+                Ok(())
+            }
+        }
+    }
+
+    fn client_send(&mut self, client: usize) {
+        let state = &mut self.clients[client];
+        if state.remaining == 0 || state.outstanding >= self.options.outstanding_max {
+            return;
+        }
+        state.remaining -= 1;
+        state.outstanding += 1;
+        let number = state.next_number;
+        state.next_number += 1;
+        let observed = state.observed;
+        let id = ((client as u64) << 32) | number;
+        let shard = ShardId(self.rng.below(self.members.len() as u64) as u16);
+        let replicas = &self.members[usize::from(shard.0)];
+        let node = replicas[self.rng.below(replicas.len() as u64) as usize];
+        let len = self.rng.between(1, self.options.payload_bytes_max as u64) as usize;
+        let mut payload = id.to_le_bytes().to_vec();
+        payload.extend((0..len).map(|_| self.rng.next_u64() as u8));
+        // A client's clock ticks past everything it has seen before it sends.
+        let request = Request {
+            id,
+            client_hlc: observed.tick(),
+            payload: Bytes::from(payload),
+        };
+        self.in_flight.insert(
+            id,
+            InFlight {
+                client,
+                node,
+                observed,
+            },
+        );
+        let arrival = self.time_us + self.rng.between(50, 1_000);
+        self.schedule(
+            arrival,
+            Event::Submit {
+                node,
+                shard,
+                request,
+            },
+        );
+        let think = self.rng.between(0, self.options.think_us_max);
+        self.schedule(self.time_us + think, Event::ClientWake { client });
+    }
+
+    fn step(&mut self, node: usize, input: Input) -> Result<(), Violation> {
+        let retry = match &input {
+            Input::Submit { shard, request } => Some((*shard, request.clone())),
+            _ => None,
+        };
+        let mut actions = std::mem::take(&mut self.actions);
+        let now_us = self.local_now_us(node);
+        let result = self.nodes[node].step(now_us, input, &mut actions);
+        match result {
+            Ok(()) => {}
+            Err(StepError::Submit(SubmitError::QueueFull(_) | SubmitError::Wedged(_))) => {
+                // The client backs off and tries the same replica again.
+                let (shard, request) = retry.expect("only submits are refused this way");
+                let later = self.time_us + self.rng.between(1_000, 5_000);
+                self.schedule(
+                    later,
+                    Event::Submit {
+                        node,
+                        shard,
+                        request,
+                    },
+                );
+            }
+            Err(error) => {
+                return Err(Violation(format!(
+                    "node {node}: a correct input was refused: {error}"
+                )))
+            }
+        }
+        let result = actions
+            .drain(..)
+            .try_for_each(|action| self.apply(node, action));
+        self.actions = actions;
+        result?;
+        self.check_frontiers(node)
+    }
+
+    fn apply(&mut self, node: usize, action: Action) -> Result<(), Violation> {
+        match action {
+            Action::Send { to, message } => {
+                let to = (to - 1) as usize;
+                let frame = Bytes::from(message.to_bytes());
+                let arrival = self
+                    .network
+                    .arrival_us(node, to, self.time_us, &mut self.rng);
+                self.schedule(
+                    arrival,
+                    Event::Message {
+                        from: node,
+                        to,
+                        frame,
+                    },
+                );
+            }
+            Action::Deliver { shard, deliveries } => {
+                self.checker.deliver(node, shard, &deliveries)?;
+                let me = self.nodes[node].node_id();
+                for delivery in deliveries.iter().filter(|d| d.sender == me) {
+                    for request in &delivery.requests {
+                        self.acknowledge(node, request.id, delivery.hlc)?;
+                    }
+                }
+            }
+            Action::Persist { shard, version } => {
+                let (low, high) = self.options.persist_us[node];
+                let free = &mut self.disk_free_us[node][usize::from(shard.0)];
+                *free = (*free).max(self.time_us + self.rng.between(low, high));
+                let done = *free;
+                self.schedule(
+                    done,
+                    Event::Persisted {
+                        node,
+                        shard,
+                        version,
+                    },
+                );
+            }
+            Action::Suspect { node: suspected } => {
+                if self.options.crash.is_none() {
+                    return Err(Violation(format!(
+                        "node {node} suspected node {suspected} in a run without faults"
+                    )));
+                }
+            }
+            Action::Wedge => {}
+        }
+        Ok(())
+    }
+
+    /// The replica a client sent a request to delivered it: the client gets its reply.
+    fn acknowledge(&mut self, node: usize, id: u64, hlc: Hlc) -> Result<(), Violation> {
+        let Some(in_flight) = self.in_flight.remove(&id) else {
+            return Err(Violation(format!("request {id:#x} acknowledged twice")));
+        };
+        if in_flight.node != node {
+            return Err(Violation(format!(
+                "request {id:#x} delivered as sent by node {node}"
+            )));
+        }
+        if hlc <= in_flight.observed {
+            return Err(Violation(format!(
+                "causality: request {id:#x} stamped {hlc}, its client had seen {}",
+                in_flight.observed
+            )));
+        }
+        let client = &mut self.clients[in_flight.client];
+        client.observed = client.observed.max(hlc);
+        client.outstanding -= 1;
+        self.acknowledged += 1;
+        let think = self.rng.between(0, self.options.think_us_max);
+        self.schedule(
+            self.time_us + think,
+            Event::ClientWake {
+                client: in_flight.client,
+            },
+        );
+        Ok(())
+    }
+
+    fn check_frontiers(&mut self, node: usize) -> Result<(), Violation> {
+        let shards: Vec<ShardId> = self.nodes[node].shards().collect();
+        for shard in shards {
+            let stability = self.nodes[node]
+                .stability_frontier(shard)
+                .expect("a local shard");
+            let durable = self.nodes[node].persistence_frontier(shard);
+            let members = &self.members[usize::from(shard.0)];
+            self.checker
+                .frontiers(node, shard, members, stability, durable)?;
+        }
+        Ok(())
+    }
+
+    /// A random live replica answers a read at a random time its stability frontier passed.
+    fn time_read(&mut self) -> Result<(), Violation> {
+        let node = self.rng.below(self.options.nodes as u64) as usize;
+        if self.crashed[node] {
+            return Ok(());
+        }
+        let shards: Vec<ShardId> = self.nodes[node].shards().collect();
+        if shards.is_empty() {
+            return Ok(());
+        }
+        let shard = shards[self.rng.below(shards.len() as u64) as usize];
+        let frontier = self.nodes[node]
+            .stability_frontier(shard)
+            .expect("a local shard");
+        if frontier == Hlc::ZERO {
+            return Ok(());
+        }
+        let at = if self.rng.chance(50) {
+            frontier
+        } else {
+            Hlc::at(frontier.wall_us.saturating_sub(self.rng.below(30_000)))
+        };
+        self.checker.time_read(node, shard, at)
+    }
+
+    /// After the workload and a quiet period: every replica holds the whole log persisted, and
+    /// both frontiers passed its last version.
+    fn check_settled(&mut self) -> Result<(), Violation> {
+        for (s, members) in self.members.iter().enumerate() {
+            let shard = ShardId(s as u16);
+            let log = self.checker.canonical(shard);
+            let Some(last) = log.last().copied() else {
+                continue;
+            };
+            for &node in members {
+                let delivered = self.checker.delivered(node, shard);
+                if delivered != log.len() {
+                    return Err(Violation(format!(
+                        "liveness: node {node} delivered {delivered} of {} versions of {shard}",
+                        log.len()
+                    )));
+                }
+                if self.checker.persisted(node, shard) != Some(last.version) {
+                    return Err(Violation(format!(
+                        "liveness: node {node} did not persist {shard}"
+                    )));
+                }
+                let durable = self.nodes[node].persistence_frontier(shard);
+                if durable != Some(last.version) {
+                    return Err(Violation(format!(
+                        "liveness: node {node}: persistence frontier of {shard} stuck at \
+                         {durable:?}, last version {:#x}",
+                        last.version
+                    )));
+                }
+                let stable = self.nodes[node]
+                    .stability_frontier(shard)
+                    .expect("a local shard");
+                if stable < last.hlc {
+                    return Err(Violation(format!(
+                        "liveness: node {node}: stability frontier of {shard} stuck at {stable}, \
+                         last stamp {}",
+                        last.hlc
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn report(&self) -> Report {
+        let versions = (0..self.members.len())
+            .map(|s| self.checker.canonical(ShardId(s as u16)).len() as u64)
+            .sum();
+        Report {
+            seed: self.options.seed,
+            steps: self.steps,
+            simulated_us: self.time_us,
+            versions,
+            requests_acknowledged: self.acknowledged,
+            time_reads: self.checker.time_reads,
+            nulls_sent: self.nodes.iter().map(|n| n.counters().nulls_sent).sum(),
+            wedged: self.nodes.iter().map(Node::is_wedged).collect(),
+            suspected: self.nodes.iter().map(Node::suspected).collect(),
+            trace: self.trace.finish(),
+        }
+    }
+}
