@@ -385,7 +385,10 @@ impl Log {
                 if h.kind != RecordKind::Delta {
                     return Err("record kind not allowed in a segment");
                 }
-                if let Some((lv, ls)) = versions_table.last() {
+                // Records at or below the horizon are covered by the base file, whose horizon
+                // already ends the version table: only later records must increase past it.
+                let below_horizon = horizon.is_some_and(|hv| h.version <= hv);
+                if let Some((lv, ls)) = versions_table.last().filter(|_| !below_horizon) {
                     if h.version <= lv || h.hlc <= ls {
                         return Err("version or stamp does not increase");
                     }
@@ -395,7 +398,7 @@ impl Log {
                 *scanned += 1;
                 last_at = at as u64;
                 versions = Some((versions.map_or(h.version, |(f, _)| f), h.version));
-                if horizon.is_some_and(|hv| h.version <= hv) {
+                if below_horizon {
                     return Ok(());
                 }
                 versions_table.push(h.version, h.hlc);
@@ -629,6 +632,11 @@ impl Log {
     /// Writes out buffered records and syncs them, whatever the policy. Returns the persisted
     /// version.
     pub fn sync(&mut self) -> Result<Option<Version>> {
+        if self.poisoned {
+            // A sync retried after a failed one can succeed although the kernel dropped the
+            // pages that failed to write: only a reopen, which rereads the files, can tell.
+            return Err(LogError::Poisoned);
+        }
         self.flush()?;
         if self.tail.dirty {
             if let Some(segment) = self.segments.last() {
@@ -645,11 +653,11 @@ impl Log {
     }
 
     fn flush(&mut self) -> Result<()> {
-        if self.tail.buf.is_empty() {
-            return Ok(());
-        }
         if self.poisoned {
             return Err(LogError::Poisoned);
+        }
+        if self.tail.buf.is_empty() {
+            return Ok(());
         }
         let Some(segment) = self.segments.last() else {
             return Ok(());
@@ -884,7 +892,7 @@ impl Log {
     }
 
     /// Up to `limit` keys starting with `prefix` that exist at `version`, in order, after the key
-    /// `after` when resuming.
+    /// `after` when resuming. `limit` is at least 1.
     pub fn scan(
         &self,
         prefix: &[u8],
@@ -893,6 +901,12 @@ impl Log {
         limit: usize,
     ) -> Result<ScanPage> {
         self.check_version(version)?;
+        if limit == 0 {
+            // An empty page without a resume key would read as "no such keys".
+            return Err(LogError::Invalid(
+                "a scan page holds at least one key".into(),
+            ));
+        }
         let start = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
@@ -961,7 +975,8 @@ impl Log {
             return Err(LogError::Poisoned);
         }
         let Some(i) = self.versions.at_or_below(before) else {
-            return Ok(None);
+            // Nothing at or before `before`: any horizon already set stays where it is.
+            return Ok(self.meta.horizon.map(|(h, _)| h));
         };
         let (h, hs) = (self.versions.versions[i], self.versions.stamp_at(i));
         if self.meta.horizon.is_some_and(|(old, _)| old >= h) {

@@ -264,7 +264,9 @@ impl Reference {
     /// Trims before `before`, as [`Log::trim`] does; returns the horizon it reports.
     pub fn trim(&mut self, before: Version) -> Option<Version> {
         let n = self.versions.partition_point(|(v, _)| *v <= before);
-        let i = n.checked_sub(1)?;
+        let Some(i) = n.checked_sub(1) else {
+            return self.horizon.map(|(h, _)| h);
+        };
         let (h, hs) = self.versions[i];
         if let Some((old, _)) = self.horizon {
             if old >= h {
