@@ -23,6 +23,7 @@ mod bounds;
 mod config;
 mod error;
 pub mod hlc;
+pub mod kv;
 mod layout;
 mod message;
 mod multicast;
