@@ -411,8 +411,22 @@ impl Log {
             });
             chain = new_chain;
             if let ScanEnd::Bad(reason) = how {
-                self.note_torn(&name, end as u64, reason);
-                stopped = true;
+                // The log rolled to the next segment right here if that segment's header chains
+                // from this point (a roll syncs the segment it leaves): the bytes that do not
+                // check are left from a torn write that an earlier recovery cut off, not a torn
+                // tail, and the next segment is part of the log.
+                let rolled_here = files.get(i + 1).is_some_and(|(next, f)| {
+                    f.read_at(0, SEGMENT_HEADER_LEN)
+                        .ok()
+                        .and_then(|h| decode_segment_header(&h).ok())
+                        .is_some_and(|(s, seed)| {
+                            *next == seq + 1 && s == u64::from(*next) && seed == chain
+                        })
+                });
+                if !rolled_here {
+                    self.note_torn(&name, end as u64, reason);
+                    stopped = true;
+                }
             }
             self.chain = chain;
             self.segments.push(Segment {

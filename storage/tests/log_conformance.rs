@@ -963,3 +963,44 @@ fn regression_a_sync_retried_after_a_failed_sync_reported_the_records_persisted(
     assert!(matches!(p.log.checkpoint(), Err(LogError::Poisoned)));
     assert_eq!(p.log.persisted(), Some(1));
 }
+
+/// Regression (model seed 112): versions synced and reported persisted were lost at the second
+/// power cut after a torn write. The first recovery cut the torn record off the tail of a segment
+/// but left its bytes there; the next append was too large for the rest of the segment and rolled
+/// to a new one, which was synced. The second recovery met the leftover bytes at the end of the
+/// old segment, took them for a torn tail, and dropped every later segment. A roll syncs the
+/// segment it leaves and chains the new segment's header from the last record, so recovery now
+/// goes on into the next segment when its header chains from the point where the scan stopped.
+#[test]
+fn regression_leftover_torn_bytes_before_a_roll_dropped_the_later_segments() {
+    let cb = CrashingBackend::new();
+    let b: Arc<dyn Backend> = Arc::new(cb.clone());
+    let cfg = config(4096);
+    let mut p = Pair::new(&b, cfg.clone());
+    p.append(1, stamp(1), &[put(b"a", b"1")]);
+    p.log.sync().unwrap();
+    // A record of 32 + 4 + 7 + 1 + 1 bytes after the 32-byte segment header: the log ends at 77.
+    // What a torn write left after it:
+    cb.corrupt("seg-00000001.log", 77, b"torn write leftovers")
+        .unwrap();
+    p.log = open(&b, cfg.clone());
+    let torn = p.log.recovery_report().torn.clone();
+    assert_eq!(
+        torn.map(|t| (t.0, t.1)),
+        Some(("seg-00000001.log".into(), 77))
+    );
+    // Too large for the rest of the segment: rolls to segment 2.
+    p.append(2, stamp(2), &[put(b"b", &[7; 4050])]);
+    p.append(3, stamp(3), &[put(b"c", b"3")]);
+    assert_eq!(p.log.sync().unwrap(), Some(3));
+    assert!(segment_files(&b).len() >= 2);
+    let after = crash(&cb, 0);
+    let log = open(&after, cfg);
+    assert_eq!(
+        log.latest(),
+        Some((3, stamp(3))),
+        "{:?}",
+        log.recovery_report()
+    );
+    assert_matches(&log, &p.reference, KEYS, PREFIXES);
+}

@@ -55,15 +55,20 @@ impl Rng {
     }
 }
 
-/// Runs `case` for every seed of the batch, or only for `DERECHOFS_SEED` when it is set. A failing
-/// case prints its seed and the command that reruns exactly that seed.
+/// Runs `case` for every seed of the batch (`seeds` of them, or `DERECHOFS_SEEDS` for a longer
+/// hunt), or only for `DERECHOFS_SEED` when it is set. A failing case prints its seed and the
+/// command that reruns exactly that seed.
 pub fn for_each_seed(test: &str, seeds: u64, case: impl Fn(u64)) {
-    let only = std::env::var("DERECHOFS_SEED")
-        .ok()
-        .map(|s| s.trim().parse::<u64>().expect("DERECHOFS_SEED is a u64"));
-    let run: Vec<u64> = match only {
+    let env = |name: &str| {
+        std::env::var(name).ok().map(|s| {
+            s.trim()
+                .parse::<u64>()
+                .unwrap_or_else(|_| panic!("{name} is a u64"))
+        })
+    };
+    let run: Vec<u64> = match env("DERECHOFS_SEED") {
         Some(seed) => vec![seed],
-        None => (0..seeds).collect(),
+        None => (0..env("DERECHOFS_SEEDS").unwrap_or(seeds)).collect(),
     };
     for seed in run {
         let guard = SeedGuard { test, seed };
