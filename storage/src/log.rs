@@ -480,7 +480,14 @@ impl Log {
         let bytes = file
             .read_at(0, len as usize)
             .map_err(io_err(format!("read of {name}")))?;
-        let (_, seed) = decode_segment_header(&bytes).map_err(|r| corrupt(&name, 0, r))?;
+        let (written, seed) = decode_segment_header(&bytes).map_err(|r| corrupt(&name, 0, r))?;
+        if written != len {
+            return Err(corrupt(
+                &name,
+                len,
+                format!("the base file holds {len} bytes, {written} were written"),
+            ));
+        }
         self.versions = VersionTable::default();
         self.keys = KeyIndex::default();
         self.versions.push(h, hs);
@@ -1053,6 +1060,10 @@ impl Log {
                 max: u32::MAX as usize,
             });
         }
+        // The header's sequence field holds the file's length, so that a base file cut short at
+        // a record boundary (which would otherwise read as "fewer keys") is caught on load.
+        let header = encode_segment_header(out.len() as u64, 0);
+        out[..SEGMENT_HEADER_LEN].copy_from_slice(&header);
         file.write_at(0, &out)
             .and_then(|()| file.sync_data())
             .map_err(io_err(format!("write of {name}")))?;
