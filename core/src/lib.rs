@@ -31,6 +31,7 @@ mod node;
 mod row;
 mod stability;
 mod suspicion;
+pub mod transport;
 mod view;
 mod wire;
 

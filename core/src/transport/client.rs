@@ -1,0 +1,141 @@
+//! A client's connection to one node: the same handshake and frames as between nodes, driven
+//! directly by the caller instead of by background tasks.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+use super::frame::{FrameKind, Inbound};
+use super::link::{read_frame, Outbound, IO_BUFFER_BYTES};
+use super::{
+    handshake, BreakReason, ClientId, ConnectError, HandshakeError, Peer, Secret, SendError,
+    FRAME_PAYLOAD_MAX, HANDSHAKE_TIMEOUT_MS,
+};
+use crate::view::NodeId;
+
+/// A client's link to a node. Split it to send and receive from different tasks.
+#[derive(Debug)]
+pub struct ClientConn {
+    node_id: NodeId,
+    sender: ClientSender,
+    receiver: ClientReceiver,
+}
+
+/// The sending half of a [`ClientConn`].
+#[derive(Debug)]
+pub struct ClientSender {
+    writer: BufWriter<OwnedWriteHalf>,
+    outbound: Outbound,
+}
+
+/// The receiving half of a [`ClientConn`].
+#[derive(Debug)]
+pub struct ClientReceiver {
+    reader: BufReader<OwnedReadHalf>,
+    inbound: Inbound,
+}
+
+impl ClientConn {
+    /// Connects to the node at `addr` as client `client_id`, proving it holds `secret`. With
+    /// `expected`, the link is refused unless that node answers.
+    pub async fn connect(
+        addr: SocketAddr,
+        client_id: ClientId,
+        secret: &Secret,
+        expected: Option<NodeId>,
+    ) -> Result<ClientConn, ConnectError> {
+        let handshake = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(ConnectError::Connect)?;
+            stream.set_nodelay(true).map_err(ConnectError::Connect)?;
+            let acceptor =
+                handshake::dial(&mut stream, secret, Peer::Client(client_id), expected, 0).await?;
+            Ok::<_, ConnectError>((stream, acceptor))
+        };
+        let (stream, acceptor) =
+            tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
+                .await
+                .unwrap_or(Err(ConnectError::Handshake(HandshakeError::TimedOut)))
+                .inspect_err(|e| {
+                    if matches!(e, ConnectError::Handshake(HandshakeError::Authentication)) {
+                        tracing::warn!(client = client_id, %addr, "refused node: it does not hold the cluster secret");
+                    }
+                })?;
+        let (read, write) = stream.into_split();
+        Ok(ClientConn {
+            node_id: acceptor.node_id,
+            sender: ClientSender {
+                writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
+                outbound: Outbound::new(0),
+            },
+            receiver: ClientReceiver {
+                reader: BufReader::with_capacity(IO_BUFFER_BYTES, read),
+                inbound: Inbound::new(acceptor.view_id),
+            },
+        })
+    }
+
+    /// The node at the other end.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// Sends one message; see [`ClientSender::send`].
+    pub async fn send(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
+        self.sender.send(view_id, payload).await
+    }
+
+    /// Receives the next message; see [`ClientReceiver::recv`].
+    pub async fn recv(&mut self) -> Result<(u32, Bytes), BreakReason> {
+        self.receiver.recv().await
+    }
+
+    /// The two halves, to use from different tasks.
+    pub fn into_split(self) -> (ClientSender, ClientReceiver) {
+        (self.sender, self.receiver)
+    }
+}
+
+/// Why a client's message was not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientSendError {
+    /// The payload is too large for a frame.
+    #[error(transparent)]
+    Frame(#[from] SendError),
+    /// Writing failed; the link is broken.
+    #[error("link broken: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl ClientSender {
+    /// Writes one message frame and flushes it. `view_id` must not decrease between calls.
+    pub async fn send(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
+        if payload.len() > FRAME_PAYLOAD_MAX {
+            return Err(SendError::TooLarge(payload.len()).into());
+        }
+        self.outbound
+            .write(&mut self.writer, FrameKind::Message, view_id, payload)
+            .await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Closes the link in order: a bye, then the end of the stream.
+    pub async fn close(mut self) -> std::io::Result<()> {
+        self.outbound.write_bye(&mut self.writer).await?;
+        self.writer.flush().await?;
+        self.writer.shutdown().await
+    }
+}
+
+impl ClientReceiver {
+    /// The next message from the node, with the node's view id; an error ends the link.
+    pub async fn recv(&mut self) -> Result<(u32, Bytes), BreakReason> {
+        read_frame(&mut self.reader, &mut self.inbound).await
+    }
+}

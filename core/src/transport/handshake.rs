@@ -1,0 +1,499 @@
+//! The handshake that opens every connection: who the dialer is (a node or a client), and a
+//! mutual challenge–response over the cluster secret, so that each side proves it holds the
+//! secret without the secret ever crossing the wire.
+//!
+//! Every integer is little-endian. The dialer speaks first:
+//!
+//! 1. **Hello**, dialer → acceptor, 60 bytes:
+//!
+//!    | offset | size | field |
+//!    |---|---|---|
+//!    | 0 | 8 | magic `"DFSLINK\x01"` |
+//!    | 8 | 1 | role: 1 = node, 2 = client |
+//!    | 9 | 1 | flags: bit 0 = an expected acceptor id follows; other bits zero |
+//!    | 10 | 2 | reserved, zero |
+//!    | 12 | 8 | dialer id: a node id (below 2³²) or a client id |
+//!    | 20 | 4 | the node id the dialer expects to reach (0 when bit 0 is clear) |
+//!    | 24 | 4 | the dialer's view id |
+//!    | 28 | 32 | dialer nonce, random |
+//!
+//! 2. **Challenge**, acceptor → dialer, 80 bytes:
+//!
+//!    | offset | size | field |
+//!    |---|---|---|
+//!    | 0 | 8 | magic `"DFSLINK\x01"` |
+//!    | 8 | 4 | acceptor node id |
+//!    | 12 | 4 | acceptor view id |
+//!    | 16 | 32 | acceptor nonce, random |
+//!    | 48 | 32 | HMAC-SHA256(secret, `"derechofs accept\0"` ‖ hello ‖ challenge bytes 0..48) |
+//!
+//!    The dialer checks the MAC (and the acceptor id, if it expected one) and closes the
+//!    connection if it does not match.
+//!
+//! 3. **Proof**, dialer → acceptor, 32 bytes: HMAC-SHA256(secret, `"derechofs dial\0"` ‖ hello ‖
+//!    challenge). The acceptor checks it and closes the connection if it does not match.
+//!
+//! 4. **Verdict**, acceptor → dialer, 1 byte: 0 = accepted; otherwise the link is refused and the
+//!    acceptor closes the connection: 1 = a link with this dialer already exists, 2 = the acceptor
+//!    is not the node the dialer expected, 3 = the dialer should not dial (the lower node id
+//!    dials), 4 = the link between the two nodes broke in the acceptor's current view and is not
+//!    reopened until the view changes.
+//!
+//! Frames (see [`super::frame`]) follow an accepted verdict in both directions. The two MACs use
+//! different labels, so one side's answer can never be replayed as the other's; both cover both
+//! nonces, so neither can be replayed on another connection. Holding the secret proves membership
+//! of the cluster, not a particular node id: any holder may claim any id.
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::{ClientId, Peer};
+use crate::view::NodeId;
+
+/// The first bytes of every connection.
+pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x01";
+/// Bytes of a hello.
+pub const HELLO_BYTES: usize = 60;
+/// Bytes of a challenge.
+pub const CHALLENGE_BYTES: usize = 80;
+/// Bytes of a proof (an HMAC-SHA256).
+pub const PROOF_BYTES: usize = 32;
+/// Bytes of a nonce.
+pub const NONCE_BYTES: usize = 32;
+
+const ROLE_NODE: u8 = 1;
+const ROLE_CLIENT: u8 = 2;
+const FLAG_EXPECTED: u8 = 1;
+const LABEL_ACCEPT: &[u8] = b"derechofs accept\0";
+const LABEL_DIAL: &[u8] = b"derechofs dial\0";
+
+/// The cluster secret every node and client holds. Its bytes never leave the process, and its
+/// `Debug` form does not show them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Vec<u8>);
+
+impl Secret {
+    /// A secret from its bytes; `None` if there are none.
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Option<Secret> {
+        let bytes = bytes.into();
+        (!bytes.is_empty()).then_some(Secret(bytes))
+    }
+
+    fn mac(&self, label: &[u8], parts: &[&[u8]]) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC takes any key");
+        mac.update(label);
+        for part in parts {
+            mac.update(part);
+        }
+        mac
+    }
+
+    fn sign(&self, label: &[u8], parts: &[&[u8]]) -> [u8; PROOF_BYTES] {
+        self.mac(label, parts).finalize().into_bytes().into()
+    }
+
+    /// Compares in constant time.
+    fn verify(&self, label: &[u8], parts: &[&[u8]], proof: &[u8]) -> bool {
+        self.mac(label, parts).verify_slice(proof).is_ok()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({} bytes)", self.0.len())
+    }
+}
+
+/// Why the acceptor refused an authenticated dialer (the verdict byte).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum Refusal {
+    /// A link with this dialer already exists.
+    Duplicate = 1,
+    /// The acceptor is not the node the dialer expected.
+    WrongNode = 2,
+    /// The lower node id dials; this dialer has the higher one.
+    WrongDirection = 3,
+    /// The link between the two nodes broke in the acceptor's current view.
+    BrokenInView = 4,
+}
+
+impl Refusal {
+    fn from_byte(byte: u8) -> Option<Refusal> {
+        match byte {
+            1 => Some(Refusal::Duplicate),
+            2 => Some(Refusal::WrongNode),
+            3 => Some(Refusal::WrongDirection),
+            4 => Some(Refusal::BrokenInView),
+            _ => None,
+        }
+    }
+}
+
+/// The verdict byte of an accepted link.
+pub(crate) const VERDICT_ACCEPTED: u8 = 0;
+
+/// Why a handshake failed. The connection is closed in every case.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    /// Reading or writing the connection failed.
+    #[error("connection failed during the handshake: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer closed the connection during the handshake (an acceptor does so when the dialer's
+    /// proof is wrong).
+    #[error("the peer closed the connection during the handshake (wrong secret?)")]
+    Closed,
+    /// The handshake did not finish in time.
+    #[error("the handshake timed out")]
+    TimedOut,
+    /// The peer does not speak this protocol, or sent a malformed message.
+    #[error("malformed handshake: {0}")]
+    Malformed(&'static str),
+    /// The peer's MAC does not match: it does not hold the cluster secret.
+    #[error("the peer failed authentication: it does not hold the cluster secret")]
+    Authentication,
+    /// The acceptor is another node than the one dialed.
+    #[error("reached node {found}, expected node {expected}")]
+    WrongNode {
+        /// The node dialed.
+        expected: NodeId,
+        /// The node that answered.
+        found: NodeId,
+    },
+    /// The acceptor refused the link.
+    #[error("the acceptor refused the link: {0:?}")]
+    Refused(Refusal),
+    /// The system's random source failed.
+    #[error("no random nonce: {0}")]
+    Random(getrandom::Error),
+}
+
+/// A decoded hello.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hello {
+    /// Who dials.
+    pub dialer: Peer,
+    /// The node the dialer expects to reach, if it knows.
+    pub expected: Option<NodeId>,
+    /// The dialer's view id.
+    pub view_id: u32,
+    /// The dialer's nonce.
+    pub nonce: [u8; NONCE_BYTES],
+}
+
+impl Hello {
+    /// The 60 bytes of this hello.
+    pub fn encode(&self) -> [u8; HELLO_BYTES] {
+        let mut out = [0u8; HELLO_BYTES];
+        out[0..8].copy_from_slice(&HANDSHAKE_MAGIC);
+        let (role, id) = match self.dialer {
+            Peer::Node(node) => (ROLE_NODE, u64::from(node)),
+            Peer::Client(client) => (ROLE_CLIENT, client),
+        };
+        out[8] = role;
+        if let Some(expected) = self.expected {
+            out[9] = FLAG_EXPECTED;
+            out[20..24].copy_from_slice(&expected.to_le_bytes());
+        }
+        out[12..20].copy_from_slice(&id.to_le_bytes());
+        out[24..28].copy_from_slice(&self.view_id.to_le_bytes());
+        out[28..60].copy_from_slice(&self.nonce);
+        out
+    }
+
+    /// Decodes a hello; never panics.
+    pub fn decode(bytes: &[u8; HELLO_BYTES]) -> Result<Hello, HandshakeError> {
+        if bytes[0..8] != HANDSHAKE_MAGIC {
+            return Err(HandshakeError::Malformed("bad magic"));
+        }
+        if bytes[9] & !FLAG_EXPECTED != 0 || bytes[10..12] != [0, 0] {
+            return Err(HandshakeError::Malformed("reserved hello bits set"));
+        }
+        let id = u64::from_le_bytes(array(&bytes[12..20]));
+        let dialer = match bytes[8] {
+            ROLE_NODE => Peer::Node(
+                NodeId::try_from(id).map_err(|_| HandshakeError::Malformed("node id too large"))?,
+            ),
+            ROLE_CLIENT => Peer::Client(id as ClientId),
+            _ => return Err(HandshakeError::Malformed("unknown role")),
+        };
+        let expected_id = u32::from_le_bytes(array(&bytes[20..24]));
+        let expected = if bytes[9] & FLAG_EXPECTED != 0 {
+            Some(expected_id)
+        } else if expected_id != 0 {
+            return Err(HandshakeError::Malformed(
+                "expected node id without its flag",
+            ));
+        } else {
+            None
+        };
+        Ok(Hello {
+            dialer,
+            expected,
+            view_id: u32::from_le_bytes(array(&bytes[24..28])),
+            nonce: array(&bytes[28..60]),
+        })
+    }
+}
+
+/// A decoded challenge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Challenge {
+    /// The acceptor's node id.
+    pub node_id: NodeId,
+    /// The acceptor's view id.
+    pub view_id: u32,
+    /// The acceptor's nonce.
+    pub nonce: [u8; NONCE_BYTES],
+    /// The acceptor's MAC over the hello and the challenge's first 48 bytes.
+    pub proof: [u8; PROOF_BYTES],
+}
+
+impl Challenge {
+    /// A challenge answering `hello`, signed with `secret`.
+    pub fn new(
+        secret: &Secret,
+        hello: &[u8; HELLO_BYTES],
+        node_id: NodeId,
+        view_id: u32,
+        nonce: [u8; NONCE_BYTES],
+    ) -> Challenge {
+        let mut challenge = Challenge {
+            node_id,
+            view_id,
+            nonce,
+            proof: [0; PROOF_BYTES],
+        };
+        let signed = challenge.encode();
+        challenge.proof = secret.sign(LABEL_ACCEPT, &[hello, &signed[..48]]);
+        challenge
+    }
+
+    /// The 80 bytes of this challenge.
+    pub fn encode(&self) -> [u8; CHALLENGE_BYTES] {
+        let mut out = [0u8; CHALLENGE_BYTES];
+        out[0..8].copy_from_slice(&HANDSHAKE_MAGIC);
+        out[8..12].copy_from_slice(&self.node_id.to_le_bytes());
+        out[12..16].copy_from_slice(&self.view_id.to_le_bytes());
+        out[16..48].copy_from_slice(&self.nonce);
+        out[48..80].copy_from_slice(&self.proof);
+        out
+    }
+
+    /// Decodes a challenge and checks its MAC against the hello it answers; never panics.
+    pub fn decode(
+        secret: &Secret,
+        hello: &[u8; HELLO_BYTES],
+        bytes: &[u8; CHALLENGE_BYTES],
+    ) -> Result<Challenge, HandshakeError> {
+        if bytes[0..8] != HANDSHAKE_MAGIC {
+            return Err(HandshakeError::Malformed("bad magic"));
+        }
+        if !secret.verify(LABEL_ACCEPT, &[hello, &bytes[..48]], &bytes[48..80]) {
+            return Err(HandshakeError::Authentication);
+        }
+        Ok(Challenge {
+            node_id: u32::from_le_bytes(array(&bytes[8..12])),
+            view_id: u32::from_le_bytes(array(&bytes[12..16])),
+            nonce: array(&bytes[16..48]),
+            proof: array(&bytes[48..80]),
+        })
+    }
+}
+
+/// The dialer's proof over the whole exchange.
+pub fn dial_proof(
+    secret: &Secret,
+    hello: &[u8; HELLO_BYTES],
+    challenge: &[u8; CHALLENGE_BYTES],
+) -> [u8; PROOF_BYTES] {
+    secret.sign(LABEL_DIAL, &[hello, challenge])
+}
+
+fn array<const N: usize>(bytes: &[u8]) -> [u8; N] {
+    let mut out = [0u8; N];
+    out.copy_from_slice(bytes);
+    out
+}
+
+fn nonce() -> Result<[u8; NONCE_BYTES], HandshakeError> {
+    let mut nonce = [0u8; NONCE_BYTES];
+    getrandom::fill(&mut nonce).map_err(HandshakeError::Random)?;
+    Ok(nonce)
+}
+
+async fn read_exact<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+) -> Result<(), HandshakeError> {
+    match stream.read_exact(buf).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(HandshakeError::Closed),
+        Err(e) => Err(HandshakeError::Io(e)),
+    }
+}
+
+/// What the dialer learned about the acceptor.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Acceptor {
+    pub node_id: NodeId,
+    pub view_id: u32,
+}
+
+/// Runs the dialer's side to the verdict.
+pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    secret: &Secret,
+    me: Peer,
+    expected: Option<NodeId>,
+    view_id: u32,
+) -> Result<Acceptor, HandshakeError> {
+    let hello = Hello {
+        dialer: me,
+        expected,
+        view_id,
+        nonce: nonce()?,
+    }
+    .encode();
+    stream.write_all(&hello).await?;
+    stream.flush().await?;
+    let mut challenge_bytes = [0u8; CHALLENGE_BYTES];
+    read_exact(stream, &mut challenge_bytes).await?;
+    let challenge = Challenge::decode(secret, &hello, &challenge_bytes)?;
+    if let Some(expected) = expected {
+        if challenge.node_id != expected {
+            return Err(HandshakeError::WrongNode {
+                expected,
+                found: challenge.node_id,
+            });
+        }
+    }
+    stream
+        .write_all(&dial_proof(secret, &hello, &challenge_bytes))
+        .await?;
+    stream.flush().await?;
+    let mut verdict = [0u8; 1];
+    read_exact(stream, &mut verdict).await?;
+    match verdict[0] {
+        VERDICT_ACCEPTED => Ok(Acceptor {
+            node_id: challenge.node_id,
+            view_id: challenge.view_id,
+        }),
+        other => Err(Refusal::from_byte(other).map_or(
+            HandshakeError::Malformed("unknown verdict"),
+            HandshakeError::Refused,
+        )),
+    }
+}
+
+/// Runs the acceptor's side up to checking the dialer's proof; the caller decides the verdict.
+pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    secret: &Secret,
+    node_id: NodeId,
+    view_id: u32,
+) -> Result<Hello, HandshakeError> {
+    let mut hello_bytes = [0u8; HELLO_BYTES];
+    read_exact(stream, &mut hello_bytes).await?;
+    let hello = Hello::decode(&hello_bytes)?;
+    let challenge = Challenge::new(secret, &hello_bytes, node_id, view_id, nonce()?).encode();
+    stream.write_all(&challenge).await?;
+    stream.flush().await?;
+    let mut proof = [0u8; PROOF_BYTES];
+    read_exact(stream, &mut proof).await?;
+    if !secret.verify(LABEL_DIAL, &[&hello_bytes, &challenge], &proof) {
+        return Err(HandshakeError::Authentication);
+    }
+    Ok(hello)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret(bytes: &[u8]) -> Secret {
+        Secret::new(bytes).unwrap()
+    }
+
+    #[test]
+    fn hello_roundtrips_nodes_and_clients() {
+        for hello in [
+            Hello {
+                dialer: Peer::Node(7),
+                expected: Some(9),
+                view_id: 3,
+                nonce: [5; NONCE_BYTES],
+            },
+            Hello {
+                dialer: Peer::Client(u64::MAX),
+                expected: None,
+                view_id: 0,
+                nonce: [1; NONCE_BYTES],
+            },
+        ] {
+            assert_eq!(Hello::decode(&hello.encode()).unwrap(), hello);
+        }
+    }
+
+    #[test]
+    fn hello_rejects_bad_magic_role_and_reserved_bits() {
+        let good = Hello {
+            dialer: Peer::Node(1),
+            expected: None,
+            view_id: 0,
+            nonce: [0; NONCE_BYTES],
+        }
+        .encode();
+        for (at, value) in [(0, b'X'), (8, 3), (9, 2), (11, 1), (16, 1), (20, 1)] {
+            let mut bad = good;
+            bad[at] = value;
+            assert!(
+                matches!(Hello::decode(&bad), Err(HandshakeError::Malformed(_))),
+                "byte {at} = {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn challenge_is_accepted_only_with_the_same_secret_and_hello() {
+        let hello = Hello {
+            dialer: Peer::Node(1),
+            expected: Some(2),
+            view_id: 0,
+            nonce: [3; NONCE_BYTES],
+        }
+        .encode();
+        let challenge = Challenge::new(&secret(b"s3cret"), &hello, 2, 0, [4; NONCE_BYTES]);
+        let bytes = challenge.encode();
+        assert_eq!(
+            Challenge::decode(&secret(b"s3cret"), &hello, &bytes).unwrap(),
+            challenge
+        );
+        assert!(matches!(
+            Challenge::decode(&secret(b"other"), &hello, &bytes),
+            Err(HandshakeError::Authentication)
+        ));
+        let mut other_hello = hello;
+        other_hello[30] ^= 1;
+        assert!(matches!(
+            Challenge::decode(&secret(b"s3cret"), &other_hello, &bytes),
+            Err(HandshakeError::Authentication)
+        ));
+    }
+
+    #[test]
+    fn the_dialers_proof_differs_from_the_acceptors() {
+        let hello = [0u8; HELLO_BYTES];
+        let challenge = Challenge::new(&secret(b"k"), &hello, 2, 0, [0; NONCE_BYTES]).encode();
+        let dial = dial_proof(&secret(b"k"), &hello, &challenge);
+        assert_ne!(&dial[..], &challenge[48..80]);
+    }
+
+    #[test]
+    fn a_secret_does_not_show_in_debug_output() {
+        assert_eq!(format!("{:?}", secret(b"hunter2")), "Secret(7 bytes)");
+        assert!(Secret::new(Vec::new()).is_none());
+    }
+}

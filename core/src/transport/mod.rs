@@ -1,0 +1,623 @@
+//! The TCP transport: reliable FIFO links between the nodes of a group, and between nodes and
+//! their clients, carrying the engine's encoded messages as opaque bytes.
+//!
+//! Each node listens on one port that serves peers and clients; the [handshake](handshake) says
+//! which one connects and proves, in both directions, that each side holds the cluster
+//! [`Secret`]. A connection that fails it is refused and logged. Each pair of nodes has exactly
+//! one link: the lower node id dials ([`frame::dials`]) and the acceptor refuses a second one.
+//!
+//! On a link, [frames](frame) carry a checksum, the sender's view id and a sequence number that
+//! goes up by one per frame in each direction. A malformed frame, an I/O error or the end of the
+//! connection closes the link and is reported as [`LinkEvent::Broken`], never a panic. A broken
+//! link between nodes is not reopened in the same view (DESIGN §2): the owner suspects the peer,
+//! and the transport refuses to link the two nodes again until [`Transport::set_view`] moves to a
+//! later view.
+//!
+//! Every queue is bounded: frames waiting on a link ([`LINK_QUEUE_MAX`], [`LINK_QUEUE_BYTES_MAX`])
+//! make [`Transport::send`] wait, and events waiting for the owner ([`EVENT_QUEUE_MAX`]) make the
+//! links stop reading, which pushes back on the peers through TCP.
+//!
+//! The frame codec and the handshake messages are pure functions ([`frame`], [`handshake`]) so
+//! the simulator's network can reuse them without tokio.
+
+mod client;
+pub mod frame;
+pub mod handshake;
+mod link;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::task::AbortHandle;
+
+pub use client::{ClientConn, ClientReceiver, ClientSendError, ClientSender};
+pub use frame::{FrameError, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX};
+pub use handshake::{HandshakeError, Refusal, Secret};
+
+use crate::view::NodeId;
+use frame::{dials, Inbound};
+use link::{read_frame, write_frames, Outgoing, IO_BUFFER_BYTES};
+
+/// A client's id, chosen by the client; unique among the clients linked to one node at a time.
+pub type ClientId = u64;
+
+/// Frames waiting to be written on one link.
+pub const LINK_QUEUE_MAX: usize = 1024;
+/// Payload bytes waiting to be written on one link. At least [`FRAME_PAYLOAD_MAX`], so any frame
+/// fits once the queue drains.
+pub const LINK_QUEUE_BYTES_MAX: usize = 64 << 20;
+/// Events waiting for the owner; beyond it the links stop reading.
+pub const EVENT_QUEUE_MAX: usize = 4096;
+/// Connections in their handshake at once; a connection beyond it is closed at once.
+pub const HANDSHAKES_MAX: usize = 64;
+/// Time a connection has to finish its handshake (dialing included).
+pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+const _: () = assert!(LINK_QUEUE_BYTES_MAX >= FRAME_PAYLOAD_MAX);
+
+/// The other end of a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Peer {
+    /// A node of the group.
+    Node(NodeId),
+    /// A client.
+    Client(ClientId),
+}
+
+/// What the transport tells its owner. Per peer, events come in order: `Connected`, then its
+/// frames in the order sent, then at most one `Broken`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// A link is up.
+    Connected {
+        /// The other end.
+        peer: Peer,
+        /// Its address.
+        addr: SocketAddr,
+        /// The view it declared in the handshake.
+        view_id: u32,
+    },
+    /// A message arrived.
+    Frame {
+        /// From whom.
+        peer: Peer,
+        /// The view the sender was in.
+        view_id: u32,
+        /// The message, as the sender passed it to `send`.
+        bytes: Bytes,
+    },
+    /// A link ended. Between nodes it will not be reopened in the current view.
+    Broken {
+        /// The other end.
+        peer: Peer,
+        /// Why.
+        reason: BreakReason,
+    },
+}
+
+/// Why a link ended.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BreakReason {
+    /// The peer closed the link in order (a bye frame).
+    #[error("the peer closed the link")]
+    PeerClosed,
+    /// The connection ended between two frames, without a bye.
+    #[error("the connection ended")]
+    Eof,
+    /// The connection ended inside a frame.
+    #[error("the connection ended inside a frame")]
+    Truncated,
+    /// A frame was malformed.
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] FrameError),
+    /// Reading or writing failed.
+    #[error("i/o error: {0}")]
+    Io(String),
+    /// The transport's owner dropped its event receiver.
+    #[error("the transport is shutting down")]
+    Shutdown,
+}
+
+/// Why [`Transport::connect`] did not make a link.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The lower node id dials; this node waits for `remote` to dial it.
+    #[error("node {local} does not dial node {remote}: the lower id dials")]
+    NotDialer {
+        /// This node.
+        local: NodeId,
+        /// The peer.
+        remote: NodeId,
+    },
+    /// A link with the peer exists, or is being made.
+    #[error("a link with node {0} exists or is being made")]
+    AlreadyLinked(NodeId),
+    /// The link with the peer broke in the current view.
+    #[error("the link with node {peer} broke in view {view_id}; it reopens in a later view")]
+    BrokenInView {
+        /// The peer.
+        peer: NodeId,
+        /// The current view.
+        view_id: u32,
+    },
+    /// The TCP connection could not be made.
+    #[error("cannot connect: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The handshake failed.
+    #[error(transparent)]
+    Handshake(#[from] HandshakeError),
+}
+
+/// Why a frame was not queued.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// The payload is above [`FRAME_PAYLOAD_MAX`].
+    #[error("payload of {0} bytes exceeds FRAME_PAYLOAD_MAX")]
+    TooLarge(usize),
+    /// No link with the peer is up.
+    #[error("no link with {0:?}")]
+    NoLink(Peer),
+    /// The link's queue is full (only from [`Transport::try_send`]).
+    #[error("the queue of the link with {0:?} is full")]
+    Full(Peer),
+}
+
+/// One node's endpoint: a listener for peers and clients, and its links.
+///
+/// Dropping it stops accepting and closes every link in order (queued frames, then a bye).
+#[derive(Debug)]
+pub struct Transport {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    acceptor: AbortHandle,
+}
+
+#[derive(Debug)]
+struct Shared {
+    node_id: NodeId,
+    secret: Secret,
+    events: mpsc::Sender<LinkEvent>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    view_id: u32,
+    links: HashMap<Peer, Link>,
+    /// Nodes being dialed.
+    dialing: HashSet<NodeId>,
+    /// Nodes whose link broke, with the view it broke in.
+    broken: HashMap<NodeId, u32>,
+    next_serial: u64,
+}
+
+#[derive(Debug)]
+struct Link {
+    serial: u64,
+    queue: mpsc::Sender<Outgoing>,
+    budget: Arc<Semaphore>,
+    supervisor: AbortHandle,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the maps half-updated in a way that
+        // matters more than losing the transport, so a poisoned lock is used as it is.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Transport {
+    /// Listens on `addr` as node `node_id` of the cluster that holds `secret`. Returns the
+    /// transport and the receiver of its events, which the owner must keep draining.
+    pub async fn bind(
+        addr: SocketAddr,
+        node_id: NodeId,
+        secret: Secret,
+    ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
+        let listener = TcpListener::bind(addr).await?;
+        let local_addr = listener.local_addr()?;
+        let (events, receiver) = mpsc::channel(EVENT_QUEUE_MAX);
+        let shared = Arc::new(Shared {
+            node_id,
+            secret,
+            events,
+            state: Mutex::new(State::default()),
+        });
+        let acceptor = tokio::spawn(accept_loop(shared.clone(), listener)).abort_handle();
+        tracing::info!(node = node_id, %local_addr, "transport listening");
+        Ok((
+            Transport {
+                shared,
+                local_addr,
+                acceptor,
+            },
+            receiver,
+        ))
+    }
+
+    /// The address the transport listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> NodeId {
+        self.shared.node_id
+    }
+
+    /// Moves to view `view_id` (never back): links that broke in an earlier view may reopen, and
+    /// new handshakes declare this view.
+    pub fn set_view(&self, view_id: u32) {
+        let mut state = self.shared.state();
+        state.view_id = state.view_id.max(view_id);
+        let current = state.view_id;
+        state.broken.retain(|_, broken_in| *broken_in >= current);
+    }
+
+    /// Dials node `peer` at `addr` and returns once the link is up ([`LinkEvent::Connected`] is
+    /// reported too). Only the lower node id dials: see [`frame::dials`].
+    pub async fn connect(&self, peer: NodeId, addr: SocketAddr) -> Result<(), ConnectError> {
+        let local = self.shared.node_id;
+        if !dials(local, peer) {
+            return Err(ConnectError::NotDialer {
+                local,
+                remote: peer,
+            });
+        }
+        let view_id = {
+            let mut state = self.shared.state();
+            if state.links.contains_key(&Peer::Node(peer)) || state.dialing.contains(&peer) {
+                return Err(ConnectError::AlreadyLinked(peer));
+            }
+            if state.broken.get(&peer) == Some(&state.view_id) {
+                return Err(ConnectError::BrokenInView {
+                    peer,
+                    view_id: state.view_id,
+                });
+            }
+            state.dialing.insert(peer);
+            state.view_id
+        };
+        let result = self.dial(peer, addr, view_id).await;
+        let mut state = self.shared.state();
+        state.dialing.remove(&peer);
+        match result {
+            Ok((stream, remote_view)) => {
+                spawn_link(
+                    &self.shared,
+                    &mut state,
+                    Peer::Node(peer),
+                    stream,
+                    addr,
+                    (view_id, remote_view),
+                    None,
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if matches!(e, ConnectError::Handshake(HandshakeError::Authentication)) {
+                    tracing::warn!(node = local, peer, %addr, "refused link: the peer does not hold the cluster secret");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(
+        &self,
+        peer: NodeId,
+        addr: SocketAddr,
+        view_id: u32,
+    ) -> Result<(TcpStream, u32), ConnectError> {
+        let handshake = async {
+            let mut stream = TcpStream::connect(addr)
+                .await
+                .map_err(ConnectError::Connect)?;
+            stream.set_nodelay(true).map_err(ConnectError::Connect)?;
+            let acceptor = handshake::dial(
+                &mut stream,
+                &self.shared.secret,
+                Peer::Node(self.shared.node_id),
+                Some(peer),
+                view_id,
+            )
+            .await?;
+            Ok((stream, acceptor.view_id))
+        };
+        tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
+            .await
+            .unwrap_or(Err(ConnectError::Handshake(HandshakeError::TimedOut)))
+    }
+
+    /// Queues a message for `peer`, waiting while its link's queue is full. `view_id` must not
+    /// decrease from one call to the next for the same peer: the receiver breaks the link if it
+    /// does.
+    pub async fn send(&self, peer: Peer, view_id: u32, bytes: Bytes) -> Result<(), SendError> {
+        let (queue, budget) = self.link_queue(peer, bytes.len())?;
+        let permit = budget
+            .acquire_many_owned(permits(bytes.len()))
+            .await
+            .map_err(|_| SendError::NoLink(peer))?;
+        queue
+            .send(Outgoing {
+                view_id,
+                bytes,
+                _budget: Some(permit),
+            })
+            .await
+            .map_err(|_| SendError::NoLink(peer))
+    }
+
+    /// Queues a message for `peer` if its link's queue has room, without waiting.
+    pub fn try_send(&self, peer: Peer, view_id: u32, bytes: Bytes) -> Result<(), SendError> {
+        let (queue, budget) = self.link_queue(peer, bytes.len())?;
+        let permit = budget
+            .try_acquire_many_owned(permits(bytes.len()))
+            .map_err(|_| SendError::Full(peer))?;
+        queue
+            .try_send(Outgoing {
+                view_id,
+                bytes,
+                _budget: Some(permit),
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full(peer),
+                mpsc::error::TrySendError::Closed(_) => SendError::NoLink(peer),
+            })
+    }
+
+    fn link_queue(
+        &self,
+        peer: Peer,
+        len: usize,
+    ) -> Result<(mpsc::Sender<Outgoing>, Arc<Semaphore>), SendError> {
+        if len > FRAME_PAYLOAD_MAX {
+            return Err(SendError::TooLarge(len));
+        }
+        let state = self.shared.state();
+        let link = state.links.get(&peer).ok_or(SendError::NoLink(peer))?;
+        Ok((link.queue.clone(), link.budget.clone()))
+    }
+
+    /// Whether a link with `peer` is up.
+    pub fn is_linked(&self, peer: Peer) -> bool {
+        self.shared.state().links.contains_key(&peer)
+    }
+
+    /// Closes the link with `peer` in order: frames already queued are written, then a bye. No
+    /// event is reported for it. Returns whether there was a link.
+    pub fn disconnect(&self, peer: Peer) -> bool {
+        let link = self.shared.state().links.remove(&peer);
+        match link {
+            Some(link) => {
+                link.supervisor.abort();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl Drop for Transport {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+        let links: Vec<Link> = self
+            .shared
+            .state()
+            .links
+            .drain()
+            .map(|(_, link)| link)
+            .collect();
+        for link in links {
+            link.supervisor.abort();
+        }
+    }
+}
+
+/// Semaphore permits for a payload: its length, and at least one so empty frames count too.
+fn permits(len: usize) -> u32 {
+    // len <= FRAME_PAYLOAD_MAX <= u32::MAX, checked by the caller.
+    len.max(1) as u32
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Running out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(node = shared.node_id, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+            tracing::warn!(node = shared.node_id, %addr, "too many handshakes in progress; closing connection");
+            continue;
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            accept_connection(shared, stream, addr).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn accept_connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+    let node_id = shared.node_id;
+    let _ = stream.set_nodelay(true);
+    let view_id = shared.state().view_id;
+    let handshake = handshake::accept(&mut stream, &shared.secret, node_id, view_id);
+    let hello = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
+        .await
+        .unwrap_or(Err(HandshakeError::TimedOut))
+    {
+        Ok(hello) => hello,
+        Err(e) => {
+            tracing::warn!(node = node_id, %addr, error = %e, "refused connection");
+            return;
+        }
+    };
+    let peer = hello.dialer;
+    let refusal = {
+        let mut state = shared.state();
+        let refusal = admit(&state, node_id, &hello);
+        if refusal.is_none() {
+            spawn_link(
+                &shared,
+                &mut state,
+                peer,
+                stream,
+                addr,
+                (view_id, hello.view_id),
+                Some(handshake::VERDICT_ACCEPTED),
+            );
+            return;
+        }
+        refusal
+    };
+    if let Some(refusal) = refusal {
+        tracing::warn!(node = node_id, ?peer, %addr, ?refusal, "refused link");
+        let _ = stream.write_all(&[refusal as u8]).await;
+        let _ = stream.shutdown().await;
+    }
+}
+
+/// Decides whether an authenticated dialer gets a link.
+fn admit(state: &State, node_id: NodeId, hello: &handshake::Hello) -> Option<Refusal> {
+    if hello.expected.is_some_and(|expected| expected != node_id) {
+        return Some(Refusal::WrongNode);
+    }
+    if state.links.contains_key(&hello.dialer) {
+        return Some(Refusal::Duplicate);
+    }
+    if let Peer::Node(peer) = hello.dialer {
+        if !dials(peer, node_id) {
+            return Some(Refusal::WrongDirection);
+        }
+        if state.broken.get(&peer) == Some(&state.view_id) {
+            return Some(Refusal::BrokenInView);
+        }
+    }
+    None
+}
+
+/// Registers a link and starts its writer and its supervisor. `views` are the views this side
+/// and the peer declared in the handshake.
+fn spawn_link(
+    shared: &Arc<Shared>,
+    state: &mut State,
+    peer: Peer,
+    stream: TcpStream,
+    addr: SocketAddr,
+    views: (u32, u32),
+    prefix: Option<u8>,
+) {
+    let (local_view, remote_view) = views;
+    let serial = state.next_serial;
+    state.next_serial += 1;
+    let (read, write) = stream.into_split();
+    let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
+    let (failed, writer_failed) = oneshot::channel();
+    let writer = tokio::spawn(write_frames(write, queued, prefix, local_view, failed));
+    let supervisor = tokio::spawn(supervise(
+        shared.clone(),
+        peer,
+        serial,
+        addr,
+        remote_view,
+        read,
+        writer_failed,
+        writer.abort_handle(),
+    ));
+    state.links.insert(
+        peer,
+        Link {
+            serial,
+            queue,
+            budget: Arc::new(Semaphore::new(LINK_QUEUE_BYTES_MAX)),
+            supervisor: supervisor.abort_handle(),
+        },
+    );
+}
+
+/// Reports the link up, forwards its frames, and reports its end: the first of a read failure
+/// and a write failure.
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    shared: Arc<Shared>,
+    peer: Peer,
+    serial: u64,
+    addr: SocketAddr,
+    remote_view: u32,
+    read: tokio::net::tcp::OwnedReadHalf,
+    writer_failed: oneshot::Receiver<BreakReason>,
+    writer: AbortHandle,
+) {
+    let node = shared.node_id;
+    tracing::info!(node, ?peer, %addr, "link up");
+    let connected = LinkEvent::Connected {
+        peer,
+        addr,
+        view_id: remote_view,
+    };
+    let reason = if shared.events.send(connected).await.is_err() {
+        BreakReason::Shutdown
+    } else {
+        let forward = async {
+            let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, read);
+            let mut inbound = Inbound::new(remote_view);
+            loop {
+                let (view_id, bytes) = match read_frame(&mut reader, &mut inbound).await {
+                    Ok(frame) => frame,
+                    Err(reason) => return reason,
+                };
+                let frame = LinkEvent::Frame {
+                    peer,
+                    view_id,
+                    bytes,
+                };
+                if shared.events.send(frame).await.is_err() {
+                    return BreakReason::Shutdown;
+                }
+            }
+        };
+        tokio::select! {
+            reason = forward => reason,
+            Ok(reason) = writer_failed => reason,
+        }
+    };
+    writer.abort();
+    let current = {
+        let mut state = shared.state();
+        let current = state
+            .links
+            .get(&peer)
+            .is_some_and(|link| link.serial == serial);
+        if current {
+            state.links.remove(&peer);
+            if let Peer::Node(peer) = peer {
+                let view_id = state.view_id;
+                state.broken.insert(peer, view_id);
+            }
+        }
+        current
+    };
+    if current {
+        tracing::warn!(node, ?peer, %addr, %reason, "link broken");
+        let _ = shared.events.send(LinkEvent::Broken { peer, reason }).await;
+    }
+}

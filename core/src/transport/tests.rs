@@ -1,0 +1,541 @@
+//! The TCP transport on loopback: order, authentication, malformed input, meshes, clients.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use super::frame::{encode_frame, FrameKind};
+use super::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn secret(bytes: &[u8]) -> Secret {
+    Secret::new(bytes).unwrap()
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn node(id: NodeId, key: &[u8]) -> (Transport, mpsc::Receiver<LinkEvent>) {
+    Transport::bind(loopback(), id, secret(key)).await.unwrap()
+}
+
+async fn next_event(events: &mut mpsc::Receiver<LinkEvent>) -> LinkEvent {
+    tokio::time::timeout(WAIT, events.recv())
+        .await
+        .expect("an event within the wait")
+        .expect("the transport is alive")
+}
+
+async fn expect_connected(events: &mut mpsc::Receiver<LinkEvent>, peer: Peer) {
+    match next_event(events).await {
+        LinkEvent::Connected { peer: got, .. } => assert_eq!(got, peer),
+        other => panic!("expected Connected from {peer:?}, got {other:?}"),
+    }
+}
+
+async fn expect_broken(events: &mut mpsc::Receiver<LinkEvent>, peer: Peer) -> BreakReason {
+    match next_event(events).await {
+        LinkEvent::Broken { peer: got, reason } => {
+            assert_eq!(got, peer);
+            reason
+        }
+        other => panic!("expected Broken from {peer:?}, got {other:?}"),
+    }
+}
+
+async fn assert_quiet(events: &mut mpsc::Receiver<LinkEvent>) {
+    let quiet = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
+    assert!(quiet.is_err(), "unexpected event: {quiet:?}");
+}
+
+fn payload(from: u64, index: u64) -> Bytes {
+    let len = (index * 37 % 3000) as usize;
+    let mut bytes = from.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&index.to_le_bytes());
+    bytes.extend((0..len).map(|i| (i as u64 ^ index) as u8));
+    Bytes::from(bytes)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_two_nodes_exchange_many_frames_in_order() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"cluster").await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+
+    const FRAMES: u64 = 5_000;
+    let sending = async {
+        for index in 0..FRAMES {
+            one.send(Peer::Node(2), 1, payload(1, index)).await.unwrap();
+            two.send(Peer::Node(1), 1, payload(2, index)).await.unwrap();
+        }
+    };
+    let receiving = async {
+        for index in 0..FRAMES {
+            for (events, from) in [(&mut two_events, 1), (&mut one_events, 2)] {
+                match next_event(events).await {
+                    LinkEvent::Frame {
+                        peer,
+                        view_id,
+                        bytes,
+                    } => {
+                        assert_eq!(peer, Peer::Node(from));
+                        assert_eq!(view_id, 1);
+                        assert_eq!(bytes, payload(from as u64, index), "frame {index}");
+                    }
+                    other => panic!("expected a frame, got {other:?}"),
+                }
+            }
+        }
+    };
+    tokio::join!(sending, receiving);
+
+    // An orderly close is reported to the other side as such, and not to the closing side.
+    assert!(one.disconnect(Peer::Node(2)));
+    assert_eq!(
+        expect_broken(&mut two_events, Peer::Node(1)).await,
+        BreakReason::PeerClosed
+    );
+    assert_quiet(&mut one_events).await;
+}
+
+#[tokio::test]
+async fn transport_wrong_secret_is_refused_on_both_sides() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"intruder").await;
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::Authentication)
+        ),
+        "{error}"
+    );
+    let (three, mut three_events) = node(3, b"intruder").await;
+    let error = three.connect(4, one.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::WrongNode { .. })
+                | ConnectError::Handshake(HandshakeError::Authentication)
+        ),
+        "{error}"
+    );
+    let error = ClientConn::connect(one.local_addr(), 77, &secret(b"intruder"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::Authentication)
+        ),
+        "{error}"
+    );
+    // A dialer with the wrong secret that ignores the acceptor's bad MAC still fails: the
+    // acceptor checks the dialer's proof and closes without a verdict.
+    let mut raw = TcpStream::connect(one.local_addr()).await.unwrap();
+    let hello = handshake::Hello {
+        dialer: Peer::Node(0),
+        expected: None,
+        view_id: 0,
+        nonce: [7; handshake::NONCE_BYTES],
+    }
+    .encode();
+    raw.write_all(&hello).await.unwrap();
+    let mut challenge = [0u8; handshake::CHALLENGE_BYTES];
+    raw.read_exact(&mut challenge).await.unwrap();
+    let forged = handshake::dial_proof(&secret(b"intruder"), &hello, &challenge);
+    raw.write_all(&forged).await.unwrap();
+    let mut verdict = [0u8; 1];
+    assert_eq!(
+        raw.read(&mut verdict).await.unwrap(),
+        0,
+        "closed without a verdict"
+    );
+
+    assert!(!one.is_linked(Peer::Node(2)) && !two.is_linked(Peer::Node(1)));
+    assert_quiet(&mut one_events).await;
+    assert_quiet(&mut two_events).await;
+    assert_quiet(&mut three_events).await;
+}
+
+/// Opens an authenticated connection to `to` as node `as_node`, by hand, so a test can then write
+/// whatever bytes it likes.
+async fn raw_link(to: &Transport, as_node: NodeId, key: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(to.local_addr()).await.unwrap();
+    handshake::dial(
+        &mut stream,
+        &secret(key),
+        Peer::Node(as_node),
+        Some(to.node_id()),
+        0,
+    )
+    .await
+    .unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn transport_garbage_before_the_handshake_is_refused_without_an_event() {
+    let (two, mut two_events) = node(2, b"cluster").await;
+    for garbage in [&b""[..], b"GET / HTTP/1.1\r\n\r\n", &[0xFF; 200]] {
+        let mut raw = TcpStream::connect(two.local_addr()).await.unwrap();
+        raw.write_all(garbage).await.unwrap();
+        raw.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = raw.read_to_end(&mut rest).await;
+    }
+    assert_quiet(&mut two_events).await;
+    // The transport still serves well-behaved peers.
+    let (one, mut one_events) = node(1, b"cluster").await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+}
+
+/// Each malformed stream after the handshake breaks the link with its reason.
+#[tokio::test]
+async fn transport_malformed_frames_break_the_link_with_a_reason() {
+    let good = |seq: u64, view: u32| {
+        let mut bytes = Vec::new();
+        encode_frame(&mut bytes, FrameKind::Message, view, seq, b"payload");
+        bytes
+    };
+    let mut corrupted = good(1, 0);
+    corrupted[30] ^= 0x01;
+    let mut unknown_kind = good(1, 0);
+    unknown_kind[8] = 7;
+    let mut too_long = good(1, 0);
+    too_long[0..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    let mut view_back = good(1, 5);
+    view_back.extend_from_slice(&good(2, 4));
+    let mut truncated = good(1, 0);
+    truncated.truncate(20);
+    type Check = fn(&BreakReason) -> bool;
+    let cases: Vec<(&str, Vec<u8>, Check)> = vec![
+        ("garbage", vec![0xAB; 64], |r| {
+            matches!(r, BreakReason::Malformed(_))
+        }),
+        ("corrupted payload", corrupted, |r| {
+            matches!(r, BreakReason::Malformed(FrameError::Checksum { .. }))
+        }),
+        ("unknown kind", unknown_kind, |r| {
+            matches!(r, BreakReason::Malformed(FrameError::UnknownKind(7)))
+        }),
+        ("length above the bound", too_long, |r| {
+            matches!(r, BreakReason::Malformed(FrameError::TooLong(_)))
+        }),
+        ("sequence gap", good(2, 0), |r| {
+            matches!(
+                r,
+                BreakReason::Malformed(FrameError::Sequence {
+                    expected: 1,
+                    got: 2
+                })
+            )
+        }),
+        ("view going back", view_back, |r| {
+            matches!(
+                r,
+                BreakReason::Malformed(FrameError::ViewWentBack { floor: 5, got: 4 })
+            )
+        }),
+        ("truncated frame", truncated, |r| {
+            *r == BreakReason::Truncated
+        }),
+    ];
+    let (acceptor, mut events) = node(100, b"cluster").await;
+    for (dialer, (name, bytes, expected)) in (0..).zip(cases) {
+        acceptor.set_view(dialer); // so the previous case's broken link does not refuse this one
+        let mut raw = raw_link(&acceptor, dialer, b"cluster").await;
+        expect_connected(&mut events, Peer::Node(dialer)).await;
+        raw.write_all(&bytes).await.unwrap();
+        raw.shutdown().await.unwrap();
+        // Well-formed frames before the bad one are delivered; then the link breaks.
+        let reason = loop {
+            match next_event(&mut events).await {
+                LinkEvent::Frame { peer, .. } => assert_eq!(peer, Peer::Node(dialer)),
+                LinkEvent::Broken { peer, reason } => {
+                    assert_eq!(peer, Peer::Node(dialer));
+                    break reason;
+                }
+                other => panic!("{name}: unexpected {other:?}"),
+            }
+        };
+        assert!(expected(&reason), "{name}: got {reason:?}");
+        assert!(!acceptor.is_linked(Peer::Node(dialer)), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn transport_broken_link_is_not_reopened_in_the_same_view() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"cluster").await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    assert!(two.disconnect(Peer::Node(1)));
+    assert_eq!(
+        expect_broken(&mut one_events, Peer::Node(2)).await,
+        BreakReason::PeerClosed
+    );
+
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::BrokenInView {
+                peer: 2,
+                view_id: 0
+            }
+        ),
+        "{error}"
+    );
+
+    // Node 1 moved on but node 2 did not see the link break (it closed it): it accepts.
+    one.set_view(1);
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+
+    // Now node 2 sees the link break; until it moves on, it refuses node 1.
+    assert!(one.disconnect(Peer::Node(2)));
+    assert_eq!(
+        expect_broken(&mut two_events, Peer::Node(1)).await,
+        BreakReason::PeerClosed
+    );
+    one.set_view(2);
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::Refused(Refusal::BrokenInView))
+        ),
+        "{error}"
+    );
+    two.set_view(2);
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+}
+
+#[tokio::test]
+async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"cluster").await;
+    let error = two.connect(1, one.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::NotDialer {
+                local: 2,
+                remote: 1
+            }
+        ),
+        "{error}"
+    );
+
+    // A higher id dialing by hand is refused by the acceptor.
+    let mut raw = TcpStream::connect(one.local_addr()).await.unwrap();
+    let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(2), None, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, HandshakeError::Refused(Refusal::WrongDirection)),
+        "{error}"
+    );
+
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(matches!(error, ConnectError::AlreadyLinked(2)), "{error}");
+    let mut raw = TcpStream::connect(two.local_addr()).await.unwrap();
+    let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(1), Some(2), 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, HandshakeError::Refused(Refusal::Duplicate)),
+        "{error}"
+    );
+
+    // Dialing a node under another id than its own is refused by the dialer.
+    let (three, _three_events) = node(3, b"cluster").await;
+    let error = one.connect(4, three.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::WrongNode {
+                expected: 4,
+                found: 3
+            })
+        ),
+        "{error}"
+    );
+    assert_quiet(&mut one_events).await;
+    assert_quiet(&mut two_events).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_three_nodes_form_a_full_mesh() {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(node(id, b"mesh").await);
+    }
+    for i in 0..3 {
+        for j in i + 1..3 {
+            nodes[i]
+                .0
+                .connect(nodes[j].0.node_id(), nodes[j].0.local_addr())
+                .await
+                .unwrap();
+        }
+    }
+    for (transport, events) in &mut nodes {
+        let mut connected = Vec::new();
+        for _ in 0..2 {
+            match next_event(events).await {
+                LinkEvent::Connected { peer, .. } => connected.push(peer),
+                other => panic!("expected Connected, got {other:?}"),
+            }
+        }
+        connected.sort();
+        let expected: Vec<Peer> = (1..=3)
+            .filter(|&id| id != transport.node_id())
+            .map(Peer::Node)
+            .collect();
+        assert_eq!(connected, expected);
+    }
+    const FRAMES: u64 = 200;
+    for index in 0..FRAMES {
+        for (transport, _) in &nodes {
+            for to in (1..=3).filter(|&id| id != transport.node_id()) {
+                let from = transport.node_id();
+                transport
+                    .send(Peer::Node(to), 0, payload(u64::from(from), index))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    for (transport, events) in &mut nodes {
+        let mut next = [0u64; 4];
+        for _ in 0..2 * FRAMES {
+            match next_event(events).await {
+                LinkEvent::Frame {
+                    peer: Peer::Node(from),
+                    bytes,
+                    ..
+                } => {
+                    let index = next[from as usize];
+                    assert_eq!(
+                        bytes,
+                        payload(u64::from(from), index),
+                        "at {}",
+                        transport.node_id()
+                    );
+                    next[from as usize] += 1;
+                }
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn transport_clients_send_requests_and_get_replies() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let mut client = ClientConn::connect(one.local_addr(), 42, &secret(b"cluster"), Some(1))
+        .await
+        .unwrap();
+    assert_eq!(client.node_id(), 1);
+    expect_connected(&mut one_events, Peer::Client(42)).await;
+
+    // A second connection under the same client id is refused while the first is up.
+    let error = ClientConn::connect(one.local_addr(), 42, &secret(b"cluster"), None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::Refused(Refusal::Duplicate))
+        ),
+        "{error}"
+    );
+
+    for index in 0..100u64 {
+        client.send(0, &index.to_le_bytes()).await.unwrap();
+        let request = match next_event(&mut one_events).await {
+            LinkEvent::Frame { peer, bytes, .. } => {
+                assert_eq!(peer, Peer::Client(42));
+                bytes
+            }
+            other => panic!("expected a request, got {other:?}"),
+        };
+        assert_eq!(request, Bytes::copy_from_slice(&index.to_le_bytes()));
+        let mut reply = b"ok ".to_vec();
+        reply.extend_from_slice(&request);
+        one.send(Peer::Client(42), 3, Bytes::from(reply.clone()))
+            .await
+            .unwrap();
+        assert_eq!(client.recv().await.unwrap(), (3, Bytes::from(reply)));
+    }
+
+    let (sender, mut receiver) = client.into_split();
+    sender.close().await.unwrap();
+    assert_eq!(
+        expect_broken(&mut one_events, Peer::Client(42)).await,
+        BreakReason::PeerClosed
+    );
+    // The node drops its side at once, without a bye of its own.
+    assert_eq!(receiver.recv().await.unwrap_err(), BreakReason::Eof);
+}
+
+#[tokio::test]
+async fn transport_send_rejects_oversized_payloads_and_unknown_peers() {
+    let (one, _events) = node(1, b"cluster").await;
+    let big = Bytes::from(vec![0u8; FRAME_PAYLOAD_MAX + 1]);
+    assert_eq!(
+        one.send(Peer::Node(2), 0, big.clone()).await,
+        Err(SendError::TooLarge(FRAME_PAYLOAD_MAX + 1))
+    );
+    assert_eq!(
+        one.try_send(Peer::Node(2), 0, Bytes::new()),
+        Err(SendError::NoLink(Peer::Node(2)))
+    );
+    assert_eq!(
+        one.send(Peer::Client(9), 0, Bytes::new()).await,
+        Err(SendError::NoLink(Peer::Client(9)))
+    );
+}
+
+/// A peer that stops reading makes the sender's queue fill: `try_send` reports it, and memory
+/// stays bounded by the link's budget.
+#[tokio::test]
+async fn transport_a_stalled_peer_fills_the_queue_instead_of_memory() {
+    let (two, mut two_events) = node(2, b"cluster").await;
+    let _raw = raw_link(&two, 1, b"cluster").await; // never reads
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    let chunk = Bytes::from(vec![1u8; 1 << 20]);
+    let mut queued = 0usize;
+    loop {
+        match two.try_send(Peer::Node(1), 0, chunk.clone()) {
+            Ok(()) => queued += 1,
+            Err(SendError::Full(_)) => break,
+            Err(other) => panic!("unexpected {other}"),
+        }
+        assert!(
+            queued <= LINK_QUEUE_BYTES_MAX / chunk.len() + 64,
+            "queue is not bounded"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert!(queued > 0);
+}
