@@ -33,6 +33,10 @@ pub const PENDING_BYTES_MAX: usize = 256 << 20;
 /// Persist requests the driver has not yet confirmed, per shard; beyond it they merge.
 pub const PERSIST_QUEUE_MAX: usize = 64;
 
+/// Stamps of own messages not yet persisted here, per shard; beyond it the newest merges into
+/// the last one kept, holding the floor at the lower stamp a little longer.
+pub const UNPERSISTED_STAMPS_MAX: usize = 64;
+
 /// Published stability floors remembered per member until this replica's log covers them;
 /// beyond it the newest replaces the last one kept.
 pub const FLOOR_HISTORY_MAX: usize = 32;

@@ -13,7 +13,7 @@ use derechofs_storage::{version_of, Hlc, Version};
 
 use crate::bounds::{
     BATCH_REQUESTS_MAX, PENDING_BYTES_MAX, PERSIST_QUEUE_MAX, REQUEST_BYTES_MAX, SEQ_MAX,
-    WINDOW_MAX,
+    UNPERSISTED_STAMPS_MAX, WINDOW_MAX,
 };
 use crate::config::Config;
 use crate::error::{Rejection, SubmitError};
@@ -355,7 +355,7 @@ impl Multicast {
             }
             let body = if !self.pending.is_empty() {
                 let batch = self.take_batch(now_us, config.batch_bytes_max);
-                self.own_unpersisted.push_back((seq, batch.stamp));
+                self.remember_unpersisted(seq, batch.stamp);
                 sent_count.0 += 1;
                 Body::Batch(batch)
             } else if highest_received.is_some_and(|highest| seq < highest) {
@@ -380,6 +380,18 @@ impl Multicast {
             self.row_dirty = true;
         }
         sent_count
+    }
+
+    /// Remembers the stamp of an own message until it is persisted here. When a slow disk lets
+    /// too many accumulate, the newest merges into the last one kept: only the oldest entry
+    /// bounds the floor, and the merged entry leaves only once the newer message is persisted.
+    fn remember_unpersisted(&mut self, seq: u64, stamp: Hlc) {
+        if self.own_unpersisted.len() == UNPERSISTED_STAMPS_MAX {
+            let last = self.own_unpersisted.back_mut().expect("the queue is full");
+            *last = (seq, last.1.min(stamp));
+        } else {
+            self.own_unpersisted.push_back((seq, stamp));
+        }
     }
 
     fn take_batch(&mut self, now_us: u64, batch_bytes_max: usize) -> Batch {
@@ -410,6 +422,9 @@ impl Multicast {
             return;
         }
         let mut floor = just_before(Hlc::at(now_us));
+        // Stamps need not grow in send order (a client's HLC may run ahead of this clock), but
+        // the oldest bounds them all: a later own message comes later in the log, so its
+        // version's HLC is above the oldest one's, which is at least the oldest stamp.
         if let Some(&(_, stamp)) = self.own_unpersisted.front() {
             floor = floor.min(just_before(stamp));
         }

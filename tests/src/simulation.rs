@@ -59,6 +59,9 @@ pub struct Options {
     pub think_us_max: u64,
     /// Interval between time reads at random replicas.
     pub time_read_us: u64,
+    /// If set, every client submits only to this node, in the shards it replicates, so the
+    /// other members have nothing to send and only nulls carry the order.
+    pub submit_to: Option<usize>,
     /// A node that stops for good at a time: its events are dropped from then on.
     pub crash: Option<(usize, u64)>,
     /// Simulated time by which every request must be delivered (without a crash).
@@ -71,7 +74,8 @@ impl Options {
     /// Options drawn from `seed`: 3 to 7 nodes, one namespace and one to three data shards of 2
     /// to 4 replicas, small windows and batches to stress flow control, link delays up to 3 ms
     /// with some members 4 to 10 times slower, clock skew up to ±100 ms, disks taking up to
-    /// 5 ms (some up to 20 ms), and a few clients with a few dozen requests each.
+    /// 5 ms (some up to 20 ms), and a few clients with a few dozen requests each (a quarter of
+    /// the seeds: up to 8 clients with up to 150 requests each and 32 in flight).
     pub fn from_seed(seed: u64) -> Options {
         let mut rng = Rng::new(seed);
         let nodes = rng.between(3, 7) as usize;
@@ -103,7 +107,7 @@ impl Options {
                 }
             })
             .collect();
-        Options {
+        let mut options = Options {
             seed,
             nodes,
             spec,
@@ -122,10 +126,19 @@ impl Options {
             payload_bytes_max: rng.between(1, 300) as usize,
             think_us_max: rng.between(0, 5_000),
             time_read_us: 2_000,
+            submit_to: None,
             crash: None,
             time_limit_us: 60_000_000,
             steps_max: 5_000_000,
+        };
+        // A quarter of the seeds are heavy: more clients with more requests in flight, so
+        // windows fill, batches grow, and slow disks fall behind delivery.
+        if rng.chance(25) {
+            options.clients = rng.between(4, 8) as usize;
+            options.requests_per_client = rng.between(50, 150) as u32;
+            options.outstanding_max = rng.between(8, 32) as u32;
         }
+        options
     }
 }
 
@@ -514,9 +527,17 @@ impl Simulation {
         state.next_number += 1;
         let observed = state.observed;
         let id = ((client as u64) << 32) | number;
-        let shard = ShardId(self.rng.below(self.members.len() as u64) as u16);
-        let replicas = &self.members[usize::from(shard.0)];
-        let node = replicas[self.rng.below(replicas.len() as u64) as usize];
+        let (node, shard) = if let Some(node) = self.options.submit_to {
+            let shards: Vec<ShardId> = self.nodes[node].shards().collect();
+            (node, shards[self.rng.below(shards.len() as u64) as usize])
+        } else {
+            let shard = ShardId(self.rng.below(self.members.len() as u64) as u16);
+            let replicas = &self.members[usize::from(shard.0)];
+            (
+                replicas[self.rng.below(replicas.len() as u64) as usize],
+                shard,
+            )
+        };
         let len = self.rng.between(1, self.options.payload_bytes_max as u64) as usize;
         let mut payload = id.to_le_bytes().to_vec();
         payload.extend((0..len).map(|_| self.rng.next_u64() as u8));

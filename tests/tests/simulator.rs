@@ -78,3 +78,24 @@ fn a_crashed_member_is_suspected_and_every_survivor_wedges_safely() {
         }
     }
 }
+
+#[test]
+fn a_single_busy_sender_is_carried_by_the_nulls_of_idle_members() {
+    for seed in 0..10 {
+        let mut options = Options::from_seed(seed);
+        options.submit_to = Some(0);
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert!(report.nulls_sent > 0, "seed {seed}: no nulls");
+        assert!(report.versions > 0);
+    }
+}
+
+#[test]
+fn a_window_of_one_message_still_delivers_every_request() {
+    for seed in 0..10 {
+        let mut options = Options::from_seed(seed);
+        options.window = 1;
+        options.outstanding_max = 16;
+        run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+    }
+}
