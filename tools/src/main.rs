@@ -2,6 +2,9 @@
 
 mod alloc;
 mod bench;
+// The node configuration file; the `node` command will use it.
+#[allow(dead_code)]
+mod config;
 mod table;
 
 use clap::{Parser, Subcommand};
