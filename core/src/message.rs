@@ -12,7 +12,8 @@ use crate::row::Row;
 pub struct Request {
     /// Chosen by the submitting node's driver; opaque to the engine, delivered with the request.
     pub id: u64,
-    /// The client's hybrid logical clock when it sent the request.
+    /// The client's hybrid logical clock when it sent the request, ticked past every stamp the
+    /// client has seen, so the request's version is stamped strictly after all of them.
     pub client_hlc: Hlc,
     /// The operation, for the shard's state machine to decode.
     pub payload: Bytes,
