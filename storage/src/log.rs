@@ -507,6 +507,15 @@ impl Log {
         if let ScanEnd::Bad(reason) = how {
             return Err(corrupt(&name, end as u64, reason));
         }
+        if end as u64 != len {
+            // A base file is written whole and synced before it is named: zeros before its end
+            // are damage, not the end of a torn tail.
+            return Err(corrupt(
+                &name,
+                end as u64,
+                "records end before the end of the file",
+            ));
+        }
         self.base = Some(file);
         Ok(())
     }

@@ -318,6 +318,9 @@ fn garbage_a_mutated_log_reopens_to_a_prefix_or_fails_clearly() {
                 let len = rng.below(100) as usize;
                 put_file(&b, "seg-000000ff.log", &rng.bytes(len));
             }
+            if std::env::var_os("DERECHOFS_TRACE").is_some() {
+                eprintln!("mutation: {what}; checkpoint at {ckpt:?}");
+            }
             let outcome = check_reopen(&b, &config, &reference, &what);
             seen.borrow_mut()[outcome as usize] += 1;
         }
@@ -407,5 +410,48 @@ fn regression_a_base_file_cut_at_a_record_boundary_lost_the_state_at_the_horizon
         Err(LogError::Corrupt { file, .. }) => assert_eq!(file, name),
         Ok(log) => panic!("opened, a at 3 = {:?}", log.get(b"a", 3)),
         Err(e) => panic!("{e}"),
+    }
+}
+
+/// Regression (garbage seed 2895 with `DERECHOFS_SEEDS=8000`): a base file whose first record
+/// header was overwritten with zeros loaded as a base with no keys, because zeros where a header
+/// would be mean "clean end" in a segment. With a checkpoint, the index it held still pointed
+/// into the zeroed bytes and `get` returned a value that was never written; without one, every
+/// key's state at the horizon vanished. A base file is written whole, so its records must now
+/// reach its last byte.
+#[test]
+fn regression_zeros_inside_a_base_file_read_as_its_end() {
+    let config = LogConfig {
+        sync: SyncPolicy::Fsync,
+        segment_bytes: 4096,
+        write_buffer_bytes: 256,
+        checkpoint_every_versions: 0,
+    };
+    for keep_checkpoint in [true, false] {
+        let b = MemoryBackend::new();
+        let mut log = Log::open(Arc::new(b.clone()), config.clone()).unwrap();
+        for v in 1..=4u64 {
+            log.append(v, Hlc::at(v), &[Write::put(b"a", &[v as u8; 20])])
+                .unwrap();
+        }
+        log.trim(3).unwrap();
+        drop(log);
+        let name = b
+            .list()
+            .unwrap()
+            .into_iter()
+            .find(|n| n.starts_with("base-"))
+            .unwrap();
+        let mut bytes = b.read_all(&name).unwrap().unwrap();
+        bytes[SEGMENT_HEADER_LEN..SEGMENT_HEADER_LEN + 50].fill(0);
+        put_file(&b, &name, &bytes);
+        if !keep_checkpoint {
+            b.remove("index.ckpt").unwrap();
+        }
+        match Log::open(Arc::new(b.clone()), config.clone()) {
+            Err(LogError::Corrupt { file, .. }) => assert_eq!(file, name),
+            Ok(log) => panic!("opened, a at 3 = {:?}", log.get(b"a", 3)),
+            Err(e) => panic!("{e}"),
+        }
     }
 }
