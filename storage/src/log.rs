@@ -330,9 +330,6 @@ impl Log {
         for (i, (seq, file)) in files.iter().enumerate().skip(start) {
             let name = segment_name(*seq);
             if stopped {
-                self.backend
-                    .remove(&name)
-                    .map_err(io_err(format!("removal of {name}")))?;
                 self.report.dropped_segments.push(name);
                 continue;
             }
@@ -367,10 +364,7 @@ impl Log {
                     }
                 }
                 if stopped {
-                    // A segment whose header never reached the disk holds nothing: remove it.
-                    self.backend
-                        .remove(&name)
-                        .map_err(io_err(format!("removal of {name}")))?;
+                    // A segment whose header never reached the disk holds nothing.
                     self.report.dropped_segments.push(name);
                     continue;
                 }
@@ -455,6 +449,13 @@ impl Log {
                     ),
                 ));
             }
+        }
+        // Only now that the log is known to hold every persisted version are the segments after
+        // the cut removed: if the check above failed, they stay for an administrator to inspect.
+        for name in &self.report.dropped_segments {
+            self.backend
+                .remove(name)
+                .map_err(io_err(format!("removal of {name}")))?;
         }
         self.appended = last;
         self.written = last;

@@ -1004,3 +1004,31 @@ fn regression_leftover_torn_bytes_before_a_roll_dropped_the_later_segments() {
     );
     assert_matches(&log, &p.reference, KEYS, PREFIXES);
 }
+
+/// Recovery used to remove the segments after a corrupt record before it checked that the log
+/// still held the persisted version, and only then failed: a corruption in the middle of the log
+/// destroyed the later segments that an administrator could still have recovered by hand. The
+/// failing open must leave every file in place.
+#[test]
+fn regression_a_failed_open_removed_the_segments_after_a_corrupt_record() {
+    let cb = CrashingBackend::new();
+    let b: Arc<dyn Backend> = Arc::new(cb.clone());
+    let cfg = config(4096);
+    let mut p = Pair::new(&b, cfg.clone());
+    for v in 1..=40u64 {
+        p.append(v, stamp(v), &[put(b"a", &[v as u8; 300])]);
+    }
+    p.log.checkpoint().unwrap();
+    drop(p);
+    let before = segment_files(&b);
+    assert!(before.len() >= 3, "{before:?}");
+    // Damage the first record of the first segment: everything after it is cut, below the
+    // persisted version that the checkpoint recorded in the metadata.
+    cb.corrupt("seg-00000001.log", 40, b"damage").unwrap();
+    b.remove(CHECKPOINT_FILE).unwrap();
+    match Log::open(b.clone(), cfg) {
+        Err(LogError::Corrupt { .. }) => {}
+        other => panic!("expected a corrupt log, got {other:?}"),
+    }
+    assert_eq!(segment_files(&b), before);
+}
