@@ -110,7 +110,10 @@ struct MappedFile {
 }
 
 impl MappedFile {
-    fn mapped(&self, end: u64) -> io::Result<Option<Bytes>> {
+    /// The bytes `start..end` from the map, remapping once if the file grew past it; `None` when
+    /// the file is shorter than `end`.
+    fn mapped(&self, start: u64, end: u64) -> io::Result<Option<Bytes>> {
+        let range = start as usize..end as usize;
         if let Some(map) = self
             .map
             .read()
@@ -118,7 +121,8 @@ impl MappedFile {
             .as_ref()
         {
             if map.len() as u64 >= end {
-                return Ok(Some(map.clone()));
+                // Slicing under the read lock costs one reference count, not three.
+                return Ok(Some(map.slice(range)));
             }
         }
         let file_len = self.file.metadata()?.len();
@@ -126,8 +130,9 @@ impl MappedFile {
             return Ok(None);
         }
         let map = Bytes::from_owner(map_file(&self.file)?);
-        *self.map.write().unwrap_or_else(PoisonError::into_inner) = Some(map.clone());
-        Ok(Some(map))
+        let bytes = map.slice(range);
+        *self.map.write().unwrap_or_else(PoisonError::into_inner) = Some(map);
+        Ok(Some(bytes))
     }
 }
 
@@ -161,8 +166,8 @@ impl BackendFile for MappedFile {
                 Err(eof(offset, len, file_len))
             };
         }
-        match self.mapped(end)? {
-            Some(map) => Ok(map.slice(offset as usize..end as usize)),
+        match self.mapped(offset, end)? {
+            Some(bytes) => Ok(bytes),
             None => Err(eof(offset, len, self.len()?)),
         }
     }
