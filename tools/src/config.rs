@@ -21,6 +21,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// The configuration file's conventional name.
+#[allow(dead_code)]
 pub const CONFIG_FILE_NAME: &str = "derechofs.toml";
 /// Bytes of a configuration file.
 pub const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
@@ -87,6 +88,8 @@ pub struct NodeConfig {
     pub contacts: Vec<String>,
     /// `secret_file`.
     pub secret_file: Option<PathBuf>,
+    /// `members`: the initial view, in rank order. Empty: this node alone, at `listen`.
+    pub members: Vec<Member>,
     /// `heartbeat_ms`.
     pub heartbeat_ms: u64,
     /// `suspect_after_ms`.
@@ -113,6 +116,15 @@ pub struct NodeConfig {
     origins: BTreeMap<&'static str, Origin>,
 }
 
+/// A member of the initial view: its id and the address peers and clients reach it at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The member's `node_id`.
+    pub id: NodeId,
+    /// Its one port, as reachable from the other members and the clients.
+    pub addr: SocketAddr,
+}
+
 /// Where a value came from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Origin {
@@ -134,6 +146,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("derechofs-data"),
             contacts: Vec::new(),
             secret_file: None,
+            members: Vec::new(),
             heartbeat_ms: engine.heartbeat_ms,
             suspect_after_ms: engine.suspect_after_ms,
             partition_safety: true,
@@ -213,6 +226,7 @@ struct RawFile {
     data_dir: Option<Spanned<String>>,
     contacts: Option<Spanned<Vec<String>>>,
     secret_file: Option<Spanned<String>>,
+    members: Option<Spanned<Vec<RawMember>>>,
     heartbeat_ms: Option<Spanned<u64>>,
     suspect_after_ms: Option<Spanned<u64>>,
     partition_safety: Option<Spanned<bool>>,
@@ -223,6 +237,13 @@ struct RawFile {
     layout: Option<RawLayout>,
     transport: Option<RawTransport>,
     persistence: Option<RawPersistence>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMember {
+    id: NodeId,
+    addr: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -454,6 +475,15 @@ impl NodeConfig {
             parse_path(t).map(Some)
         })?;
         config.secret_file = secret_file;
+        r.set_with("members", raw.members, &mut config.members, |members| {
+            members
+                .into_iter()
+                .map(|m| {
+                    let addr = parse_listen(m.addr).map_err(|e| format!("member {}: {e}", m.id))?;
+                    Ok(Member { id: m.id, addr })
+                })
+                .collect()
+        })?;
         r.set("heartbeat_ms", raw.heartbeat_ms, &mut config.heartbeat_ms);
         r.set(
             "suspect_after_ms",
@@ -634,6 +664,23 @@ impl NodeConfig {
             );
             return Err(self.error("contacts", message));
         }
+        if self.members.len() > VIEW_MEMBERS_MAX {
+            let message = format!(
+                "lists {} members, at most {VIEW_MEMBERS_MAX}",
+                self.members.len()
+            );
+            return Err(self.error("members", message));
+        }
+        for (index, member) in self.members.iter().enumerate() {
+            if self.members[..index].iter().any(|m| m.id == member.id) {
+                let message = format!("node {} is listed twice", member.id);
+                return Err(self.error("members", message));
+            }
+        }
+        if !self.members.is_empty() && !self.members.iter().any(|m| m.id == self.node_id) {
+            let message = format!("does not list this node (node_id = {})", self.node_id);
+            return Err(self.error("members", message));
+        }
 
         let layout = &self.layout;
         let shards = SHARDS_MAX as u64;
@@ -737,6 +784,18 @@ impl NodeConfig {
         }
     }
 
+    /// The members of the initial view in rank order: `members`, or this node alone.
+    pub fn initial_members(&self) -> Vec<Member> {
+        if self.members.is_empty() {
+            vec![Member {
+                id: self.node_id,
+                addr: self.listen,
+            }]
+        } else {
+            self.members.clone()
+        }
+    }
+
     /// The shard layout the group is built with.
     pub fn layout_spec(&self) -> LayoutSpec {
         LayoutSpec {
@@ -803,6 +862,33 @@ mod tests {
         assert_eq!(config.engine_config(), derechofs_core::Config::new(0));
         assert_eq!(config.layout_spec(), LayoutSpec::default());
         assert_eq!(NodeConfig::parse(FILE, "").unwrap(), config);
+    }
+
+    #[test]
+    fn config_members_name_the_initial_view() {
+        let text = "node_id = 2\nmembers = [\n  { id = 1, addr = \"127.0.0.1:7071\" },\n  { id = 2, addr = \"127.0.0.1:7072\" },\n]\n";
+        let config = NodeConfig::parse(FILE, text).unwrap();
+        config.validate().unwrap();
+        let ids: Vec<NodeId> = config.initial_members().iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+        assert_eq!(config.members[1].addr, "127.0.0.1:7072".parse().unwrap());
+        check(
+            "node_id = 3\nmembers = [{ id = 1, addr = \"127.0.0.1:1\" }]\n",
+            "members",
+            2,
+        );
+        check(
+            "members = [{ id = 0, addr = \"127.0.0.1:1\" }, { id = 0, addr = \"127.0.0.1:2\" }]\n",
+            "members",
+            1,
+        );
+        check(
+            "\nmembers = [{ id = 0, addr = \"nowhere\" }]\n",
+            "members",
+            2,
+        );
+        let alone = NodeConfig::default().initial_members();
+        assert_eq!(alone.len(), 1);
     }
 
     #[test]

@@ -2,10 +2,16 @@
 
 mod alloc;
 mod bench;
-// The node configuration file; the `node` command will use it.
-#[allow(dead_code)]
+mod client;
 mod config;
+mod dump;
+mod kv;
+mod node;
+mod protocol;
 mod table;
+mod time;
+
+use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
@@ -22,18 +28,65 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run one member of the group until interrupted.
+    Node {
+        /// The configuration file (`derechofs.toml`); without it, defaults and flags.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: config::Overrides,
+    },
+    /// Use the replicated K/V store.
+    Kv(kv::KvArgs),
+    /// Show the view, the shards, their frontiers and lag at every member.
+    Status(kv::ClientArgs),
+    /// Print a stopped node's shard logs as text, to compare replicas.
+    Dump {
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Run a benchmark and print its table.
     #[command(subcommand)]
     Bench(bench::Bench),
 }
 
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DERECHOFS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+}
+
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Bench(b) => bench::run(b),
+        Command::Node { config, overrides } => {
+            init_logging("info");
+            config::NodeConfig::resolve(config.as_deref(), &overrides)
+                .map_err(anyhow::Error::from)
+                .and_then(node::run)
+                .map(|()| 0)
+        }
+        Command::Kv(args) => {
+            init_logging("warn");
+            kv::run(args)
+        }
+        Command::Status(args) => {
+            init_logging("warn");
+            kv::status(args)
+        }
+        Command::Dump { data_dir } => dump::run(&data_dir),
+        Command::Bench(b) => bench::run(b).map(|()| 0),
     };
-    if let Err(e) = result {
-        eprintln!("derechofs: error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("derechofs: error: {e:#}");
+            std::process::exit(1);
+        }
     }
 }

@@ -1,0 +1,866 @@
+//! The client protocol: what clients (`derechofs kv`, `derechofs status`) and a node say to each
+//! other over a [`ClientConn`](derechofs_core::transport::ClientConn) link.
+//!
+//! Every message is one transport frame whose payload is
+//!
+//! ```text
+//! version u8 (= PROTOCOL_VERSION) | kind u8 | tag u64 LE | body (by kind)
+//! ```
+//!
+//! The client picks the tag; the node answers a request with replies carrying the same tag (a
+//! watch gets one `Watching` reply, then an `Event` per change, all with its tag). Integers are
+//! little-endian; a stamp is `wall_us u64 | logical u32`; bytes are `len u32 | bytes`; a string
+//! is `len u16 | UTF-8`; an option is `0 | 1 value`. Writes carry the K/V request encoding of
+//! [`KvRequest::encode`](derechofs_core::kv::KvRequest::encode) unchanged, and their replies the
+//! [`KvReply::encode`] encoding, so a retried write is the same bytes. Decoding never panics and
+//! never allocates more than the message's own length.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use derechofs_core::kv::{KvReply, ReadAt, Versioned};
+use derechofs_core::{Hlc, NodeId, Version};
+
+/// The protocol version this build speaks; a message with another one is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Entries of a history reply; older ones are left out (the reply says so).
+pub const HISTORY_ENTRIES_MAX: usize = 100_000;
+/// Watches one client may have on one node.
+pub const WATCHES_PER_CLIENT_MAX: usize = 64;
+
+/// Why a message could not be decoded.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("bad client protocol message: {0}")]
+pub struct ProtocolError(pub &'static str);
+
+/// A request from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// The view and its layout, with member addresses.
+    Layout,
+    /// A K/V write: `payload` is a `KvRequest` encoding for the client's own id.
+    Write {
+        /// The client's HLC, past every stamp it has seen.
+        hlc: Hlc,
+        /// Acknowledge once durable on every replica (otherwise once delivered here).
+        durable: bool,
+        /// The `KvRequest`.
+        payload: Bytes,
+    },
+    /// Read one key.
+    Get {
+        /// The key.
+        key: Bytes,
+        /// Which state.
+        at: ReadAt,
+        /// With `Latest`: wait until this replica delivered this version (read-your-writes).
+        after: Option<Version>,
+    },
+    /// Every change of a key still held.
+    History {
+        /// The key.
+        key: Bytes,
+    },
+    /// Stream the changes of every key with this prefix, in version order, from now on.
+    Watch {
+        /// The prefix; empty: every key.
+        prefix: Bytes,
+    },
+    /// This node's view, shards and frontiers.
+    Status,
+}
+
+/// A reply or notification from a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// The answer to `Layout`.
+    Layout(LayoutInfo),
+    /// The outcome of a write.
+    Written(KvReply),
+    /// The answer to `Get`.
+    Value {
+        /// The version the read looked at (`None`: before the first version).
+        read_version: Option<Version>,
+        /// The value with the version that wrote it; `None`: absent or deleted.
+        found: Option<Versioned>,
+    },
+    /// The answer to `History`.
+    History {
+        /// Older changes were left out.
+        truncated: bool,
+        /// Oldest first.
+        changes: Vec<Change>,
+    },
+    /// A watch is registered.
+    Watching,
+    /// A watched key changed.
+    Event(Event),
+    /// The answer to `Status`.
+    Status(NodeStatus),
+    /// The request failed.
+    Error {
+        /// What kind of failure.
+        code: ErrorCode,
+        /// For people.
+        message: String,
+    },
+}
+
+/// One change in a history.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The version that wrote it.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The new value's length; `None`: deleted.
+    pub value_len: Option<u32>,
+}
+
+/// A change of a watched key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    /// The version that changed it.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The key.
+    pub key: Bytes,
+    /// The new value; `None`: deleted.
+    pub value: Option<Bytes>,
+}
+
+/// Kinds of failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ErrorCode {
+    /// The request did not decode or is not allowed.
+    Malformed = 1,
+    /// This node does not replicate the key's shard.
+    NotReplica = 2,
+    /// The shard is wedged (a member is suspected) until the view changes; writes fail.
+    Wedged = 3,
+    /// The view is still forming (not every member is linked yet).
+    Forming = 4,
+    /// Too many requests waiting; retry later.
+    Busy = 5,
+    /// A read at a time or version could not be answered in time (EAGAIN).
+    TimedOut = 6,
+    /// The version or time is before the trim horizon.
+    Trimmed = 7,
+    /// The node failed to do it.
+    Internal = 8,
+}
+
+impl ErrorCode {
+    fn from_u8(b: u8) -> Result<ErrorCode, ProtocolError> {
+        Ok(match b {
+            1 => ErrorCode::Malformed,
+            2 => ErrorCode::NotReplica,
+            3 => ErrorCode::Wedged,
+            4 => ErrorCode::Forming,
+            5 => ErrorCode::Busy,
+            6 => ErrorCode::TimedOut,
+            7 => ErrorCode::Trimmed,
+            8 => ErrorCode::Internal,
+            _ => return Err(ProtocolError("unknown error code")),
+        })
+    }
+}
+
+/// The view as clients need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayoutInfo {
+    /// The view id.
+    pub view_id: u32,
+    /// Members in rank order with their addresses.
+    pub members: Vec<(NodeId, SocketAddr)>,
+    /// The shards.
+    pub shards: Vec<ShardInfo>,
+}
+
+/// One shard of the layout.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardInfo {
+    /// Its id.
+    pub id: u16,
+    /// `true` for the data subgroup, `false` for the namespace.
+    pub data: bool,
+    /// Its index in its subgroup.
+    pub index: u16,
+    /// Its members in rank order.
+    pub members: Vec<NodeId>,
+}
+
+impl LayoutInfo {
+    /// The data shard that owns `key`.
+    pub fn shard_of(&self, key: &[u8]) -> Option<&ShardInfo> {
+        let data = self.shards.iter().filter(|s| s.data).count();
+        let index = data_shard_index(key, u16::try_from(data).ok()?);
+        self.shards.iter().find(|s| s.data && s.index == index)
+    }
+
+    /// The address of a member.
+    pub fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        self.members.iter().find(|m| m.0 == node).map(|m| m.1)
+    }
+}
+
+/// The index, among `data_shards` data shards, of the shard that owns `key`: FNV-1a, stable
+/// across builds and machines.
+pub fn data_shard_index(key: &[u8], data_shards: u16) -> u16 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in key {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(data_shards.max(1))) as u16
+}
+
+/// A node's state for `derechofs status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// The node.
+    pub node_id: NodeId,
+    /// Its view.
+    pub view_id: u32,
+    /// `forming`, `active` or `wedged`.
+    pub state: String,
+    /// The members it suspects.
+    pub suspected: Vec<NodeId>,
+    /// The shards it replicates.
+    pub shards: Vec<ShardStatusInfo>,
+}
+
+/// One shard at one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShardStatusInfo {
+    /// The shard id.
+    pub id: u16,
+    /// Its members.
+    pub members: Vec<NodeId>,
+    /// Last version delivered here, with its stamp.
+    pub last_delivered: Option<(Version, Hlc)>,
+    /// Highest version durable on every member.
+    pub persistence_frontier: Option<Version>,
+    /// Stamp at or below which the history is final here.
+    pub stability_frontier: Hlc,
+    /// Highest version persisted in this node's log.
+    pub persisted_here: Option<Version>,
+    /// Local requests waiting for the window.
+    pub pending_requests: u64,
+    /// Versions held in the log.
+    pub versions: u64,
+    /// Keys with a history in the log.
+    pub keys: u64,
+}
+
+const KIND_LAYOUT: u8 = 1;
+const KIND_WRITE: u8 = 2;
+const KIND_GET: u8 = 3;
+const KIND_HISTORY: u8 = 4;
+const KIND_WATCH: u8 = 5;
+const KIND_STATUS: u8 = 6;
+
+const REPLY_LAYOUT: u8 = 0x81;
+const REPLY_WRITTEN: u8 = 0x82;
+const REPLY_VALUE: u8 = 0x83;
+const REPLY_HISTORY: u8 = 0x84;
+const REPLY_WATCHING: u8 = 0x85;
+const REPLY_EVENT: u8 = 0x86;
+const REPLY_STATUS: u8 = 0x87;
+const REPLY_ERROR: u8 = 0x88;
+
+const AT_LATEST: u8 = 0;
+const AT_VERSION: u8 = 1;
+const AT_TIME: u8 = 2;
+
+fn header(kind: u8, tag: u64) -> BytesMut {
+    let mut b = BytesMut::with_capacity(64);
+    b.put_u8(PROTOCOL_VERSION);
+    b.put_u8(kind);
+    b.put_u64_le(tag);
+    b
+}
+
+fn put_hlc(b: &mut BytesMut, hlc: Hlc) {
+    b.put_u64_le(hlc.wall_us);
+    b.put_u32_le(hlc.logical);
+}
+
+fn put_bytes(b: &mut BytesMut, bytes: &[u8]) {
+    b.put_u32_le(bytes.len() as u32);
+    b.put_slice(bytes);
+}
+
+fn put_str(b: &mut BytesMut, s: &str) {
+    // Cut at a character boundary so the string stays valid UTF-8.
+    let mut end = s.len().min(u16::MAX as usize);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    b.put_u16_le(end as u16);
+    b.put_slice(&s.as_bytes()[..end]);
+}
+
+fn put_opt_version(b: &mut BytesMut, v: Option<Version>) {
+    b.put_u8(u8::from(v.is_some()));
+    b.put_u64_le(v.unwrap_or(0));
+}
+
+fn put_nodes(b: &mut BytesMut, nodes: &[NodeId]) {
+    b.put_u16_le(nodes.len() as u16);
+    for &n in nodes {
+        b.put_u32_le(n);
+    }
+}
+
+/// Checked reads over a message.
+struct Reader {
+    b: Bytes,
+}
+
+impl Reader {
+    fn need(&self, n: usize) -> Result<(), ProtocolError> {
+        if self.b.remaining() < n {
+            Err(ProtocolError("truncated"))
+        } else {
+            Ok(())
+        }
+    }
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        self.need(1)?;
+        Ok(self.b.get_u8())
+    }
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        self.need(2)?;
+        Ok(self.b.get_u16_le())
+    }
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        self.need(4)?;
+        Ok(self.b.get_u32_le())
+    }
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        self.need(8)?;
+        Ok(self.b.get_u64_le())
+    }
+    fn bool(&mut self) -> Result<bool, ProtocolError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(ProtocolError("bad flag")),
+        }
+    }
+    fn hlc(&mut self) -> Result<Hlc, ProtocolError> {
+        Ok(Hlc {
+            wall_us: self.u64()?,
+            logical: self.u32()?,
+        })
+    }
+    fn bytes(&mut self) -> Result<Bytes, ProtocolError> {
+        let len = self.u32()? as usize;
+        self.need(len)?;
+        Ok(self.b.split_to(len))
+    }
+    fn string(&mut self) -> Result<String, ProtocolError> {
+        let len = usize::from(self.u16()?);
+        self.need(len)?;
+        let raw = self.b.split_to(len);
+        String::from_utf8(raw.to_vec()).map_err(|_| ProtocolError("string is not UTF-8"))
+    }
+    fn opt_version(&mut self) -> Result<Option<Version>, ProtocolError> {
+        let has = self.bool()?;
+        let v = self.u64()?;
+        Ok(has.then_some(v))
+    }
+    /// A count of items each at least `item_bytes` long, checked against what remains.
+    fn count(&mut self, n: usize, item_bytes: usize) -> Result<usize, ProtocolError> {
+        self.need(n.saturating_mul(item_bytes))?;
+        Ok(n)
+    }
+    fn nodes(&mut self) -> Result<Vec<NodeId>, ProtocolError> {
+        let n = usize::from(self.u16()?);
+        let n = self.count(n, 4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+    fn end(&self) -> Result<(), ProtocolError> {
+        if self.b.has_remaining() {
+            Err(ProtocolError("bytes after the message"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Reads the version, kind and tag.
+fn open(b: Bytes) -> Result<(Reader, u8, u64), ProtocolError> {
+    let mut r = Reader { b };
+    let version = r.u8()?;
+    if version != PROTOCOL_VERSION {
+        return Err(ProtocolError("unsupported protocol version"));
+    }
+    let kind = r.u8()?;
+    let tag = r.u64()?;
+    Ok((r, kind, tag))
+}
+
+/// The tag of a message, if its header is readable: to answer a request that does not decode.
+pub fn tag_of(b: &[u8]) -> Option<u64> {
+    let tag = b.get(2..10)?;
+    Some(u64::from_le_bytes(tag.try_into().ok()?))
+}
+
+impl Request {
+    /// Encodes the request with `tag`.
+    pub fn encode(&self, tag: u64) -> Bytes {
+        let mut b;
+        match self {
+            Request::Layout => b = header(KIND_LAYOUT, tag),
+            Request::Write {
+                hlc,
+                durable,
+                payload,
+            } => {
+                b = header(KIND_WRITE, tag);
+                put_hlc(&mut b, *hlc);
+                b.put_u8(u8::from(*durable));
+                put_bytes(&mut b, payload);
+            }
+            Request::Get { key, at, after } => {
+                b = header(KIND_GET, tag);
+                put_bytes(&mut b, key);
+                match at {
+                    ReadAt::Latest => b.put_u8(AT_LATEST),
+                    ReadAt::Version(v) => {
+                        b.put_u8(AT_VERSION);
+                        b.put_u64_le(*v);
+                    }
+                    ReadAt::Time(t) => {
+                        b.put_u8(AT_TIME);
+                        put_hlc(&mut b, *t);
+                    }
+                }
+                put_opt_version(&mut b, *after);
+            }
+            Request::History { key } => {
+                b = header(KIND_HISTORY, tag);
+                put_bytes(&mut b, key);
+            }
+            Request::Watch { prefix } => {
+                b = header(KIND_WATCH, tag);
+                put_bytes(&mut b, prefix);
+            }
+            Request::Status => b = header(KIND_STATUS, tag),
+        }
+        b.freeze()
+    }
+
+    /// Decodes a request and its tag; never panics, whatever the bytes.
+    pub fn decode(b: Bytes) -> Result<(u64, Request), ProtocolError> {
+        let (mut r, kind, tag) = open(b)?;
+        let request = match kind {
+            KIND_LAYOUT => Request::Layout,
+            KIND_WRITE => Request::Write {
+                hlc: r.hlc()?,
+                durable: r.bool()?,
+                payload: r.bytes()?,
+            },
+            KIND_GET => {
+                let key = r.bytes()?;
+                let at = match r.u8()? {
+                    AT_LATEST => ReadAt::Latest,
+                    AT_VERSION => ReadAt::Version(r.u64()?),
+                    AT_TIME => ReadAt::Time(r.hlc()?),
+                    _ => return Err(ProtocolError("unknown read position")),
+                };
+                let after = r.opt_version()?;
+                Request::Get { key, at, after }
+            }
+            KIND_HISTORY => Request::History { key: r.bytes()? },
+            KIND_WATCH => Request::Watch { prefix: r.bytes()? },
+            KIND_STATUS => Request::Status,
+            _ => return Err(ProtocolError("unknown request kind")),
+        };
+        r.end()?;
+        Ok((tag, request))
+    }
+}
+
+impl Reply {
+    /// Encodes the reply with `tag`.
+    pub fn encode(&self, tag: u64) -> Bytes {
+        let mut b;
+        match self {
+            Reply::Layout(layout) => {
+                b = header(REPLY_LAYOUT, tag);
+                b.put_u32_le(layout.view_id);
+                b.put_u16_le(layout.members.len() as u16);
+                for (id, addr) in &layout.members {
+                    b.put_u32_le(*id);
+                    put_str(&mut b, &addr.to_string());
+                }
+                b.put_u16_le(layout.shards.len() as u16);
+                for shard in &layout.shards {
+                    b.put_u16_le(shard.id);
+                    b.put_u8(u8::from(shard.data));
+                    b.put_u16_le(shard.index);
+                    put_nodes(&mut b, &shard.members);
+                }
+            }
+            Reply::Written(reply) => {
+                b = header(REPLY_WRITTEN, tag);
+                b.put_slice(&reply.encode());
+            }
+            Reply::Value {
+                read_version,
+                found,
+            } => {
+                b = header(REPLY_VALUE, tag);
+                put_opt_version(&mut b, *read_version);
+                match found {
+                    None => b.put_u8(0),
+                    Some(v) => {
+                        b.put_u8(1);
+                        b.put_u64_le(v.version);
+                        put_hlc(&mut b, v.hlc);
+                        put_bytes(&mut b, &v.value);
+                    }
+                }
+            }
+            Reply::History { truncated, changes } => {
+                b = header(REPLY_HISTORY, tag);
+                b.put_u8(u8::from(*truncated));
+                b.put_u32_le(changes.len() as u32);
+                for c in changes {
+                    b.put_u64_le(c.version);
+                    put_hlc(&mut b, c.hlc);
+                    b.put_u8(u8::from(c.value_len.is_some()));
+                    b.put_u32_le(c.value_len.unwrap_or(0));
+                }
+            }
+            Reply::Watching => b = header(REPLY_WATCHING, tag),
+            Reply::Event(e) => {
+                b = header(REPLY_EVENT, tag);
+                b.put_u64_le(e.version);
+                put_hlc(&mut b, e.hlc);
+                put_bytes(&mut b, &e.key);
+                b.put_u8(u8::from(e.value.is_some()));
+                put_bytes(&mut b, e.value.as_deref().unwrap_or_default());
+            }
+            Reply::Status(s) => {
+                b = header(REPLY_STATUS, tag);
+                b.put_u32_le(s.node_id);
+                b.put_u32_le(s.view_id);
+                put_str(&mut b, &s.state);
+                put_nodes(&mut b, &s.suspected);
+                b.put_u16_le(s.shards.len() as u16);
+                for sh in &s.shards {
+                    b.put_u16_le(sh.id);
+                    put_nodes(&mut b, &sh.members);
+                    b.put_u8(u8::from(sh.last_delivered.is_some()));
+                    let (v, h) = sh.last_delivered.unwrap_or((0, Hlc::ZERO));
+                    b.put_u64_le(v);
+                    put_hlc(&mut b, h);
+                    put_opt_version(&mut b, sh.persistence_frontier);
+                    put_hlc(&mut b, sh.stability_frontier);
+                    put_opt_version(&mut b, sh.persisted_here);
+                    b.put_u64_le(sh.pending_requests);
+                    b.put_u64_le(sh.versions);
+                    b.put_u64_le(sh.keys);
+                }
+            }
+            Reply::Error { code, message } => {
+                b = header(REPLY_ERROR, tag);
+                b.put_u8(*code as u8);
+                put_str(&mut b, message);
+            }
+        }
+        b.freeze()
+    }
+
+    /// Decodes a reply and its tag; never panics, whatever the bytes.
+    pub fn decode(b: Bytes) -> Result<(u64, Reply), ProtocolError> {
+        let (mut r, kind, tag) = open(b)?;
+        let reply = match kind {
+            REPLY_LAYOUT => {
+                let view_id = r.u32()?;
+                let n = usize::from(r.u16()?);
+                let n = r.count(n, 6)?;
+                let mut members = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = r.u32()?;
+                    let addr = r
+                        .string()?
+                        .parse()
+                        .map_err(|_| ProtocolError("bad member address"))?;
+                    members.push((id, addr));
+                }
+                let n = usize::from(r.u16()?);
+                let n = r.count(n, 7)?;
+                let mut shards = Vec::with_capacity(n);
+                for _ in 0..n {
+                    shards.push(ShardInfo {
+                        id: r.u16()?,
+                        data: r.bool()?,
+                        index: r.u16()?,
+                        members: r.nodes()?,
+                    });
+                }
+                Reply::Layout(LayoutInfo {
+                    view_id,
+                    members,
+                    shards,
+                })
+            }
+            REPLY_WRITTEN => {
+                let rest = r.b.split_off(0);
+                let reply = KvReply::decode(rest).map_err(|_| ProtocolError("bad write reply"))?;
+                Reply::Written(reply)
+            }
+            REPLY_VALUE => {
+                let read_version = r.opt_version()?;
+                let found = if r.bool()? {
+                    let version = r.u64()?;
+                    let hlc = r.hlc()?;
+                    let value = r.bytes()?;
+                    Some(Versioned {
+                        value,
+                        version,
+                        hlc,
+                    })
+                } else {
+                    None
+                };
+                Reply::Value {
+                    read_version,
+                    found,
+                }
+            }
+            REPLY_HISTORY => {
+                let truncated = r.bool()?;
+                let n = r.u32()? as usize;
+                let n = r.count(n, 25)?;
+                let mut changes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let version = r.u64()?;
+                    let hlc = r.hlc()?;
+                    let has = r.bool()?;
+                    let len = r.u32()?;
+                    changes.push(Change {
+                        version,
+                        hlc,
+                        value_len: has.then_some(len),
+                    });
+                }
+                Reply::History { truncated, changes }
+            }
+            REPLY_WATCHING => Reply::Watching,
+            REPLY_EVENT => {
+                let version = r.u64()?;
+                let hlc = r.hlc()?;
+                let key = r.bytes()?;
+                let has = r.bool()?;
+                let value = r.bytes()?;
+                Reply::Event(Event {
+                    version,
+                    hlc,
+                    key,
+                    value: has.then_some(value),
+                })
+            }
+            REPLY_STATUS => {
+                let node_id = r.u32()?;
+                let view_id = r.u32()?;
+                let state = r.string()?;
+                let suspected = r.nodes()?;
+                let n = usize::from(r.u16()?);
+                let n = r.count(n, 80)?;
+                let mut shards = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let id = r.u16()?;
+                    let members = r.nodes()?;
+                    let has = r.bool()?;
+                    let v = r.u64()?;
+                    let h = r.hlc()?;
+                    shards.push(ShardStatusInfo {
+                        id,
+                        members,
+                        last_delivered: has.then_some((v, h)),
+                        persistence_frontier: r.opt_version()?,
+                        stability_frontier: r.hlc()?,
+                        persisted_here: r.opt_version()?,
+                        pending_requests: r.u64()?,
+                        versions: r.u64()?,
+                        keys: r.u64()?,
+                    });
+                }
+                Reply::Status(NodeStatus {
+                    node_id,
+                    view_id,
+                    state,
+                    suspected,
+                    shards,
+                })
+            }
+            REPLY_ERROR => Reply::Error {
+                code: ErrorCode::from_u8(r.u8()?)?,
+                message: r.string()?,
+            },
+            _ => return Err(ProtocolError("unknown reply kind")),
+        };
+        r.end()?;
+        Ok((tag, reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn requests() -> Vec<Request> {
+        vec![
+            Request::Layout,
+            Request::Write {
+                hlc: Hlc {
+                    wall_us: 5,
+                    logical: 2,
+                },
+                durable: true,
+                payload: Bytes::from_static(b"payload"),
+            },
+            Request::Get {
+                key: Bytes::from_static(b"k"),
+                at: ReadAt::Time(Hlc::at(9)),
+                after: Some(3),
+            },
+            Request::Get {
+                key: Bytes::from_static(b"k"),
+                at: ReadAt::Version(7),
+                after: None,
+            },
+            Request::History {
+                key: Bytes::from_static(b"k"),
+            },
+            Request::Watch {
+                prefix: Bytes::new(),
+            },
+            Request::Status,
+        ]
+    }
+
+    fn replies() -> Vec<Reply> {
+        vec![
+            Reply::Layout(LayoutInfo {
+                view_id: 3,
+                members: vec![(1, "127.0.0.1:7071".parse().unwrap())],
+                shards: vec![ShardInfo {
+                    id: 1,
+                    data: true,
+                    index: 0,
+                    members: vec![1, 2, 3],
+                }],
+            }),
+            Reply::Written(KvReply::Conflict { current: Some(4) }),
+            Reply::Value {
+                read_version: Some(9),
+                found: Some(Versioned {
+                    value: Bytes::from_static(b"v"),
+                    version: 8,
+                    hlc: Hlc::at(4),
+                }),
+            },
+            Reply::History {
+                truncated: false,
+                changes: vec![Change {
+                    version: 1,
+                    hlc: Hlc::at(2),
+                    value_len: None,
+                }],
+            },
+            Reply::Watching,
+            Reply::Event(Event {
+                version: 1,
+                hlc: Hlc::at(1),
+                key: Bytes::from_static(b"a"),
+                value: Some(Bytes::from_static(b"b")),
+            }),
+            Reply::Status(NodeStatus {
+                node_id: 1,
+                view_id: 2,
+                state: "active".into(),
+                suspected: vec![3],
+                shards: vec![ShardStatusInfo {
+                    id: 0,
+                    members: vec![1, 2],
+                    last_delivered: Some((5, Hlc::at(6))),
+                    persistence_frontier: None,
+                    stability_frontier: Hlc::at(3),
+                    persisted_here: Some(5),
+                    pending_requests: 0,
+                    versions: 1,
+                    keys: 2,
+                }],
+            }),
+            Reply::Error {
+                code: ErrorCode::Wedged,
+                message: "wedged".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn protocol_requests_and_replies_round_trip() {
+        for (tag, request) in requests().into_iter().enumerate() {
+            let b = request.encode(tag as u64);
+            assert_eq!(tag_of(&b), Some(tag as u64));
+            assert_eq!(Request::decode(b).unwrap(), (tag as u64, request));
+        }
+        for (tag, reply) in replies().into_iter().enumerate() {
+            let b = reply.encode(tag as u64);
+            assert_eq!(Reply::decode(b).unwrap(), (tag as u64, reply));
+        }
+    }
+
+    #[test]
+    fn protocol_garbage_is_refused_never_a_panic() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut messages: Vec<Bytes> = requests().iter().map(|r| r.encode(1)).collect();
+        messages.extend(replies().iter().map(|r| r.encode(1)));
+        for message in &messages {
+            // Every truncation, and random byte flips.
+            for len in 0..message.len() {
+                let cut = message.slice(..len);
+                let _ = Request::decode(cut.clone());
+                let _ = Reply::decode(cut);
+            }
+            for _ in 0..200 {
+                let mut m = message.to_vec();
+                let at = (next() as usize) % m.len();
+                m[at] = next() as u8;
+                let _ = Request::decode(Bytes::from(m.clone()));
+                let _ = Reply::decode(Bytes::from(m));
+            }
+        }
+        let mut wrong = requests()[0].encode(1).to_vec();
+        wrong[0] = PROTOCOL_VERSION + 1;
+        assert!(Request::decode(Bytes::from(wrong)).is_err());
+    }
+
+    #[test]
+    fn protocol_keys_map_to_shards_stably() {
+        assert_eq!(data_shard_index(b"", 4), data_shard_index(b"", 4));
+        assert_eq!(data_shard_index(b"anything", 1), 0);
+        assert_eq!(data_shard_index(b"a", 0), 0);
+        // FNV-1a of "a" is 0xaf63dc4c8601ec8c.
+        assert_eq!(
+            data_shard_index(b"a", 7),
+            (0xaf63_dc4c_8601_ec8c_u64 % 7) as u16
+        );
+    }
+}
