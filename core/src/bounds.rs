@@ -43,3 +43,7 @@ pub const FLOOR_HISTORY_MAX: usize = 32;
 
 /// Sequence numbers of one view: the low 32 bits of a version.
 pub const SEQ_MAX: u64 = u32::MAX as u64;
+
+/// Messages of a later view buffered per peer until this node installs that view (heartbeats
+/// are not buffered, and a peer's newer row of a shard replaces its older one).
+pub const FUTURE_MESSAGES_MAX: usize = 4096;

@@ -87,6 +87,18 @@ pub enum SubmitError {
     /// The payload exceeds `REQUEST_BYTES_MAX`.
     #[error("request of {0} bytes is too large")]
     TooLarge(usize),
+    /// This node is wedged and the members it still trusts are no majority of its view: it can
+    /// install no next view, so it takes no write. It may still answer reads at times at or
+    /// below its stability frontier, which can no longer change.
+    #[error("no majority of the view is reachable: writes are refused")]
+    NoMajority,
+    /// The next view left this node out; it must join again.
+    #[error("this node was removed from the view")]
+    Removed,
+    /// The next view is chosen but some shard cannot reach its minimum size: the group waits
+    /// for joins.
+    #[error("the next view is inadequate; waiting for joins")]
+    Inadequate,
     /// The shard's queue of requests waiting for the window is full.
     #[error("{0}: too many requests waiting; retry later")]
     QueueFull(ShardId),

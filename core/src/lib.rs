@@ -16,8 +16,10 @@
 //! - *frontier*: the persistence frontier (highest version durable) and the stability frontier
 //!   (a stamp at or below which the shard's history can no longer change).
 //!
-//! This crate covers a static view; view change (wedge, ragged trim, install) is built on the
-//! per-sender received counters, the `wedged` flag and the view id every message carries.
+//! A suspicion wedges the node; the leader then runs the view change (`view_change`): it
+//! decides who leaves and each shard's ragged trim, members log the decision, deliver exactly
+//! up to the trims, persist, and install the next view. Joins, state transfer and total
+//! restart are still to come.
 
 mod bounds;
 mod config;
@@ -33,6 +35,7 @@ mod stability;
 mod suspicion;
 pub mod transport;
 mod view;
+mod view_change;
 mod wire;
 
 pub use bounds::*;
@@ -40,8 +43,8 @@ pub use config::{Config, ConfigError};
 pub use derechofs_storage::{version_of, Hlc, Version};
 pub use error::{Rejection, StepError, SubmitError};
 pub use layout::{Layout, LayoutError, LayoutSpec, Shard, ShardId, Subgroup};
-pub use message::{Batch, Body, Message, Request};
-pub use node::{Action, Counters, Delivery, Input, Node, ShardStatus};
+pub use message::{Batch, Body, Decision, Message, Request};
+pub use node::{Action, Counters, Delivery, Input, Membership, Node, ShardStatus};
 pub use row::Row;
 pub use view::{NodeId, View, ViewError};
 pub use wire::DecodeError;

@@ -68,6 +68,68 @@ pub enum Message {
         /// Bit `r` set: the sender suspects the member of view rank `r`.
         suspicions: u64,
     },
+    /// View change, phase 1: the leader asks every member it does not suspect to promise
+    /// `round` and to report what it received.
+    Propose {
+        /// The view being changed.
+        view_id: u32,
+        /// The leader's round: `attempt * VIEW_MEMBERS_MAX + leader rank`, unique per leader.
+        round: u64,
+        /// The leader's suspicions; the member adopts them, which wedges it.
+        suspicions: u64,
+    },
+    /// View change, phase 1 answer. `promised > round` refuses: a higher round was promised.
+    Ack {
+        /// The view being changed.
+        view_id: u32,
+        /// The round answered.
+        round: u64,
+        /// The highest round the member promised.
+        promised: u64,
+        /// The member's suspicions.
+        suspicions: u64,
+        /// Per shard the member replicates: its received counters, frozen since it wedged.
+        counts: Vec<(ShardId, Vec<u64>)>,
+        /// The decision the member accepted in an earlier round, with that round.
+        accepted: Option<(u64, Decision)>,
+    },
+    /// View change, phase 2: the leader asks the members to log `decision` and accept it.
+    Accept {
+        /// The view being changed.
+        view_id: u32,
+        /// The leader's round.
+        round: u64,
+        /// The proposed change and its ragged trims.
+        decision: Decision,
+    },
+    /// View change, phase 2 answer, the echo of the trim: the member logged the decision.
+    Accepted {
+        /// The view being changed.
+        view_id: u32,
+        /// The round accepted.
+        round: u64,
+    },
+    /// The decision is chosen (logged by a majority of the view): apply it. Also the answer to
+    /// any message of the view it ends, so a member that missed the commit catches up.
+    Commit {
+        /// The view being changed.
+        view_id: u32,
+        /// The round that chose it.
+        round: u64,
+        /// The chosen change and its ragged trims.
+        decision: Decision,
+    },
+}
+
+/// The outcome of one view change: who leaves (and, later, who joins) and where each shard's
+/// old view ends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    /// Bit `r` set: the member of old view rank `r` is not in the next view.
+    pub removed: u64,
+    /// Per shard of the old layout, in shard id order: per sender (shard rank), how many of its
+    /// messages every member delivers in the old view — the ragged trim.
+    pub trims: Vec<Vec<u64>>,
 }
 
 impl Message {
@@ -76,7 +138,12 @@ impl Message {
         match self {
             Message::Data { view_id, .. }
             | Message::Row { view_id, .. }
-            | Message::Heartbeat { view_id, .. } => *view_id,
+            | Message::Heartbeat { view_id, .. }
+            | Message::Propose { view_id, .. }
+            | Message::Ack { view_id, .. }
+            | Message::Accept { view_id, .. }
+            | Message::Accepted { view_id, .. }
+            | Message::Commit { view_id, .. } => *view_id,
         }
     }
 }

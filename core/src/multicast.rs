@@ -104,6 +104,51 @@ impl Multicast {
         }
     }
 
+    /// The multicast of the same shard in the next view `view_id`, with `members`, continuing
+    /// this one: the log's last version and stamp, what this member persisted, the stability
+    /// frontier, and the local requests still waiting. Every member of the new shard persisted
+    /// this shard up to the ragged trim before installing.
+    pub(crate) fn successor(
+        mut self,
+        view_id: u32,
+        members: Vec<NodeId>,
+        rank: usize,
+        config: &Config,
+    ) -> Multicast {
+        assert!(
+            self.all_persisted(),
+            "a view is left once its log is persisted"
+        );
+        let mut next = Multicast::new(self.shard, view_id, members, rank, config);
+        next.last_hlc = self.last_hlc;
+        next.last_version = self.last_version;
+        // What every member persisted, as far as this one knows; each member's own rows of the
+        // new view carry on from there.
+        let durable = self.persistence_frontier();
+        for row in &mut next.rows {
+            row.persisted = durable;
+        }
+        next.rows[rank].persisted = self.rows[self.rank].persisted;
+        next.stability = Stability::starting_at(next.members.len(), self.stability.frontier());
+        next.pending_bytes = self.pending_bytes;
+        next.pending = std::mem::take(&mut self.pending);
+        next
+    }
+
+    /// Every version delivered here is persisted here.
+    pub(crate) fn all_persisted(&self) -> bool {
+        self.rows[self.rank].persisted >= self.last_version
+    }
+
+    /// This member's received counters per sender (frozen once wedged).
+    pub(crate) fn received(&self) -> &[u64] {
+        &self.rows[self.rank].received
+    }
+
+    pub(crate) fn shard(&self) -> ShardId {
+        self.shard
+    }
+
     pub(crate) fn members(&self) -> &[NodeId] {
         &self.members
     }
@@ -160,6 +205,12 @@ impl Multicast {
         index: u64,
         body: Body,
     ) -> Result<(), Rejection> {
+        if self.wedged {
+            // The received counters froze when this member wedged: they are what it reports
+            // for the ragged trim, and every row it pushes counts no more, so no member can
+            // deliver a message the trim leaves out. Later messages are beyond the trim.
+            return Ok(());
+        }
         let expected = self.rows[self.rank].received[sender];
         if index != expected {
             let (shard, sender) = (self.shard, sender as u32);
@@ -201,7 +252,11 @@ impl Multicast {
         // The row travels after the data it counts, so it can count no more than arrived here;
         // and nobody received more of this member's messages than it sent.
         let own = &self.rows[rank];
-        if row.received[sender] > own.received[sender] || row.received[rank] > own.received[rank] {
+        // A wedged member dropped the data that arrived after it froze its counters.
+        if !self.wedged
+            && (row.received[sender] > own.received[sender]
+                || row.received[rank] > own.received[rank])
+        {
             return Err(Rejection::RowRegressed {
                 shard,
                 sender: sender as u32,
@@ -232,28 +287,87 @@ impl Multicast {
             if !self.rows.iter().all(|row| row.received[sender] > index) {
                 break;
             }
-            let body = self.inbox[sender]
-                .pop_front()
-                .expect("a stable message was received here");
-            if let Body::Batch(batch) = body {
-                let hlc = delivery_stamp(self.last_hlc, batch.stamp);
-                let version = version_of(self.view_id, seq as u32);
-                self.last_hlc = hlc;
-                self.last_version = Some(version);
-                let sender = self.members[sender];
-                deliveries.push(Delivery {
-                    version,
-                    hlc,
-                    sender,
-                    requests: batch.requests,
-                });
-            }
+            self.deliver_next(seq, sender, &mut deliveries);
             self.rows[self.rank].delivered = seq + 1;
             delivered_any = true;
         }
         if !delivered_any {
             return 0;
         }
+        self.finish_delivery(deliveries, out)
+    }
+
+    /// Checks that a ragged trim can be applied here: one counter per sender, none below what
+    /// this member already delivered (that would lose a delivered message) and none above what
+    /// it received (it could not deliver them).
+    pub(crate) fn check_trim(&self, trim: &[u64]) -> Result<(), Rejection> {
+        if trim.len() != self.members.len() {
+            return Err(Rejection::OutOfRange("trim of the wrong shape"));
+        }
+        let delivered = self.rows[self.rank].delivered;
+        for (sender, &kept) in trim.iter().enumerate() {
+            if kept < self.messages_below(sender, delivered) {
+                return Err(Rejection::OutOfRange("trim below what was delivered"));
+            }
+            if kept > self.rows[self.rank].received[sender] {
+                return Err(Rejection::OutOfRange("trim beyond what was received"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers, in sequence order, exactly the messages the ragged trim keeps: message `i` of
+    /// the sender of rank `r` if `i < trim[r]`. Every member of the shard applies the same trim
+    /// to the same received messages, so every member ends the view with the same log.
+    pub(crate) fn deliver_trim(&mut self, trim: &[u64], out: &mut Vec<Action>) -> usize {
+        assert!(self.wedged, "a trim is applied only once wedged");
+        self.check_trim(trim).expect("the trim was checked");
+        let senders = self.senders();
+        let end = trim
+            .iter()
+            .enumerate()
+            .filter(|(_, &kept)| kept > 0)
+            .map(|(sender, &kept)| (kept - 1) * senders + sender as u64 + 1)
+            .max()
+            .unwrap_or(0);
+        let mut deliveries = Vec::new();
+        let mut seq = self.rows[self.rank].delivered;
+        let delivered_any = seq < end;
+        while seq < end {
+            let (sender, index) = ((seq % senders) as usize, seq / senders);
+            if index < trim[sender] {
+                self.deliver_next(seq, sender, &mut deliveries);
+            }
+            seq += 1;
+        }
+        if !delivered_any {
+            return 0;
+        }
+        self.rows[self.rank].delivered = end;
+        self.finish_delivery(deliveries, out)
+    }
+
+    /// Delivers the oldest received message of `sender`, whose sequence number is `seq`.
+    fn deliver_next(&mut self, seq: u64, sender: usize, deliveries: &mut Vec<Delivery>) {
+        let body = self.inbox[sender]
+            .pop_front()
+            .expect("a delivered message was received here");
+        if let Body::Batch(batch) = body {
+            let hlc = delivery_stamp(self.last_hlc, batch.stamp);
+            let version = version_of(self.view_id, seq as u32);
+            self.last_hlc = hlc;
+            self.last_version = Some(version);
+            let sender = self.members[sender];
+            deliveries.push(Delivery {
+                version,
+                hlc,
+                sender,
+                requests: batch.requests,
+            });
+        }
+    }
+
+    fn finish_delivery(&mut self, deliveries: Vec<Delivery>, out: &mut Vec<Action>) -> usize {
         self.row_dirty = true;
         let delivered = self.rows[self.rank].delivered;
         let count = deliveries.len();
@@ -283,6 +397,10 @@ impl Multicast {
 
     /// The driver made every version up to `version` durable on this member.
     pub(crate) fn persisted(&mut self, version: Version) {
+        if Some(version) <= self.rows[self.rank].persisted {
+            // Persisted before: a late confirmation, possibly of an earlier view.
+            return;
+        }
         assert_eq!(
             version >> 32,
             u64::from(self.view_id),
@@ -293,9 +411,6 @@ impl Multicast {
             "persisted a version not yet delivered"
         );
         let own = &mut self.rows[self.rank];
-        if Some(version) <= own.persisted {
-            return;
-        }
         own.persisted = Some(version);
         self.row_dirty = true;
         let mut covered = (version & SEQ_MAX) + 1;

@@ -38,6 +38,15 @@ impl Stability {
         }
     }
 
+    /// The stability of a shard in a new view, whose frontier was `frontier` in the view before:
+    /// a frontier never goes back.
+    pub(crate) fn starting_at(members: usize, frontier: Hlc) -> Stability {
+        Stability {
+            frontier,
+            ..Stability::new(members)
+        }
+    }
+
     /// The member of shard rank `member` published `floor` with `delivered`.
     pub(crate) fn publish(&mut self, member: usize, floor: Hlc, delivered: u64, persisted: u64) {
         let waiting = &mut self.waiting[member];

@@ -12,6 +12,13 @@
 //!             floor floor_delivered suspicions wedged:u8
 //!   persisted = 0 (none) | version + 1
 //! Heartbeat = 3 view_id suspicions
+//! Propose   = 4 view_id round suspicions
+//! Ack       = 5 view_id round promised suspicions count (shard senders received*senders)*count
+//!             0 | 1 accepted_round decision           (accepted)
+//! Accept    = 6 view_id round decision
+//! Accepted  = 7 view_id round
+//! Commit    = 8 view_id round decision
+//!   decision = removed shards (senders trim*senders)*shards
 //! stamp, client_hlc, floor = wall_us logical
 //! ```
 //!
@@ -21,14 +28,21 @@
 use bytes::Bytes;
 use derechofs_storage::Hlc;
 
-use crate::bounds::{BATCH_BYTES_MAX, BATCH_REQUESTS_MAX, REQUEST_BYTES_MAX, SHARD_MEMBERS_MAX};
+use crate::bounds::{
+    BATCH_BYTES_MAX, BATCH_REQUESTS_MAX, REQUEST_BYTES_MAX, SHARDS_MAX, SHARD_MEMBERS_MAX,
+};
 use crate::layout::ShardId;
-use crate::message::{Batch, Body, Message, Request};
+use crate::message::{Batch, Body, Decision, Message, Request};
 use crate::row::Row;
 
 const TAG_DATA: u8 = 1;
 const TAG_ROW: u8 = 2;
 const TAG_HEARTBEAT: u8 = 3;
+const TAG_PROPOSE: u8 = 4;
+const TAG_ACK: u8 = 5;
+const TAG_ACCEPT: u8 = 6;
+const TAG_ACCEPTED: u8 = 7;
+const TAG_COMMIT: u8 = 8;
 const BODY_NULL: u8 = 0;
 const BODY_BATCH: u8 = 1;
 
@@ -108,6 +122,68 @@ impl Message {
                 put_varint(out, u64::from(*view_id));
                 put_varint(out, *suspicions);
             }
+            Message::Propose {
+                view_id,
+                round,
+                suspicions,
+            } => {
+                out.push(TAG_PROPOSE);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, *round);
+                put_varint(out, *suspicions);
+            }
+            Message::Ack {
+                view_id,
+                round,
+                promised,
+                suspicions,
+                counts,
+                accepted,
+            } => {
+                out.push(TAG_ACK);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, *round);
+                put_varint(out, *promised);
+                put_varint(out, *suspicions);
+                put_varint(out, counts.len() as u64);
+                for (shard, received) in counts {
+                    put_varint(out, u64::from(shard.0));
+                    put_counters(out, received);
+                }
+                match accepted {
+                    None => out.push(0),
+                    Some((round, decision)) => {
+                        out.push(1);
+                        put_varint(out, *round);
+                        put_decision(out, decision);
+                    }
+                }
+            }
+            Message::Accept {
+                view_id,
+                round,
+                decision,
+            }
+            | Message::Commit {
+                view_id,
+                round,
+                decision,
+            } => {
+                let tag = if matches!(self, Message::Accept { .. }) {
+                    TAG_ACCEPT
+                } else {
+                    TAG_COMMIT
+                };
+                out.push(tag);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, *round);
+                put_decision(out, decision);
+            }
+            Message::Accepted { view_id, round } => {
+                out.push(TAG_ACCEPTED);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, *round);
+            }
         }
     }
 
@@ -182,6 +258,54 @@ impl Message {
                     suspicions,
                 }
             }
+            TAG_PROPOSE => Message::Propose {
+                view_id: reader.u32("view id")?,
+                round: reader.varint("round")?,
+                suspicions: reader.varint("suspicions")?,
+            },
+            TAG_ACK => {
+                let view_id = reader.u32("view id")?;
+                let round = reader.varint("round")?;
+                let promised = reader.varint("promised")?;
+                let suspicions = reader.varint("suspicions")?;
+                let count = reader.varint("shard count")?;
+                if count > SHARDS_MAX as u64 {
+                    return Err(DecodeError::TooLarge("shard count"));
+                }
+                // Each entry takes at least 2 bytes, so the input bounds the allocation.
+                let mut counts = Vec::with_capacity((count as usize).min(reader.left() / 2));
+                for _ in 0..count {
+                    let shard = reader.shard()?;
+                    counts.push((shard, reader.counters("received")?));
+                }
+                let accepted = match reader.u8()? {
+                    0 => None,
+                    1 => Some((reader.varint("accepted round")?, reader.decision()?)),
+                    _ => return Err(DecodeError::BadInteger("accepted")),
+                };
+                Message::Ack {
+                    view_id,
+                    round,
+                    promised,
+                    suspicions,
+                    counts,
+                    accepted,
+                }
+            }
+            TAG_ACCEPT => Message::Accept {
+                view_id: reader.u32("view id")?,
+                round: reader.varint("round")?,
+                decision: reader.decision()?,
+            },
+            TAG_ACCEPTED => Message::Accepted {
+                view_id: reader.u32("view id")?,
+                round: reader.varint("round")?,
+            },
+            TAG_COMMIT => Message::Commit {
+                view_id: reader.u32("view id")?,
+                round: reader.varint("round")?,
+                decision: reader.decision()?,
+            },
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         let left = frame.len() - reader.at;
@@ -203,6 +327,21 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 fn put_hlc(out: &mut Vec<u8>, hlc: Hlc) {
     put_varint(out, hlc.wall_us);
     put_varint(out, u64::from(hlc.logical));
+}
+
+fn put_counters(out: &mut Vec<u8>, counters: &[u64]) {
+    put_varint(out, counters.len() as u64);
+    for &count in counters {
+        put_varint(out, count);
+    }
+}
+
+fn put_decision(out: &mut Vec<u8>, decision: &Decision) {
+    put_varint(out, decision.removed);
+    put_varint(out, decision.trims.len() as u64);
+    for trim in &decision.trims {
+        put_counters(out, trim);
+    }
 }
 
 struct Reader<'a> {
@@ -253,6 +392,33 @@ impl Reader<'_> {
         let wall_us = self.varint("hlc wall")?;
         let logical = self.u32("hlc logical")?;
         Ok(Hlc { wall_us, logical })
+    }
+
+    /// Per-sender counters of one shard: 1..=SHARD_MEMBERS_MAX of them.
+    fn counters(&mut self, field: &'static str) -> Result<Vec<u64>, DecodeError> {
+        let senders = self.varint("senders")?;
+        if senders == 0 || senders > SHARD_MEMBERS_MAX as u64 {
+            return Err(DecodeError::TooLarge("senders"));
+        }
+        let mut counters = Vec::with_capacity(senders as usize);
+        for _ in 0..senders {
+            counters.push(self.varint(field)?);
+        }
+        Ok(counters)
+    }
+
+    fn decision(&mut self) -> Result<Decision, DecodeError> {
+        let removed = self.varint("removed")?;
+        let shards = self.varint("shard count")?;
+        if shards > SHARDS_MAX as u64 {
+            return Err(DecodeError::TooLarge("shard count"));
+        }
+        // Each trim takes at least 2 bytes, so the input bounds the allocation.
+        let mut trims = Vec::with_capacity((shards as usize).min(self.left() / 2));
+        for _ in 0..shards {
+            trims.push(self.counters("trim")?);
+        }
+        Ok(Decision { removed, trims })
     }
 
     fn batch(&mut self) -> Result<Batch, DecodeError> {
@@ -329,10 +495,59 @@ mod tests {
         }
     }
 
+    fn random_counters(rng: &mut SplitMix) -> Vec<u64> {
+        let senders = 1 + rng.below(SHARD_MEMBERS_MAX as u64);
+        (0..senders).map(|_| rng.number()).collect()
+    }
+
+    fn random_decision(rng: &mut SplitMix) -> Decision {
+        Decision {
+            removed: rng.number(),
+            trims: (0..rng.below(4)).map(|_| random_counters(rng)).collect(),
+        }
+    }
+
     fn random_message(rng: &mut SplitMix) -> Message {
         let view_id = rng.number() as u32;
         let shard = ShardId(rng.number() as u16);
-        match rng.below(4) {
+        match rng.below(9) {
+            4 => Message::Propose {
+                view_id,
+                round: rng.number(),
+                suspicions: rng.number(),
+            },
+            5 => {
+                let counts = (0..rng.below(4))
+                    .map(|_| (ShardId(rng.number() as u16), random_counters(rng)))
+                    .collect();
+                let accepted = if rng.below(2) == 0 {
+                    None
+                } else {
+                    Some((rng.number(), random_decision(rng)))
+                };
+                Message::Ack {
+                    view_id,
+                    round: rng.number(),
+                    promised: rng.number(),
+                    suspicions: rng.number(),
+                    counts,
+                    accepted,
+                }
+            }
+            6 => Message::Accept {
+                view_id,
+                round: rng.number(),
+                decision: random_decision(rng),
+            },
+            7 => Message::Accepted {
+                view_id,
+                round: rng.number(),
+            },
+            8 => Message::Commit {
+                view_id,
+                round: rng.number(),
+                decision: random_decision(rng),
+            },
             0 => Message::Data {
                 view_id,
                 shard,
@@ -401,7 +616,7 @@ mod tests {
             // Start with a valid tag half of the time so the decoder gets past the first byte.
             if let Some(first) = bytes.first_mut() {
                 if rng.below(2) == 0 {
-                    *first = 1 + (*first % 3);
+                    *first = 1 + (*first % 8);
                 }
             }
             let _ = Message::decode(&Bytes::from(bytes));
@@ -449,6 +664,21 @@ mod tests {
         assert_eq!(
             Message::decode(&Bytes::from(bytes)),
             Err(DecodeError::TooLarge("request count"))
+        );
+    }
+
+    #[test]
+    fn a_huge_trim_count_is_refused_before_allocating() {
+        let mut bytes = vec![TAG_COMMIT, 1, 1, 0];
+        put_varint(&mut bytes, u64::MAX);
+        assert_eq!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TooLarge("shard count"))
+        );
+        let bytes = vec![TAG_ACCEPT, 1, 1, 0, 1, 0];
+        assert_eq!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TooLarge("senders"))
         );
     }
 

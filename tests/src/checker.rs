@@ -13,12 +13,21 @@
 //!   version stamped at or below `T`, and every later answer at `T` is the same.
 //! - *Frontiers*: the stability frontier never goes back; the persistence frontier never goes
 //!   back and never runs ahead of what members actually persisted.
+//!
+//! Across views (DESIGN §2 "Failures, view change"):
+//! - *Views agree*: every node that installs view `v` installs the same members and layout.
+//! - *Partition safety*: a view is installed only with a majority of the previous one.
+//! - *The trim loses nothing and adds nothing*: a node installing the next view delivered, in
+//!   each shard it replicated, exactly the longest log delivered anywhere. So nothing delivered
+//!   at any member (even one that failed since) is lost, and nothing beyond the ragged trim was
+//!   delivered anywhere: a later old-view version would break version order after the new
+//!   view's first versions.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use derechofs_core::{Delivery, Hlc, ShardId, Version};
+use derechofs_core::{Delivery, Hlc, NodeId, ShardId, Version, View};
 
 /// An invariant that did not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +75,8 @@ pub struct Checker {
     durable: Vec<Vec<Option<Version>>>,
     /// Time reads answered, over all shards.
     pub time_reads: u64,
+    /// Every view installed anywhere, by id.
+    views: BTreeMap<u32, View>,
 }
 
 impl Checker {
@@ -78,7 +89,59 @@ impl Checker {
             stability: vec![vec![Hlc::ZERO; shards]; nodes],
             durable: vec![vec![None; shards]; nodes],
             time_reads: 0,
+            views: BTreeMap::new(),
         }
+    }
+
+    /// Node `node` (id `id`) left view `old` and installed `new`.
+    pub fn install(
+        &mut self,
+        id: NodeId,
+        node: usize,
+        old: &View,
+        new: &View,
+    ) -> Result<(), Violation> {
+        if new.view_id != old.view_id + 1 {
+            return violation!(
+                "node {node} went from view {} to view {}",
+                old.view_id,
+                new.view_id
+            );
+        }
+        if new.members.iter().any(|m| !old.members.contains(m)) {
+            return violation!("view {} has members that were never added", new.view_id);
+        }
+        if 2 * new.members.len() <= old.members.len() {
+            return violation!(
+                "partition safety: node {node} installed view {} with {:?}, no majority of {:?}",
+                new.view_id,
+                new.members,
+                old.members
+            );
+        }
+        if let Some(earlier) = self.views.get(&new.view_id) {
+            if earlier != new {
+                return violation!(
+                    "views diverge: node {node} installed {new:?}, another node {earlier:?}"
+                );
+            }
+        } else {
+            self.views.insert(new.view_id, new.clone());
+        }
+        for shard in old.layout.shards_of(id) {
+            let s = usize::from(shard.id.0);
+            let delivered = self.delivered[node][s];
+            let longest = self.shards[s].canonical.len();
+            if delivered != longest {
+                return violation!(
+                    "ragged trim: node {node} leaves view {} having delivered {delivered} \
+                     versions of {}, {longest} were delivered somewhere",
+                    old.view_id,
+                    shard.id
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The longest log of `shard` delivered anywhere.

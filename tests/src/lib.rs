@@ -12,4 +12,4 @@ pub mod rng;
 pub mod simulation;
 
 pub use checker::Violation;
-pub use simulation::{run, Options, Report};
+pub use simulation::{run, Fault, Options, Report};

@@ -12,6 +12,9 @@ use derechofs_core::{
     SubmitError, Version, View,
 };
 
+/// Ids of probe requests: above every client's.
+const PROBE_ID_BASE: u64 = (u32::MAX as u64) << 32;
+
 use crate::checker::{Checker, Violation};
 use crate::network::Network;
 use crate::rng::Rng;
@@ -62,9 +65,13 @@ pub struct Options {
     /// If set, every client submits only to this node, in the shards it replicates, so the
     /// other members have nothing to send and only nulls carry the order.
     pub submit_to: Option<usize>,
-    /// A node that stops for good at a time: its events are dropped from then on.
-    pub crash: Option<(usize, u64)>,
-    /// Simulated time by which every request must be delivered (without a crash).
+    /// Faults injected during the run. With none, every request must be delivered and no node
+    /// may suspect another.
+    pub faults: Vec<Fault>,
+    /// When every broken link is restored; faults all lie before it.
+    pub heal_us: u64,
+    /// Simulated time by which every request must be delivered (without faults), or by which
+    /// the probes sent after healing must be delivered (with faults).
     pub time_limit_us: u64,
     /// Events processed at most.
     pub steps_max: u64,
@@ -127,7 +134,8 @@ impl Options {
             think_us_max: rng.between(0, 5_000),
             time_read_us: 2_000,
             submit_to: None,
-            crash: None,
+            faults: Vec::new(),
+            heal_us: 0,
             time_limit_us: 60_000_000,
             steps_max: 5_000_000,
         };
@@ -140,6 +148,164 @@ impl Options {
         }
         options
     }
+
+    /// Options drawn from `seed` as [`Options::from_seed`], with every node in every shard (a
+    /// spare refilling a shard needs state transfer, which comes later), suspicion after 100
+    /// to 300 ms, and a schedule of faults: crashes (the leader's in half of them, and a second
+    /// crash during the view change the first one causes), link breaks, a partition isolating
+    /// a minority, and swizzle-clogging (links stopped one by one, restored in random order).
+    /// Usually the faults spare a majority, so the run must make progress after healing; one
+    /// schedule in eight takes out a majority, and the run only checks safety.
+    pub fn with_faults(seed: u64) -> Options {
+        let mut options = Options::from_seed(seed);
+        let mut rng = Rng::new(seed ^ 0xfa17_fa17);
+        let nodes = options.nodes;
+        options.spec.replicas = nodes as u16;
+        options.spec.replicas_min = 1;
+        options.suspect_after_ms = rng.between(100, 300).max(3 * options.heartbeat_ms);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let tolerated = (nodes - 1) / 2;
+        let too_many = rng.chance(12);
+        let budget = if too_many { tolerated + 1 } else { tolerated };
+        let start_us = rng.between(20_000, 200_000);
+        let mut faults = Vec::new();
+        let mut order: Vec<usize> = (0..nodes).collect();
+        for i in (1..nodes).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        if rng.chance(50) {
+            // The leader is among the faulty.
+            let at = order.iter().position(|&n| n == 0).expect("node 0 exists");
+            order.swap(0, at);
+        }
+        let faulty: Vec<usize> = order[..budget].to_vec();
+        match rng.below(4) {
+            0 => {
+                // Crashes: the first wedges the group, the next ones land inside the change.
+                for (i, &node) in faulty.iter().enumerate() {
+                    let at_us = if i == 0 {
+                        start_us
+                    } else {
+                        start_us + suspect_us + rng.below(suspect_us / 2)
+                    };
+                    faults.push(Fault::Crash { node, at_us });
+                }
+            }
+            1 if faulty.len() >= 2 => {
+                // Links break between faulty nodes; both ends of each are suspected.
+                for pair in faulty.windows(2) {
+                    let at_us = start_us + rng.below(suspect_us);
+                    faults.push(Fault::Break {
+                        a: pair[0],
+                        b: pair[1],
+                        at_us,
+                    });
+                }
+            }
+            _ => {
+                faults.push(Fault::Partition {
+                    minority: faulty.clone(),
+                    at_us: start_us,
+                });
+                if rng.chance(30) {
+                    // The leader of the majority fails during the change too: a majority
+                    // remains only if the budget allowed it.
+                    if let Some(&node) = order[budget..].first() {
+                        faults.push(Fault::Crash {
+                            node,
+                            at_us: start_us + suspect_us + rng.below(suspect_us / 2),
+                        });
+                    }
+                }
+            }
+        }
+        let mut heal_us = start_us + rng.between(2 * suspect_us, 6 * suspect_us);
+        if rng.chance(50) {
+            // Swizzle-clogging: links stopped one by one and restored in random order, each
+            // for less than half the suspicion timeout, so they delay without suspicion.
+            let links = rng.between(1, (nodes * (nodes - 1)) as u64) as usize;
+            let clog_start = rng.between(10_000, heal_us);
+            let step_us = (suspect_us / 4) / links as u64 + 1;
+            for i in 0..links {
+                let from = rng.below(nodes as u64) as usize;
+                let to = (from + 1 + rng.below(nodes as u64 - 1) as usize) % nodes;
+                let start_us = clog_start + i as u64 * step_us;
+                let end_us = clog_start + links as u64 * step_us + rng.below(suspect_us / 4) + 1;
+                faults.push(Fault::Clog {
+                    from,
+                    to,
+                    start_us,
+                    end_us,
+                });
+                heal_us = heal_us.max(end_us);
+            }
+        }
+        options.faults = faults;
+        options.heal_us = heal_us;
+        options.time_limit_us = heal_us + 40 * suspect_us + 2_000_000;
+        options
+    }
+
+    /// The nodes the faults touch: crashed, at an end of a broken link, or partitioned away.
+    pub fn faulty(&self) -> Vec<usize> {
+        let mut faulty = Vec::new();
+        for fault in &self.faults {
+            match fault {
+                Fault::Crash { node, .. } => faulty.push(*node),
+                Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
+                Fault::Partition { minority, .. } => faulty.extend(minority),
+                Fault::Clog { .. } => {}
+            }
+        }
+        faulty.sort_unstable();
+        faulty.dedup();
+        faulty
+    }
+
+    /// Whether the faults leave a majority of the first view alive and connected, so the run
+    /// must make progress once they heal.
+    pub fn must_recover(&self) -> bool {
+        !self.faults.is_empty() && 2 * (self.nodes - self.faulty().len()) > self.nodes
+    }
+}
+
+/// One injected fault.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The node stops for good: its events are dropped from then on.
+    Crash {
+        /// The node.
+        node: usize,
+        /// When.
+        at_us: u64,
+    },
+    /// The link between two nodes breaks (both directions) until the heal.
+    Break {
+        /// One end.
+        a: usize,
+        /// The other end.
+        b: usize,
+        /// When.
+        at_us: u64,
+    },
+    /// Every link between the minority and the others breaks until the heal.
+    Partition {
+        /// The isolated nodes.
+        minority: Vec<usize>,
+        /// When.
+        at_us: u64,
+    },
+    /// Link `from → to` holds its messages during `[start_us, end_us)`.
+    Clog {
+        /// Sender end.
+        from: usize,
+        /// Receiver end.
+        to: usize,
+        /// Stopped.
+        start_us: u64,
+        /// Restored.
+        end_us: u64,
+    },
 }
 
 /// What a run did.
@@ -163,6 +329,12 @@ pub struct Report {
     pub wedged: Vec<bool>,
     /// Per node: the nodes it ended suspecting.
     pub suspected: Vec<Vec<NodeId>>,
+    /// Per node: the view it ended in.
+    pub view_ids: Vec<u32>,
+    /// Client writes refused because the replica had no majority.
+    pub refused_no_majority: u64,
+    /// Probe requests delivered after the faults healed.
+    pub probes_delivered: u64,
     /// A digest of every event in order: equal digests mean identical runs.
     pub trace: u64,
 }
@@ -215,9 +387,20 @@ enum Event {
         client: usize,
     },
     TimeRead,
-    Crash {
-        node: usize,
+    Fault {
+        index: usize,
     },
+    Heal,
+    TrimLogged {
+        node: usize,
+        view_id: u32,
+        round: u64,
+    },
+    LinkBroken {
+        node: usize,
+        peer: NodeId,
+    },
+    Probe,
 }
 
 impl Event {
@@ -229,7 +412,11 @@ impl Event {
             Event::Submit { node, .. } => (3, *node),
             Event::ClientWake { client } => (4, *client),
             Event::TimeRead => (5, 0),
-            Event::Crash { node } => (6, *node),
+            Event::Fault { index } => (6, *index),
+            Event::Heal => (7, 0),
+            Event::TrimLogged { node, .. } => (8, *node),
+            Event::LinkBroken { node, .. } => (9, *node),
+            Event::Probe => (10, 0),
         }
     }
 }
@@ -296,6 +483,11 @@ struct Simulation {
     clients: Vec<Client>,
     in_flight: BTreeMap<u64, InFlight>,
     acknowledged: u64,
+    /// Per node: the view it is in, as its installs said.
+    views: Vec<View>,
+    /// Probe ids sent after healing, and whether each was delivered.
+    probes: BTreeMap<u64, bool>,
+    refused_no_majority: u64,
     trace: DefaultHasher,
     actions: Vec<Action>,
 }
@@ -340,7 +532,18 @@ impl Simulation {
             .map(|shard| shard.members.iter().map(|&id| (id - 1) as usize).collect())
             .collect();
         let shards = members.len();
-        let network = Network::new(options.nodes, options.delay_us, options.slowness.clone());
+        let mut network = Network::new(options.nodes, options.delay_us, options.slowness.clone());
+        for fault in &options.faults {
+            if let Fault::Clog {
+                from,
+                to,
+                start_us,
+                end_us,
+            } = fault
+            {
+                network.clog(*from, *to, *start_us, *end_us);
+            }
+        }
         let clients = (0..options.clients)
             .map(|_| Client {
                 observed: Hlc::ZERO,
@@ -361,6 +564,9 @@ impl Simulation {
             clients,
             in_flight: BTreeMap::new(),
             acknowledged: 0,
+            views: vec![view.clone(); options.nodes],
+            probes: BTreeMap::new(),
+            refused_no_majority: 0,
             trace: DefaultHasher::new(),
             actions: Vec::new(),
             nodes,
@@ -377,8 +583,24 @@ impl Simulation {
             simulation.schedule(first, Event::ClientWake { client });
         }
         simulation.schedule(simulation.options.time_read_us, Event::TimeRead);
-        if let Some((node, at_us)) = simulation.options.crash {
-            simulation.schedule(at_us, Event::Crash { node });
+        let faults = simulation.options.faults.clone();
+        for (index, fault) in faults.iter().enumerate() {
+            match fault {
+                Fault::Crash { at_us, .. }
+                | Fault::Break { at_us, .. }
+                | Fault::Partition { at_us, .. } => {
+                    simulation.schedule(*at_us, Event::Fault { index });
+                }
+                Fault::Clog { .. } => {}
+            }
+        }
+        if !faults.is_empty() {
+            let heal_us = simulation.options.heal_us;
+            simulation.schedule(heal_us, Event::Heal);
+            if simulation.options.must_recover() {
+                let suspect_us = simulation.options.suspect_after_ms * 1_000;
+                simulation.schedule(heal_us + 4 * suspect_us, Event::Probe);
+            }
         }
         simulation
     }
@@ -425,7 +647,21 @@ impl Simulation {
                 break;
             }
             if time_us > self.options.time_limit_us {
-                if self.options.crash.is_some() {
+                if !self.options.faults.is_empty() {
+                    if self.options.must_recover() {
+                        return Err(Violation(format!(
+                            "liveness: {} of {} probes delivered by {} us, {} us after the \
+                             faults healed; views {:?}",
+                            self.probes.values().filter(|&&d| d).count(),
+                            self.probes.len(),
+                            self.options.time_limit_us,
+                            self.options.time_limit_us - self.options.heal_us,
+                            self.nodes
+                                .iter()
+                                .map(|n| n.view().view_id)
+                                .collect::<Vec<_>>()
+                        )));
+                    }
                     return Ok(());
                 }
                 return Err(Violation(format!(
@@ -445,14 +681,16 @@ impl Simulation {
             }
             (time_us, event.tag()).hash(&mut self.trace);
             self.handle(event)?;
-            if settle_until.is_none()
-                && self.options.crash.is_none()
-                && self.acknowledged == self.total_requests()
-            {
+            let done = if self.options.faults.is_empty() {
+                self.acknowledged == self.total_requests()
+            } else {
+                !self.probes.is_empty() && self.probes.values().all(|&d| d)
+            };
+            if settle_until.is_none() && done {
                 settle_until = Some(self.time_us + settle_us);
             }
         }
-        if self.options.crash.is_none() {
+        if self.options.faults.is_empty() {
             self.check_settled()?;
         }
         Ok(())
@@ -477,6 +715,9 @@ impl Simulation {
                 }
                 let message = Message::decode(&frame)
                     .map_err(|e| Violation(format!("wire: a frame does not decode: {e}")))?;
+                if self.network.loses(from, to, message.view_id()) {
+                    return Ok(());
+                }
                 let from = self.nodes[from].node_id();
                 self.step(to, Input::Message { from, message })
             }
@@ -509,10 +750,90 @@ impl Simulation {
                 self.schedule(self.time_us + self.options.time_read_us, Event::TimeRead);
                 self.time_read()
             }
-            Event::Crash { node } => {
-                self.crashed[node] = true;
+            Event::Fault { index } => self.inject(index),
+            Event::Heal => {
+                for a in 0..self.options.nodes {
+                    for b in 0..self.options.nodes {
+                        self.network.set_broken(a, b, false);
+                    }
+                }
                 Ok(())
             }
+            Event::TrimLogged {
+                node,
+                view_id,
+                round,
+            } => {
+                if self.crashed[node] {
+                    return Ok(());
+                }
+                self.step(node, Input::TrimLogged { view_id, round })
+            }
+            Event::LinkBroken { node, peer } => {
+                if self.crashed[node] {
+                    return Ok(());
+                }
+                self.step(node, Input::LinkBroken { peer })
+            }
+            Event::Probe => {
+                self.probe();
+                Ok(())
+            }
+        }
+    }
+
+    fn inject(&mut self, index: usize) -> Result<(), Violation> {
+        let fault = self.options.faults[index].clone();
+        let mut pairs = Vec::new();
+        match fault {
+            Fault::Crash { node, .. } => self.crashed[node] = true,
+            Fault::Break { a, b, .. } => pairs.push((a, b)),
+            Fault::Partition { minority, .. } => {
+                for &a in &minority {
+                    for b in (0..self.options.nodes).filter(|b| !minority.contains(b)) {
+                        pairs.push((a, b));
+                    }
+                }
+            }
+            Fault::Clog { .. } => {}
+        }
+        for (a, b) in pairs {
+            self.network.set_broken(a, b, true);
+            for (end, other) in [(a, b), (b, a)] {
+                let peer = self.nodes[other].node_id();
+                self.schedule(self.time_us, Event::LinkBroken { node: end, peer });
+            }
+        }
+        Ok(())
+    }
+
+    /// After healing: one request per shard to a replica the faults spared, which must be
+    /// delivered before the time limit.
+    fn probe(&mut self) {
+        let faulty = self.options.faulty();
+        let healthy: Vec<usize> = (0..self.options.nodes)
+            .filter(|n| !faulty.contains(n))
+            .collect();
+        for s in 0..self.members.len() {
+            let shard = ShardId(s as u16);
+            let node = healthy[self.rng.below(healthy.len() as u64) as usize];
+            let id = PROBE_ID_BASE | self.probes.len() as u64;
+            self.probes.insert(id, false);
+            let mut payload = id.to_le_bytes().to_vec();
+            payload.push(0x9b);
+            let request = Request {
+                id,
+                client_hlc: Hlc::ZERO,
+                payload: Bytes::from(payload),
+            };
+            self.schedule(
+                self.time_us,
+                Event::Submit {
+                    node,
+                    shard,
+                    request,
+                },
+            );
         }
     }
 
@@ -576,9 +897,33 @@ impl Simulation {
         let mut actions = std::mem::take(&mut self.actions);
         let now_us = self.local_now_us(node);
         let result = self.nodes[node].step(now_us, input, &mut actions);
+        let no_majority = matches!(result, Err(StepError::Submit(SubmitError::NoMajority)));
         match result {
             Ok(()) => {}
-            Err(StepError::Submit(SubmitError::QueueFull(_) | SubmitError::Wedged(_))) => {
+            Err(StepError::Submit(
+                SubmitError::NoMajority
+                | SubmitError::Removed
+                | SubmitError::Inadequate
+                | SubmitError::NotReplica(_),
+            )) if retry.as_ref().is_some_and(|(_, r)| r.id < PROBE_ID_BASE) => {
+                // The client gives this request up: the replica cannot take writes.
+                if no_majority {
+                    self.refused_no_majority += 1;
+                }
+                let (_, request) = retry.expect("a submit");
+                if let Some(in_flight) = self.in_flight.remove(&request.id) {
+                    self.clients[in_flight.client].outstanding -= 1;
+                    let client = in_flight.client;
+                    self.schedule(self.time_us, Event::ClientWake { client });
+                }
+            }
+            Err(StepError::Submit(
+                SubmitError::QueueFull(_)
+                | SubmitError::Wedged(_)
+                | SubmitError::NoMajority
+                | SubmitError::Removed
+                | SubmitError::Inadequate,
+            )) if retry.is_some() => {
                 // The client backs off and tries the same replica again.
                 let (shard, request) = retry.expect("only submits are refused this way");
                 let later = self.time_us + self.rng.between(1_000, 5_000);
@@ -646,19 +991,49 @@ impl Simulation {
                 );
             }
             Action::Suspect { node: suspected } => {
-                if self.options.crash.is_none() {
+                if self.options.faults.is_empty() {
                     return Err(Violation(format!(
                         "node {node} suspected node {suspected} in a run without faults"
                     )));
                 }
             }
             Action::Wedge => {}
+            Action::LogTrim { view_id, round, .. } => {
+                let (low, high) = self.options.persist_us[node];
+                let done = self.time_us + self.rng.between(low, high);
+                self.schedule(
+                    done,
+                    Event::TrimLogged {
+                        node,
+                        view_id,
+                        round,
+                    },
+                );
+            }
+            Action::InstallView { view } => {
+                let me = self.nodes[node].node_id();
+                self.checker.install(me, node, &self.views[node], &view)?;
+                // A link that broke, or lost a message, in this view stays broken in it.
+                for &peer in &view.members {
+                    let other = (peer - 1) as usize;
+                    if other != node && self.network.dead_for(node, other, view.view_id) {
+                        self.schedule(self.time_us, Event::LinkBroken { node, peer });
+                    }
+                }
+                self.views[node] = view;
+            }
         }
         Ok(())
     }
 
     /// The replica a client sent a request to delivered it: the client gets its reply.
     fn acknowledge(&mut self, node: usize, id: u64, hlc: Hlc) -> Result<(), Violation> {
+        if id >= PROBE_ID_BASE {
+            if let Some(delivered) = self.probes.get_mut(&id) {
+                *delivered = true;
+            }
+            return Ok(());
+        }
         let Some(in_flight) = self.in_flight.remove(&id) else {
             return Err(Violation(format!("request {id:#x} acknowledged twice")));
         };
@@ -694,9 +1069,17 @@ impl Simulation {
                 .stability_frontier(shard)
                 .expect("a local shard");
             let durable = self.nodes[node].persistence_frontier(shard);
-            let members = &self.members[usize::from(shard.0)];
+            let members: Vec<usize> = self.nodes[node]
+                .view()
+                .layout
+                .shard(shard)
+                .expect("a shard of the layout")
+                .members
+                .iter()
+                .map(|&id| (id - 1) as usize)
+                .collect();
             self.checker
-                .frontiers(node, shard, members, stability, durable)?;
+                .frontiers(node, shard, &members, stability, durable)?;
         }
         Ok(())
     }
@@ -785,6 +1168,9 @@ impl Simulation {
             nulls_sent: self.nodes.iter().map(|n| n.counters().nulls_sent).sum(),
             wedged: self.nodes.iter().map(Node::is_wedged).collect(),
             suspected: self.nodes.iter().map(Node::suspected).collect(),
+            view_ids: self.nodes.iter().map(|n| n.view().view_id).collect(),
+            refused_no_majority: self.refused_no_majority,
+            probes_delivered: self.probes.values().filter(|&&d| d).count() as u64,
             trace: self.trace.finish(),
         }
     }

@@ -1,0 +1,197 @@
+//! The state of one view change at one member, and the pure rules it follows.
+//!
+//! The change is a single-decree Paxos over the *decision* that ends the view: who leaves, and
+//! per shard the ragged trim. The leader (the lowest-ranked member it does not suspect) runs
+//! two phases: `Propose`/`Ack` (every member it does not suspect promises the round, and
+//! reports its received counters, frozen since it wedged, and any decision it accepted), then
+//! `Accept`/`Accepted` (members log the decision before echoing it). Once a majority of the
+//! view logged it, the decision is chosen and the leader sends `Commit`. A new leader's phase 1
+//! meets that majority, so it adopts the chosen decision instead of computing another: the
+//! proposals of a failed leader survive it. `docs/ARCHITECTURE.md` ("View change") gives the
+//! whole argument.
+
+use std::collections::BTreeMap;
+
+use crate::bounds::VIEW_MEMBERS_MAX;
+use crate::layout::{Layout, ShardId};
+use crate::message::Decision;
+use crate::view::NodeId;
+
+/// What one member reported to the leader in phase 1.
+#[derive(Clone, Debug)]
+pub(crate) struct Report {
+    /// Per shard the member replicates: its frozen received counters.
+    pub(crate) counts: Vec<(ShardId, Vec<u64>)>,
+    /// The decision it accepted, with the round.
+    pub(crate) accepted: Option<(u64, Decision)>,
+}
+
+/// The leader's side of one round.
+#[derive(Clone, Debug)]
+pub(crate) struct Leading {
+    pub(crate) round: u64,
+    /// Phase 1 answers, by view rank (the leader's own included).
+    pub(crate) reports: BTreeMap<usize, Report>,
+    /// Phase 2: the decision sent for acceptance.
+    pub(crate) proposal: Option<Decision>,
+    /// Phase 2: view ranks that logged and echoed the proposal.
+    pub(crate) accepted_by: u64,
+}
+
+/// One member's state of the change of its current view.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ViewChange {
+    /// The highest round this member promised; it accepts no lower one.
+    pub(crate) promised: u64,
+    /// The decision this member accepted last, with its round.
+    pub(crate) accepted: Option<(u64, Decision)>,
+    /// Who to echo the accepted decision to once it is logged.
+    pub(crate) accepted_from: Option<NodeId>,
+    /// The round whose acceptance was echoed.
+    pub(crate) echoed: Option<u64>,
+    /// A decision the driver was asked to log and has not confirmed.
+    pub(crate) logging: Option<(u64, Decision)>,
+    /// The decision last confirmed on disk.
+    pub(crate) logged: Option<(u64, Decision)>,
+    /// This member leads a round.
+    pub(crate) leading: Option<Leading>,
+    /// The chosen decision, once known.
+    pub(crate) decided: Option<(u64, Decision)>,
+    /// The trims of the decision were delivered.
+    pub(crate) trimmed: bool,
+}
+
+impl ViewChange {
+    /// Whether `decision` is on disk here.
+    pub(crate) fn is_logged(&self, decision: &Decision) -> bool {
+        self.logged.as_ref().is_some_and(|(_, d)| d == decision)
+    }
+}
+
+/// The first round of the leader of view rank `rank` above every round promised so far.
+pub(crate) fn next_round(promised: u64, rank: usize) -> u64 {
+    let members = VIEW_MEMBERS_MAX as u64;
+    (promised / members + 1) * members + rank as u64
+}
+
+/// Whether `live` members are a majority of a view of `members`.
+pub(crate) fn is_majority(live: usize, members: usize) -> bool {
+    2 * live > members
+}
+
+/// The decision of a new leader: the accepted decision of the highest round among the
+/// reports if there is one (it may have been chosen), else a fresh one removing the suspected
+/// members, with each shard's trim the minimum, per sender, over the shard's live members of
+/// what they received. `None` if a shard has no live member left: its log cannot be trimmed
+/// safely without a total restart.
+pub(crate) fn decide(
+    layout: &Layout,
+    members: &[NodeId],
+    suspected: u64,
+    reports: &BTreeMap<usize, Report>,
+) -> Option<Decision> {
+    let adopted = reports
+        .values()
+        .filter_map(|report| report.accepted.as_ref())
+        .max_by_key(|(round, _)| *round);
+    if let Some((_, decision)) = adopted {
+        return Some(decision.clone());
+    }
+    let mut trims = Vec::with_capacity(layout.shards().len());
+    for shard in layout.shards() {
+        let mut trim: Option<Vec<u64>> = None;
+        for &member in &shard.members {
+            let rank = members
+                .iter()
+                .position(|&m| m == member)
+                .expect("shard members are view members");
+            if suspected & (1 << rank) != 0 {
+                continue;
+            }
+            let report = reports.get(&rank).expect("every live member reported");
+            let (_, counts) = report
+                .counts
+                .iter()
+                .find(|(id, _)| *id == shard.id)
+                .expect("a member reports every shard it replicates");
+            trim = Some(match trim {
+                None => counts.clone(),
+                Some(low) => low.iter().zip(counts).map(|(a, b)| *a.min(b)).collect(),
+            });
+        }
+        trims.push(trim?);
+    }
+    Some(Decision {
+        removed: suspected,
+        trims,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::LayoutSpec;
+
+    fn report(counts: Vec<(ShardId, Vec<u64>)>, accepted: Option<(u64, Decision)>) -> Report {
+        Report { counts, accepted }
+    }
+
+    #[test]
+    fn rounds_grow_and_name_their_leader() {
+        let first = next_round(0, 2);
+        assert_eq!(first % VIEW_MEMBERS_MAX as u64, 2);
+        let second = next_round(first, 0);
+        assert!(second > first);
+        assert_eq!(second % VIEW_MEMBERS_MAX as u64, 0);
+    }
+
+    #[test]
+    fn majority_is_strict() {
+        assert!(is_majority(2, 3));
+        assert!(!is_majority(2, 4));
+        assert!(is_majority(3, 5));
+    }
+
+    #[test]
+    fn the_trim_is_the_minimum_over_live_members_per_sender() {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        let layout = Layout::assign(spec, &members, None).unwrap();
+        let mut reports = BTreeMap::new();
+        reports.insert(0, report(vec![(ShardId(0), vec![5, 3, 9])], None));
+        reports.insert(1, report(vec![(ShardId(0), vec![4, 3, 7])], None));
+        // Rank 2 is suspected; what it received does not count.
+        let decision = decide(&layout, &members, 0b100, &reports).unwrap();
+        assert_eq!(decision.removed, 0b100);
+        assert_eq!(decision.trims, vec![vec![4, 3, 7]]);
+    }
+
+    #[test]
+    fn a_new_leader_adopts_the_highest_accepted_decision() {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 2,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        let layout = Layout::assign(spec, &members, None).unwrap();
+        let old = Decision {
+            removed: 0b001,
+            trims: vec![vec![1, 1]],
+        };
+        let newer = Decision {
+            removed: 0b001,
+            trims: vec![vec![2, 1]],
+        };
+        let mut reports = BTreeMap::new();
+        reports.insert(1, report(vec![(ShardId(0), vec![9, 9])], Some((64, old))));
+        reports.insert(2, report(vec![], Some((128, newer.clone()))));
+        assert_eq!(decide(&layout, &members, 0b001, &reports), Some(newer));
+    }
+}
