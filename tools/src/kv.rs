@@ -243,6 +243,7 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
         }
         KvCommand::Watch { prefix, count } => {
             let mut events = client.watch(prefix.as_bytes()).await?;
+            eprintln!("watching {prefix:?}");
             let mut seen = 0u64;
             while count.is_none_or(|n| seen < n) {
                 let Some(event) = events.recv().await else {

@@ -183,6 +183,46 @@ impl Cluster {
         run.stdout
     }
 
+    /// Starts `derechofs kv watch PREFIX --count N` and waits until its watch is registered;
+    /// returns the process and the file its output goes to.
+    fn watch(&self, prefix: &str, count: usize) -> (Child, PathBuf) {
+        let out = self.path("watch.out");
+        let err = self.path("watch.err");
+        let contacts = self.contacts();
+        let n = count.to_string();
+        let mut child = Command::new(BIN)
+            .args([
+                "kv",
+                "--contacts",
+                &contacts,
+                "watch",
+                prefix,
+                "--count",
+                &n,
+            ])
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("output file"))
+            .stderr(File::create(&err).expect("output file"))
+            .spawn()
+            .expect("run derechofs kv watch");
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        while !std::fs::read_to_string(&err)
+            .unwrap_or_default()
+            .contains("watching")
+        {
+            if Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the watch did not start: {:?}",
+                    std::fs::read_to_string(&err)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        (child, out)
+    }
+
     /// Waits until every member reports `active`.
     fn wait_active(&self) {
         let deadline = Instant::now() + FORMING_TIMEOUT;
@@ -334,6 +374,55 @@ fn t10_cluster_three_nodes_concurrent_clients_replicas_agree_and_survive_restart
             .collect()
     });
     check_acked(&cluster, &acked);
+
+    // A watch streams the changes under its prefix after delivery, in version order.
+    let (mut watcher, out) = cluster.watch("w/", 4);
+    cluster.kv_ok(&["put", "w/a", "1"]);
+    cluster.kv_ok(&["put", "elsewhere", "x"]);
+    cluster.kv_ok(&["put", "w/b", "2"]);
+    cluster.kv_ok(&["delete", "w/a"]);
+    cluster.kv_ok(&["put", "w/a", "3"]);
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    let status = loop {
+        match watcher.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = watcher.kill();
+                let _ = watcher.wait();
+                panic!("the watch did not end after 4 changes");
+            }
+        }
+    };
+    assert!(status.success());
+    let events = std::fs::read_to_string(&out).expect("watch output");
+    let seen: Vec<(&str, &str, &str)> = events
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f[0], f[f.len() - 2], f[f.len() - 1])
+        })
+        .collect();
+    let keys: Vec<(&str, &str)> = seen.iter().map(|&(_, k, v)| (k, v)).collect();
+    assert_eq!(
+        keys,
+        [
+            ("w/a", "1"),
+            ("w/b", "2"),
+            ("w/a", "(deleted)"),
+            ("w/a", "3")
+        ],
+        "{events}"
+    );
+    let seqs: Vec<u64> = seen
+        .iter()
+        .map(|(v, _, _)| {
+            v.split_once('.')
+                .and_then(|(_, s)| s.parse().ok())
+                .expect("version")
+        })
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{events}");
 
     // A read at a time answers the same at every member, and a later write does not change it.
     let before = cluster.kv_ok(&["put", "timed", "old"]);
