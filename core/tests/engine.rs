@@ -715,3 +715,51 @@ fn a_new_leader_adopts_the_decision_its_failed_predecessor_got_accepted() {
         assert_eq!(views, vec![vec![1, 2, 3, 4], vec![2, 3, 4]], "node {node}");
     }
 }
+
+#[test]
+fn an_inadequate_next_view_is_not_installed_and_waits_for_joins() {
+    // Every shard needs all 3 replicas: losing one leaves the next view inadequate.
+    let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
+    cluster.nodes = {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 3,
+        };
+        let view = View::initial(1, vec![1, 2, 3], spec).unwrap();
+        (1..=3)
+            .map(|id| {
+                let mut config = Config::new(id);
+                config.suspect_after_ms = 200;
+                Node::new(config, view.clone()).unwrap()
+            })
+            .collect()
+    };
+    cluster.submit(0, 1, b"a");
+    cluster.settle();
+    cluster.persist_all();
+    cluster.crash(2);
+    cluster.tick_until_suspected();
+    for node in 0..2 {
+        assert!(cluster.installed[node].is_empty(), "node {node}");
+        assert_eq!(cluster.nodes[node].membership(), Membership::Inadequate);
+        // The trim was still delivered: the old view's log is complete and persisted.
+        assert_eq!(cluster.payloads(node), vec!["a"]);
+    }
+    let request = Request {
+        id: 2,
+        client_hlc: Hlc::ZERO,
+        payload: Bytes::from_static(b"b"),
+    };
+    assert_eq!(
+        cluster.step(
+            1,
+            Input::Submit {
+                shard: SHARD,
+                request
+            }
+        ),
+        Err(StepError::Submit(SubmitError::Inadequate))
+    );
+}

@@ -181,12 +181,14 @@ impl Options {
         let faulty: Vec<usize> = order[..budget].to_vec();
         match rng.below(4) {
             0 => {
-                // Crashes: the first wedges the group, the next ones land inside the change.
+                // Crashes: the first wedges the group about `suspect_us` later (less up to a
+                // heartbeat); the next ones land while that view change runs.
+                let heartbeat_us = options.heartbeat_ms * 1_000;
                 for (i, &node) in faulty.iter().enumerate() {
                     let at_us = if i == 0 {
                         start_us
                     } else {
-                        start_us + suspect_us + rng.below(suspect_us / 2)
+                        start_us + suspect_us - heartbeat_us + rng.below(heartbeat_us + 30_000)
                     };
                     faults.push(Fault::Crash { node, at_us });
                 }
@@ -335,6 +337,9 @@ pub struct Report {
     pub refused_no_majority: u64,
     /// Probe requests delivered after the faults healed.
     pub probes_delivered: u64,
+    /// View change rounds started by leaders, over all nodes: more than the view changes when
+    /// a leader failed during one and another took over.
+    pub rounds_led: u64,
     /// A digest of every event in order: equal digests mean identical runs.
     pub trace: u64,
 }
@@ -1171,6 +1176,7 @@ impl Simulation {
             view_ids: self.nodes.iter().map(|n| n.view().view_id).collect(),
             refused_no_majority: self.refused_no_majority,
             probes_delivered: self.probes.values().filter(|&&d| d).count() as u64,
+            rounds_led: self.nodes.iter().map(|n| n.counters().rounds_led).sum(),
             trace: self.trace.finish(),
         }
     }

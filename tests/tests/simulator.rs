@@ -39,7 +39,7 @@ fn seeds_hold_every_static_view_invariant_and_deliver_every_request() {
 fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_views() {
     let seeds = env_u64("DERECHOFS_SIM_FAULT_SEEDS").unwrap_or(100);
     let started = Instant::now();
-    let (mut steps, mut views, mut recovered, mut refused) = (0, 0, 0, 0);
+    let (mut steps, mut views, mut recovered, mut refused, mut rounds) = (0, 0, 0, 0, 0);
     for seed in 0..seeds {
         let options = Options::with_faults(seed);
         match run(&options) {
@@ -48,13 +48,14 @@ fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_vi
                 views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
                 recovered += u64::from(options.must_recover());
                 refused += report.refused_no_majority;
+                rounds += report.rounds_led;
             }
             Err(failure) => panic!("{failure}\n  (with faults: DERECHOFS_SIM_FAULTS=1)"),
         }
     }
     eprintln!(
-        "{seeds} fault seeds: {steps} steps, {views} view changes, {recovered} runs recovered \
-         after healing, {refused} writes refused without a majority, in {:?}",
+        "{seeds} fault seeds: {steps} steps, {views} view changes in {rounds} rounds, {recovered} \
+         runs recovered after healing, {refused} writes refused without a majority, in {:?}",
         started.elapsed()
     );
 }
