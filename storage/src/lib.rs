@@ -17,7 +17,7 @@ mod stamp;
 
 pub use error::{LogError, Result};
 pub use log::{
-    Change, Log, LogConfig, RecoveryReport, ScanPage, SyncPolicy, SEGMENT_BYTES_MAX,
+    Change, Log, LogConfig, PendingSync, RecoveryReport, ScanPage, SyncPolicy, SEGMENT_BYTES_MAX,
     SEGMENT_BYTES_MIN,
 };
 pub use meta::ENGINE_STATE_MAX;

@@ -85,6 +85,29 @@ pub struct Change {
     pub value_len: Option<u32>,
 }
 
+/// A sync taken out of the log by [`Log::begin_sync`], to run without holding the log.
+#[derive(Debug)]
+pub struct PendingSync {
+    file: Option<Arc<dyn BackendFile>>,
+    segment: u32,
+    covers: Option<Version>,
+}
+
+impl PendingSync {
+    /// The last version this sync makes durable.
+    pub fn covers(&self) -> Option<Version> {
+        self.covers
+    }
+
+    /// Runs the `fdatasync`.
+    pub fn run(&self) -> std::io::Result<()> {
+        match &self.file {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One page of a prefix scan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ScanPage {
@@ -658,6 +681,59 @@ impl Log {
             }
             _ => None,
         }
+    }
+
+    /// Writes out buffered records and returns the sync that makes them durable, to run without
+    /// holding the log (so appends and reads go on during the `fdatasync`); hand its outcome to
+    /// [`Log::finish_sync`]. A segment roll in between syncs the segment it leaves by itself.
+    pub fn begin_sync(&mut self) -> Result<PendingSync> {
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        self.flush()?;
+        let segment = self.segments.last();
+        Ok(PendingSync {
+            file: segment.filter(|_| self.tail.dirty).map(|s| s.file.clone()),
+            segment: segment.map_or(0, |s| s.seq),
+            covers: self.written,
+        })
+    }
+
+    /// Records the outcome of a [`PendingSync`]: on success the versions it covers are persisted;
+    /// on failure the log is poisoned (the kernel may have dropped the pages that failed).
+    /// Returns the persisted version.
+    pub fn finish_sync(
+        &mut self,
+        pending: PendingSync,
+        outcome: std::io::Result<()>,
+    ) -> Result<Option<Version>> {
+        if let Err(e) = outcome {
+            self.poisoned = true;
+            return Err(io_err(format!("sync of {}", segment_name(pending.segment)))(e));
+        }
+        if self.poisoned {
+            return Err(LogError::Poisoned);
+        }
+        // A truncation in between may have cut what the sync covered: never report more than
+        // the log holds.
+        if pending.covers > self.persisted && pending.covers <= self.written {
+            self.persisted = pending.covers;
+        }
+        let active = self.segments.last().map(|s| s.seq);
+        if self.written == pending.covers
+            && self.tail.buf.is_empty()
+            && active == Some(pending.segment)
+        {
+            self.tail.dirty = false;
+        }
+        Ok(self.persisted)
+    }
+
+    /// A checkpoint is due under `checkpoint_every_versions` (for callers that persist with
+    /// [`Log::begin_sync`] instead of [`Log::commit`]).
+    pub fn checkpoint_due(&self) -> bool {
+        self.config.checkpoint_every_versions > 0
+            && self.since_checkpoint >= self.config.checkpoint_every_versions
     }
 
     /// Writes out buffered records and syncs them, whatever the policy. Returns the persisted

@@ -1032,3 +1032,50 @@ fn regression_a_failed_open_removed_the_segments_after_a_corrupt_record() {
     }
     assert_eq!(segment_files(&b), before);
 }
+
+/// A sync taken out of the log covers exactly what was appended before it began: appends made
+/// while it runs are not reported persisted by it, everything it covers survives a power cut,
+/// and a failed one poisons the log.
+#[test]
+fn a_sync_run_outside_the_log_persists_exactly_what_it_covers() {
+    let cb = CrashingBackend::new();
+    let b: Arc<dyn Backend> = Arc::new(cb.clone());
+    let cfg = LogConfig {
+        sync: SyncPolicy::BatchMs(1_000_000),
+        ..config(4096)
+    };
+    let mut log = open(&b, cfg.clone());
+    for v in 1..=5u64 {
+        log.append(v, stamp(v), &[Write::put(b"a", &[v as u8; 100])])
+            .unwrap();
+    }
+    let pending = log.begin_sync().unwrap();
+    assert_eq!(pending.covers(), Some(5));
+    // Appends go on while the sync runs, including across a segment roll.
+    for v in 6..=60u64 {
+        log.append(v, stamp(v), &[Write::put(b"a", &[v as u8; 100])])
+            .unwrap();
+    }
+    let outcome = pending.run();
+    let persisted = log.finish_sync(pending, outcome).unwrap();
+    assert!(
+        persisted >= Some(5) && persisted <= Some(60),
+        "{persisted:?}"
+    );
+    let recovered = open(&crash(&cb, 7), cfg.clone());
+    let last = recovered.latest().map(|l| l.0);
+    assert!(
+        last >= persisted,
+        "persisted {persisted:?}, recovered {last:?}"
+    );
+
+    // A failure poisons the log: nothing more is reported persisted.
+    let pending = log.begin_sync().unwrap();
+    let failed = log.finish_sync(pending, Err(std::io::Error::other("injected")));
+    assert!(matches!(failed, Err(LogError::Io { .. })), "{failed:?}");
+    assert!(matches!(log.begin_sync(), Err(LogError::Poisoned)));
+    assert!(matches!(
+        log.append(61, stamp(61), &[]),
+        Err(LogError::Poisoned)
+    ));
+}

@@ -183,12 +183,27 @@ fn persister(
                 std::thread::sleep(due - now);
             }
         }
-        let result = {
-            let mut store = lock(&kv);
-            let log = store.log_mut();
-            match sync {
-                SyncPolicy::None => log.commit(now_ms()),
-                _ => log.sync().and_then(|_| log.commit(now_ms())),
+        let result = match sync {
+            SyncPolicy::None => lock(&kv).log_mut().commit(now_ms()),
+            // The `fdatasync` runs without the store's lock, so applies and reads (time reads
+            // included) go on while the disk works. The guard taken to begin the sync must be
+            // released before the sync runs: bind it in its own statement.
+            _ => {
+                let begun = lock(&kv).log_mut().begin_sync();
+                match begun {
+                    Ok(pending) => {
+                        let outcome = pending.run();
+                        let mut store = lock(&kv);
+                        let log = store.log_mut();
+                        log.finish_sync(pending, outcome).and_then(|persisted| {
+                            if log.checkpoint_due() {
+                                log.checkpoint()?;
+                            }
+                            Ok(persisted)
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
             }
         };
         last_sync = Some(Instant::now());
