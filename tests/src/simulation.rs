@@ -179,7 +179,10 @@ impl Options {
             order.swap(0, at);
         }
         let faulty: Vec<usize> = order[..budget].to_vec();
-        match rng.below(4) {
+        let kind = rng.below(5);
+        match kind {
+            // Only long clogs, below.
+            4 => {}
             0 => {
                 // Crashes: the first wedges the group about `suspect_us` later (less up to a
                 // heartbeat); the next ones land while that view change runs.
@@ -222,17 +225,36 @@ impl Options {
             }
         }
         let mut heal_us = start_us + rng.between(2 * suspect_us, 6 * suspect_us);
+        if kind == 4 {
+            // Long clogs of the links out of the faulty nodes: messages are delayed past the
+            // suspicion timeout, never lost, and arrive after the view that removed their
+            // sender. Only links out of them, so they suspect no one themselves.
+            for &from in &faulty {
+                let clog_start = start_us + rng.below(suspect_us);
+                let end_us = clog_start + rng.between(suspect_us * 3 / 2, 3 * suspect_us);
+                for to in (0..nodes).filter(|&to| to != from) {
+                    let start_us = clog_start + rng.below(suspect_us / 8);
+                    faults.push(Fault::Clog {
+                        from,
+                        to,
+                        start_us,
+                        end_us,
+                    });
+                }
+                heal_us = heal_us.max(end_us);
+            }
+        }
         if rng.chance(50) {
             // Swizzle-clogging: links stopped one by one and restored in random order, each
-            // for less than half the suspicion timeout, so they delay without suspicion.
+            // for less than half the suspicion timeout: they delay, mostly without suspicion.
             let links = rng.between(1, (nodes * (nodes - 1)) as u64) as usize;
             let clog_start = rng.between(10_000, heal_us);
-            let step_us = (suspect_us / 4) / links as u64 + 1;
+            let step_us = (suspect_us / 5) / links as u64 + 1;
             for i in 0..links {
                 let from = rng.below(nodes as u64) as usize;
                 let to = (from + 1 + rng.below(nodes as u64 - 1) as usize) % nodes;
                 let start_us = clog_start + i as u64 * step_us;
-                let end_us = clog_start + links as u64 * step_us + rng.below(suspect_us / 4) + 1;
+                let end_us = clog_start + links as u64 * step_us + rng.below(suspect_us / 5) + 1;
                 faults.push(Fault::Clog {
                     from,
                     to,
@@ -248,7 +270,8 @@ impl Options {
         options
     }
 
-    /// The nodes the faults touch: crashed, at an end of a broken link, or partitioned away.
+    /// The nodes the faults touch: crashed, at an end of a broken link, partitioned away, or
+    /// with a link out of them clogged for half the suspicion timeout or more.
     pub fn faulty(&self) -> Vec<usize> {
         let mut faulty = Vec::new();
         for fault in &self.faults {
@@ -256,7 +279,17 @@ impl Options {
                 Fault::Crash { node, .. } => faulty.push(*node),
                 Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
                 Fault::Partition { minority, .. } => faulty.extend(minority),
-                Fault::Clog { .. } => {}
+                Fault::Clog {
+                    from,
+                    start_us,
+                    end_us,
+                    ..
+                } => {
+                    // Held long enough to be suspected by its receivers.
+                    if end_us - start_us >= self.suspect_after_ms * 1_000 / 2 {
+                        faulty.push(*from);
+                    }
+                }
             }
         }
         faulty.sort_unstable();

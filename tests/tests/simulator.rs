@@ -127,3 +127,59 @@ fn a_window_of_one_message_still_delivers_every_request() {
         run(&options).unwrap_or_else(|failure| panic!("{failure}"));
     }
 }
+
+#[test]
+fn a_member_whose_links_clog_past_the_timeout_is_removed_and_its_late_messages_are_harmless() {
+    for seed in 0..6 {
+        let mut options = Options::with_faults(seed);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let clogged = 1 + seed as usize % (options.nodes - 1);
+        options.faults = (0..options.nodes)
+            .filter(|&to| to != clogged)
+            .map(|to| Fault::Clog {
+                from: clogged,
+                to,
+                start_us: 50_000,
+                end_us: 50_000 + 2 * suspect_us,
+            })
+            .collect();
+        options.heal_us = 50_000 + 2 * suspect_us;
+        options.time_limit_us = options.heal_us + 40 * suspect_us + 2_000_000;
+        assert!(options.must_recover());
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert!(report.probes_delivered > 0, "seed {seed}");
+        for node in (0..options.nodes).filter(|&n| n != clogged) {
+            assert!(report.view_ids[node] >= 2, "seed {seed}: {report:?}");
+        }
+    }
+}
+
+#[test]
+fn a_partitioned_minority_installs_nothing_and_refuses_writes() {
+    let mut checked = 0;
+    for seed in 0..20 {
+        let mut options = Options::with_faults(seed);
+        if options.nodes < 5 {
+            continue;
+        }
+        options.faults = vec![Fault::Partition {
+            minority: vec![0, 1],
+            at_us: 50_000,
+        }];
+        options.heal_us = 50_000 + 4 * options.suspect_after_ms * 1_000;
+        options.think_us_max = 1_000;
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        for node in [0, 1] {
+            assert_eq!(
+                report.view_ids[node], 1,
+                "seed {seed}: a minority installed a view"
+            );
+            assert!(report.wedged[node], "seed {seed}");
+        }
+        for node in 2..options.nodes {
+            assert!(report.view_ids[node] >= 2, "seed {seed}: {report:?}");
+        }
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
