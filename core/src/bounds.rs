@@ -47,3 +47,7 @@ pub const SEQ_MAX: u64 = u32::MAX as u64;
 /// Messages of a later view buffered per peer until this node installs that view (heartbeats
 /// are not buffered, and a peer's newer row of a shard replaces its older one).
 pub const FUTURE_MESSAGES_MAX: usize = 4096;
+
+/// View change rounds. A round is `attempt * VIEW_MEMBERS_MAX + leader rank`; far beyond any
+/// real number of attempts, and low enough that the next round never overflows.
+pub const ROUND_MAX: u64 = 1 << 56;

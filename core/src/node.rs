@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use derechofs_storage::{Hlc, Version};
 
-use crate::bounds::{FUTURE_MESSAGES_MAX, VIEW_MEMBERS_MAX};
+use crate::bounds::{FUTURE_MESSAGES_MAX, ROUND_MAX, VIEW_MEMBERS_MAX};
 use crate::config::{Config, ConfigError};
 use crate::error::{Rejection, StepError, SubmitError};
 use crate::layout::{Layout, ShardId};
@@ -397,6 +397,19 @@ impl Node {
             // A suspected member is never trusted again in this view; only a chosen decision,
             // which is safe from anyone, is taken from it.
             return Ok(());
+        }
+        let round = match &message {
+            Message::Propose { round, .. }
+            | Message::Accept { round, .. }
+            | Message::Accepted { round, .. }
+            | Message::Commit { round, .. } => *round,
+            Message::Ack {
+                round, promised, ..
+            } => (*round).max(*promised),
+            _ => 0,
+        };
+        if round > ROUND_MAX {
+            return Err(Rejection::OutOfRange("view change round"));
         }
         self.suspicion.heard(from_rank, self.now_us);
         match message {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::bounds::VIEW_MEMBERS_MAX;
+use crate::bounds::{ROUND_MAX, VIEW_MEMBERS_MAX};
 use crate::layout::{Layout, ShardId};
 use crate::message::Decision;
 use crate::view::NodeId;
@@ -70,6 +70,7 @@ impl ViewChange {
 
 /// The first round of the leader of view rank `rank` above every round promised so far.
 pub(crate) fn next_round(promised: u64, rank: usize) -> u64 {
+    assert!(promised <= ROUND_MAX, "rounds beyond ROUND_MAX are refused");
     let members = VIEW_MEMBERS_MAX as u64;
     (promised / members + 1) * members + rank as u64
 }

@@ -763,3 +763,62 @@ fn an_inadequate_next_view_is_not_installed_and_waits_for_joins() {
         Err(StepError::Submit(SubmitError::Inadequate))
     );
 }
+
+#[test]
+fn view_change_messages_out_of_range_are_refused_without_effect() {
+    let mut cluster = Cluster::new(3, |_| {});
+    let huge = Message::Propose {
+        view_id: 1,
+        round: u64::MAX,
+        suspicions: 0b100,
+    };
+    assert!(matches!(
+        cluster.step(
+            0,
+            Input::Message {
+                from: 2,
+                message: huge
+            }
+        ),
+        Err(StepError::Rejected {
+            rejection: Rejection::OutOfRange(_),
+            ..
+        })
+    ));
+    assert!(!cluster.nodes[0].is_wedged());
+    // A decision of the wrong shape: the layout has one shard of three senders.
+    let commit = Message::Commit {
+        view_id: 1,
+        round: 64,
+        decision: Decision {
+            removed: 0b100,
+            trims: vec![vec![0, 0]],
+        },
+    };
+    assert!(cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: commit
+            }
+        )
+        .is_err());
+    assert!(!cluster.nodes[0].is_wedged());
+    // A proposal that suspects no one cannot be answered: the counters are not frozen.
+    let empty = Message::Propose {
+        view_id: 1,
+        round: 64,
+        suspicions: 0,
+    };
+    assert!(cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: empty
+            }
+        )
+        .is_err());
+    assert!(cluster.wire.is_empty(), "nothing was answered");
+}
