@@ -1,5 +1,6 @@
 //! The simulator run over seeds. A failure prints its seed; `DERECHOFS_SIM_SEED=<seed>` reruns
-//! exactly that run, and `DERECHOFS_SIM_SEEDS=<count>` widens the batch.
+//! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed), and
+//! `DERECHOFS_SIM_SEEDS=<count>` and `DERECHOFS_SIM_FAULT_SEEDS=<count>` widen the batches.
 
 use std::time::Instant;
 
