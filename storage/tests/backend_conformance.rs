@@ -3,6 +3,7 @@
 //! for the file, memory and crashing backends. The crashing backend's own promises (what a crash
 //! keeps, what it may drop, injected failures) follow.
 
+#[macro_use]
 mod common;
 
 use std::io::ErrorKind;
@@ -252,23 +253,6 @@ fn random_writes_read_back_like_a_byte_array(new: Factory<'_>) {
         f.sync_data().unwrap();
         assert_eq!(read(&*f, 0, model.len()), model, "seed {seed}");
     }
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod file {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::File); super::$name(&|| b.fresh()) } )*
-        }
-        mod memory {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::Memory); super::$name(&|| b.fresh()) } )*
-        }
-        mod crashing {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::Crashing); super::$name(&|| b.fresh()) } )*
-        }
-    };
 }
 
 conformance!(

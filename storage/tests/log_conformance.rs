@@ -3,6 +3,7 @@
 //! rolling, trim, truncation, engine state, sync policies and poisoning. Reads are compared with
 //! the reference model in `common`.
 
+#[macro_use]
 mod common;
 
 use std::sync::Arc;
@@ -688,23 +689,6 @@ fn no_sync_policy_reports_written_versions_as_persisted(new: Factory<'_>) {
     // Handed to the backend: a reopen without sync (a process restart) sees all of it.
     p.log = open(&b, cfg);
     p.check();
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod file {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::File); super::$name(&|| b.fresh()) } )*
-        }
-        mod memory {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::Memory); super::$name(&|| b.fresh()) } )*
-        }
-        mod crashing {
-            use super::*;
-            $( #[test] fn $name() { let b = Backends::new(Kind::Crashing); super::$name(&|| b.fresh()) } )*
-        }
-    };
 }
 
 conformance!(

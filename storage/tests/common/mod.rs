@@ -11,6 +11,26 @@ use std::sync::Arc;
 use derechofs_storage::backend::{Backend, CrashingBackend, FileBackend, MemoryBackend};
 use derechofs_storage::{Hlc, Log, LogError, Version};
 
+/// Runs each named suite function, which takes a factory of fresh backends, once per backend
+/// kind: `conformance!(f, g)` makes the tests `file::f`, `memory::f`, `crashing::f`, and so on.
+#[allow(unused_macros)] // Only the conformance suites use it.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod file {
+            use super::*;
+            $( #[test] fn $name() { let b = Backends::new(Kind::File); super::$name(&|| b.fresh()) } )*
+        }
+        mod memory {
+            use super::*;
+            $( #[test] fn $name() { let b = Backends::new(Kind::Memory); super::$name(&|| b.fresh()) } )*
+        }
+        mod crashing {
+            use super::*;
+            $( #[test] fn $name() { let b = Backends::new(Kind::Crashing); super::$name(&|| b.fresh()) } )*
+        }
+    };
+}
+
 /// A small deterministic generator: a test case is reproduced by its seed alone.
 #[derive(Clone, Debug)]
 pub struct Rng(u64);
