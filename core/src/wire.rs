@@ -268,12 +268,8 @@ impl Message {
                 let round = reader.varint("round")?;
                 let promised = reader.varint("promised")?;
                 let suspicions = reader.varint("suspicions")?;
-                let count = reader.varint("shard count")?;
-                if count > SHARDS_MAX as u64 {
-                    return Err(DecodeError::TooLarge("shard count"));
-                }
-                // Each entry takes at least 2 bytes, so the input bounds the allocation.
-                let mut counts = Vec::with_capacity((count as usize).min(reader.left() / 2));
+                // Each entry takes at least 2 bytes.
+                let (count, mut counts) = reader.list("shard count", 0, SHARDS_MAX, 2)?;
                 for _ in 0..count {
                     let shard = reader.shard()?;
                     counts.push((shard, reader.counters("received")?));
@@ -394,6 +390,24 @@ impl Reader<'_> {
         Ok(Hlc { wall_us, logical })
     }
 
+    /// A count of `min..=max` items, each taking at least `entry_bytes_min` bytes, and an empty
+    /// vector for them whose capacity the remaining input bounds, so a forged count cannot make
+    /// the decoder allocate more than the message could hold.
+    fn list<T>(
+        &mut self,
+        field: &'static str,
+        min: u64,
+        max: usize,
+        entry_bytes_min: usize,
+    ) -> Result<(u64, Vec<T>), DecodeError> {
+        let count = self.varint(field)?;
+        if count < min || count > max as u64 {
+            return Err(DecodeError::TooLarge(field));
+        }
+        let capacity = (count as usize).min(self.left() / entry_bytes_min);
+        Ok((count, Vec::with_capacity(capacity)))
+    }
+
     /// Per-sender counters of one shard: 1..=SHARD_MEMBERS_MAX of them.
     fn counters(&mut self, field: &'static str) -> Result<Vec<u64>, DecodeError> {
         let senders = self.varint("senders")?;
@@ -409,12 +423,8 @@ impl Reader<'_> {
 
     fn decision(&mut self) -> Result<Decision, DecodeError> {
         let removed = self.varint("removed")?;
-        let shards = self.varint("shard count")?;
-        if shards > SHARDS_MAX as u64 {
-            return Err(DecodeError::TooLarge("shard count"));
-        }
-        // Each trim takes at least 2 bytes, so the input bounds the allocation.
-        let mut trims = Vec::with_capacity((shards as usize).min(self.left() / 2));
+        // Each trim takes at least 2 bytes.
+        let (shards, mut trims) = self.list("shard count", 0, SHARDS_MAX, 2)?;
         for _ in 0..shards {
             trims.push(self.counters("trim")?);
         }
@@ -423,12 +433,8 @@ impl Reader<'_> {
 
     fn batch(&mut self) -> Result<Batch, DecodeError> {
         let stamp = self.hlc()?;
-        let count = self.varint("request count")?;
-        if count == 0 || count > BATCH_REQUESTS_MAX as u64 {
-            return Err(DecodeError::TooLarge("request count"));
-        }
-        // Each request takes at least 4 bytes, so the input bounds the allocation.
-        let mut requests = Vec::with_capacity((count as usize).min(self.left() / 4));
+        // Each request takes at least 4 bytes.
+        let (count, mut requests) = self.list("request count", 1, BATCH_REQUESTS_MAX, 4)?;
         let mut total = 0usize;
         for _ in 0..count {
             let id = self.varint("request id")?;
