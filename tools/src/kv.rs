@@ -11,7 +11,7 @@ use derechofs_core::{Hlc, NodeId, Version};
 
 use crate::client::Client;
 use crate::config::NodeConfig;
-use crate::time::{format_rfc3339, parse_time_us};
+use derechofs_fs::time::{format_rfc3339, parse_time_us};
 
 /// How to reach the cluster.
 #[derive(Clone, Debug, clap::Args)]

@@ -9,7 +9,6 @@ mod kv;
 mod node;
 mod protocol;
 mod table;
-mod time;
 
 use std::path::PathBuf;
 

@@ -1,7 +1,8 @@
 //! Times as people write them (DESIGN §5): RFC 3339 (`2026-11-21T10:15:00Z`,
 //! `2026-11-21T10:15:00.123456+01:00`), Unix seconds with an optional fraction (`1763720100`,
 //! `1763720100.25`), or an integer with a unit suffix `ms`, `us` or `ns`. All to microseconds
-//! since the Unix epoch; finer digits are cut. Never panics, whatever the text.
+//! since the Unix epoch; finer digits are cut. Never panics, whatever the text. The `@STAMP` of a
+//! path component ([`crate::snapshot`]) and the tools' `--at` both use this grammar.
 
 /// Why a time does not parse.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,403 @@
+//! File data: chunks stored as a base and the extents written after it, on the data shards.
+//!
+//! A file's bytes are cut into chunks of `chunk_size` bytes (default 1 MiB); chunk `index` of
+//! inode `ino` lives on data shard [`placement`]`(ino, index, data_shards)`. A write stores only
+//! the bytes written, as an *extent* under its own key, and bumps the chunk's state (how many
+//! extents follow the base), so a 4 KiB overwrite costs about 4 KiB of log and never copies the
+//! chunk.
+//!
+//! **Compaction**, inside the order so that replicas agree: when a write would bring a chunk to
+//! [`EXTENTS_PER_CHUNK_MAX`] extents, or its extents to more bytes than the chunk holds, the
+//! write instead stores a new *base* (the whole chunk as it is after the write) and resets the
+//! extent count. Reading the current state of a chunk, at any version, therefore reads one state
+//! key, at most one base and at most [`EXTENTS_PER_CHUNK_MAX`] − 1 extents, each a B-tree lookup
+//! and a binary search in the log's index: the work does not grow with the number of versions of
+//! the file, only logarithmically in the index. Sequential writes that fill a chunk once never
+//! compact (their extents add up to the chunk exactly); the price of compaction is one chunk copy
+//! per [`EXTENTS_PER_CHUNK_MAX`] small overwrites, or per chunk's worth of overlapping writes.
+//!
+//! A truncation cuts: chunks wholly past the new size lose their state (and read as holes), and
+//! the chunk holding the new end gets a *cut* extent; bytes past a cut read as zeros even if the
+//! file grows again. Holes, and whatever a chunk does not hold, read as zeros.
+
+use bytes::{Bytes, BytesMut};
+use derechofs_storage::{Hlc, Version};
+
+use crate::codec::{put_varint, DecodeError, Reader};
+use crate::error::{Fail, FsError};
+use crate::inode::{Ino, FILE_SIZE_MAX};
+use crate::key;
+use crate::op::{DataOp, DataRead, DataReply, ReadReply, WRITE_LEN_MAX};
+use crate::store::{Delta, Store};
+use crate::{fs_bail, fs_err};
+
+/// The default chunk size: 1 MiB.
+pub const CHUNK_SIZE_DEFAULT: u32 = 1 << 20;
+/// Smallest chunk size a layout may have.
+pub const CHUNK_SIZE_MIN: u32 = 4096;
+/// Largest chunk size a layout may have.
+pub const CHUNK_SIZE_MAX: u32 = WRITE_LEN_MAX as u32;
+/// A chunk is compacted before it would have this many extents after its base.
+pub const EXTENTS_PER_CHUNK_MAX: u32 = 256;
+/// Most chunk states one truncation reads per page.
+const TRUNCATE_PAGE: usize = 256;
+
+/// The data shard that holds chunk `index` of `ino`, among `data_shards` (≥ 1). A pure function
+/// of its arguments, fixed by the format: every client and every node computes the same.
+pub fn placement(ino: Ino, index: u64, data_shards: u32) -> u32 {
+    assert!(data_shards > 0, "a layout has at least one data shard");
+    (mix(ino ^ mix(index.wrapping_add(0x9E37_79B9_7F4A_7C15))) % u64::from(data_shards)) as u32
+}
+
+/// SplitMix64's finalizer.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Checks a chunk size from a layout.
+pub fn check_chunk_size(chunk_size: u32) -> Result<(), String> {
+    if !(CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX).contains(&chunk_size) || !chunk_size.is_power_of_two() {
+        return Err(format!(
+            "chunk size {chunk_size} is not a power of two in {CHUNK_SIZE_MIN}..={CHUNK_SIZE_MAX}"
+        ));
+    }
+    Ok(())
+}
+
+/// What the state key of a chunk holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ChunkState {
+    /// Bytes of the base (0: no base).
+    base_len: u32,
+    /// Extents after the base, in slots `0..extents`.
+    extents: u32,
+    /// Their total bytes.
+    extent_bytes: u64,
+}
+
+const STATE_FORMAT: u8 = 1;
+const EXTENT_DATA: u8 = 1;
+const EXTENT_CUT: u8 = 2;
+
+impl ChunkState {
+    fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(12);
+        out.push(STATE_FORMAT);
+        put_varint(&mut out, u64::from(self.base_len));
+        put_varint(&mut out, u64::from(self.extents));
+        put_varint(&mut out, self.extent_bytes);
+        Bytes::from(out)
+    }
+
+    fn decode(b: &Bytes) -> Result<ChunkState, DecodeError> {
+        let mut r = Reader::new(b);
+        let f = r.u8("chunk state")?;
+        if f != STATE_FORMAT {
+            return Err(DecodeError::UnknownTag {
+                what: "chunk state",
+                tag: f,
+            });
+        }
+        let s = ChunkState {
+            base_len: r.varint_u32("base length")?,
+            extents: r.varint_u32("extent count")?,
+            extent_bytes: r.varint("extent bytes")?,
+        };
+        r.finish()?;
+        if s.extents > EXTENTS_PER_CHUNK_MAX {
+            return Err(DecodeError::Bad("extent count"));
+        }
+        Ok(s)
+    }
+}
+
+enum Extent {
+    Data { offset: u32, data: Bytes },
+    Cut { offset: u32 },
+}
+
+fn encode_extent(e: &Extent) -> Bytes {
+    let mut out = Vec::new();
+    match e {
+        Extent::Data { offset, data } => {
+            out.reserve(6 + data.len());
+            out.push(EXTENT_DATA);
+            put_varint(&mut out, u64::from(*offset));
+            out.extend_from_slice(data);
+        }
+        Extent::Cut { offset } => {
+            out.push(EXTENT_CUT);
+            put_varint(&mut out, u64::from(*offset));
+        }
+    }
+    Bytes::from(out)
+}
+
+fn decode_extent(b: &Bytes) -> Result<Extent, DecodeError> {
+    let mut r = Reader::new(b);
+    let kind = r.u8("extent")?;
+    let offset = r.varint_u32("extent offset")?;
+    let at = b.len() - r.remaining();
+    Ok(match kind {
+        EXTENT_DATA => Extent::Data {
+            offset,
+            data: b.slice(at..),
+        },
+        EXTENT_CUT => {
+            r.finish()?;
+            Extent::Cut { offset }
+        }
+        tag => {
+            return Err(DecodeError::UnknownTag {
+                what: "extent",
+                tag,
+            })
+        }
+    })
+}
+
+fn state_at<S: Store + ?Sized>(
+    store: &S,
+    ino: Ino,
+    index: u64,
+    version: Version,
+) -> Result<Option<ChunkState>, Fail> {
+    match store.get(&key::chunk(ino, index), version)? {
+        Some(v) => Ok(Some(ChunkState::decode(&v)?)),
+        None => Ok(None),
+    }
+}
+
+/// The bytes `[offset, offset + want)` of a chunk at `version`, cut at the chunk's end, with
+/// what no write covered as zeros. The work is one base read and at most
+/// [`EXTENTS_PER_CHUNK_MAX`] extent reads, whatever the chunk's history.
+fn assemble<S: Store + ?Sized>(
+    store: &S,
+    ino: Ino,
+    index: u64,
+    version: Version,
+    offset: u32,
+    want: u32,
+) -> Result<Bytes, Fail> {
+    let Some(state) = state_at(store, ino, index, version)? else {
+        return Ok(Bytes::new());
+    };
+    let lo = u64::from(offset);
+    let hi = lo + u64::from(want);
+    let mut window = BytesMut::zeroed(want as usize);
+    let mut len: u64 = 0;
+    let copy = |window: &mut BytesMut, at: u64, data: &[u8]| {
+        let from = at.max(lo);
+        let to = (at + data.len() as u64).min(hi);
+        if from < to {
+            window[(from - lo) as usize..(to - lo) as usize]
+                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
+        }
+    };
+    if state.base_len > 0 {
+        let base = store
+            .get(&key::base(ino, index), version)?
+            .ok_or(DecodeError::Bad("chunk base missing"))?;
+        if base.len() != state.base_len as usize {
+            return Err(DecodeError::Bad("chunk base length").into());
+        }
+        copy(&mut window, 0, &base);
+        len = base.len() as u64;
+    }
+    for slot in 0..state.extents {
+        let e = store
+            .get(&key::extent(ino, index, slot), version)?
+            .ok_or(DecodeError::Bad("chunk extent missing"))?;
+        match decode_extent(&e)? {
+            Extent::Data { offset, data } => {
+                let at = u64::from(offset);
+                copy(&mut window, at, &data);
+                len = len.max(at + data.len() as u64);
+            }
+            Extent::Cut { offset } => {
+                let at = u64::from(offset);
+                if at < len {
+                    len = at;
+                    if at < hi {
+                        let from = at.max(lo);
+                        window[(from - lo) as usize..].fill(0);
+                    }
+                }
+            }
+        }
+    }
+    let end = len.clamp(lo, hi);
+    window.truncate((end - lo) as usize);
+    Ok(window.freeze())
+}
+
+/// Applies one data operation at stamp `hlc` against `store` (its latest state), for a layout
+/// with chunks of `chunk_size` bytes. Returns the reply and the writes; a failure of the store
+/// itself is `Err`, and the replica must stop.
+pub fn apply<S: Store + ?Sized>(
+    store: &S,
+    _hlc: Hlc,
+    chunk_size: u32,
+    op: &DataOp,
+) -> Result<(Result<DataReply, FsError>, Delta), derechofs_storage::LogError> {
+    let mut delta = Vec::new();
+    match run(store, chunk_size, op, &mut delta) {
+        Ok(()) => Ok((Ok(DataReply::Done), delta)),
+        Err(Fail::Fs(e)) => Ok((Err(e), Vec::new())),
+        Err(Fail::Store(e)) => Err(e),
+    }
+}
+
+fn run<S: Store + ?Sized>(
+    store: &S,
+    chunk_size: u32,
+    op: &DataOp,
+    delta: &mut Delta,
+) -> Result<(), Fail> {
+    match op {
+        DataOp::Write {
+            ino,
+            index,
+            offset,
+            data,
+        } => {
+            let end = u64::from(*offset) + data.len() as u64;
+            if end > u64::from(chunk_size) {
+                fs_bail!(
+                    libc::EINVAL,
+                    "a write to {offset}..{end} crosses the end of a {chunk_size}-byte chunk"
+                );
+            }
+            let file_end = index
+                .checked_mul(u64::from(chunk_size))
+                .and_then(|s| s.checked_add(end));
+            if file_end.is_none_or(|e| e > FILE_SIZE_MAX) {
+                fs_bail!(libc::EFBIG, "chunk {index} is past the largest file");
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+            let mut state = state_at(store, *ino, *index, Version::MAX)?.unwrap_or_default();
+            let extent = Extent::Data {
+                offset: *offset,
+                data: data.clone(),
+            };
+            add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)
+        }
+        DataOp::Truncate { ino, size } => {
+            if *size > FILE_SIZE_MAX {
+                fs_bail!(libc::EFBIG, "size {size} is above the largest file");
+            }
+            let cs = u64::from(chunk_size);
+            let (cut_index, cut_offset) = (size / cs, (size % cs) as u32);
+            let first_dropped = if cut_offset == 0 {
+                cut_index
+            } else {
+                cut_index + 1
+            };
+            if cut_offset > 0 {
+                if let Some(mut state) = state_at(store, *ino, cut_index, Version::MAX)? {
+                    let extent = Extent::Cut { offset: cut_offset };
+                    add_extent(
+                        store, *ino, cut_index, chunk_size, &mut state, extent, delta,
+                    )?;
+                }
+            }
+            let prefix = key::chunks(*ino);
+            let mut after = first_dropped.checked_sub(1).map(|i| key::chunk(*ino, i));
+            loop {
+                let page = store.scan(&prefix, Version::MAX, after.as_deref(), TRUNCATE_PAGE)?;
+                for (k, _) in &page {
+                    if key::chunk_index_of(k).is_some_and(|i| i >= first_dropped) {
+                        delta.push((k.clone(), None));
+                    }
+                }
+                if page.len() < TRUNCATE_PAGE {
+                    return Ok(());
+                }
+                after = page.last().map(|(k, _)| k.clone());
+            }
+        }
+    }
+}
+
+/// Adds an extent to a chunk, compacting it into a new base when it would hold too many
+/// extents or more extent bytes than the chunk's size.
+fn add_extent<S: Store + ?Sized>(
+    store: &S,
+    ino: Ino,
+    index: u64,
+    chunk_size: u32,
+    state: &mut ChunkState,
+    extent: Extent,
+    delta: &mut Delta,
+) -> Result<(), Fail> {
+    let bytes = match &extent {
+        Extent::Data { data, .. } => data.len() as u64,
+        Extent::Cut { .. } => 0,
+    };
+    let compact = state.extents + 1 >= EXTENTS_PER_CHUNK_MAX
+        || state.extent_bytes + bytes > u64::from(chunk_size);
+    if !compact {
+        delta.push((
+            key::extent(ino, index, state.extents),
+            Some(encode_extent(&extent)),
+        ));
+        state.extents += 1;
+        state.extent_bytes += bytes;
+        delta.push((key::chunk(ino, index), Some(state.encode())));
+        return Ok(());
+    }
+    let mut current =
+        BytesMut::from(assemble(store, ino, index, Version::MAX, 0, chunk_size)?.as_ref());
+    match extent {
+        Extent::Data { offset, data } => {
+            let end = offset as usize + data.len();
+            if current.len() < end {
+                current.resize(end, 0);
+            }
+            current[offset as usize..end].copy_from_slice(&data);
+        }
+        Extent::Cut { offset } => current.truncate(current.len().min(offset as usize)),
+    }
+    *state = ChunkState {
+        base_len: current.len() as u32,
+        extents: 0,
+        extent_bytes: 0,
+    };
+    delta.push((key::base(ino, index), Some(current.freeze())));
+    delta.push((key::chunk(ino, index), Some(state.encode())));
+    Ok(())
+}
+
+/// Answers a data read at `version`.
+pub fn read<S: Store + ?Sized>(
+    store: &S,
+    version: Version,
+    chunk_size: u32,
+    read: &DataRead,
+) -> Result<ReadReply, FsError> {
+    match read {
+        DataRead::Chunk {
+            ino,
+            index,
+            offset,
+            len,
+        } => {
+            let end = u64::from(*offset) + u64::from(*len);
+            if end > u64::from(chunk_size) {
+                return Err(fs_err!(
+                    libc::EINVAL,
+                    "a read of {offset}..{end} crosses the end of a {chunk_size}-byte chunk"
+                ));
+            }
+            match assemble(store, *ino, *index, version, *offset, *len) {
+                Ok(b) => Ok(ReadReply::Bytes(b)),
+                Err(Fail::Fs(e)) => Err(e),
+                Err(Fail::Store(e)) => Err(FsError::from(e)),
+            }
+        }
+    }
+}

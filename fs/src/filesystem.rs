@@ -1,0 +1,610 @@
+//! The file system as a client sees it: a synchronous facade over [`Shards`] that the FUSE
+//! adapter calls method by method, with `NAME@STAMP` snapshot resolution.
+//!
+//! Every method takes inode numbers as the kernel does. A live inode is read at the latest
+//! state; a snapshot inode (top bit set, [`crate::snapshot`]) is read at its time in every shard
+//! it touches, and refuses changes with EROFS. Writes send the data to the data shards first and
+//! then the new size to the namespace shard (close-to-open, DESIGN §4), so that a reader who sees
+//! the size also sees the bytes.
+
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use derechofs_core::kv::ReadAt;
+use derechofs_storage::Hlc;
+
+use crate::chunk::placement;
+use crate::error::{FsError, FsResult};
+use crate::inode::{Attr, FileKind, Ino, FILE_SIZE_MAX, ROOT_INO};
+use crate::namespace::VIRTUAL_XATTR_PREFIX;
+use crate::op::{
+    decode_read_reply, Creds, DataOp, DataRead, DataReply, DirEntry, HistoryEntry, NsOp, NsRead,
+    NsReply, Op, ReadReply, Reply, Request, SetAttr, READDIR_ENTRIES_MAX,
+};
+use crate::shards::{FsLayout, ShardRef, Shards, Space};
+use crate::snapshot::{is_snapshot, snapshot_stamp, split_snapshot, SnapshotTable};
+use crate::time::format_rfc3339;
+use crate::{fs_bail, fs_err};
+
+/// The virtual extended attribute that lists the times and versions at which an inode changed.
+pub const HISTORY_XATTR: &[u8] = b"user.derechofs.history";
+/// Most requests one [`FileSystem`] has in flight at once (each uses its own client id).
+pub const CLIENT_SLOTS_MAX: u64 = 64;
+/// The default allowed clock skew: a snapshot time later than now plus this is ENOENT.
+pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
+
+/// Settings of a [`FileSystem`].
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Base of the client ids this file system uses (`base..base + CLIENT_SLOTS_MAX`); must be
+    /// unique in the cluster (a random 64-bit value is).
+    pub client_base: u64,
+    /// A snapshot time later than the client's clock plus this gives ENOENT.
+    pub skew_max_us: u64,
+    /// Owner of the root directory if this client creates it.
+    pub root_owner: Creds,
+}
+
+/// `statfs` numbers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatFs {
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Bytes free.
+    pub free_bytes: u64,
+    /// Inode numbers used.
+    pub inodes: u64,
+    /// Inode numbers left.
+    pub inodes_free: u64,
+    /// Preferred I/O size: the chunk size.
+    pub block_size: u32,
+    /// Longest name.
+    pub name_len_max: u32,
+}
+
+/// Where an inode is read: its live number and the state it is read at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct View {
+    ino: Ino,
+    at: Option<Hlc>,
+}
+
+impl View {
+    fn read_at(self) -> ReadAt {
+        match self.at {
+            None => ReadAt::Latest,
+            Some(t) => ReadAt::Time(t),
+        }
+    }
+}
+
+/// The file system over a set of shards.
+#[derive(Debug)]
+pub struct FileSystem<S: Shards> {
+    shards: S,
+    layout: FsLayout,
+    config: FsConfig,
+    /// Free client slots: `(client id, last request number)`.
+    slots: Mutex<Vec<(u64, u64)>>,
+    snapshots: Mutex<SnapshotTable>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bad_reply(e: impl std::fmt::Display) -> FsError {
+    fs_err!(libc::EIO, "a shard answered what is not a reply: {e}")
+}
+
+impl<S: Shards> FileSystem<S> {
+    /// The file system over `shards`; creates the root directory if the cluster has none.
+    pub fn new(shards: S, config: FsConfig) -> FsResult<FileSystem<S>> {
+        let layout = shards.layout();
+        crate::chunk::check_chunk_size(layout.chunk_size)
+            .map_err(|e| fs_err!(libc::EINVAL, "{e}"))?;
+        if layout.data_shards == 0 {
+            fs_bail!(libc::EINVAL, "a layout needs at least one data shard");
+        }
+        let slots = (0..CLIENT_SLOTS_MAX)
+            .map(|i| (config.client_base.wrapping_add(i), 0))
+            .collect();
+        let fs = FileSystem {
+            shards,
+            layout,
+            config,
+            slots: Mutex::new(slots),
+            snapshots: Mutex::new(SnapshotTable::default()),
+        };
+        let creds = fs.config.root_owner;
+        fs.ns(NsOp::Init { creds })?;
+        Ok(fs)
+    }
+
+    /// The shards underneath.
+    pub fn shards(&self) -> &S {
+        &self.shards
+    }
+
+    /// The layout.
+    pub fn layout(&self) -> FsLayout {
+        self.layout
+    }
+
+    fn submit(&self, shard: ShardRef, op: Op) -> FsResult<Reply> {
+        let (client, number) = {
+            let mut slots = lock(&self.slots);
+            // Bounded: CLIENT_SLOTS_MAX requests in flight; more callers than that wait.
+            loop {
+                if let Some((c, n)) = slots.pop() {
+                    break (c, n + 1);
+                }
+                drop(slots);
+                std::thread::yield_now();
+                slots = lock(&self.slots);
+            }
+        };
+        let request = Request { client, number, op }.encode();
+        let result = self.shards.submit(shard, request);
+        lock(&self.slots).push((client, number));
+        let reply = Reply::decode(&result?).map_err(bad_reply)?;
+        match reply {
+            Reply::Stale { last } => Err(fs_err!(
+                libc::EIO,
+                "request {number} of client {client} was answered as stale (last {last})"
+            )),
+            r => Ok(r),
+        }
+    }
+
+    fn ns(&self, op: NsOp) -> FsResult<NsReply> {
+        match self.submit(ShardRef::Namespace, Op::Ns(op))? {
+            Reply::Ns(r) => r,
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    fn data(&self, shard: u32, op: DataOp) -> FsResult<DataReply> {
+        match self.submit(ShardRef::Data(shard), Op::Data(op))? {
+            Reply::Data(r) => r,
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    fn ns_attr(&self, op: NsOp) -> FsResult<Attr> {
+        match self.ns(op)? {
+            NsReply::Attr(a) => Ok(a),
+            NsReply::Done => Err(bad_reply("no attributes")),
+        }
+    }
+
+    fn ns_read(&self, at: ReadAt, read: NsRead) -> FsResult<ReadReply> {
+        let reply = self.shards.read(ShardRef::Namespace, at, read.encode())?;
+        decode_read_reply(&reply).map_err(bad_reply)?
+    }
+
+    fn view(&self, ino: Ino) -> FsResult<View> {
+        if !is_snapshot(ino) {
+            return Ok(View { ino, at: None });
+        }
+        match lock(&self.snapshots).resolve(ino) {
+            Some((ino, t)) => Ok(View { ino, at: Some(t) }),
+            None => fs_bail!(
+                libc::ENOENT,
+                "snapshot inode {ino:#x} is unknown to this mount"
+            ),
+        }
+    }
+
+    /// The live inode a change applies to; EROFS for snapshot inodes.
+    fn live(&self, ino: Ino) -> FsResult<Ino> {
+        if is_snapshot(ino) {
+            fs_bail!(libc::EROFS, "snapshots are read-only");
+        }
+        Ok(ino)
+    }
+
+    /// Attributes as the caller sees them: with the snapshot inode number inside a snapshot.
+    fn present(&self, mut attr: Attr, at: Option<Hlc>) -> FsResult<Attr> {
+        if let Some(t) = at {
+            attr.ino = lock(&self.snapshots)
+                .ino(attr.ino, t)
+                .ok_or_else(|| fs_err!(libc::ENOMEM, "too many snapshot times in use"))?;
+        }
+        Ok(attr)
+    }
+
+    fn attr_reply(&self, r: ReadReply, at: Option<Hlc>) -> FsResult<Attr> {
+        match r {
+            ReadReply::Attr(a) => self.present(a, at),
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Checks a snapshot time: ENOENT beyond now plus the allowed skew.
+    fn check_time(&self, us: u64) -> FsResult<Hlc> {
+        let now = self.shards.now_us();
+        if us > now.saturating_add(self.config.skew_max_us) {
+            fs_bail!(libc::ENOENT, "time {} is in the future", format_rfc3339(us));
+        }
+        Ok(snapshot_stamp(us))
+    }
+
+    /// Looks up `name` in directory `parent`. In a live directory a name that does not exist
+    /// and has the form `NAME@STAMP` is `NAME` as it was at `STAMP` (an empty `NAME`: `parent`
+    /// itself then); inside a snapshot, names are taken literally.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        let p = self.view(parent)?;
+        let literal = self.ns_read(
+            p.read_at(),
+            NsRead::Lookup {
+                parent: p.ino,
+                name: Bytes::copy_from_slice(name),
+            },
+        );
+        match literal {
+            Err(e) if e.errno == libc::ENOENT && p.at.is_none() => {
+                let Some((base, us)) = split_snapshot(name) else {
+                    return Err(e);
+                };
+                let t = self.check_time(us)?;
+                let read = if base.is_empty() {
+                    NsRead::GetAttr { ino: p.ino }
+                } else {
+                    NsRead::Lookup {
+                        parent: p.ino,
+                        name: Bytes::copy_from_slice(base),
+                    }
+                };
+                let r = self.ns_read(ReadAt::Time(t), read)?;
+                self.attr_reply(r, Some(t))
+            }
+            other => self.attr_reply(other?, p.at),
+        }
+    }
+
+    /// The attributes of `ino`.
+    pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
+        let v = self.view(ino)?;
+        let r = self.ns_read(v.read_at(), NsRead::GetAttr { ino: v.ino })?;
+        self.attr_reply(r, v.at)
+    }
+
+    /// Changes attributes. A size change first cuts the data shards at the smaller of the old
+    /// and new sizes, so bytes past the end never reappear when a file grows again.
+    pub fn setattr(&self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
+        let ino = self.live(ino)?;
+        if let Some(size) = set.size {
+            let current = self.getattr(ino)?;
+            match current.kind {
+                FileKind::Regular => {}
+                FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
+                _ => fs_bail!(libc::EINVAL, "inode {ino} is not a regular file"),
+            }
+            if size > FILE_SIZE_MAX {
+                fs_bail!(libc::EFBIG, "size {size} is above the largest file");
+            }
+            if size != current.size {
+                let cut = size.min(current.size);
+                for shard in 0..self.layout.data_shards {
+                    self.data(shard, DataOp::Truncate { ino, size: cut })?;
+                }
+            }
+        }
+        self.ns_attr(NsOp::SetAttr { ino, set })
+    }
+
+    /// Creates a regular file.
+    pub fn create(&self, parent: Ino, name: &[u8], perm: u16, creds: Creds) -> FsResult<Attr> {
+        self.mknod(parent, name, FileKind::Regular, perm, 0, creds)
+    }
+
+    /// Creates a regular file, a fifo, a socket or a device.
+    pub fn mknod(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        kind: FileKind,
+        perm: u16,
+        rdev: u32,
+        creds: Creds,
+    ) -> FsResult<Attr> {
+        let parent = self.live(parent)?;
+        self.ns_attr(NsOp::Create {
+            parent,
+            name: Bytes::copy_from_slice(name),
+            kind,
+            perm,
+            rdev,
+            creds,
+        })
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(&self, parent: Ino, name: &[u8], perm: u16, creds: Creds) -> FsResult<Attr> {
+        let parent = self.live(parent)?;
+        self.ns_attr(NsOp::Mkdir {
+            parent,
+            name: Bytes::copy_from_slice(name),
+            perm,
+            creds,
+        })
+    }
+
+    /// Creates a symbolic link.
+    pub fn symlink(&self, parent: Ino, name: &[u8], target: &[u8], creds: Creds) -> FsResult<Attr> {
+        let parent = self.live(parent)?;
+        self.ns_attr(NsOp::Symlink {
+            parent,
+            name: Bytes::copy_from_slice(name),
+            target: Bytes::copy_from_slice(target),
+            creds,
+        })
+    }
+
+    /// The target of a symbolic link.
+    pub fn readlink(&self, ino: Ino) -> FsResult<Bytes> {
+        let v = self.view(ino)?;
+        match self.ns_read(v.read_at(), NsRead::ReadLink { ino: v.ino })? {
+            ReadReply::Bytes(b) => Ok(b),
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Adds the name `name` in `parent` for `ino`.
+    pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> FsResult<Attr> {
+        let ino = self.live(ino)?;
+        let parent = self.live(parent)?;
+        self.ns_attr(NsOp::Link {
+            ino,
+            parent,
+            name: Bytes::copy_from_slice(name),
+        })
+    }
+
+    /// Removes a name that is not a directory.
+    pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        let parent = self.live(parent)?;
+        self.ns(NsOp::Unlink {
+            parent,
+            name: Bytes::copy_from_slice(name),
+        })
+        .map(drop)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        let parent = self.live(parent)?;
+        self.ns(NsOp::Rmdir {
+            parent,
+            name: Bytes::copy_from_slice(name),
+        })
+        .map(drop)
+    }
+
+    /// Renames, with `RENAME_NOREPLACE` / `RENAME_EXCHANGE` flags.
+    pub fn rename(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        new_parent: Ino,
+        new_name: &[u8],
+        flags: u32,
+    ) -> FsResult<()> {
+        let parent = self.live(parent)?;
+        let new_parent = self.live(new_parent)?;
+        self.ns(NsOp::Rename {
+            parent,
+            name: Bytes::copy_from_slice(name),
+            new_parent,
+            new_name: Bytes::copy_from_slice(new_name),
+            flags,
+        })
+        .map(drop)
+    }
+
+    /// Up to `limit` entries of directory `ino` after the name `after`, in name order, and
+    /// whether more follow. Snapshot names never appear; `.` and `..` are the caller's to add.
+    pub fn readdir(
+        &self,
+        ino: Ino,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> FsResult<(Vec<DirEntry>, bool)> {
+        let v = self.view(ino)?;
+        let read = NsRead::ReadDir {
+            ino: v.ino,
+            after: after.map(Bytes::copy_from_slice),
+            limit: limit.clamp(1, READDIR_ENTRIES_MAX) as u32,
+        };
+        match self.ns_read(v.read_at(), read)? {
+            ReadReply::Dir { mut entries, more } => {
+                if let Some(t) = v.at {
+                    let mut table = lock(&self.snapshots);
+                    for e in &mut entries {
+                        e.ino = table
+                            .ino(e.ino, t)
+                            .ok_or_else(|| fs_err!(libc::ENOMEM, "too many snapshot times"))?;
+                    }
+                }
+                Ok((entries, more))
+            }
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Up to `len` bytes of file `ino` at `offset`: fewer at the end of the file; holes read as
+    /// zeros.
+    pub fn read(&self, ino: Ino, offset: u64, len: u32) -> FsResult<Bytes> {
+        let v = self.view(ino)?;
+        let attr = match self.ns_read(v.read_at(), NsRead::GetAttr { ino: v.ino })? {
+            ReadReply::Attr(a) => a,
+            other => return Err(bad_reply(format!("{other:?}"))),
+        };
+        match attr.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
+            _ => fs_bail!(libc::EINVAL, "inode {ino} is not a regular file"),
+        }
+        let end = offset.saturating_add(u64::from(len)).min(attr.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let cs = u64::from(self.layout.chunk_size);
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / cs;
+            let within = (pos % cs) as u32;
+            let want = (cs - u64::from(within)).min(end - pos) as u32;
+            let shard = placement(v.ino, index, self.layout.data_shards);
+            let read = DataRead::Chunk {
+                ino: v.ino,
+                index,
+                offset: within,
+                len: want,
+            };
+            let reply = self
+                .shards
+                .read(ShardRef::Data(shard), v.read_at(), read.encode())?;
+            let bytes = match decode_read_reply(&reply).map_err(bad_reply)?? {
+                ReadReply::Bytes(b) => b,
+                other => return Err(bad_reply(format!("{other:?}"))),
+            };
+            if bytes.len() > want as usize {
+                return Err(bad_reply("a chunk read longer than asked"));
+            }
+            out.extend_from_slice(&bytes);
+            out.resize(out.len() + (want as usize - bytes.len()), 0);
+            pos += u64::from(want);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Writes `data` at `offset` of file `ino`: the bytes to the data shards, then the size and
+    /// modification time to the namespace shard. Returns the attributes after the write.
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
+        let ino = self.live(ino)?;
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= FILE_SIZE_MAX)
+            .ok_or_else(|| fs_err!(libc::EFBIG, "a write past the largest file"))?;
+        let cs = u64::from(self.layout.chunk_size);
+        let mut pos = offset;
+        while pos < end {
+            let index = pos / cs;
+            let within = (pos % cs) as u32;
+            let n = (cs - u64::from(within)).min(end - pos);
+            let from = (pos - offset) as usize;
+            let shard = placement(ino, index, self.layout.data_shards);
+            self.data(
+                shard,
+                DataOp::Write {
+                    ino,
+                    index,
+                    offset: within,
+                    data: Bytes::copy_from_slice(&data[from..from + n as usize]),
+                },
+            )?;
+            pos += n;
+        }
+        self.ns_attr(NsOp::Written { ino, end })
+    }
+
+    /// Sets an extended attribute.
+    pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
+        let ino = self.live(ino)?;
+        self.ns(NsOp::SetXattr {
+            ino,
+            name: Bytes::copy_from_slice(name),
+            value: Bytes::copy_from_slice(value),
+            flags,
+        })
+        .map(drop)
+    }
+
+    /// One extended attribute; [`HISTORY_XATTR`] is computed: one line per change of the inode,
+    /// oldest first, `RFC3339-TIME VERSION` with the version in hex.
+    pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Bytes> {
+        let v = self.view(ino)?;
+        if name == HISTORY_XATTR {
+            let mut text = String::new();
+            for e in self.history(ino)? {
+                text.push_str(&format!(
+                    "{} {:#x}\n",
+                    format_rfc3339(e.hlc.wall_us),
+                    e.version
+                ));
+            }
+            return Ok(Bytes::from(text));
+        }
+        match self.ns_read(
+            v.read_at(),
+            NsRead::GetXattr {
+                ino: v.ino,
+                name: Bytes::copy_from_slice(name),
+            },
+        )? {
+            ReadReply::Bytes(b) => Ok(b),
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// The names of the extended attributes (the computed ones are not listed).
+    pub fn listxattr(&self, ino: Ino) -> FsResult<Vec<Bytes>> {
+        let v = self.view(ino)?;
+        match self.ns_read(v.read_at(), NsRead::ListXattr { ino: v.ino })? {
+            ReadReply::Names(n) => Ok(n
+                .into_iter()
+                .filter(|n| !n.starts_with(VIRTUAL_XATTR_PREFIX))
+                .collect()),
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Removes an extended attribute.
+    pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
+        let ino = self.live(ino)?;
+        self.ns(NsOp::RemoveXattr {
+            ino,
+            name: Bytes::copy_from_slice(name),
+        })
+        .map(drop)
+    }
+
+    /// The versions and stamps at which inode `ino` changed (its attributes, its size and times
+    /// with every write, its entries for a directory), oldest first; for a snapshot inode, up to
+    /// its time.
+    pub fn history(&self, ino: Ino) -> FsResult<Vec<HistoryEntry>> {
+        let v = self.view(ino)?;
+        match self.ns_read(v.read_at(), NsRead::History { ino: v.ino })? {
+            ReadReply::History(h) => Ok(h),
+            other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// `statfs`.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let inodes = match self.ns_read(ReadAt::Latest, NsRead::StatFs)? {
+            ReadReply::StatFs { inodes } => inodes,
+            other => return Err(bad_reply(format!("{other:?}"))),
+        };
+        let Space {
+            total_bytes,
+            free_bytes,
+        } = self.shards.space()?;
+        Ok(StatFs {
+            total_bytes,
+            free_bytes,
+            inodes,
+            inodes_free: crate::inode::LIVE_INO_MAX - inodes,
+            block_size: self.layout.chunk_size,
+            name_len_max: crate::inode::NAME_LEN_MAX as u32,
+        })
+    }
+
+    /// The root directory's inode number.
+    pub fn root(&self) -> Ino {
+        ROOT_INO
+    }
+}

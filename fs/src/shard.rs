@@ -1,0 +1,188 @@
+//! One shard's file system state machine: applies a delivered version's requests in order, with
+//! the per-client deduplication that makes a retried request apply once, and answers reads at a
+//! version or a time.
+//!
+//! The same machine serves the namespace shard and the data shards: a request carries either a
+//! namespace or a data operation, and the keys of the two never overlap. [`FsShard`] owns the
+//! replica's [`Log`]; [`apply_batch`] and [`serve_read`] work over any [`Store`].
+
+use bytes::Bytes;
+use derechofs_core::kv::ReadAt;
+use derechofs_storage::{Hlc, Log, LogError, Version, Write};
+
+use crate::chunk;
+use crate::codec::{put_varint, Reader};
+use crate::error::FsError;
+use crate::fs_err;
+use crate::key;
+use crate::namespace;
+use crate::op::{encode_read_reply, DataRead, NsRead, Op, Reply, Request};
+use crate::store::{Delta, Overlay, Store};
+
+/// What applying one version produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// One encoded [`Reply`] per request, in order.
+    pub replies: Vec<Bytes>,
+    /// The version's delta, in key order.
+    pub delta: Delta,
+}
+
+/// Decides every request of one version against `store` (its latest state) in order, later
+/// requests seeing the writes of earlier ones. Deterministic: the same store and payloads give
+/// the same replies and delta at every replica. `Err` is a failure of the store: the replica
+/// must stop.
+pub fn apply_batch<S: Store + ?Sized>(
+    store: &S,
+    hlc: Hlc,
+    chunk_size: u32,
+    payloads: &[Bytes],
+) -> Result<Applied, LogError> {
+    let mut overlay = Overlay::new(store);
+    let mut replies = Vec::with_capacity(payloads.len());
+    for payload in payloads {
+        let request = match Request::decode(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                // Undecodable bytes are answered, never applied; the errno says the request was bad.
+                let e = fs_err!(libc::EINVAL, "bad request: {e}");
+                replies.push(Reply::Ns(Err(e)).encode());
+                continue;
+            }
+        };
+        let client_key = key::client(request.client);
+        if let Some(record) = overlay.get(&client_key, Version::MAX)? {
+            if let Some((number, reply)) = decode_client_record(&record) {
+                if request.number == number {
+                    replies.push(reply);
+                    continue;
+                }
+                if request.number < number {
+                    replies.push(Reply::Stale { last: number }.encode());
+                    continue;
+                }
+            }
+        }
+        let (reply, delta) = match &request.op {
+            Op::Ns(op) => {
+                let (r, d) = namespace::apply(&overlay, hlc, op)?;
+                (Reply::Ns(r), d)
+            }
+            Op::Data(op) => {
+                let (r, d) = chunk::apply(&overlay, hlc, chunk_size, op)?;
+                (Reply::Data(r), d)
+            }
+        };
+        let reply = reply.encode();
+        overlay.apply(delta);
+        let mut record = Vec::with_capacity(10 + reply.len());
+        put_varint(&mut record, request.number);
+        record.extend_from_slice(&reply);
+        overlay.apply(vec![(client_key, Some(Bytes::from(record)))]);
+        replies.push(reply);
+    }
+    Ok(Applied {
+        replies,
+        delta: overlay.into_writes().into_iter().collect(),
+    })
+}
+
+fn decode_client_record(record: &Bytes) -> Option<(u64, Bytes)> {
+    let mut r = Reader::new(record);
+    let number = r.varint("number").ok()?;
+    let at = record.len() - r.remaining();
+    Some((number, record.slice(at..)))
+}
+
+/// The version a read at `at` looks at: `None` when the shard had nothing yet then. Errors: a
+/// time before the trim horizon is ENOENT.
+pub fn version_for<S: Store + ?Sized>(store: &S, at: ReadAt) -> Result<Option<Version>, FsError> {
+    match at {
+        ReadAt::Latest => Ok(Some(Version::MAX)),
+        ReadAt::Version(v) => Ok(Some(v)),
+        ReadAt::Time(t) => Ok(store.version_at(t)?),
+    }
+}
+
+/// Answers an encoded read ([`NsRead`] or [`DataRead`]) at `at` with an encoded read reply.
+/// The caller (the node) waits, for a read at a time, until the shard's stability frontier has
+/// passed that time; then the answer can never change.
+pub fn serve_read<S: Store + ?Sized>(
+    store: &S,
+    at: ReadAt,
+    chunk_size: u32,
+    request: &Bytes,
+) -> Bytes {
+    encode_read_reply(&answer(store, at, chunk_size, request))
+}
+
+fn answer<S: Store + ?Sized>(
+    store: &S,
+    at: ReadAt,
+    chunk_size: u32,
+    request: &Bytes,
+) -> Result<crate::op::ReadReply, FsError> {
+    let version = version_for(store, at)?;
+    if let Ok(read) = DataRead::decode(request) {
+        return match version {
+            Some(v) => chunk::read(store, v, chunk_size, &read),
+            None => Ok(crate::op::ReadReply::Bytes(Bytes::new())),
+        };
+    }
+    let read = NsRead::decode(request).map_err(|e| fs_err!(libc::EINVAL, "bad read: {e}"))?;
+    match version {
+        Some(v) => namespace::read(store, v, &read),
+        None => Err(fs_err!(libc::ENOENT, "nothing existed yet at {at:?}")),
+    }
+}
+
+/// The file system state machine of one shard replica, over that replica's log.
+#[derive(Debug)]
+pub struct FsShard {
+    log: Log,
+    chunk_size: u32,
+}
+
+impl FsShard {
+    /// The shard whose state is `log`, in a layout with chunks of `chunk_size` bytes.
+    pub fn new(log: Log, chunk_size: u32) -> Result<FsShard, String> {
+        chunk::check_chunk_size(chunk_size)?;
+        Ok(FsShard { log, chunk_size })
+    }
+
+    /// The log, for persistence and status.
+    pub fn log(&self) -> &Log {
+        &self.log
+    }
+
+    /// The log, for persistence.
+    pub fn log_mut(&mut self) -> &mut Log {
+        &mut self.log
+    }
+
+    /// Applies one delivered version and appends its delta; returns one encoded [`Reply`] per
+    /// payload.
+    pub fn apply(
+        &mut self,
+        version: Version,
+        hlc: Hlc,
+        payloads: &[Bytes],
+    ) -> Result<Vec<Bytes>, LogError> {
+        let applied = apply_batch(&self.log, hlc, self.chunk_size, payloads)?;
+        let writes: Vec<Write<'_>> = applied
+            .delta
+            .iter()
+            .map(|(k, v)| Write {
+                key: k,
+                value: v.as_deref(),
+            })
+            .collect();
+        self.log.append(version, hlc, &writes)?;
+        Ok(applied.replies)
+    }
+
+    /// Answers an encoded read at `at`.
+    pub fn read(&self, at: ReadAt, request: &Bytes) -> Bytes {
+        serve_read(&self.log, at, self.chunk_size, request)
+    }
+}

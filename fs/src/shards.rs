@@ -1,0 +1,221 @@
+//! How a file system client reaches the shards: the [`Shards`] seam, and [`LocalShards`], an
+//! in-process implementation over real logs (one namespace shard and several data shards, one
+//! replica each) for tests and for running the file system logic without a cluster.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use derechofs_core::kv::ReadAt;
+use derechofs_storage::backend::MemoryBackend;
+use derechofs_storage::{version_of, Hlc, Log, LogConfig, SyncPolicy};
+
+use crate::chunk::{check_chunk_size, CHUNK_SIZE_DEFAULT};
+use crate::error::{FsError, FsResult};
+use crate::fs_err;
+use crate::shard::FsShard;
+
+/// Which shard a request goes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShardRef {
+    /// The namespace shard.
+    Namespace,
+    /// Data shard `i`, `0..data_shards`.
+    Data(u32),
+}
+
+/// The parts of the layout a client needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FsLayout {
+    /// Number of data shards (≥ 1).
+    pub data_shards: u32,
+    /// Bytes per chunk (a power of two, `CHUNK_SIZE_MIN..=CHUNK_SIZE_MAX`).
+    pub chunk_size: u32,
+}
+
+/// Space for `statfs`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes in all.
+    pub total_bytes: u64,
+    /// Bytes free.
+    pub free_bytes: u64,
+}
+
+/// A client's way to the shards of a cluster.
+///
+/// To ensure correctness, an implementation must:
+/// - `submit`: deliver the encoded request to the shard's ordered multicast and return the reply
+///   of the replica that answered, after the request was delivered (applied) there. On a failure
+///   it may resend the *same bytes* (the request number makes a retry apply once); it returns an
+///   error (EIO, or EAGAIN when the shard cannot make progress) only when it gives up. The client
+///   stamp it carries is at least every stamp this client has seen (so an operation that follows
+///   another through this client is stamped later, in any shard).
+/// - `read`: answer the encoded read from one replica's state at `at`. For `ReadAt::Latest`, a
+///   state that includes every request this client had answered (read-your-writes). For
+///   `ReadAt::Time(t)`, only once the shard's stability frontier has passed `t`, so that the
+///   answer can never change afterwards (EAGAIN if it cannot within the configured wait).
+/// - `now_us`: the client's wall clock, used to refuse times in the future.
+pub trait Shards: Send + Sync {
+    /// The layout.
+    fn layout(&self) -> FsLayout;
+    /// Applies an encoded `Request` in `shard`'s order; returns the encoded `Reply`.
+    fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes>;
+    /// Answers an encoded read at `at`; returns the encoded read reply.
+    fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes>;
+    /// The client's wall clock, in microseconds since the Unix epoch.
+    fn now_us(&self) -> u64;
+    /// Space for `statfs`.
+    fn space(&self) -> FsResult<Space>;
+}
+
+/// Where [`LocalShards`] take the time from.
+#[derive(Debug)]
+pub enum Clock {
+    /// The system clock.
+    System,
+    /// A clock the caller sets (tests): starts at the value, moves only by [`LocalShards::set_now_us`].
+    Manual(AtomicU64),
+}
+
+#[derive(Debug)]
+struct LocalShard {
+    fs: FsShard,
+    seq: u32,
+}
+
+/// Shards in this process: one log each on a [`MemoryBackend`], requests applied one version
+/// each, stamps by the rule of DESIGN §2 (above the shard's last stamp, the client's stamp and
+/// the clock). A read at a time `t` moves the stamp floor above `t`, which is what waiting for
+/// the stability frontier guarantees in a cluster: nothing can be stamped at or below `t` later.
+#[derive(Debug)]
+pub struct LocalShards {
+    namespace: Mutex<LocalShard>,
+    data: Vec<Mutex<LocalShard>>,
+    layout: FsLayout,
+    clock: Clock,
+    /// The highest stamp handed out or read at: every new stamp is above it.
+    floor: Mutex<Hlc>,
+    space: Space,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding a shard is a bug elsewhere; the state is still the log's.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl LocalShards {
+    /// One namespace shard and `data_shards` data shards, with chunks of `chunk_size` bytes.
+    pub fn new(data_shards: u32, chunk_size: u32, clock: Clock) -> Result<LocalShards, String> {
+        check_chunk_size(chunk_size)?;
+        if data_shards == 0 {
+            return Err("a layout needs at least one data shard".into());
+        }
+        let shard = || -> Result<Mutex<LocalShard>, String> {
+            let config = LogConfig {
+                sync: SyncPolicy::None,
+                segment_bytes: 16 << 20,
+                ..LogConfig::default()
+            };
+            let log =
+                Log::open(Arc::new(MemoryBackend::new()), config).map_err(|e| e.to_string())?;
+            Ok(Mutex::new(LocalShard {
+                fs: FsShard::new(log, chunk_size)?,
+                seq: 0,
+            }))
+        };
+        Ok(LocalShards {
+            namespace: shard()?,
+            data: (0..data_shards)
+                .map(|_| shard())
+                .collect::<Result<_, _>>()?,
+            layout: FsLayout {
+                data_shards,
+                chunk_size,
+            },
+            clock,
+            floor: Mutex::new(Hlc::ZERO),
+            space: Space {
+                total_bytes: 1 << 40,
+                free_bytes: 1 << 40,
+            },
+        })
+    }
+
+    /// Default chunk size, the system clock.
+    pub fn with_defaults(data_shards: u32) -> Result<LocalShards, String> {
+        LocalShards::new(data_shards, CHUNK_SIZE_DEFAULT, Clock::System)
+    }
+
+    /// Sets a manual clock.
+    pub fn set_now_us(&self, us: u64) {
+        if let Clock::Manual(c) = &self.clock {
+            c.store(us, Ordering::SeqCst);
+        }
+    }
+
+    fn shard(&self, shard: ShardRef) -> FsResult<&Mutex<LocalShard>> {
+        match shard {
+            ShardRef::Namespace => Ok(&self.namespace),
+            ShardRef::Data(i) => self
+                .data
+                .get(i as usize)
+                .ok_or_else(|| fs_err!(libc::EIO, "no data shard {i}")),
+        }
+    }
+
+    /// Runs `f` on the log of a shard (tests, tools).
+    pub fn with_log<T>(&self, shard: ShardRef, f: impl FnOnce(&Log) -> T) -> FsResult<T> {
+        Ok(f(lock(self.shard(shard)?).fs.log()))
+    }
+}
+
+impl Shards for LocalShards {
+    fn layout(&self) -> FsLayout {
+        self.layout
+    }
+
+    fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes> {
+        let mut s = lock(self.shard(shard)?);
+        let hlc = {
+            let mut floor = lock(&self.floor);
+            let last = s.fs.log().latest().map_or(Hlc::ZERO, |l| l.1);
+            let stamp = last.max(*floor).tick().max(Hlc::at(self.now_us()));
+            *floor = stamp;
+            stamp
+        };
+        s.seq = s
+            .seq
+            .checked_add(1)
+            .ok_or_else(|| fs_err!(libc::ENOSPC, "the shard's view is full"))?;
+        let version = version_of(1, s.seq);
+        let mut replies =
+            s.fs.apply(version, hlc, &[request])
+                .map_err(|e| FsError::new(libc::EIO, e.to_string()))?;
+        replies
+            .pop()
+            .ok_or_else(|| fs_err!(libc::EIO, "no reply from the shard"))
+    }
+
+    fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
+        let s = lock(self.shard(shard)?);
+        if let ReadAt::Time(t) = at {
+            let mut floor = lock(&self.floor);
+            *floor = (*floor).max(t);
+        }
+        Ok(s.fs.read(at, &request))
+    }
+
+    fn now_us(&self) -> u64 {
+        match &self.clock {
+            Clock::System => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64),
+            Clock::Manual(c) => c.load(Ordering::SeqCst),
+        }
+    }
+
+    fn space(&self) -> FsResult<Space> {
+        Ok(self.space)
+    }
+}
