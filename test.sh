@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: builds every target once, then runs every test with nextest (or
-# cargo test where nextest is missing). Prints a closing "N passed, N failed" line.
+# cargo test where nextest is missing), then the FUSE suites against real mounts
+# (scripts/fuse-tests.sh). Prints a closing "N passed, N failed" line that counts both.
 set -uo pipefail
 cd "$(dirname "$0")"
 . scripts/lib.sh
@@ -21,5 +22,11 @@ else
   passed=$(grep -oE '[0-9]+ passed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
   failed=$(grep -oE '[0-9]+ failed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
 fi
-echo "${passed:-0} passed, ${failed:-0} failed"
+scripts/fuse-tests.sh passthrough 2>&1 | tee /tmp/derechofs-fuse.log
+fuse_status=${PIPESTATUS[0]}
+fuse_summary=$(grep -E '^fuse: [0-9]+ passed' /tmp/derechofs-fuse.log | tail -1)
+fuse_passed=$(echo "$fuse_summary" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || echo 0)
+fuse_failed=$(echo "$fuse_summary" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || echo 1)
+[ "$status" -eq 0 ] && status=$fuse_status
+echo "$(( ${passed:-0} + ${fuse_passed:-0} )) passed, $(( ${failed:-0} + ${fuse_failed:-0} )) failed"
 exit "$status"

@@ -22,3 +22,21 @@ need_rust() {
     rustup component list --installed 2>/dev/null | grep -q "^$comp" || rustup component add "$comp" >/dev/null 2>&1 || true
   done
 }
+
+# need_cargo_bins BIN…: installs the crates of the same names with `cargo install` when missing.
+need_cargo_bins() {
+  export PATH="$HOME/.cargo/bin:$PATH"
+  local missing=() bin
+  for bin in "$@"; do
+    command -v "$bin" >/dev/null || missing+=("$bin")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "installing: ${missing[*]} (cargo install)"
+    cargo install --locked -q "${missing[@]}"
+  fi
+}
+
+# need_user NAME: creates a system user and its group of that name when missing.
+need_user() {
+  id "$1" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin --user-group "$1"
+}

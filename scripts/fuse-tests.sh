@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# FUSE suites against a real mount:
+#   scripts/fuse-tests.sh passthrough   # the FUSE passthrough of a tmpfs: validates the harness
+# Each suite prints "fuse suite NAME: ok" or "fuse suite NAME: FAILED (log: FILE)"; the last line
+# is "fuse: N passed, N failed". Runs as root (mounts, switches users); needs the `derechofs`
+# binary built (debug, or $DERECHOFS_BIN).
+#
+# Suites:
+#   pjdfstest   the Rust pjdfstest, configuration tests/fuse/pjdfstest.toml (0 failures needed;
+#               exclusions are listed in docs/SEMANTICS.md)
+#   fsx         a bounded fsx run (FSX_OPS operations, default 10000, seed FSX_SEED, default 1)
+set -uo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/lib.sh"
+target=${1:?usage: scripts/fuse-tests.sh passthrough}
+bin=${DERECHOFS_BIN:-${CARGO_TARGET_DIR:-$here/target}/debug/derechofs}
+fsx_ops=${FSX_OPS:-10000}
+fsx_seed=${FSX_SEED:-1}
+# Bounds: every suite and every wait is limited.
+suite_timeout=300
+mount_wait_s=20
+
+need_apt fuse3
+need_cargo_bins pjdfstest fsx
+need_user tests
+[ -x "$bin" ] || { echo "fuse-tests: $bin is missing: build it first" >&2; exit 2; }
+
+W=$(mktemp -d /tmp/derechofs-fuse.XXXXXX)
+# pjdfstest switches to other users, who must reach the mount point.
+chmod 755 "$W"
+pids=()
+mounts=()
+cleanup() {
+  for m in "${mounts[@]}"; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null
+  done
+  mountpoint -q "$W/src" && umount "$W/src"
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo; }
+
+wait_mounted() { # wait_mounted DIR PID
+  for _ in $(seq $((mount_wait_s * 10))); do
+    is_mounted "$1" && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
+
+mkdir -p "$W/src" "$W/mnt"
+case "$target" in
+  passthrough)
+    mount -t tmpfs -o size=2g tmpfs "$W/src"
+    "$bin" bench passthrough "$W/src" "$W/mnt" -o allow_other,default_permissions \
+      > "$W/mount.log" 2>&1 < /dev/null &
+    pids+=($!)
+    ;;
+  *) echo "fuse-tests: unknown target '$target'" >&2; exit 2 ;;
+esac
+mounts+=("$W/mnt")
+if ! wait_mounted "$W/mnt" "${pids[0]}"; then
+  echo "fuse-tests: the $target mount did not come up:" >&2
+  cat "$W/mount.log" >&2
+  echo "fuse: 0 passed, 1 failed"
+  exit 1
+fi
+
+passed=0
+failed=0
+logs=${FUSE_LOGS:-/tmp/derechofs-fuse-logs}
+mkdir -p "$logs"
+result() { # result NAME STATUS
+  if [ "$2" -eq 0 ]; then
+    echo "fuse suite $1 ($target): ok"; passed=$((passed + 1))
+  else
+    echo "fuse suite $1 ($target): FAILED (log: $logs/$target-$1.log)"; failed=$((failed + 1))
+  fi
+}
+
+# pjdfstest: its own exit status is 0 even with failures; the summary line decides.
+mkdir -p "$W/mnt/pjdfstest" && chmod 1777 "$W/mnt/pjdfstest"
+(cd "$W/mnt/pjdfstest" && timeout "$suite_timeout" pjdfstest -c "$here/tests/fuse/pjdfstest.toml" \
+  -p "$W/mnt/pjdfstest") > "$logs/$target-pjdfstest.log" 2>&1
+status=$?
+summary=$(grep -E '^Summary:' "$logs/$target-pjdfstest.log" | tail -1)
+echo "pjdfstest ($target): ${summary:-no summary}"
+if [ $status -ne 0 ] || ! echo "$summary" | grep -qE '^Summary: 0 failed'; then status=1; fi
+result pjdfstest $status
+rm -rf "$W/mnt/pjdfstest"
+
+# fsx: a bounded run on one file.
+mkdir -p "$W/mnt/fsx" "$W/fsx"
+timeout "$suite_timeout" fsx -N "$fsx_ops" -S "$fsx_seed" -P "$W/fsx" "$W/mnt/fsx/file" \
+  > "$logs/$target-fsx.log" 2>&1
+result fsx $?
+rm -rf "$W/mnt/fsx"
+
+echo "fuse: $passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -1,0 +1,43 @@
+//! `derechofs bench passthrough SOURCE MOUNTPOINT`: mounts a FUSE passthrough of a local
+//! directory and serves it in the foreground until unmounted or interrupted. It is the "FUSE
+//! passthrough" limit of `bench/fs.sh` (the cost of FUSE alone) and the reference the FUSE test
+//! harness is checked against.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use derechofs_mount::{MountOptions, Passthrough};
+
+/// The passthrough's arguments.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The directory to pass through.
+    source: PathBuf,
+    /// Where to mount it.
+    mountpoint: PathBuf,
+    /// Mount options, comma-separated (as for `derechofs mount`).
+    #[arg(short = 'o', default_value = "")]
+    options: String,
+}
+
+/// Mounts and serves until unmounted.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let options = MountOptions::parse(&args.options)?;
+    let fs = Passthrough::new(&args.source)?;
+    let fsname = args.source.display().to_string();
+    derechofs_mount::serve(
+        fs,
+        &args.mountpoint,
+        &options,
+        &fsname,
+        "passthrough",
+        || {
+            eprintln!(
+                "derechofs: {} passed through at {}",
+                args.source.display(),
+                args.mountpoint.display()
+            );
+        },
+    )
+    .with_context(|| format!("passthrough of {}", args.source.display()))
+}
