@@ -22,11 +22,16 @@ else
   passed=$(grep -oE '[0-9]+ passed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
   failed=$(grep -oE '[0-9]+ failed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
 fi
-scripts/fuse-tests.sh passthrough 2>&1 | tee /tmp/derechofs-fuse.log
-fuse_status=${PIPESTATUS[0]}
-fuse_summary=$(grep -E '^fuse: [0-9]+ passed' /tmp/derechofs-fuse.log | tail -1)
-fuse_passed=$(echo "$fuse_summary" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || echo 0)
-fuse_failed=$(echo "$fuse_summary" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || echo 1)
-[ "$status" -eq 0 ] && status=$fuse_status
-echo "$(( ${passed:-0} + ${fuse_passed:-0} )) passed, $(( ${failed:-0} + ${fuse_failed:-0} )) failed"
+# The FUSE suites: the passthrough validates the harness, then DerechoFS over in-memory shards.
+for target in passthrough memory; do
+  scripts/fuse-tests.sh "$target" 2>&1 | tee /tmp/derechofs-fuse.log
+  fuse_status=${PIPESTATUS[0]}
+  fuse_summary=$(grep -E '^fuse: [0-9]+ passed' /tmp/derechofs-fuse.log | tail -1)
+  fuse_passed=$(echo "$fuse_summary" | grep -oE '[0-9]+ passed' | grep -oE '[0-9]+' || echo 0)
+  fuse_failed=$(echo "$fuse_summary" | grep -oE '[0-9]+ failed' | grep -oE '[0-9]+' || echo 1)
+  [ "$status" -eq 0 ] && status=$fuse_status
+  passed=$(( ${passed:-0} + ${fuse_passed:-0} ))
+  failed=$(( ${failed:-0} + ${fuse_failed:-0} ))
+done
+echo "${passed:-0} passed, ${failed:-0} failed"
 exit "$status"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # FUSE suites against a real mount:
 #   scripts/fuse-tests.sh passthrough   # the FUSE passthrough of a tmpfs: validates the harness
+#   scripts/fuse-tests.sh memory        # DerechoFS over in-process shards in memory (no cluster):
+#                                       # the adapter and the file system logic through the kernel
 # Each suite prints "fuse suite NAME: ok" or "fuse suite NAME: FAILED (log: FILE)"; the last line
 # is "fuse: N passed, N failed". Runs as root (mounts, switches users); needs the `derechofs`
 # binary built (debug, or $DERECHOFS_BIN).
@@ -12,8 +14,9 @@
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/lib.sh"
-target=${1:?usage: scripts/fuse-tests.sh passthrough}
+target=${1:?usage: scripts/fuse-tests.sh passthrough|memory}
 bin=${DERECHOFS_BIN:-${CARGO_TARGET_DIR:-$here/target}/debug/derechofs}
+memory_bin=$(dirname "$bin")/examples/memory_mount
 fsx_ops=${FSX_OPS:-10000}
 fsx_seed=${FSX_SEED:-1}
 # Bounds: every suite and every wait is limited.
@@ -59,6 +62,11 @@ case "$target" in
     mount -t tmpfs -o size=2g tmpfs "$W/src"
     "$bin" bench passthrough "$W/src" "$W/mnt" -o allow_other,default_permissions \
       > "$W/mount.log" 2>&1 < /dev/null &
+    pids+=($!)
+    ;;
+  memory)
+    [ -x "$memory_bin" ] || { echo "fuse-tests: $memory_bin is missing: build it first" >&2; exit 2; }
+    "$memory_bin" "$W/mnt" -o allow_other > "$W/mount.log" 2>&1 < /dev/null &
     pids+=($!)
     ;;
   *) echo "fuse-tests: unknown target '$target'" >&2; exit 2 ;;

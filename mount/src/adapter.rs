@@ -1,0 +1,667 @@
+//! The FUSE adapter of DerechoFS: every kernel request is one call of
+//! [`derechofs_fs::FileSystem`], its result translated into the reply (attributes into
+//! `FileAttr`, `FsError::errno` into the error). No file system logic lives here; what the
+//! adapter adds is only what the kernel protocol needs and the facade has no notion of:
+//!
+//! - cache lifetimes: live entries and attributes for [`LIVE_TTL`]; snapshot inodes (which can
+//!   never change) for [`SNAPSHOT_TTL`];
+//! - directory handles: the kernel resumes a listing by offset, the facade by the last name;
+//!   a handle keeps the entries returned so far so offsets stay valid, and adds `.` and `..`;
+//! - open files: the facade has no open state, so handles are 0; opening a snapshot inode for
+//!   writing is refused with EROFS up front rather than at the first write.
+//!
+//! Permissions are checked by the kernel from the attributes (`default_permissions`, always on
+//! for DerechoFS mounts); the facade is told the caller's uid and gid for the files it creates.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use derechofs_fs::snapshot::is_snapshot;
+use derechofs_fs::{
+    Attr, Creds, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
+};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
+    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+/// How long the kernel may trust a live entry or attributes before asking again. Other clients'
+/// changes become visible after at most this long (close-to-open, DESIGN §4).
+pub const LIVE_TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust a snapshot entry or attributes: a snapshot never changes.
+pub const SNAPSHOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Entries one directory read asks the file system for.
+const READDIR_BATCH: usize = 512;
+/// Most entries a directory handle keeps (a listing longer than this fails with EOVERFLOW
+/// rather than growing without bound).
+const DIR_HANDLE_ENTRIES_MAX: usize = 10_000_000;
+/// Most directory handles open at once.
+const DIR_HANDLES_MAX: usize = 65_536;
+
+fn ttl(ino: u64) -> Duration {
+    if is_snapshot(ino) {
+        SNAPSHOT_TTL
+    } else {
+        LIVE_TTL
+    }
+}
+
+fn errno(e: &FsError) -> Errno {
+    Errno::from_i32(e.errno)
+}
+
+fn kind(k: FileKind) -> FileType {
+    match k {
+        FileKind::Regular => FileType::RegularFile,
+        FileKind::Directory => FileType::Directory,
+        FileKind::Symlink => FileType::Symlink,
+        FileKind::Fifo => FileType::NamedPipe,
+        FileKind::Socket => FileType::Socket,
+        FileKind::CharDevice => FileType::CharDevice,
+        FileKind::BlockDevice => FileType::BlockDevice,
+    }
+}
+
+fn system_time(t: Timespec) -> SystemTime {
+    if t.secs >= 0 {
+        UNIX_EPOCH + Duration::new(t.secs as u64, t.nanos)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.secs.unsigned_abs()) + Duration::new(0, t.nanos)
+    }
+}
+
+fn timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+            if nanos > 0 {
+                secs -= 1;
+                nanos = 1_000_000_000 - nanos;
+            }
+            Timespec { secs, nanos }
+        }
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => SetTime::At(timespec(t)),
+    })
+}
+
+/// The kernel's attributes of an inode.
+pub fn file_attr(a: &Attr, block_size: u32) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.size.div_ceil(512),
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.crtime),
+        kind: kind(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: block_size,
+        flags: 0,
+    }
+}
+
+fn creds(req: &Request) -> Creds {
+    Creds {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+/// One entry of a directory listing as the kernel gets it.
+#[derive(Debug)]
+struct Listed {
+    name: Vec<u8>,
+    ino: u64,
+    kind: FileType,
+}
+
+/// An open directory: the entries listed so far, and whether the file system has more.
+#[derive(Debug)]
+struct DirHandle {
+    ino: u64,
+    entries: Vec<Listed>,
+    more: bool,
+}
+
+/// DerechoFS as a fuser file system.
+#[derive(Debug)]
+pub struct DerechoFs<S: Shards> {
+    fs: FileSystem<S>,
+    dirs: Mutex<HashMap<u64, DirHandle>>,
+    next_fh: AtomicU64,
+}
+
+impl<S: Shards> DerechoFs<S> {
+    /// The adapter over a file system.
+    pub fn new(fs: FileSystem<S>) -> DerechoFs<S> {
+        DerechoFs {
+            fs,
+            dirs: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    /// The file system underneath.
+    pub fn fs(&self) -> &FileSystem<S> {
+        &self.fs
+    }
+
+    fn dirs(&self) -> MutexGuard<'_, HashMap<u64, DirHandle>> {
+        self.dirs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn attr(&self, a: &Attr) -> FileAttr {
+        file_attr(a, self.fs.layout().chunk_size)
+    }
+
+    fn entry(&self, reply: ReplyEntry, r: Result<Attr, FsError>) {
+        match r {
+            Ok(a) => reply.entry(&ttl(a.ino), &self.attr(&a), Generation(0)),
+            Err(e) => {
+                tracing::debug!("entry: {e}");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                tracing::debug!("{e}");
+                reply.error(errno(&e))
+            }
+        }
+    }
+
+    /// Makes sure the handle holds entry `index` (counting `.` and `..`) if the directory has it.
+    fn fill(&self, dir: &mut DirHandle, index: usize) -> Result<(), FsError> {
+        while dir.more && dir.entries.len() <= index {
+            let after = dir
+                .entries
+                .last()
+                .filter(|_| dir.entries.len() > 2)
+                .map(|e| e.name.clone());
+            let (entries, more) = self.fs.readdir(dir.ino, after.as_deref(), READDIR_BATCH)?;
+            if dir.entries.len() + entries.len() > DIR_HANDLE_ENTRIES_MAX {
+                return Err(FsError::new(
+                    libc_eoverflow(),
+                    "directory listing longer than a handle holds",
+                ));
+            }
+            dir.more = more && !entries.is_empty();
+            dir.entries.extend(entries.into_iter().map(|e| Listed {
+                name: e.name.to_vec(),
+                ino: e.ino,
+                kind: kind(e.kind),
+            }));
+        }
+        Ok(())
+    }
+}
+
+fn libc_eoverflow() -> i32 {
+    Errno::EOVERFLOW.code()
+}
+
+impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.fs.getattr(ino.0) {
+            Ok(a) => reply.attr(&ttl(a.ino), &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let set = SetAttr {
+            perm: mode.map(|m| (m & 0o7777) as u16),
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.fs.setattr(ino.0, set) {
+            Ok(a) => reply.attr(&ttl(a.ino), &self.attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.fs.readlink(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = match FileKind::from_mode(mode) {
+            Some(k) => self.fs.mknod(
+                parent.0,
+                name.as_bytes(),
+                k,
+                (mode & 0o7777) as u16,
+                rdev,
+                creds(req),
+            ),
+            None => Err(FsError::new(
+                Errno::EINVAL.code(),
+                "mknod of an unknown kind",
+            )),
+        };
+        self.entry(reply, r);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.mkdir(
+            parent.0,
+            name.as_bytes(),
+            (mode & 0o7777) as u16,
+            creds(req),
+        );
+        self.entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.unlink(parent.0, name.as_bytes()));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.rmdir(parent.0, name.as_bytes()));
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.fs.symlink(
+            parent.0,
+            link_name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            creds(req),
+        );
+        self.entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let r = self.fs.rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags.bits(),
+        );
+        Self::empty(reply, r);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if is_snapshot(ino.0) && flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        // A snapshot's bytes never change: let the kernel keep its page cache across opens.
+        let open_flags = if is_snapshot(ino.0) {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        reply.opened(FileHandle(0), open_flags);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.fs.read(ino.0, offset, size) {
+            Ok(b) => reply.data(&b),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.fs.write(ino.0, offset, data) {
+            Ok(_) => reply.written(data.len() as u32),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Every write was answered only after the file system applied it.
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Every write was answered only after the file system applied it; how durable that is
+        // is the shards' contract (`Shards::submit`).
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // The directory must exist and be one.
+        match self.fs.getattr(ino.0) {
+            Ok(a) if a.kind == FileKind::Directory => {}
+            Ok(_) => return reply.error(Errno::ENOTDIR),
+            Err(e) => return reply.error(errno(&e)),
+        }
+        let mut dirs = self.dirs();
+        if dirs.len() >= DIR_HANDLES_MAX {
+            return reply.error(Errno::EMFILE);
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let dot = |name: &[u8]| Listed {
+            name: name.to_vec(),
+            ino: ino.0,
+            kind: FileType::Directory,
+        };
+        dirs.insert(
+            fh,
+            DirHandle {
+                ino: ino.0,
+                entries: vec![dot(b"."), dot(b"..")],
+                more: true,
+            },
+        );
+        reply.opened(FileHandle(fh), FopenFlags::empty());
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(mut dir) = self.dirs().remove(&fh.0) else {
+            return reply.error(Errno::EBADF);
+        };
+        let start = offset as usize;
+        let mut index = start;
+        let result = loop {
+            if let Err(e) = self.fill(&mut dir, index) {
+                break Err(e);
+            }
+            let Some(e) = dir.entries.get(index) else {
+                break Ok(());
+            };
+            if reply.add(
+                INodeNo(e.ino),
+                index as u64 + 1,
+                e.kind,
+                OsStr::from_bytes(&e.name),
+            ) {
+                break Ok(());
+            }
+            index += 1;
+        };
+        self.dirs().insert(fh.0, dir);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dirs().remove(&fh.0);
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.fs.statfs() {
+            Ok(s) => {
+                let bs = u64::from(s.block_size.max(1));
+                reply.statfs(
+                    s.total_bytes / bs,
+                    s.free_bytes / bs,
+                    s.free_bytes / bs,
+                    s.inodes.saturating_add(s.inodes_free),
+                    s.inodes_free,
+                    s.block_size,
+                    s.name_len_max,
+                    s.block_size,
+                )
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let r = self
+            .fs
+            .setxattr(ino.0, name.as_bytes(), value, flags as u32);
+        Self::empty(reply, r);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name.as_bytes()) {
+            Ok(v) if size == 0 => reply.size(v.len() as u32),
+            Ok(v) if v.len() <= size as usize => reply.data(&v),
+            Ok(_) => reply.error(Errno::ERANGE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.fs.listxattr(ino.0) {
+            Ok(names) => {
+                let mut list = Vec::new();
+                for n in names {
+                    list.extend_from_slice(&n);
+                    list.push(0);
+                }
+                if size == 0 {
+                    reply.size(list.len() as u32)
+                } else if list.len() <= size as usize {
+                    reply.data(&list)
+                } else {
+                    reply.error(Errno::ERANGE)
+                }
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        Self::empty(reply, self.fs.removexattr(ino.0, name.as_bytes()));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Permissions are the kernel's (default_permissions); this only checks existence.
+        Self::empty(reply, self.fs.getattr(ino.0).map(drop));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        match self.fs.create(
+            parent.0,
+            name.as_bytes(),
+            (mode & 0o7777) as u16,
+            creds(req),
+        ) {
+            Ok(a) => reply.created(
+                &ttl(a.ino),
+                &self.attr(&a),
+                Generation(0),
+                FileHandle(0),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_survive_the_round_trip_through_system_time_before_and_after_the_epoch() {
+        for (secs, nanos) in [
+            (0, 0),
+            (1, 1),
+            (1_763_720_100, 999_999_999),
+            (-1, 0),
+            (-1, 500_000_000),
+            (-2_000_000_000, 1),
+        ] {
+            let t = Timespec { secs, nanos };
+            assert_eq!(timespec(system_time(t)), t, "{t:?}");
+        }
+    }
+
+    #[test]
+    fn snapshot_inodes_are_cached_long_and_live_ones_briefly() {
+        assert_eq!(ttl(derechofs_fs::ROOT_INO), LIVE_TTL);
+        assert_eq!(ttl(derechofs_fs::snapshot::SNAPSHOT_BIT | 5), SNAPSHOT_TTL);
+    }
+}
