@@ -3,17 +3,18 @@
 #   bench/kv.sh [--tmpfs]
 # Starts a 3-member etcd as ../shared/design/PEERS.md describes (client ports 22379/22381/22383,
 # peer ports 22380/22382/22384), runs the closed-loop load of bench/etcd-load on it, stops it, then
-# runs the same matrix with `derechofs bench kv` when that subcommand exists. Data directories are on
-# disk (under mktemp -d) unless --tmpfs puts them under /dev/shm.
+# runs the same matrix with `derechofs bench kv` (three node processes it starts and stops itself).
+# Data directories are on disk (under mktemp -d) unless --tmpfs puts them under /dev/shm.
 # Environment: SECONDS_PER_RUN (default 10) is the length of each run; CARGO_TARGET_DIR is honoured
-# when building etcd-load (default bench/etcd-load/target).
+# when building derechofs (default target/) and etcd-load (default bench/etcd-load/target);
+# ETCD_LOAD_TARGET_DIR, when set, is etcd-load's target directory instead.
 set -euo pipefail
 
 tmpfs=0
 for arg in "$@"; do
   case $arg in
     --tmpfs) tmpfs=1 ;;
-    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "kv.sh: unknown argument $arg (usage: bench/kv.sh [--tmpfs])" >&2; exit 2 ;;
   esac
 done
@@ -23,8 +24,9 @@ secs=${SECONDS_PER_RUN:-10}
 run_limit=$((secs + 40))   # a run's own deadline plus connection set-up and request time-outs
 
 here=$(cd "$(dirname "$0")/.." && pwd)
-derechofs=$here/target/release/derechofs
-etcd_target=${CARGO_TARGET_DIR:-$here/bench/etcd-load/target}
+derechofs_target=${CARGO_TARGET_DIR:-$here/target}
+derechofs=$derechofs_target/release/derechofs
+etcd_target=${ETCD_LOAD_TARGET_DIR:-${CARGO_TARGET_DIR:-$here/bench/etcd-load/target}}
 etcd_load=$etcd_target/release/etcd-load
 
 # The matrix: workload, value bytes, clients. Both systems run exactly these rows.
@@ -47,6 +49,9 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive timeout 600 apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+echo "== building derechofs"
+CARGO_TARGET_DIR=$derechofs_target timeout 1800 cargo build --release -q \
+  --manifest-path "$here/Cargo.toml" -p derechofs-tools
 echo "== building bench/etcd-load"
 CARGO_TARGET_DIR=$etcd_target timeout 1800 cargo build --release --locked -q \
   --manifest-path "$here/bench/etcd-load/Cargo.toml"
@@ -143,17 +148,12 @@ for row in "${matrix[@]}"; do
 done
 stop_etcd
 
-# run_derechofs: the same matrix on DerechoFS with `derechofs bench kv`. It runs only when
-# target/release/derechofs exists and `derechofs bench kv --help` succeeds; otherwise it prints
-# "derechofs bench kv: not built yet". The flags mirror etcd-load's (--workload, --value-bytes,
-# --clients, --seconds) plus --dir for the data directories, as `derechofs bench log` takes; the
-# subcommand prints the same table row format, so its rows join the etcd rows below.
+# run_derechofs: the same matrix on DerechoFS with `derechofs bench kv`, which starts three
+# `derechofs node` processes on loopback under --dir (persistence.policy = "fsync": a write is
+# acknowledged once fsynced on all three replicas), runs the load and stops them by pid. Its flags
+# mirror etcd-load's and it prints the same table row format, so its rows join the etcd rows.
 run_derechofs() {
-  if [ ! -x "$derechofs" ] || ! "$derechofs" bench kv --help >/dev/null 2>&1; then
-    echo "derechofs bench kv: not built yet"
-    return 0
-  fi
-  local row workload value clients dir=$data/derechofs
+  local row workload value clients failed=0 dir=$data/derechofs
   echo "== derechofs: ${secs} s per run, data in $dir"
   for row in "${matrix[@]}"; do
     read -r workload value clients <<< "$row"
@@ -161,13 +161,18 @@ run_derechofs() {
     if ! timeout "$run_limit" "$derechofs" bench kv --dir "$dir" --workload "$workload" \
            --value-bytes "$value" --clients "$clients" --seconds "$secs" \
            | tee -a "$rows"; then
-      echo "kv.sh: derechofs bench kv $workload $value B x$clients failed" >&2
+      echo "kv.sh: derechofs bench kv $workload $value B x$clients failed; node logs:" >&2
+      tail -n 20 "$dir"/node*.log >&2 || true
+      failed=1
     fi
   done
   rm -rf "$dir"
+  return $failed
 }
-run_derechofs
+status=0
+run_derechofs || status=1
 
 echo
 echo "== results"
 cat "$rows"
+exit $status

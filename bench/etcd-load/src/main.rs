@@ -39,6 +39,14 @@ impl Workload {
             Workload::ContendedCas => "contended-cas",
         }
     }
+
+    /// The workload column of the table: contended rows count successes only, and say so.
+    fn label(self) -> &'static str {
+        match self {
+            Workload::ContendedCas => "contended-cas (successes/s)",
+            other => other.name(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -308,9 +316,9 @@ async fn run(a: Args) -> Result<(), String> {
         println!("|---|---|---|---:|---:|---:|---:|");
     }
     println!(
-        "| {} | {} | {} | {} | {:.0} | {:.2} | {:.2} |",
+        "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} |",
         a.system,
-        a.workload.name(),
+        a.workload.label(),
         value_label(a.value_bytes),
         a.clients,
         total.successes as f64 / elapsed,

@@ -568,7 +568,11 @@ async fn supervise(
     writer: AbortHandle,
 ) {
     let node = shared.node_id;
-    tracing::info!(node, ?peer, %addr, "link up");
+    // Clients come and go all the time; only links between nodes are news.
+    match peer {
+        Peer::Node(_) => tracing::info!(node, ?peer, %addr, "link up"),
+        Peer::Client(_) => tracing::debug!(node, ?peer, %addr, "link up"),
+    }
     let connected = LinkEvent::Connected {
         peer,
         addr,
@@ -617,7 +621,13 @@ async fn supervise(
         current
     };
     if current {
-        tracing::warn!(node, ?peer, %addr, %reason, "link broken");
+        // A client closing its link, in order or not, is ordinary; a node's link ending is not.
+        match (peer, &reason) {
+            (Peer::Client(_), BreakReason::PeerClosed | BreakReason::Eof) => {
+                tracing::debug!(node, ?peer, %addr, %reason, "link closed")
+            }
+            _ => tracing::warn!(node, ?peer, %addr, %reason, "link broken"),
+        }
         let _ = shared.events.send(LinkEvent::Broken { peer, reason }).await;
     }
 }

@@ -1,7 +1,10 @@
 //! `derechofs bench …`: benchmarks that print tables (the numbers go to docs/PERFORMANCE.md).
 
+mod histogram;
+mod kv;
 mod log;
 mod passthrough;
+mod multicast;
 
 use clap::Subcommand;
 
@@ -14,6 +17,12 @@ pub enum Bench {
     /// Mount a FUSE passthrough of a local directory (the FUSE limit of `bench/fs.sh`) and
     /// serve it in the foreground until unmounted or interrupted.
     Passthrough(passthrough::Args),
+    /// The K/V store on three node processes started on loopback: closed-loop put, conditional
+    /// put and contended conditional put; one Markdown row per run.
+    Kv(kv::Args),
+    /// Raw ordered multicast in one shard of three members over loopback TCP, volatile:
+    /// delivered throughput at every member and submit-to-delivery latency.
+    Multicast(multicast::Args),
 }
 
 /// Runs one benchmark.
@@ -21,5 +30,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
     match bench {
         Bench::Log(args) => log::run(args),
         Bench::Passthrough(args) => passthrough::run(args),
+        Bench::Kv(args) => kv::run(args),
+        Bench::Multicast(args) => multicast::run(args),
     }
 }
