@@ -3,8 +3,8 @@
 mod histogram;
 mod kv;
 mod log;
-mod passthrough;
 mod multicast;
+mod passthrough;
 
 use clap::Subcommand;
 
