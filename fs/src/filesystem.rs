@@ -19,7 +19,7 @@ use crate::inode::{Attr, FileKind, Ino, FILE_SIZE_MAX, ROOT_INO};
 use crate::namespace::VIRTUAL_XATTR_PREFIX;
 use crate::op::{
     decode_read_reply, Creds, DataOp, DataRead, DataReply, DirEntry, HistoryEntry, NsOp, NsRead,
-    NsReply, Op, ReadReply, Reply, Request, SetAttr, READDIR_ENTRIES_MAX,
+    NsReply, Op, ReadReply, Reply, Request, SetAttr, READDIR_ENTRIES_MAX, XATTR_VALUE_LEN_MAX,
 };
 use crate::shards::{FsLayout, ShardRef, Shards, Space};
 use crate::snapshot::{is_snapshot, snapshot_stamp, split_snapshot, SnapshotTable};
@@ -524,19 +524,24 @@ impl<S: Shards> FileSystem<S> {
     }
 
     /// One extended attribute; [`HISTORY_XATTR`] is computed: one line per change of the inode,
-    /// oldest first, `RFC3339-TIME VERSION` with the version in hex.
+    /// oldest first, `RFC3339-TIME VERSION` with the version in hex — the newest changes that fit
+    /// in 64 KiB ([`FileSystem::history`] has them all).
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Bytes> {
         let v = self.view(ino)?;
         if name == HISTORY_XATTR {
-            let mut text = String::new();
-            for e in self.history(ino)? {
-                text.push_str(&format!(
-                    "{} {:#x}\n",
-                    format_rfc3339(e.hlc.wall_us),
-                    e.version
-                ));
+            // The newest changes that fit in one attribute value, oldest first.
+            let mut lines = Vec::new();
+            let mut len = 0;
+            for e in self.history(ino)?.iter().rev() {
+                let line = format!("{} {:#x}\n", format_rfc3339(e.hlc.wall_us), e.version);
+                if len + line.len() > XATTR_VALUE_LEN_MAX {
+                    break;
+                }
+                len += line.len();
+                lines.push(line);
             }
-            return Ok(Bytes::from(text));
+            lines.reverse();
+            return Ok(Bytes::from(lines.concat()));
         }
         match self.ns_read(
             v.read_at(),

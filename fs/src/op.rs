@@ -710,7 +710,8 @@ impl NsOp {
             NS_SETXATTR => NsOp::SetXattr {
                 ino: r.varint("ino")?,
                 name: r.bytes("xattr name", XATTR_NAME_LEN_MAX * 4)?,
-                value: r.bytes("xattr value", XATTR_VALUE_LEN_MAX)?,
+                // Larger values decode, so that the state machine answers E2BIG.
+                value: r.bytes("xattr value", WRITE_LEN_MAX)?,
                 flags: r.varint_u32("xattr flags")?,
             },
             NS_REMOVEXATTR => NsOp::RemoveXattr {

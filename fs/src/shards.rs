@@ -114,7 +114,7 @@ impl LocalShards {
         let shard = || -> Result<Mutex<LocalShard>, String> {
             let config = LogConfig {
                 sync: SyncPolicy::None,
-                segment_bytes: 16 << 20,
+                segment_bytes: 1 << 20,
                 ..LogConfig::default()
             };
             let log =
@@ -167,6 +167,11 @@ impl LocalShards {
     /// Runs `f` on the log of a shard (tests, tools).
     pub fn with_log<T>(&self, shard: ShardRef, f: impl FnOnce(&Log) -> T) -> FsResult<T> {
         Ok(f(lock(self.shard(shard)?).fs.log()))
+    }
+
+    /// Runs `f` on the log of a shard, to change it (tests: trim history).
+    pub fn with_log_mut<T>(&self, shard: ShardRef, f: impl FnOnce(&mut Log) -> T) -> FsResult<T> {
+        Ok(f(lock(self.shard(shard)?).fs.log_mut()))
     }
 }
 

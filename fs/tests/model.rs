@@ -20,7 +20,7 @@ const CHUNK: u32 = 4096;
 const PAGE: u64 = 1024;
 const START_US: u64 = 1_700_000_000_000_000;
 const STEPS: usize = 400;
-const SEEDS_DEFAULT: u64 = 3;
+const SEEDS_DEFAULT: u64 = 8;
 const NAMES: [&[u8]; 7] = [b"a", b"b", b"c", b"dir", b"a@5ms", b"x@y", b"f.txt"];
 const XNAMES: [&[u8]; 3] = [b"user.one", b"user.two", b"trusted.t"];
 
