@@ -1132,3 +1132,279 @@ pub fn decode_read_reply(b: &Bytes) -> Result<Result<ReadReply, FsError>, Decode
     r.finish()?;
     Ok(reply)
 }
+
+#[cfg(test)]
+mod tests {
+    use derechofs_tests::rng::Rng;
+
+    use super::*;
+    use crate::inode::FileKind;
+
+    fn attr(ino: Ino) -> Attr {
+        Attr {
+            ino,
+            kind: FileKind::Symlink,
+            perm: 0o4755,
+            uid: u32::MAX,
+            gid: 7,
+            nlink: 3,
+            size: u64::MAX,
+            rdev: 0x0103,
+            atime: Timespec {
+                secs: -1,
+                nanos: 999_999_999,
+            },
+            mtime: Timespec::from_us(5),
+            ctime: Timespec::default(),
+            crtime: Timespec {
+                secs: i64::MAX,
+                nanos: 0,
+            },
+        }
+    }
+
+    fn requests() -> Vec<Request> {
+        let name = Bytes::from_static(b"name");
+        let creds = Creds { uid: 1, gid: 2 };
+        let ops = vec![
+            Op::Ns(NsOp::Init { creds }),
+            Op::Ns(NsOp::Create {
+                parent: 1,
+                name: name.clone(),
+                kind: FileKind::CharDevice,
+                perm: 0o7777,
+                rdev: 9,
+                creds,
+            }),
+            Op::Ns(NsOp::Mkdir {
+                parent: u64::MAX,
+                name: name.clone(),
+                perm: 0,
+                creds,
+            }),
+            Op::Ns(NsOp::Symlink {
+                parent: 1,
+                name: name.clone(),
+                target: Bytes::from_static(b"t"),
+                creds,
+            }),
+            Op::Ns(NsOp::Link {
+                ino: 5,
+                parent: 1,
+                name: name.clone(),
+            }),
+            Op::Ns(NsOp::Unlink {
+                parent: 1,
+                name: name.clone(),
+            }),
+            Op::Ns(NsOp::Rmdir {
+                parent: 1,
+                name: name.clone(),
+            }),
+            Op::Ns(NsOp::Rename {
+                parent: 1,
+                name: name.clone(),
+                new_parent: 2,
+                new_name: Bytes::new(),
+                flags: RENAME_EXCHANGE,
+            }),
+            Op::Ns(NsOp::SetAttr {
+                ino: 3,
+                set: SetAttr {
+                    perm: Some(0o644),
+                    uid: Some(0),
+                    gid: None,
+                    size: Some(1 << 40),
+                    atime: Some(SetTime::Now),
+                    mtime: Some(SetTime::At(Timespec {
+                        secs: -100,
+                        nanos: 1,
+                    })),
+                },
+            }),
+            Op::Ns(NsOp::SetAttr {
+                ino: 3,
+                set: SetAttr::default(),
+            }),
+            Op::Ns(NsOp::Written { ino: 3, end: 77 }),
+            Op::Ns(NsOp::SetXattr {
+                ino: 3,
+                name: Bytes::from_static(b"user.x"),
+                value: Bytes::from_static(b"v"),
+                flags: XATTR_CREATE,
+            }),
+            Op::Ns(NsOp::RemoveXattr {
+                ino: 3,
+                name: Bytes::from_static(b"user.x"),
+            }),
+            Op::Data(DataOp::Write {
+                ino: 3,
+                index: 1 << 33,
+                offset: 4095,
+                data: Bytes::from_static(b"data"),
+            }),
+            Op::Data(DataOp::Truncate { ino: 3, size: 0 }),
+        ];
+        ops.into_iter()
+            .enumerate()
+            .map(|(i, op)| Request {
+                client: u64::MAX - i as u64,
+                number: i as u64 + 1,
+                op,
+            })
+            .collect()
+    }
+
+    fn replies() -> Vec<Reply> {
+        vec![
+            Reply::Ns(Ok(NsReply::Attr(attr(9)))),
+            Reply::Ns(Ok(NsReply::Done)),
+            Reply::Data(Ok(DataReply::Done)),
+            Reply::Ns(Err(FsError::new(libc::ENOENT, "no entry \"é\""))),
+            Reply::Data(Err(FsError::new(libc::EFBIG, ""))),
+            Reply::Stale { last: 12 },
+        ]
+    }
+
+    fn reads() -> Vec<Bytes> {
+        let name = Bytes::from_static(b"n");
+        let ns = vec![
+            NsRead::Lookup {
+                parent: 1,
+                name: name.clone(),
+            },
+            NsRead::GetAttr { ino: 2 },
+            NsRead::ReadDir {
+                ino: 1,
+                after: Some(name.clone()),
+                limit: 10,
+            },
+            NsRead::ReadDir {
+                ino: 1,
+                after: None,
+                limit: 1,
+            },
+            NsRead::ReadLink { ino: 4 },
+            NsRead::GetXattr {
+                ino: 4,
+                name: name.clone(),
+            },
+            NsRead::ListXattr { ino: 4 },
+            NsRead::History { ino: 4 },
+            NsRead::StatFs,
+        ];
+        let mut out: Vec<Bytes> = ns
+            .into_iter()
+            .map(|r| {
+                let b = r.encode();
+                assert_eq!(NsRead::decode(&b), Ok(r));
+                b
+            })
+            .collect();
+        let chunk = DataRead::Chunk {
+            ino: 1,
+            index: 2,
+            offset: 3,
+            len: 4,
+        };
+        assert_eq!(DataRead::decode(&chunk.encode()), Ok(chunk.clone()));
+        out.push(chunk.encode());
+        out
+    }
+
+    fn read_replies() -> Vec<Result<ReadReply, FsError>> {
+        vec![
+            Ok(ReadReply::Attr(attr(1))),
+            Ok(ReadReply::Dir {
+                entries: vec![DirEntry {
+                    name: Bytes::from_static(b"a"),
+                    ino: 2,
+                    kind: FileKind::Fifo,
+                }],
+                more: true,
+            }),
+            Ok(ReadReply::Bytes(Bytes::from_static(b"bytes"))),
+            Ok(ReadReply::Names(vec![Bytes::from_static(b"user.a")])),
+            Ok(ReadReply::History(vec![HistoryEntry {
+                version: 1 << 32,
+                hlc: Hlc {
+                    wall_us: 5,
+                    logical: 6,
+                },
+            }])),
+            Ok(ReadReply::StatFs { inodes: 3 }),
+            Err(FsError::new(libc::EAGAIN, "wait")),
+        ]
+    }
+
+    #[test]
+    fn every_request_reply_read_and_read_reply_round_trips() {
+        for r in requests() {
+            assert_eq!(Request::decode(&r.encode()), Ok(r));
+        }
+        for r in replies() {
+            assert_eq!(Reply::decode(&r.encode()), Ok(r));
+        }
+        reads();
+        for r in read_replies() {
+            assert_eq!(decode_read_reply(&encode_read_reply(&r)), Ok(r));
+        }
+    }
+
+    /// Runs every decoder on `b`: none may panic, and whatever decodes must encode back to a
+    /// value that decodes the same (decoding is a function of the bytes).
+    fn decode_everything(b: &Bytes) {
+        if let Ok(r) = Request::decode(b) {
+            assert_eq!(Request::decode(&r.encode()), Ok(r));
+        }
+        if let Ok(r) = Reply::decode(b) {
+            assert_eq!(Reply::decode(&r.encode()), Ok(r));
+        }
+        if let Ok(r) = NsRead::decode(b) {
+            assert_eq!(NsRead::decode(&r.encode()), Ok(r));
+        }
+        if let Ok(r) = DataRead::decode(b) {
+            assert_eq!(DataRead::decode(&r.encode()), Ok(r));
+        }
+        if let Ok(r) = decode_read_reply(b) {
+            assert_eq!(decode_read_reply(&encode_read_reply(&r)), Ok(r));
+        }
+        let _ = crate::inode::Inode::decode(1, b);
+    }
+
+    #[test]
+    fn op_decoders_fuzz_random_bytes_bit_flips_and_truncations_never_panic() {
+        let mut rng = Rng::new(0xF5);
+        let mut valid: Vec<Bytes> = requests().iter().map(Request::encode).collect();
+        valid.extend(replies().iter().map(Reply::encode));
+        valid.extend(reads());
+        valid.extend(read_replies().iter().map(encode_read_reply));
+        for v in &valid {
+            for cut in 0..v.len() {
+                decode_everything(&v.slice(..cut));
+            }
+            for _ in 0..200 {
+                let mut b = v.to_vec();
+                for _ in 0..rng.between(1, 3) {
+                    let i = rng.below(b.len() as u64) as usize;
+                    b[i] ^= 1 << rng.below(8);
+                }
+                decode_everything(&Bytes::from(b));
+            }
+        }
+        for _ in 0..20_000 {
+            let len = rng.below(40) as usize;
+            let b: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+            decode_everything(&Bytes::from(b));
+        }
+    }
+
+    #[test]
+    fn a_huge_count_in_a_short_input_allocates_nothing_and_fails() {
+        // A directory page claiming 4096 entries in 3 bytes.
+        let b = Bytes::from(vec![READ_REPLY_DIR, 0, 0x80, 0x20]);
+        assert!(decode_read_reply(&b).is_err());
+        let b = Bytes::from(vec![READ_REPLY_HISTORY, 0xFF, 0xFF, 0xFF, 0xFF, 0x0F]);
+        assert!(decode_read_reply(&b).is_err());
+    }
+}
