@@ -1,6 +1,12 @@
 //! The K/V client: learns the view from any contact, sends each request to a member of the
 //! owning shard (spreading requests over its members), and retries on another member when one
 //! fails, resending a write with the same request number so it applies once.
+//!
+//! It follows view changes: when a member fails, is wedged by a view change, or answers that it
+//! no longer replicates the shard, the client asks any member for the current view and resends
+//! to a member of it, for up to [`RETRY_WINDOW_MS`]. A change that keeps a majority therefore
+//! shows no error; a node that lost its majority answers `NoMajority`, which the client reports
+//! once no member it can reach does better.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,10 +23,21 @@ use crate::protocol::{
 
 /// Time a request may take before the client tries another member.
 pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
-/// Attempts at one request, over the members of its shard.
-pub const ATTEMPTS_MAX: usize = 6;
-/// Pause between attempts.
-pub const RETRY_PAUSE_MS: u64 = 200;
+/// Time the client gives a member to accept its link (TCP and handshake); a hung member
+/// must not hold a request for long when others can take it.
+pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Time a member that could not be reached is skipped while others of its shard remain.
+pub const DOWN_SKIP_MS: u64 = 2_000;
+/// Time a request keeps being resent through failures and view changes before the client
+/// reports the last refusal.
+pub const RETRY_WINDOW_MS: u64 = 15_000;
+/// First pause between attempts; it doubles up to [`RETRY_PAUSE_MAX_MS`].
+pub const RETRY_PAUSE_MS: u64 = 5;
+/// Longest pause between attempts.
+pub const RETRY_PAUSE_MAX_MS: u64 = 200;
+/// Full passes over a shard's members that all refuse with `NoMajority` or `Removed` (or cannot
+/// be reached) before the client gives up early: no member can take the request.
+pub const REFUSING_PASSES_MAX: usize = 2;
 
 /// What went wrong.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +76,10 @@ pub struct Client {
     secret: Secret,
     layout: LayoutInfo,
     conns: HashMap<NodeId, ClientConn>,
+    /// The contacts it started from, to learn the view again if every known member fails.
+    contacts: Vec<SocketAddr>,
+    /// Members that could not be reached, and when.
+    down: HashMap<NodeId, tokio::time::Instant>,
     next_number: u64,
     next_tag: u64,
     /// The newest stamp seen.
@@ -113,7 +134,8 @@ impl Client {
     pub async fn connect(contacts: &[String], secret: Secret) -> Result<Client, ClientError> {
         let id = random_id();
         let mut last = "no contact given".to_string();
-        for addr in resolve(contacts).await {
+        let resolved = resolve(contacts).await;
+        for &addr in &resolved {
             match ClientConn::connect(addr, id, &secret, None).await {
                 Ok(mut conn) => match call_on(&mut conn, 1, &Request::Layout).await {
                     Ok(Reply::Layout(layout)) => {
@@ -124,6 +146,8 @@ impl Client {
                             secret,
                             layout,
                             conns,
+                            contacts: resolved.clone(),
+                            down: HashMap::new(),
                             next_number: 1,
                             next_tag: 2,
                             seen: Hlc::ZERO,
@@ -166,9 +190,24 @@ impl Client {
                 .layout
                 .addr_of(node)
                 .ok_or_else(|| format!("node {node} has no address"))?;
-            let conn = ClientConn::connect(addr, self.id, &self.secret, Some(node))
-                .await
-                .map_err(|e| format!("node {node} at {addr}: {e}"))?;
+            let connect = ClientConn::connect(addr, self.id, &self.secret, Some(node));
+            let conn = match tokio::time::timeout(
+                Duration::from_millis(CONNECT_TIMEOUT_MS),
+                connect,
+            )
+            .await
+            {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => {
+                    self.down.insert(node, tokio::time::Instant::now());
+                    return Err(format!("node {node} at {addr}: {e}"));
+                }
+                Err(_) => {
+                    self.down.insert(node, tokio::time::Instant::now());
+                    return Err(format!("node {node} at {addr}: no answer to the handshake"));
+                }
+            };
+            self.down.remove(&node);
             self.conns.insert(node, conn);
         }
         self.conns
@@ -188,39 +227,146 @@ impl Client {
         result
     }
 
-    /// Sends `request` to members of `shard` in turn until one answers; a member that fails or
-    /// is busy is left for the next.
+    /// Asks the members it knows, then its contacts, for the view, and adopts it if it is later
+    /// than the one it has. Returns whether the view changed.
+    async fn refresh_layout(&mut self) -> bool {
+        let mut known: Vec<NodeId> = self.conns.keys().copied().collect();
+        for (node, _) in &self.layout.members {
+            if !known.contains(node) {
+                known.push(*node);
+            }
+        }
+        for node in known {
+            if self.is_down(node) {
+                continue;
+            }
+            if let Ok(Reply::Layout(layout)) = self.call_node(node, &Request::Layout).await {
+                return self.adopt(layout);
+            }
+        }
+        for addr in self.contacts.clone() {
+            let Ok(mut conn) = ClientConn::connect(addr, self.id, &self.secret, None).await else {
+                continue;
+            };
+            let node = conn.node_id();
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            if let Ok(Reply::Layout(layout)) = call_on(&mut conn, tag, &Request::Layout).await {
+                self.conns.entry(node).or_insert(conn);
+                return self.adopt(layout);
+            }
+        }
+        false
+    }
+
+    fn is_down(&self, node: NodeId) -> bool {
+        self.down
+            .get(&node)
+            .is_some_and(|at| at.elapsed() < Duration::from_millis(DOWN_SKIP_MS))
+    }
+
+    fn adopt(&mut self, layout: LayoutInfo) -> bool {
+        if layout.view_id <= self.layout.view_id {
+            return false;
+        }
+        // Links to nodes that left the view are of no more use.
+        self.conns
+            .retain(|node, _| layout.members.iter().any(|(m, _)| m == node));
+        self.layout = layout;
+        true
+    }
+
+    /// Sends `request` to the members of the shard holding `key` (or to `pin` only) in turn
+    /// until one answers, following view changes on the way: a member that fails, is busy or
+    /// wedged, or no longer replicates the shard is left for the next, and the view is learnt
+    /// again. Gives up after [`RETRY_WINDOW_MS`], or earlier when every member refuses for good.
     async fn call_shard(
         &mut self,
-        shard: &ShardInfo,
+        key: &[u8],
         request: &Request,
         pin: Option<NodeId>,
     ) -> Result<(NodeId, Reply), ClientError> {
-        let members: Vec<NodeId> = match pin {
-            Some(node) => vec![node],
-            None => shard.members.clone(),
-        };
-        if members.is_empty() {
-            return Err(ClientError::Unreachable("the shard has no members".into()));
-        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(RETRY_WINDOW_MS);
+        let mut pause = RETRY_PAUSE_MS;
+        let mut refused: Option<(ErrorCode, String)> = None;
+        let mut last: String;
+        // Consecutive answers that say this member can never take the request.
+        let mut hopeless = 0usize;
         self.spread = self.spread.wrapping_add(1);
-        let mut last = String::new();
-        for attempt in 0..ATTEMPTS_MAX {
-            let node = members[(self.spread + attempt) % members.len()];
-            match self.call_node(node, request).await {
-                Ok(Reply::Error {
-                    code: code @ (ErrorCode::Busy | ErrorCode::Forming),
-                    message,
-                }) => last = format!("node {node}: {code:?}: {message}"),
-                Ok(Reply::Error { code, message }) => {
-                    return Err(ClientError::Refused { code, message })
-                }
-                Ok(reply) => return Ok((node, reply)),
-                Err(e) => last = format!("node {node}: {e}"),
+        let mut attempt = 0usize;
+        loop {
+            let shard = self.shard_of(key)?;
+            let members: Vec<NodeId> = match pin {
+                Some(node) => vec![node],
+                None => shard.members.clone(),
+            };
+            if members.is_empty() {
+                return Err(ClientError::Unreachable("the shard has no members".into()));
             }
-            tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await;
+            let node = members[(self.spread + attempt) % members.len()];
+            attempt += 1;
+            let relearn;
+            let skip = self.is_down(node) && members.iter().any(|m| !self.is_down(*m));
+            if skip {
+                // Counts as an unreachable answer, without the wait.
+                hopeless += 1;
+                let give_up = refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members.len();
+                if give_up || tokio::time::Instant::now() >= deadline {
+                    return Err(match refused {
+                        Some((code, message)) => ClientError::Refused { code, message },
+                        None => ClientError::Unreachable(format!("node {node}: not reachable")),
+                    });
+                }
+                continue;
+            }
+            match self.call_node(node, request).await {
+                Ok(Reply::Error { code, message }) => match code {
+                    ErrorCode::Busy | ErrorCode::Forming | ErrorCode::Wedged => {
+                        hopeless = 0;
+                        relearn = code == ErrorCode::Wedged;
+                        last = format!("node {node}: {code:?}: {message}");
+                    }
+                    ErrorCode::NoMajority
+                    | ErrorCode::Removed
+                    | ErrorCode::NotReplica
+                    | ErrorCode::Inadequate => {
+                        hopeless += 1;
+                        relearn = true;
+                        last = format!("node {node}: {code:?}: {message}");
+                        if refused
+                            .as_ref()
+                            .is_none_or(|(c, _)| *c != ErrorCode::NoMajority)
+                        {
+                            refused = Some((code, message));
+                        }
+                    }
+                    _ => return Err(ClientError::Refused { code, message }),
+                },
+                Ok(reply) => return Ok((node, reply)),
+                Err(e) => {
+                    hopeless += 1;
+                    relearn = true;
+                    last = format!("node {node}: {e}");
+                }
+            }
+            if relearn && pin.is_none() && self.refresh_layout().await {
+                // A new view: its members get a fresh chance.
+                hopeless = 0;
+                attempt = 0;
+                pause = RETRY_PAUSE_MS;
+                continue;
+            }
+            let give_up = tokio::time::Instant::now() >= deadline
+                || (refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members.len());
+            if give_up {
+                return Err(match refused {
+                    Some((code, message)) => ClientError::Refused { code, message },
+                    None => ClientError::Unreachable(last),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            pause = (pause * 2).min(RETRY_PAUSE_MAX_MS);
         }
-        Err(ClientError::Unreachable(last))
     }
 
     fn saw(&mut self, hlc: Hlc) {
@@ -229,7 +375,7 @@ impl Client {
 
     /// Writes: `Put`, `CondPut` or `Delete`; acknowledged once durable on every replica.
     pub async fn write(&mut self, op: KvOp) -> Result<KvReply, ClientError> {
-        let shard = self.shard_of(op.key())?;
+        let key = op.key().to_vec();
         let number = self.next_number;
         self.next_number += 1;
         let payload = KvRequest {
@@ -244,11 +390,12 @@ impl Client {
             payload,
         };
         // A retry resends the same request number, so the write applies once.
-        let (_, reply) = self.call_shard(&shard, &request, None).await?;
+        let (_, reply) = self.call_shard(&key, &request, None).await?;
         match reply {
             Reply::Written(reply) => {
                 if let KvReply::Written { version, hlc } = reply {
                     self.saw(hlc);
+                    let shard = self.shard_of(&key)?;
                     let w = self.written.entry(shard.id).or_insert(version);
                     *w = (*w).max(version);
                 }
@@ -275,7 +422,7 @@ impl Client {
             at,
             after,
         };
-        let (node, reply) = self.call_shard(&shard, &request, member).await?;
+        let (node, reply) = self.call_shard(key, &request, member).await?;
         match reply {
             Reply::Value {
                 read_version,
@@ -296,11 +443,10 @@ impl Client {
 
     /// Every change of `key` still held, oldest first, and whether older ones were left out.
     pub async fn history(&mut self, key: &[u8]) -> Result<(bool, Vec<Change>), ClientError> {
-        let shard = self.shard_of(key)?;
         let request = Request::History {
             key: Bytes::copy_from_slice(key),
         };
-        match self.call_shard(&shard, &request, None).await?.1 {
+        match self.call_shard(key, &request, None).await?.1 {
             Reply::History { truncated, changes } => Ok((truncated, changes)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }

@@ -150,6 +150,14 @@ pub enum ErrorCode {
     Trimmed = 7,
     /// The node failed to do it.
     Internal = 8,
+    /// The node's shard lost its majority (partition safety): it takes no write, and reads only
+    /// at times at or below its last stability frontier, until the majority side is reachable.
+    NoMajority = 9,
+    /// The node is no longer a member of the group (a view change removed it, or it restarted
+    /// after the group moved on); ask another member.
+    Removed = 10,
+    /// The next view is inadequate (a shard below its minimum size): writes wait for joins.
+    Inadequate = 11,
 }
 
 impl ErrorCode {
@@ -163,6 +171,9 @@ impl ErrorCode {
             6 => ErrorCode::TimedOut,
             7 => ErrorCode::Trimmed,
             8 => ErrorCode::Internal,
+            9 => ErrorCode::NoMajority,
+            10 => ErrorCode::Removed,
+            11 => ErrorCode::Inadequate,
             _ => return Err(ProtocolError("unknown error code")),
         })
     }
@@ -224,7 +235,7 @@ pub struct NodeStatus {
     pub node_id: NodeId,
     /// Its view.
     pub view_id: u32,
-    /// `forming`, `active` or `wedged`.
+    /// `forming`, `restarting`, `active`, `wedged`, `no-majority`, `removed`, `inadequate`.
     pub state: String,
     /// The members it suspects.
     pub suspected: Vec<NodeId>,

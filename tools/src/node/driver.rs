@@ -1,7 +1,7 @@
 //! The node's event loop: it links the members, ticks the engine, carries out its actions, and
 //! serves the clients' requests.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,10 +10,12 @@ use anyhow::Context;
 use bytes::Bytes;
 use derechofs_core::kv::{KvReply, KvRequest, ReadAt};
 use derechofs_core::transport::frame::dials;
-use derechofs_core::transport::{ClientId, ConnectError, LinkEvent, Peer, SendError, Transport};
+use derechofs_core::transport::{
+    ClientConn, ClientId, ConnectError, LinkEvent, Peer, SendError, Transport,
+};
 use derechofs_core::{
-    Action, Delivery, Hlc, Input, Message, Node, NodeId, ShardId, StepError, Subgroup, SubmitError,
-    View,
+    Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, ShardId, StepError,
+    Subgroup, SubmitError, View,
 };
 use derechofs_storage::LogError;
 use tokio::sync::Notify;
@@ -22,7 +24,9 @@ use super::clients::{
     Clients, DurableWait, ReadWait, Submitted, Until, Watch, DURABLE_WAITS_MAX, READ_WAITS_MAX,
     SUBMITTED_MAX, WATCHERS_MAX,
 };
-use super::store::ShardStore;
+use super::state::{LoggedDecision, NodeState};
+use super::store::{open_log, ShardStore};
+use super::Start;
 use crate::config::{Member, NodeConfig};
 use crate::protocol::{
     self, Change, ErrorCode, Event, LayoutInfo, NodeStatus, Reply, Request, ShardInfo,
@@ -35,6 +39,10 @@ pub const TICK_MS: u64 = 2;
 pub const DIAL_RETRY_MS: u64 = 100;
 /// Peer messages held while the view forms (before every member is linked).
 pub const EARLY_MESSAGES_MAX: usize = 1 << 16;
+/// Probe answers waiting for the driver (one per member at most).
+pub const PROBES_MAX: usize = 64;
+/// Time a probe waits for a member's answer.
+pub const PROBE_TIMEOUT_MS: u64 = 2_000;
 
 fn now_us() -> u64 {
     std::time::SystemTime::now()
@@ -46,19 +54,36 @@ fn now_us() -> u64 {
 #[derive(Debug)]
 pub struct Driver {
     me: NodeId,
+    config: NodeConfig,
     node: Node,
+    /// The view the engine runs, as of the last `InstallView` carried out.
+    view: View,
     view_id: u32,
     transport: Arc<Transport>,
     stores: BTreeMap<ShardId, ShardStore>,
+    /// Shards this node was newly assigned by a view change: they start empty and there is no
+    /// state transfer yet, so they serve no client.
+    incomplete: HashSet<ShardId>,
+    notify: Arc<Notify>,
+    /// Every configured member's address.
+    addresses: Vec<Member>,
     layout: LayoutInfo,
     peers: Vec<NodeId>,
     linked: HashSet<NodeId>,
+    /// The view each linked peer declared in its handshake.
+    declared: HashMap<NodeId, u32>,
+    /// Coming back from a recorded view: it, until the node knows which view it runs.
+    restart: Option<View>,
+    /// The group runs this later view than the one this node came back in: it is behind.
+    behind: Option<u32>,
     /// Every member is linked and the engine runs.
     formed: bool,
     early: Vec<(NodeId, Message)>,
     clients: Clients,
     next_request_id: u64,
     actions: Vec<Action>,
+    /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`).
+    followups: VecDeque<Input>,
     time_read_wait: Duration,
 }
 
@@ -66,8 +91,7 @@ impl Driver {
     /// Links the members and runs until SIGINT or SIGTERM.
     pub async fn run(
         config: NodeConfig,
-        members: Vec<Member>,
-        view: View,
+        start: Start,
         stores: BTreeMap<ShardId, ShardStore>,
         notify: Arc<Notify>,
     ) -> anyhow::Result<()> {
@@ -76,36 +100,73 @@ impl Driver {
         let (transport, mut events) = Transport::bind(config.listen, me, secret)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        transport.set_view(view.view_id);
+        let (view, restart) = match start {
+            Start::Fresh(view) => {
+                transport.set_view(view.view_id);
+                (view, None)
+            }
+            // Handshakes declare the recorded view until the node knows whether the group
+            // restarts with it or already runs a later one.
+            Start::Restart { recorded, next } => {
+                transport.set_view(recorded.view_id);
+                (next, Some(recorded))
+            }
+        };
         let transport = Arc::new(transport);
-        for member in &members {
-            if dials(me, member.id) {
+        let addresses = config.initial_members();
+        for member in &addresses {
+            if view.members.contains(&member.id) && dials(me, member.id) {
                 tokio::spawn(dial(transport.clone(), member.id, member.addr));
             }
         }
-        let layout = layout_info(&view, &members);
-        let peers: Vec<NodeId> = members
+        let (probed, mut probes) = tokio::sync::mpsc::channel(PROBES_MAX);
+        if restart.is_some() {
+            // Members that dial this node do not if they already removed it: ask them for
+            // their view as a client does, so that a node left behind knows it.
+            for member in &addresses {
+                if member.id != me && view.members.contains(&member.id) && !dials(me, member.id) {
+                    let secret = config.secret()?;
+                    tokio::spawn(probe(member.id, member.addr, secret, probed.clone()));
+                }
+            }
+        }
+        drop(probed);
+        // Until the node knows its view, clients and `status` see the recorded one.
+        let shown = restart.as_ref().unwrap_or(&view);
+        let layout = layout_info(shown, &addresses);
+        let view_id = shown.view_id;
+        let peers: Vec<NodeId> = view
+            .members
             .iter()
-            .map(|m| m.id)
+            .copied()
             .filter(|&id| id != me)
             .collect();
-        let view_id = view.view_id;
-        let node = derechofs_core::Node::new(config.engine_config(), view)?;
+        let node = derechofs_core::Node::new(config.engine_config(), view.clone())?;
+        let time_read_wait = Duration::from_millis(config.time_read_wait_ms);
         let mut driver = Driver {
             me,
+            config,
             node,
+            view,
             view_id,
             transport,
             stores,
+            incomplete: HashSet::new(),
+            notify: notify.clone(),
+            addresses,
             layout,
             formed: false,
             peers,
             linked: HashSet::new(),
+            declared: HashMap::new(),
+            restart,
+            behind: None,
             early: Vec::new(),
             clients: Clients::default(),
             next_request_id: 1,
             actions: Vec::new(),
-            time_read_wait: Duration::from_millis(config.time_read_wait_ms),
+            followups: VecDeque::new(),
+            time_read_wait,
         };
         driver.check_formed().await?;
         let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
@@ -121,6 +182,7 @@ impl Driver {
                     Some(event) => driver.link_event(event).await?,
                     None => anyhow::bail!("the transport stopped"),
                 },
+                Some((peer, layout)) = probes.recv() => driver.probed(peer, layout).await?,
                 _ = ticker.tick() => driver.tick().await?,
                 _ = notify.notified() => driver.persisted().await?,
                 _ = &mut interrupt => break,
@@ -131,14 +193,26 @@ impl Driver {
         Ok(())
     }
 
-    /// Steps the engine and carries out its actions; returns the step's own error, if any.
+    /// Steps the engine and carries out its actions, then the inputs those actions owe it;
+    /// returns the first step's own error, if any.
     async fn step(&mut self, input: Input) -> anyhow::Result<Option<StepError>> {
-        let mut actions = std::mem::take(&mut self.actions);
-        let error = self.node.step(now_us(), input, &mut actions).err();
-        let result = self.carry_out(&mut actions).await;
-        actions.clear();
-        self.actions = actions;
-        result?;
+        let mut next = Some(input);
+        let mut first = true;
+        let mut error = None;
+        while let Some(input) = next.take().or_else(|| self.followups.pop_front()) {
+            let mut actions = std::mem::take(&mut self.actions);
+            let e = self.node.step(now_us(), input, &mut actions).err();
+            match e {
+                Some(e) if first => error = Some(e),
+                Some(e) => tracing::debug!(node = self.me, error = %e, "follow-up input refused"),
+                None => {}
+            }
+            first = false;
+            let result = self.carry_out(&mut actions).await;
+            actions.clear();
+            self.actions = actions;
+            result?;
+        }
         self.progress();
         Ok(error)
     }
@@ -167,21 +241,133 @@ impl Driver {
                 Action::Wedge => {
                     tracing::warn!(
                         node = self.me,
-                        "wedged: writes fail until the view changes; reads go on"
+                        view_id = self.view_id,
+                        "wedged: the view changes; writes are refused until it does, reads go on"
                     );
-                    let submitted: Vec<Submitted> =
-                        self.clients.submitted.drain().map(|(_, s)| s).collect();
-                    for s in submitted {
-                        let reply = wedged_error();
-                        self.send_client(s.client, reply.encode(s.tag));
-                    }
+                    // A write the trim keeps is applied all the same; the client's retry,
+                    // with the same request number, then gets the reply it had.
+                    self.fail_submitted(wedged_error());
                 }
-                #[allow(unreachable_patterns)]
-                other => {
-                    tracing::warn!(node = self.me, action = ?other, "unknown engine action ignored")
-                }
+                Action::LogTrim {
+                    view_id,
+                    round,
+                    decision,
+                } => self.log_trim(view_id, round, decision).await?,
+                Action::InstallView { view } => self.install(view).await?,
             }
         }
+        Ok(())
+    }
+
+    /// Answers every write submitted and not delivered with `reply`: the client resends it.
+    fn fail_submitted(&mut self, reply: Reply) {
+        let submitted: Vec<Submitted> = self.clients.submitted.drain().map(|(_, s)| s).collect();
+        for s in submitted {
+            self.send_client(s.client, reply.encode(s.tag));
+        }
+    }
+
+    /// Makes the decision that ends the current view durable with the view, then tells the
+    /// engine. The node cannot go on without its disk, so a failure stops it.
+    async fn log_trim(
+        &mut self,
+        view_id: u32,
+        round: u64,
+        decision: Decision,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            view_id == self.view.view_id,
+            "asked to log a decision of view {view_id} in view {}",
+            self.view.view_id
+        );
+        let state = NodeState {
+            decision: Some(LoggedDecision {
+                round,
+                decision: decision.clone(),
+            }),
+            ..NodeState::of_view(&self.view)
+        };
+        self.save_state(state).await?;
+        tracing::info!(
+            node = self.me,
+            view_id,
+            round,
+            removed = ?removed_members(&self.view, decision.removed),
+            trims = ?decision.trims,
+            "logged the decision that ends the view"
+        );
+        self.followups
+            .push_back(Input::TrimLogged { view_id, round });
+        Ok(())
+    }
+
+    async fn save_state(&self, state: NodeState) -> anyhow::Result<()> {
+        let dir = self.config.data_dir.clone();
+        tokio::task::spawn_blocking(move || state.save(&dir))
+            .await
+            .context("the state writer failed")?
+            .context("recording the view state")
+    }
+
+    /// The engine installed `view`: record it, follow it in the transport and the stores, and
+    /// show it to clients.
+    async fn install(&mut self, view: View) -> anyhow::Result<()> {
+        self.save_state(NodeState::of_view(&view)).await?;
+        let removed: Vec<NodeId> = self
+            .view
+            .members
+            .iter()
+            .copied()
+            .filter(|m| !view.members.contains(m))
+            .collect();
+        self.view_id = view.view_id;
+        self.transport.set_view(view.view_id);
+        for &node in &removed {
+            self.transport.disconnect(Peer::Node(node));
+            self.linked.remove(&node);
+        }
+        self.peers = view
+            .members
+            .iter()
+            .copied()
+            .filter(|&id| id != self.me)
+            .collect();
+        self.layout = layout_info(&view, &self.addresses);
+        let mine: Vec<ShardId> = view.layout.shards_of(self.me).map(|s| s.id).collect();
+        self.stores.retain(|shard, _| mine.contains(shard));
+        self.incomplete.retain(|shard| mine.contains(shard));
+        for shard in mine {
+            if self.stores.contains_key(&shard) {
+                continue;
+            }
+            // A shard new to this node: its log starts here; without state transfer it lacks
+            // the shard's history, so it serves no client (see `incomplete`).
+            let dir = self.config.data_dir.clone();
+            let sync = self.config.persistence;
+            let log = tokio::task::spawn_blocking(move || open_log(&dir, shard, sync))
+                .await
+                .context("the log opener failed")?
+                .with_context(|| format!("opening the log of {shard}"))?;
+            let store = ShardStore::start(shard, log, view.view_id, sync, self.notify.clone())
+                .with_context(|| format!("starting the store of {shard}"))?;
+            tracing::warn!(node = self.me, %shard, view_id = view.view_id, "newly assigned shard starts empty: without state transfer it serves no client");
+            self.stores.insert(shard, store);
+            self.incomplete.insert(shard);
+        }
+        tracing::info!(
+            node = self.me,
+            view_id = view.view_id,
+            members = ?view.members,
+            removed = ?removed,
+            "installed the next view"
+        );
+        self.view = view;
+        // Writes sent in the old view and cut by the trim will never be delivered: the clients
+        // resend them (applied once, by their request numbers).
+        self.fail_submitted(error(
+            ErrorCode::Wedged,
+            "the view changed before the write was delivered; resend it",
+        ));
         Ok(())
     }
 
@@ -314,10 +500,11 @@ impl Driver {
             LinkEvent::Connected {
                 peer: Peer::Node(id),
                 addr,
-                ..
+                view_id,
             } => {
-                tracing::info!(node = self.me, peer = id, %addr, "linked");
+                tracing::info!(node = self.me, peer = id, %addr, view_id, "linked");
                 self.linked.insert(id);
+                self.declared.insert(id, view_id);
                 self.check_formed().await?;
             }
             LinkEvent::Connected {
@@ -353,8 +540,15 @@ impl Driver {
                 peer: Peer::Node(id),
                 reason,
             } => {
-                tracing::warn!(node = self.me, peer = id, %reason, "link broke; the member will be suspected");
                 self.linked.remove(&id);
+                if self.formed && self.view.members.contains(&id) {
+                    tracing::warn!(node = self.me, peer = id, %reason, "link broke; suspecting the member");
+                    if let Some(e) = self.step(Input::LinkBroken { peer: id }).await? {
+                        tracing::debug!(node = self.me, error = %e, "link break refused");
+                    }
+                } else {
+                    tracing::warn!(node = self.me, peer = id, %reason, "link broke");
+                }
             }
             LinkEvent::Broken {
                 peer: Peer::Client(client),
@@ -364,16 +558,75 @@ impl Driver {
         Ok(())
     }
 
-    async fn check_formed(&mut self) -> anyhow::Result<()> {
-        if self.formed || !self.peers.iter().all(|p| self.linked.contains(p)) {
+    /// A member answered a probe with the view it runs. It counts only if that view left this
+    /// node out: a member restarting with this node may already run the next view with it.
+    async fn probed(&mut self, peer: NodeId, layout: LayoutInfo) -> anyhow::Result<()> {
+        let view_id = layout.view_id;
+        tracing::info!(node = self.me, peer, view_id, "a member runs this view");
+        if layout.members.iter().any(|(m, _)| *m == self.me) {
             return Ok(());
         }
+        let seen = self.declared.entry(peer).or_insert(view_id);
+        *seen = (*seen).max(view_id);
+        self.check_formed().await
+    }
+
+    async fn check_formed(&mut self) -> anyhow::Result<()> {
+        if self.formed {
+            return Ok(());
+        }
+        if let Some(recorded) = &self.restart {
+            let later = self
+                .declared
+                .values()
+                .copied()
+                .filter(|&v| v > recorded.view_id)
+                .max();
+            if let Some(later) = later {
+                // The group went on without this node: run the recorded view as a laggard, so
+                // a member that still knows how it ended says so (it answers with the decision).
+                let recorded = recorded.clone();
+                tracing::warn!(
+                    node = self.me,
+                    recorded = recorded.view_id,
+                    group = later,
+                    "the group runs a later view than this node's; it is behind and takes no request"
+                );
+                self.node = Node::new(self.config.engine_config(), recorded.clone())?;
+                self.layout = layout_info(&recorded, &self.addresses);
+                self.view_id = recorded.view_id;
+                self.view = recorded;
+                self.behind = Some(later);
+                self.restart = None;
+                return self.form().await;
+            }
+        }
+        if !self.peers.iter().all(|p| self.linked.contains(p)) {
+            return Ok(());
+        }
+        if let Some(recorded) = self.restart.take() {
+            // Every member is linked and came back from the same view: the group restarts in
+            // the next one, with the recorded members.
+            self.save_state(NodeState::of_view(&self.view)).await?;
+            self.view_id = self.view.view_id;
+            self.layout = layout_info(&self.view, &self.addresses);
+            self.transport.set_view(self.view_id);
+            tracing::info!(
+                node = self.me,
+                recorded = recorded.view_id,
+                view_id = self.view_id,
+                "every member is back; the group restarts in the next view"
+            );
+        } else if self.behind.is_none() {
+            self.save_state(NodeState::of_view(&self.view)).await?;
+        }
+        self.form().await
+    }
+
+    /// Starts the engine and replays what peers sent before.
+    async fn form(&mut self) -> anyhow::Result<()> {
         self.formed = true;
-        tracing::info!(
-            node = self.me,
-            view_id = self.view_id,
-            "every member is linked; the view runs"
-        );
+        tracing::info!(node = self.me, view_id = self.view_id, "the view runs");
         self.step(Input::Tick).await?;
         for (from, message) in std::mem::take(&mut self.early) {
             if let Some(e) = self.step(Input::Message { from, message }).await? {
@@ -463,7 +716,102 @@ impl Driver {
                 &format!("node {} does not replicate {shard}", self.me),
             ));
         }
+        if self.incomplete.contains(&shard) {
+            return Err(error(
+                ErrorCode::NotReplica,
+                &format!(
+                    "node {} was assigned {shard} by a view change and has not received its \
+                     history (no state transfer yet)",
+                    self.me
+                ),
+            ));
+        }
         Ok(shard)
+    }
+
+    /// Where this node stands, as a client sees it.
+    fn membership(&self) -> Membership {
+        if self.behind.is_some() {
+            return Membership::Removed;
+        }
+        self.node.membership()
+    }
+
+    /// Why this node takes no write now, if it does not.
+    fn write_refusal(&self) -> Option<Reply> {
+        if !self.formed {
+            return Some(match &self.restart {
+                Some(recorded) => error(
+                    ErrorCode::Forming,
+                    &format!(
+                        "restarting from view {}: waiting for every member of it to come back",
+                        recorded.view_id
+                    ),
+                ),
+                None => error(ErrorCode::Forming, "the view is still forming"),
+            });
+        }
+        match self.membership() {
+            Membership::Active => None,
+            Membership::Wedged => Some(wedged_error()),
+            other => Some(self.membership_error(other)),
+        }
+    }
+
+    fn membership_error(&self, membership: Membership) -> Reply {
+        match membership {
+            Membership::NoMajority => error(
+                ErrorCode::NoMajority,
+                &format!(
+                    "node {} lost the majority of view {} (it suspects {:?}): it takes no write, \
+                     and reads only at times at or below its last stability frontier",
+                    self.me,
+                    self.view_id,
+                    self.node.suspected()
+                ),
+            ),
+            Membership::Removed => match self.behind {
+                Some(later) => error(
+                    ErrorCode::Removed,
+                    &format!(
+                        "node {} came back in view {} after the group moved to view {later}; \
+                         it must join again (joins are not implemented yet)",
+                        self.me, self.view_id
+                    ),
+                ),
+                None => error(
+                    ErrorCode::Removed,
+                    &format!(
+                        "node {} was removed from the group at the end of view {}",
+                        self.me, self.view_id
+                    ),
+                ),
+            },
+            Membership::Inadequate => error(
+                ErrorCode::Inadequate,
+                &format!(
+                    "the view after {} leaves a shard below its minimum size: writes wait for \
+                     joins",
+                    self.view_id
+                ),
+            ),
+            Membership::Wedged => wedged_error(),
+            Membership::Active => error(ErrorCode::Internal, "no refusal"),
+        }
+    }
+
+    /// Why a read at `at` of `shard` cannot be answered here, if it cannot: a node that lost
+    /// its majority or left the group answers only what can no longer change.
+    fn read_refusal(&self, shard: ShardId, at: ReadAt) -> Option<Reply> {
+        let membership = self.membership();
+        if !matches!(membership, Membership::NoMajority | Membership::Removed) {
+            return None;
+        }
+        match at {
+            ReadAt::Version(_) => None,
+            ReadAt::Time(t) if self.node.stability_frontier(shard).is_some_and(|f| t <= f) => None,
+            ReadAt::Time(_) | ReadAt::Latest => Some(self.membership_error(membership)),
+        }
     }
 
     async fn write(
@@ -474,11 +822,8 @@ impl Driver {
         durable: bool,
         payload: Bytes,
     ) -> anyhow::Result<Option<Reply>> {
-        if !self.formed {
-            return Ok(Some(error(ErrorCode::Forming, "the view is still forming")));
-        }
-        if self.node.is_wedged() {
-            return Ok(Some(wedged_error()));
+        if let Some(refusal) = self.write_refusal() {
+            return Ok(Some(refusal));
         }
         let request = match KvRequest::decode(payload.clone()) {
             Ok(r) => r,
@@ -517,6 +862,9 @@ impl Driver {
                     SubmitError::Wedged(_) => ErrorCode::Wedged,
                     SubmitError::QueueFull(_) => ErrorCode::Busy,
                     SubmitError::NotReplica(_) => ErrorCode::NotReplica,
+                    SubmitError::NoMajority => ErrorCode::NoMajority,
+                    SubmitError::Removed => ErrorCode::Removed,
+                    SubmitError::Inadequate => ErrorCode::Inadequate,
                     _ => ErrorCode::Malformed,
                 };
                 Ok(Some(error(code, &e.to_string())))
@@ -537,6 +885,9 @@ impl Driver {
             Ok(shard) => shard,
             Err(reply) => return Some(reply),
         };
+        if let Some(refusal) = self.read_refusal(shard, at) {
+            return Some(refusal);
+        }
         let until = match at {
             ReadAt::Latest => after.map(Until::Delivered),
             ReadAt::Version(v) => Some(Until::Delivered(v)),
@@ -567,6 +918,9 @@ impl Driver {
             Ok(shard) => shard,
             Err(reply) => return reply,
         };
+        if let Some(refusal) = self.read_refusal(shard, ReadAt::Latest) {
+            return refusal;
+        }
         let Some(store) = self.stores.get(&shard) else {
             return error(
                 ErrorCode::NotReplica,
@@ -604,11 +958,20 @@ impl Driver {
 
     fn status(&self) -> NodeStatus {
         let state = if !self.formed {
-            "forming"
-        } else if self.node.is_wedged() {
-            "wedged"
+            if self.restart.is_some() {
+                "restarting"
+            } else {
+                "forming"
+            }
         } else {
-            "active"
+            match self.membership() {
+                Membership::Active => "active",
+                Membership::Wedged => "wedged",
+                Membership::NoMajority => "no-majority",
+                Membership::Removed if self.behind.is_some() => "behind",
+                Membership::Removed => "removed",
+                Membership::Inadequate => "inadequate",
+            }
         };
         let shards = self
             .stores
@@ -653,6 +1016,39 @@ fn wedged_error() -> Reply {
     )
 }
 
+/// Asks a member for its view, as a client, until it answers; sends the answer to the driver.
+async fn probe(
+    peer: NodeId,
+    addr: SocketAddr,
+    secret: derechofs_core::transport::Secret,
+    report: tokio::sync::mpsc::Sender<(NodeId, LayoutInfo)>,
+) {
+    loop {
+        let id = crate::client::random_id();
+        if let Ok(mut conn) = ClientConn::connect(addr, id, &secret, Some(peer)).await {
+            let asked = async {
+                conn.send(0, &Request::Layout.encode(1)).await.ok()?;
+                let (_, frame) = conn.recv().await.ok()?;
+                match Reply::decode(frame).ok()? {
+                    (1, Reply::Layout(layout)) => Some(layout),
+                    _ => None,
+                }
+            };
+            let answer = tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), asked).await;
+            let (sender, _) = conn.into_split();
+            let _ = sender.close().await;
+            if let Ok(Some(layout)) = answer {
+                let _ = report.send((peer, layout)).await;
+                return;
+            }
+        }
+        if report.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
+    }
+}
+
 /// Dials a member until the link is up (it may not have started yet).
 async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
     let me = transport.node_id();
@@ -675,10 +1071,15 @@ async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
     }
 }
 
-fn layout_info(view: &View, members: &[Member]) -> LayoutInfo {
+fn layout_info(view: &View, addresses: &[Member]) -> LayoutInfo {
     LayoutInfo {
         view_id: view.view_id,
-        members: members.iter().map(|m| (m.id, m.addr)).collect(),
+        members: view
+            .members
+            .iter()
+            .filter_map(|id| addresses.iter().find(|m| m.id == *id))
+            .map(|m| (m.id, m.addr))
+            .collect(),
         shards: view
             .layout
             .shards()
@@ -691,4 +1092,14 @@ fn layout_info(view: &View, members: &[Member]) -> LayoutInfo {
             })
             .collect(),
     }
+}
+
+/// The members of `view` whose ranks are set in `mask`.
+fn removed_members(view: &View, mask: u64) -> Vec<NodeId> {
+    view.members
+        .iter()
+        .enumerate()
+        .filter(|&(rank, _)| mask & (1 << rank) != 0)
+        .map(|(_, &node)| node)
+        .collect()
 }

@@ -1,24 +1,31 @@
 //! `derechofs node`: one member of the group, a thin tokio driver around the sans-IO engine.
 //!
 //! - [`store`]: each replicated shard's K/V store over its log, and the thread that syncs it.
-//! - [`driver`]: the event loop: links, ticks, engine actions, client requests.
+//! - [`state`]: the membership record (`DATA/view-state`): the last view and its logged decision.
+//! - [`driver`]: the event loop: links, ticks, engine actions, view changes, client requests.
 //! - [`clients`]: what the node keeps per client: pending writes, waiting reads, watches.
 //!
-//! The view is static for now: the configured `members`, in view `stored + 1`, where `stored` is
-//! the highest view id recorded in this node's logs (see `docs/CONFIG.md`).
+//! A node that never recorded a view starts the group with the configured `members`, in view
+//! `stored + 1` where `stored` is the highest view id recorded in its logs (1 for a new group).
+//! A node with a recorded view comes back in it: it cuts each shard log back to the ragged trim
+//! it logged for that view, if any, and then either restarts the group with the recorded members
+//! in the next view (every member linked and restarting from the same view), or, if a member
+//! already runs a later view, runs its recorded view as a laggard to learn how it ended.
 
 mod clients;
 mod driver;
+mod state;
 mod store;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use anyhow::Context;
-use derechofs_core::View;
+use anyhow::{bail, Context};
+use derechofs_core::{Layout, View};
 use tokio::sync::Notify;
 
 use crate::config::NodeConfig;
+pub use state::{trim_end, NodeState, STATE_FILE};
 pub use store::{open_log, stored_view};
 
 /// Runs the node until it is interrupted (SIGINT or SIGTERM) or fails.
@@ -31,22 +38,82 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
     runtime.block_on(start(config))
 }
 
+/// How the node enters the group.
+#[derive(Debug)]
+pub enum Start {
+    /// A new group (or one restarted from logs without a recorded view) in this view.
+    Fresh(View),
+    /// Back from the recorded view `recorded`: the group restarts in `next` if every member is
+    /// restarting from `recorded`, else the node runs `recorded` as a laggard.
+    Restart {
+        /// The view recorded on disk.
+        recorded: View,
+        /// The view the group restarts in: the recorded members, one view later.
+        next: View,
+    },
+}
+
+impl Start {
+    /// The view whose shards this node opens.
+    fn view(&self) -> &View {
+        match self {
+            Start::Fresh(view) => view,
+            Start::Restart { next, .. } => next,
+        }
+    }
+}
+
 async fn start(config: NodeConfig) -> anyhow::Result<()> {
-    let members = config.initial_members();
-    let ids: Vec<_> = members.iter().map(|m| m.id).collect();
-    // The layout of the initial view depends only on the members and the spec, so the shards
-    // this node replicates are known before its view id is.
-    let probe = View::initial(0, ids.clone(), config.layout_spec())
-        .context("laying out the initial view")?;
+    if !config.partition_safety {
+        bail!(
+            "partition_safety = false is not supported: the engine always needs a majority of \
+             the previous view to install the next one"
+        );
+    }
     let me = config.node_id;
-    let shards: Vec<_> = probe.layout.shards_of(me).map(|s| s.id).collect();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let mut logs = BTreeMap::new();
-    let mut stored = 0u32;
-    for &shard in &shards {
-        let log = open_log(&config.data_dir, shard, config.persistence)
+    let recorded = NodeState::load(&config.data_dir)?;
+    let start = match &recorded {
+        Some(state) => restart_views(&config, state)?,
+        None => {
+            let ids: Vec<_> = config.initial_members().iter().map(|m| m.id).collect();
+            // The layout of the initial view depends only on the members and the spec, so the
+            // shards this node replicates are known before its view id is.
+            let probe = View::initial(0, ids.clone(), config.layout_spec())
+                .context("laying out the initial view")?;
+            let mut stored = 0u32;
+            for shard in probe.layout.shards_of(me) {
+                let log = open_log(&config.data_dir, shard.id, config.persistence)
+                    .with_context(|| format!("opening the log of {}", shard.id))?;
+                stored = stored.max(stored_view(&log).unwrap_or(0));
+            }
+            let view_id = stored
+                .checked_add(1)
+                .context("the stored view id is at its maximum")?;
+            Start::Fresh(View::initial(view_id, ids, config.layout_spec())?)
+        }
+    };
+    let shards: Vec<_> = start.view().layout.shards_of(me).map(|s| s.id).collect();
+    let notify = Arc::new(Notify::new());
+    let mut stores = BTreeMap::new();
+    for shard in shards {
+        let mut log = open_log(&config.data_dir, shard, config.persistence)
             .with_context(|| format!("opening the log of {shard}"))?;
+        if let Some(logged) = recorded.as_ref().and_then(|s| s.decision.as_ref()) {
+            // The decision that ends the recorded view was logged: nothing beyond its trim may
+            // stay in the log. (What the engine delivered is always within it; this cuts what a
+            // torn restart could have left.)
+            let view_id = recorded.as_ref().map_or(0, |s| s.view_id);
+            if let Some(trim) = logged.decision.trims.get(usize::from(shard.0)) {
+                let end = trim_end(view_id, trim);
+                if log.latest().is_some_and(|(latest, _)| latest > end) {
+                    tracing::warn!(node = me, %shard, end = format!("{end:#x}"), "cutting the log back to the logged trim");
+                }
+                log.truncate_after(end)
+                    .with_context(|| format!("cutting the log of {shard} to the logged trim"))?;
+            }
+        }
         let report = log.recovery_report();
         tracing::info!(
             node = me,
@@ -56,21 +123,60 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
             torn = ?report.torn,
             "recovered log"
         );
-        stored = stored.max(stored_view(&log).unwrap_or(0));
-        logs.insert(shard, log);
-    }
-    let view_id = stored
-        .checked_add(1)
-        .context("the stored view id is at its maximum")?;
-    let view = View::initial(view_id, ids, config.layout_spec())?;
-    let notify = Arc::new(Notify::new());
-    let mut stores = BTreeMap::new();
-    for (shard, log) in logs {
-        let store =
-            store::ShardStore::start(shard, log, view_id, config.persistence, notify.clone())
-                .with_context(|| format!("recording the view in the log of {shard}"))?;
+        let store = store::ShardStore::start(
+            shard,
+            log,
+            start.view().view_id,
+            config.persistence,
+            notify.clone(),
+        )
+        .with_context(|| format!("recording the view in the log of {shard}"))?;
         stores.insert(shard, store);
     }
-    tracing::info!(node = me, view_id, members = ?view.members, "starting");
-    driver::Driver::run(config, members, view, stores, notify).await
+    tracing::info!(node = me, start = ?start, "starting");
+    driver::Driver::run(config, start, stores, notify).await
+}
+
+/// The views a node with a recorded state comes back with.
+fn restart_views(config: &NodeConfig, state: &NodeState) -> anyhow::Result<Start> {
+    let me = config.node_id;
+    if state.spec != config.layout_spec() {
+        bail!(
+            "the layout parameters changed: the recorded view {} was made with {:?}, the \
+             configuration says {:?}",
+            state.view_id,
+            state.spec,
+            config.layout_spec()
+        );
+    }
+    let recorded = state
+        .view()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", config.data_dir.join(STATE_FILE).display()))?;
+    if recorded.rank_of(me).is_none() {
+        bail!(
+            "node {me} is not a member of its recorded view {} ({:?})",
+            recorded.view_id,
+            recorded.members
+        );
+    }
+    let addresses = config.initial_members();
+    if let Some(m) = recorded
+        .members
+        .iter()
+        .find(|m| !addresses.iter().any(|a| a.id == **m))
+    {
+        bail!("member {m} of the recorded view has no address in `members`");
+    }
+    let next_id = recorded
+        .view_id
+        .checked_add(1)
+        .context("the recorded view id is at its maximum")?;
+    let layout = Layout::assign(state.spec, &recorded.members, Some(&recorded.layout))
+        .context("laying out the restart view")?;
+    let next = View {
+        view_id: next_id,
+        members: recorded.members.clone(),
+        layout,
+    };
+    Ok(Start::Restart { recorded, next })
 }

@@ -1,0 +1,312 @@
+//! A cluster of `derechofs node` processes on loopback for multi-process tests, driven through
+//! the `derechofs kv`, `status` and `dump` commands as a person would.
+//!
+//! Each cluster takes its own address `127.0.0.X` (X from the process id and the test) and
+//! ports the kernel picked, so tests and concurrent runs do not collide. Every process is
+//! stopped by its pid when the test ends, failed or not, and every wait is bounded.
+
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
+/// Longest a single command may run before it is killed and the test fails.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a cluster may take to reach a state the test waits for.
+pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: Vec<String>,
+    /// The node processes by id - 1; behind a lock so faults run beside client threads.
+    nodes: Mutex<Vec<Option<Child>>>,
+}
+
+fn pick_ip(test: u8) -> String {
+    // Spread over 127.0.0.16..=127.0.0.250 by process and test.
+    let x = 16 + (std::process::id() as u64 * 7 + u64::from(test) * 31) % 235;
+    format!("127.0.0.{x}")
+}
+
+impl Cluster {
+    /// Writes the configurations of an `n`-node cluster; `extra` is appended to every node's
+    /// configuration (TOML lines, after the top-level keys it sets).
+    pub fn new(test: u8, n: usize, extra: &str) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ip = pick_ip(test);
+        // Ports the kernel picks on this address, released just before the nodes bind them.
+        let listeners: Vec<TcpListener> = (0..n)
+            .map(|_| TcpListener::bind(format!("{ip}:0")).expect("a free port"))
+            .collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("address").to_string())
+            .collect();
+        let members: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("  {{ id = {}, addr = \"{a}\" }},", i + 1))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let config = format!(
+                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n{extra}\n",
+                i + 1,
+                dir.path().join(format!("data{}", i + 1)).display(),
+                members.join("\n")
+            );
+            std::fs::write(dir.path().join(format!("n{}.toml", i + 1)), config).expect("config");
+        }
+        drop(listeners);
+        Cluster {
+            dir,
+            addrs,
+            nodes: Mutex::new((0..n).map(|_| None).collect()),
+        }
+    }
+
+    fn nodes(&self) -> MutexGuard<'_, Vec<Option<Child>>> {
+        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The pid of node `node`, if it runs.
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        self.nodes()[node - 1].as_ref().map(Child::id)
+    }
+
+    pub fn size(&self) -> usize {
+        self.addrs.len()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Every member's address, `host:port,...`.
+    pub fn contacts(&self) -> String {
+        self.addrs.join(",")
+    }
+
+    /// The addresses of `nodes` (1-based ids), `host:port,...`.
+    pub fn contacts_of(&self, nodes: &[usize]) -> String {
+        let addrs: Vec<&str> = nodes.iter().map(|&n| self.addrs[n - 1].as_str()).collect();
+        addrs.join(",")
+    }
+
+    /// Starts node `node` (1-based); its output goes to `nodeN.log`.
+    pub fn start(&self, node: usize) {
+        assert!(self.nodes()[node - 1].is_none(), "node {node} runs already");
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("node{node}.log")))
+            .expect("log file");
+        let child = Command::new(BIN)
+            .arg("node")
+            .arg("--config")
+            .arg(self.path(&format!("n{node}.toml")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start derechofs node");
+        self.nodes()[node - 1] = Some(child);
+    }
+
+    pub fn start_all(&self) {
+        for node in 1..=self.size() {
+            self.start(node);
+        }
+    }
+
+    /// Stops every node: SIGTERM, then SIGKILL if it has not exited within a few seconds.
+    pub fn stop_all(&self) {
+        let mut nodes = self.nodes();
+        for child in nodes.iter().flatten() {
+            signal(child, "TERM");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for slot in nodes.iter_mut() {
+            if let Some(mut child) = slot.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Kills node `node` at once (SIGKILL) and reaps it.
+    pub fn kill(&self, node: usize) {
+        let child = self.nodes()[node - 1].take();
+        if let Some(mut child) = child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops node `node` (SIGSTOP): it falls silent with its links open, as a hung machine.
+    /// The process is killed when the cluster is dropped or `kill`ed.
+    pub fn freeze(&self, node: usize) {
+        if let Some(child) = &self.nodes()[node - 1] {
+            signal(child, "STOP");
+        }
+    }
+
+    /// Runs `derechofs ARGS…`, bounded by `COMMAND_TIMEOUT`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let n = RUN.fetch_add(1, Ordering::Relaxed);
+        let out = self.path(&format!("run{n}.out"));
+        let err = self.path(&format!("run{n}.err"));
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("output file"))
+            .stderr(File::create(&err).expect("output file"))
+            .spawn()
+            .expect("run derechofs");
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("derechofs {args:?} did not finish in {COMMAND_TIMEOUT:?}");
+                }
+            }
+        };
+        let run = Run {
+            code: status.code().unwrap_or(-1),
+            stdout: std::fs::read_to_string(&out).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&err).unwrap_or_default(),
+        };
+        let _ = std::fs::remove_file(out);
+        let _ = std::fs::remove_file(err);
+        run
+    }
+
+    /// `derechofs kv --contacts CONTACTS ARGS…`.
+    pub fn kv_via(&self, contacts: &str, args: &[&str]) -> Run {
+        let mut all = vec!["kv", "--contacts", contacts];
+        all.extend_from_slice(args);
+        self.run(&all)
+    }
+
+    /// `derechofs kv ARGS…` through every member.
+    pub fn kv(&self, args: &[&str]) -> Run {
+        self.kv_via(&self.contacts(), args)
+    }
+
+    /// `kv ARGS` that must succeed; returns its output.
+    pub fn kv_ok(&self, args: &[&str]) -> String {
+        let run = self.kv(args);
+        assert_eq!(run.code, 0, "kv {args:?}: {run:?}");
+        run.stdout
+    }
+
+    /// `derechofs status` through `contacts`.
+    pub fn status(&self, contacts: &str) -> Run {
+        self.run(&["status", "--contacts", contacts])
+    }
+
+    /// Waits until `check` accepts the output of `status` through `contacts` (which fails
+    /// when a member cannot be reached, and prints the table all the same).
+    pub fn wait_status(&self, contacts: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            let run = self.status(contacts);
+            if check(&run.stdout) {
+                return run.stdout;
+            }
+            assert!(Instant::now() < deadline, "{what}: {run:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until every member reports `active`.
+    pub fn wait_active(&self) {
+        let n = self.size();
+        self.wait_status(
+            &self.contacts(),
+            "the cluster did not become active",
+            |out| out.lines().filter(|l| l.contains(" active ")).count() >= n,
+        );
+    }
+
+    /// `derechofs dump` of node `node`'s data directory (the node must be stopped).
+    pub fn dump(&self, node: usize) -> String {
+        let dir = self.path(&format!("data{node}"));
+        let run = self.run(&["dump", "--data-dir", dir.to_str().expect("utf-8 path")]);
+        assert_eq!(run.code, 0, "dump of node {node}: {run:?}");
+        run.stdout
+    }
+
+    /// The last lines of every node's log.
+    pub fn logs(&self) -> String {
+        (1..=self.size())
+            .map(|i| {
+                let text =
+                    std::fs::read_to_string(self.path(&format!("node{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {i} ---\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status();
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for child in self.nodes().iter().flatten() {
+            // A frozen node would not act on SIGTERM: let it go on first.
+            signal(child, "CONT");
+        }
+        self.stop_all();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+/// The current time as Unix seconds with microseconds, for `--at`.
+pub fn unix_now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    format!("{}.{:06}", d.as_secs(), d.subsec_micros())
+}
+
+/// The version printed by a write: `version VIEW.SEQ stamp …`.
+pub fn version_of(output: &str) -> String {
+    output
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no version in {output:?}"))
+        .to_string()
+}

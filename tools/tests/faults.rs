@@ -1,0 +1,286 @@
+//! Multi-process fault tests: real `derechofs node` processes on loopback, killed (SIGKILL) or
+//! frozen (SIGSTOP) under load, checked through the `kv`, `status` and `dump` commands.
+//!
+//! What they check is what a user relies on: a failure that leaves a majority costs no error
+//! and no acknowledged write, a retried write is applied once, a minority refuses writes rather
+//! than splitting and still answers reads of the past it knows to be final, and the view a node
+//! installed survives its restart.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use common::{unix_now, version_of, Cluster};
+
+/// Every node in every shard, so that no view change assigns a shard to a node that lacks its
+/// history (state transfer does not exist yet).
+const EVERY_NODE_IN_EVERY_SHARD: &str = "[layout]\nreplicas = 5\n";
+
+/// What one client wrote: key → (value, version), for every write it saw acknowledged.
+type Acked = BTreeMap<String, (String, String)>;
+
+/// A client writing fresh keys `PREFIX/N` one after another until `stop`, then at least
+/// `min` of them; every write must be acknowledged, view changes included.
+fn writer(cluster: &Cluster, contacts: &str, prefix: &str, stop: &AtomicBool, min: usize) -> Acked {
+    let mut acked = Acked::new();
+    let mut n = 0;
+    while n < min || !stop.load(Ordering::Relaxed) {
+        let key = format!("{prefix}/{n}");
+        let value = format!("{prefix}-v{n}");
+        let run = cluster.kv_via(contacts, &["put", &key, &value]);
+        assert_eq!(run.code, 0, "put {key} failed: {run:?}");
+        acked.insert(key, (value, version_of(&run.stdout)));
+        n += 1;
+    }
+    acked
+}
+
+/// Every acknowledged write reads back, with its version, from every member in `members`, and
+/// its key changed exactly once: a write retried across the view change was applied once.
+fn check_acked(cluster: &Cluster, contacts: &str, members: &[usize], acked: &Acked) {
+    for (key, (value, version)) in acked {
+        for member in members {
+            let m = member.to_string();
+            let run = cluster.kv_via(contacts, &["get", key, "-l", "--member", &m]);
+            assert_eq!(run.code, 0, "{key} at node {member}: {run:?}");
+            let expected = format!("version {version} ");
+            assert!(
+                run.stdout.contains(&expected) && run.stdout.trim_end().ends_with(value.as_str()),
+                "{key} at node {member}: want {value} at {version}, got {run:?}"
+            );
+        }
+        let history = cluster.kv_via(contacts, &["history", key]);
+        assert_eq!(history.code, 0, "history of {key}: {history:?}");
+        assert_eq!(
+            history.stdout.lines().count(),
+            1,
+            "{key} was written once but changed more often: {history:?}"
+        );
+    }
+}
+
+/// The view id `status` prints first.
+fn view_of(status: &str) -> u32 {
+    status
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("view "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no view in {status:?}"))
+}
+
+/// The node ids `status` lists with state `state`.
+fn nodes_in(status: &str, state: &str) -> Vec<u32> {
+    let mut nodes: Vec<u32> = status
+        .lines()
+        .skip(2)
+        .filter(|l| l.split_whitespace().nth(2) == Some(state))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    nodes.dedup();
+    nodes
+}
+
+/// Runs `writers` clients through `contacts` while `fault` runs, then lets each write `min`
+/// more keys; returns every acknowledged write.
+fn under_load(
+    cluster: &Cluster,
+    contacts: &str,
+    writers: usize,
+    min: usize,
+    fault: impl FnOnce(&Cluster),
+) -> Acked {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let stop = &stop;
+                s.spawn(move || writer(cluster, contacts, &format!("w{w}"), stop, min))
+            })
+            .collect();
+        // Let the load run before the fault hits it.
+        std::thread::sleep(Duration::from_millis(300));
+        fault(cluster);
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer thread"))
+            .collect()
+    })
+}
+
+#[test]
+fn t10_faults_sigkill_one_of_three_under_load_writes_go_on_and_every_acked_write_is_on_every_survivor(
+) {
+    let cluster = Cluster::new(40, 3, "");
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let acked = under_load(&cluster, &contacts, 4, 10, |c| c.kill(3));
+
+    // The survivors installed the next view without node 3, and writes flowed in it.
+    let status = cluster.wait_status(
+        &cluster.contacts_of(&[1, 2]),
+        "no view without node 3",
+        |s| nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 ")),
+    );
+    assert_eq!(view_of(&status), 2, "{status}");
+    assert!(
+        acked.values().any(|(_, version)| version.starts_with("2.")),
+        "no write was acknowledged in the new view: {acked:?}"
+    );
+    check_acked(&cluster, &contacts, &[1, 2], &acked);
+
+    // The survivors' logs are identical; the killed node's is a prefix of theirs.
+    cluster.stop_all();
+    let dumps: Vec<String> = (1..=3).map(|n| cluster.dump(n)).collect();
+    let entries = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with("  "))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(
+        entries(&dumps[0]),
+        entries(&dumps[1]),
+        "nodes 1 and 2 differ"
+    );
+    let survivor = entries(&dumps[0]);
+    for entry in entries(&dumps[2]) {
+        // Node 3 holds older versions of some keys; each must be a version the survivors
+        // held: its version is at most theirs for the key.
+        let key = entry.split_whitespace().next().expect("key");
+        assert!(
+            survivor
+                .iter()
+                .any(|s| s.split_whitespace().next() == Some(key)),
+            "node 3 holds {entry}, unknown to the survivors"
+        );
+    }
+}
+
+#[test]
+fn t20_faults_five_nodes_leader_killed_during_a_view_change_the_remaining_three_form_a_view() {
+    let cluster = Cluster::new(41, 5, EVERY_NODE_IN_EVERY_SHARD);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts_of(&[2, 3, 4]);
+    let acked = under_load(&cluster, &contacts, 3, 8, |c| {
+        c.kill(5);
+        // The survivors start changing the view at once; node 1 leads that change.
+        std::thread::sleep(Duration::from_millis(3));
+        c.kill(1);
+    });
+    let status = cluster.wait_status(&contacts, "no view of nodes 2, 3, 4", |s| {
+        nodes_in(s, "active") == [2, 3, 4]
+            && s.lines().filter(|l| l.contains("data/0")).count() == 3
+    });
+    assert!(view_of(&status) >= 2, "{status}");
+    check_acked(&cluster, &contacts, &[2, 3, 4], &acked);
+    let after = cluster.kv_via(&contacts, &["put", "after", "yes"]);
+    assert_eq!(after.code, 0, "{after:?}");
+}
+
+#[test]
+fn t30_faults_five_nodes_losing_three_refuse_writes_and_still_answer_reads_below_the_frontier() {
+    let cluster = Cluster::new(
+        42,
+        5,
+        &format!("suspect_after_ms = 400\ntime_read_wait_ms = 1000\n{EVERY_NODE_IN_EVERY_SHARD}"),
+    );
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts_of(&[1, 2]);
+    cluster.kv_ok(&["put", "k", "old"]);
+    let t = unix_now();
+    cluster.kv_ok(&["put", "k", "new"]);
+    // Read at `t` once while the group is whole: the frontier passed it.
+    let before = cluster.kv_via(&contacts, &["get", "k", "--at", &t, "--member", "1"]);
+    assert_eq!(
+        (before.code, before.stdout.trim()),
+        (0, "old"),
+        "{before:?}"
+    );
+
+    // Three members fall silent at once, links open: the two others suspect all three and,
+    // being no majority of the view, install nothing.
+    for n in [3, 4, 5] {
+        cluster.freeze(n);
+    }
+    let status = cluster.wait_status(&contacts, "no minority state", |s| {
+        nodes_in(s, "no-majority") == [1, 2]
+    });
+    assert_eq!(
+        view_of(&status),
+        1,
+        "the minority installed a view: {status}"
+    );
+
+    let put = cluster.kv_via(&contacts, &["put", "k", "split"]);
+    assert_ne!(put.code, 0, "the minority took a write: {put:?}");
+    assert!(put.stderr.contains("NoMajority"), "{put:?}");
+
+    // The past below the frontier is final and still served, on both sides of the minority.
+    for member in ["1", "2"] {
+        let read = cluster.kv_via(&contacts, &["get", "k", "--at", &t, "--member", member]);
+        assert_eq!((read.code, read.stdout.trim()), (0, "old"), "{read:?}");
+    }
+    // The present is not: a minority cannot know it.
+    let latest = cluster.kv_via(&contacts, &["get", "k", "--member", "1"]);
+    assert_ne!(latest.code, 0, "{latest:?}");
+    assert!(latest.stderr.contains("NoMajority"), "{latest:?}");
+    let now = unix_now();
+    let recent = cluster.kv_via(&contacts, &["get", "k", "--at", &now, "--member", "2"]);
+    assert_ne!(recent.code, 0, "{recent:?}");
+    for n in [3, 4, 5] {
+        cluster.kill(n);
+    }
+}
+
+#[test]
+fn t40_faults_every_node_killed_and_restarted_keeps_every_acked_write_and_the_recorded_view() {
+    let cluster = Cluster::new(43, 3, "");
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let mut acked = under_load(&cluster, &contacts, 2, 5, |c| c.kill(3));
+    let survivors = cluster.contacts_of(&[1, 2]);
+    let status = cluster.wait_status(&survivors, "no view without node 3", |s| {
+        nodes_in(s, "active") == [1, 2]
+    });
+    assert_eq!(view_of(&status), 2, "{status}");
+
+    // Everything stops at once; nodes 1 and 2 come back in the view they recorded, 2 — not in
+    // the configured three-member one — and restart it as view 3.
+    cluster.kill(1);
+    cluster.kill(2);
+    cluster.start(1);
+    cluster.start(2);
+    let status = cluster.wait_status(&survivors, "the survivors did not restart", |s| {
+        nodes_in(s, "active") == [1, 2]
+    });
+    assert_eq!(view_of(&status), 3, "{status}");
+    check_acked(&cluster, &survivors, &[1, 2], &acked);
+    let after = cluster.kv_via(&survivors, &["put", "after", "restart"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert!(version_of(&after.stdout).starts_with("3."), "{after:?}");
+    acked.insert(
+        "after".into(),
+        ("restart".into(), version_of(&after.stdout)),
+    );
+
+    // The removed node comes back behind the group: it shows its recorded view, takes no
+    // request, and a client that knows only it learns the current view through it.
+    cluster.start(3);
+    let alone = cluster.contacts_of(&[3]);
+    let status = cluster.wait_status(&alone, "node 3 did not see it is behind", |s| {
+        nodes_in(s, "behind") == [3]
+    });
+    assert_eq!(view_of(&status), 1, "{status}");
+    let put = cluster.kv_via(&alone, &["put", "via-3", "ok"]);
+    assert_eq!(put.code, 0, "{put:?}");
+    assert!(version_of(&put.stdout).starts_with("3."), "{put:?}");
+    check_acked(&cluster, &survivors, &[1, 2], &acked);
+}
