@@ -1,5 +1,6 @@
 //! `derechofs bench …`: benchmarks that print tables (the numbers go to docs/PERFORMANCE.md).
 
+mod failover;
 mod histogram;
 mod kv;
 mod log;
@@ -23,6 +24,9 @@ pub enum Bench {
     /// Raw ordered multicast in one shard of three members over loopback TCP, volatile:
     /// delivered throughput at every member and submit-to-delivery latency.
     Multicast(multicast::Args),
+    /// Time from a SIGKILL of one member to writes flowing again in a new view, over several
+    /// trials on fresh local clusters.
+    Failover(failover::Args),
 }
 
 /// Runs one benchmark.
@@ -32,5 +36,6 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Passthrough(args) => passthrough::run(args),
         Bench::Kv(args) => kv::run(args),
         Bench::Multicast(args) => multicast::run(args),
+        Bench::Failover(args) => failover::run(args),
     }
 }
