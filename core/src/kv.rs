@@ -19,6 +19,9 @@ pub const KV_KEY_LEN_MAX: usize = 1024;
 pub const KV_VALUE_LEN_MAX: usize = 16 << 20;
 /// First byte of the keys the store keeps for itself; user keys may not start with it.
 pub const INTERNAL_KEY_PREFIX: u8 = 0xFF;
+/// First byte of the keys of the other state machine that shares a shard's log (the file
+/// system, `derechofs-fs`); user keys may not start with it either.
+pub const SHARED_KEY_PREFIX: u8 = 0xFE;
 
 /// A K/V operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,6 +108,9 @@ pub struct Applied {
     /// the driver notifies watchers of them after delivery.
     pub changed: Vec<(Bytes, Option<Bytes>)>,
 }
+
+/// The writes of one version: keys with their new values (`None`: deleted), in key order.
+pub type KvDelta = Vec<(Bytes, Option<Bytes>)>;
 
 /// A value with the version that wrote it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -195,8 +201,10 @@ impl KvRequest {
         }
         need(&b, key_len)?;
         let key = b.split_to(key_len);
-        if key[0] == INTERNAL_KEY_PREFIX {
-            return Err(KvDecodeError("keys starting with byte 0xFF are reserved"));
+        if key[0] == INTERNAL_KEY_PREFIX || key[0] == SHARED_KEY_PREFIX {
+            return Err(KvDecodeError(
+                "keys starting with byte 0xFE or 0xFF are reserved",
+            ));
         }
         let value = if kind == OP_PUT || kind == OP_CPUT {
             need(&b, 4)?;
@@ -336,6 +344,28 @@ impl KvStore {
         hlc: Hlc,
         payloads: &[Bytes],
     ) -> Result<Applied, LogError> {
+        let (applied, delta) = self.decide(version, hlc, payloads)?;
+        let writes: Vec<Write<'_>> = delta
+            .iter()
+            .map(|(k, v)| Write {
+                key: k.as_ref(),
+                value: v.as_deref(),
+            })
+            .collect();
+        self.log.append(version, hlc, &writes)?;
+        Ok(applied)
+    }
+
+    /// Decides every request of one version in order, as [`KvStore::apply`] does, without
+    /// appending: returns the replies and the version's delta (user keys and the per-client
+    /// records, in key order), for a caller that appends it together with the delta of another
+    /// machine sharing the log (whose keys start with [`SHARED_KEY_PREFIX`]).
+    pub fn decide(
+        &self,
+        version: Version,
+        hlc: Hlc,
+        payloads: &[Bytes],
+    ) -> Result<(Applied, KvDelta), LogError> {
         // Writes of this version so far, which later requests of the same version must see.
         let mut writes: BTreeMap<Bytes, Option<Bytes>> = BTreeMap::new();
         let mut clients: BTreeMap<u64, (u64, KvReply)> = BTreeMap::new();
@@ -395,28 +425,19 @@ impl KvStore {
             clients.insert(request.client, (request.number, reply.clone()));
             replies.push(reply);
         }
-        let client_records: Vec<([u8; 10], Bytes)> = clients
-            .iter()
-            .map(|(client, (number, reply))| {
-                let mut b = BytesMut::with_capacity(8 + 24);
-                b.put_u64_le(*number);
-                b.put_slice(&reply.encode());
-                (client_key(*client), b.freeze())
-            })
-            .collect();
-        let mut delta: Vec<Write<'_>> = writes
-            .iter()
-            .map(|(k, v)| Write {
-                key: k.as_ref(),
-                value: v.as_deref(),
-            })
-            .collect();
-        delta.extend(client_records.iter().map(|(k, v)| Write::put(k, v)));
-        self.log.append(version, hlc, &delta)?;
-        Ok(Applied {
-            replies,
-            changed: writes.into_iter().collect(),
-        })
+        let changed: Vec<(Bytes, Option<Bytes>)> = writes.into_iter().collect();
+        // User keys never start with 0xFF, so the client records sort after them.
+        let mut delta = changed.clone();
+        delta.extend(clients.iter().map(|(client, (number, reply))| {
+            let mut b = BytesMut::with_capacity(8 + 24);
+            b.put_u64_le(*number);
+            b.put_slice(&reply.encode());
+            (
+                Bytes::copy_from_slice(&client_key(*client)),
+                Some(b.freeze()),
+            )
+        }));
+        Ok((Applied { replies, changed }, delta))
     }
 
     fn last_of(&self, client: u64) -> Result<Option<(u64, KvReply)>, LogError> {
@@ -449,7 +470,10 @@ impl KvStore {
 
     /// The value of `key` at `at`, with the version that wrote it.
     pub fn get(&self, key: &[u8], at: ReadAt) -> Result<Option<Versioned>, LogError> {
-        if key.first() == Some(&INTERNAL_KEY_PREFIX) {
+        if matches!(
+            key.first(),
+            Some(&(INTERNAL_KEY_PREFIX | SHARED_KEY_PREFIX))
+        ) {
             return Ok(None);
         }
         let Some(v) = self.version_of(at)? else {
@@ -470,7 +494,10 @@ impl KvStore {
 
     /// Every change of `key` still held, oldest first.
     pub fn history(&self, key: &[u8]) -> Vec<derechofs_storage::Change> {
-        if key.first() == Some(&INTERNAL_KEY_PREFIX) {
+        if matches!(
+            key.first(),
+            Some(&(INTERNAL_KEY_PREFIX | SHARED_KEY_PREFIX))
+        ) {
             return Vec::new();
         }
         self.log.history(key)
@@ -701,6 +728,30 @@ mod tests {
             ));
         }
         assert_eq!(s.log().version_count(), 299);
+    }
+
+    #[test]
+    fn keys_of_the_store_and_of_the_file_system_are_refused_as_user_keys() {
+        for first in [INTERNAL_KEY_PREFIX, SHARED_KEY_PREFIX] {
+            let r = KvRequest {
+                client: 1,
+                number: 1,
+                op: KvOp::Delete {
+                    key: Bytes::from(vec![first, b'I']),
+                },
+            };
+            assert!(
+                KvRequest::decode(r.encode()).is_err(),
+                "first byte {first:#x}"
+            );
+        }
+        let mut s = store();
+        let fs_key = [SHARED_KEY_PREFIX, b'I'];
+        s.log_mut()
+            .append(1, Hlc::at(1), &[Write::put(&fs_key, b"inode")])
+            .unwrap();
+        assert_eq!(s.get(&fs_key, ReadAt::Latest).unwrap(), None);
+        assert!(s.history(&fs_key).is_empty());
     }
 
     #[test]

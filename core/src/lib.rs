@@ -30,6 +30,7 @@ mod layout;
 mod message;
 mod multicast;
 mod node;
+pub mod protocol;
 mod row;
 mod stability;
 mod suspicion;

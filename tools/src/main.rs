@@ -7,7 +7,7 @@ mod config;
 mod dump;
 mod kv;
 mod node;
-mod protocol;
+use derechofs_core::protocol;
 mod table;
 
 use std::path::PathBuf;

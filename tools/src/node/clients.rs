@@ -48,6 +48,15 @@ pub enum Until {
     Stable(Hlc),
 }
 
+/// What a read asks.
+#[derive(Clone, Debug)]
+pub enum ReadWhat {
+    /// A K/V key.
+    Kv(Bytes),
+    /// A file system read encoding.
+    Fs(Bytes),
+}
+
 /// A read that cannot be answered yet.
 #[derive(Clone, Debug)]
 pub struct ReadWait {
@@ -57,8 +66,8 @@ pub struct ReadWait {
     pub tag: u64,
     /// The shard.
     pub shard: ShardId,
-    /// The key.
-    pub key: Bytes,
+    /// What it reads.
+    pub what: ReadWhat,
     /// The read position.
     pub at: ReadAt,
     /// What it waits for.

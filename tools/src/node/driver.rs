@@ -21,16 +21,17 @@ use derechofs_storage::LogError;
 use tokio::sync::Notify;
 
 use super::clients::{
-    Clients, DurableWait, ReadWait, Submitted, Until, Watch, DURABLE_WAITS_MAX, READ_WAITS_MAX,
-    SUBMITTED_MAX, WATCHERS_MAX,
+    Clients, DurableWait, ReadWait, ReadWhat, Submitted, Until, Watch, DURABLE_WAITS_MAX,
+    READ_WAITS_MAX, SUBMITTED_MAX, WATCHERS_MAX,
 };
+use super::machine::Outcome;
 use super::state::{LoggedDecision, NodeState};
 use super::store::{open_log, ShardStore};
 use super::Start;
 use crate::config::{Member, NodeConfig};
 use crate::protocol::{
     self, Change, ErrorCode, Event, LayoutInfo, NodeStatus, Reply, Request, ShardInfo,
-    ShardStatusInfo, HISTORY_ENTRIES_MAX, WATCHES_PER_CLIENT_MAX,
+    ShardStatusInfo, SubgroupShard, HISTORY_ENTRIES_MAX, MACHINE_KV, WATCHES_PER_CLIENT_MAX,
 };
 
 /// Interval between engine ticks.
@@ -85,6 +86,8 @@ pub struct Driver {
     /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`).
     followups: VecDeque<Input>,
     time_read_wait: Duration,
+    /// Bytes of a file chunk, for the layout clients learn.
+    chunk_size: u32,
 }
 
 impl Driver {
@@ -133,7 +136,8 @@ impl Driver {
         drop(probed);
         // Until the node knows its view, clients and `status` see the recorded one.
         let shown = restart.as_ref().unwrap_or(&view);
-        let layout = layout_info(shown, &addresses);
+        let chunk_size = super::fs_chunk_size(&config)?;
+        let layout = layout_info(shown, &addresses, chunk_size);
         let view_id = shown.view_id;
         let peers: Vec<NodeId> = view
             .members
@@ -167,6 +171,7 @@ impl Driver {
             actions: Vec::new(),
             followups: VecDeque::new(),
             time_read_wait,
+            chunk_size,
         };
         driver.check_formed().await?;
         let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
@@ -332,7 +337,7 @@ impl Driver {
             .copied()
             .filter(|&id| id != self.me)
             .collect();
-        self.layout = layout_info(&view, &self.addresses);
+        self.layout = layout_info(&view, &self.addresses, self.chunk_size);
         let mine: Vec<ShardId> = view.layout.shards_of(self.me).map(|s| s.id).collect();
         self.stores.retain(|shard, _| mine.contains(shard));
         self.incomplete.retain(|shard| mine.contains(shard));
@@ -348,8 +353,15 @@ impl Driver {
                 .await
                 .context("the log opener failed")?
                 .with_context(|| format!("opening the log of {shard}"))?;
-            let store = ShardStore::start(shard, log, view.view_id, sync, self.notify.clone())
-                .with_context(|| format!("starting the store of {shard}"))?;
+            let store = ShardStore::start(
+                shard,
+                log,
+                view.view_id,
+                sync,
+                self.notify.clone(),
+                self.chunk_size,
+            )
+            .with_context(|| format!("starting the store of {shard}"))?;
             tracing::warn!(node = self.me, %shard, view_id = view.view_id, "newly assigned shard starts empty: without state transfer it serves no client");
             self.stores.insert(shard, store);
             self.incomplete.insert(shard);
@@ -389,8 +401,20 @@ impl Driver {
                     let Some(s) = self.clients.submitted.remove(&request.id) else {
                         continue;
                     };
-                    let bytes = Reply::Written(reply.clone()).encode(s.tag);
-                    let durable = s.durable && matches!(reply, KvReply::Written { .. });
+                    let (bytes, durable) = match reply {
+                        Outcome::Kv(reply) => (
+                            Reply::Written(reply.clone()).encode(s.tag),
+                            s.durable && matches!(reply, KvReply::Written { .. }),
+                        ),
+                        Outcome::Fs(reply) => {
+                            let written = Reply::FsWritten {
+                                version: d.version,
+                                hlc: d.hlc,
+                                reply: reply.clone(),
+                            };
+                            (written.encode(s.tag), s.durable)
+                        }
+                    };
                     let waits = self.clients.durable.entry(shard).or_default();
                     if durable && waits.len() < DURABLE_WAITS_MAX {
                         waits.push_back(DurableWait {
@@ -438,7 +462,7 @@ impl Driver {
             let reads = std::mem::take(&mut self.clients.reads);
             for read in reads {
                 if self.ready(read.shard, read.until) {
-                    let reply = self.serve_read(read.shard, &read.key, read.at);
+                    let reply = self.serve(read.shard, &read.what, read.at);
                     out.push((read.client, reply.encode(read.tag)));
                 } else {
                     self.clients.reads.push(read);
@@ -461,6 +485,22 @@ impl Driver {
         }
     }
 
+    fn serve(&self, shard: ShardId, what: &ReadWhat, at: ReadAt) -> Reply {
+        match what {
+            ReadWhat::Kv(key) => self.serve_read(shard, key, at),
+            ReadWhat::Fs(request) => {
+                let Some(store) = self.stores.get(&shard) else {
+                    return error(
+                        ErrorCode::NotReplica,
+                        "this node does not replicate the shard",
+                    );
+                };
+                let (read_hlc, reply) = store.kv().read_fs(at, request);
+                Reply::FsValue { read_hlc, reply }
+            }
+        }
+    }
+
     fn serve_read(&self, shard: ShardId, key: &[u8], at: ReadAt) -> Reply {
         let Some(store) = self.stores.get(&shard) else {
             return error(
@@ -469,6 +509,7 @@ impl Driver {
             );
         };
         let kv = store.kv();
+        let kv = kv.kv();
         match (kv.version_of(at), kv.get(key, at)) {
             (Ok(read_version), Ok(found)) => Reply::Value {
                 read_version,
@@ -593,7 +634,7 @@ impl Driver {
                     "the group runs a later view than this node's; it is behind and takes no request"
                 );
                 self.node = Node::new(self.config.engine_config(), recorded.clone())?;
-                self.layout = layout_info(&recorded, &self.addresses);
+                self.layout = layout_info(&recorded, &self.addresses, self.chunk_size);
                 self.view_id = recorded.view_id;
                 self.view = recorded;
                 self.behind = Some(later);
@@ -609,7 +650,7 @@ impl Driver {
             // the next one, with the recorded members.
             self.save_state(NodeState::of_view(&self.view)).await?;
             self.view_id = self.view.view_id;
-            self.layout = layout_info(&self.view, &self.addresses);
+            self.layout = layout_info(&self.view, &self.addresses, self.chunk_size);
             self.transport.set_view(self.view_id);
             tracing::info!(
                 node = self.me,
@@ -696,6 +737,31 @@ impl Driver {
             Request::Get { key, at, after } => self.get(client, tag, key, at, after),
             Request::History { key } => Some(self.history(&key)),
             Request::Watch { prefix } => Some(self.watch(client, tag, prefix)),
+            Request::FsSubmit {
+                shard,
+                hlc,
+                durable,
+                payload,
+            } => match self.fs_shard_here(shard) {
+                Ok(id) => match check_fs_request(shard, &payload) {
+                    Ok(()) => self.submit(client, tag, id, hlc, durable, payload).await?,
+                    Err(reply) => Some(reply),
+                },
+                Err(reply) => Some(reply),
+            },
+            Request::FsRead {
+                shard,
+                at,
+                after,
+                request,
+            } => match self.fs_shard_here(shard) {
+                Ok(id) => self.read(client, tag, id, ReadWhat::Fs(request), at, after),
+                Err(reply) => Some(reply),
+            },
+            Request::FsSync { shard, version } => match self.fs_shard_here(shard) {
+                Ok(id) => self.sync(client, tag, id, version),
+                Err(reply) => Some(reply),
+            },
         };
         if let Some(reply) = reply {
             self.send_client(client, reply.encode(tag));
@@ -710,6 +776,21 @@ impl Driver {
             .shard_of(key)
             .map(|s| ShardId(s.id))
             .ok_or_else(|| error(ErrorCode::Internal, "the layout has no data shard"))?;
+        self.serves(shard)
+    }
+
+    /// The shard a file system request names, if this node replicates it. The file system uses
+    /// the namespace subgroup's first shard and every shard of the data subgroup.
+    fn fs_shard_here(&self, shard: SubgroupShard) -> Result<ShardId, Reply> {
+        let Some(info) = self.layout.subgroup_shard(shard) else {
+            let message = format!("the layout has no shard {shard:?}");
+            return Err(error(ErrorCode::Malformed, &message));
+        };
+        self.serves(ShardId(info.id))
+    }
+
+    /// `shard`, if this node replicates it with its history.
+    fn serves(&self, shard: ShardId) -> Result<ShardId, Reply> {
         if !self.stores.contains_key(&shard) {
             return Err(error(
                 ErrorCode::NotReplica,
@@ -837,6 +918,27 @@ impl Driver {
             Ok(shard) => shard,
             Err(reply) => return Ok(Some(reply)),
         };
+        let mut tagged = Vec::with_capacity(1 + payload.len());
+        tagged.push(MACHINE_KV);
+        tagged.extend_from_slice(&payload);
+        self.submit(client, tag, shard, hlc, durable, Bytes::from(tagged))
+            .await
+    }
+
+    /// Multicasts an engine payload (machine byte first) in `shard`; the reply goes out once it
+    /// is delivered (or durable).
+    async fn submit(
+        &mut self,
+        client: ClientId,
+        tag: u64,
+        shard: ShardId,
+        hlc: Hlc,
+        durable: bool,
+        payload: Bytes,
+    ) -> anyhow::Result<Option<Reply>> {
+        if let Some(refusal) = self.write_refusal() {
+            return Ok(Some(refusal));
+        }
         if self.clients.submitted.len() >= SUBMITTED_MAX {
             return Ok(Some(error(ErrorCode::Busy, "too many writes in flight")));
         }
@@ -885,6 +987,20 @@ impl Driver {
             Ok(shard) => shard,
             Err(reply) => return Some(reply),
         };
+        self.read(client, tag, shard, ReadWhat::Kv(key), at, after)
+    }
+
+    /// Answers a read now, or once this replica delivered `after` (or the version read at), or
+    /// once the stability frontier passed the time read at.
+    fn read(
+        &mut self,
+        client: ClientId,
+        tag: u64,
+        shard: ShardId,
+        what: ReadWhat,
+        at: ReadAt,
+        after: Option<derechofs_core::Version>,
+    ) -> Option<Reply> {
         if let Some(refusal) = self.read_refusal(shard, at) {
             return Some(refusal);
         }
@@ -902,15 +1018,46 @@ impl Driver {
                     client,
                     tag,
                     shard,
-                    key,
+                    what,
                     at,
                     until,
                     deadline: Instant::now() + self.time_read_wait,
                 });
                 None
             }
-            _ => Some(self.serve_read(shard, &key, at)),
+            _ => Some(self.serve(shard, &what, at)),
         }
+    }
+
+    /// Answers `FsSynced` once the persistence frontier of `shard` covers `version`.
+    fn sync(
+        &mut self,
+        client: ClientId,
+        tag: u64,
+        shard: ShardId,
+        version: derechofs_core::Version,
+    ) -> Option<Reply> {
+        if self.node.persistence_frontier(shard) >= Some(version) {
+            return Some(Reply::FsSynced);
+        }
+        let waits = self.clients.durable.entry(shard).or_default();
+        if waits.len() >= DURABLE_WAITS_MAX {
+            return Some(error(
+                ErrorCode::Busy,
+                "too many replies wait for durability",
+            ));
+        }
+        // The queue stays in version order: answers leave from its front.
+        let at = waits.partition_point(|w| w.version <= version);
+        waits.insert(
+            at,
+            DurableWait {
+                version,
+                client,
+                reply: Reply::FsSynced.encode(tag),
+            },
+        );
+        None
     }
 
     fn history(&self, key: &[u8]) -> Reply {
@@ -927,7 +1074,7 @@ impl Driver {
                 "this node does not replicate the shard",
             );
         };
-        let all = store.kv().history(key);
+        let all = store.kv().kv().history(key);
         let skip = all.len().saturating_sub(HISTORY_ENTRIES_MAX);
         let changes = all[skip..]
             .iter()
@@ -1009,6 +1156,26 @@ fn error(code: ErrorCode, message: &str) -> Reply {
     }
 }
 
+/// Refuses a file system request that does not decode, or whose operation is not for the kind
+/// of shard it is sent to (namespace operations to the namespace shard, data operations to data
+/// shards), before it is multicast.
+fn check_fs_request(shard: SubgroupShard, payload: &Bytes) -> Result<(), Reply> {
+    use derechofs_fs::op::{Op, Request as FsRequest};
+    let request = FsRequest::decode(&payload.slice(1..)).map_err(|e| {
+        error(
+            ErrorCode::Malformed,
+            &format!("bad file system request: {e}"),
+        )
+    })?;
+    match (&request.op, shard.data) {
+        (Op::Ns(_), false) | (Op::Data(_), true) => Ok(()),
+        _ => Err(error(
+            ErrorCode::Malformed,
+            "a namespace operation goes to the namespace shard, a data operation to a data shard",
+        )),
+    }
+}
+
 fn wedged_error() -> Reply {
     error(
         ErrorCode::Wedged,
@@ -1071,7 +1238,7 @@ async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
     }
 }
 
-fn layout_info(view: &View, addresses: &[Member]) -> LayoutInfo {
+fn layout_info(view: &View, addresses: &[Member], chunk_size: u32) -> LayoutInfo {
     LayoutInfo {
         view_id: view.view_id,
         members: view
@@ -1091,6 +1258,7 @@ fn layout_info(view: &View, addresses: &[Member]) -> LayoutInfo {
                 members: s.members.clone(),
             })
             .collect(),
+        chunk_size,
     }
 }
 

@@ -1,6 +1,8 @@
 //! `derechofs node`: one member of the group, a thin tokio driver around the sans-IO engine.
 //!
-//! - [`store`]: each replicated shard's K/V store over its log, and the thread that syncs it.
+//! - [`machine`]: a shard replica's state machines over its log: the K/V store and the file
+//!   system, told apart by the first byte of each request payload.
+//! - [`store`]: each replicated shard's machines, and the thread that syncs the log.
 //! - [`state`]: the membership record (`DATA/view-state`): the last view and its logged decision.
 //! - [`driver`]: the event loop: links, ticks, engine actions, view changes, client requests.
 //! - [`clients`]: what the node keeps per client: pending writes, waiting reads, watches.
@@ -14,6 +16,7 @@
 
 mod clients;
 mod driver;
+mod machine;
 mod state;
 mod store;
 
@@ -96,6 +99,7 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
     };
     let shards: Vec<_> = start.view().layout.shards_of(me).map(|s| s.id).collect();
     let notify = Arc::new(Notify::new());
+    let chunk_size = fs_chunk_size(&config)?;
     let mut stores = BTreeMap::new();
     for shard in shards {
         let mut log = open_log(&config.data_dir, shard, config.persistence)
@@ -129,6 +133,7 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
             start.view().view_id,
             config.persistence,
             notify.clone(),
+            chunk_size,
         )
         .with_context(|| format!("recording the view in the log of {shard}"))?;
         stores.insert(shard, store);
@@ -179,4 +184,21 @@ fn restart_views(config: &NodeConfig, state: &NodeState) -> anyhow::Result<Start
         layout,
     };
     Ok(Start::Restart { recorded, next })
+}
+
+/// The file system's chunk size from `layout.chunk_size`, checked against what the file system
+/// and one request can carry: a chunk's write travels as one request of at most
+/// `REQUEST_BYTES_MAX`.
+pub fn fs_chunk_size(config: &NodeConfig) -> anyhow::Result<u32> {
+    let chunk = config.layout.chunk_size;
+    let limit = (derechofs_core::REQUEST_BYTES_MAX / 2) as u64;
+    if chunk > limit {
+        bail!(
+            "layout.chunk_size {chunk} is above {limit}: a chunk's write must fit in one request"
+        );
+    }
+    let chunk = u32::try_from(chunk).context("layout.chunk_size is too large")?;
+    derechofs_fs::chunk::check_chunk_size(chunk)
+        .map_err(|e| anyhow::anyhow!("layout.chunk_size: {e}"))?;
+    Ok(chunk)
 }

@@ -1,6 +1,7 @@
-//! One shard replica's K/V store and its persister thread.
+//! One shard replica's state machines (K/V and file system, [`Machine`]) and its persister
+//! thread.
 //!
-//! The driver applies delivered versions to the store on the async runtime (appends are
+//! The driver applies delivered versions to the machines on the async runtime (appends are
 //! buffered in memory), and hands the `fdatasync` of the log to a thread per shard so the
 //! runtime never waits on the disk. Persist requests are coalesced: the thread syncs up to the
 //! newest version asked for, reports it through a shared cell, and wakes the driver.
@@ -10,11 +11,12 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use derechofs_core::kv::KvStore;
 use derechofs_core::{ShardId, Version};
 use derechofs_storage::backend::FileBackend;
 use derechofs_storage::{Log, LogConfig, LogError, SyncPolicy};
 use tokio::sync::Notify;
+
+use super::machine::Machine;
 
 /// The first byte of the engine state this driver keeps in each log's metadata.
 const ENGINE_STATE_FORMAT: u8 = 1;
@@ -37,10 +39,10 @@ struct PersistShared {
     wake: Condvar,
 }
 
-/// A shard replica: its store, shared with its persister thread.
+/// A shard replica: its machines, shared with its persister thread.
 #[derive(Debug)]
 pub struct ShardStore {
-    kv: Arc<Mutex<KvStore>>,
+    kv: Arc<Mutex<Machine>>,
     persist: Arc<PersistShared>,
     thread: Option<JoinHandle<()>>,
     /// The last persisted version reported to the engine.
@@ -82,18 +84,21 @@ pub fn open_log(data_dir: &Path, shard: ShardId, sync: SyncPolicy) -> Result<Log
 }
 
 impl ShardStore {
-    /// Starts the persister of `log`, recording `view_id` durably in its engine state first.
+    /// Starts the persister of `log`, recording `view_id` durably in its engine state first;
+    /// the machines over it use file chunks of `chunk_size` bytes (checked by the caller).
     pub fn start(
         shard: ShardId,
         mut log: Log,
         view_id: u32,
         sync: SyncPolicy,
         notify: Arc<Notify>,
+        chunk_size: u32,
     ) -> Result<ShardStore, LogError> {
         let mut state = vec![ENGINE_STATE_FORMAT];
         state.extend_from_slice(&view_id.to_le_bytes());
         log.set_engine_state(&state)?;
-        let kv = Arc::new(Mutex::new(KvStore::new(log)));
+        let machine = Machine::new(log, chunk_size);
+        let kv = Arc::new(Mutex::new(machine));
         let persist = Arc::new(PersistShared::default());
         let thread = {
             let kv = kv.clone();
@@ -114,8 +119,8 @@ impl ShardStore {
         })
     }
 
-    /// The store, for applying and reading.
-    pub fn kv(&self) -> MutexGuard<'_, KvStore> {
+    /// The machines, for applying and reading.
+    pub fn kv(&self) -> MutexGuard<'_, Machine> {
         lock(&self.kv)
     }
 
@@ -159,7 +164,7 @@ fn now_ms() -> u64 {
 
 /// The persister: waits for a version to persist, waits out the batching interval, syncs.
 fn persister(
-    kv: Arc<Mutex<KvStore>>,
+    kv: Arc<Mutex<Machine>>,
     persist: Arc<PersistShared>,
     sync: SyncPolicy,
     notify: Arc<Notify>,

@@ -1,5 +1,7 @@
-//! The client protocol: what clients (`derechofs kv`, `derechofs status`) and a node say to each
-//! other over a [`ClientConn`](derechofs_core::transport::ClientConn) link.
+//! The client protocol: what clients (`derechofs kv`, `derechofs status`, the file system's
+//! `RemoteShards`) and a node say to each other over a [`ClientConn`](crate::transport::ClientConn)
+//! link. Both sides use this module: the node to decode requests and encode replies, clients the
+//! other way round.
 //!
 //! Every message is one transport frame whose payload is
 //!
@@ -11,15 +13,18 @@
 //! watch gets one `Watching` reply, then an `Event` per change, all with its tag). Integers are
 //! little-endian; a stamp is `wall_us u64 | logical u32`; bytes are `len u32 | bytes`; a string
 //! is `len u16 | UTF-8`; an option is `0 | 1 value`. Writes carry the K/V request encoding of
-//! [`KvRequest::encode`](derechofs_core::kv::KvRequest::encode) unchanged, and their replies the
-//! [`KvReply::encode`] encoding, so a retried write is the same bytes. Decoding never panics and
-//! never allocates more than the message's own length.
+//! [`KvRequest::encode`](crate::kv::KvRequest::encode) unchanged, and their replies the
+//! [`KvReply::encode`] encoding, so a retried write is the same bytes. File system requests carry
+//! the engine payload itself (the [`MACHINE_FS`] byte, then the file system's request encoding),
+//! which the node multicasts unchanged. Decoding never panics and never allocates more than the
+//! message's own length.
 
 use std::net::SocketAddr;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use derechofs_core::kv::{KvReply, ReadAt, Versioned};
-use derechofs_core::{Hlc, NodeId, Version};
+
+use crate::kv::{KvReply, ReadAt, Versioned};
+use crate::{Hlc, NodeId, Version};
 
 /// The protocol version this build speaks; a message with another one is refused.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -27,6 +32,22 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const HISTORY_ENTRIES_MAX: usize = 100_000;
 /// Watches one client may have on one node.
 pub const WATCHES_PER_CLIENT_MAX: usize = 64;
+
+/// The first byte of every request payload the nodes multicast: which state machine of the shard
+/// applies it. `MACHINE_KV`: the rest is a `KvRequest` encoding.
+pub const MACHINE_KV: u8 = 1;
+/// See [`MACHINE_KV`]. `MACHINE_FS`: the rest is a file system `Request` encoding (`derechofs-fs`).
+pub const MACHINE_FS: u8 = 2;
+
+/// A shard as the file system names it: the namespace subgroup's or the data subgroup's shard
+/// with an index. The node maps it to its layout's shard.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SubgroupShard {
+    /// `true`: the data subgroup; `false`: the namespace subgroup.
+    pub data: bool,
+    /// The shard's index in its subgroup.
+    pub index: u16,
+}
 
 /// Why a message could not be decoded.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -68,6 +89,37 @@ pub enum Request {
     },
     /// This node's view, shards and frontiers.
     Status,
+    /// A file system write: multicast `payload` in `shard` and answer once delivered here (or
+    /// once durable on every replica with `durable`).
+    FsSubmit {
+        /// The shard.
+        shard: SubgroupShard,
+        /// The client's HLC, past every stamp it has seen.
+        hlc: Hlc,
+        /// Answer once durable on every replica rather than once delivered here.
+        durable: bool,
+        /// The engine payload: [`MACHINE_FS`], then the file system request.
+        payload: Bytes,
+    },
+    /// A file system read, answered from this replica's state at `at`.
+    FsRead {
+        /// The shard.
+        shard: SubgroupShard,
+        /// Which state; a time waits for the stability frontier to pass it.
+        at: ReadAt,
+        /// With `Latest`: wait until this replica delivered this version (read-your-writes).
+        after: Option<Version>,
+        /// The file system read encoding.
+        request: Bytes,
+    },
+    /// Answer once the shard's persistence frontier covers `version` (every replica holds every
+    /// version up to it on disk): the file system's `fsync`.
+    FsSync {
+        /// The shard.
+        shard: SubgroupShard,
+        /// The version to wait for.
+        version: Version,
+    },
 }
 
 /// A reply or notification from a node.
@@ -97,6 +149,24 @@ pub enum Reply {
     Event(Event),
     /// The answer to `Status`.
     Status(NodeStatus),
+    /// The outcome of a file system write, applied as (part of) `version`.
+    FsWritten {
+        /// The version the request was delivered in.
+        version: Version,
+        /// Its stamp.
+        hlc: Hlc,
+        /// The file system reply encoding (the same at every replica).
+        reply: Bytes,
+    },
+    /// The answer to `FsRead`.
+    FsValue {
+        /// The stamp of the last version at or below the state read (zero: none).
+        read_hlc: Hlc,
+        /// The file system read reply encoding.
+        reply: Bytes,
+    },
+    /// The answer to `FsSync`: the version is durable on every replica.
+    FsSynced,
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -188,6 +258,8 @@ pub struct LayoutInfo {
     pub members: Vec<(NodeId, SocketAddr)>,
     /// The shards.
     pub shards: Vec<ShardInfo>,
+    /// Bytes of a file chunk (the file system's layout).
+    pub chunk_size: u32,
 }
 
 /// One shard of the layout.
@@ -209,6 +281,18 @@ impl LayoutInfo {
         let data = self.shards.iter().filter(|s| s.data).count();
         let index = data_shard_index(key, u16::try_from(data).ok()?);
         self.shards.iter().find(|s| s.data && s.index == index)
+    }
+
+    /// The shard of a subgroup with an index.
+    pub fn subgroup_shard(&self, shard: SubgroupShard) -> Option<&ShardInfo> {
+        self.shards
+            .iter()
+            .find(|s| s.data == shard.data && s.index == shard.index)
+    }
+
+    /// Shards of the data subgroup.
+    pub fn data_shards(&self) -> usize {
+        self.shards.iter().filter(|s| s.data).count()
     }
 
     /// The address of a member.
@@ -272,6 +356,9 @@ const KIND_GET: u8 = 3;
 const KIND_HISTORY: u8 = 4;
 const KIND_WATCH: u8 = 5;
 const KIND_STATUS: u8 = 6;
+const KIND_FS_SUBMIT: u8 = 7;
+const KIND_FS_READ: u8 = 8;
+const KIND_FS_SYNC: u8 = 9;
 
 const REPLY_LAYOUT: u8 = 0x81;
 const REPLY_WRITTEN: u8 = 0x82;
@@ -281,6 +368,9 @@ const REPLY_WATCHING: u8 = 0x85;
 const REPLY_EVENT: u8 = 0x86;
 const REPLY_STATUS: u8 = 0x87;
 const REPLY_ERROR: u8 = 0x88;
+const REPLY_FS_WRITTEN: u8 = 0x89;
+const REPLY_FS_VALUE: u8 = 0x8A;
+const REPLY_FS_SYNCED: u8 = 0x8B;
 
 const AT_LATEST: u8 = 0;
 const AT_VERSION: u8 = 1;
@@ -317,6 +407,25 @@ fn put_str(b: &mut BytesMut, s: &str) {
 fn put_opt_version(b: &mut BytesMut, v: Option<Version>) {
     b.put_u8(u8::from(v.is_some()));
     b.put_u64_le(v.unwrap_or(0));
+}
+
+fn put_at(b: &mut BytesMut, at: ReadAt) {
+    match at {
+        ReadAt::Latest => b.put_u8(AT_LATEST),
+        ReadAt::Version(v) => {
+            b.put_u8(AT_VERSION);
+            b.put_u64_le(v);
+        }
+        ReadAt::Time(t) => {
+            b.put_u8(AT_TIME);
+            put_hlc(b, t);
+        }
+    }
+}
+
+fn put_subgroup_shard(b: &mut BytesMut, shard: SubgroupShard) {
+    b.put_u8(u8::from(shard.data));
+    b.put_u16_le(shard.index);
 }
 
 fn put_nodes(b: &mut BytesMut, nodes: &[NodeId]) {
@@ -389,6 +498,20 @@ impl Reader {
         self.need(n.saturating_mul(item_bytes))?;
         Ok(n)
     }
+    fn at(&mut self) -> Result<ReadAt, ProtocolError> {
+        Ok(match self.u8()? {
+            AT_LATEST => ReadAt::Latest,
+            AT_VERSION => ReadAt::Version(self.u64()?),
+            AT_TIME => ReadAt::Time(self.hlc()?),
+            _ => return Err(ProtocolError("unknown read position")),
+        })
+    }
+    fn subgroup_shard(&mut self) -> Result<SubgroupShard, ProtocolError> {
+        Ok(SubgroupShard {
+            data: self.bool()?,
+            index: self.u16()?,
+        })
+    }
     fn nodes(&mut self) -> Result<Vec<NodeId>, ProtocolError> {
         let n = usize::from(self.u16()?);
         let n = self.count(n, 4)?;
@@ -440,17 +563,7 @@ impl Request {
             Request::Get { key, at, after } => {
                 b = header(KIND_GET, tag);
                 put_bytes(&mut b, key);
-                match at {
-                    ReadAt::Latest => b.put_u8(AT_LATEST),
-                    ReadAt::Version(v) => {
-                        b.put_u8(AT_VERSION);
-                        b.put_u64_le(*v);
-                    }
-                    ReadAt::Time(t) => {
-                        b.put_u8(AT_TIME);
-                        put_hlc(&mut b, *t);
-                    }
-                }
+                put_at(&mut b, *at);
                 put_opt_version(&mut b, *after);
             }
             Request::History { key } => {
@@ -462,7 +575,57 @@ impl Request {
                 put_bytes(&mut b, prefix);
             }
             Request::Status => b = header(KIND_STATUS, tag),
+            Request::FsSubmit {
+                shard,
+                hlc,
+                durable,
+                payload,
+            } => {
+                b = header(KIND_FS_SUBMIT, tag);
+                put_subgroup_shard(&mut b, *shard);
+                put_hlc(&mut b, *hlc);
+                b.put_u8(u8::from(*durable));
+                put_bytes(&mut b, payload);
+            }
+            Request::FsRead {
+                shard,
+                at,
+                after,
+                request,
+            } => {
+                b = header(KIND_FS_READ, tag);
+                put_subgroup_shard(&mut b, *shard);
+                put_at(&mut b, *at);
+                put_opt_version(&mut b, *after);
+                put_bytes(&mut b, request);
+            }
+            Request::FsSync { shard, version } => {
+                b = header(KIND_FS_SYNC, tag);
+                put_subgroup_shard(&mut b, *shard);
+                b.put_u64_le(*version);
+            }
         }
+        b.freeze()
+    }
+
+    /// Encodes an `FsSubmit` of the file system request `request` with `tag`, writing the
+    /// engine payload ([`MACHINE_FS`], then `request`) straight into the message: the same bytes
+    /// as `Request::FsSubmit { payload: [MACHINE_FS] ++ request, .. }.encode(tag)`.
+    pub fn encode_fs_submit(
+        tag: u64,
+        shard: SubgroupShard,
+        hlc: Hlc,
+        durable: bool,
+        request: &[u8],
+    ) -> Bytes {
+        let mut b = header(KIND_FS_SUBMIT, tag);
+        b.reserve(32 + request.len());
+        put_subgroup_shard(&mut b, shard);
+        put_hlc(&mut b, hlc);
+        b.put_u8(u8::from(durable));
+        b.put_u32_le((request.len() + 1) as u32);
+        b.put_u8(MACHINE_FS);
+        b.put_slice(request);
         b.freeze()
     }
 
@@ -478,18 +641,40 @@ impl Request {
             },
             KIND_GET => {
                 let key = r.bytes()?;
-                let at = match r.u8()? {
-                    AT_LATEST => ReadAt::Latest,
-                    AT_VERSION => ReadAt::Version(r.u64()?),
-                    AT_TIME => ReadAt::Time(r.hlc()?),
-                    _ => return Err(ProtocolError("unknown read position")),
-                };
+                let at = r.at()?;
                 let after = r.opt_version()?;
                 Request::Get { key, at, after }
             }
             KIND_HISTORY => Request::History { key: r.bytes()? },
             KIND_WATCH => Request::Watch { prefix: r.bytes()? },
             KIND_STATUS => Request::Status,
+            KIND_FS_SUBMIT => {
+                let shard = r.subgroup_shard()?;
+                let hlc = r.hlc()?;
+                let durable = r.bool()?;
+                let payload = r.bytes()?;
+                if payload.first() != Some(&MACHINE_FS) {
+                    return Err(ProtocolError(
+                        "a file system payload must start with MACHINE_FS",
+                    ));
+                }
+                Request::FsSubmit {
+                    shard,
+                    hlc,
+                    durable,
+                    payload,
+                }
+            }
+            KIND_FS_READ => Request::FsRead {
+                shard: r.subgroup_shard()?,
+                at: r.at()?,
+                after: r.opt_version()?,
+                request: r.bytes()?,
+            },
+            KIND_FS_SYNC => Request::FsSync {
+                shard: r.subgroup_shard()?,
+                version: r.u64()?,
+            },
             _ => return Err(ProtocolError("unknown request kind")),
         };
         r.end()?;
@@ -517,6 +702,7 @@ impl Reply {
                     b.put_u16_le(shard.index);
                     put_nodes(&mut b, &shard.members);
                 }
+                b.put_u32_le(layout.chunk_size);
             }
             Reply::Written(reply) => {
                 b = header(REPLY_WRITTEN, tag);
@@ -585,6 +771,22 @@ impl Reply {
                 b.put_u8(*code as u8);
                 put_str(&mut b, message);
             }
+            Reply::FsWritten {
+                version,
+                hlc,
+                reply,
+            } => {
+                b = header(REPLY_FS_WRITTEN, tag);
+                b.put_u64_le(*version);
+                put_hlc(&mut b, *hlc);
+                put_bytes(&mut b, reply);
+            }
+            Reply::FsValue { read_hlc, reply } => {
+                b = header(REPLY_FS_VALUE, tag);
+                put_hlc(&mut b, *read_hlc);
+                put_bytes(&mut b, reply);
+            }
+            Reply::FsSynced => b = header(REPLY_FS_SYNCED, tag),
         }
         b.freeze()
     }
@@ -617,10 +819,12 @@ impl Reply {
                         members: r.nodes()?,
                     });
                 }
+                let chunk_size = r.u32()?;
                 Reply::Layout(LayoutInfo {
                     view_id,
                     members,
                     shards,
+                    chunk_size,
                 })
             }
             REPLY_WRITTEN => {
@@ -717,6 +921,16 @@ impl Reply {
                 code: ErrorCode::from_u8(r.u8()?)?,
                 message: r.string()?,
             },
+            REPLY_FS_WRITTEN => Reply::FsWritten {
+                version: r.u64()?,
+                hlc: r.hlc()?,
+                reply: r.bytes()?,
+            },
+            REPLY_FS_VALUE => Reply::FsValue {
+                read_hlc: r.hlc()?,
+                reply: r.bytes()?,
+            },
+            REPLY_FS_SYNCED => Reply::FsSynced,
             _ => return Err(ProtocolError("unknown reply kind")),
         };
         r.end()?;
@@ -756,6 +970,31 @@ mod tests {
                 prefix: Bytes::new(),
             },
             Request::Status,
+            Request::FsSubmit {
+                shard: SubgroupShard {
+                    data: true,
+                    index: 3,
+                },
+                hlc: Hlc::at(11),
+                durable: false,
+                payload: Bytes::from_static(b"\x02request"),
+            },
+            Request::FsRead {
+                shard: SubgroupShard {
+                    data: false,
+                    index: 0,
+                },
+                at: ReadAt::Latest,
+                after: Some(12),
+                request: Bytes::from_static(b"read"),
+            },
+            Request::FsSync {
+                shard: SubgroupShard {
+                    data: true,
+                    index: 1,
+                },
+                version: 13,
+            },
         ]
     }
 
@@ -770,6 +1009,7 @@ mod tests {
                     index: 0,
                     members: vec![1, 2, 3],
                 }],
+                chunk_size: 1 << 20,
             }),
             Reply::Written(KvReply::Conflict { current: Some(4) }),
             Reply::Value {
@@ -816,6 +1056,16 @@ mod tests {
                 code: ErrorCode::Wedged,
                 message: "wedged".into(),
             },
+            Reply::FsWritten {
+                version: 5,
+                hlc: Hlc::at(6),
+                reply: Bytes::from_static(b"reply"),
+            },
+            Reply::FsValue {
+                read_hlc: Hlc::ZERO,
+                reply: Bytes::from_static(b"value"),
+            },
+            Reply::FsSynced,
         ]
     }
 
@@ -830,6 +1080,30 @@ mod tests {
             let b = reply.encode(tag as u64);
             assert_eq!(Reply::decode(b).unwrap(), (tag as u64, reply));
         }
+    }
+
+    #[test]
+    fn protocol_fs_submit_is_encoded_in_place_as_the_general_encoder_does() {
+        let shard = SubgroupShard {
+            data: false,
+            index: 0,
+        };
+        let direct = Request::encode_fs_submit(4, shard, Hlc::at(2), true, b"op");
+        let general = Request::FsSubmit {
+            shard,
+            hlc: Hlc::at(2),
+            durable: true,
+            payload: Bytes::from_static(b"\x02op"),
+        }
+        .encode(4);
+        assert_eq!(direct, general);
+        let kv = Request::FsSubmit {
+            shard,
+            hlc: Hlc::at(2),
+            durable: true,
+            payload: Bytes::from_static(b"\x01op"),
+        };
+        assert!(Request::decode(kv.encode(1)).is_err());
     }
 
     #[test]

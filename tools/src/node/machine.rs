@@ -1,0 +1,273 @@
+//! The state machines of one shard replica, over its one log: the K/V store
+//! (`derechofs_core::kv`) and the file system (`derechofs_fs::shard`).
+//!
+//! Every request payload the nodes multicast starts with a machine byte
+//! ([`MACHINE_KV`] or [`MACHINE_FS`], `docs/FORMATS.md`); the rest is that machine's request.
+//! A delivered version's requests are split by that byte, each machine decides its own in their
+//! order against the log's latest state, and the two deltas are appended as the version's one
+//! record. The machines' keys never overlap (file system keys start with `0xFE`, the K/V store's
+//! own with `0xFF`, and K/V user keys may start with neither), so the order between the two
+//! machines' requests inside a version changes nothing: every replica replies the same and
+//! appends the same delta.
+
+use bytes::Bytes;
+use derechofs_core::kv::{KvReply, KvStore, ReadAt};
+use derechofs_core::protocol::{MACHINE_FS, MACHINE_KV};
+use derechofs_core::{Hlc, Version};
+use derechofs_storage::{Log, LogError, Write};
+
+/// One request's reply, by the machine that applied it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A K/V reply (also the answer to a payload with an unknown machine byte: `Invalid`).
+    Kv(KvReply),
+    /// A file system reply, encoded.
+    Fs(Bytes),
+}
+
+/// What applying one version produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// One reply per request, in order.
+    pub replies: Vec<Outcome>,
+    /// The K/V user keys the version changed, for watches.
+    pub changed: Vec<(Bytes, Option<Bytes>)>,
+}
+
+/// The machines of one shard replica.
+#[derive(Debug)]
+pub struct Machine {
+    kv: KvStore,
+    chunk_size: u32,
+}
+
+impl Machine {
+    /// The machines over `log`, in a layout with file chunks of `chunk_size` bytes, which the
+    /// node checked at its start ([`super::fs_chunk_size`]).
+    pub fn new(log: Log, chunk_size: u32) -> Machine {
+        assert!(
+            derechofs_fs::chunk::check_chunk_size(chunk_size).is_ok(),
+            "chunk size {chunk_size} was not checked"
+        );
+        Machine {
+            kv: KvStore::new(log),
+            chunk_size,
+        }
+    }
+
+    /// The K/V store, for its reads.
+    pub fn kv(&self) -> &KvStore {
+        &self.kv
+    }
+
+    /// The log.
+    pub fn log(&self) -> &Log {
+        self.kv.log()
+    }
+
+    /// The log, for persistence.
+    pub fn log_mut(&mut self) -> &mut Log {
+        self.kv.log_mut()
+    }
+
+    /// Applies one delivered version and appends its delta. `Err` is a failure of the log: the
+    /// replica must stop.
+    pub fn apply(
+        &mut self,
+        version: Version,
+        hlc: Hlc,
+        payloads: &[Bytes],
+    ) -> Result<Applied, LogError> {
+        let mut kv = Vec::new();
+        let mut fs = Vec::new();
+        for p in payloads {
+            match p.first() {
+                Some(&MACHINE_KV) => kv.push(p.slice(1..)),
+                Some(&MACHINE_FS) => fs.push(p.slice(1..)),
+                _ => {}
+            }
+        }
+        let (kv_applied, kv_delta) = if kv.is_empty() {
+            Default::default()
+        } else {
+            self.kv.decide(version, hlc, &kv)?
+        };
+        let fs_applied = if fs.is_empty() {
+            Default::default()
+        } else {
+            derechofs_fs::shard::apply_batch(self.kv.log(), hlc, self.chunk_size, &fs)?
+        };
+        let mut writes: Vec<Write<'_>> =
+            Vec::with_capacity(kv_delta.len() + fs_applied.delta.len());
+        writes.extend(fs_applied.delta.iter().map(|(k, v)| Write {
+            key: k,
+            value: v.as_deref(),
+        }));
+        writes.extend(kv_delta.iter().map(|(k, v)| Write {
+            key: k,
+            value: v.as_deref(),
+        }));
+        self.kv.log_mut().append(version, hlc, &writes)?;
+        let mut kv_replies = kv_applied.replies.into_iter();
+        let mut fs_replies = fs_applied.replies.into_iter();
+        let replies = payloads
+            .iter()
+            .map(|p| {
+                let next = match p.first() {
+                    Some(&MACHINE_KV) => kv_replies.next().map(Outcome::Kv),
+                    Some(&MACHINE_FS) => fs_replies.next().map(Outcome::Fs),
+                    _ => None,
+                };
+                next.unwrap_or_else(|| {
+                    Outcome::Kv(KvReply::Invalid {
+                        reason: "unknown state machine byte".into(),
+                    })
+                })
+            })
+            .collect();
+        Ok(Applied {
+            replies,
+            changed: kv_applied.changed,
+        })
+    }
+
+    /// Answers an encoded file system read at `at` from this replica's state, with a stamp the
+    /// client may count as seen (the latest version's for `Latest`, the time for `Time`). The
+    /// caller waits first, for a time, until the stability frontier passed it.
+    pub fn read_fs(&self, at: ReadAt, request: &Bytes) -> (Hlc, Bytes) {
+        let seen = match at {
+            ReadAt::Latest => self.log().latest().map_or(Hlc::ZERO, |l| l.1),
+            ReadAt::Time(t) => t,
+            ReadAt::Version(_) => Hlc::ZERO,
+        };
+        let reply = derechofs_fs::shard::serve_read(self.log(), at, self.chunk_size, request);
+        (seen, reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use derechofs_core::kv::{KvOp, KvRequest};
+    use derechofs_fs::op::{NsOp, NsRead, Op, Reply, Request};
+    use derechofs_fs::Creds;
+    use derechofs_storage::backend::MemoryBackend;
+    use derechofs_storage::LogConfig;
+
+    use super::*;
+
+    fn machine() -> Machine {
+        let config = LogConfig {
+            segment_bytes: 1 << 20,
+            ..LogConfig::default()
+        };
+        let log = Log::open(Arc::new(MemoryBackend::new()), config).unwrap();
+        Machine::new(log, 1 << 20)
+    }
+
+    fn tagged(machine: u8, body: &[u8]) -> Bytes {
+        let mut b = vec![machine];
+        b.extend_from_slice(body);
+        Bytes::from(b)
+    }
+
+    fn put(client: u64, number: u64, key: &[u8]) -> Bytes {
+        let r = KvRequest {
+            client,
+            number,
+            op: KvOp::Put {
+                key: Bytes::copy_from_slice(key),
+                value: Bytes::from_static(b"v"),
+            },
+        };
+        tagged(MACHINE_KV, &r.encode())
+    }
+
+    fn mkdir(client: u64, number: u64, name: &str) -> Bytes {
+        let r = Request {
+            client,
+            number,
+            op: Op::Ns(NsOp::Mkdir {
+                parent: derechofs_fs::ROOT_INO,
+                name: Bytes::copy_from_slice(name.as_bytes()),
+                perm: 0o755,
+                creds: Creds::default(),
+            }),
+        };
+        tagged(MACHINE_FS, &r.encode())
+    }
+
+    fn init(client: u64, number: u64) -> Bytes {
+        let r = Request {
+            client,
+            number,
+            op: Op::Ns(NsOp::Init {
+                creds: Creds::default(),
+            }),
+        };
+        tagged(MACHINE_FS, &r.encode())
+    }
+
+    #[test]
+    fn a_version_mixing_kv_and_fs_requests_replies_in_order_and_replicas_agree() {
+        let (mut a, mut b) = (machine(), machine());
+        let batches = [
+            vec![init(9, 1), put(1, 1, b"k")],
+            vec![
+                put(1, 2, b"k"),
+                mkdir(9, 2, "d"),
+                Bytes::from_static(b"\x07?"),
+            ],
+            vec![mkdir(9, 3, "d"), mkdir(9, 3, "d"), put(1, 2, b"k")],
+        ];
+        for (i, batch) in batches.iter().enumerate() {
+            let v = i as u64 + 1;
+            let ra = a.apply(v, Hlc::at(v), batch).unwrap();
+            let rb = b.apply(v, Hlc::at(v), batch).unwrap();
+            assert_eq!(ra, rb, "replicas differ at version {v}");
+            assert_eq!(ra.replies.len(), batch.len());
+            for (p, r) in batch.iter().zip(&ra.replies) {
+                match (p[0], r) {
+                    (MACHINE_KV, Outcome::Kv(KvReply::Written { .. })) => {}
+                    (MACHINE_FS, Outcome::Fs(bytes)) => {
+                        Reply::decode(bytes).expect("a file system reply");
+                    }
+                    (_, Outcome::Kv(KvReply::Invalid { .. })) => assert_eq!(p[0], 7),
+                    other => panic!("unexpected reply {other:?} at version {v}"),
+                }
+            }
+        }
+        // The repeated mkdir (same client and number) got the first one's reply; a second
+        // mkdir of the same name with a new number would be EEXIST.
+        let third = a
+            .apply(4, Hlc::at(4), &[mkdir(9, 3, "d"), mkdir(9, 4, "d")])
+            .unwrap();
+        let (Outcome::Fs(first), Outcome::Fs(second)) = (&third.replies[0], &third.replies[1])
+        else {
+            panic!("file system replies expected");
+        };
+        assert!(matches!(Reply::decode(first).unwrap(), Reply::Ns(Err(_))));
+        match Reply::decode(second).unwrap() {
+            Reply::Ns(Err(e)) => assert_eq!(e.errno, libc::EEXIST),
+            other => panic!("expected EEXIST, got {other:?}"),
+        }
+        let (_, reply) = a.read_fs(
+            ReadAt::Latest,
+            &NsRead::Lookup {
+                parent: derechofs_fs::ROOT_INO,
+                name: Bytes::from_static(b"d"),
+            }
+            .encode(),
+        );
+        assert!(matches!(
+            derechofs_fs::op::decode_read_reply(&reply).unwrap(),
+            Ok(derechofs_fs::op::ReadReply::Attr(_))
+        ));
+        assert_eq!(
+            a.kv().get(b"k", ReadAt::Latest).unwrap().unwrap().value,
+            "v"
+        );
+        assert_eq!(a.log().version_count(), 4);
+    }
+}

@@ -1,0 +1,453 @@
+//! The file system on a real cluster: three `derechofs node` processes on loopback, and
+//! `FileSystem` over `RemoteShards` in this process, checked against the same operations on
+//! in-process `LocalShards`, through every replica, at past times, and in the logs afterwards.
+//!
+//! Each cluster takes its own address `127.0.0.X` and ports the kernel picked. Every process is
+//! stopped by its pid when the test ends, failed or not, and every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use derechofs_client::{RemoteConfig, RemoteShards};
+use derechofs_core::transport::Secret;
+use derechofs_fs::{
+    Attr, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr, Shards,
+    HISTORY_XATTR, ROOT_INO,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
+/// Longest a command may run before it is killed and the test fails.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest the cluster may take to serve its first file system request.
+const FORMING_TIMEOUT: Duration = Duration::from_secs(30);
+const NODES: usize = 3;
+/// The secret the nodes use when none is configured (`docs/CONFIG.md`).
+const DEVELOPMENT_SECRET: &[u8] = b"derechofs development secret: set secret_file";
+/// Chunks small enough that the sequence's writes span several chunks and data shards.
+const CHUNK_SIZE: u32 = 4096;
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addrs: Vec<String>,
+    nodes: Vec<Option<Child>>,
+}
+
+impl Cluster {
+    fn new(test: u8) -> Cluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let x = 16 + (u64::from(std::process::id()) * 7 + u64::from(test) * 31) % 235;
+        let ip = format!("127.0.0.{x}");
+        let listeners: Vec<TcpListener> = (0..NODES)
+            .map(|_| TcpListener::bind(format!("{ip}:0")).expect("a free port"))
+            .collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("address").to_string())
+            .collect();
+        let members: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("  {{ id = {}, addr = \"{a}\" }},", i + 1))
+            .collect();
+        for (i, addr) in addrs.iter().enumerate() {
+            let config = format!(
+                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nsuspect_after_ms = 5000\n\
+                 time_read_wait_ms = 5000\nmembers = [\n{}\n]\n\n[layout]\ndata_shards = 2\n\
+                 chunk_size = {CHUNK_SIZE}\n",
+                i + 1,
+                dir.path().join(format!("data{}", i + 1)).display(),
+                members.join("\n")
+            );
+            std::fs::write(dir.path().join(format!("n{}.toml", i + 1)), config).expect("config");
+        }
+        drop(listeners);
+        let mut cluster = Cluster {
+            dir,
+            addrs,
+            nodes: (0..NODES).map(|_| None).collect(),
+        };
+        for i in 0..NODES {
+            let log = File::create(cluster.path(&format!("node{}.log", i + 1))).expect("log");
+            let child = Command::new(BIN)
+                .arg("node")
+                .arg("--config")
+                .arg(cluster.path(&format!("n{}.toml", i + 1)))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log file"))
+                .stderr(log)
+                .spawn()
+                .expect("start derechofs node");
+            cluster.nodes[i] = Some(child);
+        }
+        cluster
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn remote(&self, prefer: Option<u32>) -> RemoteShards {
+        let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
+        let mut config = RemoteConfig::new(self.addrs.clone(), secret);
+        config.prefer = prefer;
+        let deadline = Instant::now() + FORMING_TIMEOUT;
+        loop {
+            match RemoteShards::connect(config.clone()) {
+                Ok(remote) => return remote,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for the cluster: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("the cluster did not answer: {e}"),
+            }
+        }
+    }
+
+    /// Stops every node: SIGTERM, then SIGKILL if it has not exited within a few seconds.
+    fn stop_all(&mut self) {
+        for child in self.nodes.iter().flatten() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for slot in &mut self.nodes {
+            if let Some(mut child) = slot.take() {
+                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Runs `derechofs ARGS…`, bounded by `COMMAND_TIMEOUT`; returns the exit code and stdout.
+    fn run(&self, args: &[&str]) -> (i32, String) {
+        let out = self.path("run.out");
+        let err = self.path("run.err");
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("output file"))
+            .stderr(File::create(&err).expect("output file"))
+            .spawn()
+            .expect("run derechofs");
+        let deadline = Instant::now() + COMMAND_TIMEOUT;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("derechofs {args:?} did not finish in {COMMAND_TIMEOUT:?}");
+                }
+            }
+        };
+        let stdout = std::fs::read_to_string(&out).unwrap_or_default();
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+        let code = status.code().unwrap_or(-1);
+        assert!(code == 0 || !stderr.is_empty(), "{args:?} failed silently");
+        if code != 0 {
+            eprintln!("derechofs {args:?}: {stderr}");
+        }
+        (code, stdout)
+    }
+
+    fn dump(&self, node: usize) -> String {
+        let dir = self.path(&format!("data{node}"));
+        let (code, out) = self.run(&["dump", "--data-dir", dir.to_str().expect("utf-8 path")]);
+        assert_eq!(code, 0, "dump of node {node}");
+        out
+    }
+
+    fn logs(&self) -> String {
+        (1..=NODES)
+            .map(|i| {
+                let text =
+                    std::fs::read_to_string(self.path(&format!("node{i}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("--- node {i} ---\n{}\n", tail.join("\n"))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop_all();
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs());
+        }
+    }
+}
+
+fn fs_config(client_base: u64) -> FsConfig {
+    FsConfig {
+        client_base,
+        skew_max_us: 1_000_000,
+        root_owner: Creds { uid: 0, gid: 0 },
+    }
+}
+
+/// A xorshift generator: the sequence is a function of the seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// What a result shows that does not depend on the clock: the stamps (times) differ between a
+/// cluster and in-process shards, everything else must not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Seen {
+    Attr {
+        ino: Ino,
+        kind: FileKind,
+        perm: u16,
+        nlink: u32,
+        size: u64,
+    },
+    Bytes(Vec<u8>),
+    Names(Vec<(Vec<u8>, Ino)>),
+    Done,
+    Errno(i32),
+}
+
+fn attr(a: &Attr) -> Seen {
+    Seen::Attr {
+        ino: a.ino,
+        kind: a.kind,
+        perm: a.perm,
+        nlink: a.nlink,
+        size: a.size,
+    }
+}
+
+fn seen<T>(r: Result<T, FsError>, f: impl FnOnce(T) -> Seen) -> Seen {
+    match r {
+        Ok(t) => f(t),
+        Err(e) => Seen::Errno(e.errno),
+    }
+}
+
+const NAMES: [&[u8]; 5] = [b"a", b"b", b"c", b"d", b"e"];
+
+/// One random operation, applied to `fs`; the inodes it picks are among `inos`, the directories
+/// it creates in among `dirs` (both file systems allocate the same numbers: in the order).
+fn step<S: Shards>(fs: &FileSystem<S>, op: u64, r: &[u64; 6], inos: &[Ino], dirs: &[Ino]) -> Seen {
+    let ino = inos[(r[0] % inos.len() as u64) as usize];
+    let dir = dirs[(r[1] % dirs.len() as u64) as usize];
+    let name = NAMES[(r[2] % NAMES.len() as u64) as usize];
+    let other = NAMES[(r[3] % NAMES.len() as u64) as usize];
+    let c = Creds { uid: 0, gid: 0 };
+    match op {
+        0 => seen(fs.create(dir, name, 0o644, c), |a| attr(&a)),
+        1 => seen(fs.mkdir(dir, name, 0o755, c), |a| attr(&a)),
+        2..=4 => {
+            let offset = r[4] % (3 * u64::from(CHUNK_SIZE));
+            let len = (r[5] % (2 * u64::from(CHUNK_SIZE))) as usize + 1;
+            let data: Vec<u8> = (0..len).map(|i| (r[5] as usize + i) as u8).collect();
+            seen(fs.write(ino, offset, &data), |a| attr(&a))
+        }
+        5 => seen(
+            fs.read(ino, r[4] % (4 * u64::from(CHUNK_SIZE)), 3 * CHUNK_SIZE),
+            |b| Seen::Bytes(b.to_vec()),
+        ),
+        6 => seen(fs.unlink(dir, name), |()| Seen::Done),
+        7 => seen(fs.rmdir(dir, name), |()| Seen::Done),
+        8 => seen(fs.rename(dir, name, ino, other, 0), |()| Seen::Done),
+        9 => {
+            let set = SetAttr {
+                size: Some(r[4] % (3 * u64::from(CHUNK_SIZE))),
+                ..SetAttr::default()
+            };
+            seen(fs.setattr(ino, set), |a| attr(&a))
+        }
+        10 => seen(fs.setxattr(ino, b"user.k", name, 0), |()| Seen::Done),
+        11 => seen(fs.getxattr(ino, b"user.k"), |b| Seen::Bytes(b.to_vec())),
+        12 => seen(fs.symlink(dir, name, other, c), |a| attr(&a)),
+        13 => seen(fs.link(ino, dir, name), |a| attr(&a)),
+        14 => seen(fs.readdir(ino, None, 100), |(entries, _)| {
+            Seen::Names(
+                entries
+                    .into_iter()
+                    .map(|e| (e.name.to_vec(), e.ino))
+                    .collect(),
+            )
+        }),
+        _ => seen(fs.lookup(dir, name), |a| attr(&a)),
+    }
+}
+
+/// The tree under `dir` as the file system shows it: path → (attributes without times,
+/// contents or link target).
+type Tree = BTreeMap<Vec<u8>, (Seen, Vec<u8>)>;
+
+fn walk<S: Shards>(fs: &FileSystem<S>, dir: Ino, path: &[u8], tree: &mut Tree) {
+    let mut after: Option<Bytes> = None;
+    loop {
+        let (entries, more) = fs
+            .readdir(dir, after.as_deref(), 64)
+            .unwrap_or_else(|e| panic!("readdir of {dir:#x}: {e}"));
+        for e in &entries {
+            let mut p = path.to_vec();
+            p.push(b'/');
+            p.extend_from_slice(&e.name);
+            let a = fs
+                .getattr(e.ino)
+                .unwrap_or_else(|err| panic!("getattr {p:?}: {err}"));
+            let mut shown = attr(&a);
+            if let Seen::Attr { ino, .. } = &mut shown {
+                // Snapshot inode numbers differ from live ones (the steps compare live ones).
+                *ino = 0;
+            }
+            let contents = match a.kind {
+                FileKind::Regular => fs.read(e.ino, 0, a.size as u32).expect("read").to_vec(),
+                FileKind::Symlink => fs.readlink(e.ino).expect("readlink").to_vec(),
+                _ => Vec::new(),
+            };
+            tree.insert(p.clone(), (shown, contents));
+            if a.kind == FileKind::Directory {
+                walk(fs, e.ino, &p, tree);
+            }
+        }
+        if !more {
+            return;
+        }
+        after = entries.last().map(|e| e.name.clone());
+    }
+}
+
+fn tree_at<S: Shards>(fs: &FileSystem<S>, at_us: Option<u64>) -> Tree {
+    let root = match at_us {
+        None => ROOT_INO,
+        Some(us) => {
+            fs.lookup(ROOT_INO, format!("@{us}us").as_bytes())
+                .unwrap_or_else(|e| panic!("the root at {us}: {e}"))
+                .ino
+        }
+    };
+    let mut tree = Tree::new();
+    walk(fs, root, b"", &mut tree);
+    tree
+}
+
+fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_micros() as u64
+}
+
+#[test]
+fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replica_and_logs_agree() {
+    let seed = 0x5eed_f5c1_u64 ^ u64::from(std::process::id());
+    eprintln!("seed {seed:#x}");
+    let mut cluster = Cluster::new(20);
+    let remote = FileSystem::new(cluster.remote(Some(1)), fs_config(1 << 32)).expect("mount");
+    let local = FileSystem::new(
+        LocalShards::new(2, CHUNK_SIZE, derechofs_fs::Clock::System).expect("local shards"),
+        fs_config(1 << 32),
+    )
+    .expect("local file system");
+    let mut rng = Rng(seed | 1);
+    let mut inos: Vec<Ino> = vec![ROOT_INO];
+    let mut dirs: Vec<Ino> = vec![ROOT_INO];
+    // Trees after some steps, with a time between that step and the next.
+    let mut past: Vec<(u64, Tree)> = Vec::new();
+    for i in 0..300 {
+        let op = rng.below(16);
+        let r = [
+            rng.next(),
+            rng.next(),
+            rng.next(),
+            rng.next(),
+            rng.next(),
+            rng.next(),
+        ];
+        let got = step(&remote, op, &r, &inos, &dirs);
+        let want = step(&local, op, &r, &inos, &dirs);
+        assert_eq!(
+            got, want,
+            "step {i} (op {op}) differs from local shards; seed {seed:#x}"
+        );
+        if let Seen::Attr { ino, kind, .. } = got {
+            if !inos.contains(&ino) {
+                inos.push(ino);
+                if kind == FileKind::Directory {
+                    dirs.push(ino);
+                }
+            }
+        }
+        if i % 60 == 59 {
+            // Every stamp so far is at or below this time, and every later one above it: the
+            // next request is stamped by a clock that has moved past it.
+            std::thread::sleep(Duration::from_millis(2));
+            let t = now_us();
+            std::thread::sleep(Duration::from_millis(2));
+            past.push((t, tree_at(&remote, None)));
+        }
+    }
+    let live = tree_at(&remote, None);
+    assert_eq!(
+        live,
+        tree_at(&local, None),
+        "the trees differ; seed {seed:#x}"
+    );
+    eprintln!(
+        "{} paths now; {:?} paths at the past times",
+        live.len(),
+        past.iter().map(|p| p.1.len()).collect::<Vec<_>>()
+    );
+    assert!(past.iter().any(|p| p.1.len() > 3), "the trees grew");
+
+    // Every replica, through its own client, shows the same past.
+    for node in 1..=NODES as u32 {
+        let fs = FileSystem::new(cluster.remote(Some(node)), fs_config(u64::from(node) << 40))
+            .expect("mount through one member");
+        for (t, tree) in &past {
+            assert_eq!(
+                &tree_at(&fs, Some(*t)),
+                tree,
+                "node {node} at {t} differs from the tree then; seed {seed:#x}"
+            );
+        }
+        let history = fs.getxattr(ROOT_INO, HISTORY_XATTR).expect("history");
+        assert!(
+            history.split(|&b| b == b'\n').count() > 1,
+            "the root has a history"
+        );
+    }
+
+    // Everything the client wrote is durable on every replica; then the logs agree.
+    remote.shards().sync().expect("sync");
+    drop(remote);
+    cluster.stop_all();
+    let dumps: Vec<String> = (1..=NODES).map(|n| cluster.dump(n)).collect();
+    assert!(
+        dumps[0].contains("fe49"),
+        "the dump shows inode keys: {}",
+        dumps[0]
+    );
+    for (n, dump) in dumps.iter().enumerate() {
+        assert_eq!(dump, &dumps[0], "node {} differs from node 1", n + 1);
+    }
+}
