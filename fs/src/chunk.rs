@@ -16,9 +16,18 @@
 //! compact (their extents add up to the chunk exactly); the price of compaction is one chunk copy
 //! per [`EXTENTS_PER_CHUNK_MAX`] small overwrites, or per chunk's worth of overlapping writes.
 //!
+//! **Reads** of a whole chunk at a version are cached by each replica ([`ChunkCache`]), keyed by
+//! the version of the chunk's state key in force: every change of a chunk rewrites that key, so
+//! the key's version names the chunk's contents forever (versions are never reused). Reading the
+//! current state of a file with a long history then costs one index lookup and a copy of the
+//! bytes asked for, like reading a file written once.
+//!
 //! A truncation cuts: chunks wholly past the new size lose their state (and read as holes), and
 //! the chunk holding the new end gets a *cut* extent; bytes past a cut read as zeros even if the
 //! file grows again. Holes, and whatever a chunk does not hold, read as zeros.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
 use derechofs_storage::{Hlc, Version};
@@ -186,6 +195,29 @@ fn assemble<S: Store + ?Sized>(
     };
     let lo = u64::from(offset);
     let hi = lo + u64::from(want);
+    // One piece covering the chunk from its start (a compacted chunk, or one written once from
+    // offset 0): hand out its bytes without assembling a copy.
+    let whole = match (state.base_len, state.extents) {
+        (0, 0) => Some(Bytes::new()),
+        (n, 0) => Some(
+            store
+                .get(&key::base(ino, index), version)?
+                .filter(|b| b.len() == n as usize)
+                .ok_or(DecodeError::Bad("chunk base"))?,
+        ),
+        (0, 1) => match store.get(&key::extent(ino, index, 0), version)? {
+            Some(e) => match decode_extent(&e)? {
+                Extent::Data { offset: 0, data } => Some(data),
+                _ => None,
+            },
+            None => return Err(DecodeError::Bad("chunk extent missing").into()),
+        },
+        _ => None,
+    };
+    if let Some(b) = whole {
+        let len = b.len() as u64;
+        return Ok(b.slice(lo.min(len) as usize..hi.min(len) as usize));
+    }
     let mut window = BytesMut::zeroed(want as usize);
     let mut len: u64 = 0;
     let copy = |window: &mut BytesMut, at: u64, data: &[u8]| {
@@ -372,11 +404,112 @@ fn add_extent<S: Store + ?Sized>(
     Ok(())
 }
 
-/// Answers a data read at `version`.
+/// Whole chunks as assembled at some version, most recently used kept, up to a number of bytes.
+/// A read-side cache of one replica: it never influences what any operation decides.
+#[derive(Debug)]
+pub struct ChunkCache {
+    inner: Mutex<CacheInner>,
+    bytes_max: usize,
+}
+
+/// The default size of a replica's chunk cache: 64 MiB.
+pub const CHUNK_CACHE_BYTES_DEFAULT: usize = 64 << 20;
+
+type CacheKey = (Ino, u64, Version);
+
+#[derive(Debug, Default)]
+struct CacheInner {
+    chunks: HashMap<CacheKey, (Bytes, u64)>,
+    by_use: BTreeMap<u64, CacheKey>,
+    bytes: usize,
+    tick: u64,
+}
+
+impl ChunkCache {
+    /// A cache of at most `bytes_max` bytes of chunks.
+    pub fn new(bytes_max: usize) -> ChunkCache {
+        ChunkCache {
+            inner: Mutex::new(CacheInner::default()),
+            bytes_max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: CacheKey) -> Option<Bytes> {
+        let mut c = self.lock();
+        c.tick += 1;
+        let tick = c.tick;
+        let (bytes, used) = c.chunks.get_mut(&key)?;
+        let (bytes, old) = (bytes.clone(), std::mem::replace(used, tick));
+        c.by_use.remove(&old);
+        c.by_use.insert(tick, key);
+        Some(bytes)
+    }
+
+    fn put(&self, key: CacheKey, bytes: Bytes) {
+        if bytes.len() > self.bytes_max {
+            return;
+        }
+        let mut c = self.lock();
+        c.tick += 1;
+        let tick = c.tick;
+        if let Some((old, used)) = c.chunks.insert(key, (bytes.clone(), tick)) {
+            c.bytes -= old.len();
+            c.by_use.remove(&used);
+        }
+        c.bytes += bytes.len();
+        c.by_use.insert(tick, key);
+        while c.bytes > self.bytes_max {
+            let Some((_, oldest)) = c.by_use.pop_first() else {
+                break;
+            };
+            if let Some((b, _)) = c.chunks.remove(&oldest) {
+                c.bytes -= b.len();
+            }
+        }
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+}
+
+/// The bytes `[offset, offset + want)` of a chunk at `version` through `cache`.
+fn assemble_cached<S: Store + ?Sized>(
+    store: &S,
+    cache: &ChunkCache,
+    (ino, index): (Ino, u64),
+    version: Version,
+    chunk_size: u32,
+    (offset, want): (u32, u32),
+) -> Result<Bytes, Fail> {
+    let Some(state_version) = store.key_version(&key::chunk(ino, index), version)? else {
+        return Ok(Bytes::new());
+    };
+    let key = (ino, index, state_version);
+    let chunk = match cache.get(key) {
+        Some(c) => c,
+        None => {
+            let c = assemble(store, ino, index, version, 0, chunk_size)?;
+            cache.put(key, c.clone());
+            c
+        }
+    };
+    let from = (offset as usize).min(chunk.len());
+    let to = (offset as usize + want as usize).min(chunk.len());
+    Ok(chunk.slice(from..to))
+}
+
+/// Answers a data read at `version`, through the replica's chunk cache when given.
 pub fn read<S: Store + ?Sized>(
     store: &S,
     version: Version,
     chunk_size: u32,
+    cache: Option<&ChunkCache>,
     read: &DataRead,
 ) -> Result<ReadReply, FsError> {
     match read {
@@ -393,11 +526,68 @@ pub fn read<S: Store + ?Sized>(
                     "a read of {offset}..{end} crosses the end of a {chunk_size}-byte chunk"
                 ));
             }
-            match assemble(store, *ino, *index, version, *offset, *len) {
+            let bytes = match cache {
+                Some(c) => assemble_cached(
+                    store,
+                    c,
+                    (*ino, *index),
+                    version,
+                    chunk_size,
+                    (*offset, *len),
+                ),
+                None => assemble(store, *ino, *index, version, *offset, *len),
+            };
+            match bytes {
                 Ok(b) => Ok(ReadReply::Bytes(b)),
                 Err(Fail::Fs(e)) => Err(e),
                 Err(Fail::Store(e)) => Err(FsError::from(e)),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chunk_cache_keeps_the_most_recently_used_chunks_within_its_bytes() {
+        let cache = ChunkCache::new(10);
+        cache.put((1, 0, 1), Bytes::from_static(b"aaaa"));
+        cache.put((1, 1, 1), Bytes::from_static(b"bbbb"));
+        assert!(cache.get((1, 0, 1)).is_some());
+        cache.put((1, 2, 1), Bytes::from_static(b"cccc"));
+        assert_eq!(cache.bytes(), 8);
+        assert!(
+            cache.get((1, 1, 1)).is_none(),
+            "the least recently used went first"
+        );
+        assert_eq!(cache.get((1, 0, 1)), Some(Bytes::from_static(b"aaaa")));
+        cache.put((9, 9, 9), Bytes::from(vec![0; 11]));
+        assert!(
+            cache.get((9, 9, 9)).is_none(),
+            "a chunk larger than the cache is not kept"
+        );
+    }
+
+    #[test]
+    fn placement_spreads_chunks_over_every_data_shard_and_never_changes() {
+        let mut counts = [0u32; 5];
+        for ino in 2..50 {
+            for index in 0..40 {
+                counts[placement(ino, index, 5) as usize] += 1;
+            }
+        }
+        assert!(counts.iter().all(|&c| c > 300), "{counts:?}");
+        // Fixed by the format: a change here moves every file's data.
+        // The values FORMATS.md's formula gives.
+        let fixed = [
+            placement(2, 0, 7),
+            placement(2, 1, 7),
+            placement(1 << 39, 123_456, 7),
+            placement(12_345, 0, 3),
+        ];
+        assert_eq!(fixed, [3, 0, 3, 2]);
+        assert_eq!(placement(5, 5, 1), 0);
     }
 }

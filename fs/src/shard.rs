@@ -10,7 +10,7 @@ use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
 use derechofs_storage::{Hlc, Log, LogError, Version, Write};
 
-use crate::chunk;
+use crate::chunk::{self, ChunkCache, CHUNK_CACHE_BYTES_DEFAULT};
 use crate::codec::{put_varint, Reader};
 use crate::error::FsError;
 use crate::fs_err;
@@ -106,26 +106,29 @@ pub fn version_for<S: Store + ?Sized>(store: &S, at: ReadAt) -> Result<Option<Ve
 
 /// Answers an encoded read ([`NsRead`] or [`DataRead`]) at `at` with an encoded read reply.
 /// The caller (the node) waits, for a read at a time, until the shard's stability frontier has
-/// passed that time; then the answer can never change.
+/// passed that time; then the answer can never change. `cache`, when given, serves whole chunks
+/// assembled before (it must belong to this store).
 pub fn serve_read<S: Store + ?Sized>(
     store: &S,
     at: ReadAt,
     chunk_size: u32,
+    cache: Option<&ChunkCache>,
     request: &Bytes,
 ) -> Bytes {
-    encode_read_reply(&answer(store, at, chunk_size, request))
+    encode_read_reply(&answer(store, at, chunk_size, cache, request))
 }
 
 fn answer<S: Store + ?Sized>(
     store: &S,
     at: ReadAt,
     chunk_size: u32,
+    cache: Option<&ChunkCache>,
     request: &Bytes,
 ) -> Result<crate::op::ReadReply, FsError> {
     let version = version_for(store, at)?;
     if let Ok(read) = DataRead::decode(request) {
         return match version {
-            Some(v) => chunk::read(store, v, chunk_size, &read),
+            Some(v) => chunk::read(store, v, chunk_size, cache, &read),
             None => Ok(crate::op::ReadReply::Bytes(Bytes::new())),
         };
     }
@@ -141,13 +144,19 @@ fn answer<S: Store + ?Sized>(
 pub struct FsShard {
     log: Log,
     chunk_size: u32,
+    cache: ChunkCache,
 }
 
 impl FsShard {
-    /// The shard whose state is `log`, in a layout with chunks of `chunk_size` bytes.
+    /// The shard whose state is `log`, in a layout with chunks of `chunk_size` bytes, with a
+    /// chunk cache of [`CHUNK_CACHE_BYTES_DEFAULT`].
     pub fn new(log: Log, chunk_size: u32) -> Result<FsShard, String> {
         chunk::check_chunk_size(chunk_size)?;
-        Ok(FsShard { log, chunk_size })
+        Ok(FsShard {
+            log,
+            chunk_size,
+            cache: ChunkCache::new(CHUNK_CACHE_BYTES_DEFAULT),
+        })
     }
 
     /// The log, for persistence and status.
@@ -181,8 +190,8 @@ impl FsShard {
         Ok(applied.replies)
     }
 
-    /// Answers an encoded read at `at`.
+    /// Answers an encoded read at `at` (data reads through the replica's chunk cache).
     pub fn read(&self, at: ReadAt, request: &Bytes) -> Bytes {
-        serve_read(&self.log, at, self.chunk_size, request)
+        serve_read(&self.log, at, self.chunk_size, Some(&self.cache), request)
     }
 }

@@ -32,6 +32,8 @@ pub trait Store {
         after: Option<&[u8]>,
         limit: usize,
     ) -> StoreResult<Vec<(Vec<u8>, Bytes)>>;
+    /// The version of the change of `key` in force at `version`, if any (a deletion counts).
+    fn key_version(&self, key: &[u8], version: Version) -> StoreResult<Option<Version>>;
     /// The last version stamped at or before `t`; `None` if there was none yet.
     fn version_at(&self, t: Hlc) -> StoreResult<Option<Version>>;
     /// The last version and its stamp.
@@ -53,6 +55,10 @@ impl Store for Log {
         limit: usize,
     ) -> StoreResult<Vec<(Vec<u8>, Bytes)>> {
         Ok(Log::scan(self, prefix, version, after, limit.max(1))?.items)
+    }
+
+    fn key_version(&self, key: &[u8], version: Version) -> StoreResult<Option<Version>> {
+        Ok(Log::key_version(self, key, version)?.map(|(v, _)| v))
     }
 
     fn version_at(&self, t: Hlc) -> StoreResult<Option<Version>> {
@@ -173,6 +179,14 @@ impl<S: Store + ?Sized> Store for Overlay<'_, S> {
                 None => return Ok(out),
             }
         }
+    }
+
+    fn key_version(&self, key: &[u8], version: Version) -> StoreResult<Option<Version>> {
+        if version == Version::MAX && self.writes.contains_key(key) {
+            // Written by the version being built, which has no number yet.
+            return Ok(Some(Version::MAX));
+        }
+        self.base.key_version(key, version)
     }
 
     fn version_at(&self, t: Hlc) -> StoreResult<Option<Version>> {
