@@ -106,16 +106,28 @@ pub fn version_for<S: Store + ?Sized>(store: &S, at: ReadAt) -> Result<Option<Ve
 
 /// Answers an encoded read ([`NsRead`] or [`DataRead`]) at `at` with an encoded read reply.
 /// The caller (the node) waits, for a read at a time, until the shard's stability frontier has
-/// passed that time; then the answer can never change. `cache`, when given, serves whole chunks
-/// assembled before (it must belong to this store).
+/// passed that time; then the answer can never change. Data reads assemble their chunk each
+/// time; [`serve_read_cached`] keeps whole chunks in a replica's [`ChunkCache`].
 pub fn serve_read<S: Store + ?Sized>(
     store: &S,
     at: ReadAt,
     chunk_size: u32,
-    cache: Option<&ChunkCache>,
     request: &Bytes,
 ) -> Bytes {
-    encode_read_reply(&answer(store, at, chunk_size, cache, request))
+    encode_read_reply(&answer(store, at, chunk_size, None, request))
+}
+
+/// [`serve_read`] with data reads served through `cache`, which must belong to this store (one
+/// cache per shard replica): reading the current state of a file with a long history then costs
+/// what reading a file written once does.
+pub fn serve_read_cached<S: Store + ?Sized>(
+    store: &S,
+    at: ReadAt,
+    chunk_size: u32,
+    cache: &ChunkCache,
+    request: &Bytes,
+) -> Bytes {
+    encode_read_reply(&answer(store, at, chunk_size, Some(cache), request))
 }
 
 fn answer<S: Store + ?Sized>(
@@ -192,6 +204,6 @@ impl FsShard {
 
     /// Answers an encoded read at `at` (data reads through the replica's chunk cache).
     pub fn read(&self, at: ReadAt, request: &Bytes) -> Bytes {
-        serve_read(&self.log, at, self.chunk_size, Some(&self.cache), request)
+        serve_read_cached(&self.log, at, self.chunk_size, &self.cache, request)
     }
 }
