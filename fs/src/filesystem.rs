@@ -7,7 +7,7 @@
 //! then the new size to the namespace shard (close-to-open, DESIGN §4), so that a reader who sees
 //! the size also sees the bytes.
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use derechofs_core::kv::ReadAt;
@@ -86,6 +86,8 @@ pub struct FileSystem<S: Shards> {
     config: FsConfig,
     /// Free client slots: `(client id, last request number)`.
     slots: Mutex<Vec<(u64, u64)>>,
+    /// Signalled when a slot is returned.
+    slot_free: Condvar,
     snapshots: Mutex<SnapshotTable>,
 }
 
@@ -114,6 +116,7 @@ impl<S: Shards> FileSystem<S> {
             layout,
             config,
             slots: Mutex::new(slots),
+            slot_free: Condvar::new(),
             snapshots: Mutex::new(SnapshotTable::default()),
         };
         let creds = fs.config.root_owner;
@@ -139,14 +142,16 @@ impl<S: Shards> FileSystem<S> {
                 if let Some((c, n)) = slots.pop() {
                     break (c, n + 1);
                 }
-                drop(slots);
-                std::thread::yield_now();
-                slots = lock(&self.slots);
+                slots = self
+                    .slot_free
+                    .wait(slots)
+                    .unwrap_or_else(|e| e.into_inner());
             }
         };
         let request = Request { client, number, op }.encode();
         let result = self.shards.submit(shard, request);
         lock(&self.slots).push((client, number));
+        self.slot_free.notify_one();
         let reply = Reply::decode(&result?).map_err(bad_reply)?;
         match reply {
             Reply::Stale { last } => Err(fs_err!(

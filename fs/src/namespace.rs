@@ -289,7 +289,7 @@ fn run<S: Store + ?Sized>(tx: &mut Tx<'_, S>, op: &NsOp) -> Result<NsReply, Fail
     match op {
         NsOp::Init { creds } => {
             if tx.inode(ROOT_INO)?.is_none() {
-                let mut root = Inode {
+                let root = Inode {
                     attr: Attr {
                         ino: ROOT_INO,
                         kind: FileKind::Directory,
@@ -307,7 +307,6 @@ fn run<S: Store + ?Sized>(tx: &mut Tx<'_, S>, op: &NsOp) -> Result<NsReply, Fail
                     target: Bytes::new(),
                     parent: ROOT_INO,
                 };
-                root.attr.ino = ROOT_INO;
                 tx.save(root);
             }
             attr_of(tx, ROOT_INO)

@@ -599,3 +599,42 @@ fn the_history_xattr_lists_every_change_of_an_inode_up_to_the_snapshot_time() {
         .unwrap();
     assert_eq!(fs.history(then.ino).unwrap().len(), 2);
 }
+
+#[test]
+fn more_threads_than_client_slots_each_get_every_request_applied_once() {
+    let fs = fs();
+    let threads = derechofs_fs::filesystem::CLIENT_SLOTS_MAX as usize + 16;
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let fs = &fs;
+            s.spawn(move || {
+                let d = fs
+                    .mkdir(ROOT_INO, format!("t{t}").as_bytes(), 0o755, ME)
+                    .unwrap();
+                for i in 0..10 {
+                    let f = fs
+                        .create(d.ino, format!("f{i}").as_bytes(), 0o644, ME)
+                        .unwrap();
+                    fs.write(f.ino, 0, format!("{t}.{i}").as_bytes()).unwrap();
+                }
+            });
+        }
+    });
+    let (dirs, more) = fs.readdir(ROOT_INO, None, 4096).unwrap();
+    assert!(!more);
+    assert_eq!(dirs.len(), threads);
+    for d in dirs {
+        let t = String::from_utf8(d.name[1..].to_vec()).unwrap();
+        let (files, _) = fs.readdir(d.ino, None, 100).unwrap();
+        assert_eq!(files.len(), 10);
+        for (i, f) in files.iter().enumerate() {
+            let want = format!("{t}.{}", String::from_utf8_lossy(&f.name[1..]));
+            assert_eq!(
+                fs.read(f.ino, 0, 100).unwrap(),
+                want.as_bytes(),
+                "file {i} of {t}"
+            );
+        }
+    }
+    assert_eq!(fs.statfs().unwrap().inodes, 1 + threads as u64 * 11);
+}
