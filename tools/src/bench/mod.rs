@@ -1,11 +1,13 @@
 //! `derechofs bench …`: benchmarks that print tables (the numbers go to docs/PERFORMANCE.md).
 
 mod failover;
+mod files;
 mod histogram;
 mod kv;
 mod log;
 mod multicast;
 mod passthrough;
+mod timeread;
 
 use clap::Subcommand;
 
@@ -27,6 +29,11 @@ pub enum Bench {
     /// Time from a SIGKILL of one member to writes flowing again in a new view, over several
     /// trials on fresh local clusters.
     Failover(failover::Args),
+    /// Create, stat and remove many empty files in a directory; print the rate of each phase.
+    Files(files::Args),
+    /// Latency of stat and 1 MiB reads at a past time against the live file, for a file with
+    /// many versions (the file system over in-process shards).
+    Timeread(timeread::Args),
 }
 
 /// Runs one benchmark.
@@ -37,5 +44,7 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Kv(args) => kv::run(args),
         Bench::Multicast(args) => multicast::run(args),
         Bench::Failover(args) => failover::run(args),
+        Bench::Files(args) => files::run(args),
+        Bench::Timeread(args) => timeread::run(args),
     }
 }

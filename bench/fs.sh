@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The file system benchmark of issue 5, every system in one run, one table:
+#   bench/fs.sh [--quick]
+# The same fio jobs and the same metadata test on each target, one after the other:
+#   tmpfs, disk                  the limits (no FUSE, no replication)
+#   passthrough(tmpfs)           the cost of FUSE itself (derechofs bench passthrough)
+#   glusterfs-disk, -tmpfs       GlusterFS replica 3, FUSE, bricks on the disk / on tmpfs
+#   derechofs-memory             DerechoFS over in-process shards in memory: one process, no
+#                                replicas, no network (mount/examples/memory_mount.rs)
+#   derechofs-disk, -tmpfs       DerechoFS, 3 nodes (derechofs up), data on the disk / on tmpfs;
+#                                printed as pending while `derechofs up` is absent
+# Jobs: fio 1 MiB sequential write with one fsync at the end; 1 MiB sequential read of it after
+# dropping the caches; 4 KiB random reads, 1 and 4 jobs (O_DIRECT where the target allows it,
+# marked * where it does not); then `derechofs bench files`: create, stat and remove 10,000
+# empty files. Then `derechofs bench timeread`: stat and 1 MiB read at @T against the live file,
+# for a file with 100,000 versions.
+# --quick: small sizes and short runs, to check the script (numbers are not comparable).
+# Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+cd "$here"
+. scripts/lib.sh
+
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+if [ $quick -eq 1 ]; then
+  size=64M; runtime=2; files=1000; versions=5000; reps=200
+else
+  size=1G; runtime=10; files=10000; versions=100000; reps=2000
+fi
+# Bounds on every step.
+job_timeout=300
+mount_wait_s=30
+
+need_apt fio bc fuse3 glusterfs-server glusterfs-client
+need_rust
+cargo build --release -q -p derechofs-tools -p derechofs-mount --examples --bins
+bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
+memory_bin=${CARGO_TARGET_DIR:-$here/target}/release/examples/memory_mount
+
+# On the disk ($FS_BENCH_DIR, default /var/tmp), not in /tmp, which may be tmpfs elsewhere.
+W=$(mktemp -d "${FS_BENCH_DIR:-/var/tmp}/derechofs-fs-bench.XXXXXX")
+chmod 755 "$W"
+pids=()
+mounts=()
+gluster_pid=""
+cleanup() {
+  set +e
+  for m in "${mounts[@]}"; do
+    mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
+  done
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  for p in "${pids[@]}"; do
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null
+  done
+  if [ -n "$gluster_pid" ]; then
+    for v in gvdisk gvtmpfs; do
+      gluster --mode=script volume stop "$v" force >/dev/null 2>&1
+      gluster --mode=script volume delete "$v" >/dev/null 2>&1
+    done
+    # glusterd, then the brick, self-heal and client daemons it started, by the pids in their
+    # pid files.
+    kill -TERM "$gluster_pid" 2>/dev/null
+    for f in $(find /var/run/gluster /run/gluster -name '*.pid' 2>/dev/null); do
+      p=$(cat "$f" 2>/dev/null)
+      [ -n "$p" ] && grep -q gluster "/proc/$p/cmdline" 2>/dev/null && kill -TERM "$p"
+    done
+  fi
+  for m in "$W/tmpfs" "$W/pt-src" "$W/gl-tmpfs" "$W/dfs-tmpfs"; do
+    mountpoint -q "$m" && umount "$m"
+  done
+  rm -rf "$W"
+}
+trap cleanup EXIT
+
+is_mounted() { awk -v m="$1" '$5 == m { found = 1 } END { exit !found }' /proc/self/mountinfo; }
+wait_mounted() { # DIR PID
+  for _ in $(seq $((mount_wait_s * 10))); do
+    is_mounted "$1" && return 0
+    [ -n "$2" ] && ! kill -0 "$2" 2>/dev/null && return 1
+    sleep 0.1
+  done
+  return 1
+}
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+mib() { echo "scale=1; $1 / 1024" | bc; }
+
+# fio_terse DIR ARGS…: one terse v3 line.
+fio_terse() {
+  local dir=$1; shift
+  timeout "$job_timeout" fio --name=job --filename="$dir/fio.dat" --size="$size" --ioengine=psync \
+    --output-format=terse --terse-version=3 "$@" 2>"$W/fio.err" | tail -1
+}
+
+declare -A R   # R[target,job] = number
+targets=()
+# run_jobs NAME DIR
+run_jobs() {
+  local name=$1 dir=$2 out direct=1 mark=""
+  targets+=("$name")
+  echo "== $name ($dir)" >&2
+  # Terse v3: field 48 is the write bandwidth (KiB/s), 7 the read bandwidth, 8 the read IOPS.
+  out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
+  R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
+  drop_caches
+  out=$(fio_terse "$dir" --rw=read --bs=1M)
+  R[$name,read]=$(mib "$(echo "$out" | cut -d';' -f7)")
+  if ! fio_terse "$dir" --rw=randread --bs=4k --direct=1 --runtime=1 --time_based >/dev/null \
+       || grep -qi 'error\|invalid' "$W/fio.err"; then
+    direct=0; mark="*"
+  fi
+  for jobs in 1 4; do
+    drop_caches
+    out=$(fio_terse "$dir" --rw=randread --bs=4k --direct=$direct --runtime="$runtime" \
+          --time_based --numjobs=$jobs --group_reporting)
+    R[$name,rand$jobs]="$(echo "$out" | cut -d';' -f8)$mark"
+  done
+  rm -f "$dir/fio.dat"
+  out=$(timeout "$job_timeout" "$bin" bench files "$dir" --count "$files")
+  for k in create stat unlink; do
+    R[$name,$k]=$(echo "$out" | grep -oE "${k}_per_s=[0-9]+" | cut -d= -f2)
+  done
+}
+
+pending() {
+  targets+=("$1")
+  for j in write read rand1 rand4 create stat unlink; do R[$1,$j]="pending"; done
+}
+
+# --- the limits
+mkdir -p "$W/tmpfs" "$W/disk"
+mount -t tmpfs -o size=4g tmpfs "$W/tmpfs"
+run_jobs tmpfs "$W/tmpfs"
+run_jobs disk "$W/disk"
+
+# --- the cost of FUSE
+mkdir -p "$W/pt-src" "$W/pt"
+mount -t tmpfs -o size=4g tmpfs "$W/pt-src"
+"$bin" bench passthrough "$W/pt-src" "$W/pt" -o allow_other,default_permissions \
+  > "$W/pt.log" 2>&1 < /dev/null &
+pids+=($!); mounts+=("$W/pt")
+wait_mounted "$W/pt" $! || { cat "$W/pt.log" >&2; exit 1; }
+run_jobs "passthrough(tmpfs)" "$W/pt"
+umount "$W/pt"
+
+# --- GlusterFS replica 3
+H=$(hostname)
+mkdir -p "$W/gl" "$W/gl-tmpfs"
+mount -t tmpfs -o size=6g tmpfs "$W/gl-tmpfs"
+setsid glusterd -N -p "$W/gl/glusterd.pid" --log-level WARNING -l "$W/gl/glusterd.log" \
+  > /dev/null 2>&1 < /dev/null &
+gluster_pid=$!
+for _ in $(seq 100); do gluster --mode=script volume list >/dev/null 2>&1 && break; sleep 0.2; done
+for kind in disk tmpfs; do
+  if [ $kind = disk ]; then b=$W/gl/$kind; else b=$W/gl-tmpfs; fi
+  mkdir -p "$b/b1" "$b/b2" "$b/b3" "$W/gl-mnt-$kind"
+  gluster --mode=script volume create gv$kind replica 3 "$H:$b/b1" "$H:$b/b2" "$H:$b/b3" force >/dev/null
+  gluster --mode=script volume start gv$kind >/dev/null
+  mount -t glusterfs "$H:/gv$kind" "$W/gl-mnt-$kind"
+  mounts+=("$W/gl-mnt-$kind")
+  run_jobs "glusterfs-$kind" "$W/gl-mnt-$kind"
+  umount "$W/gl-mnt-$kind"
+  gluster --mode=script volume stop gv$kind force >/dev/null
+  gluster --mode=script volume delete gv$kind >/dev/null
+done
+
+# --- DerechoFS
+mkdir -p "$W/dm"
+"$memory_bin" "$W/dm" -o allow_other > "$W/dm.log" 2>&1 < /dev/null &
+pids+=($!); mounts+=("$W/dm")
+wait_mounted "$W/dm" $! || { cat "$W/dm.log" >&2; exit 1; }
+run_jobs derechofs-memory "$W/dm"
+umount "$W/dm"
+
+if "$bin" up --help >/dev/null 2>&1; then
+  mkdir -p "$W/dfs-tmpfs"
+  mount -t tmpfs -o size=6g tmpfs "$W/dfs-tmpfs"
+  for kind in disk tmpfs; do
+    if [ $kind = disk ]; then d=$W/dfs-data; else d=$W/dfs-tmpfs/data; fi
+    mkdir -p "$W/dfs-mnt-$kind"
+    "$bin" up --nodes 3 --data "$d" "$W/dfs-mnt-$kind" > "$W/dfs-$kind.log" 2>&1 < /dev/null &
+    up=$!
+    pids+=($up); mounts+=("$W/dfs-mnt-$kind")
+    wait_mounted "$W/dfs-mnt-$kind" $up || { cat "$W/dfs-$kind.log" >&2; exit 1; }
+    run_jobs "derechofs-$kind" "$W/dfs-mnt-$kind"
+    kill -TERM $up; wait $up || true
+  done
+else
+  pending derechofs-disk
+  pending derechofs-tmpfs
+fi
+
+# --- the table
+echo
+echo "bench/fs.sh $([ $quick -eq 1 ] && echo '--quick ')on $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ), load before: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "file $size; random reads ${runtime}s each; $files files; * = buffered (no O_DIRECT there)"
+printf "| %-20s | %10s | %10s | %10s | %10s | %10s | %10s | %10s |\n" target "write MiB/s" "read MiB/s" "4k rand 1j" "4k rand 4j" "create/s" "stat/s" "unlink/s"
+printf "|%s|\n" "----------------------|------------|------------|------------|------------|------------|------------|------------"
+for t in "${targets[@]}"; do
+  printf "| %-20s | %10s | %10s | %10s | %10s | %10s | %10s | %10s |\n" "$t" \
+    "${R[$t,write]}" "${R[$t,read]}" "${R[$t,rand1]}" "${R[$t,rand4]}" \
+    "${R[$t,create]}" "${R[$t,stat]}" "${R[$t,unlink]}"
+done
+
+# Ratios: DerechoFS over GlusterFS, same data placement; and sequential write on the disk
+# against the limit of three replicas sharing one disk (disk bandwidth / 3).
+ratio() { # A B
+  local a=${1%\*} b=${2%\*}
+  if [[ "$a" =~ ^[0-9.]+$ && "$b" =~ ^[0-9.]+$ ]] && [ "$(echo "$b > 0" | bc)" = 1 ]; then
+    echo "scale=2; $a / $b" | bc
+  else
+    echo "n/a"
+  fi
+}
+echo
+printf "| %-34s | %8s | %8s | %8s | %8s | %8s | %8s | %8s |\n" ratio write read "rand 1j" "rand 4j" create stat unlink
+for pair in "derechofs-tmpfs glusterfs-tmpfs" "derechofs-disk glusterfs-disk" \
+            "derechofs-memory glusterfs-tmpfs" "passthrough(tmpfs) tmpfs" "derechofs-memory passthrough(tmpfs)"; do
+  set -- $pair
+  printf "| %-34s |" "$1 / $2"
+  for j in write read rand1 rand4 create stat unlink; do
+    printf " %8s |" "$(ratio "${R[$1,$j]}" "${R[$2,$j]}")"
+  done
+  echo
+done
+third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
+echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \
+  "derechofs-disk: ${R[derechofs-disk,write]} MiB/s (ratio $(ratio "${R[derechofs-disk,write]}" "$third"))"
+
+echo
+echo "== reads at a time (derechofs bench timeread --versions $versions)"
+timeout "$job_timeout" "$bin" bench timeread --versions "$versions" --reps "$reps"
