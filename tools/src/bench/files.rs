@@ -23,9 +23,14 @@ pub struct Args {
 /// Runs the three phases and prints their rates.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.count == 0 || args.count > COUNT_MAX {
-        bail!("--count must be between 1 and {COUNT_MAX}, not {}", args.count);
+        bail!(
+            "--count must be between 1 and {COUNT_MAX}, not {}",
+            args.count
+        );
     }
-    let dir = args.dir.join(format!("derechofs-files-{}", std::process::id()));
+    let dir = args
+        .dir
+        .join(format!("derechofs-files-{}", std::process::id()));
     std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let names: Vec<PathBuf> = (0..args.count).map(|i| dir.join(format!("f{i}"))).collect();
     let rate = |start: Instant| args.count as f64 / start.elapsed().as_secs_f64();

@@ -97,7 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     report(
         "stat live",
-        time(&mut |_| fs.lookup(ROOT_INO, b"many-versions").map(drop).map_err(Into::into))?,
+        time(&mut |_| {
+            fs.lookup(ROOT_INO, b"many-versions")
+                .map(drop)
+                .map_err(Into::into)
+        })?,
     );
     report(
         "stat @T",
