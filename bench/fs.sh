@@ -12,8 +12,8 @@
 # Jobs: fio 1 MiB sequential write with one fsync at the end; 1 MiB sequential read of it after
 # dropping the caches; 4 KiB random reads, 1 and 4 jobs (O_DIRECT where the target allows it,
 # marked * where it does not); then `derechofs bench files`: create, stat and remove 10,000
-# empty files. Then `derechofs bench timeread`: stat and 1 MiB read at @T against the live file,
-# for a file with 100,000 versions.
+# empty files. Then fs/examples/versions.rs: stat and 1 MiB read at @T against the live file, for
+# a file with 100,000 versions, and against a file written once (in-process shards).
 # --quick: small sizes and short runs, to check the script (numbers are not comparable).
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
 set -euo pipefail
@@ -24,9 +24,9 @@ cd "$here"
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 if [ $quick -eq 1 ]; then
-  size=64M; runtime=2; files=1000; versions=5000; reps=200
+  size=64M; runtime=2; files=1000; versions=5000
 else
-  size=1G; runtime=10; files=10000; versions=100000; reps=2000
+  size=1G; runtime=10; files=10000; versions=100000
 fi
 # Bounds on every step.
 job_timeout=300
@@ -34,9 +34,10 @@ mount_wait_s=30
 
 need_apt fio bc fuse3 glusterfs-server glusterfs-client
 need_rust
-cargo build --release -q -p derechofs-tools -p derechofs-mount --examples --bins
+cargo build --release -q -p derechofs-tools -p derechofs-mount -p derechofs-fs --examples --bins
 bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
 memory_bin=${CARGO_TARGET_DIR:-$here/target}/release/examples/memory_mount
+versions_bin=${CARGO_TARGET_DIR:-$here/target}/release/examples/versions
 
 # On the disk ($FS_BENCH_DIR, default /var/tmp), not in /tmp, which may be tmpfs elsewhere.
 W=$(mktemp -d "${FS_BENCH_DIR:-/var/tmp}/derechofs-fs-bench.XXXXXX")
@@ -229,5 +230,5 @@ echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;
   "derechofs-disk: ${R[derechofs-disk,write]} MiB/s (ratio $(ratio "${R[derechofs-disk,write]}" "$third"))"
 
 echo
-echo "== reads at a time (derechofs bench timeread --versions $versions)"
-timeout "$job_timeout" "$bin" bench timeread --versions "$versions" --reps "$reps"
+echo "== reads at a time (fs/examples/versions.rs $versions)"
+timeout "$job_timeout" "$versions_bin" "$versions"

@@ -7,7 +7,6 @@ mod kv;
 mod log;
 mod multicast;
 mod passthrough;
-mod timeread;
 
 use clap::Subcommand;
 
@@ -31,9 +30,6 @@ pub enum Bench {
     Failover(failover::Args),
     /// Create, stat and remove many empty files in a directory; print the rate of each phase.
     Files(files::Args),
-    /// Latency of stat and 1 MiB reads at a past time against the live file, for a file with
-    /// many versions (the file system over in-process shards).
-    Timeread(timeread::Args),
 }
 
 /// Runs one benchmark.
@@ -45,6 +41,5 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Multicast(args) => multicast::run(args),
         Bench::Failover(args) => failover::run(args),
         Bench::Files(args) => files::run(args),
-        Bench::Timeread(args) => timeread::run(args),
     }
 }
