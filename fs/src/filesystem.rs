@@ -37,7 +37,9 @@ pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
 #[derive(Clone, Debug)]
 pub struct FsConfig {
     /// Base of the client ids this file system uses (`base..base + CLIENT_SLOTS_MAX`); must be
-    /// unique in the cluster (a random 64-bit value is).
+    /// unique among the clients running at once (a random 64-bit value is). A request's number
+    /// is the client's clock in microseconds, or one more than the slot's last if that is
+    /// higher, so a client restarted later with the same ids numbers above what it sent before.
     pub client_base: u64,
     /// A snapshot time later than the client's clock plus this gives ENOENT.
     pub skew_max_us: u64,
@@ -129,6 +131,11 @@ impl<S: Shards> FileSystem<S> {
         &self.shards
     }
 
+    /// Gives the shards back.
+    pub fn into_shards(self) -> S {
+        self.shards
+    }
+
     /// The layout.
     pub fn layout(&self) -> FsLayout {
         self.layout
@@ -140,7 +147,7 @@ impl<S: Shards> FileSystem<S> {
             // Bounded: CLIENT_SLOTS_MAX requests in flight; more callers than that wait.
             loop {
                 if let Some((c, n)) = slots.pop() {
-                    break (c, n + 1);
+                    break (c, (n + 1).max(self.shards.now_us()));
                 }
                 slots = self
                     .slot_free

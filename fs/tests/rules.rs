@@ -638,3 +638,22 @@ fn more_threads_than_client_slots_each_get_every_request_applied_once() {
     }
     assert_eq!(fs.statfs().unwrap().inodes, 1 + threads as u64 * 11);
 }
+
+#[test]
+fn a_client_restarted_with_the_same_ids_is_not_taken_for_a_stale_retry() {
+    let shards = LocalShards::new(1, 4096, Clock::Manual(AtomicU64::new(T0))).unwrap();
+    let config = FsConfig {
+        client_base: 42,
+        skew_max_us: 1_000_000,
+        root_owner: Creds::default(),
+    };
+    let first = FileSystem::new(shards, config.clone()).unwrap();
+    for i in 0..5 {
+        file(&first, ROOT_INO, &format!("f{i}"));
+    }
+    let shards = first.into_shards();
+    shards.set_now_us(T0 + 1_000_000);
+    let again = FileSystem::new(shards, config).unwrap();
+    file(&again, ROOT_INO, "after restart");
+    assert_eq!(again.readdir(ROOT_INO, None, 100).unwrap().0.len(), 6);
+}
