@@ -189,7 +189,16 @@ impl Message {
 
     /// The encoding of this message.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
+        // Room for the payloads and about 64 bytes of fields per request, so large batches are
+        // encoded without growing (and copying) the buffer.
+        let payloads = match self {
+            Message::Data {
+                body: Body::Batch(batch),
+                ..
+            } => batch.requests.iter().map(|r| r.payload.len() + 64).sum(),
+            _ => 0,
+        };
+        let mut out = Vec::with_capacity(64 + payloads);
         self.encode(&mut out);
         out
     }

@@ -7,7 +7,7 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 4 | `len`: payload length, at most [`FRAME_PAYLOAD_MAX`] |
-//! | 4 | 4 | CRC-32C of bytes 0..4, then bytes 8..24, then the payload |
+//! | 4 | 4 | CRC-32C of the payload, then bytes 0..4, then bytes 8..24 |
 //! | 8 | 1 | kind: 1 = message, 2 = bye; any other value is malformed |
 //! | 9 | 3 | reserved, zero |
 //! | 12 | 4 | view id of the sender when it sent the frame |
@@ -15,7 +15,9 @@
 //! | 24 | `len` | payload: for a message, the engine's encoded bytes, opaque to the transport |
 //!
 //! The checksum covers the length, so a corrupted length is caught once the bytes it claims are
-//! read; a length above [`FRAME_PAYLOAD_MAX`] is rejected before anything is allocated. A receiver
+//! read. It runs over the payload first so that a message sent on several links is checksummed
+//! once: each link appends only its own header fields ([`encode_header_with_crc`]). A length
+//! above [`FRAME_PAYLOAD_MAX`] is rejected before anything is allocated. A receiver
 //! rejects a sequence number other than the next one, and a view id lower than an earlier frame's
 //! or than the view the peer declared in the handshake: view ids on a link never go back.
 
@@ -101,14 +103,15 @@ pub struct FrameHeader {
     /// Payload length, at most [`FRAME_PAYLOAD_MAX`].
     pub len: u32,
     stored_crc: u32,
-    header_crc: u32,
+    /// Bytes 0..4 and 8..24, which the checksum covers after the payload.
+    fields: [u8; FRAME_HEADER_BYTES - 4],
 }
 
 impl FrameHeader {
     /// Checks the payload against the header's checksum.
     pub fn check_payload(&self, payload: &[u8]) -> Result<(), FrameError> {
         debug_assert_eq!(payload.len(), self.len as usize);
-        let computed = crc32c::crc32c_append(self.header_crc, payload);
+        let computed = crc32c::crc32c_append(crc32c::crc32c(payload), &self.fields);
         if computed != self.stored_crc {
             return Err(FrameError::Checksum {
                 stored: self.stored_crc,
@@ -156,18 +159,56 @@ pub fn encode_header(
         payload.len() <= FRAME_PAYLOAD_MAX,
         "frame payload above FRAME_PAYLOAD_MAX"
     );
-    let mut header = [0u8; FRAME_HEADER_BYTES];
-    header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    header[8] = kind as u8;
-    header[12..16].copy_from_slice(&view_id.to_le_bytes());
-    header[16..24].copy_from_slice(&seq.to_le_bytes());
-    let crc = crc32c::crc32c_append(header_crc(&header), payload);
+    let mut header = header_fields(kind, view_id, seq, payload.len());
+    let crc = seal(crc32c::crc32c(payload), &header);
     header[4..8].copy_from_slice(&crc.to_le_bytes());
     header
 }
 
-fn header_crc(header: &[u8; FRAME_HEADER_BYTES]) -> u32 {
-    crc32c::crc32c_append(crc32c::crc32c(&header[0..4]), &header[8..24])
+/// The header of a frame whose payload is `len` bytes with CRC-32C `payload_crc`: the same
+/// bytes as [`encode_header`], for a payload sent on several links whose checksum is computed
+/// once (each frame's checksum continues the payload's over its own header fields).
+///
+/// # Panics
+/// If `len` is above [`FRAME_PAYLOAD_MAX`], as [`encode_frame`].
+pub fn encode_header_with_crc(
+    kind: FrameKind,
+    view_id: u32,
+    seq: u64,
+    len: usize,
+    payload_crc: u32,
+) -> [u8; FRAME_HEADER_BYTES] {
+    assert!(
+        len <= FRAME_PAYLOAD_MAX,
+        "frame payload above FRAME_PAYLOAD_MAX"
+    );
+    let mut header = header_fields(kind, view_id, seq, len);
+    let crc = seal(payload_crc, &header);
+    header[4..8].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// A header with every field but the checksum.
+fn header_fields(kind: FrameKind, view_id: u32, seq: u64, len: usize) -> [u8; FRAME_HEADER_BYTES] {
+    let mut header = [0u8; FRAME_HEADER_BYTES];
+    header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    header[8] = kind as u8;
+    header[12..16].copy_from_slice(&view_id.to_le_bytes());
+    header[16..24].copy_from_slice(&seq.to_le_bytes());
+    header
+}
+
+/// Bytes 0..4 and 8..24 of a header: the fields the checksum covers.
+fn fields(header: &[u8; FRAME_HEADER_BYTES]) -> [u8; FRAME_HEADER_BYTES - 4] {
+    let mut out = [0u8; FRAME_HEADER_BYTES - 4];
+    out[0..4].copy_from_slice(&header[0..4]);
+    out[4..].copy_from_slice(&header[8..24]);
+    out
+}
+
+/// The frame checksum: the payload's CRC-32C continued over the header's fields.
+fn seal(payload_crc: u32, header: &[u8; FRAME_HEADER_BYTES]) -> u32 {
+    crc32c::crc32c_append(payload_crc, &fields(header))
 }
 
 fn le_u32(bytes: &[u8]) -> u32 {
@@ -199,7 +240,7 @@ pub fn decode_header(header: &[u8; FRAME_HEADER_BYTES]) -> Result<FrameHeader, F
         seq: le_u64(&header[16..24]),
         len,
         stored_crc: le_u32(&header[4..8]),
-        header_crc: header_crc(header),
+        fields: fields(header),
     })
 }
 
@@ -272,6 +313,20 @@ pub fn dials(local: NodeId, remote: NodeId) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_header_from_the_payload_checksum_equals_the_header_from_the_payload() {
+        let mut rng = Rng(7);
+        for len in [0usize, 1, 7, 64, 1000, 65_536, 1 << 20] {
+            let payload: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            let seq = rng.next();
+            assert_eq!(
+                encode_header_with_crc(FrameKind::Message, 3, seq, len, crc32c::crc32c(&payload)),
+                encode_header(FrameKind::Message, 3, seq, &payload),
+                "payload of {len} bytes"
+            );
+        }
+    }
+
     /// A small deterministic generator, so a failing seed reruns exactly.
     struct Rng(u64);
 
@@ -330,9 +385,9 @@ mod tests {
             &header[16..24],
             &[0x11, 0x10, 0x0F, 0x0E, 0x0D, 0x0C, 0x0B, 0x0A]
         );
-        let mut covered = header[0..4].to_vec();
+        let mut covered = b"xyz".to_vec();
+        covered.extend_from_slice(&header[0..4]);
         covered.extend_from_slice(&header[8..24]);
-        covered.extend_from_slice(b"xyz");
         assert_eq!(le_u32(&header[4..8]), crc32c::crc32c(&covered));
     }
 

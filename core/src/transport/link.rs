@@ -1,10 +1,12 @@
 //! The I/O of one established link: reading frames, writing frames, and reporting the end.
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::frame::{decode_header, encode_header, FrameKind, Inbound, FRAME_HEADER_BYTES};
+use super::frame::{
+    decode_header, encode_header, encode_header_with_crc, FrameKind, Inbound, FRAME_HEADER_BYTES,
+};
 use super::BreakReason;
 
 /// Bytes of the read and write buffers of one connection.
@@ -15,6 +17,8 @@ pub(crate) const IO_BUFFER_BYTES: usize = 64 << 10;
 pub(crate) struct Outgoing {
     pub view_id: u32,
     pub bytes: Bytes,
+    /// The payload's CRC-32C when the sender computed it once for several links.
+    pub payload_crc: Option<u32>,
     pub _budget: Option<OwnedSemaphorePermit>,
 }
 
@@ -41,12 +45,17 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         .await
         .map_err(read_failure)?;
     let header = decode_header(&header_bytes)?;
-    // Bounded by FRAME_PAYLOAD_MAX, which decode_header checked.
-    let mut payload = BytesMut::zeroed(header.len as usize);
-    reader
-        .read_exact(&mut payload)
-        .await
-        .map_err(read_failure)?;
+    // Bounded by FRAME_PAYLOAD_MAX, which decode_header checked. Read into spare capacity:
+    // zeroing a buffer the socket overwrites at once costs as much as a copy of the payload.
+    let len = header.len as usize;
+    let mut payload = BytesMut::with_capacity(len);
+    while payload.len() < len {
+        let missing = len - payload.len();
+        let mut rest = (&mut payload).limit(missing);
+        if reader.read_buf(&mut rest).await.map_err(read_failure)? == 0 {
+            return Err(BreakReason::Truncated);
+        }
+    }
     header.check_payload(&payload)?;
     inbound.accept(&header)?;
     match header.kind {
@@ -79,11 +88,26 @@ impl Outbound {
         view_id: u32,
         payload: &[u8],
     ) -> std::io::Result<()> {
+        self.write_with_crc(writer, kind, view_id, payload, None)
+            .await
+    }
+
+    /// As [`Outbound::write`], with the payload's CRC-32C if it is already known.
+    pub async fn write_with_crc<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        kind: FrameKind,
+        view_id: u32,
+        payload: &[u8],
+        payload_crc: Option<u32>,
+    ) -> std::io::Result<()> {
         self.last_seq += 1;
         self.view_id = self.view_id.max(view_id);
-        writer
-            .write_all(&encode_header(kind, view_id, self.last_seq, payload))
-            .await?;
+        let header = match payload_crc {
+            Some(crc) => encode_header_with_crc(kind, view_id, self.last_seq, payload.len(), crc),
+            None => encode_header(kind, view_id, self.last_seq, payload),
+        };
+        writer.write_all(&header).await?;
         writer.write_all(payload).await
     }
 
@@ -125,7 +149,13 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             };
             let Some(frame) = next else { break };
             outbound
-                .write(&mut writer, FrameKind::Message, frame.view_id, &frame.bytes)
+                .write_with_crc(
+                    &mut writer,
+                    FrameKind::Message,
+                    frame.view_id,
+                    &frame.bytes,
+                    frame.payload_crc,
+                )
                 .await?;
         }
         outbound.write_bye(&mut writer).await?;

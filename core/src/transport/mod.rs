@@ -171,6 +171,27 @@ pub enum SendError {
     Full(Peer),
 }
 
+/// A message's bytes with their CRC-32C, computed once, for sending the same message to
+/// several peers ([`Transport::send_payload`]).
+#[derive(Clone, Debug)]
+pub struct Payload {
+    bytes: Bytes,
+    crc: u32,
+}
+
+impl Payload {
+    /// Checksums `bytes`.
+    pub fn new(bytes: Bytes) -> Payload {
+        let crc = crc32c::crc32c(&bytes);
+        Payload { bytes, crc }
+    }
+
+    /// The bytes.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
 /// One node's endpoint: a listener for peers and clients, and its links.
 ///
 /// Dropping it stops accepting and closes every link in order (queued frames, then a bye).
@@ -345,6 +366,28 @@ impl Transport {
     /// decrease from one call to the next for the same peer: the receiver breaks the link if it
     /// does.
     pub async fn send(&self, peer: Peer, view_id: u32, bytes: Bytes) -> Result<(), SendError> {
+        self.send_outgoing(peer, view_id, bytes, None).await
+    }
+
+    /// As [`Transport::send`], for a message that goes to several peers: its checksum was
+    /// computed once, when the [`Payload`] was made, instead of once per link.
+    pub async fn send_payload(
+        &self,
+        peer: Peer,
+        view_id: u32,
+        payload: &Payload,
+    ) -> Result<(), SendError> {
+        let (bytes, crc) = (payload.bytes.clone(), payload.crc);
+        self.send_outgoing(peer, view_id, bytes, Some(crc)).await
+    }
+
+    async fn send_outgoing(
+        &self,
+        peer: Peer,
+        view_id: u32,
+        bytes: Bytes,
+        payload_crc: Option<u32>,
+    ) -> Result<(), SendError> {
         let (queue, budget) = self.link_queue(peer, bytes.len())?;
         let permit = budget
             .acquire_many_owned(permits(bytes.len()))
@@ -354,6 +397,7 @@ impl Transport {
             .send(Outgoing {
                 view_id,
                 bytes,
+                payload_crc,
                 _budget: Some(permit),
             })
             .await
@@ -370,6 +414,7 @@ impl Transport {
             .try_send(Outgoing {
                 view_id,
                 bytes,
+                payload_crc: None,
                 _budget: Some(permit),
             })
             .map_err(|e| match e {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use derechofs_core::transport::{LinkEvent, Peer, Transport};
+use derechofs_core::transport::{LinkEvent, Payload, Peer, Transport};
 use derechofs_core::{
     Action, Config, Hlc, Input, LayoutSpec, Message, Node, NodeId, Request, ShardId, StepError,
     View, REQUEST_BYTES_MAX,
@@ -259,7 +259,7 @@ struct Member {
     result: MemberResult,
     /// The last data message encoded (view, shard, sender index) and its bytes: a multicast
     /// goes to every peer as the same message, encoded once.
-    last_encoded: Option<((u32, ShardId, u64), Bytes)>,
+    last_encoded: Option<((u32, ShardId, u64), Payload)>,
 }
 
 impl Member {
@@ -359,9 +359,12 @@ impl Member {
             match action {
                 Action::Send { to, message } => {
                     let view_id = message.view_id();
-                    let bytes = self.encode(&message);
+                    let payload = self.encode(&message);
                     // A link that went away is reported as an event, which ends the run.
-                    let _ = self.transport.send(Peer::Node(to), view_id, bytes).await;
+                    let _ = self
+                        .transport
+                        .send_payload(Peer::Node(to), view_id, &payload)
+                        .await;
                 }
                 Action::Deliver { deliveries, .. } => {
                     let now = Instant::now();
@@ -403,8 +406,9 @@ impl Member {
         Ok(())
     }
 
-    /// The message's bytes; a data message multicast to several peers is encoded once.
-    fn encode(&mut self, message: &Message) -> Bytes {
+    /// The message's bytes and checksum; a data message multicast to several peers is encoded
+    /// and checksummed once.
+    fn encode(&mut self, message: &Message) -> Payload {
         if let Message::Data {
             view_id,
             shard,
@@ -413,15 +417,15 @@ impl Member {
         } = message
         {
             let key = (*view_id, *shard, *index);
-            if let Some((last, bytes)) = &self.last_encoded {
+            if let Some((last, payload)) = &self.last_encoded {
                 if *last == key {
-                    return bytes.clone();
+                    return payload.clone();
                 }
             }
-            let bytes = Bytes::from(message.to_bytes());
-            self.last_encoded = Some((key, bytes.clone()));
-            return bytes;
+            let payload = Payload::new(Bytes::from(message.to_bytes()));
+            self.last_encoded = Some((key, payload.clone()));
+            return payload;
         }
-        Bytes::from(message.to_bytes())
+        Payload::new(Bytes::from(message.to_bytes()))
     }
 }
