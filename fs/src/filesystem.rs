@@ -282,28 +282,38 @@ impl<S: Shards> FileSystem<S> {
         self.attr_reply(r, v.at)
     }
 
-    /// Changes attributes. A size change first cuts the data shards at the smaller of the old
-    /// and new sizes, so bytes past the end never reappear when a file grows again.
+    /// Changes attributes. A size change also cuts the data shards at the smaller of the old and
+    /// new sizes, so that bytes past the end never reappear when the file grows again: after the
+    /// new size when the file shrinks, before it when the file grows. So no time sees a size
+    /// with bytes cut below it.
     pub fn setattr(&self, ino: Ino, set: SetAttr) -> FsResult<Attr> {
         let ino = self.live(ino)?;
-        if let Some(size) = set.size {
-            let current = self.getattr(ino)?;
-            match current.kind {
-                FileKind::Regular => {}
-                FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
-                _ => fs_bail!(libc::EINVAL, "inode {ino} is not a regular file"),
-            }
-            if size > FILE_SIZE_MAX {
-                fs_bail!(libc::EFBIG, "size {size} is above the largest file");
-            }
-            if size != current.size {
-                let cut = size.min(current.size);
-                for shard in 0..self.layout.data_shards {
-                    self.data(shard, DataOp::Truncate { ino, size: cut })?;
-                }
-            }
+        let Some(size) = set.size else {
+            return self.ns_attr(NsOp::SetAttr { ino, set });
+        };
+        let current = self.getattr(ino)?;
+        match current.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
+            _ => fs_bail!(libc::EINVAL, "inode {ino} is not a regular file"),
         }
-        self.ns_attr(NsOp::SetAttr { ino, set })
+        if size > FILE_SIZE_MAX {
+            fs_bail!(libc::EFBIG, "size {size} is above the largest file");
+        }
+        let cut = |at: u64| -> FsResult<()> {
+            for shard in 0..self.layout.data_shards {
+                self.data(shard, DataOp::Truncate { ino, size: at })?;
+            }
+            Ok(())
+        };
+        if size > current.size {
+            cut(current.size)?;
+        }
+        let attr = self.ns_attr(NsOp::SetAttr { ino, set })?;
+        if size < current.size {
+            cut(size)?;
+        }
+        Ok(attr)
     }
 
     /// Creates a regular file.

@@ -76,6 +76,9 @@ pub enum Clock {
     System,
     /// A clock the caller sets (tests): starts at the value, moves only by [`LocalShards::set_now_us`].
     Manual(AtomicU64),
+    /// A clock that moves one microsecond every time it is read (tests that need every
+    /// operation in a microsecond of its own), and by [`LocalShards::set_now_us`].
+    Ticking(AtomicU64),
 }
 
 #[derive(Debug)]
@@ -149,7 +152,7 @@ impl LocalShards {
 
     /// Sets a manual clock.
     pub fn set_now_us(&self, us: u64) {
-        if let Clock::Manual(c) = &self.clock {
+        if let Clock::Manual(c) | Clock::Ticking(c) = &self.clock {
             c.store(us, Ordering::SeqCst);
         }
     }
@@ -217,6 +220,7 @@ impl Shards for LocalShards {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64),
             Clock::Manual(c) => c.load(Ordering::SeqCst),
+            Clock::Ticking(c) => c.fetch_add(1, Ordering::SeqCst),
         }
     }
 

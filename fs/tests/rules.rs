@@ -7,8 +7,8 @@ use derechofs_fs::inode::{FILE_SIZE_MAX, SYMLINK_LEN_MAX};
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
     Attr, Clock, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr,
-    SetTime, ShardRef, Timespec, HISTORY_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO,
-    XATTR_CREATE, XATTR_REPLACE,
+    SetTime, ShardRef, Shards, Timespec, HISTORY_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE,
+    ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
 };
 
 const ME: Creds = Creds {
@@ -656,4 +656,42 @@ fn a_client_restarted_with_the_same_ids_is_not_taken_for_a_stale_retry() {
     let again = FileSystem::new(shards, config).unwrap();
     file(&again, ROOT_INO, "after restart");
     assert_eq!(again.readdir(ROOT_INO, None, 100).unwrap().0.len(), 6);
+}
+
+#[test]
+fn no_time_sees_a_size_with_its_bytes_cut_during_a_truncation() {
+    // Every operation gets a microsecond of its own, so that times fall between the namespace's
+    // and the data shards' parts of one truncation.
+    let shards = LocalShards::new(3, 4096, Clock::Ticking(AtomicU64::new(T0))).unwrap();
+    let config = FsConfig {
+        client_base: 1,
+        skew_max_us: 1_000_000,
+        root_owner: Creds::default(),
+    };
+    let fs = FileSystem::new(shards, config).unwrap();
+    let f = file(&fs, ROOT_INO, "f");
+    fs.write(f.ino, 0, &[9u8; 10_000]).unwrap();
+    let start = fs.shards().now_us();
+    for size in [3000u64, 12_000, 500, 9000] {
+        let set = SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        };
+        fs.setattr(f.ino, set).unwrap();
+    }
+    let end = fs.shards().now_us();
+    let mut longest = 10_000;
+    for t in start..end {
+        let then = fs.lookup(ROOT_INO, format!("f@{t}us").as_bytes()).unwrap();
+        let bytes = fs.read(then.ino, 0, 20_000).unwrap();
+        assert_eq!(bytes.len() as u64, then.size, "at {t}");
+        let nines = bytes.iter().take_while(|&&b| b == 9).count() as u64;
+        assert!(
+            bytes[nines as usize..].iter().all(|&b| b == 0),
+            "at {t}: data after zeros"
+        );
+        // The bytes kept are those below every size the file had so far.
+        longest = longest.min(then.size);
+        assert_eq!(nines, longest, "at {t}: size {}", then.size);
+    }
 }
