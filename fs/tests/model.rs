@@ -20,7 +20,7 @@ const CHUNK: u32 = 4096;
 const PAGE: u64 = 1024;
 const START_US: u64 = 1_700_000_000_000_000;
 const STEPS: usize = 400;
-const SEEDS_DEFAULT: u64 = 8;
+const SEEDS_DEFAULT: u64 = 5;
 const NAMES: [&[u8]; 7] = [b"a", b"b", b"c", b"dir", b"a@5ms", b"x@y", b"f.txt"];
 const XNAMES: [&[u8]; 3] = [b"user.one", b"user.two", b"trusted.t"];
 
@@ -775,8 +775,8 @@ impl Run {
             assert_eq!(x, i.xattrs, "{c}: xattrs of {ino}");
             match i.kind {
                 FileKind::Directory => {
-                    let (entries, more) = self.fs.readdir(ino, None, 4096).unwrap();
-                    assert!(!more);
+                    let page = 1 + self.rng.below(3) as usize;
+                    let entries = read_all(&self.fs, ino, page);
                     let got: BTreeMap<Vec<u8>, Ino> = entries
                         .into_iter()
                         .map(|e| (e.name.to_vec(), e.ino))
@@ -827,7 +827,8 @@ impl Run {
         );
         let mut stack = vec![(ROOT_INO, root.ino)];
         while let Some((live, view)) = stack.pop() {
-            let (entries, _) = self.fs.readdir(view, None, 4096).unwrap();
+            let page = 1 + self.rng.below(3) as usize;
+            let entries = read_all(&self.fs, view, page);
             let names: Vec<Vec<u8>> = entries.iter().map(|e| e.name.to_vec()).collect();
             let want: Vec<Vec<u8>> = model.entries[&live].keys().cloned().collect();
             assert_eq!(names, want, "{c}: entries of {live} at {t}");
@@ -845,6 +846,14 @@ impl Run {
                     "{c}: {ino} at {t}"
                 );
                 let i = &model.inodes[&ino];
+                let x: BTreeMap<Vec<u8>, Vec<u8>> = self
+                    .fs
+                    .listxattr(a.ino)
+                    .unwrap()
+                    .into_iter()
+                    .map(|n| (n.to_vec(), self.fs.getxattr(a.ino, &n).unwrap().to_vec()))
+                    .collect();
+                assert_eq!(x, i.xattrs, "{c}: xattrs of {ino} at {t}");
                 match i.kind {
                     FileKind::Directory => stack.push((ino, a.ino)),
                     FileKind::Regular => compare_data(&self.fs, &model, ino, a.ino, &c),
@@ -854,6 +863,20 @@ impl Run {
                     _ => {}
                 }
             }
+        }
+    }
+}
+
+/// A whole directory, read in pages of `page` entries, each resuming after the last name.
+fn read_all(fs: &FileSystem<LocalShards>, dir: Ino, page: usize) -> Vec<derechofs_fs::DirEntry> {
+    let mut all: Vec<derechofs_fs::DirEntry> = Vec::new();
+    loop {
+        let after = all.last().map(|e| e.name.clone());
+        let (entries, more) = fs.readdir(dir, after.as_deref(), page).unwrap();
+        assert!(entries.len() <= page);
+        all.extend(entries);
+        if !more {
+            return all;
         }
     }
 }
