@@ -51,3 +51,21 @@ pub const FUTURE_MESSAGES_MAX: usize = 4096;
 /// View change rounds. A round is `attempt * VIEW_MEMBERS_MAX + leader rank`; far beyond any
 /// real number of attempts, and low enough that the next round never overflows.
 pub const ROUND_MAX: u64 = 1 << 56;
+
+/// Nodes waiting at the leader to join; a join request beyond it is dropped (the joiner retries).
+pub const JOINS_PENDING_MAX: usize = VIEW_MEMBERS_MAX;
+
+/// Bytes of record payloads in one state transfer piece. Records are gathered into a piece up to
+/// this; a larger record travels alone. This, times [`TRANSFER_PIECES_UNPERSISTED_MAX`], bounds
+/// what a transfer holds in flight, whatever the size of the log.
+pub const TRANSFER_PIECE_BYTES_MAX: usize = 1 << 20;
+
+/// Bytes of one record in a state transfer piece: the delta of one version.
+pub const TRANSFER_RECORD_BYTES_MAX: usize = 12 << 20;
+
+/// Records in one state transfer piece.
+pub const TRANSFER_PIECE_RECORDS_MAX: usize = 4096;
+
+/// Pieces a joiner has handed to its driver and not yet seen persisted; it asks for the next
+/// piece only below this, so a slow disk slows the transfer instead of filling memory.
+pub const TRANSFER_PIECES_UNPERSISTED_MAX: usize = 4;

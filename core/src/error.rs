@@ -95,10 +95,16 @@ pub enum SubmitError {
     /// The next view left this node out; it must join again.
     #[error("this node was removed from the view")]
     Removed,
-    /// The next view is chosen but some shard cannot reach its minimum size: the group waits
-    /// for joins.
-    #[error("the next view is inadequate; waiting for joins")]
+    /// The view is inadequate (some shard is below its minimum size): the group waits for
+    /// joins.
+    #[error("the view is inadequate; waiting for joins")]
     Inadequate,
+    /// This node is not a member yet: it is joining the group.
+    #[error("this node is joining the group")]
+    Joining,
+    /// This node joined the shard and is still receiving its state: it serves once caught up.
+    #[error("{0} is still being transferred to this node")]
+    CatchingUp(ShardId),
     /// The shard's queue of requests waiting for the window is full.
     #[error("{0}: too many requests waiting; retry later")]
     QueueFull(ShardId),

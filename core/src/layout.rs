@@ -114,6 +114,18 @@ impl Layout {
         members: &[NodeId],
         previous: Option<&Layout>,
     ) -> Result<Layout, LayoutError> {
+        let layout = Layout::assign_allowing_inadequate(spec, members, previous)?;
+        layout.check_adequate()?;
+        Ok(layout)
+    }
+
+    /// As [`Layout::assign`], but a shard may stay below `replicas_min`: the layout of an
+    /// inadequate view, which is installed wedged and waits for joins.
+    pub fn assign_allowing_inadequate(
+        spec: LayoutSpec,
+        members: &[NodeId],
+        previous: Option<&Layout>,
+    ) -> Result<Layout, LayoutError> {
         let shard_count = usize::from(spec.namespace_shards) + usize::from(spec.data_shards);
         if shard_count == 0 || shard_count > SHARDS_MAX {
             return Err(LayoutError::Invalid(
@@ -175,16 +187,59 @@ impl Layout {
                 shard.members.push(members[r]);
                 load[r] += 1;
             }
-            if shard.members.len() < usize::from(spec.replicas_min) {
+        }
+        Ok(Layout { spec, shards })
+    }
+
+    /// Whether every shard has at least `replicas_min` members.
+    pub fn is_adequate(&self) -> bool {
+        self.check_adequate().is_ok()
+    }
+
+    fn check_adequate(&self) -> Result<(), LayoutError> {
+        for shard in &self.shards {
+            if shard.members.len() < usize::from(self.spec.replicas_min) {
                 return Err(LayoutError::Inadequate {
                     subgroup: shard.subgroup,
                     index: shard.index,
                     members: shard.members.len(),
-                    needed: usize::from(spec.replicas_min),
+                    needed: usize::from(self.spec.replicas_min),
                 });
             }
         }
-        Ok(Layout { spec, shards })
+        Ok(())
+    }
+
+    /// A layout received from a peer: `shard_members` in shard id order, each a list of
+    /// distinct members of `view_members` of at most `spec.replicas`. Checks everything; the
+    /// layout may be inadequate.
+    pub fn from_parts(
+        spec: LayoutSpec,
+        shard_members: Vec<Vec<NodeId>>,
+        view_members: &[NodeId],
+    ) -> Result<Layout, LayoutError> {
+        // The spec is checked by laying out the view's members from scratch.
+        let mut layout = Layout::assign_allowing_inadequate(spec, view_members, None)?;
+        if shard_members.len() != layout.shards.len() {
+            return Err(LayoutError::Invalid("shard count differs from the spec"));
+        }
+        for (shard, members) in layout.shards.iter_mut().zip(shard_members) {
+            if members.len() > usize::from(spec.replicas) {
+                return Err(LayoutError::Invalid(
+                    "a shard has more members than replicas",
+                ));
+            }
+            for (i, node) in members.iter().enumerate() {
+                if !view_members.contains(node) {
+                    return Err(LayoutError::Invalid("a shard member is not in the view"));
+                }
+                if members[..i].contains(node) {
+                    return Err(LayoutError::DuplicateMember(*node));
+                }
+            }
+            shard.members = members;
+        }
+        Ok(layout)
     }
 
     /// The parameters this layout was made from.

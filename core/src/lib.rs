@@ -18,8 +18,9 @@
 //!
 //! A suspicion wedges the node; the leader then runs the view change (`view_change`): it
 //! decides who leaves and each shard's ragged trim, members log the decision, deliver exactly
-//! up to the trims, persist, and install the next view. Joins, state transfer and total
-//! restart are still to come.
+//! up to the trims, persist, and install the next view. Nodes join through any member
+//! (`Node::joining`), are added by the same decision, and get the logs of the shards they are
+//! given by state transfer (`transfer`), in bounded pieces. Total restart is still to come.
 
 mod bounds;
 mod config;
@@ -34,6 +35,7 @@ pub mod protocol;
 mod row;
 mod stability;
 mod suspicion;
+mod transfer;
 pub mod transport;
 mod view;
 mod view_change;
@@ -44,7 +46,7 @@ pub use config::{Config, ConfigError};
 pub use derechofs_storage::{version_of, Hlc, Version};
 pub use error::{Rejection, StepError, SubmitError};
 pub use layout::{Layout, LayoutError, LayoutSpec, Shard, ShardId, Subgroup};
-pub use message::{Batch, Body, Decision, Message, Request};
+pub use message::{Batch, Body, Decision, Message, Record, Request};
 pub use node::{Action, Counters, Delivery, Input, Membership, Node, ShardStatus};
 pub use row::Row;
 pub use view::{NodeId, View, ViewError};

@@ -1,10 +1,11 @@
 //! The messages members exchange. Every message carries the sender's view id.
 
 use bytes::Bytes;
-use derechofs_storage::Hlc;
+use derechofs_storage::{Hlc, Version};
 
 use crate::layout::ShardId;
 use crate::row::Row;
+use crate::view::{NodeId, View};
 
 /// A client request as the engine sees it: opaque bytes, the HLC the client carried, and an id
 /// the submitting node's driver chose so it can match the delivery to its client.
@@ -119,14 +120,76 @@ pub enum Message {
         /// The chosen change and its ragged trims.
         decision: Decision,
     },
+    /// A node asks to join the group. `view_id` is the last view it installed (0 if none): a
+    /// member of the current view that asks again in that same view restarted.
+    Join {
+        /// The last view the joiner installed.
+        view_id: u32,
+    },
+    /// The answer of a member that does not lead: ask `leader` instead.
+    Redirect {
+        /// The member's view.
+        view_id: u32,
+        /// The leader, as the member sees it.
+        leader: NodeId,
+    },
+    /// The view a joiner was added to, sent by its members when they install it.
+    Welcome {
+        /// The view.
+        view: View,
+    },
+    /// State transfer: a member that joined `shard` asks a member that has its log for the
+    /// records after `after` (from the start if `None`) up to where the shard's log stood when
+    /// `view_id` began.
+    Fetch {
+        /// The current view of both.
+        view_id: u32,
+        /// The shard.
+        shard: ShardId,
+        /// The joiner's last record.
+        after: Option<Version>,
+    },
+    /// State transfer: the answer to a `Fetch`, records after `after` in version order, at
+    /// most `TRANSFER_PIECE_BYTES_MAX` bytes of them (or one larger record alone).
+    Piece {
+        /// The current view of both.
+        view_id: u32,
+        /// The shard.
+        shard: ShardId,
+        /// The `after` of the fetch it answers.
+        after: Option<Version>,
+        /// Where the shard's log stood when the view began, the end of the transfer; `None`
+        /// if the log was empty. Absent when the member cannot serve (it is catching up
+        /// itself): `ready` is then false and the joiner asks another member.
+        end: Option<(Version, Hlc)>,
+        /// The member can serve this shard.
+        ready: bool,
+        /// The records.
+        records: Vec<Record>,
+    },
 }
 
-/// The outcome of one view change: who leaves (and, later, who joins) and where each shard's
-/// old view ends.
+/// One version of a shard's log as state transfer carries it: the driver's encoding of the
+/// version's delta, opaque to the engine.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The version.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The delta, as the driver encodes it.
+    pub payload: Bytes,
+}
+
+/// The outcome of one view change: who leaves, who joins, and where each shard's old view
+/// ends.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
     /// Bit `r` set: the member of old view rank `r` is not in the next view.
     pub removed: u64,
+    /// Nodes added, in the rank order they take after the members that stay. A node removed
+    /// by this decision may join again in it (it restarted).
+    pub joined: Vec<NodeId>,
     /// Per shard of the old layout, in shard id order: per sender (shard rank), how many of its
     /// messages every member delivers in the old view — the ragged trim.
     pub trims: Vec<Vec<u64>>,
@@ -136,6 +199,11 @@ impl Message {
     /// The view the sender was in.
     pub fn view_id(&self) -> u32 {
         match self {
+            Message::Join { view_id }
+            | Message::Redirect { view_id, .. }
+            | Message::Fetch { view_id, .. }
+            | Message::Piece { view_id, .. } => *view_id,
+            Message::Welcome { view } => view.view_id,
             Message::Data { view_id, .. }
             | Message::Row { view_id, .. }
             | Message::Heartbeat { view_id, .. }

@@ -23,6 +23,7 @@ use crate::message::{Batch, Body, Message, Request};
 use crate::node::{Action, Delivery};
 use crate::row::Row;
 use crate::stability::Stability;
+use crate::transfer::{check_piece, CatchUp, Held, Piece};
 use crate::view::NodeId;
 
 /// This member's state of one shard's multicast.
@@ -57,6 +58,14 @@ pub(crate) struct Multicast {
     persisted_seqs: u64,
     stability: Stability,
     wedged: bool,
+    /// The last version and stamp of the log when this view began: where a state transfer
+    /// served by this member ends.
+    start: Option<(Version, Hlc)>,
+    /// The persistence frontier the previous view reached: durable on every member that had
+    /// the shard then, and so never to go back while new members catch up.
+    carried_durable: Option<Version>,
+    /// Set while this member is new to the shard and its log is being transferred.
+    catch_up: Option<CatchUp>,
 }
 
 impl Multicast {
@@ -85,9 +94,152 @@ impl Multicast {
             persisted_seqs: 0,
             stability: Stability::new(senders),
             wedged: false,
+            start: None,
+            carried_durable: None,
+            catch_up: None,
             members,
             rank,
         }
+    }
+
+    /// The multicast of a shard new to this member: it takes part in ordering at once, and
+    /// delivers once state transfer brought its log up to where the shard stood when the view
+    /// began. `held` is the log it already holds, if any.
+    pub(crate) fn joining(
+        shard: ShardId,
+        view_id: u32,
+        members: Vec<NodeId>,
+        rank: usize,
+        config: &Config,
+        held: Option<Held>,
+    ) -> Multicast {
+        let mut multicast = Multicast::new(shard, view_id, members, rank, config);
+        let (have, persisted) = held.map_or((None, None), |h| (Some(h.last), h.persisted));
+        multicast.catch_up = Some(CatchUp::new(have, persisted));
+        multicast
+    }
+
+    /// The log this member holds of the shard: its last record and what of it is persisted.
+    pub(crate) fn held(&self) -> Option<Held> {
+        match &self.catch_up {
+            Some(catch_up) => catch_up.have.map(|last| Held {
+                last,
+                persisted: catch_up.persisted,
+            }),
+            None => self.last_delivered().map(|last| Held {
+                last,
+                persisted: self.rows[self.rank].persisted,
+            }),
+        }
+    }
+
+    /// The transfer in progress, if this member is catching up.
+    pub(crate) fn catch_up(&self) -> Option<&CatchUp> {
+        self.catch_up.as_ref()
+    }
+
+    /// Where a transfer served by this member ends, or `None` if it cannot serve (it is
+    /// catching up itself).
+    pub(crate) fn transfer_end(&self) -> Option<Option<(Version, Hlc)>> {
+        match self.catch_up {
+            Some(_) => None,
+            None => Some(self.start),
+        }
+    }
+
+    /// The member to ask for the next piece and the `after` to ask with, if a fetch is due.
+    pub(crate) fn next_fetch(&mut self, now_us: u64) -> Option<(NodeId, Option<Version>)> {
+        let senders = self.members.len();
+        let rank = self.rank;
+        let catch_up = self.catch_up.as_mut()?;
+        if senders < 2 || !catch_up.may_ask(now_us) {
+            return None;
+        }
+        if catch_up.source % senders == rank {
+            catch_up.source += 1;
+        }
+        catch_up.source %= senders;
+        catch_up.asked = true;
+        Some((self.members[catch_up.source], catch_up.have.map(|(v, _)| v)))
+    }
+
+    /// A piece from the member of shard rank `from`: hands its records to the driver to
+    /// append and persist. Returns how many records it took.
+    pub(crate) fn receive_piece(
+        &mut self,
+        from: usize,
+        piece: Piece,
+        now_us: u64,
+        retry_us: u64,
+        out: &mut Vec<Action>,
+    ) -> Result<usize, Rejection> {
+        let senders = self.members.len();
+        let shard = self.shard;
+        let Some(catch_up) = &mut self.catch_up else {
+            // Late: caught up already.
+            return Ok(0);
+        };
+        if !catch_up.asked
+            || from != catch_up.source
+            || piece.after != catch_up.have.map(|(v, _)| v)
+        {
+            // Not the answer to the outstanding fetch.
+            return Ok(0);
+        }
+        catch_up.asked = false;
+        if !piece.ready {
+            catch_up.source = (catch_up.source + 1) % senders;
+            catch_up.refused += 1;
+            if catch_up.refused >= senders {
+                // Nobody could serve yet: wait before asking around again.
+                catch_up.refused = 0;
+                catch_up.retry_at_us = now_us + retry_us;
+            }
+            return Ok(0);
+        }
+        catch_up.refused = 0;
+        if catch_up.end.is_some_and(|end| end != piece.end) {
+            return Err(Rejection::OutOfRange("the end of a transfer changed"));
+        }
+        check_piece(catch_up.have, piece.end, &piece.records)?;
+        catch_up.end = Some(piece.end);
+        let Some(last) = piece.records.last() else {
+            if catch_up.have.map(|(v, _)| v) != piece.end.map(|(v, _)| v) {
+                return Err(Rejection::OutOfRange("an empty piece before the end"));
+            }
+            return Ok(0);
+        };
+        let version = last.version;
+        catch_up.have = Some((version, last.hlc));
+        catch_up.unpersisted.push_back(version);
+        let count = piece.records.len();
+        out.push(Action::AppendRecords {
+            shard,
+            records: piece.records,
+        });
+        out.push(Action::Persist { shard, version });
+        Ok(count)
+    }
+
+    /// Ends the transfer once every record up to its end is persisted: the log now stands
+    /// where the shard stood when the view began. Returns whether it ended now.
+    pub(crate) fn finish_catch_up(&mut self) -> bool {
+        let Some(catch_up) = &self.catch_up else {
+            return false;
+        };
+        if !catch_up.is_done() {
+            return false;
+        }
+        let end = catch_up.end.expect("a finished transfer knows its end");
+        self.catch_up = None;
+        self.start = end;
+        if let Some((version, hlc)) = end {
+            self.last_version = Some(version);
+            self.last_hlc = hlc;
+            self.rows[self.rank].persisted = Some(version);
+            self.row_dirty = true;
+        }
+        true
     }
 
     fn senders(&self) -> u64 {
@@ -119,15 +271,18 @@ impl Multicast {
             self.all_persisted(),
             "a view is left once its log is persisted"
         );
+        assert!(
+            self.catch_up.is_none(),
+            "a shard still catching up starts over"
+        );
         let mut next = Multicast::new(self.shard, view_id, members, rank, config);
         next.last_hlc = self.last_hlc;
         next.last_version = self.last_version;
-        // What every member persisted, as far as this one knows; each member's own rows of the
-        // new view carry on from there.
-        let durable = self.persistence_frontier();
-        for row in &mut next.rows {
-            row.persisted = durable;
-        }
+        next.start = self.last_version.map(|version| (version, self.last_hlc));
+        // What every member persisted, as far as this one knows, stays durable. The rows of
+        // the other members start from nothing: a member may still be catching up the shard
+        // (it persisted nothing of it), and a row's persisted version never goes back.
+        next.carried_durable = self.persistence_frontier();
         next.rows[rank].persisted = self.rows[self.rank].persisted;
         next.stability = Stability::starting_at(next.members.len(), self.stability.frontier());
         next.pending_bytes = self.pending_bytes;
@@ -137,7 +292,7 @@ impl Multicast {
 
     /// Every version delivered here is persisted here.
     pub(crate) fn all_persisted(&self) -> bool {
-        self.rows[self.rank].persisted >= self.last_version
+        self.catch_up.is_some() || self.rows[self.rank].persisted >= self.last_version
     }
 
     /// This member's received counters per sender (frozen once wedged).
@@ -173,16 +328,28 @@ impl Multicast {
         self.last_version.map(|version| (version, self.last_hlc))
     }
 
+    /// Zero while catching up: this member's log cannot answer any read yet.
     pub(crate) fn stability_frontier(&self) -> Hlc {
-        self.stability.frontier()
+        match self.catch_up {
+            Some(_) => Hlc::ZERO,
+            None => self.stability.frontier(),
+        }
     }
 
-    /// The highest version persisted on every member.
+    /// The highest version persisted on every member (or on every member of the previous
+    /// view, while new members catch up). `None` while this member is catching up.
     pub(crate) fn persistence_frontier(&self) -> Option<Version> {
-        self.rows.iter().map(|row| row.persisted).min().flatten()
+        if self.catch_up.is_some() {
+            return None;
+        }
+        let now = self.rows.iter().map(|row| row.persisted).min().flatten();
+        now.max(self.carried_durable)
     }
 
     pub(crate) fn submit(&mut self, request: Request) -> Result<(), SubmitError> {
+        if self.catch_up.is_some() {
+            return Err(SubmitError::CatchingUp(self.shard));
+        }
         if self.wedged {
             return Err(SubmitError::Wedged(self.shard));
         }
@@ -272,7 +439,7 @@ impl Multicast {
     /// Delivers every message that became stable, in sequence order, as one batch, and asks the
     /// driver to persist the versions it created.
     pub(crate) fn deliver(&mut self, out: &mut Vec<Action>) -> usize {
-        if self.wedged {
+        if self.wedged || self.catch_up.is_some() {
             return 0;
         }
         let senders = self.senders();
@@ -397,6 +564,10 @@ impl Multicast {
 
     /// The driver made every version up to `version` durable on this member.
     pub(crate) fn persisted(&mut self, version: Version) {
+        if let Some(catch_up) = &mut self.catch_up {
+            catch_up.persisted(version);
+            return;
+        }
         if Some(version) <= self.rows[self.rank].persisted {
             // Persisted before: a late confirmation, possibly of an earlier view.
             return;

@@ -4,14 +4,18 @@ use std::collections::{BTreeMap, VecDeque};
 
 use derechofs_storage::{Hlc, Version};
 
-use crate::bounds::{FUTURE_MESSAGES_MAX, ROUND_MAX, VIEW_MEMBERS_MAX};
+use crate::bounds::{
+    FUTURE_MESSAGES_MAX, JOINS_PENDING_MAX, ROUND_MAX, TRANSFER_PIECE_BYTES_MAX,
+    TRANSFER_PIECE_RECORDS_MAX, TRANSFER_RECORD_BYTES_MAX, VIEW_MEMBERS_MAX,
+};
 use crate::config::{Config, ConfigError};
 use crate::error::{Rejection, StepError, SubmitError};
-use crate::layout::{Layout, ShardId};
-use crate::message::{Decision, Message, Request};
+use crate::layout::{Layout, LayoutSpec, ShardId};
+use crate::message::{Decision, Message, Record, Request};
 use crate::multicast::Multicast;
 use crate::row::Row;
 use crate::suspicion::Suspicion;
+use crate::transfer::{Held, Piece};
 use crate::view::{NodeId, View};
 use crate::view_change::{decide, is_majority, next_round, Leading, Report, ViewChange};
 
@@ -55,6 +59,19 @@ pub enum Input {
         /// Its round.
         round: u64,
     },
+    /// The driver read the records [`Action::ReadRecords`] asked for.
+    RecordsRead {
+        /// The member they are for.
+        to: NodeId,
+        /// The shard.
+        shard: ShardId,
+        /// The view of the read.
+        view_id: u32,
+        /// The `after` of the read.
+        after: Option<Version>,
+        /// The records after `after`, in version order, none beyond the read's `end`.
+        records: Vec<Record>,
+    },
 }
 
 /// Where this node stands in the membership.
@@ -67,9 +84,10 @@ pub enum Membership {
     /// Stopped, and the members it still trusts are no majority of its view: it installs no
     /// next view, refuses writes, and answers reads only at or below its stability frontier.
     NoMajority,
-    /// The next view left it out.
-    Removed,
-    /// The next view is chosen but inadequate (a shard below its minimum): waiting for joins.
+    /// Not a member: it asks the group to add it (a new node, a restarted one, or one the last
+    /// view change removed) and waits to be welcomed into a view.
+    Joining,
+    /// In a view that is inadequate (a shard below its minimum): wedged, waiting for joins.
     Inadequate,
 }
 
@@ -132,10 +150,44 @@ pub enum Action {
         decision: Decision,
     },
     /// This node installed `view`: record it durably, and send from now on to its members.
-    /// Every delivery of the previous view came before this action.
+    /// Every delivery of the previous view came before this action. Shards new to this node
+    /// are caught up by state transfer before they deliver.
     InstallView {
         /// The new view.
         view: View,
+    },
+    /// State transfer, at the member that serves it: read from `shard`'s log the records with
+    /// versions after `after` (from the first if `None`) and at most `end`, in version order,
+    /// gathering at most `bytes_max` bytes of payload (a larger record alone; at least one
+    /// record when any is left), and answer [`Input::RecordsRead`]. The log holds every
+    /// version up to `end` durably.
+    ReadRecords {
+        /// The member they are for.
+        to: NodeId,
+        /// The shard.
+        shard: ShardId,
+        /// The current view, to echo.
+        view_id: u32,
+        /// The last record the member has.
+        after: Option<Version>,
+        /// The last record to read.
+        end: Version,
+        /// Payload bytes to gather at most.
+        bytes_max: usize,
+    },
+    /// State transfer, at the member catching up: append these records to `shard`'s log as
+    /// they are (versions, stamps, deltas), after what it holds. A [`Action::Persist`] follows.
+    AppendRecords {
+        /// The shard.
+        shard: ShardId,
+        /// The records, in version order.
+        records: Vec<Record>,
+    },
+    /// The log of `shard` holds, persisted, every version the shard had when this view began:
+    /// the shard now delivers, takes requests and answers reads here.
+    CaughtUp {
+        /// The shard.
+        shard: ShardId,
     },
 }
 
@@ -160,6 +212,12 @@ pub struct Counters {
     pub views_installed: u64,
     /// View change rounds this node started as leader.
     pub rounds_led: u64,
+    /// Join requests this node sent.
+    pub joins_sent: u64,
+    /// Records this node received by state transfer.
+    pub records_transferred: u64,
+    /// Shards this node caught up by state transfer.
+    pub shards_caught_up: u64,
 }
 
 /// A snapshot of one shard at this node, for `derechofs status` and tests.
@@ -181,6 +239,21 @@ pub struct ShardStatus {
     pub pending_requests: usize,
     /// Stopped until the view changes.
     pub wedged: bool,
+    /// New to the shard, its log still being transferred.
+    pub catching_up: bool,
+}
+
+/// A node's attempt to join the group.
+#[derive(Clone, Debug)]
+struct Joining {
+    /// Members to ask, in turn.
+    contacts: Vec<NodeId>,
+    /// The contact to ask next.
+    next: usize,
+    /// When to ask again.
+    next_try_us: u64,
+    /// A redirect was followed since the last try: follow no other until the next one.
+    redirected: bool,
 }
 
 /// A member's protocol state machine for one view.
@@ -204,6 +277,13 @@ pub struct Node {
     told: u64,
     /// Per peer: messages of later views, in arrival order, until this node installs them.
     future: BTreeMap<NodeId, VecDeque<Message>>,
+    /// Set while this node is not a member and asks to join.
+    joining: Option<Joining>,
+    /// At the leader: nodes that asked to join, for the next view change.
+    joins_pending: Vec<NodeId>,
+    /// The last record of this node's log of each shard it holds a log of and does not
+    /// replicate now: where a state transfer resumes if it is given the shard again.
+    held: BTreeMap<ShardId, Held>,
     counters: Counters,
 }
 
@@ -249,9 +329,52 @@ impl Node {
             previous: None,
             told: 0,
             future: BTreeMap::new(),
+            joining: None,
+            joins_pending: Vec::new(),
+            held: BTreeMap::new(),
             counters: Counters::default(),
             view,
         })
+    }
+
+    /// The state machine of a node that is not a member and asks to join through `contacts`
+    /// (members, or former members, of the group): a new node, a restarted one, or one that
+    /// was removed. `held` is the last record of each shard log it holds on disk, synced, from
+    /// which state transfer resumes; `last_view_id` is the last view it installed (0 if none).
+    pub fn joining(
+        config: Config,
+        contacts: Vec<NodeId>,
+        held: Vec<(ShardId, Version, Hlc)>,
+        last_view_id: u32,
+    ) -> Result<Node, ConfigError> {
+        config.validate()?;
+        let me = config.node_id;
+        if contacts.is_empty() || contacts.len() > VIEW_MEMBERS_MAX || contacts.contains(&me) {
+            return Err(ConfigError::Invalid(
+                "a joiner needs 1..=VIEW_MEMBERS_MAX contacts other than itself",
+            ));
+        }
+        let view = placeholder(me, last_view_id);
+        let mut node = Node::new(config, view)?;
+        node.shards.clear();
+        node.membership = Membership::Joining;
+        node.joining = Some(Joining {
+            contacts,
+            next: 0,
+            next_try_us: 0,
+            redirected: false,
+        });
+        node.held = held
+            .into_iter()
+            .map(|(shard, version, hlc)| {
+                let held = Held {
+                    last: (version, hlc),
+                    persisted: Some(version),
+                };
+                (shard, held)
+            })
+            .collect();
+        Ok(node)
     }
 
     /// Handles one input at time `now_us` (microseconds since the Unix epoch, from this node's
@@ -271,6 +394,10 @@ impl Node {
             self.next_heartbeat_us = self.now_us;
         }
         let result = match input {
+            Input::Tick if self.joining.is_some() => {
+                self.ask_to_join(out);
+                Ok(())
+            }
             Input::Tick => {
                 self.tick(out);
                 Ok(())
@@ -286,17 +413,28 @@ impl Node {
                 StepError::Submit(error)
             }),
             Input::Persisted { shard, version } => {
-                let view_id = self.view.view_id;
                 match self.shard_mut(shard) {
                     Some(multicast) => multicast.persisted(version),
-                    // A late confirmation for a shard this node left with its last view.
-                    None => assert!(
-                        version >> 32 < u64::from(view_id),
-                        "persisted a shard this node does not replicate"
-                    ),
+                    // A late confirmation for a log this node keeps without replicating it.
+                    None => {
+                        if let Some(held) = self.held.get_mut(&shard) {
+                            held.persisted = held.persisted.max(Some(version));
+                        }
+                    }
                 }
                 Ok(())
             }
+            Input::RecordsRead {
+                to,
+                shard,
+                view_id,
+                after,
+                records,
+            } => {
+                self.send_piece(to, shard, view_id, after, records, out);
+                Ok(())
+            }
+            Input::LinkBroken { .. } if self.joining.is_some() => Ok(()),
             Input::LinkBroken { peer } => {
                 if let Some(rank) = self.view.rank_of(peer).filter(|&r| r != self.rank) {
                     self.suspect(1 << rank, out);
@@ -335,7 +473,7 @@ impl Node {
 
     fn submit(&mut self, shard: ShardId, request: Request) -> Result<(), SubmitError> {
         match self.membership() {
-            Membership::Removed => return Err(SubmitError::Removed),
+            Membership::Joining => return Err(SubmitError::Joining),
             Membership::Inadequate => return Err(SubmitError::Inadequate),
             Membership::NoMajority => return Err(SubmitError::NoMajority),
             Membership::Active | Membership::Wedged => {}
@@ -378,6 +516,18 @@ impl Node {
     ) -> Result<(), Rejection> {
         if from == self.config.node_id {
             return Err(Rejection::FromSelf);
+        }
+        if self.joining.is_some() {
+            return self.receive_joining(from, message, out);
+        }
+        match message {
+            Message::Join { view_id } => {
+                self.on_join(from, view_id, out);
+                return Ok(());
+            }
+            // For joiners only; a member may get them late, after it was welcomed.
+            Message::Redirect { .. } | Message::Welcome { .. } => return Ok(()),
+            _ => {}
         }
         let view_id = message.view_id();
         if view_id < self.view.view_id {
@@ -470,7 +620,231 @@ impl Node {
                 self.on_commit(round, decision, out);
                 Ok(())
             }
+            Message::Fetch { shard, after, .. } => self.on_fetch(from, shard, after, out),
+            Message::Piece {
+                shard,
+                after,
+                end,
+                ready,
+                records,
+                ..
+            } => {
+                let now_us = self.now_us;
+                let retry_us = self.config.heartbeat_ms * 1000;
+                let (multicast, sender) = self.shard_member(shard, from)?;
+                let piece = Piece {
+                    after,
+                    end,
+                    ready,
+                    records,
+                };
+                let appended = multicast.receive_piece(sender, piece, now_us, retry_us, out)?;
+                self.counters.records_transferred += appended as u64;
+                Ok(())
+            }
+            Message::Join { .. } | Message::Redirect { .. } | Message::Welcome { .. } => {
+                unreachable!("handled above")
+            }
         }
+    }
+
+    /// What a node that is not a member does with a message: follows a redirect, installs
+    /// the view it is welcomed into, keeps messages of later views for it, and drops the rest
+    /// (messages of a view it was in before it restarted or was removed).
+    fn receive_joining(
+        &mut self,
+        from: NodeId,
+        message: Message,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Rejection> {
+        match message {
+            Message::Redirect { leader, .. } => {
+                let joining = self.joining.as_mut().expect("joining");
+                if !joining.redirected && leader != self.config.node_id {
+                    joining.redirected = true;
+                    self.counters.joins_sent += 1;
+                    let message = Message::Join {
+                        view_id: self.view.view_id,
+                    };
+                    out.push(Action::Send {
+                        to: leader,
+                        message,
+                    });
+                }
+                Ok(())
+            }
+            Message::Welcome { view } => {
+                let me = self.config.node_id;
+                if view.view_id <= self.view.view_id || !view.members.contains(&from) {
+                    return Ok(());
+                }
+                if view.rank_of(me).is_none() {
+                    return Err(Rejection::OutOfRange(
+                        "a welcome into a view without the joiner",
+                    ));
+                }
+                self.install_welcome(view, out);
+                Ok(())
+            }
+            message if message.view_id() > self.view.view_id => self.buffer_future(from, message),
+            _ => Ok(()),
+        }
+    }
+
+    /// A joiner asks its next contact, every suspicion timeout until it is welcomed.
+    fn ask_to_join(&mut self, out: &mut Vec<Action>) {
+        let retry_us = self.config.suspect_after_ms * 1000;
+        let now_us = self.now_us;
+        let view_id = self.view.view_id;
+        let joining = self.joining.as_mut().expect("joining");
+        if now_us < joining.next_try_us {
+            return;
+        }
+        joining.next_try_us = now_us + retry_us;
+        joining.redirected = false;
+        let to = joining.contacts[joining.next % joining.contacts.len()];
+        joining.next = (joining.next + 1) % joining.contacts.len();
+        self.counters.joins_sent += 1;
+        out.push(Action::Send {
+            to,
+            message: Message::Join { view_id },
+        });
+    }
+
+    /// A node asks to join. The leader keeps it for the next view change (which it starts if
+    /// none runs); any other member redirects it to the leader. A member of this view asking
+    /// again from this same view restarted: it is suspected, then joins like any node. A member
+    /// asking from an earlier view is a stale retry of a join that made it a member.
+    fn on_join(&mut self, from: NodeId, last_view_id: u32, out: &mut Vec<Action>) {
+        if !matches!(
+            self.membership(),
+            Membership::Active | Membership::Wedged | Membership::Inadequate
+        ) {
+            return;
+        }
+        if let Some(rank) = self.view.rank_of(from) {
+            if last_view_id < self.view.view_id {
+                return;
+            }
+            self.suspect(1 << rank, out);
+        }
+        let suspected = self.suspicion.suspected();
+        let Some(leader) = (0..self.view.members.len()).find(|&r| suspected & (1 << r) == 0) else {
+            return;
+        };
+        if leader == self.rank {
+            if !self.joins_pending.contains(&from) && self.joins_pending.len() < JOINS_PENDING_MAX {
+                self.joins_pending.push(from);
+            }
+        } else {
+            let message = Message::Redirect {
+                view_id: self.view.view_id,
+                leader: self.view.members[leader],
+            };
+            out.push(Action::Send { to: from, message });
+        }
+    }
+
+    /// A member new to a shard asks for its log: ask the driver for the next piece, or say
+    /// this member cannot serve it (it is catching up itself).
+    fn on_fetch(
+        &mut self,
+        from: NodeId,
+        shard: ShardId,
+        after: Option<Version>,
+        out: &mut Vec<Action>,
+    ) -> Result<(), Rejection> {
+        let view_id = self.view.view_id;
+        let (multicast, _) = self.shard_member(shard, from)?;
+        let Some(end) = multicast.transfer_end() else {
+            let message = Message::Piece {
+                view_id,
+                shard,
+                after,
+                end: None,
+                ready: false,
+                records: Vec::new(),
+            };
+            out.push(Action::Send { to: from, message });
+            return Ok(());
+        };
+        let end_version = end.map(|(v, _)| v);
+        if after > end_version {
+            return Err(Rejection::OutOfRange("a fetch after the end of the log"));
+        }
+        if after == end_version {
+            let message = Message::Piece {
+                view_id,
+                shard,
+                after,
+                end,
+                ready: true,
+                records: Vec::new(),
+            };
+            out.push(Action::Send { to: from, message });
+            return Ok(());
+        }
+        out.push(Action::ReadRecords {
+            to: from,
+            shard,
+            view_id,
+            after,
+            end: end_version.expect("a log with records past `after`"),
+            bytes_max: TRANSFER_PIECE_BYTES_MAX,
+        });
+        Ok(())
+    }
+
+    /// The driver read a piece: send it, if the view and the shard are still those it was
+    /// read for.
+    fn send_piece(
+        &mut self,
+        to: NodeId,
+        shard: ShardId,
+        view_id: u32,
+        after: Option<Version>,
+        records: Vec<Record>,
+        out: &mut Vec<Action>,
+    ) {
+        if view_id != self.view.view_id || self.joining.is_some() {
+            return;
+        }
+        let Some(end) = self.shard_ref(shard).and_then(Multicast::transfer_end) else {
+            return;
+        };
+        let end_version = end.map(|(v, _)| v);
+        let mut last = after;
+        let mut bytes = 0;
+        for record in &records {
+            assert!(
+                Some(record.version) > last && Some(record.version) <= end_version,
+                "the driver read records outside the range asked"
+            );
+            assert!(
+                record.payload.len() <= TRANSFER_RECORD_BYTES_MAX,
+                "the driver read a record beyond TRANSFER_RECORD_BYTES_MAX"
+            );
+            last = Some(record.version);
+            bytes += record.payload.len();
+        }
+        assert!(
+            records.len() <= TRANSFER_PIECE_RECORDS_MAX
+                && (records.len() <= 1 || bytes <= TRANSFER_PIECE_BYTES_MAX),
+            "the driver read a piece beyond its bounds"
+        );
+        assert!(
+            !records.is_empty(),
+            "the driver read no record where the log has some"
+        );
+        let message = Message::Piece {
+            view_id,
+            shard,
+            after,
+            end,
+            ready: true,
+            records,
+        };
+        out.push(Action::Send { to, message });
     }
 
     /// A member of the previous view still sends in it: it missed the commit. Send it the
@@ -525,6 +899,21 @@ impl Node {
     /// the layout with one counter per sender, applicable to this node's shards.
     fn check_decision(&self, decision: &Decision) -> Result<(), Rejection> {
         self.check_suspicions(decision.removed)?;
+        let survivors = (0..self.view.members.len())
+            .filter(|&r| decision.removed & (1 << r) == 0)
+            .count();
+        if survivors + decision.joined.len() > VIEW_MEMBERS_MAX {
+            return Err(Rejection::OutOfRange("a next view beyond VIEW_MEMBERS_MAX"));
+        }
+        for (i, node) in decision.joined.iter().enumerate() {
+            let survives = self
+                .view
+                .rank_of(*node)
+                .is_some_and(|r| decision.removed & (1 << r) == 0);
+            if survives || decision.joined[..i].contains(node) {
+                return Err(Rejection::OutOfRange("a joiner that is already a member"));
+            }
+        }
         let shards = self.view.layout.shards();
         if decision.trims.len() != shards.len() {
             return Err(Rejection::OutOfRange("decision of the wrong shape"));
@@ -536,7 +925,9 @@ impl Node {
             // Once the trims are delivered, a repeated decision needs only its shape checked.
             if decision.removed & (1 << self.rank) == 0 && !self.change.trimmed {
                 if let Some(multicast) = self.shard_ref(shard.id) {
-                    multicast.check_trim(trim)?;
+                    if multicast.catch_up().is_none() {
+                        multicast.check_trim(trim)?;
+                    }
                 }
             }
         }
@@ -552,11 +943,8 @@ impl Node {
     ) -> Result<(), Rejection> {
         self.check_suspicions(suspicions)?;
         self.suspect(suspicions, out);
-        if !self.wedged {
-            return Err(Rejection::OutOfRange(
-                "a view change proposal suspecting no one",
-            ));
-        }
+        // A proposal that suspects no one adds joiners: it wedges this member all the same.
+        self.wedge(out);
         if let Some((decided_round, decision)) = &self.change.decided {
             let message = Message::Commit {
                 view_id: self.view.view_id,
@@ -632,11 +1020,7 @@ impl Node {
                 ));
             }
         }
-        for shard in self.view.layout.shards_of(member) {
-            if !report.counts.iter().any(|(id, _)| *id == shard.id) {
-                return Err(Rejection::OutOfRange("a report missing a shard"));
-            }
-        }
+        // A member may leave out a shard it is still catching up: it delivers none of its trim.
         leading.reports.insert(from_rank, report);
         Ok(())
     }
@@ -713,6 +1097,7 @@ impl Node {
             .shards
             .iter()
             .flatten()
+            .filter(|m| m.catch_up().is_none())
             .map(|m| (m.shard(), m.received().to_vec()))
             .collect();
         Report {
@@ -780,8 +1165,26 @@ impl Node {
     /// After any input: deliver what became stable, send what the window allows, and push the
     /// rows that changed, after the data they count.
     fn progress(&mut self, out: &mut Vec<Action>) {
+        if self.joining.is_some() {
+            return;
+        }
         loop {
+            let view_id = self.view.view_id;
             for multicast in self.shards.iter_mut().flatten() {
+                if multicast.finish_catch_up() {
+                    self.counters.shards_caught_up += 1;
+                    let shard = multicast.shard();
+                    out.push(Action::CaughtUp { shard });
+                }
+                if let Some((to, after)) = multicast.next_fetch(self.now_us) {
+                    let shard = multicast.shard();
+                    let message = Message::Fetch {
+                        view_id,
+                        shard,
+                        after,
+                    };
+                    out.push(Action::Send { to, message });
+                }
                 let delivered = multicast.deliver(out);
                 self.counters.versions_delivered += delivered as u64;
                 let (batches, nulls) = multicast.send(self.now_us, &self.config, out);
@@ -797,13 +1200,12 @@ impl Node {
 
     /// Moves the view change on as far as it can; returns whether a new view was installed.
     fn change_view(&mut self, out: &mut Vec<Action>) -> bool {
-        if !self.wedged
-            || matches!(
-                self.membership,
-                Membership::Removed | Membership::Inadequate
-            )
-        {
-            return false;
+        if !self.wedged {
+            // The leader of a quiet view starts a change to add the nodes that asked to join.
+            if self.joins_pending.is_empty() || self.rank != 0 {
+                return false;
+            }
+            self.wedge(out);
         }
         self.echo(out);
         if self.change.decided.is_some() {
@@ -862,6 +1264,15 @@ impl Node {
             // A minority stays wedged: it can install no view.
             return;
         }
+        let idle = self.change.leading.is_none() && self.change.accepted.is_none();
+        if idle
+            && self.membership == Membership::Inadequate
+            && suspected == 0
+            && self.joins_pending.is_empty()
+        {
+            // An inadequate view changes once a node asks to join (or a member fails).
+            return;
+        }
         if self.change.leading.is_none() {
             let round = next_round(self.change.promised, self.rank);
             self.change.promised = round;
@@ -898,6 +1309,7 @@ impl Node {
                     &self.view.layout,
                     &self.view.members,
                     suspected,
+                    &self.joins_pending,
                     &leading.reports,
                 ) else {
                     // Every replica of some shard failed: only a total restart recovers it.
@@ -943,8 +1355,12 @@ impl Node {
     /// it installed one.
     fn finish(&mut self, out: &mut Vec<Action>) -> bool {
         let (round, decision) = self.change.decided.clone().expect("decided");
+        let members = next_members(&self.view.members, &decision);
         if decision.removed & (1 << self.rank) != 0 {
-            self.membership = Membership::Removed;
+            // Left out: join again through the members of the next view.
+            let me = self.config.node_id;
+            let contacts = members.into_iter().filter(|&m| m != me).collect();
+            self.become_joiner(contacts);
             return false;
         }
         if !self.change.is_logged(&decision) {
@@ -955,6 +1371,10 @@ impl Node {
             self.change.trimmed = true;
             for (index, trim) in decision.trims.iter().enumerate() {
                 if let Some(Some(multicast)) = self.shards.get_mut(index) {
+                    if multicast.catch_up().is_some() {
+                        // The trimmed versions reach it by transfer in the next view.
+                        continue;
+                    }
                     let delivered = multicast.deliver_trim(trim, out);
                     self.counters.versions_delivered += delivered as u64;
                     self.counters.rows_sent += multicast.push_row(out) as u64;
@@ -964,19 +1384,10 @@ impl Node {
         if !self.shards.iter().flatten().all(Multicast::all_persisted) {
             return false;
         }
-        let members: Vec<NodeId> = self
-            .view
-            .members
-            .iter()
-            .enumerate()
-            .filter(|&(rank, _)| decision.removed & (1 << rank) == 0)
-            .map(|(_, &node)| node)
-            .collect();
         let spec = self.view.layout.spec();
-        let Ok(layout) = Layout::assign(spec, &members, Some(&self.view.layout)) else {
-            self.membership = Membership::Inadequate;
-            return false;
-        };
+        // The decision was checked: its members are distinct and within the bounds.
+        let layout = Layout::assign_allowing_inadequate(spec, &members, Some(&self.view.layout))
+            .expect("a checked decision lays out");
         let view = View {
             view_id: self.view.view_id + 1,
             members,
@@ -987,27 +1398,71 @@ impl Node {
     }
 
     fn install(&mut self, view: View, round: u64, decision: Decision, out: &mut Vec<Action>) {
+        let old: Vec<Option<Multicast>> = std::mem::take(&mut self.shards);
+        let old_view = self.view.clone();
+        self.enter(view.clone(), old, out);
+        self.previous = Some((old_view, round, decision.clone()));
+        self.counters.views_installed += 1;
+        for &joiner in &decision.joined {
+            let message = Message::Welcome { view: view.clone() };
+            out.push(Action::Send {
+                to: joiner,
+                message,
+            });
+        }
+        self.replay_future(out);
+    }
+
+    /// A joiner was welcomed into `view`: every shard it replicates there is new to it.
+    fn install_welcome(&mut self, view: View, out: &mut Vec<Action>) {
+        self.joining = None;
+        self.enter(view, Vec::new(), out);
+        self.counters.views_installed += 1;
+        self.replay_future(out);
+    }
+
+    /// Enters `view`: continues the shards of `old` this node keeps, starts the others by
+    /// state transfer (resuming from the logs it holds), and wedges at once if the view is
+    /// inadequate.
+    fn enter(&mut self, view: View, mut old: Vec<Option<Multicast>>, out: &mut Vec<Action>) {
         let me = self.config.node_id;
-        let rank = view.rank_of(me).expect("a survivor is in the next view");
-        let mut old: Vec<Option<Multicast>> = std::mem::take(&mut self.shards);
-        self.shards = view
-            .layout
-            .shards()
-            .iter()
-            .map(|shard| {
-                let position = shard.members.iter().position(|&m| m == me)?;
-                let members = shard.members.clone();
-                let previous = old.get_mut(usize::from(shard.id.0)).and_then(Option::take);
-                Some(match previous {
-                    Some(multicast) => {
-                        multicast.successor(view.view_id, members, position, &self.config)
-                    }
-                    // A shard new to this node starts empty: state transfer brings its log.
-                    None => Multicast::new(shard.id, view.view_id, members, position, &self.config),
-                })
-            })
-            .collect();
-        let old_view = std::mem::replace(&mut self.view, view.clone());
+        let rank = view.rank_of(me).expect("a node enters a view it is in");
+        let mut shards = Vec::with_capacity(view.layout.shards().len());
+        for shard in view.layout.shards() {
+            let Some(position) = shard.members.iter().position(|&m| m == me) else {
+                shards.push(None);
+                continue;
+            };
+            let members = shard.members.clone();
+            let previous = old.get_mut(usize::from(shard.id.0)).and_then(Option::take);
+            let multicast = match previous {
+                Some(multicast) if multicast.catch_up().is_none() => {
+                    multicast.successor(view.view_id, members, position, &self.config)
+                }
+                Some(multicast) => Multicast::joining(
+                    shard.id,
+                    view.view_id,
+                    members,
+                    position,
+                    &self.config,
+                    multicast.held(),
+                ),
+                None => Multicast::joining(
+                    shard.id,
+                    view.view_id,
+                    members,
+                    position,
+                    &self.config,
+                    self.held.remove(&shard.id),
+                ),
+            };
+            shards.push(Some(multicast));
+        }
+        // Shards this node no longer replicates: their logs stay on its disk.
+        for multicast in old.into_iter().flatten() {
+            self.hold(&multicast);
+        }
+        self.shards = shards;
         self.rank = rank;
         self.suspicion = Suspicion::new(
             rank,
@@ -1018,11 +1473,50 @@ impl Node {
         self.wedged = false;
         self.membership = Membership::Active;
         self.change = ViewChange::default();
-        self.previous = Some((old_view, round, decision));
         self.told = 0;
-        self.counters.views_installed += 1;
+        self.joins_pending
+            .retain(|node| !view.members.contains(node));
+        self.view = view.clone();
         out.push(Action::InstallView { view });
-        // Replay what peers already sent in the new view, in their order.
+        if !self.view.layout.is_adequate() {
+            self.wedge(out);
+            self.membership = Membership::Inadequate;
+        }
+    }
+
+    /// Remembers the last record of a shard log this node keeps on disk without replicating
+    /// the shard.
+    fn hold(&mut self, multicast: &Multicast) {
+        if let Some(held) = multicast.held() {
+            self.held.insert(multicast.shard(), held);
+        }
+    }
+
+    /// Leaves the view: keeps its logs, and asks `contacts` to be added again.
+    fn become_joiner(&mut self, contacts: Vec<NodeId>) {
+        for multicast in std::mem::take(&mut self.shards).into_iter().flatten() {
+            self.hold(&multicast);
+        }
+        let me = self.config.node_id;
+        self.view = placeholder(me, self.view.view_id);
+        self.rank = 0;
+        self.wedged = false;
+        self.membership = Membership::Joining;
+        self.change = ViewChange::default();
+        self.previous = None;
+        self.told = 0;
+        self.future.clear();
+        self.joins_pending.clear();
+        self.joining = Some(Joining {
+            contacts,
+            next: 0,
+            next_try_us: self.now_us,
+            redirected: false,
+        });
+    }
+
+    /// Replays what peers already sent in the view just entered, in their order.
+    fn replay_future(&mut self, out: &mut Vec<Action>) {
         let future = std::mem::take(&mut self.future);
         for (from, queue) in future {
             for message in queue {
@@ -1057,7 +1551,7 @@ impl Node {
     /// write; reads at a time at or below [`Node::stability_frontier`] stay correct there,
     /// since that frontier no longer moves and no view can change what lies below it.
     pub fn membership(&self) -> Membership {
-        if self.membership == Membership::Wedged {
+        if self.membership == Membership::Wedged && self.joining.is_none() {
             let members = self.view.members.len();
             let live = members - (self.suspicion.suspected().count_ones() as usize);
             if !is_majority(live, members) {
@@ -1113,6 +1607,34 @@ impl Node {
             stability_frontier: multicast.stability_frontier(),
             pending_requests: multicast.pending_requests(),
             wedged: multicast.is_wedged(),
+            catching_up: multicast.catch_up().is_some(),
         })
+    }
+}
+
+/// The members of the view after `decision`: those that stay, in rank order, then the joiners.
+fn next_members(members: &[NodeId], decision: &Decision) -> Vec<NodeId> {
+    let stay = members
+        .iter()
+        .enumerate()
+        .filter(|&(rank, _)| decision.removed & (1 << rank) == 0)
+        .map(|(_, &node)| node);
+    stay.chain(decision.joined.iter().copied()).collect()
+}
+
+/// The stand-in view of a node that is not a member: itself alone, numbered as the last view
+/// it was in, so messages of that view and earlier ones are recognised as stale.
+fn placeholder(me: NodeId, view_id: u32) -> View {
+    let spec = LayoutSpec {
+        namespace_shards: 1,
+        data_shards: 0,
+        replicas: 1,
+        replicas_min: 1,
+    };
+    let layout = Layout::assign(spec, &[me], None).expect("a one-member layout");
+    View {
+        view_id,
+        members: vec![me],
+        layout,
     }
 }

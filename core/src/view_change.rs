@@ -82,13 +82,16 @@ pub(crate) fn is_majority(live: usize, members: usize) -> bool {
 
 /// The decision of a new leader: the accepted decision of the highest round among the
 /// reports if there is one (it may have been chosen), else a fresh one removing the suspected
-/// members, with each shard's trim the minimum, per sender, over the shard's live members of
-/// what they received. `None` if a shard has no live member left: its log cannot be trimmed
+/// members, adding the nodes that asked the leader to join (as many as the view bound
+/// allows), with each shard's trim the minimum, per sender, over the shard's live members of
+/// what they received (members still catching up the shard report nothing for it and deliver
+/// none of it). `None` if a shard has no live member with its log left: it cannot be trimmed
 /// safely without a total restart.
 pub(crate) fn decide(
     layout: &Layout,
     members: &[NodeId],
     suspected: u64,
+    joins: &[NodeId],
     reports: &BTreeMap<usize, Report>,
 ) -> Option<Decision> {
     let adopted = reports
@@ -110,11 +113,9 @@ pub(crate) fn decide(
                 continue;
             }
             let report = reports.get(&rank).expect("every live member reported");
-            let (_, counts) = report
-                .counts
-                .iter()
-                .find(|(id, _)| *id == shard.id)
-                .expect("a member reports every shard it replicates");
+            let Some((_, counts)) = report.counts.iter().find(|(id, _)| *id == shard.id) else {
+                continue;
+            };
             trim = Some(match trim {
                 None => counts.clone(),
                 Some(low) => low.iter().zip(counts).map(|(a, b)| *a.min(b)).collect(),
@@ -122,8 +123,21 @@ pub(crate) fn decide(
         }
         trims.push(trim?);
     }
+    let survivors = members.len() - suspected.count_ones() as usize;
+    let joined = joins
+        .iter()
+        .copied()
+        .filter(|node| {
+            members
+                .iter()
+                .position(|m| m == node)
+                .is_none_or(|rank| suspected & (1 << rank) != 0)
+        })
+        .take(VIEW_MEMBERS_MAX.saturating_sub(survivors))
+        .collect();
     Some(Decision {
         removed: suspected,
+        joined,
         trims,
     })
 }
@@ -167,7 +181,8 @@ mod tests {
         reports.insert(0, report(vec![(ShardId(0), vec![5, 3, 9])], None));
         reports.insert(1, report(vec![(ShardId(0), vec![4, 3, 7])], None));
         // Rank 2 is suspected; what it received does not count.
-        let decision = decide(&layout, &members, 0b100, &reports).unwrap();
+        let decision = decide(&layout, &members, 0b100, &[9], &reports).unwrap();
+        assert_eq!(decision.joined, vec![9]);
         assert_eq!(decision.removed, 0b100);
         assert_eq!(decision.trims, vec![vec![4, 3, 7]]);
     }
@@ -184,15 +199,17 @@ mod tests {
         let layout = Layout::assign(spec, &members, None).unwrap();
         let old = Decision {
             removed: 0b001,
+            joined: vec![],
             trims: vec![vec![1, 1]],
         };
         let newer = Decision {
             removed: 0b001,
+            joined: vec![7],
             trims: vec![vec![2, 1]],
         };
         let mut reports = BTreeMap::new();
         reports.insert(1, report(vec![(ShardId(0), vec![9, 9])], Some((64, old))));
         reports.insert(2, report(vec![], Some((128, newer.clone()))));
-        assert_eq!(decide(&layout, &members, 0b001, &reports), Some(newer));
+        assert_eq!(decide(&layout, &members, 0b001, &[], &reports), Some(newer));
     }
 }

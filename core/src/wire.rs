@@ -18,7 +18,15 @@
 //! Accept    = 6 view_id round decision
 //! Accepted  = 7 view_id round
 //! Commit    = 8 view_id round decision
-//!   decision = removed shards (senders trim*senders)*shards
+//!   decision = removed joins node*joins shards (senders trim*senders)*shards
+//! Join      = 9 view_id
+//! Redirect  = 10 view_id leader
+//! Welcome   = 11 view
+//!   view    = view_id members node*members namespace_shards data_shards replicas
+//!             replicas_min shards (count node*count)*shards
+//! Fetch     = 12 view_id shard after
+//! Piece     = 13 view_id shard after ready:u8 end records (version hlc len payload[len])*records
+//!   after, end = 0 (none) | 1 version (after) | 1 version wall_us logical (end)
 //! stamp, client_hlc, floor = wall_us logical
 //! ```
 //!
@@ -30,10 +38,13 @@ use derechofs_storage::Hlc;
 
 use crate::bounds::{
     BATCH_BYTES_MAX, BATCH_REQUESTS_MAX, REQUEST_BYTES_MAX, SHARDS_MAX, SHARD_MEMBERS_MAX,
+    TRANSFER_PIECE_BYTES_MAX, TRANSFER_PIECE_RECORDS_MAX, TRANSFER_RECORD_BYTES_MAX,
+    VIEW_MEMBERS_MAX,
 };
-use crate::layout::ShardId;
-use crate::message::{Batch, Body, Decision, Message, Request};
+use crate::layout::{Layout, LayoutSpec, ShardId};
+use crate::message::{Batch, Body, Decision, Message, Record, Request};
 use crate::row::Row;
+use crate::view::{NodeId, View};
 
 const TAG_DATA: u8 = 1;
 const TAG_ROW: u8 = 2;
@@ -43,6 +54,11 @@ const TAG_ACK: u8 = 5;
 const TAG_ACCEPT: u8 = 6;
 const TAG_ACCEPTED: u8 = 7;
 const TAG_COMMIT: u8 = 8;
+const TAG_JOIN: u8 = 9;
+const TAG_REDIRECT: u8 = 10;
+const TAG_WELCOME: u8 = 11;
+const TAG_FETCH: u8 = 12;
+const TAG_PIECE: u8 = 13;
 const BODY_NULL: u8 = 0;
 const BODY_BATCH: u8 = 1;
 
@@ -64,6 +80,9 @@ pub enum DecodeError {
     /// Bytes left over after the message.
     #[error("{0} trailing bytes")]
     TrailingBytes(usize),
+    /// A view whose members or layout do not fit together.
+    #[error("invalid view: {0}")]
+    BadView(String),
 }
 
 impl Message {
@@ -183,6 +202,58 @@ impl Message {
                 out.push(TAG_ACCEPTED);
                 put_varint(out, u64::from(*view_id));
                 put_varint(out, *round);
+            }
+            Message::Join { view_id } => {
+                out.push(TAG_JOIN);
+                put_varint(out, u64::from(*view_id));
+            }
+            Message::Redirect { view_id, leader } => {
+                out.push(TAG_REDIRECT);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, u64::from(*leader));
+            }
+            Message::Welcome { view } => {
+                out.push(TAG_WELCOME);
+                put_view(out, view);
+            }
+            Message::Fetch {
+                view_id,
+                shard,
+                after,
+            } => {
+                out.push(TAG_FETCH);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, u64::from(shard.0));
+                put_version(out, *after);
+            }
+            Message::Piece {
+                view_id,
+                shard,
+                after,
+                end,
+                ready,
+                records,
+            } => {
+                out.push(TAG_PIECE);
+                put_varint(out, u64::from(*view_id));
+                put_varint(out, u64::from(shard.0));
+                put_version(out, *after);
+                out.push(u8::from(*ready));
+                match end {
+                    None => out.push(0),
+                    Some((version, hlc)) => {
+                        out.push(1);
+                        put_varint(out, *version);
+                        put_hlc(out, *hlc);
+                    }
+                }
+                put_varint(out, records.len() as u64);
+                for record in records {
+                    put_varint(out, record.version);
+                    put_hlc(out, record.hlc);
+                    put_varint(out, record.payload.len() as u64);
+                    out.extend_from_slice(&record.payload);
+                }
             }
         }
     }
@@ -311,6 +382,44 @@ impl Message {
                 round: reader.varint("round")?,
                 decision: reader.decision()?,
             },
+            TAG_JOIN => Message::Join {
+                view_id: reader.u32("view id")?,
+            },
+            TAG_REDIRECT => Message::Redirect {
+                view_id: reader.u32("view id")?,
+                leader: reader.u32("leader")?,
+            },
+            TAG_WELCOME => Message::Welcome {
+                view: reader.view()?,
+            },
+            TAG_FETCH => Message::Fetch {
+                view_id: reader.u32("view id")?,
+                shard: reader.shard()?,
+                after: reader.version("after")?,
+            },
+            TAG_PIECE => {
+                let view_id = reader.u32("view id")?;
+                let shard = reader.shard()?;
+                let after = reader.version("after")?;
+                let ready = match reader.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(DecodeError::BadInteger("ready")),
+                };
+                let end = match reader.u8()? {
+                    0 => None,
+                    1 => Some((reader.varint("end")?, reader.hlc()?)),
+                    _ => return Err(DecodeError::BadInteger("end")),
+                };
+                Message::Piece {
+                    view_id,
+                    shard,
+                    after,
+                    end,
+                    ready,
+                    records: reader.records()?,
+                }
+            }
             tag => return Err(DecodeError::UnknownTag(tag)),
         };
         let left = frame.len() - reader.at;
@@ -343,9 +452,47 @@ fn put_counters(out: &mut Vec<u8>, counters: &[u64]) {
 
 fn put_decision(out: &mut Vec<u8>, decision: &Decision) {
     put_varint(out, decision.removed);
+    put_varint(out, decision.joined.len() as u64);
+    for &node in &decision.joined {
+        put_varint(out, u64::from(node));
+    }
     put_varint(out, decision.trims.len() as u64);
     for trim in &decision.trims {
         put_counters(out, trim);
+    }
+}
+
+fn put_version(out: &mut Vec<u8>, version: Option<u64>) {
+    match version {
+        None => out.push(0),
+        Some(version) => {
+            out.push(1);
+            put_varint(out, version);
+        }
+    }
+}
+
+fn put_view(out: &mut Vec<u8>, view: &View) {
+    put_varint(out, u64::from(view.view_id));
+    put_varint(out, view.members.len() as u64);
+    for &node in &view.members {
+        put_varint(out, u64::from(node));
+    }
+    let spec = view.layout.spec();
+    for value in [
+        spec.namespace_shards,
+        spec.data_shards,
+        spec.replicas,
+        spec.replicas_min,
+    ] {
+        put_varint(out, u64::from(value));
+    }
+    put_varint(out, view.layout.shards().len() as u64);
+    for shard in view.layout.shards() {
+        put_varint(out, shard.members.len() as u64);
+        for &node in &shard.members {
+            put_varint(out, u64::from(node));
+        }
     }
 }
 
@@ -432,12 +579,97 @@ impl Reader<'_> {
 
     fn decision(&mut self) -> Result<Decision, DecodeError> {
         let removed = self.varint("removed")?;
+        let joined = self.nodes("joined", 0, VIEW_MEMBERS_MAX)?;
         // Each trim takes at least 2 bytes.
         let (shards, mut trims) = self.list("shard count", 0, SHARDS_MAX, 2)?;
         for _ in 0..shards {
             trims.push(self.counters("trim")?);
         }
-        Ok(Decision { removed, trims })
+        Ok(Decision {
+            removed,
+            joined,
+            trims,
+        })
+    }
+
+    /// A count of `min..=max` node ids and the ids.
+    fn nodes(
+        &mut self,
+        field: &'static str,
+        min: u64,
+        max: usize,
+    ) -> Result<Vec<NodeId>, DecodeError> {
+        let (count, mut nodes) = self.list(field, min, max, 1)?;
+        for _ in 0..count {
+            nodes.push(self.u32(field)?);
+        }
+        Ok(nodes)
+    }
+
+    fn version(&mut self, field: &'static str) -> Result<Option<u64>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.varint(field)?)),
+            _ => Err(DecodeError::BadInteger(field)),
+        }
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, DecodeError> {
+        u16::try_from(self.varint(field)?).map_err(|_| DecodeError::BadInteger(field))
+    }
+
+    fn view(&mut self) -> Result<View, DecodeError> {
+        let view_id = self.u32("view id")?;
+        let members = self.nodes("members", 1, VIEW_MEMBERS_MAX)?;
+        let spec = LayoutSpec {
+            namespace_shards: self.u16("namespace shards")?,
+            data_shards: self.u16("data shards")?,
+            replicas: self.u16("replicas")?,
+            replicas_min: self.u16("replicas min")?,
+        };
+        // Each shard takes at least 1 byte.
+        let (shards, mut shard_members) = self.list("shard count", 1, SHARDS_MAX, 1)?;
+        for _ in 0..shards {
+            shard_members.push(self.nodes("shard members", 0, SHARD_MEMBERS_MAX)?);
+        }
+        let layout = Layout::from_parts(spec, shard_members, &members)
+            .map_err(|error| DecodeError::BadView(error.to_string()))?;
+        Ok(View {
+            view_id,
+            members,
+            layout,
+        })
+    }
+
+    fn records(&mut self) -> Result<Vec<Record>, DecodeError> {
+        // Each record takes at least 4 bytes.
+        let (count, mut records) = self.list("record count", 0, TRANSFER_PIECE_RECORDS_MAX, 4)?;
+        let mut total = 0usize;
+        for _ in 0..count {
+            let version = self.varint("record version")?;
+            let hlc = self.hlc()?;
+            let len = self.varint("record length")?;
+            if len > TRANSFER_RECORD_BYTES_MAX as u64 {
+                return Err(DecodeError::TooLarge("record"));
+            }
+            let len = len as usize;
+            total += len;
+            // A record larger than a piece travels alone.
+            if total > TRANSFER_PIECE_BYTES_MAX && count > 1 {
+                return Err(DecodeError::TooLarge("piece"));
+            }
+            if len > self.left() {
+                return Err(DecodeError::Truncated);
+            }
+            let payload = self.frame.slice(self.at..self.at + len);
+            self.at += len;
+            records.push(Record {
+                version,
+                hlc,
+                payload,
+            });
+        }
+        Ok(records)
     }
 
     fn batch(&mut self) -> Result<Batch, DecodeError> {
@@ -515,9 +747,35 @@ mod tests {
         (0..senders).map(|_| rng.number()).collect()
     }
 
+    fn random_nodes(rng: &mut SplitMix, max: u64) -> Vec<NodeId> {
+        (0..rng.below(max)).map(|_| rng.number() as u32).collect()
+    }
+
+    fn random_view(rng: &mut SplitMix) -> View {
+        let mut members: Vec<NodeId> = random_nodes(rng, 8);
+        members.sort_unstable();
+        members.dedup();
+        if members.is_empty() {
+            members.push(1);
+        }
+        let spec = LayoutSpec {
+            namespace_shards: 1 + rng.below(2) as u16,
+            data_shards: rng.below(3) as u16,
+            replicas: 1 + rng.below(4) as u16,
+            replicas_min: 1,
+        };
+        let layout = Layout::assign_allowing_inadequate(spec, &members, None).unwrap();
+        View {
+            view_id: rng.number() as u32,
+            members,
+            layout,
+        }
+    }
+
     fn random_decision(rng: &mut SplitMix) -> Decision {
         Decision {
             removed: rng.number(),
+            joined: random_nodes(rng, 4),
             trims: (0..rng.below(4)).map(|_| random_counters(rng)).collect(),
         }
     }
@@ -525,7 +783,34 @@ mod tests {
     fn random_message(rng: &mut SplitMix) -> Message {
         let view_id = rng.number() as u32;
         let shard = ShardId(rng.number() as u16);
-        match rng.below(9) {
+        match rng.below(14) {
+            9 => Message::Join { view_id },
+            10 => Message::Redirect {
+                view_id,
+                leader: rng.number() as u32,
+            },
+            11 => Message::Welcome {
+                view: random_view(rng),
+            },
+            12 => Message::Fetch {
+                view_id,
+                shard,
+                after: (rng.below(2) == 0).then(|| rng.number()),
+            },
+            13 => Message::Piece {
+                view_id,
+                shard,
+                after: (rng.below(2) == 0).then(|| rng.number()),
+                end: (rng.below(2) == 0).then(|| (rng.number(), rng.hlc())),
+                ready: rng.below(2) == 0,
+                records: (0..rng.below(4))
+                    .map(|_| Record {
+                        version: rng.number(),
+                        hlc: rng.hlc(),
+                        payload: (0..rng.below(40)).map(|_| rng.next() as u8).collect(),
+                    })
+                    .collect(),
+            },
             4 => Message::Propose {
                 view_id,
                 round: rng.number(),
@@ -631,7 +916,7 @@ mod tests {
             // Start with a valid tag half of the time so the decoder gets past the first byte.
             if let Some(first) = bytes.first_mut() {
                 if rng.below(2) == 0 {
-                    *first = 1 + (*first % 8);
+                    *first = 1 + (*first % 13);
                 }
             }
             let _ = Message::decode(&Bytes::from(bytes));
@@ -684,17 +969,65 @@ mod tests {
 
     #[test]
     fn a_huge_trim_count_is_refused_before_allocating() {
-        let mut bytes = vec![TAG_COMMIT, 1, 1, 0];
+        // view 1, round 1, removed 0, no joiners, then the shard count.
+        let mut bytes = vec![TAG_COMMIT, 1, 1, 0, 0];
         put_varint(&mut bytes, u64::MAX);
         assert_eq!(
             Message::decode(&Bytes::from(bytes)),
             Err(DecodeError::TooLarge("shard count"))
         );
-        let bytes = vec![TAG_ACCEPT, 1, 1, 0, 1, 0];
+        let mut bytes = vec![TAG_COMMIT, 1, 1, 0];
+        put_varint(&mut bytes, u64::MAX);
+        assert_eq!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TooLarge("joined"))
+        );
+        let bytes = vec![TAG_ACCEPT, 1, 1, 0, 0, 1, 0];
         assert_eq!(
             Message::decode(&Bytes::from(bytes)),
             Err(DecodeError::TooLarge("senders"))
         );
+    }
+
+    #[test]
+    fn a_huge_record_count_and_an_oversized_piece_are_refused_before_allocating() {
+        let mut bytes = vec![TAG_PIECE, 1, 0, 0, 1, 0];
+        put_varint(&mut bytes, u64::MAX);
+        assert_eq!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::TooLarge("record count"))
+        );
+        // Two records whose payloads together exceed a piece.
+        let half = TRANSFER_PIECE_BYTES_MAX / 2 + 1;
+        let record = |version| Record {
+            version,
+            hlc: Hlc::at(version),
+            payload: Bytes::from(vec![7u8; half]),
+        };
+        let piece = Message::Piece {
+            view_id: 1,
+            shard: ShardId(0),
+            after: None,
+            end: Some((2, Hlc::at(2))),
+            ready: true,
+            records: vec![record(1), record(2)],
+        };
+        assert_eq!(
+            Message::decode(&Bytes::from(piece.to_bytes())),
+            Err(DecodeError::TooLarge("piece"))
+        );
+    }
+
+    #[test]
+    fn a_welcome_whose_layout_names_a_stranger_is_refused() {
+        let view = View::initial(3, vec![1, 2, 3], LayoutSpec::default()).unwrap();
+        let mut bytes = Message::Welcome { view }.to_bytes();
+        // The last byte is the last member of the last shard: make it node 9.
+        *bytes.last_mut().unwrap() = 9;
+        assert!(matches!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::BadView(_))
+        ));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 use derechofs_core::{
     version_of, Action, Body, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership,
-    Message, Node, NodeId, Rejection, Request, Row, ShardId, StepError, SubmitError, View,
+    Message, Node, NodeId, Record, Rejection, Request, Row, ShardId, StepError, SubmitError, View,
 };
 
 const SHARD: ShardId = ShardId(0);
@@ -24,22 +24,44 @@ struct Cluster {
     installed: Vec<Vec<View>>,
     /// Nodes that stopped: their inputs are dropped.
     crashed: Vec<bool>,
+    /// Per node: its log of the shard, as its driver would append it.
+    logs: Vec<Vec<Record>>,
+    /// Inputs drivers owe their nodes (answers to reads of their logs).
+    driver: VecDeque<(usize, Input)>,
+    configure: fn(&mut Config),
     now_us: u64,
 }
 
+/// A log record of a delivery, as the test's driver encodes it: the payloads, in order.
+fn record_of(delivery: &Delivery) -> Record {
+    let mut payload = Vec::new();
+    for request in &delivery.requests {
+        payload.extend_from_slice(&request.payload);
+    }
+    Record {
+        version: delivery.version,
+        hlc: delivery.hlc,
+        payload: Bytes::from(payload),
+    }
+}
+
 impl Cluster {
-    fn new(members: usize, configure: impl Fn(&mut Config)) -> Cluster {
+    fn new(members: usize, configure: fn(&mut Config)) -> Cluster {
         Cluster::with_replicas(members, 3, configure)
     }
 
-    fn with_replicas(members: usize, replicas: u16, configure: impl Fn(&mut Config)) -> Cluster {
-        let ids: Vec<NodeId> = (1..=members as NodeId).collect();
+    fn with_replicas(members: usize, replicas: u16, configure: fn(&mut Config)) -> Cluster {
         let spec = LayoutSpec {
             namespace_shards: 1,
             data_shards: 0,
             replicas,
             replicas_min: 1,
         };
+        Cluster::with_spec(members, spec, configure)
+    }
+
+    fn with_spec(members: usize, spec: LayoutSpec, configure: fn(&mut Config)) -> Cluster {
+        let ids: Vec<NodeId> = (1..=members as NodeId).collect();
         let view = View::initial(1, ids.clone(), spec).unwrap();
         let nodes = ids
             .iter()
@@ -58,8 +80,28 @@ impl Cluster {
             trims_asked: vec![Vec::new(); members],
             installed: vec![Vec::new(); members],
             crashed: vec![false; members],
+            logs: vec![Vec::new(); members],
+            driver: VecDeque::new(),
+            configure,
             now_us: 1_000_000,
         }
+    }
+
+    /// Starts a new node that asks `contact` to join; returns its index.
+    fn add_joiner(&mut self, contact: NodeId) -> usize {
+        let node = self.nodes.len();
+        let mut config = Config::new(node as NodeId + 1);
+        (self.configure)(&mut config);
+        self.nodes
+            .push(Node::joining(config, vec![contact], Vec::new(), 0).unwrap());
+        self.delivered.push(Vec::new());
+        self.persist_asked.push(Vec::new());
+        self.wedged.push(false);
+        self.trims_asked.push(Vec::new());
+        self.installed.push(Vec::new());
+        self.crashed.push(false);
+        self.logs.push(Vec::new());
+        node
     }
 
     fn step(&mut self, node: usize, input: Input) -> Result<(), StepError> {
@@ -72,7 +114,41 @@ impl Cluster {
         for action in actions {
             match action {
                 Action::Send { to, message } => self.wire.push_back((from, to, message)),
-                Action::Deliver { deliveries, .. } => self.delivered[node].extend(deliveries),
+                Action::Deliver { deliveries, .. } => {
+                    self.logs[node].extend(deliveries.iter().map(record_of));
+                    self.delivered[node].extend(deliveries);
+                }
+                Action::AppendRecords { records, .. } => self.logs[node].extend(records),
+                Action::ReadRecords {
+                    to,
+                    shard,
+                    view_id,
+                    after,
+                    end,
+                    bytes_max,
+                } => {
+                    let mut records = Vec::new();
+                    let mut bytes = 0;
+                    for record in &self.logs[node] {
+                        if Some(record.version) <= after || record.version > end {
+                            continue;
+                        }
+                        if !records.is_empty() && bytes + record.payload.len() > bytes_max {
+                            break;
+                        }
+                        bytes += record.payload.len();
+                        records.push(record.clone());
+                    }
+                    let input = Input::RecordsRead {
+                        to,
+                        shard,
+                        view_id,
+                        after,
+                        records,
+                    };
+                    self.driver.push_back((node, input));
+                }
+                Action::CaughtUp { .. } => {}
                 Action::Persist { version, .. } => self.persist_asked[node].push(version),
                 Action::Wedge => self.wedged[node] = true,
                 Action::Suspect { .. } => {}
@@ -108,7 +184,14 @@ impl Cluster {
 
     /// Carries every message in flight, and those they cause, to its destination.
     fn settle(&mut self) {
-        while let Some((from, to, message)) = self.wire.pop_front() {
+        loop {
+            if let Some((node, input)) = self.driver.pop_front() {
+                self.step(node, input).unwrap();
+                continue;
+            }
+            let Some((from, to, message)) = self.wire.pop_front() else {
+                break;
+            };
             let node = (to - 1) as usize;
             if self.crashed[node] {
                 continue;
@@ -717,32 +800,24 @@ fn a_new_leader_adopts_the_decision_its_failed_predecessor_got_accepted() {
 }
 
 #[test]
-fn an_inadequate_next_view_is_not_installed_and_waits_for_joins() {
+fn an_inadequate_view_waits_wedged_until_a_join_makes_it_adequate() {
     // Every shard needs all 3 replicas: losing one leaves the next view inadequate.
-    let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
-    cluster.nodes = {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 0,
-            replicas: 3,
-            replicas_min: 3,
-        };
-        let view = View::initial(1, vec![1, 2, 3], spec).unwrap();
-        (1..=3)
-            .map(|id| {
-                let mut config = Config::new(id);
-                config.suspect_after_ms = 200;
-                Node::new(config, view.clone()).unwrap()
-            })
-            .collect()
+    let spec = LayoutSpec {
+        namespace_shards: 1,
+        data_shards: 0,
+        replicas: 3,
+        replicas_min: 3,
     };
+    let mut cluster = Cluster::with_spec(3, spec, |c| c.suspect_after_ms = 200);
     cluster.submit(0, 1, b"a");
     cluster.settle();
     cluster.persist_all();
     cluster.crash(2);
     cluster.tick_until_suspected();
     for node in 0..2 {
-        assert!(cluster.installed[node].is_empty(), "node {node}");
+        let views: Vec<u32> = cluster.installed[node].iter().map(|v| v.view_id).collect();
+        assert_eq!(views, vec![2], "node {node}: one inadequate view, no churn");
+        assert!(!cluster.installed[node][0].layout.is_adequate());
         assert_eq!(cluster.nodes[node].membership(), Membership::Inadequate);
         // The trim was still delivered: the old view's log is complete and persisted.
         assert_eq!(cluster.payloads(node), vec!["a"]);
@@ -761,6 +836,124 @@ fn an_inadequate_next_view_is_not_installed_and_waits_for_joins() {
             }
         ),
         Err(StepError::Submit(SubmitError::Inadequate))
+    );
+    // A new node joins through node 2 (redirected to the leader, node 1): view 3 is adequate.
+    let joiner = cluster.add_joiner(2);
+    cluster.tick_until_suspected();
+    for node in [0, 1, joiner] {
+        let last = cluster.installed[node].last().unwrap();
+        assert_eq!(last.view_id, 3, "node {node}");
+        assert_eq!(last.members, vec![1, 2, 4]);
+        assert!(last.layout.is_adequate());
+        assert_eq!(cluster.nodes[node].membership(), Membership::Active);
+    }
+    assert_eq!(
+        cluster.logs[joiner], cluster.logs[0],
+        "the joiner got the log"
+    );
+    cluster.submit(joiner, 3, b"c");
+    cluster.settle();
+    cluster.persist_all();
+    for node in [0, 1, joiner] {
+        assert_eq!(cluster.logs[node], cluster.logs[0]);
+        assert_eq!(cluster.logs[node].len(), 2, "node {node}");
+    }
+}
+
+#[test]
+fn a_new_node_joins_through_any_member_and_serves_once_its_log_is_transferred() {
+    let mut cluster = Cluster::with_replicas(3, 4, |c| c.suspect_after_ms = 200);
+    for id in 0..30 {
+        cluster.submit(id as usize % 3, id, b"before the join");
+        cluster.settle();
+    }
+    cluster.persist_all();
+    let joiner = cluster.add_joiner(3);
+    let mut refused_while_catching_up = false;
+    for _ in 0..100 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+        cluster.log_trims();
+        // The transferred records are not persisted yet: the joiner does not serve.
+        let status = cluster.nodes[joiner].status(SHARD);
+        if status.is_some_and(|s| s.catching_up) {
+            let request = Request {
+                id: 1000,
+                client_hlc: Hlc::ZERO,
+                payload: Bytes::from_static(b"early"),
+            };
+            let refused = cluster.step(
+                joiner,
+                Input::Submit {
+                    shard: SHARD,
+                    request,
+                },
+            );
+            assert_eq!(
+                refused,
+                Err(StepError::Submit(SubmitError::CatchingUp(SHARD)))
+            );
+            assert_eq!(
+                cluster.nodes[joiner].stability_frontier(SHARD),
+                Some(Hlc::ZERO)
+            );
+            refused_while_catching_up = true;
+        }
+        cluster.persist_all();
+    }
+    assert!(refused_while_catching_up, "the joiner was seen catching up");
+    let status = cluster.nodes[joiner].status(SHARD).unwrap();
+    assert!(!status.catching_up);
+    assert_eq!(status.members, vec![1, 2, 3, 4]);
+    assert_eq!(cluster.logs[joiner], cluster.logs[0]);
+    assert_eq!(cluster.nodes[joiner].counters().records_transferred, 30);
+    assert!(cluster.nodes[joiner].stability_frontier(SHARD).unwrap() > Hlc::ZERO);
+    // All four deliver the next writes, the joiner's own included.
+    cluster.submit(joiner, 100, b"from the joiner");
+    cluster.submit(0, 101, b"from node 1");
+    cluster.settle();
+    cluster.persist_all();
+    for node in 0..4 {
+        assert_eq!(cluster.logs[node], cluster.logs[0], "node {node}");
+        assert_eq!(cluster.logs[node].len(), 32);
+    }
+    let stamps: Vec<Hlc> = cluster.logs[joiner].iter().map(|r| r.hlc).collect();
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]));
+}
+
+#[test]
+fn a_removed_member_joins_again_and_resumes_its_log() {
+    let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
+    cluster.submit(0, 1, b"a");
+    cluster.settle();
+    cluster.persist_all();
+    // Node 3's links break: the others remove it; it learns so and asks to join again.
+    for node in [0, 1] {
+        cluster.step(node, Input::LinkBroken { peer: 3 }).unwrap();
+    }
+    cluster.wire.retain(|(from, to, _)| *from != 3 && *to != 3);
+    for _ in 0..30 {
+        cluster.tick_all(20_000);
+        cluster.wire.retain(|(from, _, _)| *from != 3);
+        cluster.settle();
+        cluster.log_trims();
+        cluster.persist_all();
+    }
+    assert_eq!(cluster.installed[0].last().unwrap().members, vec![1, 2]);
+    cluster.submit(0, 2, b"b");
+    cluster.settle();
+    cluster.persist_all();
+    // The link heals; node 3 hears the decision, becomes a joiner and is added back.
+    cluster.step(2, Input::LinkBroken { peer: 1 }).unwrap();
+    cluster.tick_until_suspected();
+    let last = cluster.installed[0].last().unwrap().clone();
+    assert_eq!(last.members, vec![1, 2, 3]);
+    assert_eq!(cluster.installed[2].last(), Some(&last));
+    assert_eq!(cluster.logs[2], cluster.logs[0]);
+    assert_eq!(
+        cluster.nodes[2].counters().records_transferred,
+        1,
+        "only what it missed"
     );
 }
 
@@ -792,6 +985,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
         round: 64,
         decision: Decision {
             removed: 0b100,
+            joined: vec![],
             trims: vec![vec![0, 0]],
         },
     };
@@ -805,20 +999,53 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
         )
         .is_err());
     assert!(!cluster.nodes[0].is_wedged());
-    // A proposal that suspects no one cannot be answered: the counters are not frozen.
-    let empty = Message::Propose {
+    assert!(cluster.wire.is_empty(), "nothing was answered");
+    // A decision that adds a member twice, or one already in the view, is refused.
+    for joined in [vec![7, 7], vec![2]] {
+        let commit = Message::Commit {
+            view_id: 1,
+            round: 64,
+            decision: Decision {
+                removed: 0,
+                joined,
+                trims: vec![vec![0, 0, 0]],
+            },
+        };
+        assert!(cluster
+            .step(
+                0,
+                Input::Message {
+                    from: 2,
+                    message: commit
+                }
+            )
+            .is_err());
+        assert!(!cluster.nodes[0].is_wedged());
+    }
+}
+
+#[test]
+fn a_proposal_that_suspects_no_one_wedges_the_member_and_is_answered() {
+    // The leader proposes to add joiners without any failure: members freeze their counters
+    // all the same before they report them.
+    let mut cluster = Cluster::new(3, |_| {});
+    let propose = Message::Propose {
         view_id: 1,
         round: 64,
         suspicions: 0,
     };
-    assert!(cluster
+    cluster
         .step(
-            0,
+            1,
             Input::Message {
-                from: 2,
-                message: empty
-            }
+                from: 1,
+                message: propose,
+            },
         )
-        .is_err());
-    assert!(cluster.wire.is_empty(), "nothing was answered");
+        .unwrap();
+    assert!(cluster.nodes[1].is_wedged());
+    assert!(cluster
+        .wire
+        .iter()
+        .any(|(_, to, m)| *to == 1 && matches!(m, Message::Ack { .. })));
 }

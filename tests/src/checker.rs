@@ -16,7 +16,12 @@
 //!
 //! Across views (DESIGN §2 "Failures, view change"):
 //! - *Views agree*: every node that installs view `v` installs the same members and layout.
-//! - *Partition safety*: a view is installed only with a majority of the previous one.
+//! - *Partition safety*: a view is installed only with a majority of the previous one (joiners
+//!   aside).
+//! - *Nothing persisted is lost*: a node that restarts finds on its disk every version it
+//!   reported persisted, and its log is a prefix of the shard's log.
+//! - *State transfer*: the records a joiner receives are the shard's log, in order (checked
+//!   as deliveries at their positions).
 //! - *The trim loses nothing and adds nothing*: a node installing the next view delivered, in
 //!   each shard it replicated, exactly the longest log delivered anywhere. So nothing delivered
 //!   at any member (even one that failed since) is lost, and nothing beyond the ragged trim was
@@ -27,7 +32,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use derechofs_core::{Delivery, Hlc, NodeId, ShardId, Version, View};
+use derechofs_core::{Delivery, Hlc, ShardId, Version, View};
 
 /// An invariant that did not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -93,31 +98,39 @@ impl Checker {
         }
     }
 
-    /// Node `node` (id `id`) left view `old` and installed `new`.
+    /// Node `node` left view `old` (none if it joined) and installed `new`, having delivered
+    /// the ragged trim of the shards in `trimmed`.
     pub fn install(
         &mut self,
-        id: NodeId,
         node: usize,
-        old: &View,
+        old: Option<&View>,
         new: &View,
+        trimmed: &[ShardId],
     ) -> Result<(), Violation> {
-        if new.view_id != old.view_id + 1 {
-            return violation!(
-                "node {node} went from view {} to view {}",
-                old.view_id,
-                new.view_id
-            );
+        if let Some(old) = old {
+            if new.view_id != old.view_id + 1 {
+                return violation!(
+                    "node {node} went from view {} to view {}",
+                    old.view_id,
+                    new.view_id
+                );
+            }
         }
-        if new.members.iter().any(|m| !old.members.contains(m)) {
-            return violation!("view {} has members that were never added", new.view_id);
-        }
-        if 2 * new.members.len() <= old.members.len() {
-            return violation!(
-                "partition safety: node {node} installed view {} with {:?}, no majority of {:?}",
-                new.view_id,
-                new.members,
-                old.members
-            );
+        if let Some(previous) = self.views.get(&(new.view_id - 1)) {
+            let stay = new
+                .members
+                .iter()
+                .filter(|m| previous.members.contains(m))
+                .count();
+            if 2 * stay <= previous.members.len() {
+                return violation!(
+                    "partition safety: node {node} installed view {} with {:?}, no majority of \
+                     {:?}",
+                    new.view_id,
+                    new.members,
+                    previous.members
+                );
+            }
         }
         if let Some(earlier) = self.views.get(&new.view_id) {
             if earlier != new {
@@ -128,19 +141,68 @@ impl Checker {
         } else {
             self.views.insert(new.view_id, new.clone());
         }
-        for shard in old.layout.shards_of(id) {
-            let s = usize::from(shard.id.0);
+        for shard in trimmed {
+            let s = usize::from(shard.0);
             let delivered = self.delivered[node][s];
             let longest = self.shards[s].canonical.len();
             if delivered != longest {
                 return violation!(
                     "ragged trim: node {node} leaves view {} having delivered {delivered} \
-                     versions of {}, {longest} were delivered somewhere",
-                    old.view_id,
-                    shard.id
+                     versions of {shard}, {longest} were delivered somewhere",
+                    new.view_id - 1,
                 );
             }
         }
+        Ok(())
+    }
+
+    /// View `view_id`, if some node installed it.
+    pub fn view(&self, view_id: u32) -> Option<&View> {
+        self.views.get(&view_id)
+    }
+
+    /// The newest view installed anywhere.
+    pub fn latest_view(&self) -> Option<&View> {
+        self.views.values().next_back()
+    }
+
+    /// Node `node` became a member of `shard` it did not replicate (or is still catching up):
+    /// its frontiers start again from nothing.
+    pub fn join_shard(&mut self, node: usize, shard: ShardId) {
+        let s = usize::from(shard.0);
+        self.stability[node][s] = Hlc::ZERO;
+        self.durable[node][s] = None;
+    }
+
+    /// Node `node` restarted with `records` in its log of `shard`, all synced: they must be a
+    /// prefix of the shard's log.
+    pub fn restart(
+        &mut self,
+        node: usize,
+        shard: ShardId,
+        records: &[derechofs_core::Record],
+    ) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let canonical = &self.shards[s].canonical;
+        for (at, record) in records.iter().enumerate() {
+            let same = canonical
+                .get(at)
+                .is_some_and(|e| e.version == record.version && e.hlc == record.hlc);
+            if !same {
+                return violation!(
+                    "its log of {shard} holds {:#x} at position {at}, not the shard's log",
+                    record.version
+                );
+            }
+        }
+        if let Some(persisted) = self.persisted[node][s] {
+            if records.last().map(|r| r.version) < Some(persisted) {
+                return violation!("its disk lost {persisted:#x} of {shard}, reported persisted");
+            }
+        }
+        self.delivered[node][s] = records.len();
+        self.persisted[node][s] = records.last().map(|r| r.version);
+        self.join_shard(node, shard);
         Ok(())
     }
 

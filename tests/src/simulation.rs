@@ -8,8 +8,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use derechofs_core::{
-    Action, Config, Hlc, Input, LayoutSpec, Message, Node, NodeId, Request, ShardId, StepError,
-    SubmitError, Version, View,
+    Action, Config, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node, NodeId, Record,
+    Request, ShardId, StepError, SubmitError, Version, View,
 };
 
 /// Ids of probe requests: above every client's.
@@ -28,8 +28,11 @@ const EPOCH_US: u64 = 1_700_000_000_000_000;
 pub struct Options {
     /// The seed of every random choice of the run.
     pub seed: u64,
-    /// Members of the view.
+    /// Members of the first view.
     pub nodes: usize,
+    /// Nodes outside the first view, which the faults may make join (`Fault::Join`). They
+    /// take the indices after the members.
+    pub spares: usize,
     /// The shard layout.
     pub spec: LayoutSpec,
     /// Flow control window of every node.
@@ -117,6 +120,7 @@ impl Options {
         let mut options = Options {
             seed,
             nodes,
+            spares: 0,
             spec,
             window: rng.between(1, 8) as u32,
             batch_bytes_max: rng.between(64, 4096) as usize,
@@ -149,24 +153,33 @@ impl Options {
         options
     }
 
-    /// Options drawn from `seed` as [`Options::from_seed`], with every node in every shard (a
-    /// spare refilling a shard needs state transfer, which comes later), suspicion after 100
-    /// to 300 ms, and a schedule of faults: crashes (the leader's in half of them, and a second
-    /// crash during the view change the first one causes), link breaks, a partition isolating
-    /// a minority, and swizzle-clogging (links stopped one by one, restored in random order).
-    /// Usually the faults spare a majority, so the run must make progress after healing; one
-    /// schedule in eight takes out a majority, and the run only checks safety.
+    /// Options drawn from `seed` as [`Options::from_seed`], with shards of more replicas than
+    /// the faults take out (so spare members refill them by state transfer), suspicion after
+    /// 100 to 300 ms, and a schedule of faults: crashes (the leader's in half of them, and a
+    /// second crash during the view change the first one causes) and, in some schedules,
+    /// restarts of the crashed nodes from what their disks kept (they join again and resume
+    /// their logs), link breaks, a partition isolating a minority, join bursts (up to 5 new
+    /// nodes at once, some crashing while they join and some of those restarting), and
+    /// swizzle-clogging (links stopped one by one, restored in random order). A crash loses
+    /// what the node's disk had not synced, or tears it (a prefix of the unsynced records
+    /// survives). Usually the faults spare a majority, so the run must make progress after
+    /// healing; one schedule in eight takes out a majority, and the run only checks safety.
     pub fn with_faults(seed: u64) -> Options {
         let mut options = Options::from_seed(seed);
         let mut rng = Rng::new(seed ^ 0xfa17_fa17);
         let nodes = options.nodes;
-        options.spec.replicas = nodes as u16;
-        options.spec.replicas_min = 1;
         options.suspect_after_ms = rng.between(100, 300).max(3 * options.heartbeat_ms);
         let suspect_us = options.suspect_after_ms * 1_000;
         let tolerated = (nodes - 1) / 2;
         let too_many = rng.chance(12);
         let budget = if too_many { tolerated + 1 } else { tolerated };
+        // A shard keeps a member with its log through every fault a recoverable schedule has.
+        options.spec.replicas = options
+            .spec
+            .replicas
+            .max(tolerated as u16 + 1)
+            .min(nodes as u16);
+        options.spec.replicas_min = 1;
         let start_us = rng.between(20_000, 200_000);
         let mut faults = Vec::new();
         let mut order: Vec<usize> = (0..nodes).collect();
@@ -179,11 +192,37 @@ impl Options {
             order.swap(0, at);
         }
         let faulty: Vec<usize> = order[..budget].to_vec();
-        let kind = rng.below(5);
+        let kind = rng.below(7);
         match kind {
             // Only long clogs, below.
             4 => {}
-            0 => {
+            5 => {
+                // A join burst: new nodes ask to join at nearly the same time; some crash
+                // while they join (few enough that every view keeps a live majority), and
+                // some of those start again from what their disks kept.
+                let spares = rng.between(1, 5) as usize;
+                options.spares = spares;
+                let crashing = rng.below(spares.min(tolerated) as u64 + 1) as usize;
+                for i in 0..spares {
+                    let node = nodes + i;
+                    let at_us = start_us + rng.below(suspect_us / 2);
+                    faults.push(Fault::Join { node, at_us });
+                    if i < crashing {
+                        let crash_us = at_us + rng.between(1_000, 2 * suspect_us);
+                        faults.push(Fault::Crash {
+                            node,
+                            at_us: crash_us,
+                        });
+                        if rng.chance(50) {
+                            faults.push(Fault::Restart {
+                                node,
+                                at_us: crash_us + rng.between(1_000, 2 * suspect_us),
+                            });
+                        }
+                    }
+                }
+            }
+            0 | 6 => {
                 // Crashes: the first wedges the group about `suspect_us` later (less up to a
                 // heartbeat); the next ones land while that view change runs.
                 let heartbeat_us = options.heartbeat_ms * 1_000;
@@ -194,6 +233,14 @@ impl Options {
                         start_us + suspect_us - heartbeat_us + rng.below(heartbeat_us + 30_000)
                     };
                     faults.push(Fault::Crash { node, at_us });
+                    if kind == 6 {
+                        // It starts again from its disk: it joins and resumes its logs.
+                        let restart_us = at_us + rng.between(suspect_us / 2, 4 * suspect_us);
+                        faults.push(Fault::Restart {
+                            node,
+                            at_us: restart_us,
+                        });
+                    }
                 }
             }
             1 if faulty.len() >= 2 => {
@@ -225,6 +272,11 @@ impl Options {
             }
         }
         let mut heal_us = start_us + rng.between(2 * suspect_us, 6 * suspect_us);
+        for fault in &faults {
+            if let Fault::Restart { at_us, .. } | Fault::Crash { at_us, .. } = fault {
+                heal_us = heal_us.max(*at_us);
+            }
+        }
         if kind == 4 {
             // Long clogs of the links out of the faulty nodes: messages are delayed past the
             // suspicion timeout, never lost, and arrive after the view that removed their
@@ -248,6 +300,7 @@ impl Options {
             // Swizzle-clogging: links stopped one by one and restored in random order, each
             // for less than half the suspicion timeout: they delay, mostly without suspicion.
             let links = rng.between(1, (nodes * (nodes - 1)) as u64) as usize;
+            let nodes = nodes + options.spares;
             let clog_start = rng.between(10_000, heal_us);
             let step_us = (suspect_us / 5) / links as u64 + 1;
             for i in 0..links {
@@ -277,6 +330,7 @@ impl Options {
         for fault in &self.faults {
             match fault {
                 Fault::Crash { node, .. } => faulty.push(*node),
+                Fault::Join { .. } | Fault::Restart { .. } => {}
                 Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
                 Fault::Partition { minority, .. } => faulty.extend(minority),
                 Fault::Clog {
@@ -300,14 +354,16 @@ impl Options {
     /// Whether the faults leave a majority of the first view alive and connected, so the run
     /// must make progress once they heal.
     pub fn must_recover(&self) -> bool {
-        !self.faults.is_empty() && 2 * (self.nodes - self.faulty().len()) > self.nodes
+        let faulty = self.faulty().iter().filter(|&&n| n < self.nodes).count();
+        !self.faults.is_empty() && 2 * (self.nodes - faulty) > self.nodes
     }
 }
 
 /// One injected fault.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Fault {
-    /// The node stops for good: its events are dropped from then on.
+    /// The node stops: its events are dropped from then on, and its disk keeps only what it
+    /// synced and perhaps part of what it did not (a torn write).
     Crash {
         /// The node.
         node: usize,
@@ -327,6 +383,21 @@ pub enum Fault {
     Partition {
         /// The isolated nodes.
         minority: Vec<usize>,
+        /// When.
+        at_us: u64,
+    },
+    /// A spare node starts and asks to join the group.
+    Join {
+        /// The node: a spare, after the members of the first view.
+        node: usize,
+        /// When.
+        at_us: u64,
+    },
+    /// A crashed node starts again from what its disk kept: it asks to join and resumes its
+    /// logs by state transfer.
+    Restart {
+        /// The node.
+        node: usize,
         /// When.
         at_us: u64,
     },
@@ -373,6 +444,14 @@ pub struct Report {
     /// View change rounds started by leaders, over all nodes: more than the view changes when
     /// a leader failed during one and another took over.
     pub rounds_led: u64,
+    /// Nodes welcomed into a view they joined (new nodes, restarted ones, removed ones).
+    pub joins: u64,
+    /// Records received by state transfer, over all nodes.
+    pub records_transferred: u64,
+    /// Shards caught up by state transfer, over all nodes.
+    pub shards_caught_up: u64,
+    /// Crashed nodes started again from their disks.
+    pub restarts: u64,
     /// A digest of every event in order: equal digests mean identical runs.
     pub trace: u64,
 }
@@ -439,6 +518,15 @@ enum Event {
         peer: NodeId,
     },
     Probe,
+    /// A probe of `shard` to submit at some replica that can take it.
+    ProbeSubmit {
+        shard: ShardId,
+    },
+    /// The driver's answer to a read of its log.
+    Driver {
+        node: usize,
+        input: Input,
+    },
 }
 
 impl Event {
@@ -455,6 +543,8 @@ impl Event {
             Event::TrimLogged { node, .. } => (8, *node),
             Event::LinkBroken { node, .. } => (9, *node),
             Event::Probe => (10, 0),
+            Event::ProbeSubmit { shard } => (11, usize::from(shard.0)),
+            Event::Driver { node, .. } => (12, *node),
         }
     }
 }
@@ -463,6 +553,9 @@ impl Event {
 struct Scheduled {
     time_us: u64,
     order: u64,
+    /// The node the event is for and its incarnation then: a node that crashed since never
+    /// sees it.
+    to: Option<(usize, u32)>,
     event: Event,
 }
 
@@ -503,12 +596,26 @@ struct InFlight {
     observed: Hlc,
 }
 
+/// One node's log of one shard on its simulated disk.
+#[derive(Debug, Default, Clone)]
+struct Disk {
+    records: Vec<Record>,
+    /// Records before this index are synced: a crash never loses them.
+    synced: usize,
+}
+
 struct Simulation {
     options: Options,
     rng: Rng,
     nodes: Vec<Node>,
     crashed: Vec<bool>,
-    /// Per shard: the indices of its members.
+    /// Per node: bumped at every crash, so events for the old process are dropped.
+    incarnation: Vec<u32>,
+    /// Per node, per shard: its log.
+    disks: Vec<Vec<Disk>>,
+    /// Per node, per shard: new to the shard and still catching up.
+    catching_up: Vec<Vec<bool>>,
+    /// Per shard: the indices of its members in the first view.
     members: Vec<Vec<usize>>,
     network: Network,
     /// Per node, per shard: when its disk finishes the last persist asked of it.
@@ -521,11 +628,21 @@ struct Simulation {
     clients: Vec<Client>,
     in_flight: BTreeMap<u64, InFlight>,
     acknowledged: u64,
-    /// Per node: the view it is in, as its installs said.
-    views: Vec<View>,
-    /// Probe ids sent after healing, and whether each was delivered.
-    probes: BTreeMap<u64, bool>,
+    /// Per node: the view it is in, as its installs said (none before it first joins).
+    views: Vec<Option<View>>,
+    /// Per node: the last view it installed, which its driver recorded (0 if none).
+    last_view_ids: Vec<u32>,
+    /// The first view.
+    first_view: View,
+    /// Probe attempts sent after healing: id to shard.
+    probe_ids: BTreeMap<u64, ShardId>,
+    /// Per shard, once probing started: whether a probe was delivered.
+    probes: BTreeMap<ShardId, bool>,
     refused_no_majority: u64,
+    joins: u64,
+    transferred: u64,
+    caught_up: u64,
+    restarts: u64,
     trace: DefaultHasher,
     actions: Vec<Action>,
 }
@@ -546,21 +663,24 @@ pub fn run(options: &Options) -> Result<Report, Failure> {
 }
 
 impl Simulation {
-    fn new(options: Options) -> Simulation {
+    fn new(mut options: Options) -> Simulation {
         let mut rng = Rng::new(options.seed).fork();
+        let total = options.nodes + options.spares;
+        // Spares get ordinary links, clocks and disks.
+        options.slowness.resize(total, 1);
+        options.skew_us.resize(total, 0);
+        options.persist_us.resize(total, (0, 2_000));
         let ids: Vec<NodeId> = (1..=options.nodes as NodeId).collect();
         let view = View::initial(1, ids.clone(), options.spec).expect("the options make a view");
-        let nodes: Vec<Node> = ids
-            .iter()
-            .map(|&id| {
-                let config = Config {
-                    heartbeat_ms: options.heartbeat_ms,
-                    suspect_after_ms: options.suspect_after_ms,
-                    window: options.window,
-                    batch_bytes_max: options.batch_bytes_max,
-                    ..Config::new(id)
-                };
-                Node::new(config, view.clone()).expect("the options make a valid config")
+        let nodes: Vec<Node> = (1..=total as NodeId)
+            .map(|id| {
+                let config = config_of(&options, id);
+                if (id as usize) <= options.nodes {
+                    Node::new(config, view.clone()).expect("the options make a valid config")
+                } else {
+                    Node::joining(config, ids.clone(), Vec::new(), 0)
+                        .expect("the options make a valid config")
+                }
             })
             .collect();
         let members: Vec<Vec<usize>> = view
@@ -570,7 +690,7 @@ impl Simulation {
             .map(|shard| shard.members.iter().map(|&id| (id - 1) as usize).collect())
             .collect();
         let shards = members.len();
-        let mut network = Network::new(options.nodes, options.delay_us, options.slowness.clone());
+        let mut network = Network::new(total, options.delay_us, options.slowness.clone());
         for fault in &options.faults {
             if let Fault::Clog {
                 from,
@@ -592,19 +712,32 @@ impl Simulation {
             .collect();
         let mut simulation = Simulation {
             rng: rng.fork(),
-            crashed: vec![false; options.nodes],
-            disk_free_us: vec![vec![0; shards]; options.nodes],
+            // Spares are not started until they join.
+            crashed: (0..total).map(|n| n >= options.nodes).collect(),
+            incarnation: vec![0; total],
+            disks: vec![vec![Disk::default(); shards]; total],
+            catching_up: vec![vec![false; shards]; total],
+            disk_free_us: vec![vec![0; shards]; total],
             queue: BinaryHeap::new(),
             order: 0,
             time_us: 0,
             steps: 0,
-            checker: Checker::new(options.nodes, shards),
+            checker: Checker::new(total, shards),
             clients,
             in_flight: BTreeMap::new(),
             acknowledged: 0,
-            views: vec![view.clone(); options.nodes],
+            views: (0..total)
+                .map(|n| (n < options.nodes).then(|| view.clone()))
+                .collect(),
+            first_view: view.clone(),
+            last_view_ids: (0..total).map(|n| u32::from(n < options.nodes)).collect(),
+            probe_ids: BTreeMap::new(),
             probes: BTreeMap::new(),
             refused_no_majority: 0,
+            joins: 0,
+            transferred: 0,
+            caught_up: 0,
+            restarts: 0,
             trace: DefaultHasher::new(),
             actions: Vec::new(),
             nodes,
@@ -614,7 +747,7 @@ impl Simulation {
         };
         for node in 0..simulation.options.nodes {
             let first = rng.below(simulation.options.tick_us);
-            simulation.schedule(first, Event::Tick { node });
+            simulation.schedule_to(node, first, Event::Tick { node });
         }
         for client in 0..simulation.options.clients {
             let first = rng.below(10_000);
@@ -626,7 +759,9 @@ impl Simulation {
             match fault {
                 Fault::Crash { at_us, .. }
                 | Fault::Break { at_us, .. }
-                | Fault::Partition { at_us, .. } => {
+                | Fault::Partition { at_us, .. }
+                | Fault::Join { at_us, .. }
+                | Fault::Restart { at_us, .. } => {
                     simulation.schedule(*at_us, Event::Fault { index });
                 }
                 Fault::Clog { .. } => {}
@@ -648,6 +783,18 @@ impl Simulation {
         self.queue.push(Scheduled {
             time_us,
             order: self.order,
+            to: None,
+            event,
+        });
+    }
+
+    /// Schedules an event for the current process of `node`.
+    fn schedule_to(&mut self, node: usize, time_us: u64, event: Event) {
+        self.order += 1;
+        self.queue.push(Scheduled {
+            time_us,
+            order: self.order,
+            to: Some((node, self.incarnation[node])),
             event,
         });
     }
@@ -680,7 +827,10 @@ impl Simulation {
             + 20 * self.network.delay_max_us()
             + 4 * persist_max;
         let mut settle_until: Option<u64> = None;
-        while let Some(Scheduled { time_us, event, .. }) = self.queue.pop() {
+        while let Some(Scheduled {
+            time_us, event, to, ..
+        }) = self.queue.pop()
+        {
             if settle_until.is_some_and(|until| time_us > until) {
                 break;
             }
@@ -696,7 +846,7 @@ impl Simulation {
                             self.options.time_limit_us - self.options.heal_us,
                             self.nodes
                                 .iter()
-                                .map(|n| n.view().view_id)
+                                .map(|n| (n.view().view_id, n.membership()))
                                 .collect::<Vec<_>>()
                         )));
                     }
@@ -718,7 +868,12 @@ impl Simulation {
                 )));
             }
             (time_us, event.tag()).hash(&mut self.trace);
-            self.handle(event)?;
+            let stale = to.is_some_and(|(node, incarnation)| {
+                self.crashed[node] || self.incarnation[node] != incarnation
+            });
+            if !stale {
+                self.handle(event)?;
+            }
             let done = if self.options.faults.is_empty() {
                 self.acknowledged == self.total_requests()
             } else {
@@ -737,20 +892,12 @@ impl Simulation {
     fn handle(&mut self, event: Event) -> Result<(), Violation> {
         match event {
             Event::Tick { node } => {
-                if self.crashed[node] {
-                    return Ok(());
-                }
                 let jitter = self.rng.below(self.options.tick_us / 4 + 1);
-                self.schedule(
-                    self.time_us + self.options.tick_us + jitter,
-                    Event::Tick { node },
-                );
+                let next = self.time_us + self.options.tick_us + jitter;
+                self.schedule_to(node, next, Event::Tick { node });
                 self.step(node, Input::Tick)
             }
             Event::Message { from, to, frame } => {
-                if self.crashed[to] {
-                    return Ok(());
-                }
                 let message = Message::decode(&frame)
                     .map_err(|e| Violation(format!("wire: a frame does not decode: {e}")))?;
                 if self.network.loses(from, to, message.view_id()) {
@@ -764,9 +911,9 @@ impl Simulation {
                 shard,
                 version,
             } => {
-                if self.crashed[node] {
-                    return Ok(());
-                }
+                let disk = &mut self.disks[node][usize::from(shard.0)];
+                let upto = disk.records.partition_point(|r| r.version <= version);
+                disk.synced = disk.synced.max(upto);
                 self.checker.persist(node, shard, version)?;
                 self.step(node, Input::Persisted { shard, version })
             }
@@ -774,12 +921,7 @@ impl Simulation {
                 node,
                 shard,
                 request,
-            } => {
-                if self.crashed[node] {
-                    return Ok(());
-                }
-                self.step(node, Input::Submit { shard, request })
-            }
+            } => self.step(node, Input::Submit { shard, request }),
             Event::ClientWake { client } => {
                 self.client_send(client);
                 Ok(())
@@ -790,8 +932,9 @@ impl Simulation {
             }
             Event::Fault { index } => self.inject(index),
             Event::Heal => {
-                for a in 0..self.options.nodes {
-                    for b in 0..self.options.nodes {
+                let total = self.nodes.len();
+                for a in 0..total {
+                    for b in 0..total {
                         self.network.set_broken(a, b, false);
                     }
                 }
@@ -801,22 +944,18 @@ impl Simulation {
                 node,
                 view_id,
                 round,
-            } => {
-                if self.crashed[node] {
-                    return Ok(());
-                }
-                self.step(node, Input::TrimLogged { view_id, round })
-            }
-            Event::LinkBroken { node, peer } => {
-                if self.crashed[node] {
-                    return Ok(());
-                }
-                self.step(node, Input::LinkBroken { peer })
-            }
+            } => self.step(node, Input::TrimLogged { view_id, round }),
+            Event::LinkBroken { node, peer } => self.step(node, Input::LinkBroken { peer }),
             Event::Probe => {
-                self.probe();
+                for s in 0..self.members.len() {
+                    let shard = ShardId(s as u16);
+                    self.probes.insert(shard, false);
+                    self.schedule(self.time_us, Event::ProbeSubmit { shard });
+                }
                 Ok(())
             }
+            Event::ProbeSubmit { shard } => self.probe(shard),
+            Event::Driver { node, input } => self.step(node, input),
         }
     }
 
@@ -824,11 +963,16 @@ impl Simulation {
         let fault = self.options.faults[index].clone();
         let mut pairs = Vec::new();
         match fault {
-            Fault::Crash { node, .. } => self.crashed[node] = true,
+            Fault::Crash { node, .. } => self.crash(node),
+            Fault::Restart { node, .. } => self.restart(node)?,
+            Fault::Join { node, .. } => {
+                self.crashed[node] = false;
+                self.schedule_to(node, self.time_us, Event::Tick { node });
+            }
             Fault::Break { a, b, .. } => pairs.push((a, b)),
             Fault::Partition { minority, .. } => {
                 for &a in &minority {
-                    for b in (0..self.options.nodes).filter(|b| !minority.contains(b)) {
+                    for b in (0..self.nodes.len()).filter(|b| !minority.contains(b)) {
                         pairs.push((a, b));
                     }
                 }
@@ -839,40 +983,102 @@ impl Simulation {
             self.network.set_broken(a, b, true);
             for (end, other) in [(a, b), (b, a)] {
                 let peer = self.nodes[other].node_id();
-                self.schedule(self.time_us, Event::LinkBroken { node: end, peer });
+                self.schedule_to(end, self.time_us, Event::LinkBroken { node: end, peer });
             }
         }
         Ok(())
     }
 
-    /// After healing: one request per shard to a replica the faults spared, which must be
-    /// delivered before the time limit.
-    fn probe(&mut self) {
-        let faulty = self.options.faulty();
-        let healthy: Vec<usize> = (0..self.options.nodes)
-            .filter(|n| !faulty.contains(n))
-            .collect();
-        for s in 0..self.members.len() {
-            let shard = ShardId(s as u16);
-            let node = healthy[self.rng.below(healthy.len() as u64) as usize];
-            let id = PROBE_ID_BASE | self.probes.len() as u64;
-            self.probes.insert(id, false);
-            let mut payload = id.to_le_bytes().to_vec();
-            payload.push(0x9b);
-            let request = Request {
-                id,
-                client_hlc: Hlc::ZERO,
-                payload: Bytes::from(payload),
-            };
-            self.schedule(
-                self.time_us,
-                Event::Submit {
-                    node,
-                    shard,
-                    request,
-                },
-            );
+    /// The process stops. Its disk keeps what it synced; of what it did not, a crash keeps
+    /// nothing or, as a torn write, a prefix.
+    fn crash(&mut self, node: usize) {
+        if self.crashed[node] {
+            return;
         }
+        self.crashed[node] = true;
+        self.incarnation[node] += 1;
+        for disk in &mut self.disks[node] {
+            let unsynced = (disk.records.len() - disk.synced) as u64;
+            let kept = if unsynced > 0 && self.rng.chance(50) {
+                self.rng.below(unsynced + 1) as usize
+            } else {
+                0
+            };
+            disk.records.truncate(disk.synced + kept);
+        }
+    }
+
+    /// A crashed node starts again from its disk: it syncs what its logs kept, and asks the
+    /// members of the first view (and the nodes that joined) to be added again.
+    fn restart(&mut self, node: usize) -> Result<(), Violation> {
+        if !self.crashed[node] {
+            return Ok(());
+        }
+        let id = node as NodeId + 1;
+        let mut held = Vec::new();
+        for (s, disk) in self.disks[node].iter_mut().enumerate() {
+            disk.synced = disk.records.len();
+            let shard = ShardId(s as u16);
+            self.checker
+                .restart(node, shard, &disk.records)
+                .map_err(|v| Violation(format!("restart of node {node}: {v}")))?;
+            if let Some(last) = disk.records.last() {
+                held.push((shard, last.version, last.hlc));
+            }
+            self.catching_up[node][s] = false;
+        }
+        let contacts: Vec<NodeId> = (1..=self.nodes.len() as NodeId)
+            .filter(|&c| c != id)
+            .collect();
+        let last_view_id = self.last_view_ids[node];
+        let config = config_of(&self.options, id);
+        self.nodes[node] = Node::joining(config, contacts, held, last_view_id)
+            .map_err(|e| Violation(format!("node {node} cannot restart: {e}")))?;
+        self.views[node] = None;
+        self.crashed[node] = false;
+        self.incarnation[node] += 1;
+        self.restarts += 1;
+        self.schedule_to(node, self.time_us, Event::Tick { node });
+        Ok(())
+    }
+
+    /// After healing, every shard must take a new request: a probe goes to a replica that can
+    /// take it now, and again every two suspicion timeouts until one is delivered.
+    fn probe(&mut self, shard: ShardId) -> Result<(), Violation> {
+        if self.probes.get(&shard) == Some(&true) {
+            return Ok(());
+        }
+        let suspect_us = self.options.suspect_after_ms * 1_000;
+        let candidates: Vec<usize> = (0..self.nodes.len())
+            .filter(|&n| {
+                !self.crashed[n]
+                    && self.nodes[n].membership() == Membership::Active
+                    && self.nodes[n]
+                        .status(shard)
+                        .is_some_and(|status| !status.catching_up)
+            })
+            .collect();
+        if candidates.is_empty() {
+            self.schedule(self.time_us + 5_000, Event::ProbeSubmit { shard });
+            return Ok(());
+        }
+        let node = candidates[self.rng.below(candidates.len() as u64) as usize];
+        let id = PROBE_ID_BASE | self.probe_ids.len() as u64;
+        self.probe_ids.insert(id, shard);
+        let mut payload = id.to_le_bytes().to_vec();
+        payload.push(0x9b);
+        let request = Request {
+            id,
+            client_hlc: Hlc::ZERO,
+            payload: Bytes::from(payload),
+        };
+        self.schedule(self.time_us + 2 * suspect_us, Event::ProbeSubmit { shard });
+        self.step(node, Input::Submit { shard, request })
+    }
+
+    /// The view clients learn: the newest any node installed.
+    fn current_view(&self) -> &View {
+        self.checker.latest_view().unwrap_or(&self.first_view)
     }
 
     fn client_send(&mut self, client: usize) {
@@ -890,12 +1096,12 @@ impl Simulation {
             let shards: Vec<ShardId> = self.nodes[node].shards().collect();
             (node, shards[self.rng.below(shards.len() as u64) as usize])
         } else {
-            let shard = ShardId(self.rng.below(self.members.len() as u64) as u16);
-            let replicas = &self.members[usize::from(shard.0)];
-            (
-                replicas[self.rng.below(replicas.len() as u64) as usize],
-                shard,
-            )
+            let view = self.current_view().clone();
+            let shards = view.layout.shards().len() as u64;
+            let shard = ShardId(self.rng.below(shards) as u16);
+            let replicas = view.layout.shard(shard).expect("a shard").members.clone();
+            let replica = replicas[self.rng.below(replicas.len() as u64) as usize];
+            ((replica - 1) as usize, shard)
         };
         let len = self.rng.between(1, self.options.payload_bytes_max as u64) as usize;
         let mut payload = id.to_le_bytes().to_vec();
@@ -915,7 +1121,13 @@ impl Simulation {
             },
         );
         let arrival = self.time_us + self.rng.between(50, 1_000);
-        self.schedule(
+        if self.crashed[node] {
+            // The client finds the replica down and gives the request up.
+            self.give_up(id);
+            return;
+        }
+        self.schedule_to(
+            node,
             arrival,
             Event::Submit {
                 node,
@@ -927,6 +1139,15 @@ impl Simulation {
         self.schedule(self.time_us + think, Event::ClientWake { client });
     }
 
+    /// A client gives request `id` up (its replica cannot take writes) and goes on.
+    fn give_up(&mut self, id: u64) {
+        if let Some(in_flight) = self.in_flight.remove(&id) {
+            self.clients[in_flight.client].outstanding -= 1;
+            let client = in_flight.client;
+            self.schedule(self.time_us, Event::ClientWake { client });
+        }
+    }
+
     fn step(&mut self, node: usize, input: Input) -> Result<(), Violation> {
         let retry = match &input {
             Input::Submit { shard, request } => Some((*shard, request.clone())),
@@ -935,44 +1156,38 @@ impl Simulation {
         let mut actions = std::mem::take(&mut self.actions);
         let now_us = self.local_now_us(node);
         let result = self.nodes[node].step(now_us, input, &mut actions);
-        let no_majority = matches!(result, Err(StepError::Submit(SubmitError::NoMajority)));
         match result {
             Ok(()) => {}
-            Err(StepError::Submit(
-                SubmitError::NoMajority
-                | SubmitError::Removed
-                | SubmitError::Inadequate
-                | SubmitError::NotReplica(_),
-            )) if retry.as_ref().is_some_and(|(_, r)| r.id < PROBE_ID_BASE) => {
-                // The client gives this request up: the replica cannot take writes.
-                if no_majority {
-                    self.refused_no_majority += 1;
+            Err(StepError::Submit(error)) if retry.is_some() => {
+                let (shard, request) = retry.expect("a submit");
+                if request.id >= PROBE_ID_BASE {
+                    // The next probe of the shard tries another replica.
+                } else {
+                    match error {
+                        SubmitError::QueueFull(_) | SubmitError::Wedged(_) => {
+                            // The client backs off and tries the same replica again.
+                            let later = self.time_us + self.rng.between(1_000, 5_000);
+                            let event = Event::Submit {
+                                node,
+                                shard,
+                                request,
+                            };
+                            self.schedule_to(node, later, event);
+                        }
+                        SubmitError::TooLarge(_) => {
+                            return Err(Violation(format!(
+                                "node {node}: a correct request was refused: {error}"
+                            )))
+                        }
+                        _ => {
+                            // The replica cannot take writes: the client gives the request up.
+                            if error == SubmitError::NoMajority {
+                                self.refused_no_majority += 1;
+                            }
+                            self.give_up(request.id);
+                        }
+                    }
                 }
-                let (_, request) = retry.expect("a submit");
-                if let Some(in_flight) = self.in_flight.remove(&request.id) {
-                    self.clients[in_flight.client].outstanding -= 1;
-                    let client = in_flight.client;
-                    self.schedule(self.time_us, Event::ClientWake { client });
-                }
-            }
-            Err(StepError::Submit(
-                SubmitError::QueueFull(_)
-                | SubmitError::Wedged(_)
-                | SubmitError::NoMajority
-                | SubmitError::Removed
-                | SubmitError::Inadequate,
-            )) if retry.is_some() => {
-                // The client backs off and tries the same replica again.
-                let (shard, request) = retry.expect("only submits are refused this way");
-                let later = self.time_us + self.rng.between(1_000, 5_000);
-                self.schedule(
-                    later,
-                    Event::Submit {
-                        node,
-                        shard,
-                        request,
-                    },
-                );
             }
             Err(error) => {
                 return Err(Violation(format!(
@@ -985,6 +1200,10 @@ impl Simulation {
             .try_for_each(|action| self.apply(node, action));
         self.actions = actions;
         result?;
+        if self.nodes[node].membership() == Membership::Joining {
+            // Removed: it will join a later view, not the next one.
+            self.views[node] = None;
+        }
         self.check_frontiers(node)
     }
 
@@ -996,7 +1215,8 @@ impl Simulation {
                 let arrival = self
                     .network
                     .arrival_us(node, to, self.time_us, &mut self.rng);
-                self.schedule(
+                self.schedule_to(
+                    to,
                     arrival,
                     Event::Message {
                         from: node,
@@ -1007,6 +1227,14 @@ impl Simulation {
             }
             Action::Deliver { shard, deliveries } => {
                 self.checker.deliver(node, shard, &deliveries)?;
+                let disk = &mut self.disks[node][usize::from(shard.0)];
+                for delivery in &deliveries {
+                    disk.records.push(Record {
+                        version: delivery.version,
+                        hlc: delivery.hlc,
+                        payload: encode_delivery(delivery),
+                    });
+                }
                 let me = self.nodes[node].node_id();
                 for delivery in deliveries.iter().filter(|d| d.sender == me) {
                     for request in &delivery.requests {
@@ -1014,12 +1242,70 @@ impl Simulation {
                     }
                 }
             }
+            Action::AppendRecords { shard, records } => {
+                let deliveries = records
+                    .iter()
+                    .map(decode_delivery)
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.checker
+                    .deliver(node, shard, &deliveries)
+                    .map_err(|v| Violation(format!("state transfer: {v}")))?;
+                self.transferred += records.len() as u64;
+                self.disks[node][usize::from(shard.0)]
+                    .records
+                    .extend(records);
+            }
+            Action::ReadRecords {
+                to,
+                shard,
+                view_id,
+                after,
+                end,
+                bytes_max,
+            } => {
+                let disk = &self.disks[node][usize::from(shard.0)];
+                let first = disk.records.partition_point(|r| Some(r.version) <= after);
+                let mut records = Vec::new();
+                let mut bytes = 0;
+                for record in &disk.records[first..] {
+                    if record.version > end
+                        || (!records.is_empty() && bytes + record.payload.len() > bytes_max)
+                    {
+                        break;
+                    }
+                    bytes += record.payload.len();
+                    records.push(record.clone());
+                }
+                if records.is_empty()
+                    || disk.records[..disk.synced].last().map(|r| r.version) < Some(end)
+                {
+                    return Err(Violation(format!(
+                        "state transfer: node {node} serves {shard} up to {end:#x} but its \
+                         disk holds no record after {after:?} or has not synced the end"
+                    )));
+                }
+                let input = Input::RecordsRead {
+                    to,
+                    shard,
+                    view_id,
+                    after,
+                    records,
+                };
+                let (low, high) = self.options.persist_us[node];
+                let done = self.time_us + self.rng.between(low, high) / 4;
+                self.schedule_to(node, done, Event::Driver { node, input });
+            }
+            Action::CaughtUp { shard } => {
+                self.caught_up += 1;
+                self.catching_up[node][usize::from(shard.0)] = false;
+            }
             Action::Persist { shard, version } => {
                 let (low, high) = self.options.persist_us[node];
                 let free = &mut self.disk_free_us[node][usize::from(shard.0)];
                 *free = (*free).max(self.time_us + self.rng.between(low, high));
                 let done = *free;
-                self.schedule(
+                self.schedule_to(
+                    node,
                     done,
                     Event::Persisted {
                         node,
@@ -1039,7 +1325,8 @@ impl Simulation {
             Action::LogTrim { view_id, round, .. } => {
                 let (low, high) = self.options.persist_us[node];
                 let done = self.time_us + self.rng.between(low, high);
-                self.schedule(
+                self.schedule_to(
+                    node,
                     done,
                     Event::TrimLogged {
                         node,
@@ -1050,15 +1337,39 @@ impl Simulation {
             }
             Action::InstallView { view } => {
                 let me = self.nodes[node].node_id();
-                self.checker.install(me, node, &self.views[node], &view)?;
+                let old = self.views[node].take();
+                self.joins += u64::from(old.is_none());
+                // The shards whose trim it delivered: those it replicated, caught up.
+                let mut trimmed = Vec::new();
+                if let Some(old) = &old {
+                    for shard in old.layout.shards_of(me) {
+                        if !self.catching_up[node][usize::from(shard.id.0)] {
+                            trimmed.push(shard.id);
+                        }
+                    }
+                }
+                self.checker.install(node, old.as_ref(), &view, &trimmed)?;
+                for shard in view.layout.shards_of(me) {
+                    let s = usize::from(shard.id.0);
+                    let kept = old.as_ref().is_some_and(|old| {
+                        old.layout
+                            .shard(shard.id)
+                            .is_some_and(|o| o.members.contains(&me))
+                    });
+                    if !kept || self.catching_up[node][s] {
+                        self.catching_up[node][s] = true;
+                        self.checker.join_shard(node, shard.id);
+                    }
+                }
                 // A link that broke, or lost a message, in this view stays broken in it.
                 for &peer in &view.members {
                     let other = (peer - 1) as usize;
                     if other != node && self.network.dead_for(node, other, view.view_id) {
-                        self.schedule(self.time_us, Event::LinkBroken { node, peer });
+                        self.schedule_to(node, self.time_us, Event::LinkBroken { node, peer });
                     }
                 }
-                self.views[node] = view;
+                self.last_view_ids[node] = view.view_id;
+                self.views[node] = Some(view);
             }
         }
         Ok(())
@@ -1067,8 +1378,8 @@ impl Simulation {
     /// The replica a client sent a request to delivered it: the client gets its reply.
     fn acknowledge(&mut self, node: usize, id: u64, hlc: Hlc) -> Result<(), Violation> {
         if id >= PROBE_ID_BASE {
-            if let Some(delivered) = self.probes.get_mut(&id) {
-                *delivered = true;
+            if let Some(shard) = self.probe_ids.get(&id) {
+                self.probes.insert(*shard, true);
             }
             return Ok(());
         }
@@ -1107,13 +1418,29 @@ impl Simulation {
                 .stability_frontier(shard)
                 .expect("a local shard");
             let durable = self.nodes[node].persistence_frontier(shard);
-            let members: Vec<usize> = self.nodes[node]
-                .view()
+            // Members new to the shard (installed and catching up, or not installed yet) have
+            // persisted nothing of it yet: the frontier is what the others persisted.
+            let view = self.nodes[node].view();
+            let previous = self
+                .checker
+                .view(view.view_id - 1)
+                .and_then(|v| v.layout.shard(shard))
+                .map(|shard| shard.members.clone())
+                .unwrap_or_default();
+            let members: Vec<usize> = view
                 .layout
                 .shard(shard)
                 .expect("a shard of the layout")
                 .members
                 .iter()
+                .filter(|&id| {
+                    let m = (id - 1) as usize;
+                    let installed = self.views[m]
+                        .as_ref()
+                        .is_some_and(|v| v.view_id >= view.view_id);
+                    !self.catching_up[m][usize::from(shard.0)]
+                        && (installed || previous.contains(id))
+                })
                 .map(|&id| (id - 1) as usize)
                 .collect();
             self.checker
@@ -1124,7 +1451,7 @@ impl Simulation {
 
     /// A random live replica answers a read at a random time its stability frontier passed.
     fn time_read(&mut self) -> Result<(), Violation> {
-        let node = self.rng.below(self.options.nodes as u64) as usize;
+        let node = self.rng.below(self.nodes.len() as u64) as usize;
         if self.crashed[node] {
             return Ok(());
         }
@@ -1210,7 +1537,73 @@ impl Simulation {
             refused_no_majority: self.refused_no_majority,
             probes_delivered: self.probes.values().filter(|&&d| d).count() as u64,
             rounds_led: self.nodes.iter().map(|n| n.counters().rounds_led).sum(),
+            joins: self.joins,
+            records_transferred: self.transferred,
+            shards_caught_up: self.caught_up,
+            restarts: self.restarts,
             trace: self.trace.finish(),
         }
     }
+}
+
+fn config_of(options: &Options, id: NodeId) -> Config {
+    Config {
+        heartbeat_ms: options.heartbeat_ms,
+        suspect_after_ms: options.suspect_after_ms,
+        window: options.window,
+        batch_bytes_max: options.batch_bytes_max,
+        ..Config::new(id)
+    }
+}
+
+/// The simulated driver's encoding of a delivery in its log: the sender, then each request's
+/// id, client stamp and payload.
+fn encode_delivery(delivery: &Delivery) -> Bytes {
+    let mut out = Vec::new();
+    out.extend_from_slice(&delivery.sender.to_le_bytes());
+    out.extend_from_slice(&(delivery.requests.len() as u32).to_le_bytes());
+    for request in &delivery.requests {
+        out.extend_from_slice(&request.id.to_le_bytes());
+        out.extend_from_slice(&request.client_hlc.wall_us.to_le_bytes());
+        out.extend_from_slice(&request.client_hlc.logical.to_le_bytes());
+        out.extend_from_slice(&(request.payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&request.payload);
+    }
+    Bytes::from(out)
+}
+
+/// The delivery a transferred record holds, or why it does not decode.
+fn decode_delivery(record: &Record) -> Result<Delivery, Violation> {
+    let bytes = &record.payload;
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Result<&[u8], Violation> {
+        let slice = bytes
+            .get(at..at + n)
+            .ok_or_else(|| Violation(format!("transfer: record {:#x} is cut", record.version)))?;
+        at += n;
+        Ok(slice)
+    };
+    let u32_of = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let u64_of = |b: &[u8]| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let sender = u32_of(take(4)?);
+    let count = u32_of(take(4)?);
+    let mut requests = Vec::new();
+    for _ in 0..count {
+        let id = u64_of(take(8)?);
+        let wall_us = u64_of(take(8)?);
+        let logical = u32_of(take(4)?);
+        let len = u32_of(take(4)?) as usize;
+        let payload = Bytes::copy_from_slice(take(len)?);
+        requests.push(Request {
+            id,
+            client_hlc: Hlc { wall_us, logical },
+            payload,
+        });
+    }
+    Ok(Delivery {
+        version: record.version,
+        hlc: record.hlc,
+        sender,
+        requests,
+    })
 }

@@ -41,6 +41,7 @@ fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_vi
     let seeds = env_u64("DERECHOFS_SIM_FAULT_SEEDS").unwrap_or(100);
     let started = Instant::now();
     let (mut steps, mut views, mut recovered, mut refused, mut rounds) = (0, 0, 0, 0, 0);
+    let (mut joins, mut transferred, mut caught_up, mut restarts) = (0, 0, 0, 0);
     for seed in 0..seeds {
         let options = Options::with_faults(seed);
         match run(&options) {
@@ -50,13 +51,19 @@ fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_vi
                 recovered += u64::from(options.must_recover());
                 refused += report.refused_no_majority;
                 rounds += report.rounds_led;
+                joins += report.joins;
+                transferred += report.records_transferred;
+                caught_up += report.shards_caught_up;
+                restarts += report.restarts;
             }
             Err(failure) => panic!("{failure}\n  (with faults: DERECHOFS_SIM_FAULTS=1)"),
         }
     }
     eprintln!(
         "{seeds} fault seeds: {steps} steps, {views} view changes in {rounds} rounds, {recovered} \
-         runs recovered after healing, {refused} writes refused without a majority, in {:?}",
+         runs recovered after healing, {refused} writes refused without a majority, {joins} \
+         joins, {restarts} restarts, {caught_up} shards caught up by transferring \
+         {transferred} records, in {:?}",
         started.elapsed()
     );
 }
