@@ -17,8 +17,8 @@ mod stamp;
 
 pub use error::{LogError, Result};
 pub use log::{
-    Change, Log, LogConfig, PendingSync, RecoveryReport, ScanPage, SyncPolicy, SEGMENT_BYTES_MAX,
-    SEGMENT_BYTES_MIN,
+    Change, Log, LogConfig, PendingSync, RecordCursor, RecoveryReport, ScanPage, StoredRecord,
+    SyncPolicy, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
 };
 pub use meta::ENGINE_STATE_MAX;
 pub use record::Write;

@@ -117,6 +117,28 @@ pub struct ScanPage {
     pub resume_after: Option<Vec<u8>>,
 }
 
+/// One record read back by [`Log::read_records`]: its version, stamp and delta payload as
+/// stored (drawn in `docs/FORMATS.md`, "Delta payload").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// The version.
+    pub version: Version,
+    /// Its stamp.
+    pub hlc: Hlc,
+    /// The delta payload, shared with the file's memory where the backend maps it.
+    pub payload: Bytes,
+}
+
+/// Where [`Log::read_records`] stopped: pass it back to resume there without rescanning the
+/// segment. It stays valid while nothing at or before it is truncated or trimmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordCursor {
+    seq: u32,
+    offset: u64,
+    chain: u32,
+    version: Version,
+}
+
 #[derive(Debug)]
 struct Segment {
     seq: u32,
@@ -1075,6 +1097,127 @@ impl Log {
 }
 
 impl Log {
+    /// Up to `bytes_max` bytes of delta payload (at least one record, if any is left) of the
+    /// records with versions after `after` (from the first if `None`) and at most `end`, in
+    /// version order, for state transfer. Reads only what was handed to the backend (records
+    /// still in the write buffer are not returned). `resume`, the cursor of the previous call
+    /// whose last record was `after`, saves rescanning the segment. Reading before the trim
+    /// horizon fails with [`LogError::Trimmed`].
+    pub fn read_records(
+        &self,
+        after: Option<Version>,
+        end: Version,
+        bytes_max: usize,
+        resume: Option<RecordCursor>,
+    ) -> Result<(Vec<StoredRecord>, Option<RecordCursor>)> {
+        if let Some((horizon, stamp)) = self.meta.horizon {
+            if after.is_none_or(|a| a < horizon) {
+                return Err(LogError::Trimmed {
+                    horizon,
+                    horizon_stamp: stamp,
+                    asked: format!("records after {after:?}"),
+                });
+            }
+        }
+        let resume = resume.filter(|c| Some(c.version) == after);
+        let first = match resume {
+            Some(cursor) => self.segments.iter().position(|s| s.seq == cursor.seq),
+            None => self
+                .segments
+                .iter()
+                .position(|s| s.versions.is_some_and(|(_, last)| Some(last) > after)),
+        };
+        let Some(first) = first else {
+            return Ok((Vec::new(), None));
+        };
+        let mut records = Vec::new();
+        let mut bytes_read = 0usize;
+        let mut cursor = None;
+        for (i, segment) in self.segments.iter().enumerate().skip(first) {
+            let name = segment_name(segment.seq);
+            let len = segment
+                .file
+                .len()
+                .map_err(io_err(format!("size of {name}")))?;
+            // Only what reached the backend: the rest of the last segment is in the buffer.
+            let len = if i + 1 == self.segments.len() {
+                len.min(self.tail.flushed)
+            } else {
+                len
+            };
+            if len <= SEGMENT_HEADER_LEN as u64 {
+                continue;
+            }
+            let bytes = segment
+                .file
+                .read_at(0, len as usize)
+                .map_err(io_err(format!("read of {name}")))?;
+            let (pos, chain) = match resume.filter(|c| c.seq == segment.seq) {
+                Some(c) => (c.offset as usize, c.chain),
+                None => {
+                    let (_, seed) =
+                        decode_segment_header(&bytes).map_err(|r| corrupt(&name, 0, r))?;
+                    (SEGMENT_HEADER_LEN, seed)
+                }
+            };
+            let mut full = false;
+            scan_records(&bytes, pos, chain, |at, h, _| {
+                if full || h.version > end {
+                    full = true;
+                    return Err("stop");
+                }
+                let payload_len = h.payload_len as usize;
+                if Some(h.version) > after {
+                    if !records.is_empty() && bytes_read + payload_len > bytes_max {
+                        full = true;
+                        return Err("stop");
+                    }
+                    let start = at + RECORD_HEADER_LEN;
+                    records.push(StoredRecord {
+                        version: h.version,
+                        hlc: h.hlc,
+                        payload: bytes.slice(start..start + payload_len),
+                    });
+                    bytes_read += payload_len;
+                }
+                cursor = Some(RecordCursor {
+                    seq: segment.seq,
+                    offset: (at + h.record_len()) as u64,
+                    chain: h.crc,
+                    version: h.version,
+                });
+                Ok(())
+            });
+            if full {
+                break;
+            }
+        }
+        Ok((records, cursor))
+    }
+
+    /// Appends a version whose delta payload is `payload`, as [`Log::read_records`] returns
+    /// it (state transfer copies records between replicas this way). The payload is checked.
+    pub fn append_payload(&mut self, version: Version, hlc: Hlc, payload: &[u8]) -> Result<()> {
+        let mut record = vec![0u8; RECORD_HEADER_LEN];
+        record.extend_from_slice(payload);
+        let mut spans = Vec::new();
+        parse_payload(&record, |span| spans.push(span))
+            .map_err(|reason| LogError::Invalid(format!("a delta payload: {reason}")))?;
+        let writes: Vec<Write<'_>> = spans
+            .iter()
+            .map(|span| {
+                let key_at = span.key_at as usize;
+                let key = &record[key_at..key_at + usize::from(span.key_len)];
+                let value = span.value_len.map(|len| {
+                    let at = span.value_at as usize;
+                    &record[at..at + len as usize]
+                });
+                Write { key, value }
+            })
+            .collect();
+        self.append(version, hlc, &writes)
+    }
+
     /// Drops history before `before`: the horizon becomes the last version at or before it, each
     /// key keeps its state at the horizon, and reads before the horizon fail. Returns the horizon.
     pub fn trim(&mut self, before: Version) -> Result<Option<Version>> {

@@ -14,10 +14,10 @@ use derechofs_core::transport::{
     ClientConn, ClientId, ConnectError, LinkEvent, Peer, SendError, Transport,
 };
 use derechofs_core::{
-    Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, ShardId, StepError,
-    Subgroup, SubmitError, View,
+    Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, Record, ShardId,
+    StepError, Subgroup, SubmitError, Version, View,
 };
-use derechofs_storage::LogError;
+use derechofs_storage::{LogError, RecordCursor};
 use tokio::sync::Notify;
 
 use super::clients::{
@@ -38,6 +38,9 @@ use crate::protocol::{
 pub const TICK_MS: u64 = 2;
 /// Interval between attempts to dial a member that is not up yet.
 pub const DIAL_RETRY_MS: u64 = 100;
+/// Resume points of state transfers this node serves, one per member and shard at most; beyond
+/// it they are dropped (a read then rescans its segment).
+pub const TRANSFER_CURSORS_MAX: usize = 1024;
 /// Peer messages held while the view forms (before every member is linked).
 pub const EARLY_MESSAGES_MAX: usize = 1 << 16;
 /// Probe answers waiting for the driver (one per member at most).
@@ -62,8 +65,8 @@ pub struct Driver {
     view_id: u32,
     transport: Arc<Transport>,
     stores: BTreeMap<ShardId, ShardStore>,
-    /// Shards this node was newly assigned by a view change: they start empty and there is no
-    /// state transfer yet, so they serve no client.
+    /// Shards this node was newly assigned by a view change and whose log state transfer has
+    /// not brought up to date yet: they serve no client until the engine says `CaughtUp`.
     incomplete: HashSet<ShardId>,
     notify: Arc<Notify>,
     /// Every configured member's address.
@@ -83,8 +86,11 @@ pub struct Driver {
     clients: Clients,
     next_request_id: u64,
     actions: Vec<Action>,
-    /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`).
+    /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`,
+    /// `RecordsRead`).
     followups: VecDeque<Input>,
+    /// Where the last piece read for a member of a shard ended, to resume the next there.
+    transfer_cursors: HashMap<(NodeId, ShardId), RecordCursor>,
     time_read_wait: Duration,
     /// Bytes of a file chunk, for the layout clients learn.
     chunk_size: u32,
@@ -170,6 +176,7 @@ impl Driver {
             next_request_id: 1,
             actions: Vec::new(),
             followups: VecDeque::new(),
+            transfer_cursors: HashMap::new(),
             time_read_wait,
             chunk_size,
         };
@@ -259,7 +266,90 @@ impl Driver {
                     decision,
                 } => self.log_trim(view_id, round, decision).await?,
                 Action::InstallView { view } => self.install(view).await?,
+                Action::ReadRecords {
+                    to,
+                    shard,
+                    view_id,
+                    after,
+                    end,
+                    bytes_max,
+                } => self.read_records(to, shard, view_id, after, end, bytes_max)?,
+                Action::AppendRecords { shard, records } => self.append_records(shard, records)?,
+                Action::CaughtUp { shard } => {
+                    tracing::info!(node = self.me, %shard, "caught up by state transfer: serving");
+                    self.incomplete.remove(&shard);
+                }
             }
+        }
+        Ok(())
+    }
+
+    /// State transfer, serving side: reads the next piece of `shard`'s log for member `to` and
+    /// owes the engine the answer. The log holds every version up to `end` persisted.
+    fn read_records(
+        &mut self,
+        to: NodeId,
+        shard: ShardId,
+        view_id: u32,
+        after: Option<Version>,
+        end: Version,
+        bytes_max: usize,
+    ) -> anyhow::Result<()> {
+        let Some(store) = self.stores.get(&shard) else {
+            anyhow::bail!("asked to serve {shard}, which this node does not keep");
+        };
+        let resume = self.transfer_cursors.get(&(to, shard)).copied();
+        let (stored, cursor) = store
+            .kv()
+            .log()
+            .read_records(after, end, bytes_max, resume)
+            .with_context(|| format!("reading {shard} for node {to}"))?;
+        match cursor {
+            Some(cursor) => {
+                if self.transfer_cursors.len() >= TRANSFER_CURSORS_MAX {
+                    self.transfer_cursors.clear();
+                }
+                self.transfer_cursors.insert((to, shard), cursor);
+            }
+            None => {
+                self.transfer_cursors.remove(&(to, shard));
+            }
+        }
+        let records: Vec<Record> = stored
+            .into_iter()
+            .map(|r| Record {
+                version: r.version,
+                hlc: r.hlc,
+                payload: r.payload,
+            })
+            .collect();
+        anyhow::ensure!(
+            !records.is_empty(),
+            "the log of {shard} holds nothing after {after:?} up to {end:#x}"
+        );
+        self.followups.push_back(Input::RecordsRead {
+            to,
+            shard,
+            view_id,
+            after,
+            records,
+        });
+        Ok(())
+    }
+
+    /// State transfer, receiving side: appends the records to the shard's log as they are. A
+    /// record the log already holds (a node given back a shard whose log it kept) is skipped:
+    /// that log is a prefix of the shard's.
+    fn append_records(&mut self, shard: ShardId, records: Vec<Record>) -> anyhow::Result<()> {
+        let Some(store) = self.stores.get(&shard) else {
+            anyhow::bail!("records of {shard}, which this node does not keep");
+        };
+        let mut kv = store.kv();
+        let log = kv.log_mut();
+        let last = log.latest().map(|(v, _)| v);
+        for record in records.iter().filter(|r| Some(r.version) > last) {
+            log.append_payload(record.version, record.hlc, &record.payload)
+                .with_context(|| format!("appending {:#x} of {shard}", record.version))?;
         }
         Ok(())
     }
@@ -345,8 +435,8 @@ impl Driver {
             if self.stores.contains_key(&shard) {
                 continue;
             }
-            // A shard new to this node: its log starts here; without state transfer it lacks
-            // the shard's history, so it serves no client (see `incomplete`).
+            // A shard new to this node: state transfer brings its log (resuming after what the
+            // log kept, if this node had the shard before); it serves no client until then.
             let dir = self.config.data_dir.clone();
             let sync = self.config.persistence;
             let log = tokio::task::spawn_blocking(move || open_log(&dir, shard, sync))
@@ -362,7 +452,7 @@ impl Driver {
                 self.chunk_size,
             )
             .with_context(|| format!("starting the store of {shard}"))?;
-            tracing::warn!(node = self.me, %shard, view_id = view.view_id, "newly assigned shard starts empty: without state transfer it serves no client");
+            tracing::info!(node = self.me, %shard, view_id = view.view_id, "newly assigned shard: catching up by state transfer");
             self.stores.insert(shard, store);
             self.incomplete.insert(shard);
         }
@@ -801,8 +891,8 @@ impl Driver {
             return Err(error(
                 ErrorCode::NotReplica,
                 &format!(
-                    "node {} was assigned {shard} by a view change and has not received its \
-                     history (no state transfer yet)",
+                    "node {} was assigned {shard} by a view change and is still receiving its \
+                     history by state transfer",
                     self.me
                 ),
             ));
@@ -813,7 +903,7 @@ impl Driver {
     /// Where this node stands, as a client sees it.
     fn membership(&self) -> Membership {
         if self.behind.is_some() {
-            return Membership::Removed;
+            return Membership::Joining;
         }
         self.node.membership()
     }
@@ -851,7 +941,7 @@ impl Driver {
                     self.node.suspected()
                 ),
             ),
-            Membership::Removed => match self.behind {
+            Membership::Joining => match self.behind {
                 Some(later) => error(
                     ErrorCode::Removed,
                     &format!(
@@ -885,7 +975,7 @@ impl Driver {
     /// its majority or left the group answers only what can no longer change.
     fn read_refusal(&self, shard: ShardId, at: ReadAt) -> Option<Reply> {
         let membership = self.membership();
-        if !matches!(membership, Membership::NoMajority | Membership::Removed) {
+        if !matches!(membership, Membership::NoMajority | Membership::Joining) {
             return None;
         }
         match at {
@@ -965,7 +1055,8 @@ impl Driver {
                     SubmitError::QueueFull(_) => ErrorCode::Busy,
                     SubmitError::NotReplica(_) => ErrorCode::NotReplica,
                     SubmitError::NoMajority => ErrorCode::NoMajority,
-                    SubmitError::Removed => ErrorCode::Removed,
+                    SubmitError::Joining => ErrorCode::Removed,
+                    SubmitError::CatchingUp(_) => ErrorCode::NotReplica,
                     SubmitError::Inadequate => ErrorCode::Inadequate,
                     _ => ErrorCode::Malformed,
                 };
@@ -1115,8 +1206,8 @@ impl Driver {
                 Membership::Active => "active",
                 Membership::Wedged => "wedged",
                 Membership::NoMajority => "no-majority",
-                Membership::Removed if self.behind.is_some() => "behind",
-                Membership::Removed => "removed",
+                Membership::Joining if self.behind.is_some() => "behind",
+                Membership::Joining => "removed",
                 Membership::Inadequate => "inadequate",
             }
         };

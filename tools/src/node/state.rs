@@ -18,7 +18,7 @@ pub const STATE_FILE: &str = "view-state";
 /// The temporary name it is written under before the rename.
 const STATE_TEMP: &str = "view-state.tmp";
 /// The magic and format version at the start of the file.
-const MAGIC: &[u8; 8] = b"DFSVIEW\x01";
+const MAGIC: &[u8; 8] = b"DFSVIEW\x02";
 /// The file's header: magic, body length, body checksum.
 const HEADER_BYTES: usize = 16;
 /// Largest body accepted: 64 members, 1024 shards of 16 members with a trim each.
@@ -134,6 +134,7 @@ impl NodeState {
                 body.push(1);
                 body.extend_from_slice(&logged.round.to_le_bytes());
                 body.extend_from_slice(&logged.decision.removed.to_le_bytes());
+                put_nodes(&mut body, &logged.decision.joined);
                 body.extend_from_slice(&(logged.decision.trims.len() as u16).to_le_bytes());
                 for trim in &logged.decision.trims {
                     body.extend_from_slice(&(trim.len() as u16).to_le_bytes());
@@ -212,6 +213,16 @@ impl NodeState {
                 if members.len() < 64 && removed >> members.len() != 0 {
                     return Err("a decision removing a rank beyond the view".into());
                 }
+                let joined = r.nodes(VIEW_MEMBERS_MAX, "joined nodes")?;
+                for (i, node) in joined.iter().enumerate() {
+                    let stays = members
+                        .iter()
+                        .position(|m| m == node)
+                        .is_some_and(|rank| removed & (1 << rank) == 0);
+                    if stays || joined[..i].contains(node) {
+                        return Err(format!("a decision joining node {node} twice"));
+                    }
+                }
                 let count = usize::from(r.u16()?);
                 if count != shard_count {
                     return Err(format!("{count} trims for {shard_count} shards"));
@@ -233,7 +244,11 @@ impl NodeState {
                 }
                 Some(LoggedDecision {
                     round,
-                    decision: Decision { removed, trims },
+                    decision: Decision {
+                        removed,
+                        joined,
+                        trims,
+                    },
                 })
             }
             other => return Err(format!("decision flag {other}, not 0 or 1")),
@@ -374,6 +389,7 @@ mod tests {
             round: 130,
             decision: Decision {
                 removed: 0b100,
+                joined: vec![9, 12],
                 trims: vec![vec![3, 2, 2], vec![5, 0, 1]],
             },
         };
@@ -389,6 +405,7 @@ mod tests {
             round: 1,
             decision: Decision {
                 removed: 1,
+                joined: vec![],
                 trims: vec![vec![1, 1, 1], vec![0, 0, 0]],
             },
         }))
@@ -414,7 +431,7 @@ mod tests {
         second.save(dir.path()).unwrap();
         assert_eq!(NodeState::load(dir.path()).unwrap(), Some(second));
         assert!(!dir.path().join(STATE_TEMP).exists());
-        std::fs::write(dir.path().join(STATE_FILE), b"DFSVIEW\x01junk").unwrap();
+        std::fs::write(dir.path().join(STATE_FILE), b"DFSVIEW\x02junk").unwrap();
         assert!(matches!(
             NodeState::load(dir.path()),
             Err(StateError::Corrupt { .. })
