@@ -452,6 +452,8 @@ pub struct Report {
     pub shards_caught_up: u64,
     /// Crashed nodes started again from their disks.
     pub restarts: u64,
+    /// The members of the newest view installed anywhere.
+    pub last_members: Vec<NodeId>,
     /// A digest of every event in order: equal digests mean identical runs.
     pub trace: u64,
 }
@@ -1541,6 +1543,7 @@ impl Simulation {
             records_transferred: self.transferred,
             shards_caught_up: self.caught_up,
             restarts: self.restarts,
+            last_members: self.current_view().members.clone(),
             trace: self.trace.finish(),
         }
     }

@@ -191,3 +191,140 @@ fn a_partitioned_minority_installs_nothing_and_refuses_writes() {
     }
     assert!(checked > 0);
 }
+
+/// Options for a scenario: the fault seed's cluster and timing, with `faults` instead of its
+/// own, healed after the last of them.
+fn scenario(seed: u64, spares: usize, faults: Vec<Fault>) -> Options {
+    let mut options = Options::with_faults(seed);
+    let suspect_us = options.suspect_after_ms * 1_000;
+    options.spares = spares;
+    options.heal_us = faults
+        .iter()
+        .map(|f| match f {
+            Fault::Crash { at_us, .. }
+            | Fault::Join { at_us, .. }
+            | Fault::Restart { at_us, .. } => *at_us,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0)
+        + suspect_us;
+    options.time_limit_us = options.heal_us + 40 * suspect_us + 2_000_000;
+    options.faults = faults;
+    options
+}
+
+#[test]
+fn a_join_burst_adds_every_joiner_and_each_catches_up_the_shards_it_is_given() {
+    for seed in 0..4 {
+        let nodes = Options::with_faults(seed).nodes;
+        let faults = (0..5)
+            .map(|i| Fault::Join {
+                node: nodes + i,
+                at_us: 50_000 + 3_000 * i as u64,
+            })
+            .collect();
+        let options = scenario(seed, 5, faults);
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert_eq!(report.joins, 5, "seed {seed}: {report:?}");
+        for i in 0..5 {
+            let id = (nodes + i + 1) as u32;
+            assert!(report.last_members.contains(&id), "seed {seed}: {report:?}");
+            assert!(!report.wedged[nodes + i], "seed {seed}");
+        }
+        assert!(report.probes_delivered > 0, "seed {seed}");
+    }
+}
+
+#[test]
+fn a_crashed_member_restarts_from_its_disk_rejoins_and_resumes_its_logs() {
+    for seed in 0..6 {
+        let nodes = Options::with_faults(seed).nodes;
+        let node = 1 + seed as usize % (nodes - 1);
+        let faults = vec![
+            Fault::Crash {
+                node,
+                at_us: 100_000,
+            },
+            Fault::Restart {
+                node,
+                at_us: 700_000,
+            },
+        ];
+        let options = scenario(seed, 0, faults);
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert_eq!(report.restarts, 1);
+        assert!(
+            report.last_members.contains(&(node as u32 + 1)),
+            "seed {seed}: {report:?}"
+        );
+        assert!(!report.wedged[node], "seed {seed}");
+        assert!(report.probes_delivered > 0, "seed {seed}");
+    }
+}
+
+#[test]
+fn joiners_that_crash_while_joining_are_removed_and_the_group_goes_on() {
+    for seed in 0..4 {
+        let nodes = Options::with_faults(seed).nodes;
+        let mut faults = Vec::new();
+        for i in 0..3 {
+            faults.push(Fault::Join {
+                node: nodes + i,
+                at_us: 50_000,
+            });
+        }
+        // One joiner dies while its logs are being transferred, one before it is even added.
+        faults.push(Fault::Crash {
+            node: nodes,
+            at_us: 52_000,
+        });
+        faults.push(Fault::Crash {
+            node: nodes + 1,
+            at_us: 120_000,
+        });
+        let options = scenario(seed, 3, faults);
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert!(
+            report.last_members.contains(&(nodes as u32 + 3)),
+            "seed {seed}: the live joiner is a member: {report:?}"
+        );
+        for dead in [nodes, nodes + 1] {
+            assert!(
+                !report.last_members.contains(&(dead as u32 + 1)),
+                "seed {seed}: a dead joiner stays: {report:?}"
+            );
+        }
+        assert!(report.probes_delivered > 0, "seed {seed}");
+    }
+}
+
+#[test]
+fn an_inadequate_view_waits_wedged_until_a_join_refills_it() {
+    for seed in 0..4 {
+        let mut options = Options::with_faults(seed);
+        let nodes = options.nodes;
+        let faults = vec![
+            Fault::Crash {
+                node: nodes - 1,
+                at_us: 50_000,
+            },
+            Fault::Join {
+                node: nodes,
+                at_us: 900_000,
+            },
+        ];
+        options.spec.replicas = nodes as u16;
+        options.spec.replicas_min = nodes as u16;
+        let spec = options.spec;
+        let mut options = scenario(seed, 1, faults);
+        options.spec = spec;
+        let report = run(&options).unwrap_or_else(|failure| panic!("{failure}"));
+        assert!(
+            report.last_members.contains(&(nodes as u32 + 1)),
+            "seed {seed}: {report:?}"
+        );
+        assert!(report.probes_delivered > 0, "seed {seed}");
+        assert!(report.shards_caught_up > 0, "seed {seed}");
+    }
+}
