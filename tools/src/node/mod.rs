@@ -33,8 +33,10 @@ pub use store::{open_log, stored_view};
 
 /// Runs the node until it is interrupted (SIGINT or SIGTERM) or fails.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs the driver and every link's reader and writer: a frame then goes from
+    // socket to engine to socket without waking another thread, which on a small machine costs
+    // more than the work itself. The disk waits in the persister threads, never here.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
