@@ -227,6 +227,12 @@ impl Multicast {
         let Some(catch_up) = &self.catch_up else {
             return false;
         };
+        if self.wedged {
+            // It reported no counters for this shard to the view change, so the trim may
+            // exceed what it received: it must not deliver the trim. It finishes in the next
+            // view, where its log already reaches this view's end.
+            return false;
+        }
         if !catch_up.is_done() {
             return false;
         }

@@ -653,7 +653,17 @@ struct Simulation {
 /// step; returns what it did, or the first violation with its seed.
 pub fn run(options: &Options) -> Result<Report, Failure> {
     let mut simulation = Simulation::new(options.clone());
-    match simulation.run() {
+    // An assertion inside the engine is a failure of the run too: report it with its seed.
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| simulation.run()));
+    let outcome = outcome.unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic");
+        Err(Violation(format!("panic: {message}")))
+    });
+    match outcome {
         Ok(()) => Ok(simulation.report()),
         Err(violation) => Err(Failure {
             seed: options.seed,

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use common::{unix_now, version_of, Cluster};
 
-/// Every node in every shard, so that no view change assigns a shard to a node that lacks its
-/// history (state transfer does not exist yet).
+/// Every node in every shard, so that the view changes these tests cause move no shard (t50
+/// tests the move and its state transfer).
 const EVERY_NODE_IN_EVERY_SHARD: &str = "[layout]\nreplicas = 5\n";
 
 /// What one client wrote: key → (value, version), for every write it saw acknowledged.
@@ -283,4 +283,37 @@ fn t40_faults_every_node_killed_and_restarted_keeps_every_acked_write_and_the_re
     assert_eq!(put.code, 0, "{put:?}");
     assert!(version_of(&put.stdout).starts_with("3."), "{put:?}");
     check_acked(&cluster, &survivors, &[1, 2], &acked);
+}
+
+#[test]
+fn t50_faults_a_spare_given_a_shard_by_a_view_change_gets_its_whole_history_by_state_transfer() {
+    // Four nodes, shards of three: shard 0 is on nodes 1, 2 and 3, so killing node 3 gives
+    // shard 0 to node 4, which never held it. State transfer brings it every version over the
+    // real transport; then every acknowledged write reads back from node 4 too.
+    let cluster = Cluster::new(44, 4, "[layout]\nreplicas = 3\n");
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts_of(&[1, 2, 4]);
+    let acked = under_load(&cluster, &contacts, 3, 40, |c| c.kill(3));
+    let status = cluster.wait_status(&contacts, "node 4 serving every shard", |s| {
+        nodes_in(s, "active") == [1, 2, 4] && !s.lines().any(|l| l.starts_with("3 "))
+    });
+    assert!(view_of(&status) >= 2, "{status}");
+    let log = std::fs::read_to_string(cluster.path("node4.log")).unwrap_or_default();
+    assert!(
+        log.contains("caught up by state transfer"),
+        "node 4 did not catch up by transfer: {}",
+        cluster.logs()
+    );
+    check_acked(&cluster, &contacts, &[1, 2, 4], &acked);
+    // The logs of the shards agree entry for entry: the spare's copy is the shard's log.
+    cluster.stop_all();
+    let entries = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with("  "))
+            .map(str::to_string)
+            .collect()
+    };
+    let reference = entries(&cluster.dump(1));
+    assert_eq!(entries(&cluster.dump(4)), reference, "node 4's logs differ");
 }

@@ -86,24 +86,16 @@ impl NodeState {
         }
     }
 
-    /// The recorded view, with its layout rebuilt. The engine exposes no way to make a layout
-    /// from its shard lists, so the layout is recomputed from the members (as for a new group)
-    /// and must come out equal to the recorded one: it does whenever no spare member was moved
-    /// into a shard (every member in every shard, or removals only), which is all the node can
-    /// do before joins exist.
+    /// The recorded view, with its layout rebuilt from the recorded shard lists (checked:
+    /// every shard member is a member of the view, once, at most `replicas` per shard).
     pub fn view(&self) -> Result<View, String> {
-        let layout = Layout::assign(self.spec, &self.members, None)
-            .map_err(|e| format!("the recorded view {} has no layout: {e}", self.view_id))?;
-        let rebuilt: Vec<&Vec<NodeId>> = layout.shards().iter().map(|s| &s.members).collect();
-        let recorded: Vec<&Vec<NodeId>> = self.shards.iter().collect();
-        if rebuilt != recorded {
-            return Err(format!(
-                "the recorded layout of view {} ({:?}) cannot be rebuilt from its members \
-                 (which give {:?}); restarting a reassigned layout needs the engine to rebuild \
-                 a layout from its shard lists",
-                self.view_id, self.shards, rebuilt
-            ));
-        }
+        let layout =
+            Layout::from_parts(self.spec, self.shards.clone(), &self.members).map_err(|e| {
+                format!(
+                    "the recorded layout of view {} is invalid: {e}",
+                    self.view_id
+                )
+            })?;
         Ok(View {
             view_id: self.view_id,
             members: self.members.clone(),
