@@ -367,11 +367,35 @@ impl Shards for RemoteShards {
         wall_us()
     }
 
+    /// The space of the fullest member: every member of the view answers the size and free
+    /// space of the disk holding its data, and the smallest of each is the answer (each replica
+    /// holds a whole copy of its shards). EIO if no member answers.
     fn space(&self) -> FsResult<Space> {
-        Err(fs_err!(
-            libc::ENOSYS,
-            "the nodes do not report their space yet"
-        ))
+        let inner = self.inner.clone();
+        self.block(async move {
+            let members: Vec<NodeId> = lock(&inner.layout).members.iter().map(|m| m.0).collect();
+            let mut space: Option<Space> = None;
+            let mut last = String::from("the view has no members");
+            for node in members {
+                let tag = inner.tag();
+                match inner.call_node(node, tag, Request::Space.encode(tag)).await {
+                    Ok(Reply::Space {
+                        total_bytes,
+                        free_bytes,
+                    }) => {
+                        let s = space.get_or_insert(Space {
+                            total_bytes,
+                            free_bytes,
+                        });
+                        s.total_bytes = s.total_bytes.min(total_bytes);
+                        s.free_bytes = s.free_bytes.min(free_bytes);
+                    }
+                    Ok(other) => last = format!("node {node}: {other:?}"),
+                    Err(e) => last = format!("node {node}: {e}"),
+                }
+            }
+            space.ok_or_else(|| fs_err!(libc::EIO, "no member reported its space: {last}"))
+        })
     }
 }
 

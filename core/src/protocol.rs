@@ -120,6 +120,8 @@ pub enum Request {
         /// The version to wait for.
         version: Version,
     },
+    /// The size and free space of the file system holding this node's data directory.
+    Space,
 }
 
 /// A reply or notification from a node.
@@ -167,6 +169,13 @@ pub enum Reply {
     },
     /// The answer to `FsSync`: the version is durable on every replica.
     FsSynced,
+    /// The answer to `Space`.
+    Space {
+        /// Bytes in all.
+        total_bytes: u64,
+        /// Bytes free for this node.
+        free_bytes: u64,
+    },
     /// The request failed.
     Error {
         /// What kind of failure.
@@ -359,6 +368,7 @@ const KIND_STATUS: u8 = 6;
 const KIND_FS_SUBMIT: u8 = 7;
 const KIND_FS_READ: u8 = 8;
 const KIND_FS_SYNC: u8 = 9;
+const KIND_SPACE: u8 = 10;
 
 const REPLY_LAYOUT: u8 = 0x81;
 const REPLY_WRITTEN: u8 = 0x82;
@@ -371,6 +381,7 @@ const REPLY_ERROR: u8 = 0x88;
 const REPLY_FS_WRITTEN: u8 = 0x89;
 const REPLY_FS_VALUE: u8 = 0x8A;
 const REPLY_FS_SYNCED: u8 = 0x8B;
+const REPLY_SPACE: u8 = 0x8C;
 
 const AT_LATEST: u8 = 0;
 const AT_VERSION: u8 = 1;
@@ -604,6 +615,7 @@ impl Request {
                 put_subgroup_shard(&mut b, *shard);
                 b.put_u64_le(*version);
             }
+            Request::Space => b = header(KIND_SPACE, tag),
         }
         b.freeze()
     }
@@ -675,6 +687,7 @@ impl Request {
                 shard: r.subgroup_shard()?,
                 version: r.u64()?,
             },
+            KIND_SPACE => Request::Space,
             _ => return Err(ProtocolError("unknown request kind")),
         };
         r.end()?;
@@ -787,6 +800,14 @@ impl Reply {
                 put_bytes(&mut b, reply);
             }
             Reply::FsSynced => b = header(REPLY_FS_SYNCED, tag),
+            Reply::Space {
+                total_bytes,
+                free_bytes,
+            } => {
+                b = header(REPLY_SPACE, tag);
+                b.put_u64_le(*total_bytes);
+                b.put_u64_le(*free_bytes);
+            }
         }
         b.freeze()
     }
@@ -931,6 +952,10 @@ impl Reply {
                 reply: r.bytes()?,
             },
             REPLY_FS_SYNCED => Reply::FsSynced,
+            REPLY_SPACE => Reply::Space {
+                total_bytes: r.u64()?,
+                free_bytes: r.u64()?,
+            },
             _ => return Err(ProtocolError("unknown reply kind")),
         };
         r.end()?;
@@ -995,6 +1020,7 @@ mod tests {
                 },
                 version: 13,
             },
+            Request::Space,
         ]
     }
 
@@ -1066,6 +1092,10 @@ mod tests {
                 reply: Bytes::from_static(b"value"),
             },
             Reply::FsSynced,
+            Reply::Space {
+                total_bytes: 10,
+                free_bytes: 3,
+            },
         ]
     }
 

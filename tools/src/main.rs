@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod config;
 mod dump;
+mod history;
 mod kv;
 mod node;
 use derechofs_core::protocol;
@@ -39,6 +40,8 @@ enum Command {
     Kv(kv::KvArgs),
     /// Show the view, the shards, their frontiers and lag at every member.
     Status(kv::ClientArgs),
+    /// Show the history of a path in the file system: when it changed, by which version.
+    Log(history::LogArgs),
     /// Print a stopped node's shard logs as text, to compare replicas.
     Dump {
         /// The node's data directory.
@@ -77,6 +80,10 @@ fn main() {
         Command::Status(args) => {
             init_logging("warn");
             kv::status(args)
+        }
+        Command::Log(args) => {
+            init_logging("warn");
+            history::run(args)
         }
         Command::Dump { data_dir } => dump::run(&data_dir),
         Command::Bench(b) => bench::run(b).map(|()| 0),

@@ -437,6 +437,49 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
         );
     }
 
+    // The disk space the members report, and the history of a path for people.
+    let statfs = remote.statfs().expect("statfs");
+    assert!(statfs.free_bytes <= statfs.total_bytes && statfs.total_bytes > 0);
+    let contacts = cluster.addrs.join(",");
+    let file = live
+        .iter()
+        .find(|(_, (a, _))| {
+            matches!(
+                a,
+                Seen::Attr {
+                    kind: FileKind::Regular,
+                    ..
+                }
+            )
+        })
+        .map(|(p, (a, _))| {
+            (
+                String::from_utf8(p.clone()).expect("utf-8 names"),
+                a.clone(),
+            )
+        });
+    if let Some((path, Seen::Attr { size, .. })) = file {
+        let mut ino = ROOT_INO;
+        for part in path.trim_start_matches('/').split('/') {
+            ino = remote.lookup(ino, part.as_bytes()).expect("lookup").ino;
+        }
+        let changes = remote.history(ino).expect("history").len();
+        let (code, out) = cluster.run(&["log", "--contacts", &contacts, &path]);
+        assert_eq!(code, 0, "log {path}: {out}");
+        eprintln!("derechofs log {path}:\n{out}");
+        let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| 20")).collect();
+        assert_eq!(rows.len(), changes.min(100), "one row per change: {out}");
+        let last = rows.last().expect("a change");
+        assert!(
+            last.split('|')
+                .nth(3)
+                .is_some_and(|c| c.trim() == size.to_string()),
+            "the last change shows the size now ({size}): {out}"
+        );
+    }
+    let (code, _) = cluster.run(&["log", "--contacts", &contacts, "/no/such/path"]);
+    assert_eq!(code, 2, "a path that does not exist");
+
     // Everything the client wrote is durable on every replica; then the logs agree.
     remote.shards().sync().expect("sync");
     drop(remote);

@@ -852,6 +852,7 @@ impl Driver {
                 Ok(id) => self.sync(client, tag, id, version),
                 Err(reply) => Some(reply),
             },
+            Request::Space => Some(self.space()),
         };
         if let Some(reply) = reply {
             self.send_client(client, reply.encode(tag));
@@ -1117,6 +1118,20 @@ impl Driver {
                 None
             }
             _ => Some(self.serve(shard, &what, at)),
+        }
+    }
+
+    /// The size and free space of the file system that holds the data directory.
+    fn space(&self) -> Reply {
+        match rustix::fs::statvfs(&self.config.data_dir) {
+            Ok(s) => Reply::Space {
+                total_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+                free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+            },
+            Err(e) => error(
+                ErrorCode::Internal,
+                &format!("statvfs of {}: {e}", self.config.data_dir.display()),
+            ),
         }
     }
 
