@@ -14,6 +14,7 @@ use bytes::Bytes;
 use derechofs_core::kv::{KvReply, KvStore, ReadAt};
 use derechofs_core::protocol::{MACHINE_FS, MACHINE_KV};
 use derechofs_core::{Hlc, Version};
+use derechofs_fs::chunk::{ChunkCache, CHUNK_CACHE_BYTES_DEFAULT};
 use derechofs_storage::{Log, LogError, Write};
 
 /// One request's reply, by the machine that applied it.
@@ -39,6 +40,8 @@ pub struct Applied {
 pub struct Machine {
     kv: KvStore,
     chunk_size: u32,
+    /// Whole chunks assembled by earlier reads (keyed by version, so never stale).
+    cache: ChunkCache,
 }
 
 impl Machine {
@@ -52,6 +55,7 @@ impl Machine {
         Machine {
             kv: KvStore::new(log),
             chunk_size,
+            cache: ChunkCache::new(CHUNK_CACHE_BYTES_DEFAULT),
         }
     }
 
@@ -140,7 +144,13 @@ impl Machine {
             ReadAt::Time(t) => t,
             ReadAt::Version(_) => Hlc::ZERO,
         };
-        let reply = derechofs_fs::shard::serve_read(self.log(), at, self.chunk_size, request);
+        let reply = derechofs_fs::shard::serve_read_cached(
+            self.log(),
+            at,
+            self.chunk_size,
+            &self.cache,
+            request,
+        );
         (seen, reply)
     }
 }
