@@ -2,17 +2,14 @@
 //! `FileSystem` over `RemoteShards` in this process, checked against the same operations on
 //! in-process `LocalShards`, through every replica, at past times, and in the logs afterwards.
 //!
-//! Each cluster takes its own address `127.0.0.X` and ports the kernel picked. Every process is
-//! stopped by its pid when the test ends, failed or not, and every wait is bounded.
+
+mod common;
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::Cluster;
 use derechofs_client::{RemoteConfig, RemoteShards};
 use derechofs_core::transport::Secret;
 use derechofs_fs::{
@@ -20,9 +17,6 @@ use derechofs_fs::{
     HISTORY_XATTR, ROOT_INO,
 };
 
-const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
-/// Longest a command may run before it is killed and the test fails.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest the cluster may take to serve its first file system request.
 const FORMING_TIMEOUT: Duration = Duration::from_secs(30);
 const NODES: usize = 3;
@@ -31,162 +25,31 @@ const DEVELOPMENT_SECRET: &[u8] = b"derechofs development secret: set secret_fil
 /// Chunks small enough that the sequence's writes span several chunks and data shards.
 const CHUNK_SIZE: u32 = 4096;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    addrs: Vec<String>,
-    nodes: Vec<Option<Child>>,
+/// A 3-node cluster with two data shards of small chunks.
+fn cluster(test: u8, extra: &str) -> Cluster {
+    let cluster = Cluster::new(
+        test,
+        NODES,
+        &format!("{extra}\n[layout]\ndata_shards = 2\nchunk_size = {CHUNK_SIZE}\n"),
+    );
+    cluster.start_all();
+    cluster
 }
 
-impl Cluster {
-    fn new(test: u8) -> Cluster {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let x = 16 + (u64::from(std::process::id()) * 7 + u64::from(test) * 31) % 235;
-        let ip = format!("127.0.0.{x}");
-        let listeners: Vec<TcpListener> = (0..NODES)
-            .map(|_| TcpListener::bind(format!("{ip}:0")).expect("a free port"))
-            .collect();
-        let addrs: Vec<String> = listeners
-            .iter()
-            .map(|l| l.local_addr().expect("address").to_string())
-            .collect();
-        let members: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("  {{ id = {}, addr = \"{a}\" }},", i + 1))
-            .collect();
-        for (i, addr) in addrs.iter().enumerate() {
-            let config = format!(
-                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nsuspect_after_ms = 5000\n\
-                 time_read_wait_ms = 5000\nmembers = [\n{}\n]\n\n[layout]\ndata_shards = 2\n\
-                 chunk_size = {CHUNK_SIZE}\n",
-                i + 1,
-                dir.path().join(format!("data{}", i + 1)).display(),
-                members.join("\n")
-            );
-            std::fs::write(dir.path().join(format!("n{}.toml", i + 1)), config).expect("config");
-        }
-        drop(listeners);
-        let mut cluster = Cluster {
-            dir,
-            addrs,
-            nodes: (0..NODES).map(|_| None).collect(),
-        };
-        for i in 0..NODES {
-            let log = File::create(cluster.path(&format!("node{}.log", i + 1))).expect("log");
-            let child = Command::new(BIN)
-                .arg("node")
-                .arg("--config")
-                .arg(cluster.path(&format!("n{}.toml", i + 1)))
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log file"))
-                .stderr(log)
-                .spawn()
-                .expect("start derechofs node");
-            cluster.nodes[i] = Some(child);
-        }
-        cluster
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn remote(&self, prefer: Option<u32>) -> RemoteShards {
-        let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
-        let mut config = RemoteConfig::new(self.addrs.clone(), secret);
-        config.prefer = prefer;
-        let deadline = Instant::now() + FORMING_TIMEOUT;
-        loop {
-            match RemoteShards::connect(config.clone()) {
-                Ok(remote) => return remote,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for the cluster: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(e) => panic!("the cluster did not answer: {e}"),
+/// `RemoteShards` to the cluster, once it answers; with `prefer`, requests go to that member.
+fn connect(cluster: &Cluster, prefer: Option<u32>) -> RemoteShards {
+    let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
+    let mut config = RemoteConfig::new(cluster.addrs.clone(), secret);
+    config.prefer = prefer;
+    let deadline = Instant::now() + FORMING_TIMEOUT;
+    loop {
+        match RemoteShards::connect(config.clone()) {
+            Ok(remote) => return remote,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the cluster: {e}");
+                std::thread::sleep(Duration::from_millis(100));
             }
-        }
-    }
-
-    /// Stops every node: SIGTERM, then SIGKILL if it has not exited within a few seconds.
-    fn stop_all(&mut self) {
-        for child in self.nodes.iter().flatten() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status();
-        }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for slot in &mut self.nodes {
-            if let Some(mut child) = slot.take() {
-                while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-        }
-    }
-
-    /// Runs `derechofs ARGS…`, bounded by `COMMAND_TIMEOUT`; returns the exit code and stdout.
-    fn run(&self, args: &[&str]) -> (i32, String) {
-        let out = self.path("run.out");
-        let err = self.path("run.err");
-        let mut child = Command::new(BIN)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(File::create(&out).expect("output file"))
-            .stderr(File::create(&err).expect("output file"))
-            .spawn()
-            .expect("run derechofs");
-        let deadline = Instant::now() + COMMAND_TIMEOUT;
-        let status = loop {
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("derechofs {args:?} did not finish in {COMMAND_TIMEOUT:?}");
-                }
-            }
-        };
-        let stdout = std::fs::read_to_string(&out).unwrap_or_default();
-        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-        let code = status.code().unwrap_or(-1);
-        assert!(code == 0 || !stderr.is_empty(), "{args:?} failed silently");
-        if code != 0 {
-            eprintln!("derechofs {args:?}: {stderr}");
-        }
-        (code, stdout)
-    }
-
-    fn dump(&self, node: usize) -> String {
-        let dir = self.path(&format!("data{node}"));
-        let (code, out) = self.run(&["dump", "--data-dir", dir.to_str().expect("utf-8 path")]);
-        assert_eq!(code, 0, "dump of node {node}");
-        out
-    }
-
-    fn logs(&self) -> String {
-        (1..=NODES)
-            .map(|i| {
-                let text =
-                    std::fs::read_to_string(self.path(&format!("node{i}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
-                format!("--- node {i} ---\n{}\n", tail.join("\n"))
-            })
-            .collect()
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stop_all();
-        if std::thread::panicking() {
-            eprintln!("{}", self.logs());
+            Err(e) => panic!("the cluster did not answer: {e}"),
         }
     }
 }
@@ -361,8 +224,8 @@ fn now_us() -> u64 {
 fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replica_and_logs_agree() {
     let seed = 0x5eed_f5c1_u64 ^ u64::from(std::process::id());
     eprintln!("seed {seed:#x}");
-    let mut cluster = Cluster::new(20);
-    let remote = FileSystem::new(cluster.remote(Some(1)), fs_config(1 << 32)).expect("mount");
+    let cluster = cluster(20, "suspect_after_ms = 5000\ntime_read_wait_ms = 5000");
+    let remote = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 32)).expect("mount");
     let local = FileSystem::new(
         LocalShards::new(2, CHUNK_SIZE, derechofs_fs::Clock::System).expect("local shards"),
         fs_config(1 << 32),
@@ -421,8 +284,11 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
 
     // Every replica, through its own client, shows the same past.
     for node in 1..=NODES as u32 {
-        let fs = FileSystem::new(cluster.remote(Some(node)), fs_config(u64::from(node) << 40))
-            .expect("mount through one member");
+        let fs = FileSystem::new(
+            connect(&cluster, Some(node)),
+            fs_config(u64::from(node) << 40),
+        )
+        .expect("mount through one member");
         for (t, tree) in &past {
             assert_eq!(
                 &tree_at(&fs, Some(*t)),
@@ -464,8 +330,9 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
             ino = remote.lookup(ino, part.as_bytes()).expect("lookup").ino;
         }
         let changes = remote.history(ino).expect("history").len();
-        let (code, out) = cluster.run(&["log", "--contacts", &contacts, &path]);
-        assert_eq!(code, 0, "log {path}: {out}");
+        let run = cluster.run(&["log", "--contacts", &contacts, &path]);
+        let out = run.stdout;
+        assert_eq!(run.code, 0, "log {path}: {out} {}", run.stderr);
         eprintln!("derechofs log {path}:\n{out}");
         let rows: Vec<&str> = out.lines().filter(|l| l.starts_with("| 20")).collect();
         assert_eq!(rows.len(), changes.min(100), "one row per change: {out}");
@@ -477,8 +344,8 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
             "the last change shows the size now ({size}): {out}"
         );
     }
-    let (code, _) = cluster.run(&["log", "--contacts", &contacts, "/no/such/path"]);
-    assert_eq!(code, 2, "a path that does not exist");
+    let run = cluster.run(&["log", "--contacts", &contacts, "/no/such/path"]);
+    assert_eq!(run.code, 2, "a path that does not exist: {run:?}");
 
     // Everything the client wrote is durable on every replica; then the logs agree.
     remote.shards().sync().expect("sync");
@@ -493,4 +360,93 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
     for (n, dump) in dumps.iter().enumerate() {
         assert_eq!(dump, &dumps[0], "node {} differs from node 1", n + 1);
     }
+}
+
+#[test]
+fn t30_fs_through_a_member_killed_mid_sequence_resends_applies_once_and_keeps_the_past() {
+    let seed = 0x5eed_f530_u64 ^ u64::from(std::process::id());
+    eprintln!("seed {seed:#x}");
+    let cluster = cluster(30, "suspect_after_ms = 400\ntime_read_wait_ms = 2000");
+    // Every request goes to node 3 while it lives: the kill lands on requests in flight there.
+    let remote = FileSystem::new(connect(&cluster, Some(3)), fs_config(1 << 32)).expect("mount");
+    let local = FileSystem::new(
+        LocalShards::new(2, CHUNK_SIZE, derechofs_fs::Clock::System).expect("local shards"),
+        fs_config(1 << 32),
+    )
+    .expect("local file system");
+    let mut rng = Rng(seed | 1);
+    let mut inos: Vec<Ino> = vec![ROOT_INO];
+    let mut dirs: Vec<Ino> = vec![ROOT_INO];
+    let mut past: Vec<(u64, Tree)> = Vec::new();
+    let kill_now = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let deadline = Instant::now() + FORMING_TIMEOUT;
+            while !kill_now.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // A little later, while the sequence's requests are in flight at node 3.
+            std::thread::sleep(Duration::from_millis(3));
+            cluster.kill(3);
+        });
+        for i in 0..240 {
+            if i == 80 {
+                kill_now.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            let op = rng.below(16);
+            let r = [
+                rng.next(),
+                rng.next(),
+                rng.next(),
+                rng.next(),
+                rng.next(),
+                rng.next(),
+            ];
+            let got = step(&remote, op, &r, &inos, &dirs);
+            let want = step(&local, op, &r, &inos, &dirs);
+            assert_eq!(
+                got, want,
+                "step {i} (op {op}) differs from local shards; seed {seed:#x}"
+            );
+            if let Seen::Attr { ino, kind, .. } = got {
+                if !inos.contains(&ino) {
+                    inos.push(ino);
+                    if kind == FileKind::Directory {
+                        dirs.push(ino);
+                    }
+                }
+            }
+            if i % 40 == 39 {
+                std::thread::sleep(Duration::from_millis(2));
+                let t = now_us();
+                std::thread::sleep(Duration::from_millis(2));
+                past.push((t, tree_at(&remote, None)));
+            }
+        }
+    });
+    assert!(cluster.pid(3).is_none(), "node 3 was killed");
+    assert_eq!(
+        tree_at(&remote, None),
+        tree_at(&local, None),
+        "the trees differ; seed {seed:#x}"
+    );
+    for node in 1..=2u32 {
+        let fs = FileSystem::new(
+            connect(&cluster, Some(node)),
+            fs_config(u64::from(node) << 40),
+        )
+        .expect("mount through one member");
+        for (t, tree) in &past {
+            assert_eq!(
+                &tree_at(&fs, Some(*t)),
+                tree,
+                "node {node} at {t} differs from the tree then; seed {seed:#x}"
+            );
+        }
+    }
+    remote.shards().sync().expect("sync");
+    drop(remote);
+    cluster.stop_all();
+    let (one, two) = (cluster.dump(1), cluster.dump(2));
+    assert_eq!(one, two, "the survivors' logs differ");
 }
