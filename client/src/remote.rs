@@ -249,28 +249,6 @@ impl RemoteShards {
         self.inner.id
     }
 
-    /// Waits until every version this client had answered is durable on every replica of its
-    /// shard: the file system's `fsync`. EIO or EAGAIN as for `submit`.
-    pub fn sync(&self) -> FsResult<()> {
-        let written: Vec<(SubgroupShard, Version)> = lock(&self.inner.written)
-            .iter()
-            .map(|(s, v)| (*s, *v))
-            .collect();
-        for (shard, version) in written {
-            let inner = self.inner.clone();
-            let reply = self.block(async move {
-                let tag = inner.tag();
-                let bytes = Request::FsSync { shard, version }.encode(tag);
-                inner.call_shard(shard, tag, bytes).await
-            })?;
-            match reply {
-                Reply::FsSynced => {}
-                other => return Err(unexpected(&other)),
-            }
-        }
-        Ok(())
-    }
-
     /// Runs `f` on the client's runtime and waits for it, from any thread (also from inside
     /// another runtime, whose thread it then blocks).
     fn block<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
@@ -365,6 +343,28 @@ impl Shards for RemoteShards {
 
     fn now_us(&self) -> u64 {
         wall_us()
+    }
+
+    /// Waits until every version this client had answered is durable on every replica of its
+    /// shard: the file system's `fsync`. EIO or EAGAIN as for `submit`.
+    fn sync(&self) -> FsResult<()> {
+        let written: Vec<(SubgroupShard, Version)> = lock(&self.inner.written)
+            .iter()
+            .map(|(s, v)| (*s, *v))
+            .collect();
+        for (shard, version) in written {
+            let inner = self.inner.clone();
+            let reply = self.block(async move {
+                let tag = inner.tag();
+                let bytes = Request::FsSync { shard, version }.encode(tag);
+                inner.call_shard(shard, tag, bytes).await
+            })?;
+            match reply {
+                Reply::FsSynced => {}
+                other => return Err(unexpected(&other)),
+            }
+        }
+        Ok(())
     }
 
     /// The space of the fullest member: every member of the view answers the size and free

@@ -630,6 +630,12 @@ impl<S: Shards> FileSystem<S> {
         })
     }
 
+    /// `fsync`: returns once every change this client made (to any file) is durable on every
+    /// replica of its shard.
+    pub fn fsync(&self) -> FsResult<()> {
+        self.shards.sync()
+    }
+
     /// The root directory's inode number.
     pub fn root(&self) -> Ino {
         ROOT_INO

@@ -56,6 +56,8 @@ pub struct Space {
 ///   `ReadAt::Time(t)`, only once the shard's stability frontier has passed `t`, so that the
 ///   answer can never change afterwards (EAGAIN if it cannot within the configured wait).
 /// - `now_us`: the client's wall clock, used to refuse times in the future.
+/// - `sync`: return only once every request this client had answered is durable on every
+///   replica of its shard (`fsync`).
 pub trait Shards: Send + Sync {
     /// The layout.
     fn layout(&self) -> FsLayout;
@@ -67,6 +69,11 @@ pub trait Shards: Send + Sync {
     fn now_us(&self) -> u64;
     /// Space for `statfs`.
     fn space(&self) -> FsResult<Space>;
+    /// Waits until every request this client had answered is durable on every replica. The
+    /// default suits shards whose answers are durable already (in process, in memory).
+    fn sync(&self) -> FsResult<()> {
+        Ok(())
+    }
 }
 
 /// Where [`LocalShards`] take the time from.

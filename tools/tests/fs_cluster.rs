@@ -348,7 +348,7 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
     assert_eq!(run.code, 2, "a path that does not exist: {run:?}");
 
     // Everything the client wrote is durable on every replica; then the logs agree.
-    remote.shards().sync().expect("sync");
+    remote.fsync().expect("fsync");
     drop(remote);
     cluster.stop_all();
     let dumps: Vec<String> = (1..=NODES).map(|n| cluster.dump(n)).collect();
@@ -444,7 +444,7 @@ fn t30_fs_through_a_member_killed_mid_sequence_resends_applies_once_and_keeps_th
             );
         }
     }
-    remote.shards().sync().expect("sync");
+    remote.fsync().expect("fsync");
     drop(remote);
     cluster.stop_all();
     let (one, two) = (cluster.dump(1), cluster.dump(2));

@@ -1143,7 +1143,10 @@ impl Driver {
         shard: ShardId,
         version: derechofs_core::Version,
     ) -> Option<Reply> {
-        if self.node.persistence_frontier(shard) >= Some(version) {
+        // A version of an earlier view is durable on every member: a view is installed only
+        // once everything delivered in the one before is persisted at every member of it.
+        let earlier_view = version >> 32 < u64::from(self.view.view_id);
+        if earlier_view || self.node.persistence_frontier(shard) >= Some(version) {
             return Some(Reply::FsSynced);
         }
         let waits = self.clients.durable.entry(shard).or_default();
