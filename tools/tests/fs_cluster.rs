@@ -450,3 +450,58 @@ fn t30_fs_through_a_member_killed_mid_sequence_resends_applies_once_and_keeps_th
     let (one, two) = (cluster.dump(1), cluster.dump(2));
     assert_eq!(one, two, "the survivors' logs differ");
 }
+
+/// The contents thread `t` writes to its file `i`.
+fn contents(t: usize, i: usize) -> Vec<u8> {
+    (0..2000 + 700 * i)
+        .map(|b| (b * 7 + t * 13 + i) as u8)
+        .collect()
+}
+
+#[test]
+fn t40_fs_threads_share_one_remote_client_and_every_replica_then_holds_their_files() {
+    const THREADS: usize = 8;
+    const FILES: usize = 12;
+    let cluster = cluster(40, "suspect_after_ms = 5000\ntime_read_wait_ms = 5000");
+    let fs = FileSystem::new(connect(&cluster, None), fs_config(1 << 32)).expect("mount");
+    std::thread::scope(|scope| {
+        for t in 0..THREADS {
+            let fs = &fs;
+            scope.spawn(move || {
+                let c = Creds { uid: 0, gid: 0 };
+                let dir = fs
+                    .mkdir(ROOT_INO, format!("t{t}").as_bytes(), 0o755, c)
+                    .expect("mkdir");
+                for i in 0..FILES {
+                    let name = format!("f{i}");
+                    let file = fs
+                        .create(dir.ino, name.as_bytes(), 0o644, c)
+                        .expect("create");
+                    let data = contents(t, i);
+                    let attr = fs.write(file.ino, 0, &data).expect("write");
+                    assert_eq!(attr.size, data.len() as u64);
+                    // Read-your-writes, whichever member answers.
+                    let back = fs.read(file.ino, 0, data.len() as u32).expect("read");
+                    assert_eq!(back.as_ref(), data.as_slice(), "thread {t} file {i}");
+                }
+            });
+        }
+    });
+    fs.fsync().expect("fsync");
+    for node in 1..=NODES as u32 {
+        let other = FileSystem::new(
+            connect(&cluster, Some(node)),
+            fs_config(u64::from(node) << 40),
+        )
+        .expect("mount through one member");
+        let tree = tree_at(&other, None);
+        assert_eq!(tree.len(), THREADS * (FILES + 1), "node {node}");
+        for t in 0..THREADS {
+            for i in 0..FILES {
+                let path = format!("/t{t}/f{i}").into_bytes();
+                let (_, got) = &tree[&path];
+                assert_eq!(got, &contents(t, i), "node {node}: {path:?}");
+            }
+        }
+    }
+}
