@@ -168,11 +168,19 @@ fn t20_faults_five_nodes_leader_killed_during_a_view_change_the_remaining_three_
     cluster.wait_active();
     let contacts = cluster.contacts_of(&[2, 3, 4]);
     let acked = under_load(&cluster, &contacts, 3, 8, |c| {
+        // Node 4 stalls for a moment (far below `suspect_after_ms`), so the change that node 1
+        // leads once node 5 dies waits for node 4's answer: node 1 dies in the middle of it.
+        c.freeze(4);
         c.kill(5);
-        // The survivors start changing the view at once; node 1 leads that change.
-        std::thread::sleep(Duration::from_millis(3));
+        c.wait_log(1, "wedged");
         c.kill(1);
+        c.thaw(4);
     });
+    assert!(
+        !cluster.log_of(1).contains("installed the next view"),
+        "node 1 finished the change before it was killed: {}",
+        cluster.log_of(1)
+    );
     let status = cluster.wait_status(&contacts, "no view of nodes 2, 3, 4", |s| {
         nodes_in(s, "active") == [2, 3, 4]
             && s.lines().filter(|l| l.contains("data/0")).count() == 3

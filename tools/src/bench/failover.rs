@@ -3,7 +3,7 @@
 //!
 //! Each trial starts a fresh cluster of `derechofs node` processes (this same executable) on
 //! one loopback address, runs closed-loop K/V writers against it, kills one member with
-//! SIGKILL, and measures, as the writers see it, the time from the kill to the first write
+//! SIGKILL (or freezes it with SIGSTOP, `--fault stop`), and measures, as the writers see it, the time from the kill to the first write
 //! acknowledged in the next view, and the longest pause between two acknowledgements. Every
 //! process is stopped by its pid when the trial ends.
 
@@ -40,6 +40,11 @@ pub struct Args {
     /// is suspected), `follower` (the last node), or `alternate`.
     #[arg(long, default_value = "alternate")]
     victim: String,
+    /// How the victim fails: `kill` (SIGKILL: the process dies and its connections close) or
+    /// `stop` (SIGSTOP: it hangs with its connections open, as a machine that froze or was cut
+    /// off, and is suspected only after `suspect_after_ms` of silence).
+    #[arg(long, default_value = "kill")]
+    fault: String,
     /// Closed-loop writers, each its own client with one write outstanding.
     #[arg(long, default_value_t = 4)]
     writers: usize,
@@ -106,6 +111,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "alternate" => vec![1, args.nodes],
         other => bail!("--victim must be leader, follower or alternate, not {other}"),
     };
+    if !["kill", "stop"].contains(&args.fault.as_str()) {
+        bail!("--fault must be kill or stop, not {}", args.fault);
+    }
     let exe = std::env::current_exe().context("finding this executable")?;
     let secret = NodeConfig::default().secret()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -114,8 +122,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     println!(
-        "failover: {} nodes, {} writers, SIGKILL of one member per trial, default timeouts",
-        args.nodes, args.writers
+        "failover: {} nodes, {} writers, SIG{} of one member per trial, default timeouts",
+        args.nodes,
+        args.writers,
+        args.fault.to_uppercase()
     );
     let mut table = Table::new(&[
         "trial",
@@ -295,7 +305,19 @@ async fn one_trial(
         .last()
         .map_or(1, |a| a.view_id);
     let killed_at = Instant::now();
-    if let Some(mut child) = nodes.children[victim - 1].take() {
+    if args.fault == "stop" {
+        // The frozen process is killed with the others when the trial ends.
+        let pid = nodes.children[victim - 1].as_ref().map(Child::id);
+        if let Some(pid) = pid {
+            let status = Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()
+                .context("running kill -STOP")?;
+            if !status.success() {
+                bail!("kill -STOP {pid} failed");
+            }
+        }
+    } else if let Some(mut child) = nodes.children[victim - 1].take() {
         child.kill().context("killing the victim")?;
         let _ = child.wait();
     }

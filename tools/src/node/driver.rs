@@ -439,19 +439,18 @@ impl Driver {
             // log kept, if this node had the shard before); it serves no client until then.
             let dir = self.config.data_dir.clone();
             let sync = self.config.persistence;
-            let log = tokio::task::spawn_blocking(move || open_log(&dir, shard, sync))
-                .await
-                .context("the log opener failed")?
-                .with_context(|| format!("opening the log of {shard}"))?;
-            let store = ShardStore::start(
-                shard,
-                log,
-                view.view_id,
-                sync,
-                self.notify.clone(),
-                self.chunk_size,
-            )
-            .with_context(|| format!("starting the store of {shard}"))?;
+            let notify = self.notify.clone();
+            let chunk_size = self.chunk_size;
+            let view_id = view.view_id;
+            // Opening recovers the log and starting records the view in its metadata (an
+            // fsync): both on the blocking pool.
+            let store = tokio::task::spawn_blocking(move || {
+                let log = open_log(&dir, shard, sync)?;
+                ShardStore::start(shard, log, view_id, sync, notify, chunk_size)
+            })
+            .await
+            .context("the log opener failed")?
+            .with_context(|| format!("opening the log of {shard}"))?;
             tracing::info!(node = self.me, %shard, view_id = view.view_id, "newly assigned shard: catching up by state transfer");
             self.stores.insert(shard, store);
             self.incomplete.insert(shard);
@@ -706,31 +705,31 @@ impl Driver {
         if self.formed {
             return Ok(());
         }
-        if let Some(recorded) = &self.restart {
-            let later = self
-                .declared
-                .values()
-                .copied()
-                .filter(|&v| v > recorded.view_id)
-                .max();
-            if let Some(later) = later {
-                // The group went on without this node: run the recorded view as a laggard, so
-                // a member that still knows how it ended says so (it answers with the decision).
-                let recorded = recorded.clone();
-                tracing::warn!(
-                    node = self.me,
-                    recorded = recorded.view_id,
-                    group = later,
-                    "the group runs a later view than this node's; it is behind and takes no request"
-                );
-                self.node = Node::new(self.config.engine_config(), recorded.clone())?;
-                self.layout = layout_info(&recorded, &self.addresses, self.chunk_size);
-                self.view_id = recorded.view_id;
-                self.view = recorded;
-                self.behind = Some(later);
-                self.restart = None;
-                return self.form().await;
-            }
+        // The view this node would run: the recorded one while restarting, else the new one.
+        let reference = self.restart.as_ref().unwrap_or(&self.view);
+        let later = self
+            .declared
+            .values()
+            .copied()
+            .filter(|&v| v > reference.view_id)
+            .max();
+        if let Some(later) = later {
+            // The group went on without this node: run the recorded view as a laggard, so
+            // a member that still knows how it ended says so (it answers with the decision).
+            let recorded = reference.clone();
+            tracing::warn!(
+                node = self.me,
+                recorded = recorded.view_id,
+                group = later,
+                "the group runs a later view than this node's; it is behind and takes no request"
+            );
+            self.node = Node::new(self.config.engine_config(), recorded.clone())?;
+            self.layout = layout_info(&recorded, &self.addresses, self.chunk_size);
+            self.view_id = recorded.view_id;
+            self.view = recorded;
+            self.behind = Some(later);
+            self.restart = None;
+            return self.form().await;
         }
         if !self.peers.iter().all(|p| self.linked.contains(p)) {
             return Ok(());

@@ -169,6 +169,30 @@ impl Cluster {
         }
     }
 
+    /// Lets a frozen node go on (SIGCONT).
+    pub fn thaw(&self, node: usize) {
+        if let Some(child) = &self.nodes()[node - 1] {
+            signal(child, "CONT");
+        }
+    }
+
+    /// What node `node` has logged so far (every run of it).
+    pub fn log_of(&self, node: usize) -> String {
+        std::fs::read_to_string(self.path(&format!("node{node}.log"))).unwrap_or_default()
+    }
+
+    /// Waits until node `node` has logged a line containing `text`.
+    pub fn wait_log(&self, node: usize, text: &str) {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        while !self.log_of(node).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "node {node} did not log {text:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Runs `derechofs ARGS…`, bounded by `COMMAND_TIMEOUT`.
     pub fn run(&self, args: &[&str]) -> Run {
         let n = RUN.fetch_add(1, Ordering::Relaxed);
