@@ -26,6 +26,11 @@ pub const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// Time the client gives a member to accept its link (TCP and handshake); a hung member
 /// must not hold a request for long when others can take it.
 pub const CONNECT_TIMEOUT_MS: u64 = 1_000;
+/// Time a member has to answer a request for the view, which it answers at once when it runs.
+pub const LAYOUT_TIMEOUT_MS: u64 = 500;
+/// Time a request may wait for its reply before the client checks, every as long again,
+/// whether the member it waits on is still in the view.
+pub const SLOW_REPLY_MS: u64 = 200;
 /// Time a member that could not be reached is skipped while others of its shard remain.
 pub const DOWN_SKIP_MS: u64 = 2_000;
 /// Time a request keeps being resent through failures and view changes before the client
@@ -113,6 +118,16 @@ async fn resolve(contacts: &[String]) -> Vec<SocketAddr> {
 }
 
 async fn call_on(conn: &mut ClientConn, tag: u64, request: &Request) -> Result<Reply, String> {
+    call_within(conn, tag, request, REQUEST_TIMEOUT_MS).await
+}
+
+/// Sends `request` on `conn` and waits at most `timeout_ms` for its reply.
+async fn call_within(
+    conn: &mut ClientConn,
+    tag: u64,
+    request: &Request,
+    timeout_ms: u64,
+) -> Result<Reply, String> {
     let bytes = request.encode(tag);
     let exchange = async {
         conn.send(0, &bytes).await.map_err(|e| e.to_string())?;
@@ -124,7 +139,7 @@ async fn call_on(conn: &mut ClientConn, tag: u64, request: &Request) -> Result<R
             }
         }
     };
-    tokio::time::timeout(Duration::from_millis(REQUEST_TIMEOUT_MS), exchange)
+    tokio::time::timeout(Duration::from_millis(timeout_ms), exchange)
         .await
         .unwrap_or_else(|_| Err("timed out".to_string()))
 }
@@ -217,12 +232,59 @@ impl Client {
 
     /// Sends `request` to `node`, once.
     async fn call_node(&mut self, node: NodeId, request: &Request) -> Result<Reply, String> {
+        self.call_node_within(node, request, REQUEST_TIMEOUT_MS)
+            .await
+    }
+
+    /// Sends `request` to `node`, once, waiting at most `timeout_ms` for the reply.
+    async fn call_node_within(
+        &mut self,
+        node: NodeId,
+        request: &Request,
+        timeout_ms: u64,
+    ) -> Result<Reply, String> {
         let tag = self.next_tag;
         self.next_tag += 1;
         let conn = self.conn(node).await?;
-        let result = call_on(conn, tag, request).await;
+        let result = call_within(conn, tag, request, timeout_ms).await;
         if result.is_err() {
             self.conns.remove(&node);
+        }
+        result
+    }
+
+    /// Sends `request` to `node` once, like [`Client::call_node`], but while the reply is late
+    /// asks the other members for the view every [`SLOW_REPLY_MS`]: if `node` left the view (it
+    /// hangs, and the others removed it), the request is abandoned, to be resent elsewhere.
+    async fn call_watching(&mut self, node: NodeId, request: &Request) -> Result<Reply, String> {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.conn(node).await?;
+        let Some(mut conn) = self.conns.remove(&node) else {
+            return Err("connection lost".into());
+        };
+        let result = {
+            let exchange = call_on(&mut conn, tag, request);
+            tokio::pin!(exchange);
+            let mut check = tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_millis(SLOW_REPLY_MS),
+                Duration::from_millis(SLOW_REPLY_MS),
+            );
+            loop {
+                tokio::select! {
+                    result = &mut exchange => break result,
+                    _ = check.tick() => {
+                        if self.refresh_layout_without(Some(node)).await
+                            && !self.layout.members.iter().any(|(m, _)| *m == node)
+                        {
+                            break Err(format!("node {node} left the view while the request waited"));
+                        }
+                    }
+                }
+            }
+        };
+        if result.is_ok() {
+            self.conns.insert(node, conn);
         }
         result
     }
@@ -230,6 +292,11 @@ impl Client {
     /// Asks the members it knows, then its contacts, for the view, and adopts it if it is later
     /// than the one it has. Returns whether the view changed.
     async fn refresh_layout(&mut self) -> bool {
+        self.refresh_layout_without(None).await
+    }
+
+    /// [`Client::refresh_layout`], asking anyone but `skip`.
+    async fn refresh_layout_without(&mut self, skip: Option<NodeId>) -> bool {
         let mut known: Vec<NodeId> = self.conns.keys().copied().collect();
         for (node, _) in &self.layout.members {
             if !known.contains(node) {
@@ -237,21 +304,29 @@ impl Client {
             }
         }
         for node in known {
-            if self.is_down(node) {
+            if self.is_down(node) || Some(node) == skip {
                 continue;
             }
-            if let Ok(Reply::Layout(layout)) = self.call_node(node, &Request::Layout).await {
+            let asked = self.call_node_within(node, &Request::Layout, LAYOUT_TIMEOUT_MS);
+            if let Ok(Reply::Layout(layout)) = asked.await {
                 return self.adopt(layout);
             }
         }
         for addr in self.contacts.clone() {
-            let Ok(mut conn) = ClientConn::connect(addr, self.id, &self.secret, None).await else {
+            let connect = ClientConn::connect(addr, self.id, &self.secret, None);
+            let timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
+            let Ok(Ok(mut conn)) = tokio::time::timeout(timeout, connect).await else {
                 continue;
             };
             let node = conn.node_id();
+            if Some(node) == skip || self.conns.contains_key(&node) {
+                // Already asked (or the one being waited on).
+                continue;
+            }
             let tag = self.next_tag;
             self.next_tag += 1;
-            if let Ok(Reply::Layout(layout)) = call_on(&mut conn, tag, &Request::Layout).await {
+            let asked = call_within(&mut conn, tag, &Request::Layout, LAYOUT_TIMEOUT_MS);
+            if let Ok(Reply::Layout(layout)) = asked.await {
                 self.conns.entry(node).or_insert(conn);
                 return self.adopt(layout);
             }
@@ -319,7 +394,7 @@ impl Client {
                 }
                 continue;
             }
-            match self.call_node(node, request).await {
+            match self.call_watching(node, request).await {
                 Ok(Reply::Error { code, message }) => match code {
                     ErrorCode::Busy | ErrorCode::Forming | ErrorCode::Wedged => {
                         hopeless = 0;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use derechofs_core::kv::{KvReply, KvRequest, ReadAt};
 use derechofs_core::transport::frame::dials;
 use derechofs_core::transport::{
-    ClientConn, ClientId, ConnectError, LinkEvent, Peer, SendError, Transport,
+    BreakReason, ClientConn, ClientId, ConnectError, LinkEvent, Peer, SendError, Transport,
 };
 use derechofs_core::{
     Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, Record, ShardId,
@@ -43,6 +43,10 @@ pub const DIAL_RETRY_MS: u64 = 100;
 pub const TRANSFER_CURSORS_MAX: usize = 1024;
 /// Peer messages held while the view forms (before every member is linked).
 pub const EARLY_MESSAGES_MAX: usize = 1 << 16;
+/// Time a member that closed its links in order (it was told to stop) has before the others
+/// suspect it: long enough for an operator's "stop every node" to reach them all, so the whole
+/// group stops in one view; far below `suspect_after_ms`. A member that dies is suspected at once.
+pub const STOPPED_PEER_GRACE_MS: u64 = 250;
 /// Probe answers waiting for the driver (one per member at most).
 pub const PROBES_MAX: usize = 64;
 /// Time a probe waits for a member's answer.
@@ -86,6 +90,8 @@ pub struct Driver {
     clients: Clients,
     next_request_id: u64,
     actions: Vec<Action>,
+    /// Members that closed their links in order, and when to suspect them.
+    stopping: Vec<(NodeId, Instant)>,
     /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`,
     /// `RecordsRead`).
     followups: VecDeque<Input>,
@@ -177,6 +183,7 @@ impl Driver {
             actions: Vec::new(),
             followups: VecDeque::new(),
             transfer_cursors: HashMap::new(),
+            stopping: Vec::new(),
             time_read_wait,
             chunk_size,
         };
@@ -672,6 +679,19 @@ impl Driver {
             } => {
                 self.linked.remove(&id);
                 if self.formed && self.view.members.contains(&id) {
+                    if reason == BreakReason::PeerClosed {
+                        // The member stops in order (SIGTERM): give the others a moment to
+                        // stop too, so that stopping the whole group at once changes no view.
+                        tracing::warn!(
+                            node = self.me,
+                            peer = id,
+                            grace_ms = STOPPED_PEER_GRACE_MS,
+                            "a member stopped; suspecting it unless this node stops too"
+                        );
+                        let due = Instant::now() + Duration::from_millis(STOPPED_PEER_GRACE_MS);
+                        self.stopping.push((id, due));
+                        return Ok(());
+                    }
                     tracing::warn!(node = self.me, peer = id, %reason, "link broke; suspecting the member");
                     if let Some(e) = self.step(Input::LinkBroken { peer: id }).await? {
                         tracing::debug!(node = self.me, error = %e, "link break refused");
@@ -771,6 +791,19 @@ impl Driver {
             self.step(Input::Tick).await?;
         }
         let now = Instant::now();
+        if self.stopping.iter().any(|(_, due)| *due <= now) {
+            let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.stopping)
+                .into_iter()
+                .partition(|(_, due)| *due <= now);
+            self.stopping = waiting;
+            for (peer, _) in due {
+                if self.view.members.contains(&peer) {
+                    if let Some(e) = self.step(Input::LinkBroken { peer }).await? {
+                        tracing::debug!(node = self.me, error = %e, "link break refused");
+                    }
+                }
+            }
+        }
         if self.clients.reads.iter().any(|r| r.deadline <= now) {
             let (late, waiting): (Vec<ReadWait>, Vec<ReadWait>) =
                 std::mem::take(&mut self.clients.reads)
