@@ -22,8 +22,9 @@ else
   passed=$(grep -oE '[0-9]+ passed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
   failed=$(grep -oE '[0-9]+ failed' /tmp/derechofs-test.log | awk '{s+=$1} END {print s+0}')
 fi
-# The FUSE suites: the passthrough validates the harness, then DerechoFS over in-memory shards.
-for target in passthrough memory; do
+# The FUSE suites: the passthrough validates the harness, then DerechoFS over in-memory shards,
+# then DerechoFS on a 3-node cluster.
+for target in passthrough memory cluster; do
   scripts/fuse-tests.sh "$target" 2>&1 | tee /tmp/derechofs-fuse.log
   fuse_status=${PIPESTATUS[0]}
   fuse_summary=$(grep -E '^fuse: [0-9]+ passed' /tmp/derechofs-fuse.log | tail -1)

@@ -3,6 +3,9 @@
 #   scripts/fuse-tests.sh passthrough   # the FUSE passthrough of a tmpfs: validates the harness
 #   scripts/fuse-tests.sh memory        # DerechoFS over in-process shards in memory (no cluster):
 #                                       # the adapter and the file system logic through the kernel
+#   scripts/fuse-tests.sh cluster       # DerechoFS on a 3-node cluster (`derechofs up`), plus
+#                                       # `mount -t derechofs` and an fstab line through the
+#                                       # mount.derechofs helper (installed as /sbin/mount.derechofs)
 # Each suite prints "fuse suite NAME: ok" or "fuse suite NAME: FAILED (log: FILE)"; the last line
 # is "fuse: N passed, N failed". Runs as root (mounts, switches users); needs the `derechofs`
 # binary built (debug, or $DERECHOFS_BIN).
@@ -10,14 +13,18 @@
 # Suites:
 #   pjdfstest   the Rust pjdfstest, configuration tests/fuse/pjdfstest.toml (0 failures needed;
 #               exclusions are listed in docs/SEMANTICS.md)
-#   fsx         a bounded fsx run (FSX_OPS operations, default 10000, seed FSX_SEED, default 1)
+#   fsx         a bounded fsx run (FSX_OPS operations, default 10000, 2000 on the cluster; seed
+#               FSX_SEED, default 1)
+#   mount-helper (cluster only) `mount -t derechofs`, an fstab line (`mount -T`), and a bad option
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/lib.sh"
-target=${1:?usage: scripts/fuse-tests.sh passthrough|memory}
+target=${1:?usage: scripts/fuse-tests.sh passthrough|memory|cluster}
 bin=${DERECHOFS_BIN:-${CARGO_TARGET_DIR:-$here/target}/debug/derechofs}
 memory_bin=$(dirname "$bin")/examples/memory_mount
 fsx_ops=${FSX_OPS:-10000}
+# On the cluster every operation is a replicated round trip (and the test build is unoptimized).
+[ "$target" = cluster ] && fsx_ops=${FSX_OPS:-2000}
 fsx_seed=${FSX_SEED:-1}
 # Bounds: every suite and every wait is limited.
 suite_timeout=300
@@ -69,6 +76,11 @@ case "$target" in
     "$memory_bin" "$W/mnt" -o allow_other > "$W/mount.log" 2>&1 < /dev/null &
     pids+=($!)
     ;;
+  cluster)
+    install -m 755 "$bin" /sbin/mount.derechofs
+    "$bin" up --data "$W/data" "$W/mnt" -o allow_other > "$W/mount.log" 2>&1 < /dev/null &
+    pids+=($!)
+    ;;
   *) echo "fuse-tests: unknown target '$target'" >&2; exit 2 ;;
 esac
 mounts+=("$W/mnt")
@@ -92,8 +104,10 @@ result() { # result NAME STATUS
 }
 
 # pjdfstest: its own exit status is 0 even with failures; the summary line decides.
+pjd_config=$here/tests/fuse/pjdfstest.toml
+[ "$target" = cluster ] && pjd_config=$here/tests/fuse/pjdfstest-cluster.toml
 mkdir -p "$W/mnt/pjdfstest" && chmod 1777 "$W/mnt/pjdfstest"
-(cd "$W/mnt/pjdfstest" && timeout "$suite_timeout" pjdfstest -c "$here/tests/fuse/pjdfstest.toml" \
+(cd "$W/mnt/pjdfstest" && timeout "$suite_timeout" pjdfstest -c "$pjd_config" \
   -p "$W/mnt/pjdfstest") > "$logs/$target-pjdfstest.log" 2>&1
 status=$?
 summary=$(grep -E '^Summary:' "$logs/$target-pjdfstest.log" | tail -1)
@@ -108,6 +122,27 @@ timeout "$suite_timeout" fsx -N "$fsx_ops" -S "$fsx_seed" -P "$W/fsx" "$W/mnt/fs
   > "$logs/$target-fsx.log" 2>&1
 result fsx $?
 rm -rf "$W/mnt/fsx"
+
+if [ "$target" = cluster ]; then
+  # mount(8) with the helper, from the command line and from an fstab line; each mount sees what
+  # the other wrote; umount ends its daemon.
+  contacts=$(sed -n 's/^listen = "\(.*\)"$/\1/p' "$W"/data/n*.toml | paste -sd,)
+  echo "written through the first mount" > "$W/mnt/helper-check"
+  mkdir -p "$W/mnt2" "$W/mnt3"
+  mounts+=("$W/mnt2" "$W/mnt3")
+  status=0
+  { timeout 60 mount -t derechofs "$contacts" "$W/mnt2" -o allow_other \
+      && grep -q "written through the first mount" "$W/mnt2/helper-check" \
+      && echo "written through mount -t" > "$W/mnt2/helper-check2" \
+      && umount "$W/mnt2" \
+      && echo "$contacts $W/mnt3 derechofs noauto,allow_other 0 0" > "$W/fstab" \
+      && timeout 60 mount -T "$W/fstab" "$W/mnt3" \
+      && grep -q "written through mount -t" "$W/mnt3/helper-check2" \
+      && umount "$W/mnt3" \
+      && ! timeout 60 mount -t derechofs "$contacts" "$W/mnt2" -o bogus 2>"$W/bogus.err" \
+      && grep -q "unknown mount option \`bogus\`" "$W/bogus.err"; } > "$logs/$target-mount-helper.log" 2>&1 || status=1
+  result mount-helper $status
+fi
 
 echo "fuse: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -61,6 +61,9 @@ pub struct MountOptions {
     pub threads: usize,
     /// `connect_timeout_ms=N`: how long to wait for the contact nodes (DerechoFS mounts only).
     pub connect_timeout: Duration,
+    /// `prefer=NODE`: send requests to this member whenever it replicates the shard and is
+    /// reachable (data locality; reading through one replica). DerechoFS mounts only.
+    pub prefer: Option<u32>,
 }
 
 impl Default for MountOptions {
@@ -78,6 +81,7 @@ impl Default for MountOptions {
             fsname: None,
             threads: THREADS_DEFAULT,
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
+            prefer: None,
         }
     }
 }
@@ -201,6 +205,13 @@ impl MountOptions {
                     ));
                 }
                 self.connect_timeout = t;
+            }
+            "prefer" => {
+                let v = need_value(name, value)?;
+                let node: u32 = v
+                    .parse()
+                    .map_err(|_| bad(name, &format!("`{v}` is not a node id")))?;
+                self.prefer = Some(node);
             }
             _ if IGNORED.contains(&name) => {}
             _ if name.starts_with("x-") || name == "comment" => {}
@@ -334,6 +345,8 @@ mod tests {
             ("connect_timeout_ms=-1", "connect_timeout_ms"),
             ("fsname=", "fsname"),
             ("fsname=a b", "fsname"),
+            ("prefer=x", "prefer"),
+            ("prefer=-1", "prefer"),
         ] {
             let e = MountOptions::parse(list).unwrap_err();
             assert!(

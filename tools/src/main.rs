@@ -7,9 +7,11 @@ mod config;
 mod dump;
 mod history;
 mod kv;
+mod mount;
 mod node;
 use derechofs_core::protocol;
 mod table;
+mod up;
 
 use std::path::PathBuf;
 
@@ -48,6 +50,12 @@ enum Command {
         #[arg(long)]
         data_dir: PathBuf,
     },
+    /// Mount a cluster's file system and serve it in the foreground until unmounted or
+    /// interrupted (`mount.derechofs` is the daemonizing mount(8) helper).
+    Mount(mount::Args),
+    /// Start a local cluster of N nodes, mount it, and stay in the foreground until Ctrl-C,
+    /// which unmounts and stops the nodes.
+    Up(up::Args),
     /// Run a benchmark and print its table.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -64,6 +72,13 @@ fn init_logging(default: &str) {
 }
 
 fn main() {
+    // Installed as /sbin/mount.derechofs, this program is mount(8)'s helper.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("mount.derechofs")) {
+        init_logging("warn");
+        let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+        std::process::exit(mount::helper_main(&args));
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Node { config, overrides } => {
@@ -86,6 +101,14 @@ fn main() {
             history::run(args)
         }
         Command::Dump { data_dir } => dump::run(&data_dir),
+        Command::Mount(args) => {
+            init_logging("warn");
+            mount::run(args).map(|()| 0)
+        }
+        Command::Up(args) => {
+            init_logging("warn");
+            up::run(args).map(|()| 0)
+        }
         Command::Bench(b) => bench::run(b).map(|()| 0),
     };
     match result {
