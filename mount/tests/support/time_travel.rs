@@ -34,6 +34,8 @@ pub type Tree = BTreeMap<PathBuf, Node>;
 /// The tree after each step and the time just after it (microseconds since the epoch).
 #[derive(Debug, Default)]
 pub struct History {
+    /// A time before the history's directory was made.
+    pub before: u64,
     pub steps: Vec<(u64, Tree)>,
 }
 
@@ -262,10 +264,14 @@ fn step(root: &Path, tree: &mut Tree, rng: &mut Rng, n: usize) {
 /// under `dir` after each change, with the time just after it.
 pub fn record(root: &Path, dir: &str, steps: usize, seed: u64) -> History {
     let base = root.join(dir);
+    let mut history = History {
+        before: now_us(),
+        steps: Vec::new(),
+    };
+    std::thread::sleep(STEP_PAUSE);
     std::fs::create_dir(&base).expect("the history's directory");
     let mut rng = Rng::new(seed);
     let mut tree = Tree::new();
-    let mut history = History::default();
     std::thread::sleep(STEP_PAUSE);
     history.steps.push((now_us(), tree.clone()));
     for n in 0..steps {
@@ -374,7 +380,7 @@ pub fn check(root: &Path, dir: &str, history: &History, seed: u64) {
         );
     }
     // Before the directory existed, its snapshot name is absent.
-    let before = history.steps.first().expect("a first step").0 - 10_000;
+    let before = history.before;
     let err = std::fs::metadata(root.join(format!("{dir}@{before}us")))
         .expect_err("the directory before it existed");
     assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
