@@ -105,7 +105,6 @@ result() { # result NAME STATUS
 
 # pjdfstest: its own exit status is 0 even with failures; the summary line decides.
 pjd_config=$here/tests/fuse/pjdfstest.toml
-[ "$target" = cluster ] && pjd_config=$here/tests/fuse/pjdfstest-cluster.toml
 mkdir -p "$W/mnt/pjdfstest" && chmod 1777 "$W/mnt/pjdfstest"
 (cd "$W/mnt/pjdfstest" && timeout "$suite_timeout" pjdfstest -c "$pjd_config" \
   -p "$W/mnt/pjdfstest") > "$logs/$target-pjdfstest.log" 2>&1
