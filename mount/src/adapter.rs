@@ -10,7 +10,7 @@
 //! - open files: the facade has no open state, so handles are 0; opening a snapshot inode for
 //!   writing is refused with EROFS up front rather than at the first write;
 //! - `fsync`: every write is answered once applied; `fsync` and `fsyncdir` wait until the
-//!   client's writes are durable ([`Fsync`]: on a cluster, on every replica).
+//!   client's writes are durable (`FileSystem::fsync`: on a cluster, on every replica).
 //!
 //! Permissions are checked by the kernel from the attributes (`default_permissions`, always on
 //! for DerechoFS mounts); the facade is told the caller's uid and gid for the files it creates.
@@ -23,11 +23,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use derechofs_client::RemoteShards;
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
-    Attr, Creds, FileKind, FileSystem, FsError, FsResult, LocalShards, SetAttr, SetTime, Shards,
-    Timespec,
+    Attr, Creds, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
 };
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
@@ -47,27 +45,6 @@ const READDIR_BATCH: usize = 512;
 const DIR_HANDLE_ENTRIES_MAX: usize = 10_000_000;
 /// Most directory handles open at once.
 const DIR_HANDLES_MAX: usize = 65_536;
-
-/// What `fsync` waits for: the shards' way of making every write this client had answered
-/// durable.
-pub trait Fsync: Shards {
-    /// Returns once every write this client had answered is durable.
-    fn fsync(&self) -> FsResult<()>;
-}
-
-impl Fsync for RemoteShards {
-    /// Every version this client had answered is durable on every replica of its shard.
-    fn fsync(&self) -> FsResult<()> {
-        self.sync()
-    }
-}
-
-impl Fsync for LocalShards {
-    /// In-process shards keep their logs in memory: there is nothing more to make durable.
-    fn fsync(&self) -> FsResult<()> {
-        Ok(())
-    }
-}
 
 fn ttl(ino: u64) -> Duration {
     if is_snapshot(ino) {
@@ -172,13 +149,13 @@ struct DirHandle {
 
 /// DerechoFS as a fuser file system.
 #[derive(Debug)]
-pub struct DerechoFs<S: Fsync> {
+pub struct DerechoFs<S: Shards> {
     fs: FileSystem<S>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
 }
 
-impl<S: Fsync> DerechoFs<S> {
+impl<S: Shards> DerechoFs<S> {
     /// The adapter over a file system.
     pub fn new(fs: FileSystem<S>) -> DerechoFs<S> {
         DerechoFs {
@@ -251,7 +228,7 @@ fn libc_eoverflow() -> i32 {
     Errno::EOVERFLOW.code()
 }
 
-impl<S: Fsync + 'static> fuser::Filesystem for DerechoFs<S> {
+impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
     }
@@ -472,7 +449,7 @@ impl<S: Fsync + 'static> fuser::Filesystem for DerechoFs<S> {
         reply: ReplyEmpty,
     ) {
         // Every write was answered once applied; fsync waits until they are durable.
-        Self::empty(reply, self.fs.shards().fsync());
+        Self::empty(reply, self.fs.fsync());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -560,7 +537,7 @@ impl<S: Fsync + 'static> fuser::Filesystem for DerechoFs<S> {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        Self::empty(reply, self.fs.shards().fsync());
+        Self::empty(reply, self.fs.fsync());
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
