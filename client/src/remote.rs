@@ -596,6 +596,7 @@ impl Inner {
                     true
                 }
             };
+            tracing::debug!(node, ?shard, attempt, error = %last, "attempt failed; trying again");
             if Instant::now() >= deadline {
                 break;
             }
