@@ -7,6 +7,7 @@ mod kv;
 mod log;
 mod multicast;
 mod passthrough;
+mod transfer;
 
 use clap::Subcommand;
 
@@ -30,6 +31,9 @@ pub enum Bench {
     Failover(failover::Args),
     /// Create, stat and remove many empty files in a directory; print the rate of each phase.
     Files(files::Args),
+    /// The storage side of state transfer: copy a log of each size given, piece by piece as a
+    /// node serves and takes a transfer, syncing each piece; print the rate.
+    Transfer(transfer::Args),
 }
 
 /// Runs one benchmark.
@@ -41,5 +45,6 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Multicast(args) => multicast::run(args),
         Bench::Failover(args) => failover::run(args),
         Bench::Files(args) => files::run(args),
+        Bench::Transfer(args) => transfer::run(args),
     }
 }
