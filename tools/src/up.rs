@@ -49,13 +49,21 @@ struct Proc {
 }
 
 impl Proc {
+    /// Sends SIGTERM (if it still runs).
+    fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// SIGTERM, then waits; SIGKILL if it has not exited within `STOP_TIMEOUT`.
     fn stop(&mut self) {
         if matches!(self.child.try_wait(), Ok(Some(_))) {
             return;
         }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        self.terminate();
         let deadline = Instant::now() + STOP_TIMEOUT;
         while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(20));
@@ -291,6 +299,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     mount.stop();
     if is_mounted(&mountpoint) {
         let _ = derechofs_mount::session::lazy_unmount(&mountpoint);
+    }
+    // Every node is told at once: nodes that see their peers stop one by one would change views
+    // to go on without them, and the next `up` could not bring the first ones back.
+    for n in nodes.iter_mut() {
+        n.terminate();
     }
     for n in nodes.iter_mut() {
         n.stop();

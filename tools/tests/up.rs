@@ -1,0 +1,124 @@
+//! `derechofs up`: a local cluster mounted in the foreground; SIGTERM unmounts it and stops every
+//! node; a second `up` on the same data directory finds the files again.
+//!
+//! Needs root and `/dev/fuse`, as CI has. Every process is stopped by its pid; every wait is
+//! bounded.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
+/// Longest `up` may take to mount, or to stop after SIGTERM.
+const UP_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn is_mounted(path: &Path) -> bool {
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+}
+
+/// A running `derechofs up`; killed (and its mount detached) if the test fails.
+struct Up {
+    child: Option<Child>,
+    mnt: std::path::PathBuf,
+}
+
+impl Up {
+    fn start(data: &Path, mnt: &Path, log: &Path) -> Up {
+        let log = std::fs::File::create(log).expect("log");
+        let child = Command::new(BIN)
+            .arg("up")
+            .arg("--data")
+            .arg(data)
+            .arg(mnt)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("start derechofs up");
+        let mut up = Up {
+            child: Some(child),
+            mnt: mnt.to_path_buf(),
+        };
+        let deadline = Instant::now() + UP_TIMEOUT;
+        while !is_mounted(mnt) {
+            if let Some(status) = up.child.as_mut().and_then(|c| c.try_wait().expect("wait")) {
+                panic!("derechofs up exited before mounting: {status}");
+            }
+            assert!(Instant::now() < deadline, "derechofs up did not mount");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        up
+    }
+
+    /// SIGTERM, and the exit status once it has stopped.
+    fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        let deadline = Instant::now() + UP_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("derechofs up did not stop after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+        }
+    }
+}
+
+fn node_processes(data: &Path) -> usize {
+    // The nodes' command lines name their configuration under `data`.
+    let needle = data.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(" node ") && c.contains(&needle))
+        .count()
+}
+
+#[test]
+fn up_mounts_a_cluster_stops_it_on_sigterm_and_finds_the_files_again() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).expect("mount point");
+
+    let mut up = Up::start(&data, &mnt, &dir.path().join("up1.log"));
+    assert_eq!(node_processes(&data), 3, "three nodes run");
+    std::fs::write(mnt.join("kept"), b"across a restart").expect("write");
+    assert_eq!(up.stop(), Some(0), "exit status after SIGTERM");
+    assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
+    assert_eq!(node_processes(&data), 0, "nodes left running");
+
+    let mut up = Up::start(&data, &mnt, &dir.path().join("up2.log"));
+    assert_eq!(
+        std::fs::read(mnt.join("kept")).expect("read after the restart"),
+        b"across a restart"
+    );
+    assert_eq!(up.stop(), Some(0));
+}
