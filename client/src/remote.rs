@@ -651,3 +651,62 @@ async fn read_replies(link: Arc<Link>, mut receiver: ClientReceiver) {
     lock(&link.pending).clear();
     link.slots.close();
 }
+
+#[cfg(test)]
+mod tests {
+    use derechofs_core::protocol::ShardInfo;
+
+    use super::*;
+
+    fn layout(shards: &[(bool, u16)], chunk_size: u32) -> LayoutInfo {
+        LayoutInfo {
+            view_id: 1,
+            members: vec![(1, "127.0.0.1:1".parse().unwrap())],
+            shards: shards
+                .iter()
+                .enumerate()
+                .map(|(id, &(data, index))| ShardInfo {
+                    id: id as u16,
+                    data,
+                    index,
+                    members: vec![1],
+                })
+                .collect(),
+            chunk_size,
+        }
+    }
+
+    #[test]
+    fn a_layout_serves_the_file_system_only_with_a_namespace_shard_every_data_shard_and_a_chunk_size(
+    ) {
+        let good = layout(&[(false, 0), (true, 0), (true, 1)], 1 << 20);
+        assert_eq!(
+            fs_layout(&good),
+            Ok(FsLayout {
+                data_shards: 2,
+                chunk_size: 1 << 20
+            })
+        );
+        assert!(fs_layout(&layout(&[(true, 0)], 1 << 20)).is_err());
+        assert!(fs_layout(&layout(&[(false, 0)], 1 << 20)).is_err());
+        assert!(fs_layout(&layout(&[(false, 0), (true, 1)], 1 << 20)).is_err());
+        assert!(fs_layout(&layout(&[(false, 0), (true, 0)], 3000)).is_err());
+        assert!(fs_layout(&layout(&[(false, 0), (true, 0)], 0)).is_err());
+    }
+
+    #[test]
+    fn a_cluster_that_nobody_answers_for_is_unreachable_not_a_hang() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        drop(listener);
+        let secret = Secret::new(b"test".to_vec()).unwrap();
+        match RemoteShards::connect(RemoteConfig::new(vec![addr], secret.clone())) {
+            Err(RemoteError::Unreachable(_)) => {}
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+        match RemoteShards::connect(RemoteConfig::new(vec!["no port".into()], secret)) {
+            Err(RemoteError::Unreachable(why)) => assert!(why.contains("no port"), "{why}"),
+            other => panic!("expected Unreachable, got {other:?}"),
+        }
+    }
+}
