@@ -9,7 +9,10 @@ use derechofs_fs::filesystem::SKEW_MAX_US_DEFAULT;
 use derechofs_fs::time::format_rfc3339;
 use derechofs_fs::{Creds, FileSystem, FsConfig, Ino, ROOT_INO};
 
+use std::path::Path;
+
 use crate::kv::{secret, show_version, ClientArgs};
+use crate::mountinfo;
 use crate::table::Table;
 
 /// Exit code when the path does not exist.
@@ -20,7 +23,9 @@ pub const EXIT_NOT_FOUND: i32 = 2;
 pub struct LogArgs {
     #[command(flatten)]
     client: ClientArgs,
-    /// The path from the root of the file system (`/dir/file`); a component may carry `@TIME`.
+    /// A path inside a mounted DerechoFS (`/mnt/dfs/dir/file`, or relative to the current
+    /// directory), whose mount gives the contacts; or else the path from the root of the file
+    /// system (`/dir/file`) of the cluster at `--contacts`. A component may carry `@TIME`.
     path: String,
     /// Show only the latest N changes.
     #[arg(long, default_value_t = 100)]
@@ -49,9 +54,19 @@ fn components(path: &str) -> anyhow::Result<Vec<&str>> {
 
 /// Runs `derechofs log`.
 pub fn run(args: LogArgs) -> anyhow::Result<i32> {
-    let parts = components(&args.path)?;
+    // A path inside a mount names its cluster: the mount's contacts win over `--contacts`.
+    let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    let (contacts, path) =
+        match mountinfo::derechofs_path(&mountinfo::mounts(), Path::new(&args.path), &cwd) {
+            Some((mount, inside)) => (
+                mount.source.split(',').map(str::to_string).collect(),
+                inside,
+            ),
+            None => (args.client.contacts.clone(), args.path.clone()),
+        };
+    let parts = components(&path)?;
     let secret = secret(&args.client.secret_file)?;
-    let shards = RemoteShards::connect(RemoteConfig::new(args.client.contacts.clone(), secret))
+    let shards = RemoteShards::connect(RemoteConfig::new(contacts, secret))
         .context("connecting to the cluster")?;
     let config = FsConfig {
         client_base: crate::client::random_id(),
@@ -84,7 +99,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
     let name = parts.last().copied().unwrap_or("");
     let history = fs
         .history(ino)
-        .with_context(|| format!("reading the history of {}", args.path))?;
+        .with_context(|| format!("reading the history of {path}"))?;
     let skip = history.len().saturating_sub(args.max);
     if skip > 0 {
         println!("({skip} older changes left out; --max shows more)");

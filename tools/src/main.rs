@@ -8,6 +8,7 @@ mod dump;
 mod history;
 mod kv;
 mod mount;
+mod mountinfo;
 mod node;
 use derechofs_core::protocol;
 mod table;

@@ -243,11 +243,7 @@ fn sloppy(options: &str) -> String {
 
 fn is_mounted(path: &Path) -> bool {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+    crate::mountinfo::is_mount_point(&path)
 }
 
 /// `mount.derechofs`: mount(8)'s helper. Checks everything, then (unless `-f`, mount(8)'s fake

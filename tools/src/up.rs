@@ -149,14 +149,6 @@ fn configs(data: &Path, nodes: usize) -> anyhow::Result<Vec<String>> {
     Ok(addrs)
 }
 
-fn is_mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
-
 /// Runs the cluster and the mount until interrupted.
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.nodes == 0 || args.nodes > NODES_MAX {
@@ -260,7 +252,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         child,
     };
     let deadline = Instant::now() + MOUNT_TIMEOUT;
-    while !is_mounted(&mountpoint) {
+    while !crate::mountinfo::is_mount_point(&mountpoint) {
         if let Ok(Some(status)) = mount.child.try_wait() {
             bail!("the mount exited ({status})");
         }
@@ -297,7 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     eprintln!("derechofs up: unmounting and stopping the nodes");
     mount.stop();
-    if is_mounted(&mountpoint) {
+    if crate::mountinfo::is_mount_point(&mountpoint) {
         let _ = derechofs_mount::session::lazy_unmount(&mountpoint);
     }
     // Every node is told at once: nodes that see their peers stop one by one would change views
