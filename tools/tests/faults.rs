@@ -284,18 +284,19 @@ fn t40_faults_every_node_killed_and_restarted_keeps_every_acked_write_and_the_re
         ("restart".into(), version_of(&after.stdout)),
     );
 
-    // The removed node comes back behind the group: it shows its recorded view, takes no
-    // request, and a client that knows only it learns the current view through it.
+    // The removed node comes back behind the group and joins again: the view grows back to
+    // three members, and once it caught up it holds every acknowledged write too.
     cluster.start(3);
-    let alone = cluster.contacts_of(&[3]);
-    let status = cluster.wait_status(&alone, "node 3 did not see it is behind", |s| {
-        nodes_in(s, "behind") == [3]
+    let status = cluster.wait_status(&contacts, "node 3 did not rejoin", |s| {
+        nodes_in(s, "active") == [1, 2, 3]
     });
-    assert_eq!(view_of(&status), 1, "{status}");
+    assert_eq!(view_of(&status), 4, "{status}");
+    wait_caught_up(&cluster, 3, 2);
+    let alone = cluster.contacts_of(&[3]);
     let put = cluster.kv_via(&alone, &["put", "via-3", "ok"]);
     assert_eq!(put.code, 0, "{put:?}");
-    assert!(version_of(&put.stdout).starts_with("3."), "{put:?}");
-    check_acked(&cluster, &survivors, &[1, 2], &acked);
+    assert!(version_of(&put.stdout).starts_with("4."), "{put:?}");
+    check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
 }
 
 #[test]
@@ -329,4 +330,73 @@ fn t50_faults_a_spare_given_a_shard_by_a_view_change_gets_its_whole_history_by_s
     };
     let reference = entries(&cluster.dump(1));
     assert_eq!(entries(&cluster.dump(4)), reference, "node 4's logs differ");
+}
+
+/// Waits until node `node` has logged that state transfer brought `shards` shards up to date.
+fn wait_caught_up(cluster: &Cluster, node: usize, shards: usize) {
+    let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
+    while cluster
+        .log_of(node)
+        .matches("caught up by state transfer")
+        .count()
+        < shards
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {node} did not catch up {shards} shards: {}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn t60_faults_a_killed_node_restarted_with_its_config_rejoins_catches_up_and_holds_every_acked_write(
+) {
+    // Three nodes, both shards (namespace and data) on all three. Node 3 is killed under a
+    // write load, the others go on without it; restarted with the same configuration, it finds
+    // the group in a later view, joins again through the members, and catches its kept logs up
+    // by state transfer, while the writes go on.
+    let cluster = Cluster::new(45, 3, PATIENT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let acked = under_load(&cluster, &contacts, 2, 10, |c| {
+        c.kill(3);
+        let survivors = c.contacts_of(&[1, 2]);
+        c.wait_status(&survivors, "no view without node 3", |s| {
+            nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 "))
+        });
+        c.start(3);
+        let status = c.wait_status(&c.contacts(), "node 3 did not rejoin", |s| {
+            nodes_in(s, "active") == [1, 2, 3]
+        });
+        assert!(view_of(&status) >= 3, "{status}");
+    });
+    wait_caught_up(&cluster, 3, 2);
+    let log = cluster.log_of(3);
+    assert!(
+        log.contains("behind and joins again") && log.contains("welcomed back into the group"),
+        "node 3 did not join again: {}",
+        cluster.logs()
+    );
+    check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
+
+    // Every replica holds the same logs, entry for entry.
+    cluster.stop_all();
+    let entries = |dump: &str| -> Vec<String> {
+        dump.lines()
+            .filter(|l| l.starts_with("  "))
+            .map(str::to_string)
+            .collect()
+    };
+    let reference = entries(&cluster.dump(1));
+    assert!(!reference.is_empty(), "node 1 holds nothing");
+    for node in [2, 3] {
+        assert_eq!(
+            entries(&cluster.dump(node)),
+            reference,
+            "node {node}'s logs differ from node 1's"
+        );
+    }
 }

@@ -129,8 +129,10 @@ impl Driver {
         };
         let transport = Arc::new(transport);
         let addresses = config.initial_members();
+        // Every configured node, member of the view or not: a member removed while it was
+        // down, once restarted, joins again over these links.
         for member in &addresses {
-            if view.members.contains(&member.id) && dials(me, member.id) {
+            if dials(me, member.id) {
                 tokio::spawn(dial(transport.clone(), member.id, member.addr));
             }
         }
@@ -438,8 +440,21 @@ impl Driver {
         let mine: Vec<ShardId> = view.layout.shards_of(self.me).map(|s| s.id).collect();
         self.stores.retain(|shard, _| mine.contains(shard));
         self.incomplete.retain(|shard| mine.contains(shard));
+        if self.behind.take().is_some() {
+            tracing::info!(
+                node = self.me,
+                view_id = view.view_id,
+                "welcomed back into the group"
+            );
+        }
         for shard in mine {
             if self.stores.contains_key(&shard) {
+                // A joiner's log (kept from before it was removed) lacks the versions the
+                // group delivered since: it serves no client until the transfer ends.
+                if self.node.status(shard).is_some_and(|s| s.catching_up) {
+                    tracing::info!(node = self.me, %shard, view_id = view.view_id, "catching up the log it kept by state transfer");
+                    self.incomplete.insert(shard);
+                }
                 continue;
             }
             // A shard new to this node: state transfer brings its log (resuming after what the
@@ -734,16 +749,21 @@ impl Driver {
             .filter(|&v| v > reference.view_id)
             .max();
         if let Some(later) = later {
-            // The group went on without this node: run the recorded view as a laggard, so
-            // a member that still knows how it ended says so (it answers with the decision).
+            // The group went on without this node: it joins again, keeping its logs, and
+            // takes no request until it is welcomed and has caught up. It asks once linked
+            // with a node to ask (a probe may tell it first); a join sent without a link
+            // would wait `suspect_after_ms` to be asked again.
+            if !self.addresses.iter().any(|m| self.linked.contains(&m.id)) {
+                return Ok(());
+            }
             let recorded = reference.clone();
             tracing::warn!(
                 node = self.me,
                 recorded = recorded.view_id,
                 group = later,
-                "the group runs a later view than this node's; it is behind and takes no request"
+                "the group runs a later view than this node's; it is behind and joins again"
             );
-            self.node = Node::new(self.config.engine_config(), recorded.clone())?;
+            self.node = self.joiner(recorded.view_id)?;
             self.layout = layout_info(&recorded, &self.addresses, self.chunk_size);
             self.view_id = recorded.view_id;
             self.view = recorded;
@@ -771,6 +791,34 @@ impl Driver {
             self.save_state(NodeState::of_view(&self.view)).await?;
         }
         self.form().await
+    }
+
+    /// The engine of this node asking to join again after view `last_view_id`, through every
+    /// other configured node (linked ones first, then those that declared the latest view,
+    /// then the lowest id, likely the leader), resuming state transfer after the last record
+    /// of each shard log it holds.
+    fn joiner(&self, last_view_id: u32) -> anyhow::Result<Node> {
+        let mut contacts: Vec<NodeId> = self
+            .addresses
+            .iter()
+            .map(|m| m.id)
+            .filter(|&id| id != self.me)
+            .collect();
+        contacts.sort_by_key(|id| {
+            let declared = std::cmp::Reverse(self.declared.get(id).copied());
+            (!self.linked.contains(id), declared, *id)
+        });
+        let held = self
+            .stores
+            .iter()
+            .filter_map(|(shard, store)| {
+                let (version, hlc) = store.kv().log().latest()?;
+                Some((*shard, version, hlc))
+            })
+            .collect();
+        tracing::info!(node = self.me, contacts = ?contacts, held = ?held, "joining");
+        Node::joining(self.config.engine_config(), contacts, held, last_view_id)
+            .context("starting the engine as a joiner")
     }
 
     /// Starts the engine and replays what peers sent before.
@@ -979,7 +1027,7 @@ impl Driver {
                     ErrorCode::Removed,
                     &format!(
                         "node {} came back in view {} after the group moved to view {later}; \
-                         it must join again (joins are not implemented yet)",
+                         it is joining again",
                         self.me, self.view_id
                     ),
                 ),
@@ -1357,16 +1405,22 @@ async fn probe(
     }
 }
 
-/// Dials a member until the link is up (it may not have started yet).
+/// Keeps a link with a configured node up for as long as the node runs: dials it until the
+/// link is up (it may not have started yet), and again after the link breaks (it may restart).
 async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
     let me = transport.node_id();
     let mut attempts: u64 = 0;
     loop {
+        if transport.is_linked(Peer::Node(peer)) {
+            attempts = 0;
+            tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
+            continue;
+        }
         match transport.connect(peer, addr).await {
-            Ok(()) | Err(ConnectError::AlreadyLinked(_)) => return,
-            Err(e @ ConnectError::BrokenInView { .. }) => {
-                tracing::warn!(node = me, peer, error = %e, "not dialing again");
-                return;
+            Ok(()) | Err(ConnectError::AlreadyLinked(_)) => attempts = 0,
+            // Not again in the view its link broke in; the next view allows it.
+            Err(ConnectError::BrokenInView { .. }) => {
+                tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
             }
             Err(e) => {
                 attempts += 1;
