@@ -1,22 +1,55 @@
 //! The I/O of one established link: reading frames, writing frames, and reporting the end.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::frame::{
-    decode_header, encode_header, encode_header_with_crc, FrameKind, Inbound, FRAME_HEADER_BYTES,
-};
+use super::frame::{decode_header, encode_header_with_crc, FrameKind, Inbound, FRAME_HEADER_BYTES};
 use super::BreakReason;
 
 /// Bytes of the read and write buffers of one connection.
 pub(crate) const IO_BUFFER_BYTES: usize = 64 << 10;
 
+/// Payload parts of at most this many bytes, and frame headers, are copied into the link's write
+/// buffer, so that many small frames leave in one write; larger parts are written from their own
+/// memory.
+pub(crate) const INLINE_PART_MAX: usize = 4 << 10;
+
+/// A link writes what it has buffered once it holds this many bytes, even if more frames wait.
+const WRITE_AT_BYTES: usize = IO_BUFFER_BYTES;
+
+/// Most buffers handed to one vectored write.
+const IOVECS_MAX: usize = 64;
+
+/// A frame's payload: one buffer, or parts shared by the links a message goes to.
+#[derive(Clone, Debug)]
+pub(crate) enum Parts {
+    One(Bytes),
+    Many(Arc<[Bytes]>),
+}
+
+impl Parts {
+    pub fn as_slice(&self) -> &[Bytes] {
+        match self {
+            Parts::One(bytes) => std::slice::from_ref(bytes),
+            Parts::Many(parts) => parts,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().iter().map(Bytes::len).sum()
+    }
+}
+
 /// One frame waiting in a link's queue, holding its share of the link's byte budget.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub view_id: u32,
-    pub bytes: Bytes,
+    pub parts: Parts,
     /// The payload's CRC-32C when the sender computed it once for several links.
     pub payload_crc: Option<u32>,
     pub _budget: Option<OwnedSemaphorePermit>,
@@ -101,14 +134,23 @@ impl Outbound {
         payload: &[u8],
         payload_crc: Option<u32>,
     ) -> std::io::Result<()> {
-        self.last_seq += 1;
-        self.view_id = self.view_id.max(view_id);
-        let header = match payload_crc {
-            Some(crc) => encode_header_with_crc(kind, view_id, self.last_seq, payload.len(), crc),
-            None => encode_header(kind, view_id, self.last_seq, payload),
-        };
+        let crc = payload_crc.unwrap_or_else(|| crc32c::crc32c(payload));
+        let header = self.header(kind, view_id, payload.len(), crc);
         writer.write_all(&header).await?;
         writer.write_all(payload).await
+    }
+
+    /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc`.
+    fn header(
+        &mut self,
+        kind: FrameKind,
+        view_id: u32,
+        len: usize,
+        payload_crc: u32,
+    ) -> [u8; FRAME_HEADER_BYTES] {
+        self.last_seq += 1;
+        self.view_id = self.view_id.max(view_id);
+        encode_header_with_crc(kind, view_id, self.last_seq, len, payload_crc)
     }
 
     /// Writes a bye in the highest view sent so far.
@@ -121,44 +163,123 @@ impl Outbound {
     }
 }
 
+/// Bytes of frames gathered for the next write: headers and small parts copied into one buffer,
+/// large parts shared.
+#[derive(Debug, Default)]
+struct Gather {
+    /// Buffers to write, in order.
+    ready: VecDeque<Bytes>,
+    /// Small pieces not yet moved to `ready`.
+    small: BytesMut,
+    /// Bytes in `ready` and `small`.
+    bytes: usize,
+}
+
+impl Gather {
+    fn put_copied(&mut self, bytes: &[u8]) {
+        if self.small.capacity() - self.small.len() < bytes.len() {
+            self.small.reserve(IO_BUFFER_BYTES.max(bytes.len()));
+        }
+        self.small.extend_from_slice(bytes);
+        self.bytes += bytes.len();
+    }
+
+    fn put_part(&mut self, part: &Bytes) {
+        if part.len() <= INLINE_PART_MAX {
+            self.put_copied(part);
+        } else {
+            self.seal();
+            self.ready.push_back(part.clone());
+            self.bytes += part.len();
+        }
+    }
+
+    /// Moves the small pieces gathered so far to `ready`.
+    fn seal(&mut self) {
+        if !self.small.is_empty() {
+            self.ready.push_back(self.small.split().freeze());
+        }
+    }
+
+    /// Writes everything gathered, with as few (vectored) writes as the socket allows.
+    async fn write_out<W: AsyncWrite + Unpin>(&mut self, writer: &mut W) -> std::io::Result<()> {
+        self.seal();
+        while !self.ready.is_empty() {
+            let mut written = {
+                let slices: Vec<IoSlice<'_>> = self
+                    .ready
+                    .iter()
+                    .take(IOVECS_MAX)
+                    .map(|b| IoSlice::new(b))
+                    .collect();
+                writer.write_vectored(&slices).await?
+            };
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            self.bytes -= written;
+            while written > 0 {
+                let front = self.ready.front_mut().expect("written bytes were gathered");
+                if front.len() <= written {
+                    written -= front.len();
+                    self.ready.pop_front();
+                } else {
+                    front.advance(written);
+                    written = 0;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The writer task of a node's link: writes `prefix` (the acceptor's verdict byte), then every
-/// queued frame, flushing whenever the queue is empty. When the queue closes (the link was
+/// queued frame, writing whenever the queue is empty or [`WRITE_AT_BYTES`] are gathered, so that
+/// frames queued together leave in one vectored write. When the queue closes (the link was
 /// disconnected locally) it writes a bye and shuts the connection down; when writing fails it
 /// reports the reason to the link's supervisor.
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
-    write: W,
+    mut writer: W,
     mut queue: mpsc::Receiver<Outgoing>,
     prefix: Option<u8>,
     local_view: u32,
     failed: oneshot::Sender<BreakReason>,
 ) {
-    let mut writer = tokio::io::BufWriter::with_capacity(IO_BUFFER_BYTES, write);
+    let mut gather = Gather::default();
     let mut outbound = Outbound::new(local_view);
     let result: std::io::Result<()> = async {
         if let Some(byte) = prefix {
-            writer.write_all(&[byte]).await?;
+            gather.put_copied(&[byte]);
         }
         loop {
             let next = match queue.try_recv() {
                 Ok(frame) => Some(frame),
                 Err(mpsc::error::TryRecvError::Empty) => {
-                    writer.flush().await?;
+                    gather.write_out(&mut writer).await?;
                     queue.recv().await
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             };
             let Some(frame) = next else { break };
-            outbound
-                .write_with_crc(
-                    &mut writer,
-                    FrameKind::Message,
-                    frame.view_id,
-                    &frame.bytes,
-                    frame.payload_crc,
-                )
-                .await?;
+            let parts = frame.parts.as_slice();
+            let crc = frame.payload_crc.unwrap_or_else(|| {
+                parts
+                    .iter()
+                    .fold(0, |crc, part| crc32c::crc32c_append(crc, part))
+            });
+            let header = outbound.header(FrameKind::Message, frame.view_id, frame.parts.len(), crc);
+            gather.put_copied(&header);
+            for part in parts {
+                gather.put_part(part);
+            }
+            if gather.bytes >= WRITE_AT_BYTES {
+                gather.write_out(&mut writer).await?;
+            }
         }
-        outbound.write_bye(&mut writer).await?;
+        let view_id = outbound.view_id;
+        let header = outbound.header(FrameKind::Bye, view_id, 0, crc32c::crc32c(&[]));
+        gather.put_copied(&header);
+        gather.write_out(&mut writer).await?;
         writer.flush().await?;
         writer.shutdown().await
     }

@@ -45,7 +45,7 @@ pub use handshake::{HandshakeError, Refusal, Secret};
 
 use crate::view::NodeId;
 use frame::{dials, Inbound};
-use link::{read_frame, write_frames, Outgoing, IO_BUFFER_BYTES};
+use link::{read_frame, write_frames, Outgoing, Parts, IO_BUFFER_BYTES};
 
 /// A client's id, chosen by the client; unique among the clients linked to one node at a time.
 pub type ClientId = u64;
@@ -171,11 +171,12 @@ pub enum SendError {
     Full(Peer),
 }
 
-/// A message's bytes with their CRC-32C, computed once, for sending the same message to
-/// several peers ([`Transport::send_payload`]).
+/// A message's bytes, as one or more parts sent back to back, with their CRC-32C computed once,
+/// for sending the same message to several peers ([`Transport::send_payload`]). Parts are
+/// written with vectored writes, so a large part goes to the socket without being copied.
 #[derive(Clone, Debug)]
 pub struct Payload {
-    bytes: Bytes,
+    parts: Parts,
     crc: u32,
 }
 
@@ -183,12 +184,40 @@ impl Payload {
     /// Checksums `bytes`.
     pub fn new(bytes: Bytes) -> Payload {
         let crc = crc32c::crc32c(&bytes);
-        Payload { bytes, crc }
+        Payload {
+            parts: Parts::One(bytes),
+            crc,
+        }
     }
 
-    /// The bytes.
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
+    /// Checksums the concatenation of `parts` (as made by
+    /// [`crate::message::Message::to_parts`]).
+    pub fn from_parts(mut parts: Vec<Bytes>) -> Payload {
+        if parts.len() == 1 {
+            return Payload::new(parts.pop().expect("one part"));
+        }
+        let crc = parts
+            .iter()
+            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
+        Payload {
+            parts: Parts::Many(parts.into()),
+            crc,
+        }
+    }
+
+    /// Bytes in all parts.
+    pub fn len(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The parts, in order.
+    pub fn parts(&self) -> &[Bytes] {
+        self.parts.as_slice()
     }
 }
 
@@ -366,7 +395,8 @@ impl Transport {
     /// decrease from one call to the next for the same peer: the receiver breaks the link if it
     /// does.
     pub async fn send(&self, peer: Peer, view_id: u32, bytes: Bytes) -> Result<(), SendError> {
-        self.send_outgoing(peer, view_id, bytes, None).await
+        self.send_outgoing(peer, view_id, Parts::One(bytes), None)
+            .await
     }
 
     /// As [`Transport::send`], for a message that goes to several peers: its checksum was
@@ -377,26 +407,27 @@ impl Transport {
         view_id: u32,
         payload: &Payload,
     ) -> Result<(), SendError> {
-        let (bytes, crc) = (payload.bytes.clone(), payload.crc);
-        self.send_outgoing(peer, view_id, bytes, Some(crc)).await
+        let (parts, crc) = (payload.parts.clone(), payload.crc);
+        self.send_outgoing(peer, view_id, parts, Some(crc)).await
     }
 
     async fn send_outgoing(
         &self,
         peer: Peer,
         view_id: u32,
-        bytes: Bytes,
+        parts: Parts,
         payload_crc: Option<u32>,
     ) -> Result<(), SendError> {
-        let (queue, budget) = self.link_queue(peer, bytes.len())?;
+        let len = parts.len();
+        let (queue, budget) = self.link_queue(peer, len)?;
         let permit = budget
-            .acquire_many_owned(permits(bytes.len()))
+            .acquire_many_owned(permits(len))
             .await
             .map_err(|_| SendError::NoLink(peer))?;
         queue
             .send(Outgoing {
                 view_id,
-                bytes,
+                parts,
                 payload_crc,
                 _budget: Some(permit),
             })
@@ -413,7 +444,7 @@ impl Transport {
         queue
             .try_send(Outgoing {
                 view_id,
-                bytes,
+                parts: Parts::One(bytes),
                 payload_crc: None,
                 _budget: Some(permit),
             })

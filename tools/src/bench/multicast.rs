@@ -422,7 +422,7 @@ impl Member {
                     return payload.clone();
                 }
             }
-            let payload = Payload::new(Bytes::from(message.to_bytes()));
+            let payload = Payload::from_parts(message.to_parts());
             self.last_encoded = Some((key, payload.clone()));
             return payload;
         }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use derechofs_core::kv::{KvReply, KvRequest, ReadAt};
 use derechofs_core::transport::frame::dials;
 use derechofs_core::transport::{
-    BreakReason, ClientConn, ClientId, ConnectError, LinkEvent, Peer, SendError, Transport,
+    BreakReason, ClientConn, ClientId, ConnectError, LinkEvent, Payload, Peer, SendError, Transport,
 };
 use derechofs_core::{
     Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, Record, ShardId,
@@ -239,13 +239,40 @@ impl Driver {
     }
 
     async fn carry_out(&mut self, actions: &mut Vec<Action>) -> anyhow::Result<()> {
+        // A data message goes to every peer of its shard as the same bytes: encoded (without
+        // copying large payloads) and checksummed once.
+        let mut last_data: Option<((u32, ShardId, u64), Payload)> = None;
         for action in actions.drain(..) {
             match action {
                 Action::Send { to, message } => {
-                    let bytes = Bytes::from(message.to_bytes());
+                    let payload = match (&message, &last_data) {
+                        (
+                            Message::Data {
+                                view_id,
+                                shard,
+                                index,
+                                ..
+                            },
+                            Some((key, payload)),
+                        ) if *key == (*view_id, *shard, *index) => payload.clone(),
+                        (
+                            Message::Data {
+                                view_id,
+                                shard,
+                                index,
+                                ..
+                            },
+                            _,
+                        ) => {
+                            let payload = Payload::from_parts(message.to_parts());
+                            last_data = Some(((*view_id, *shard, *index), payload.clone()));
+                            payload
+                        }
+                        _ => Payload::new(Bytes::from(message.to_bytes())),
+                    };
                     if let Err(e) = self
                         .transport
-                        .send(Peer::Node(to), self.view_id, bytes)
+                        .send_payload(Peer::Node(to), self.view_id, &payload)
                         .await
                     {
                         tracing::debug!(node = self.me, peer = to, error = %e, "message not sent");
