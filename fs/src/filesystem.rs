@@ -6,7 +6,16 @@
 //! it touches, and refuses changes with EROFS. Writes send the data to the data shards first and
 //! then the new size to the namespace shard (close-to-open, DESIGN §4), so that a reader who sees
 //! the size also sees the bytes.
+//!
+//! [`FileSystem::write_buffered`] keeps contiguous writes to a file in a bounded write-back
+//! buffer ([`WRITE_BUFFER_BYTES_MAX`] per file, [`WRITE_BUFFERS_MAX`] files) and sends them at
+//! the next [`FileSystem::flush`] (close), [`FileSystem::fsync_file`], when the buffer is full or
+//! a write is not contiguous, and before any other operation of this client on the file (read,
+//! getattr, setattr, lookup, unlink, rename, link): one data request per chunk piece, the data
+//! shards in parallel, then one size update. An error of a deferred send is returned by the call
+//! that triggered it and again at the next flush or fsync of the file (as NFS does).
 
+use std::collections::HashMap;
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
@@ -32,6 +41,37 @@ pub const HISTORY_XATTR: &[u8] = b"user.derechofs.history";
 pub const CLIENT_SLOTS_MAX: u64 = 64;
 /// The default allowed clock skew: a snapshot time later than now plus this is ENOENT.
 pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
+
+/// Most bytes one file's write-back buffer holds; a buffer that reaches it is sent.
+pub const WRITE_BUFFER_BYTES_MAX: usize = 8 << 20;
+/// Most files with buffered writes at once; a new one past this sends another file's buffer.
+pub const WRITE_BUFFERS_MAX: usize = 64;
+/// Most deferred-write errors kept for files not yet flushed (past this, an error is only
+/// returned to the call that triggered the send).
+const WRITE_ERRORS_MAX: usize = 4096;
+
+/// Buffered bytes of one file: a contiguous run from `start`.
+#[derive(Debug)]
+struct Run {
+    start: u64,
+    data: BytesMut,
+}
+
+/// The write-back state of a client.
+#[derive(Debug, Default)]
+struct WriteBack {
+    runs: HashMap<Ino, Run>,
+    /// Errors of deferred sends, reported at the file's next flush or fsync.
+    errors: HashMap<Ino, FsError>,
+}
+
+impl WriteBack {
+    fn remember(&mut self, ino: Ino, e: &FsError) {
+        if self.errors.len() < WRITE_ERRORS_MAX || self.errors.contains_key(&ino) {
+            self.errors.insert(ino, e.clone());
+        }
+    }
+}
 
 /// Settings of a [`FileSystem`].
 #[derive(Clone, Debug)]
@@ -91,6 +131,8 @@ pub struct FileSystem<S: Shards> {
     /// Signalled when a slot is returned.
     slot_free: Condvar,
     snapshots: Mutex<SnapshotTable>,
+    /// Buffered writes; held while they are sent, so that no operation overtakes them.
+    write_back: Mutex<WriteBack>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -120,6 +162,7 @@ impl<S: Shards> FileSystem<S> {
             slots: Mutex::new(slots),
             slot_free: Condvar::new(),
             snapshots: Mutex::new(SnapshotTable::default()),
+            write_back: Mutex::new(WriteBack::default()),
         };
         let creds = fs.config.root_owner;
         fs.ns(NsOp::Init { creds })?;
@@ -197,6 +240,7 @@ impl<S: Shards> FileSystem<S> {
 
     fn view(&self, ino: Ino) -> FsResult<View> {
         if !is_snapshot(ino) {
+            self.settle(ino)?;
             return Ok(View { ino, at: None });
         }
         match lock(&self.snapshots).resolve(ino) {
@@ -213,7 +257,92 @@ impl<S: Shards> FileSystem<S> {
         if is_snapshot(ino) {
             fs_bail!(libc::EROFS, "snapshots are read-only");
         }
+        self.settle(ino)?;
         Ok(ino)
+    }
+
+    /// Sends the buffered writes of `ino`, if any, before another operation on it
+    /// (read-your-writes). A failure is also kept for the file's next flush.
+    fn settle(&self, ino: Ino) -> FsResult<()> {
+        let mut wb = lock(&self.write_back);
+        if let Some(run) = wb.runs.remove(&ino) {
+            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
+                wb.remember(ino, &e);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the buffered writes of the file a name in `parent` names, if any file has some.
+    fn settle_name(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
+        if lock(&self.write_back).runs.is_empty() {
+            return Ok(());
+        }
+        let r = self.ns_read(
+            ReadAt::Latest,
+            NsRead::Lookup {
+                parent,
+                name: Bytes::copy_from_slice(name),
+            },
+        );
+        if let Ok(ReadReply::Attr(a)) = r {
+            self.settle(a.ino)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `data` at `start` of `ino`: one data request per chunk piece, each data shard's
+    /// pieces in order and the shards in parallel, then the size update once all are answered.
+    fn send(&self, ino: Ino, start: u64, data: Bytes) -> FsResult<()> {
+        let end = start + data.len() as u64;
+        let cs = u64::from(self.layout.chunk_size);
+        let mut per_shard: HashMap<u32, Vec<DataOp>> = HashMap::new();
+        let mut pos = start;
+        while pos < end {
+            let index = pos / cs;
+            let within = (pos % cs) as u32;
+            let n = (cs - u64::from(within)).min(end - pos);
+            let from = (pos - start) as usize;
+            per_shard
+                .entry(placement(ino, index, self.layout.data_shards))
+                .or_default()
+                .push(DataOp::Write {
+                    ino,
+                    index,
+                    offset: within,
+                    data: data.slice(from..from + n as usize),
+                });
+            pos += n;
+        }
+        let send_all = |shard: u32, ops: Vec<DataOp>| -> FsResult<()> {
+            for op in ops {
+                self.data(shard, op)?;
+            }
+            Ok(())
+        };
+        if per_shard.len() <= 1 {
+            for (shard, ops) in per_shard {
+                send_all(shard, ops)?;
+            }
+        } else {
+            // One thread per data shard touched: at most `data_shards`, each bounded by the run.
+            let results: Vec<FsResult<()>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = per_shard
+                    .into_iter()
+                    .map(|(shard, ops)| scope.spawn(move || send_all(shard, ops)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(fs_err!(libc::EIO, "a data send panicked")))
+                    })
+                    .collect()
+            });
+            results.into_iter().collect::<FsResult<Vec<()>>>()?;
+        }
+        self.ns_attr(NsOp::Written { ino, end }).map(drop)
     }
 
     /// Attributes as the caller sees them: with the snapshot inode number inside a snapshot.
@@ -271,7 +400,14 @@ impl<S: Shards> FileSystem<S> {
                 let r = self.ns_read(ReadAt::Time(t), read)?;
                 self.attr_reply(r, Some(t))
             }
-            other => self.attr_reply(other?, p.at),
+            other => {
+                let attr = self.attr_reply(other?, p.at)?;
+                if p.at.is_none() && lock(&self.write_back).runs.contains_key(&attr.ino) {
+                    // The attributes include this client's buffered writes.
+                    return self.getattr(attr.ino);
+                }
+                Ok(attr)
+            }
         }
     }
 
@@ -387,6 +523,7 @@ impl<S: Shards> FileSystem<S> {
     /// Removes a name that is not a directory.
     pub fn unlink(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
         let parent = self.live(parent)?;
+        self.settle_name(parent, name)?;
         self.ns(NsOp::Unlink {
             parent,
             name: Bytes::copy_from_slice(name),
@@ -415,6 +552,8 @@ impl<S: Shards> FileSystem<S> {
     ) -> FsResult<()> {
         let parent = self.live(parent)?;
         let new_parent = self.live(new_parent)?;
+        self.settle_name(parent, name)?;
+        self.settle_name(new_parent, new_name)?;
         self.ns(NsOp::Rename {
             parent,
             name: Bytes::copy_from_slice(name),
@@ -503,34 +642,109 @@ impl<S: Shards> FileSystem<S> {
         Ok(out.freeze())
     }
 
-    /// Writes `data` at `offset` of file `ino`: the bytes to the data shards, then the size and
-    /// modification time to the namespace shard. Returns the attributes after the write.
+    /// Writes `data` at `offset` of file `ino` at once: any buffered writes of the file, then
+    /// the bytes to the data shards, then the size and modification time to the namespace
+    /// shard. Returns the attributes after the write.
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<Attr> {
-        let ino = self.live(ino)?;
-        let end = offset
+        self.write_buffered(ino, offset, data)?;
+        self.flush(ino)?;
+        self.getattr(ino)
+    }
+
+    /// Writes `data` at `offset` of file `ino` into the file's write-back buffer: a write
+    /// contiguous with the buffered run joins it; any other write sends the run first. The
+    /// bytes reach the shards at the latest at the next [`FileSystem::flush`] or fsync of the
+    /// file, and before any other operation of this client on it.
+    pub fn write_buffered(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()> {
+        if is_snapshot(ino) {
+            fs_bail!(libc::EROFS, "snapshots are read-only");
+        }
+        offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= FILE_SIZE_MAX)
             .ok_or_else(|| fs_err!(libc::EFBIG, "a write past the largest file"))?;
-        let cs = u64::from(self.layout.chunk_size);
-        let mut pos = offset;
-        while pos < end {
-            let index = pos / cs;
-            let within = (pos % cs) as u32;
-            let n = (cs - u64::from(within)).min(end - pos);
-            let from = (pos - offset) as usize;
-            let shard = placement(ino, index, self.layout.data_shards);
-            self.data(
-                shard,
-                DataOp::Write {
-                    ino,
-                    index,
-                    offset: within,
-                    data: Bytes::copy_from_slice(&data[from..from + n as usize]),
-                },
-            )?;
-            pos += n;
+        if data.is_empty() {
+            // Nothing to buffer: the size and time update goes out now, after the buffer.
+            self.settle(ino)?;
+            return self.send(ino, offset, Bytes::new());
         }
-        self.ns_attr(NsOp::Written { ino, end })
+        let mut wb = lock(&self.write_back);
+        if let Some(run) = wb.runs.get_mut(&ino) {
+            let joins = run.start + run.data.len() as u64 == offset
+                && run.data.len() + data.len() <= WRITE_BUFFER_BYTES_MAX;
+            if joins {
+                run.data.extend_from_slice(data);
+                if run.data.len() < WRITE_BUFFER_BYTES_MAX {
+                    return Ok(());
+                }
+            }
+            let run = wb.runs.remove(&ino).expect("present");
+            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
+                wb.remember(ino, &e);
+                return Err(e);
+            }
+            if joins {
+                return Ok(());
+            }
+        }
+        if data.len() >= WRITE_BUFFER_BYTES_MAX {
+            return self.send(ino, offset, Bytes::copy_from_slice(data));
+        }
+        if wb.runs.len() >= WRITE_BUFFERS_MAX {
+            let other = *wb.runs.keys().next().expect("not empty");
+            let run = wb.runs.remove(&other).expect("present");
+            if let Err(e) = self.send(other, run.start, run.data.freeze()) {
+                wb.remember(other, &e);
+            }
+        }
+        wb.runs.insert(
+            ino,
+            Run {
+                start: offset,
+                data: BytesMut::from(data),
+            },
+        );
+        Ok(())
+    }
+
+    /// Sends the buffered writes of `ino` (the data, then one size update) and reports any
+    /// error of an earlier deferred send of the file (`close`).
+    pub fn flush(&self, ino: Ino) -> FsResult<()> {
+        let mut wb = lock(&self.write_back);
+        let sent = match wb.runs.remove(&ino) {
+            Some(run) => self.send(ino, run.start, run.data.freeze()),
+            None => Ok(()),
+        };
+        let earlier = wb.errors.remove(&ino);
+        sent?;
+        earlier.map_or(Ok(()), Err)
+    }
+
+    /// Sends every file's buffered writes; returns the first error (the others are kept for
+    /// their files' next flush).
+    fn flush_all(&self) -> FsResult<()> {
+        let mut wb = lock(&self.write_back);
+        let runs: Vec<(Ino, Run)> = wb.runs.drain().collect();
+        let mut first = None;
+        for (ino, run) in runs {
+            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
+                wb.remember(ino, &e);
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+
+    /// `fsync` of file `ino`: sends every buffered write of this client, reports the file's
+    /// deferred-write errors, and returns once all of it is durable on every replica.
+    pub fn fsync_file(&self, ino: Ino) -> FsResult<()> {
+        // A failed send is kept for its file; this file's is taken just below.
+        self.flush_all().ok();
+        let earlier = lock(&self.write_back).errors.remove(&ino);
+        if let Some(e) = earlier {
+            return Err(e);
+        }
+        self.shards.sync()
     }
 
     /// Sets an extended attribute.
@@ -633,6 +847,7 @@ impl<S: Shards> FileSystem<S> {
     /// `fsync`: returns once every change this client made (to any file) is durable on every
     /// replica of its shard.
     pub fn fsync(&self) -> FsResult<()> {
+        self.flush_all()?;
         self.shards.sync()
     }
 

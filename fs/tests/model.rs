@@ -3,6 +3,11 @@
 //! namespace shard and three data shards, through the `FileSystem` facade and the op encodings)
 //! and to a plain in-memory tree; every reply, errno and the whole visible tree must agree.
 //!
+//! Some writes go through the client's write-back buffer (`write_buffered`) and are sent at a
+//! later flush point (`flush`, `fsync`, or any other operation on the file): every read agrees
+//! with the model at once (read-your-writes); a read at a past time T sees only what was sent
+//! before T, so past times are checked only where nothing was buffered.
+//!
 //! Each run prints its seed; `DERECHOFS_FS_SEED=N cargo test -p derechofs-fs --test model`
 //! reruns exactly that one, and `DERECHOFS_FS_SEEDS=N` runs N seeds instead of the default.
 
@@ -484,6 +489,13 @@ struct Run {
     now: u64,
     /// The model after each step, with the clock of that step's operations.
     past: Vec<(u64, Model)>,
+    /// Per entry of `past`: whether nothing was buffered after that step, so that the shards
+    /// held exactly that model until the next step.
+    past_exact: Vec<bool>,
+    /// Files that may have buffered writes.
+    buffered: Vec<Ino>,
+    /// End of the last buffered write, to make the next one contiguous sometimes.
+    last_end: Option<(Ino, u64)>,
     seed: u64,
     step: usize,
 }
@@ -502,6 +514,9 @@ impl Run {
             rng: Rng::new(seed),
             fs,
             past: vec![(START_US, model.clone())],
+            past_exact: vec![true],
+            buffered: Vec::new(),
+            last_end: None,
             model,
             now: START_US,
             seed,
@@ -798,10 +813,60 @@ impl Run {
         );
     }
 
+    /// A write into the write-back buffer: the model changes at once, the shards later.
+    fn buffered_write(&mut self) {
+        let c = self.ctx();
+        let Some(i) = self.pick_file() else { return };
+        let data = self.data();
+        let off = match self.last_end {
+            Some((f, end)) if f == i && self.rng.chance(70) => end,
+            _ => self.offset(),
+        };
+        self.fs
+            .write_buffered(i, off, &data)
+            .unwrap_or_else(|e| panic!("{c}: buffered write {i} at {off}: {e}"));
+        self.model.write(i, off, &data).unwrap();
+        self.last_end = Some((i, off + data.len() as u64));
+        if !self.buffered.contains(&i) {
+            self.buffered.push(i);
+        }
+        if self.rng.chance(20) {
+            // Read-your-writes: the attributes and bytes include the buffered write.
+            let got = seen(&self.fs.getattr(i).unwrap());
+            assert_eq!(
+                got,
+                self.model.seen(i),
+                "{c}: getattr {i} after a buffered write"
+            );
+            compare_data(&self.fs, &self.model, i, i, &c);
+        }
+    }
+
+    /// A flush point: `flush` of each buffered file (close) or `fsync`.
+    fn flush_point(&mut self) {
+        let c = self.ctx();
+        if self.rng.chance(30) {
+            self.fs
+                .fsync()
+                .unwrap_or_else(|e| panic!("{c}: fsync: {e}"));
+        } else {
+            for i in std::mem::take(&mut self.buffered) {
+                self.fs
+                    .flush(i)
+                    .unwrap_or_else(|e| panic!("{c}: flush {i}: {e}"));
+            }
+        }
+        self.buffered.clear();
+        self.last_end = None;
+    }
+
     /// The whole tree at a random past time, through `@T`, equals the model then.
     fn compare_past(&mut self) {
         let c = self.ctx();
-        let k = self.rng.below(self.past.len() as u64) as usize;
+        let exact: Vec<usize> = (0..self.past.len())
+            .filter(|&k| self.past_exact[k])
+            .collect();
+        let k = exact[self.rng.below(exact.len() as u64) as usize];
         let (t0, model) = self.past[k].clone();
         let t = match self.past.get(k + 1) {
             Some((t1, _)) if *t1 > t0 + 1 => self.rng.between(t0, t1 - 1),
@@ -927,8 +992,13 @@ fn run_seed(seed: u64) {
         run.step = step;
         run.now += run.rng.between(1, 2000);
         run.fs.shards().set_now_us(run.now);
-        run.step();
+        match run.rng.below(100) {
+            0..=14 => run.buffered_write(),
+            15..=19 => run.flush_point(),
+            _ => run.step(),
+        }
         run.past.push((run.now, run.model.clone()));
+        run.past_exact.push(run.buffered.is_empty());
     }
     run.compare_latest();
 }

@@ -695,3 +695,58 @@ fn no_time_sees_a_size_with_its_bytes_cut_during_a_truncation() {
         assert_eq!(nines, longest, "at {t}: size {}", then.size);
     }
 }
+
+#[test]
+fn buffered_writes_are_read_by_their_writer_at_once_and_seen_at_past_times_only_once_flushed() {
+    let fs = fs();
+    fs.shards().set_now_us(T0 + 1_000);
+    let f = file(&fs, ROOT_INO, "f");
+    fs.write(f.ino, 0, b"old").unwrap();
+    let versions_before = fs.history(f.ino).unwrap().len();
+    fs.shards().set_now_us(T0 + 2_000);
+    // Contiguous writes across a chunk boundary (chunks of 4096 bytes) join one run.
+    fs.write_buffered(f.ino, 0, &[b'a'; 3000]).unwrap();
+    fs.write_buffered(f.ino, 3000, &[b'b'; 3000]).unwrap();
+    fs.shards().set_now_us(T0 + 3_000);
+    // A read at a time while the bytes were buffered sees the file as sent before it.
+    let past = fs
+        .lookup(ROOT_INO, format!("f@{}us", T0 + 2_500).as_bytes())
+        .unwrap();
+    assert_eq!(past.size, 3);
+    assert_eq!(&fs.read(past.ino, 0, 10).unwrap()[..], b"old");
+    // The writer's own attributes and reads include them (and send them).
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 6000);
+    let now = fs.read(f.ino, 2990, 20).unwrap();
+    assert_eq!(&now[..10], &[b'a'; 10]);
+    assert_eq!(&now[10..], &[b'b'; 10]);
+    // One size update for the whole run, not one per write.
+    assert_eq!(fs.history(f.ino).unwrap().len(), versions_before + 1);
+    fs.flush(f.ino).unwrap();
+    // After the send, a time after it sees the bytes.
+    fs.shards().set_now_us(T0 + 4_000);
+    let later = fs
+        .lookup(ROOT_INO, format!("f@{}us", T0 + 3_500).as_bytes())
+        .unwrap();
+    assert_eq!(later.size, 6000);
+}
+
+#[test]
+fn an_error_of_a_deferred_write_is_returned_at_the_next_flush_of_the_file() {
+    let fs = fs();
+    let d = dir(&fs, ROOT_INO, "d");
+    let f = file(&fs, ROOT_INO, "f");
+    // Another file's buffer being sent must not report this one's error, nor the reverse.
+    fs.write_buffered(d.ino, 0, b"not a file").unwrap();
+    fs.write_buffered(f.ino, 0, b"fine").unwrap();
+    fs.flush(f.ino).unwrap();
+    assert_eq!(errno(fs.flush(d.ino)), libc::EISDIR);
+    // Reported once: the buffer is gone with its error.
+    fs.flush(d.ino).unwrap();
+    // An error of a send that another operation triggered is returned by it and again at
+    // fsync of the file.
+    fs.write_buffered(d.ino, 0, b"again").unwrap();
+    assert_eq!(errno(fs.read(d.ino, 0, 1)), libc::EISDIR);
+    assert_eq!(errno(fs.fsync_file(d.ino)), libc::EISDIR);
+    fs.fsync_file(f.ino).unwrap();
+    assert_eq!(&fs.read(f.ino, 0, 10).unwrap()[..], b"fine");
+}

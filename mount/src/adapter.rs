@@ -9,8 +9,12 @@
 //!   a handle keeps the entries returned so far so offsets stay valid, and adds `.` and `..`;
 //! - open files: the facade has no open state, so handles are 0; opening a snapshot inode for
 //!   writing is refused with EROFS up front rather than at the first write;
-//! - `fsync`: every write is answered once applied; `fsync` and `fsyncdir` wait until the
-//!   client's writes are durable (`FileSystem::fsync`: on a cluster, on every replica).
+//! - writes: each goes into the file system's write-back buffer for the file
+//!   (`FileSystem::write_buffered`); `flush` (every close) and `release` send it
+//!   (`FileSystem::flush`), and report an error of an earlier deferred send; `fsync` sends every
+//!   buffered write and waits until the client's writes are durable (`FileSystem::fsync_file`:
+//!   on a cluster, on every replica); `fsyncdir` likewise (`FileSystem::fsync`). The kernel's
+//!   writeback cache mode is not requested: every write reaches this adapter in order.
 //!
 //! Permissions are checked by the kernel from the attributes (`default_permissions`, always on
 //! for DerechoFS mounts); the facade is told the caller's uid and gid for the files it creates.
@@ -422,8 +426,8 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, offset, data) {
-            Ok(_) => reply.written(data.len() as u32),
+        match self.fs.write_buffered(ino.0, offset, data) {
+            Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -431,25 +435,38 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
     fn flush(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _lock_owner: fuser::LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Every write was answered only after the file system applied it.
-        reply.ok();
+        // Close: the buffered writes go out, data before the size (close-to-open).
+        Self::empty(reply, self.fs.flush(ino.0));
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        Self::empty(reply, self.fs.flush(ino.0));
     }
 
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         _fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        // Every write was answered once applied; fsync waits until they are durable.
-        Self::empty(reply, self.fs.fsync());
+        // Buffered writes go out; then wait until they are durable on every replica.
+        Self::empty(reply, self.fs.fsync_file(ino.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
