@@ -20,7 +20,8 @@
 //! decides who leaves and each shard's ragged trim, members log the decision, deliver exactly
 //! up to the trims, persist, and install the next view. Nodes join through any member
 //! (`Node::joining`), are added by the same decision, and get the logs of the shards they are
-//! given by state transfer (`transfer`), in bounded pieces. Total restart is still to come.
+//! given by state transfer (`transfer`), in bounded pieces. After every member stopped, they
+//! come back with `Node::restarting` and a quorum restarts the group from the longest logs.
 
 mod bounds;
 mod config;

@@ -93,6 +93,9 @@ pub enum Message {
         counts: Vec<(ShardId, Vec<u64>)>,
         /// The decision the member accepted in an earlier round, with that round.
         accepted: Option<(u64, Decision)>,
+        /// In a total restart, per shard whose log the member holds: the last record of its
+        /// log (`None`: empty). Empty in an ordinary view change.
+        logs: Vec<(ShardId, Option<(Version, Hlc)>)>,
     },
     /// View change, phase 2: the leader asks the members to log `decision` and accept it.
     Accept {
@@ -193,6 +196,11 @@ pub struct Decision {
     /// Per shard of the old layout, in shard id order: per sender (shard rank), how many of its
     /// messages every member delivers in the old view — the ragged trim.
     pub trims: Vec<Vec<u64>>,
+    /// Empty in an ordinary change. In a total restart (the change of a view every member of
+    /// which stopped), per shard of the old layout, in shard id order: the last record of the
+    /// longest log the restart quorum reported, where the shard's log stands when the next
+    /// view begins; members whose log is shorter fetch the rest by state transfer.
+    pub ends: Vec<Option<(Version, Hlc)>>,
 }
 
 impl Message {

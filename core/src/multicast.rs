@@ -119,6 +119,30 @@ impl Multicast {
         multicast
     }
 
+    /// The multicast of a shard this member replicated in `view_id` before every member
+    /// stopped: its log, durable on disk, ends at `last`. Wedged: a total restart only ends
+    /// the view.
+    pub(crate) fn restarted(
+        shard: ShardId,
+        view_id: u32,
+        members: Vec<NodeId>,
+        rank: usize,
+        config: &Config,
+        last: Option<(Version, Hlc)>,
+    ) -> Multicast {
+        let mut multicast = Multicast::new(shard, view_id, members, rank, config);
+        if let Some((version, hlc)) = last {
+            multicast.last_version = Some(version);
+            multicast.last_hlc = hlc;
+            multicast.rows[rank].persisted = Some(version);
+        }
+        multicast.start = last;
+        multicast.wedge();
+        // Its row means nothing to the others (nothing received survived): it is not pushed.
+        multicast.row_dirty = false;
+        multicast
+    }
+
     /// The log this member holds of the shard: its last record and what of it is persisted.
     pub(crate) fn held(&self) -> Option<Held> {
         match &self.catch_up {
@@ -198,6 +222,19 @@ impl Multicast {
             return Ok(0);
         }
         catch_up.refused = 0;
+        let end_version = piece.end.map(|(v, _)| v);
+        if catch_up.have.is_some_and(|(v, _)| Some(v) > end_version) {
+            // A total restart ended the shard's log before the tail this member holds (it
+            // came back after the restart quorum, with versions no member of the quorum had):
+            // that tail was never durable on every replica; cut it.
+            catch_up.have = piece.end;
+            catch_up.persisted = catch_up.persisted.min(end_version);
+            catch_up.unpersisted.retain(|&v| Some(v) <= end_version);
+            out.push(Action::TruncateLog {
+                shard,
+                after: end_version,
+            });
+        }
         if catch_up.end.is_some_and(|end| end != piece.end) {
             return Err(Rejection::OutOfRange("the end of a transfer changed"));
         }

@@ -17,7 +17,9 @@ use crate::row::Row;
 use crate::suspicion::Suspicion;
 use crate::transfer::{Held, Piece};
 use crate::view::{NodeId, View};
-use crate::view_change::{decide, is_majority, next_round, Leading, Report, ViewChange};
+use crate::view_change::{
+    decide, decide_restart, is_majority, next_round, Leading, Report, ViewChange,
+};
 
 /// Something that happened to the node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +185,16 @@ pub enum Action {
         /// The records, in version order.
         records: Vec<Record>,
     },
+    /// Remove from `shard`'s log every record after `after` (every record if `None`), durably,
+    /// before the records that follow: a total restart ended the shard's log before them (they
+    /// were never durable on every replica). A [`Action::Persist`] or
+    /// [`Action::AppendRecords`] may follow.
+    TruncateLog {
+        /// The shard.
+        shard: ShardId,
+        /// The last record to keep.
+        after: Option<Version>,
+    },
     /// The log of `shard` holds, persisted, every version the shard had when this view began:
     /// the shard now delivers, takes requests and answers reads here.
     CaughtUp {
@@ -275,6 +287,11 @@ pub struct Node {
     previous: Option<(View, u64, Decision)>,
     /// Ranks of the previous view already sent the decision.
     told: u64,
+    /// The last view a total restart ended and its decision, to tell members of it that come
+    /// back late (any number of views later) where their logs end.
+    last_restart: Option<(View, u64, Decision)>,
+    /// Ranks of that view already told.
+    told_restart: u64,
     /// Per peer: messages of later views, in arrival order, until this node installs them.
     future: BTreeMap<NodeId, VecDeque<Message>>,
     /// Set while this node is not a member and asks to join.
@@ -284,6 +301,9 @@ pub struct Node {
     /// The last record of this node's log of each shard it holds a log of and does not
     /// replicate now: where a state transfer resumes if it is given the shard again.
     held: BTreeMap<ShardId, Held>,
+    /// Back from a total restart: the view is the one recorded on disk, wedged, and only a
+    /// restart decision (or a decision logged before the stop) ends it.
+    restarting: bool,
     counters: Counters,
 }
 
@@ -328,13 +348,74 @@ impl Node {
             change: ViewChange::default(),
             previous: None,
             told: 0,
+            last_restart: None,
+            told_restart: 0,
             future: BTreeMap::new(),
             joining: None,
             joins_pending: Vec::new(),
             held: BTreeMap::new(),
+            restarting: false,
             counters: Counters::default(),
             view,
         })
+    }
+
+    /// The state machine of a member coming back after every member of its group stopped
+    /// (total restart): `recorded` is the last view it installed, `logged` the decision it
+    /// logged for that view, if any, and `logs` the last record of each shard log it holds,
+    /// synced and already cut back to the logged trim. It starts wedged in `recorded` and
+    /// changes it with whichever members of it come back: the leader (the lowest-ranked member
+    /// not suspected) waits for a majority of `recorded`, picks per shard the longest log, and
+    /// the next view has the members that reported; a member whose log of a shard is shorter
+    /// fetches the rest by state transfer. `docs/ARCHITECTURE.md` ("Total restart").
+    pub fn restarting(
+        config: Config,
+        recorded: View,
+        logged: Option<(u64, Decision)>,
+        logs: Vec<(ShardId, Option<(Version, Hlc)>)>,
+    ) -> Result<Node, ConfigError> {
+        let mut node = Node::new(config, recorded)?;
+        let me = node.config.node_id;
+        let mut shards = Vec::with_capacity(node.view.layout.shards().len());
+        for shard in node.view.layout.shards() {
+            let last = logs
+                .iter()
+                .find(|(id, _)| *id == shard.id)
+                .and_then(|(_, last)| *last);
+            let multicast = shard.members.iter().position(|&m| m == me).map(|position| {
+                Multicast::restarted(
+                    shard.id,
+                    node.view.view_id,
+                    shard.members.clone(),
+                    position,
+                    &node.config,
+                    last,
+                )
+            });
+            shards.push(multicast);
+        }
+        node.shards = shards;
+        for (shard, last) in logs {
+            let replicated = node.shard_ref(shard).is_some();
+            if let (false, Some((version, hlc))) = (replicated, last) {
+                let held = Held {
+                    last: (version, hlc),
+                    persisted: Some(version),
+                };
+                node.held.insert(shard, held);
+            }
+        }
+        if let Some((round, decision)) = logged {
+            node.check_decision(&decision)
+                .map_err(|_| ConfigError::Invalid("the logged decision does not fit the view"))?;
+            node.change.promised = round;
+            node.change.accepted = Some((round, decision.clone()));
+            node.change.logged = Some((round, decision));
+        }
+        node.restarting = true;
+        node.wedged = true;
+        node.membership = Membership::Wedged;
+        Ok(node)
     }
 
     /// The state machine of a node that is not a member and asks to join through `contacts`
@@ -505,6 +586,34 @@ impl Node {
             for multicast in self.shards.iter_mut().flatten() {
                 multicast.publish_floor(self.now_us);
             }
+            if self.restarting {
+                self.repropose(out);
+            }
+        }
+    }
+
+    /// In a total restart, members come back at any time: a proposal sent before a member
+    /// was up is sent again, every heartbeat, to the members not suspected that did not answer.
+    fn repropose(&mut self, out: &mut Vec<Action>) {
+        let Some(leading) = &self.change.leading else {
+            return;
+        };
+        if leading.proposal.is_some() {
+            return;
+        }
+        let suspected = self.suspicion.suspected();
+        for (rank, &peer) in self.view.members.iter().enumerate() {
+            if rank != self.rank
+                && suspected & (1 << rank) == 0
+                && !leading.reports.contains_key(&rank)
+            {
+                let message = Message::Propose {
+                    view_id: self.view.view_id,
+                    round: leading.round,
+                    suspicions: suspected,
+                };
+                out.push(Action::Send { to: peer, message });
+            }
         }
     }
 
@@ -543,6 +652,7 @@ impl Node {
             .ok_or(Rejection::UnknownSender(from))?;
         if self.suspicion.suspected() & (1 << from_rank) != 0
             && !matches!(message, Message::Commit { .. })
+            && !self.forgive(from_rank)
         {
             // A suspected member is never trusted again in this view; only a chosen decision,
             // which is safe from anyone, is taken from it.
@@ -562,6 +672,10 @@ impl Node {
             return Err(Rejection::OutOfRange("view change round"));
         }
         self.suspicion.heard(from_rank, self.now_us);
+        if self.restarting && matches!(message, Message::Data { .. } | Message::Row { .. }) {
+            // The multicast of a view a total restart ends carries nothing any more.
+            return Ok(());
+        }
         match message {
             Message::Data {
                 shard, index, body, ..
@@ -573,12 +687,12 @@ impl Node {
                 self.check_suspicions(row.suspicions)?;
                 let (multicast, sender) = self.shard_member(shard, from)?;
                 let suspicions = multicast.receive_row(sender, row)?;
-                self.suspect(suspicions, out);
+                self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
             Message::Heartbeat { suspicions, .. } => {
                 self.check_suspicions(suspicions)?;
-                self.suspect(suspicions, out);
+                self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
             Message::Propose {
@@ -590,14 +704,20 @@ impl Node {
                 suspicions,
                 counts,
                 accepted,
+                logs,
                 ..
             } => {
                 self.check_suspicions(suspicions)?;
                 if let Some((_, decision)) = &accepted {
                     self.check_decision(decision)?;
                 }
-                self.suspect(suspicions, out);
-                self.on_ack(from_rank, round, promised, Report { counts, accepted })
+                self.adopt_suspicions(suspicions, out);
+                let report = Report {
+                    counts,
+                    accepted,
+                    logs,
+                };
+                self.on_ack(from_rank, round, promised, report)
             }
             Message::Accept {
                 round, decision, ..
@@ -769,10 +889,9 @@ impl Node {
             return Ok(());
         };
         let end_version = end.map(|(v, _)| v);
-        if after > end_version {
-            return Err(Rejection::OutOfRange("a fetch after the end of the log"));
-        }
-        if after == end_version {
+        // A fetch after the end comes from a member holding a tail a total restart cut: the
+        // end alone tells it where to cut.
+        if after >= end_version {
             let message = Message::Piece {
                 view_id,
                 shard,
@@ -850,19 +969,19 @@ impl Node {
     /// A member of the previous view still sends in it: it missed the commit. Send it the
     /// decision once, so it can finish the change (or learn that it was removed).
     fn answer_laggard(&mut self, from: NodeId, view_id: u32, out: &mut Vec<Action>) {
-        let Some((previous, round, decision)) = &self.previous else {
-            return;
+        let (ended, told) = match (&self.previous, &self.last_restart) {
+            (Some(previous), _) if previous.0.view_id == view_id => (previous, &mut self.told),
+            (_, Some(restart)) if restart.0.view_id == view_id => (restart, &mut self.told_restart),
+            _ => return,
         };
-        if previous.view_id != view_id {
-            return;
-        }
+        let (previous, round, decision) = ended;
         let Some(rank) = previous.rank_of(from) else {
             return;
         };
-        if self.told & (1 << rank) != 0 {
+        if *told & (1 << rank) != 0 {
             return;
         }
-        self.told |= 1 << rank;
+        *told |= 1 << rank;
         let message = Message::Commit {
             view_id,
             round: *round,
@@ -915,15 +1034,20 @@ impl Node {
             }
         }
         let shards = self.view.layout.shards();
-        if decision.trims.len() != shards.len() {
+        if decision.trims.len() != shards.len()
+            || !(decision.ends.is_empty() || decision.ends.len() == shards.len())
+        {
             return Err(Rejection::OutOfRange("decision of the wrong shape"));
         }
+        // A restart decision's trims say where each log ends (they come from the logs, not
+        // from what this member received).
+        let restart = self.restarting || !decision.ends.is_empty();
         for (shard, trim) in shards.iter().zip(&decision.trims) {
             if trim.len() != shard.members.len() {
                 return Err(Rejection::OutOfRange("decision of the wrong shape"));
             }
             // Once the trims are delivered, a repeated decision needs only its shape checked.
-            if decision.removed & (1 << self.rank) == 0 && !self.change.trimmed {
+            if decision.removed & (1 << self.rank) == 0 && !self.change.trimmed && !restart {
                 if let Some(multicast) = self.shard_ref(shard.id) {
                     if multicast.catch_up().is_none() {
                         multicast.check_trim(trim)?;
@@ -942,7 +1066,7 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), Rejection> {
         self.check_suspicions(suspicions)?;
-        self.suspect(suspicions, out);
+        self.adopt_suspicions(suspicions, out);
         // A proposal that suspects no one adds joiners: it wedges this member all the same.
         self.wedge(out);
         if let Some((decided_round, decision)) = &self.change.decided {
@@ -976,6 +1100,7 @@ impl Node {
             suspicions: self.suspicion.suspected(),
             counts: report.counts,
             accepted: report.accepted,
+            logs: report.logs,
         };
         out.push(Action::Send {
             to: leader,
@@ -1018,6 +1143,19 @@ impl Node {
                 return Err(Rejection::OutOfRange(
                     "received counters of the wrong shape",
                 ));
+            }
+        }
+        for (shard, _) in &report.logs {
+            let in_shard = self
+                .view
+                .layout
+                .shard(*shard)
+                .is_some_and(|s| s.members.contains(&member));
+            if !in_shard {
+                return Err(Rejection::NotInShard {
+                    shard: *shard,
+                    node: member,
+                });
             }
         }
         // A member may leave out a shard it is still catching up: it delivers none of its trim.
@@ -1093,6 +1231,20 @@ impl Node {
 
     /// What this member tells a leader in phase 1.
     fn report(&self) -> Report {
+        if self.restarting {
+            // Nothing received before the stop survived it: the logs are what counts.
+            let logs = self
+                .shards
+                .iter()
+                .flatten()
+                .map(|m| (m.shard(), m.held().map(|h| h.last)))
+                .collect();
+            return Report {
+                counts: Vec::new(),
+                accepted: self.change.accepted.clone(),
+                logs,
+            };
+        }
         let counts = self
             .shards
             .iter()
@@ -1103,6 +1255,7 @@ impl Node {
         Report {
             counts,
             accepted: self.change.accepted.clone(),
+            logs: Vec::new(),
         }
     }
 
@@ -1131,6 +1284,35 @@ impl Node {
             .rank_of(from)
             .ok_or(Rejection::NotInShard { shard, node: from })?;
         Ok((multicast, sender))
+    }
+
+    /// Adds the suspicions a peer reports. A restarting node keeps only its own: who is back
+    /// differs from node to node while members come back, and a member it hears from again is
+    /// trusted again (see [`Node::forgive`]).
+    fn adopt_suspicions(&mut self, mask: u64, out: &mut Vec<Action>) {
+        if !self.restarting {
+            self.suspect(mask, out);
+        }
+    }
+
+    /// In a total restart, a member suspected for its silence (it was not back yet) is
+    /// trusted again once heard from: suspicions there only say whom a leader waits for, and
+    /// every member must answer every leader for the rounds to converge. A round this node
+    /// leads, still in phase 1 without it, starts over to include it.
+    fn forgive(&mut self, rank: usize) -> bool {
+        if !self.restarting {
+            return false;
+        }
+        self.suspicion.forgive(rank);
+        if self
+            .change
+            .leading
+            .as_ref()
+            .is_some_and(|l| l.proposal.is_none() && !l.reports.contains_key(&rank))
+        {
+            self.change.leading = None;
+        }
+        true
     }
 
     /// Adds suspicions (a mask over view ranks); any suspicion wedges every shard of this node.
@@ -1305,13 +1487,24 @@ impl Node {
                 if !all_reported {
                     return;
                 }
-                let Some(decision) = decide(
-                    &self.view.layout,
-                    &self.view.members,
-                    suspected,
-                    &self.joins_pending,
-                    &leading.reports,
-                ) else {
+                let decision = if self.restarting {
+                    decide_restart(
+                        &self.view.layout,
+                        self.view.view_id,
+                        &self.view.members,
+                        suspected,
+                        &leading.reports,
+                    )
+                } else {
+                    decide(
+                        &self.view.layout,
+                        &self.view.members,
+                        suspected,
+                        &self.joins_pending,
+                        &leading.reports,
+                    )
+                };
+                let Some(decision) = decision else {
                     // Every replica of some shard failed: only a total restart recovers it.
                     return;
                 };
@@ -1360,12 +1553,36 @@ impl Node {
             // Left out: join again through the members of the next view.
             let me = self.config.node_id;
             let contacts = members.into_iter().filter(|&m| m != me).collect();
+            let cuts = self.restart_cuts(&decision);
             self.become_joiner(contacts);
+            for (shard, end) in cuts {
+                out.push(Action::TruncateLog {
+                    shard,
+                    after: end.map(|(v, _)| v),
+                });
+                match end {
+                    Some(last) => {
+                        let held = Held {
+                            last,
+                            persisted: Some(last.0),
+                        };
+                        self.held.insert(shard, held);
+                    }
+                    None => {
+                        self.held.remove(&shard);
+                    }
+                }
+            }
             return false;
         }
         if !self.change.is_logged(&decision) {
             self.ensure_logged(round, &decision, out);
             return false;
+        }
+        if !self.change.trimmed && (self.restarting || !decision.ends.is_empty()) {
+            // Nothing is delivered in a view a total restart ends: what was delivered is in
+            // the logs, and the next view starts from the longest.
+            self.change.trimmed = true;
         }
         if !self.change.trimmed {
             self.change.trimmed = true;
@@ -1397,12 +1614,48 @@ impl Node {
         true
     }
 
+    /// A member a total restart left out (it came back late) may hold a longer log of a shard
+    /// than the restart kept: every log of the ended view is a prefix of one sequence, so the
+    /// versions beyond the shard's end were on no member of the quorum, never durable on every
+    /// replica. The shards whose logs must be cut, and where.
+    fn restart_cuts(&self, decision: &Decision) -> Vec<(ShardId, Option<(Version, Hlc)>)> {
+        let mut cuts = Vec::new();
+        for multicast in self.shards.iter().flatten() {
+            let Some(&end) = decision.ends.get(usize::from(multicast.shard().0)) else {
+                continue;
+            };
+            let last = multicast.held().map(|h| h.last.0);
+            if last > end.map(|(v, _)| v) {
+                cuts.push((multicast.shard(), end));
+            }
+        }
+        cuts
+    }
+
     fn install(&mut self, view: View, round: u64, decision: Decision, out: &mut Vec<Action>) {
         let old: Vec<Option<Multicast>> = std::mem::take(&mut self.shards);
         let old_view = self.view.clone();
-        self.enter(view.clone(), old, out);
+        let restarting = self.restarting;
+        self.enter(view.clone(), old, &decision.ends, out);
+        if !decision.ends.is_empty() {
+            self.last_restart = Some((old_view.clone(), round, decision.clone()));
+            self.told_restart = 0;
+        }
         self.previous = Some((old_view, round, decision.clone()));
         self.counters.views_installed += 1;
+        if restarting && decision.ends.is_empty() {
+            // A decision logged before the stop was adopted: the group restarts again from the
+            // view it installs. Its joiners are not told: the restart leaves out whoever is not
+            // back, and they join again.
+            self.restarting = true;
+            self.wedged = true;
+            self.membership = Membership::Wedged;
+            for multicast in self.shards.iter_mut().flatten() {
+                multicast.wedge();
+            }
+            self.replay_future(out);
+            return;
+        }
         for &joiner in &decision.joined {
             let message = Message::Welcome { view: view.clone() };
             out.push(Action::Send {
@@ -1416,7 +1669,7 @@ impl Node {
     /// A joiner was welcomed into `view`: every shard it replicates there is new to it.
     fn install_welcome(&mut self, view: View, out: &mut Vec<Action>) {
         self.joining = None;
-        self.enter(view, Vec::new(), out);
+        self.enter(view, Vec::new(), &[], out);
         self.counters.views_installed += 1;
         self.replay_future(out);
     }
@@ -1424,7 +1677,16 @@ impl Node {
     /// Enters `view`: continues the shards of `old` this node keeps, starts the others by
     /// state transfer (resuming from the logs it holds), and wedges at once if the view is
     /// inadequate.
-    fn enter(&mut self, view: View, mut old: Vec<Option<Multicast>>, out: &mut Vec<Action>) {
+    ///
+    /// `ends` is empty, or, after a total restart, per shard the end of the longest log: a
+    /// log that ends elsewhere is caught up from a member whose log ends there.
+    fn enter(
+        &mut self,
+        view: View,
+        mut old: Vec<Option<Multicast>>,
+        ends: &[Option<(Version, Hlc)>],
+        out: &mut Vec<Action>,
+    ) {
         let me = self.config.node_id;
         let rank = view.rank_of(me).expect("a node enters a view it is in");
         let mut shards = Vec::with_capacity(view.layout.shards().len());
@@ -1435,8 +1697,12 @@ impl Node {
             };
             let members = shard.members.clone();
             let previous = old.get_mut(usize::from(shard.id.0)).and_then(Option::take);
+            let end = ends.get(usize::from(shard.id.0));
             let multicast = match previous {
-                Some(multicast) if multicast.catch_up().is_none() => {
+                Some(multicast)
+                    if multicast.catch_up().is_none()
+                        && end.is_none_or(|&end| multicast.last_delivered() == end) =>
+                {
                     multicast.successor(view.view_id, members, position, &self.config)
                 }
                 Some(multicast) => Multicast::joining(
@@ -1471,6 +1737,7 @@ impl Node {
         );
         self.suspicion.start(self.now_us);
         self.wedged = false;
+        self.restarting = false;
         self.membership = Membership::Active;
         self.change = ViewChange::default();
         self.told = 0;
@@ -1501,6 +1768,7 @@ impl Node {
         self.view = placeholder(me, self.view.view_id);
         self.rank = 0;
         self.wedged = false;
+        self.restarting = false;
         self.membership = Membership::Joining;
         self.change = ViewChange::default();
         self.previous = None;
@@ -1545,6 +1813,12 @@ impl Node {
     /// Whether this node stopped its shards, awaiting a view change.
     pub fn is_wedged(&self) -> bool {
         self.wedged
+    }
+
+    /// Whether this node is back from a total restart and its group has not installed the
+    /// view that ends it yet.
+    pub fn is_restarting(&self) -> bool {
+        self.restarting
     }
 
     /// Where this node stands in the membership. A node in [`Membership::NoMajority`] takes no

@@ -1,7 +1,8 @@
 //! Failure detection: who has been silent too long, and who is suspected by anyone.
 //!
 //! Suspicions are a mask over view ranks. They only grow within a view: a suspected member is
-//! never trusted again, which is what makes the view change that follows well defined.
+//! never trusted again, which is what makes the view change that follows well defined. The
+//! one exception is a total restart, where a member is suspected only for not being back yet.
 
 #[derive(Debug)]
 pub(crate) struct Suspicion {
@@ -47,6 +48,12 @@ impl Suspicion {
         let new = mask & !self.suspected;
         self.suspected |= mask;
         new
+    }
+
+    /// Trusts `rank` again (only in a total restart, before any decision: a member that was
+    /// not back yet is).
+    pub(crate) fn forgive(&mut self, rank: usize) {
+        self.suspected &= !(1 << rank);
     }
 
     pub(crate) fn suspected(&self) -> u64 {

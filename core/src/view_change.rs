@@ -12,6 +12,8 @@
 
 use std::collections::BTreeMap;
 
+use derechofs_storage::{Hlc, Version};
+
 use crate::bounds::{ROUND_MAX, VIEW_MEMBERS_MAX};
 use crate::layout::{Layout, ShardId};
 use crate::message::Decision;
@@ -24,6 +26,8 @@ pub(crate) struct Report {
     pub(crate) counts: Vec<(ShardId, Vec<u64>)>,
     /// The decision it accepted, with the round.
     pub(crate) accepted: Option<(u64, Decision)>,
+    /// In a total restart, per shard it replicates: the last record of its log.
+    pub(crate) logs: Vec<(ShardId, Option<(Version, Hlc)>)>,
 }
 
 /// The leader's side of one round.
@@ -139,7 +143,82 @@ pub(crate) fn decide(
         removed: suspected,
         joined,
         trims,
+        ends: Vec::new(),
     })
+}
+
+/// The decision of a restart leader: the accepted decision of the highest round among the
+/// reports if there is one (it may have been chosen before the stop), else a fresh one
+/// removing the suspected members (those not back), adding no one, and ending each shard's
+/// log at the longest log a live member of the shard reported. Its trim keeps, in the ended
+/// view `view_id`, exactly the versions of that longest log (so a log cut back to the logged
+/// trim keeps it). `None` if some shard has no live member that reported its log: nothing
+/// says where that shard's log ends, and a version durable on all its replicas could be lost.
+pub(crate) fn decide_restart(
+    layout: &Layout,
+    view_id: u32,
+    members: &[NodeId],
+    suspected: u64,
+    reports: &BTreeMap<usize, Report>,
+) -> Option<Decision> {
+    let adopted = reports
+        .values()
+        .filter_map(|report| report.accepted.as_ref())
+        .max_by_key(|(round, _)| *round);
+    if let Some((_, decision)) = adopted {
+        return Some(decision.clone());
+    }
+    let mut trims = Vec::with_capacity(layout.shards().len());
+    let mut ends = Vec::with_capacity(layout.shards().len());
+    for shard in layout.shards() {
+        let mut end: Option<Option<(Version, Hlc)>> = None;
+        for &member in &shard.members {
+            let rank = members
+                .iter()
+                .position(|&m| m == member)
+                .expect("shard members are view members");
+            if suspected & (1 << rank) != 0 {
+                continue;
+            }
+            let Some(report) = reports.get(&rank) else {
+                continue;
+            };
+            let Some((_, last)) = report.logs.iter().find(|(id, _)| *id == shard.id) else {
+                continue;
+            };
+            end = Some(match end {
+                Some(longest) if longest.map(|(v, _)| v) >= last.map(|(v, _)| v) => longest,
+                _ => *last,
+            });
+        }
+        let end = end?;
+        trims.push(trim_keeping(view_id, shard.members.len(), end));
+        ends.push(end);
+    }
+    Some(Decision {
+        removed: suspected,
+        joined: Vec::new(),
+        trims,
+        ends,
+    })
+}
+
+/// The ragged trim of view `view_id` in a shard of `senders` members that keeps exactly the
+/// versions up to `end` (message `i` of the sender of rank `r` is sequence `i * senders + r`).
+pub(crate) fn trim_keeping(view_id: u32, senders: usize, end: Option<(Version, Hlc)>) -> Vec<u64> {
+    let senders = senders as u64;
+    let start = u64::from(view_id) << 32;
+    let last_seq = end.and_then(|(version, _)| {
+        version
+            .checked_sub(start)
+            .filter(|_| version >> 32 == u64::from(view_id))
+    });
+    (0..senders)
+        .map(|rank| match last_seq {
+            Some(seq) if seq >= rank => (seq - rank) / senders + 1,
+            _ => 0,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -148,7 +227,83 @@ mod tests {
     use crate::layout::LayoutSpec;
 
     fn report(counts: Vec<(ShardId, Vec<u64>)>, accepted: Option<(u64, Decision)>) -> Report {
-        Report { counts, accepted }
+        Report {
+            counts,
+            accepted,
+            logs: Vec::new(),
+        }
+    }
+
+    fn restart_report(logs: Vec<(ShardId, Option<(Version, Hlc)>)>) -> Report {
+        Report {
+            counts: Vec::new(),
+            accepted: None,
+            logs,
+        }
+    }
+
+    #[test]
+    fn a_restart_ends_each_shard_at_the_longest_reported_log() {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 1,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        let layout = Layout::assign(spec, &members, None).unwrap();
+        let view = 5u64 << 32;
+        let long = Some((view + 7, Hlc::at(70)));
+        let short = Some((view + 2, Hlc::at(20)));
+        let older = Some((4u64 << 32 | 9, Hlc::at(9)));
+        let mut reports = BTreeMap::new();
+        reports.insert(
+            0,
+            restart_report(vec![(ShardId(0), short), (ShardId(1), older)]),
+        );
+        reports.insert(
+            1,
+            restart_report(vec![(ShardId(0), long), (ShardId(1), older)]),
+        );
+        // Rank 2 is not back: it is removed, and what its log held does not count.
+        let decision = decide_restart(&layout, 5, &members, 0b100, &reports).unwrap();
+        assert_eq!(decision.removed, 0b100);
+        assert!(decision.joined.is_empty());
+        assert_eq!(decision.ends, vec![long, older]);
+        // Sequence 7 of 3 senders: messages 0..=2 of rank 0 and 1 (seqs 0,3,6 and 1,4,7), two
+        // of rank 2 (2,5); nothing of view 5 in shard 1.
+        assert_eq!(decision.trims, vec![vec![3, 3, 2], vec![0, 0, 0]]);
+        // A shard none of whose live members reported cannot be ended.
+        let mut partial = BTreeMap::new();
+        partial.insert(0, restart_report(vec![(ShardId(0), short)]));
+        assert_eq!(decide_restart(&layout, 5, &members, 0b110, &partial), None);
+    }
+
+    #[test]
+    fn a_restart_adopts_a_decision_logged_before_the_stop() {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        let layout = Layout::assign(spec, &members, None).unwrap();
+        let logged = Decision {
+            removed: 0b010,
+            joined: vec![],
+            trims: vec![vec![1, 1, 1]],
+            ends: vec![],
+        };
+        let mut reports = BTreeMap::new();
+        reports.insert(0, restart_report(vec![(ShardId(0), None)]));
+        let mut with_logged = restart_report(vec![(ShardId(0), None)]);
+        with_logged.accepted = Some((64, logged.clone()));
+        reports.insert(2, with_logged);
+        assert_eq!(
+            decide_restart(&layout, 5, &members, 0b010, &reports),
+            Some(logged)
+        );
     }
 
     #[test]
@@ -201,11 +356,13 @@ mod tests {
             removed: 0b001,
             joined: vec![],
             trims: vec![vec![1, 1]],
+            ends: vec![],
         };
         let newer = Decision {
             removed: 0b001,
             joined: vec![7],
             trims: vec![vec![2, 1]],
+            ends: vec![],
         };
         let mut reports = BTreeMap::new();
         reports.insert(1, report(vec![(ShardId(0), vec![9, 9])], Some((64, old))));

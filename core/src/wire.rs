@@ -15,10 +15,12 @@
 //! Propose   = 4 view_id round suspicions
 //! Ack       = 5 view_id round promised suspicions count (shard senders received*senders)*count
 //!             0 | 1 accepted_round decision           (accepted)
+//!             logs (shard end)*logs                   (restart: each log's last record)
 //! Accept    = 6 view_id round decision
 //! Accepted  = 7 view_id round
 //! Commit    = 8 view_id round decision
 //!   decision = removed joins node*joins shards (senders trim*senders)*shards
+//!              ends end*ends                          (restart: each shard's log end)
 //! Join      = 9 view_id
 //! Redirect  = 10 view_id leader
 //! Welcome   = 11 view
@@ -162,6 +164,7 @@ impl Message {
                 suspicions,
                 counts,
                 accepted,
+                logs,
             } => {
                 out.push(TAG_ACK);
                 put_varint(out, u64::from(*view_id));
@@ -180,6 +183,11 @@ impl Message {
                         put_varint(out, *round);
                         put_decision(out, decision);
                     }
+                }
+                put_varint(out, logs.len() as u64);
+                for (shard, end) in logs {
+                    put_varint(out, u64::from(shard.0));
+                    put_end(out, *end);
                 }
             }
             Message::Accept {
@@ -243,14 +251,7 @@ impl Message {
                 put_varint(out, u64::from(shard.0));
                 put_version(out, *after);
                 out.push(u8::from(*ready));
-                match end {
-                    None => out.push(0),
-                    Some((version, hlc)) => {
-                        out.push(1);
-                        put_varint(out, *version);
-                        put_hlc(out, *hlc);
-                    }
-                }
+                put_end(out, *end);
                 put_varint(out, records.len() as u64);
                 for record in records {
                     put_varint(out, record.version);
@@ -406,6 +407,12 @@ impl Message {
                     1 => Some((reader.varint("accepted round")?, reader.decision()?)),
                     _ => return Err(DecodeError::BadInteger("accepted")),
                 };
+                // Each log takes at least 2 bytes.
+                let (count, mut logs) = reader.list("log count", 0, SHARDS_MAX, 2)?;
+                for _ in 0..count {
+                    let shard = reader.shard()?;
+                    logs.push((shard, reader.end()?));
+                }
                 Message::Ack {
                     view_id,
                     round,
@@ -413,6 +420,7 @@ impl Message {
                     suspicions,
                     counts,
                     accepted,
+                    logs,
                 }
             }
             TAG_ACCEPT => Message::Accept {
@@ -453,11 +461,7 @@ impl Message {
                     1 => true,
                     _ => return Err(DecodeError::BadInteger("ready")),
                 };
-                let end = match reader.u8()? {
-                    0 => None,
-                    1 => Some((reader.varint("end")?, reader.hlc()?)),
-                    _ => return Err(DecodeError::BadInteger("end")),
-                };
+                let end = reader.end()?;
                 Message::Piece {
                     view_id,
                     shard,
@@ -506,6 +510,21 @@ fn put_decision(out: &mut Vec<u8>, decision: &Decision) {
     put_varint(out, decision.trims.len() as u64);
     for trim in &decision.trims {
         put_counters(out, trim);
+    }
+    put_varint(out, decision.ends.len() as u64);
+    for end in &decision.ends {
+        put_end(out, *end);
+    }
+}
+
+fn put_end(out: &mut Vec<u8>, end: Option<(u64, Hlc)>) {
+    match end {
+        None => out.push(0),
+        Some((version, hlc)) => {
+            out.push(1);
+            put_varint(out, version);
+            put_hlc(out, hlc);
+        }
     }
 }
 
@@ -632,11 +651,26 @@ impl Reader<'_> {
         for _ in 0..shards {
             trims.push(self.counters("trim")?);
         }
+        // Each end takes at least 1 byte.
+        let (count, mut ends) = self.list("end count", 0, SHARDS_MAX, 1)?;
+        for _ in 0..count {
+            ends.push(self.end()?);
+        }
         Ok(Decision {
             removed,
             joined,
             trims,
+            ends,
         })
+    }
+
+    /// The last record of a log, if any: `0` or `1 version wall_us logical`.
+    fn end(&mut self) -> Result<Option<(u64, Hlc)>, DecodeError> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some((self.varint("end")?, self.hlc()?))),
+            _ => Err(DecodeError::BadInteger("end")),
+        }
     }
 
     /// A count of `min..=max` node ids and the ids.
@@ -824,6 +858,9 @@ mod tests {
             removed: rng.number(),
             joined: random_nodes(rng, 4),
             trims: (0..rng.below(4)).map(|_| random_counters(rng)).collect(),
+            ends: (0..rng.below(3))
+                .map(|_| (rng.below(2) == 1).then(|| (rng.number(), rng.hlc())))
+                .collect(),
         }
     }
 
@@ -872,6 +909,12 @@ mod tests {
                 } else {
                     Some((rng.number(), random_decision(rng)))
                 };
+                let logs = (0..rng.below(3))
+                    .map(|_| {
+                        let end = (rng.below(2) == 1).then(|| (rng.number(), rng.hlc()));
+                        (ShardId(rng.number() as u16), end)
+                    })
+                    .collect();
                 Message::Ack {
                     view_id,
                     round: rng.number(),
@@ -879,6 +922,7 @@ mod tests {
                     suspicions: rng.number(),
                     counts,
                     accepted,
+                    logs,
                 }
             }
             6 => Message::Accept {

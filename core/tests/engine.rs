@@ -119,6 +119,9 @@ impl Cluster {
                     self.delivered[node].extend(deliveries);
                 }
                 Action::AppendRecords { records, .. } => self.logs[node].extend(records),
+                Action::TruncateLog { after, .. } => {
+                    self.logs[node].retain(|r| Some(r.version) <= after);
+                }
                 Action::ReadRecords {
                     to,
                     shard,
@@ -250,6 +253,24 @@ impl Cluster {
             self.settle();
             self.log_trims();
             self.persist_all();
+        }
+    }
+
+    /// Every node stops at once and comes back from its log (as its driver recovered it) and
+    /// the view it recorded, with nothing else: no message in flight, nothing in memory.
+    fn stop_all_and_restart(&mut self, nodes: &[usize]) {
+        self.wire.clear();
+        self.driver.clear();
+        let view = self.nodes[0].view().clone();
+        for node in 0..self.nodes.len() {
+            self.crashed[node] = !nodes.contains(&node);
+            self.persist_asked[node].clear();
+            self.trims_asked[node].clear();
+            let last = self.logs[node].last().map(|r| (r.version, r.hlc));
+            let mut config = Config::new(node as NodeId + 1);
+            (self.configure)(&mut config);
+            self.nodes[node] =
+                Node::restarting(config, view.clone(), None, vec![(SHARD, last)]).unwrap();
         }
     }
 
@@ -987,6 +1008,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
             removed: 0b100,
             joined: vec![],
             trims: vec![vec![0, 0]],
+            ends: vec![],
         },
     };
     assert!(cluster
@@ -1009,6 +1031,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
                 removed: 0,
                 joined,
                 trims: vec![vec![0, 0, 0]],
+                ends: vec![],
             },
         };
         assert!(cluster
@@ -1048,4 +1071,50 @@ fn a_proposal_that_suspects_no_one_wedges_the_member_and_is_answered() {
         .wire
         .iter()
         .any(|(_, to, m)| *to == 1 && matches!(m, Message::Ack { .. })));
+}
+
+#[test]
+fn a_total_restart_continues_from_the_longest_log_of_a_majority_and_cuts_a_late_longer_one() {
+    let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
+    for id in 1..=6 {
+        cluster.submit((id % 3) as usize, id, b"w");
+    }
+    cluster.settle();
+    cluster.persist_all();
+    let full = cluster.logs[0].clone();
+    assert_eq!(full.len(), 6);
+    // Every node stops. Node 3 lost its last three versions (its disk had not synced them),
+    // node 2 its last one; node 1 keeps everything but does not come back at first.
+    cluster.logs[1].truncate(5);
+    cluster.logs[2].truncate(3);
+    let restarted_from = cluster.nodes[0].view().clone();
+    cluster.stop_all_and_restart(&[1, 2]);
+    assert_eq!(cluster.nodes[1].membership(), Membership::Wedged);
+    cluster.tick_until_suspected();
+    let restarted = cluster.installed[1].last().unwrap().clone();
+    assert_eq!(restarted.view_id, 2);
+    assert_eq!(restarted.members, vec![2, 3]);
+    assert_eq!(cluster.installed[2].last(), Some(&restarted));
+    // Node 3 fetched what it lacked from node 2, the longest log of the quorum.
+    assert_eq!(cluster.logs[1], full[..5].to_vec());
+    assert_eq!(cluster.logs[2], cluster.logs[1]);
+    assert_eq!(cluster.nodes[2].counters().records_transferred, 2);
+    // The group takes writes again.
+    cluster.submit(2, 7, b"x");
+    cluster.settle();
+    cluster.persist_all();
+    assert_eq!(cluster.logs[1].len(), 6);
+    assert_eq!(cluster.logs[2], cluster.logs[1]);
+    // Node 1 comes back late, from view 1: a member tells it how the restart ended view 1; its
+    // sixth version, which no member of the quorum had, is cut; it joins and fetches the new
+    // view's version.
+    let recorded = restarted_from.clone();
+    let last = full.last().map(|r| (r.version, r.hlc));
+    let mut config = Config::new(1);
+    (cluster.configure)(&mut config);
+    cluster.nodes[0] = Node::restarting(config, recorded, None, vec![(SHARD, last)]).unwrap();
+    cluster.crashed[0] = false;
+    cluster.tick_until_suspected();
+    assert_eq!(cluster.installed[0].last().unwrap().members, vec![2, 3, 1]);
+    assert_eq!(cluster.logs[0], cluster.logs[1]);
 }

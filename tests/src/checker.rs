@@ -66,6 +66,11 @@ struct ShardLog {
     /// Time reads answered: the time, and how many versions were at or below it.
     answers: BTreeMap<Hlc, usize>,
     answered_max: Option<Hlc>,
+    /// Tails a total restart cut, by the position of their first entry: a node that comes
+    /// back late may still hold one until it learns where the restart ended the log.
+    cut: Vec<(usize, Vec<Entry>)>,
+    /// The highest persistence frontier any node reported: durable on every replica.
+    durable_max: Option<Version>,
 }
 
 /// The state every invariant is checked against.
@@ -206,6 +211,102 @@ impl Checker {
         Ok(())
     }
 
+    /// A total restart ended `shard`'s log at `end`: versions delivered beyond it are gone.
+    /// None of them may have been durable on every replica (in a persistence frontier some
+    /// node reported) or below a time read already answered.
+    pub fn cut(&mut self, shard: ShardId, end: Option<Version>) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let log = &mut self.shards[s];
+        let keep = log.canonical.partition_point(|e| Some(e.version) <= end);
+        if log.canonical.get(keep.wrapping_sub(1)).map(|e| e.version) != end
+            && !(end.is_none() && keep == 0)
+        {
+            return violation!(
+                "total restart: {shard} ends at {end:?}, which no replica delivered"
+            );
+        }
+        if log.durable_max > end {
+            return violation!(
+                "durability: a total restart ended {shard} at {end:?}, below the persistence                  frontier {:?} reached before",
+                log.durable_max
+            );
+        }
+        if let Some(answered) = log.answered_max {
+            if log.canonical[keep..].iter().any(|e| e.hlc <= answered) {
+                return violation!(
+                    "time read: a total restart cut versions of {shard} a read at {answered}                      was answered with"
+                );
+            }
+        }
+        if keep == log.canonical.len() {
+            return Ok(());
+        }
+        let tail = log.canonical.split_off(keep);
+        log.cut.push((keep, tail));
+        for delivered in &mut self.delivered {
+            delivered[s] = delivered[s].min(keep);
+        }
+        Ok(())
+    }
+
+    /// Node `node` comes back after a total restart with `records` in its log of `shard`: a
+    /// prefix of the shard's log, perhaps followed by part of a tail a restart cut. It counts
+    /// as having delivered the prefix.
+    pub fn recover(
+        &mut self,
+        node: usize,
+        shard: ShardId,
+        records: &[derechofs_core::Record],
+    ) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        let log = &self.shards[s];
+        let mut prefix = 0;
+        for (at, record) in records.iter().enumerate() {
+            let same = |e: &Entry| e.version == record.version && e.hlc == record.hlc;
+            if prefix == at && log.canonical.get(at).is_some_and(same) {
+                prefix += 1;
+                continue;
+            }
+            let in_cut = log
+                .cut
+                .iter()
+                .any(|(first, tail)| at >= *first && tail.get(at - first).is_some_and(same));
+            if !in_cut {
+                return violation!(
+                    "its log of {shard} holds {:#x} at position {at}, not the shard's log nor                      a tail a restart cut",
+                    record.version
+                );
+            }
+        }
+        if let Some(persisted) = self.persisted[node][s] {
+            if records.last().map(|r| r.version) < Some(persisted) {
+                return violation!("its disk lost {persisted:#x} of {shard}, reported persisted");
+            }
+        }
+        self.delivered[node][s] = prefix;
+        self.persisted[node][s] = prefix.checked_sub(1).map(|i| records[i].version);
+        self.join_shard(node, shard);
+        Ok(())
+    }
+
+    /// Node `node` cut its log of `shard` to its first `kept` records, which must be what it
+    /// delivered of the shard's log.
+    pub fn truncate(&mut self, node: usize, shard: ShardId, kept: usize) -> Result<(), Violation> {
+        let s = usize::from(shard.0);
+        if kept > self.delivered[node][s] {
+            return violation!(
+                "node {node} kept {kept} records of {shard} after a cut, but only {} are the                  shard's log",
+                self.delivered[node][s]
+            );
+        }
+        self.delivered[node][s] = kept;
+        let last = kept
+            .checked_sub(1)
+            .map(|i| self.shards[s].canonical[i].version);
+        self.persisted[node][s] = self.persisted[node][s].min(last);
+        Ok(())
+    }
+
     /// The longest log of `shard` delivered anywhere.
     pub fn canonical(&self, shard: ShardId) -> &[Entry] {
         &self.shards[usize::from(shard.0)].canonical
@@ -319,6 +420,8 @@ impl Checker {
             return violation!("node {node}: stability frontier of {shard} went back");
         }
         *before = stability;
+        let log = &mut self.shards[s];
+        log.durable_max = log.durable_max.max(durable);
         let before = &mut self.durable[node][s];
         if durable < *before {
             return violation!("node {node}: persistence frontier of {shard} went back");

@@ -2,14 +2,14 @@
 //! them, checking every invariant after every step.
 
 use std::cmp::Ordering;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use derechofs_core::{
-    Action, Config, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node, NodeId, Record,
-    Request, ShardId, StepError, SubmitError, Version, View,
+    Action, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node, NodeId,
+    Record, Request, ShardId, StepError, SubmitError, Version, View,
 };
 
 /// Ids of probe requests: above every client's.
@@ -323,6 +323,61 @@ impl Options {
         options
     }
 
+    /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
+    /// and a total restart: under load, every node stops (within a few milliseconds of each
+    /// other, so some logs end earlier than others), losing what its disk had not synced or
+    /// tearing it; then every node, or a majority, starts again from its disk and recorded
+    /// view within two suspicion timeouts, and some of the others come back much later (they
+    /// join the restarted group) or never. Shards have enough replicas that the nodes back in
+    /// time hold a replica of each, so the run must make progress after the restart.
+    pub fn with_total_restart(seed: u64) -> Options {
+        let mut options = Options::from_seed(seed);
+        let mut rng = Rng::new(seed ^ 0x02e5_7a27);
+        let nodes = options.nodes;
+        options.suspect_after_ms = rng.between(100, 300).max(3 * options.heartbeat_ms);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let stop_us = rng.between(20_000, 300_000);
+        let mut order: Vec<usize> = (0..nodes).collect();
+        for i in (1..nodes).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        let quorum = if rng.chance(50) {
+            nodes
+        } else {
+            nodes / 2 + 1 + rng.below((nodes - nodes / 2 - 1) as u64 + 1) as usize
+        };
+        options.spec.replicas = options
+            .spec
+            .replicas
+            .max((nodes - quorum + 1) as u16)
+            .min(nodes as u16);
+        options.spec.replicas_min = 1;
+        let mut faults = Vec::new();
+        for &node in &order {
+            let at_us = stop_us + rng.below(3_000);
+            faults.push(Fault::Crash { node, at_us });
+        }
+        let back_us = stop_us + 3_000;
+        let mut heal_us = back_us;
+        for (i, &node) in order.iter().enumerate() {
+            if i < quorum {
+                let at_us = back_us + rng.below(2 * suspect_us);
+                heal_us = heal_us.max(at_us);
+                faults.push(Fault::Recover { node, at_us });
+            }
+        }
+        for &node in &order[quorum..] {
+            if rng.chance(70) {
+                let at_us = heal_us + rng.between(suspect_us, 8 * suspect_us);
+                faults.push(Fault::Recover { node, at_us });
+            }
+        }
+        options.faults = faults;
+        options.heal_us = heal_us;
+        options.time_limit_us = heal_us + 40 * suspect_us + 2_000_000;
+        options
+    }
+
     /// The nodes the faults touch: crashed, at an end of a broken link, partitioned away, or
     /// with a link out of them clogged for half the suspicion timeout or more.
     pub fn faulty(&self) -> Vec<usize> {
@@ -330,7 +385,7 @@ impl Options {
         for fault in &self.faults {
             match fault {
                 Fault::Crash { node, .. } => faulty.push(*node),
-                Fault::Join { .. } | Fault::Restart { .. } => {}
+                Fault::Join { .. } | Fault::Restart { .. } | Fault::Recover { .. } => {}
                 Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
                 Fault::Partition { minority, .. } => faulty.extend(minority),
                 Fault::Clog {
@@ -346,6 +401,13 @@ impl Options {
                 }
             }
         }
+        // A node that comes back in time for a total restart is not faulty.
+        faulty.retain(|node| {
+            !self
+                .faults
+                .iter()
+                .any(|f| matches!(f, Fault::Recover { node: n, at_us } if n == node && *at_us <= self.heal_us))
+        });
         faulty.sort_unstable();
         faulty.dedup();
         faulty
@@ -396,6 +458,14 @@ pub enum Fault {
     /// A crashed node starts again from what its disk kept: it asks to join and resumes its
     /// logs by state transfer.
     Restart {
+        /// The node.
+        node: usize,
+        /// When.
+        at_us: u64,
+    },
+    /// After every node stopped (total restart): a crashed node starts again from its disk
+    /// and the view it recorded, with the decision it logged for that view, if any.
+    Recover {
         /// The node.
         node: usize,
         /// When.
@@ -645,6 +715,14 @@ struct Simulation {
     transferred: u64,
     caught_up: u64,
     restarts: u64,
+    /// Per node: the decision its driver was asked to log, until it confirms it.
+    logging: Vec<Option<(u32, u64, Decision)>>,
+    /// Per node: the decision logged for the view it recorded, on its disk.
+    logged: Vec<Option<(u32, u64, Decision)>>,
+    /// Per node: back from a total restart, not yet in the view that ends it.
+    restarting: Vec<bool>,
+    /// Views a total restart ended, whose logs the checker cut.
+    restarts_ended: BTreeSet<u32>,
     trace: DefaultHasher,
     actions: Vec<Action>,
 }
@@ -750,6 +828,10 @@ impl Simulation {
             transferred: 0,
             caught_up: 0,
             restarts: 0,
+            logging: vec![None; total],
+            logged: vec![None; total],
+            restarting: vec![false; total],
+            restarts_ended: BTreeSet::new(),
             trace: DefaultHasher::new(),
             actions: Vec::new(),
             nodes,
@@ -773,7 +855,8 @@ impl Simulation {
                 | Fault::Break { at_us, .. }
                 | Fault::Partition { at_us, .. }
                 | Fault::Join { at_us, .. }
-                | Fault::Restart { at_us, .. } => {
+                | Fault::Restart { at_us, .. }
+                | Fault::Recover { at_us, .. } => {
                     simulation.schedule(*at_us, Event::Fault { index });
                 }
                 Fault::Clog { .. } => {}
@@ -956,7 +1039,15 @@ impl Simulation {
                 node,
                 view_id,
                 round,
-            } => self.step(node, Input::TrimLogged { view_id, round }),
+            } => {
+                if self.logging[node]
+                    .as_ref()
+                    .is_some_and(|(v, r, _)| (*v, *r) == (view_id, round))
+                {
+                    self.logged[node] = self.logging[node].take();
+                }
+                self.step(node, Input::TrimLogged { view_id, round })
+            }
             Event::LinkBroken { node, peer } => self.step(node, Input::LinkBroken { peer }),
             Event::Probe => {
                 for s in 0..self.members.len() {
@@ -977,6 +1068,7 @@ impl Simulation {
         match fault {
             Fault::Crash { node, .. } => self.crash(node),
             Fault::Restart { node, .. } => self.restart(node)?,
+            Fault::Recover { node, .. } => self.recover(node)?,
             Fault::Join { node, .. } => {
                 self.crashed[node] = false;
                 self.schedule_to(node, self.time_us, Event::Tick { node });
@@ -1047,6 +1139,55 @@ impl Simulation {
         self.nodes[node] = Node::joining(config, contacts, held, last_view_id)
             .map_err(|e| Violation(format!("node {node} cannot restart: {e}")))?;
         self.views[node] = None;
+        self.crashed[node] = false;
+        self.incarnation[node] += 1;
+        self.restarts += 1;
+        self.schedule_to(node, self.time_us, Event::Tick { node });
+        Ok(())
+    }
+
+    /// After every node stopped, a node starts again from its disk: it syncs what its logs
+    /// kept, cuts them back to the trim it logged for its recorded view (as its driver does),
+    /// and comes back in that view, restarting. A node with no recorded view (it was joining)
+    /// asks to join instead.
+    fn recover(&mut self, node: usize) -> Result<(), Violation> {
+        if !self.crashed[node] {
+            return Ok(());
+        }
+        let Some(recorded) = self.views[node].clone() else {
+            return self.restart(node);
+        };
+        let logged = self.logged[node]
+            .clone()
+            .filter(|(view_id, _, _)| *view_id == recorded.view_id);
+        let me = node as NodeId + 1;
+        let mut logs = Vec::new();
+        for (s, disk) in self.disks[node].iter_mut().enumerate() {
+            let shard = ShardId(s as u16);
+            if let Some((view_id, _, decision)) = &logged {
+                let end = trim_end(*view_id, &decision.trims[s]);
+                disk.records.retain(|r| r.version <= end);
+            }
+            disk.synced = disk.records.len();
+            self.checker
+                .recover(node, shard, &disk.records)
+                .map_err(|v| Violation(format!("recovery of node {node}: {v}")))?;
+            let replicated = recorded
+                .layout
+                .shard(shard)
+                .is_some_and(|s| s.members.contains(&me));
+            let last = disk.records.last().map(|r| (r.version, r.hlc));
+            if replicated || last.is_some() {
+                logs.push((shard, last));
+            }
+            self.catching_up[node][s] = false;
+        }
+        let config = config_of(&self.options, me);
+        let decision = logged.map(|(_, round, decision)| (round, decision));
+        self.nodes[node] = Node::restarting(config, recorded, decision, logs)
+            .map_err(|e| Violation(format!("node {node} cannot recover: {e}")))?;
+        self.logging[node] = None;
+        self.restarting[node] = true;
         self.crashed[node] = false;
         self.incarnation[node] += 1;
         self.restarts += 1;
@@ -1307,6 +1448,15 @@ impl Simulation {
                 let done = self.time_us + self.rng.between(low, high) / 4;
                 self.schedule_to(node, done, Event::Driver { node, input });
             }
+            Action::TruncateLog { shard, after } => {
+                let disk = &mut self.disks[node][usize::from(shard.0)];
+                disk.records.retain(|r| Some(r.version) <= after);
+                disk.synced = disk.synced.min(disk.records.len());
+                let kept = disk.records.len();
+                self.checker
+                    .truncate(node, shard, kept)
+                    .map_err(|v| Violation(format!("cut after a total restart: {v}")))?;
+            }
             Action::CaughtUp { shard } => {
                 self.caught_up += 1;
                 self.catching_up[node][usize::from(shard.0)] = false;
@@ -1334,7 +1484,21 @@ impl Simulation {
                 }
             }
             Action::Wedge => {}
-            Action::LogTrim { view_id, round, .. } => {
+            Action::LogTrim {
+                view_id,
+                round,
+                decision,
+            } => {
+                if !decision.ends.is_empty() && self.restarts_ended.insert(view_id) {
+                    // The first replica to log the restart decision: the shards' logs end
+                    // where it says, before any delivery of the next view.
+                    for (s, end) in decision.ends.iter().enumerate() {
+                        self.checker
+                            .cut(ShardId(s as u16), end.map(|(v, _)| v))
+                            .map_err(|v| Violation(format!("node {node}: {v}")))?;
+                    }
+                }
+                self.logging[node] = Some((view_id, round, decision));
                 let (low, high) = self.options.persist_us[node];
                 let done = self.time_us + self.rng.between(low, high);
                 self.schedule_to(
@@ -1351,9 +1515,14 @@ impl Simulation {
                 let me = self.nodes[node].node_id();
                 let old = self.views[node].take();
                 self.joins += u64::from(old.is_none());
-                // The shards whose trim it delivered: those it replicated, caught up.
+                self.logged[node] = None;
+                self.logging[node] = None;
+                let restarted = self.restarting[node];
+                self.restarting[node] = self.nodes[node].is_restarting();
+                // The shards whose trim it delivered: those it replicated, caught up (none
+                // after a total restart: the logs are what it had, the longest is fetched).
                 let mut trimmed = Vec::new();
-                if let Some(old) = &old {
+                if let (Some(old), false) = (&old, restarted) {
                     for shard in old.layout.shards_of(me) {
                         if !self.catching_up[node][usize::from(shard.id.0)] {
                             trimmed.push(shard.id);
@@ -1368,7 +1537,11 @@ impl Simulation {
                             .shard(shard.id)
                             .is_some_and(|o| o.members.contains(&me))
                     });
-                    if !kept || self.catching_up[node][s] {
+                    let behind = restarted
+                        && self.nodes[node]
+                            .status(shard.id)
+                            .is_some_and(|status| status.catching_up);
+                    if !kept || self.catching_up[node][s] || behind {
                         self.catching_up[node][s] = true;
                         self.checker.join_shard(node, shard.id);
                     }
@@ -1619,4 +1792,19 @@ fn decode_delivery(record: &Record) -> Result<Delivery, Violation> {
         sender,
         requests,
     })
+}
+
+/// The last version of view `view_id` that the ragged `trim` keeps in a shard (message `i` of
+/// the sender of rank `r` is sequence `i * senders + r`), or the last version before the view
+/// if it keeps nothing: where a node cuts its log back to on restart (as the node's driver).
+fn trim_end(view_id: u32, trim: &[u64]) -> Version {
+    let senders = trim.len() as u64;
+    let end = trim
+        .iter()
+        .enumerate()
+        .filter(|(_, &kept)| kept > 0)
+        .map(|(sender, &kept)| (kept - 1) * senders + sender as u64 + 1)
+        .max()
+        .unwrap_or(0);
+    ((u64::from(view_id) << 32) + end).saturating_sub(1)
 }

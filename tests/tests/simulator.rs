@@ -1,6 +1,8 @@
 //! The simulator run over seeds. A failure prints its seed; `DERECHOFS_SIM_SEED=<seed>` reruns
-//! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed), and
-//! `DERECHOFS_SIM_SEEDS=<count>` and `DERECHOFS_SIM_FAULT_SEEDS=<count>` widen the batches.
+//! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed, `DERECHOFS_SIM_RESTART=1`
+//! for a total restart seed), and `DERECHOFS_SIM_SEEDS=<count>`,
+//! `DERECHOFS_SIM_FAULT_SEEDS=<count>` and `DERECHOFS_SIM_RESTART_SEEDS=<count>` widen the
+//! batches.
 
 use std::time::Instant;
 
@@ -75,6 +77,8 @@ fn one_seed_from_the_environment() {
     };
     let options = if env_u64("DERECHOFS_SIM_FAULTS").unwrap_or(0) == 1 {
         Options::with_faults(seed)
+    } else if env_u64("DERECHOFS_SIM_RESTART").unwrap_or(0) == 1 {
+        Options::with_total_restart(seed)
     } else {
         Options::from_seed(seed)
     };
@@ -327,4 +331,30 @@ fn an_inadequate_view_waits_wedged_until_a_join_refills_it() {
         assert!(report.probes_delivered > 0, "seed {seed}");
         assert!(report.shards_caught_up > 0, "seed {seed}");
     }
+}
+
+#[test]
+fn seeds_with_a_total_restart_lose_nothing_durable_and_make_progress_again() {
+    let seeds = env_u64("DERECHOFS_SIM_RESTART_SEEDS").unwrap_or(40);
+    let started = Instant::now();
+    let (mut steps, mut restarts, mut transferred, mut views) = (0, 0, 0, 0);
+    for seed in 0..seeds {
+        let options = Options::with_total_restart(seed);
+        assert!(options.must_recover(), "seed {seed}: a quorum comes back");
+        match run(&options) {
+            Ok(report) => {
+                assert!(report.probes_delivered > 0, "seed {seed}: no progress");
+                steps += report.steps;
+                restarts += report.restarts;
+                transferred += report.records_transferred;
+                views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
+            }
+            Err(failure) => panic!("{failure}\n  (total restart: DERECHOFS_SIM_RESTART=1)"),
+        }
+    }
+    eprintln!(
+        "{seeds} total restart seeds: {steps} steps, {restarts} nodes back, {transferred} \
+         records transferred, {views} views in {:?}",
+        started.elapsed()
+    );
 }

@@ -311,6 +311,17 @@ impl Driver {
                     bytes_max,
                 } => self.read_records(to, shard, view_id, after, end, bytes_max)?,
                 Action::AppendRecords { shard, records } => self.append_records(shard, records)?,
+                Action::TruncateLog { shard, after } => {
+                    let Some(store) = self.stores.get(&shard) else {
+                        anyhow::bail!("asked to cut {shard}, which this node does not keep");
+                    };
+                    tracing::warn!(node = self.me, %shard, ?after, "cutting the log back to where a total restart ended it");
+                    store
+                        .kv()
+                        .log_mut()
+                        .truncate_after(after.unwrap_or(0))
+                        .with_context(|| format!("cutting the log of {shard}"))?;
+                }
                 Action::CaughtUp { shard } => {
                     tracing::info!(node = self.me, %shard, "caught up by state transfer: serving");
                     self.incomplete.remove(&shard);

@@ -18,7 +18,7 @@ pub const STATE_FILE: &str = "view-state";
 /// The temporary name it is written under before the rename.
 const STATE_TEMP: &str = "view-state.tmp";
 /// The magic and format version at the start of the file.
-const MAGIC: &[u8; 8] = b"DFSVIEW\x02";
+const MAGIC: &[u8; 8] = b"DFSVIEW\x03";
 /// The file's header: magic, body length, body checksum.
 const HEADER_BYTES: usize = 16;
 /// Largest body accepted: 64 members, 1024 shards of 16 members with a trim each.
@@ -134,6 +134,18 @@ impl NodeState {
                         body.extend_from_slice(&count.to_le_bytes());
                     }
                 }
+                body.extend_from_slice(&(logged.decision.ends.len() as u16).to_le_bytes());
+                for end in &logged.decision.ends {
+                    match end {
+                        None => body.push(0),
+                        Some((version, hlc)) => {
+                            body.push(1);
+                            body.extend_from_slice(&version.to_le_bytes());
+                            body.extend_from_slice(&hlc.wall_us.to_le_bytes());
+                            body.extend_from_slice(&hlc.logical.to_le_bytes());
+                        }
+                    }
+                }
             }
         }
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
@@ -234,12 +246,30 @@ impl NodeState {
                     }
                     trims.push(trim);
                 }
+                let count = usize::from(r.u16()?);
+                if count != 0 && count != shard_count {
+                    return Err(format!("{count} log ends for {shard_count} shards"));
+                }
+                let mut ends = Vec::with_capacity(count);
+                for _ in 0..count {
+                    ends.push(match r.u8()? {
+                        0 => None,
+                        1 => {
+                            let version = r.u64()?;
+                            let wall_us = r.u64()?;
+                            let logical = r.u32()?;
+                            Some((version, derechofs_core::Hlc { wall_us, logical }))
+                        }
+                        other => return Err(format!("log end flag {other}, not 0 or 1")),
+                    });
+                }
                 Some(LoggedDecision {
                     round,
                     decision: Decision {
                         removed,
                         joined,
                         trims,
+                        ends,
                     },
                 })
             }
@@ -383,9 +413,19 @@ mod tests {
                 removed: 0b100,
                 joined: vec![9, 12],
                 trims: vec![vec![3, 2, 2], vec![5, 0, 1]],
+                ends: vec![],
             },
         };
-        for s in [state(None), state(Some(logged))] {
+        let restart = LoggedDecision {
+            round: 64,
+            decision: Decision {
+                removed: 0b010,
+                joined: vec![],
+                trims: vec![vec![3, 2, 2], vec![0, 0, 0]],
+                ends: vec![Some((7 << 32 | 6, derechofs_core::Hlc::at(99))), None],
+            },
+        };
+        for s in [state(None), state(Some(logged)), state(Some(restart))] {
             assert_eq!(NodeState::decode(&s.encode()), Ok(s.clone()));
             assert_eq!(s.view().unwrap().members, vec![4, 2, 9]);
         }
@@ -399,6 +439,7 @@ mod tests {
                 removed: 1,
                 joined: vec![],
                 trims: vec![vec![1, 1, 1], vec![0, 0, 0]],
+                ends: vec![None, Some((3, derechofs_core::Hlc::at(5)))],
             },
         }))
         .encode();
