@@ -335,7 +335,7 @@ fn an_inadequate_view_waits_wedged_until_a_join_refills_it() {
 
 #[test]
 fn seeds_with_a_total_restart_lose_nothing_durable_and_make_progress_again() {
-    let seeds = env_u64("DERECHOFS_SIM_RESTART_SEEDS").unwrap_or(40);
+    let seeds = env_u64("DERECHOFS_SIM_RESTART_SEEDS").unwrap_or(20);
     let started = Instant::now();
     let (mut steps, mut restarts, mut transferred, mut views) = (0, 0, 0, 0);
     for seed in 0..seeds {
