@@ -160,9 +160,11 @@ pub enum Action {
     },
     /// State transfer, at the member that serves it: read from `shard`'s log the records with
     /// versions after `after` (from the first if `None`) and at most `end`, in version order,
-    /// gathering at most `bytes_max` bytes of payload (a larger record alone; at least one
-    /// record when any is left), and answer [`Input::RecordsRead`]. The log holds every
-    /// version up to `end` durably.
+    /// gathering at most `records_max` records and `bytes_max` bytes of payload (a larger
+    /// record alone; at least one record when any is left), and answer
+    /// [`Input::RecordsRead`]. The log holds every version up to `end` durably. What the
+    /// driver answers is checked: records beyond these bounds are not sent, and a record the
+    /// wire cannot carry is refused and counted in [`Counters::pieces_unservable`].
     ReadRecords {
         /// The member they are for.
         to: NodeId,
@@ -176,6 +178,8 @@ pub enum Action {
         end: Version,
         /// Payload bytes to gather at most.
         bytes_max: usize,
+        /// Records to gather at most.
+        records_max: usize,
     },
     /// State transfer, at the member catching up: append these records to `shard`'s log as
     /// they are (versions, stamps, deltas), after what it holds. A [`Action::Persist`] follows.
@@ -230,6 +234,10 @@ pub struct Counters {
     pub records_transferred: u64,
     /// Shards this node caught up by state transfer.
     pub shards_caught_up: u64,
+    /// State transfer reads this node could not serve: the driver's answer started with a
+    /// record the wire cannot carry (beyond `TRANSFER_RECORD_BYTES_MAX`), outside the range
+    /// asked, or was empty. Nothing is sent; the member catching up asks another contact.
+    pub pieces_unservable: u64,
 }
 
 /// A snapshot of one shard at this node, for `derechofs status` and tests.
@@ -910,6 +918,7 @@ impl Node {
             after,
             end: end_version.expect("a log with records past `after`"),
             bytes_max: TRANSFER_PIECE_BYTES_MAX,
+            records_max: TRANSFER_PIECE_RECORDS_MAX,
         });
         Ok(())
     }
@@ -932,29 +941,31 @@ impl Node {
             return;
         };
         let end_version = end.map(|(v, _)| v);
+        // What the driver read comes from disk: check it instead of trusting it. Keep the
+        // longest prefix that is in the range asked and within the piece's bounds.
         let mut last = after;
         let mut bytes = 0;
+        let mut keep = 0;
         for record in &records {
-            assert!(
-                Some(record.version) > last && Some(record.version) <= end_version,
-                "the driver read records outside the range asked"
-            );
-            assert!(
-                record.payload.len() <= TRANSFER_RECORD_BYTES_MAX,
-                "the driver read a record beyond TRANSFER_RECORD_BYTES_MAX"
-            );
+            let len = record.payload.len();
+            let fits = Some(record.version) > last
+                && Some(record.version) <= end_version
+                && len <= TRANSFER_RECORD_BYTES_MAX
+                && keep < TRANSFER_PIECE_RECORDS_MAX
+                && (keep == 0 || bytes + len <= TRANSFER_PIECE_BYTES_MAX);
+            if !fits {
+                break;
+            }
             last = Some(record.version);
-            bytes += record.payload.len();
+            bytes += len;
+            keep += 1;
         }
-        assert!(
-            records.len() <= TRANSFER_PIECE_RECORDS_MAX
-                && (records.len() <= 1 || bytes <= TRANSFER_PIECE_BYTES_MAX),
-            "the driver read a piece beyond its bounds"
-        );
-        assert!(
-            !records.is_empty(),
-            "the driver read no record where the log has some"
-        );
+        if keep == 0 {
+            self.counters.pieces_unservable += 1;
+            return;
+        }
+        let mut records = records;
+        records.truncate(keep);
         let message = Message::Piece {
             view_id,
             shard,

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use derechofs_core::{
     version_of, Action, Body, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership,
     Message, Node, NodeId, Record, Rejection, Request, Row, ShardId, StepError, SubmitError, View,
+    TRANSFER_PIECE_RECORDS_MAX,
 };
 
 const SHARD: ShardId = ShardId(0);
@@ -28,6 +29,9 @@ struct Cluster {
     logs: Vec<Vec<Record>>,
     /// Inputs drivers owe their nodes (answers to reads of their logs).
     driver: VecDeque<(usize, Input)>,
+    /// Whether the test's driver reads at most `records_max` records for a piece; a driver
+    /// that does not shows that the engine checks what it is given.
+    driver_counts_records: bool,
     configure: fn(&mut Config),
     now_us: u64,
 }
@@ -82,6 +86,7 @@ impl Cluster {
             crashed: vec![false; members],
             logs: vec![Vec::new(); members],
             driver: VecDeque::new(),
+            driver_counts_records: true,
             configure,
             now_us: 1_000_000,
         }
@@ -113,7 +118,16 @@ impl Cluster {
         let from = self.nodes[node].node_id();
         for action in actions {
             match action {
-                Action::Send { to, message } => self.wire.push_back((from, to, message)),
+                Action::Send { to, message } => {
+                    if let Message::Piece { records, .. } = &message {
+                        assert!(
+                            records.len() <= TRANSFER_PIECE_RECORDS_MAX,
+                            "a piece of {} records, beyond what the wire carries",
+                            records.len()
+                        );
+                    }
+                    self.wire.push_back((from, to, message));
+                }
                 Action::Deliver { deliveries, .. } => {
                     self.logs[node].extend(deliveries.iter().map(record_of));
                     self.delivered[node].extend(deliveries);
@@ -129,6 +143,7 @@ impl Cluster {
                     after,
                     end,
                     bytes_max,
+                    records_max,
                 } => {
                     let mut records = Vec::new();
                     let mut bytes = 0;
@@ -136,7 +151,9 @@ impl Cluster {
                         if Some(record.version) <= after || record.version > end {
                             continue;
                         }
-                        if !records.is_empty() && bytes + record.payload.len() > bytes_max {
+                        if (self.driver_counts_records && records.len() >= records_max)
+                            || (!records.is_empty() && bytes + record.payload.len() > bytes_max)
+                        {
                             break;
                         }
                         bytes += record.payload.len();
@@ -940,6 +957,42 @@ fn a_new_node_joins_through_any_member_and_serves_once_its_log_is_transferred() 
     }
     let stamps: Vec<Hlc> = cluster.logs[joiner].iter().map(|r| r.hlc).collect();
     assert!(stamps.windows(2).all(|w| w[0] < w[1]));
+}
+
+/// Regression: a piece was bounded by bytes only when read, so a log of more than
+/// `TRANSFER_PIECE_RECORDS_MAX` small records (ordinary small puts) gave the serving member a
+/// piece of more records than the wire carries, and it asserted and crashed on a join; the
+/// joiner then tried the next contact and crashed it too. Now the read is bounded in records,
+/// and the engine checks what its driver read instead of asserting on it: even a driver that
+/// ignores the count (here) only gets its piece cut to the bounds.
+#[test]
+fn a_join_over_more_small_versions_than_a_piece_holds_transfers_them_all_in_bounded_pieces() {
+    const VERSIONS: u64 = TRANSFER_PIECE_RECORDS_MAX as u64 + 904;
+    for driver_counts_records in [true, false] {
+        let mut cluster = Cluster::with_replicas(3, 4, |c| c.suspect_after_ms = 200);
+        cluster.driver_counts_records = driver_counts_records;
+        for id in 0..VERSIONS {
+            cluster.submit(id as usize % 3, id, b"k");
+            cluster.settle();
+        }
+        cluster.persist_all();
+        assert_eq!(cluster.logs[0].len() as u64, VERSIONS);
+        let joiner = cluster.add_joiner(1);
+        for _ in 0..100 {
+            cluster.tick_all(20_000);
+            cluster.settle();
+            cluster.log_trims();
+            cluster.persist_all();
+        }
+        let status = cluster.nodes[joiner].status(SHARD).unwrap();
+        assert!(!status.catching_up, "the joiner caught up");
+        assert_eq!(cluster.logs[joiner], cluster.logs[0]);
+        assert_eq!(
+            cluster.nodes[joiner].counters().records_transferred,
+            VERSIONS
+        );
+        assert_eq!(cluster.nodes[0].counters().pieces_unservable, 0);
+    }
 }
 
 #[test]

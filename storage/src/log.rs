@@ -1097,8 +1097,8 @@ impl Log {
 }
 
 impl Log {
-    /// Up to `bytes_max` bytes of delta payload (at least one record, if any is left) of the
-    /// records with versions after `after` (from the first if `None`) and at most `end`, in
+    /// Up to `records_max` records and `bytes_max` bytes of delta payload (at least one
+    /// record, if any is left and `records_max` is not 0) of the records with versions after `after` (from the first if `None`) and at most `end`, in
     /// version order, for state transfer. Reads only what was handed to the backend (records
     /// still in the write buffer are not returned). `resume`, the cursor of the previous call
     /// whose last record was `after`, saves rescanning the segment. Reading before the trim
@@ -1108,6 +1108,7 @@ impl Log {
         after: Option<Version>,
         end: Version,
         bytes_max: usize,
+        records_max: usize,
         resume: Option<RecordCursor>,
     ) -> Result<(Vec<StoredRecord>, Option<RecordCursor>)> {
         if let Some((horizon, stamp)) = self.meta.horizon {
@@ -1168,7 +1169,9 @@ impl Log {
                 }
                 let payload_len = h.payload_len as usize;
                 if Some(h.version) > after {
-                    if !records.is_empty() && bytes_read + payload_len > bytes_max {
+                    if records.len() >= records_max
+                        || (!records.is_empty() && bytes_read + payload_len > bytes_max)
+                    {
                         full = true;
                         return Err("stop");
                     }

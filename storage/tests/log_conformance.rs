@@ -714,12 +714,25 @@ fn records_read_in_pieces_and_appended_elsewhere_make_the_same_log(new: Factory<
     }
     source.sync().unwrap();
     let end = versions[100];
-    for (bytes_max, resume) in [(1, false), (700, true), (700, false), (1 << 20, true)] {
+    for (bytes_max, records_max, resume) in [
+        (1, 4096, false),
+        (700, 4096, true),
+        (700, 4096, false),
+        (1 << 20, 4096, true),
+        (1 << 20, 3, true),
+        (1 << 20, 1, false),
+    ] {
         let mut copy = open(&new(), config(4096));
         let (mut after, mut cursor) = (None, None);
         loop {
             let (records, next) = source
-                .read_records(after, end, bytes_max, if resume { cursor } else { None })
+                .read_records(
+                    after,
+                    end,
+                    bytes_max,
+                    records_max,
+                    if resume { cursor } else { None },
+                )
                 .unwrap();
             let Some(last) = records.last() else { break };
             let bytes: usize = records.iter().map(|r| r.payload.len()).sum();
@@ -727,6 +740,7 @@ fn records_read_in_pieces_and_appended_elsewhere_make_the_same_log(new: Factory<
                 records.len() == 1 || bytes <= bytes_max,
                 "a piece beyond its bound"
             );
+            assert!(records.len() <= records_max, "a piece beyond its count");
             after = Some(last.version);
             cursor = next;
             for record in &records {

@@ -1415,6 +1415,7 @@ impl Simulation {
                 after,
                 end,
                 bytes_max,
+                records_max,
             } => {
                 let disk = &self.disks[node][usize::from(shard.0)];
                 let first = disk.records.partition_point(|r| Some(r.version) <= after);
@@ -1422,6 +1423,7 @@ impl Simulation {
                 let mut bytes = 0;
                 for record in &disk.records[first..] {
                     if record.version > end
+                        || records.len() >= records_max
                         || (!records.is_empty() && bytes + record.payload.len() > bytes_max)
                     {
                         break;

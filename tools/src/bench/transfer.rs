@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use derechofs_core::TRANSFER_PIECE_BYTES_MAX;
+use derechofs_core::{TRANSFER_PIECE_BYTES_MAX, TRANSFER_PIECE_RECORDS_MAX};
 use derechofs_storage::backend::FileBackend;
 use derechofs_storage::{version_of, Hlc, Log, LogConfig, SyncPolicy, Write};
 
@@ -77,8 +77,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let started = Instant::now();
         let (mut after, mut cursor, mut pieces) = (None, None, 0u64);
         loop {
-            let (records, next) =
-                source.read_records(after, end, TRANSFER_PIECE_BYTES_MAX, cursor)?;
+            let (records, next) = source.read_records(
+                after,
+                end,
+                TRANSFER_PIECE_BYTES_MAX,
+                TRANSFER_PIECE_RECORDS_MAX,
+                cursor,
+            )?;
             let Some(last) = records.last() else { break };
             after = Some(last.version);
             cursor = next;

@@ -309,7 +309,8 @@ impl Driver {
                     after,
                     end,
                     bytes_max,
-                } => self.read_records(to, shard, view_id, after, end, bytes_max)?,
+                    records_max,
+                } => self.read_records(to, shard, view_id, after, end, (bytes_max, records_max))?,
                 Action::AppendRecords { shard, records } => self.append_records(shard, records)?,
                 Action::TruncateLog { shard, after } => {
                     let Some(store) = self.stores.get(&shard) else {
@@ -340,7 +341,7 @@ impl Driver {
         view_id: u32,
         after: Option<Version>,
         end: Version,
-        bytes_max: usize,
+        (bytes_max, records_max): (usize, usize),
     ) -> anyhow::Result<()> {
         let Some(store) = self.stores.get(&shard) else {
             anyhow::bail!("asked to serve {shard}, which this node does not keep");
@@ -349,7 +350,7 @@ impl Driver {
         let (stored, cursor) = store
             .kv()
             .log()
-            .read_records(after, end, bytes_max, resume)
+            .read_records(after, end, bytes_max, records_max, resume)
             .with_context(|| format!("reading {shard} for node {to}"))?;
         match cursor {
             Some(cursor) => {
