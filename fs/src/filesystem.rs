@@ -348,9 +348,14 @@ impl<S: Shards> FileSystem<S> {
     /// Attributes as the caller sees them: with the snapshot inode number inside a snapshot.
     fn present(&self, mut attr: Attr, at: Option<Hlc>) -> FsResult<Attr> {
         if let Some(t) = at {
-            attr.ino = lock(&self.snapshots)
-                .ino(attr.ino, t)
-                .ok_or_else(|| fs_err!(libc::ENOMEM, "too many snapshot times in use"))?;
+            attr.ino = lock(&self.snapshots).ino(attr.ino, t).ok_or_else(|| {
+                fs_err!(
+                    libc::EIO,
+                    "no snapshot inode number for inode {:#x}: too many snapshot times in use, \
+                         or a node replied an inode number beyond the live range",
+                    attr.ino
+                )
+            })?;
         }
         Ok(attr)
     }
@@ -583,9 +588,14 @@ impl<S: Shards> FileSystem<S> {
                 if let Some(t) = v.at {
                     let mut table = lock(&self.snapshots);
                     for e in &mut entries {
-                        e.ino = table
-                            .ino(e.ino, t)
-                            .ok_or_else(|| fs_err!(libc::ENOMEM, "too many snapshot times"))?;
+                        e.ino = table.ino(e.ino, t).ok_or_else(|| {
+                            fs_err!(
+                                libc::EIO,
+                                "no snapshot inode number for inode {:#x}: too many \
+                                     snapshot times, or beyond the live range",
+                                e.ino
+                            )
+                        })?;
                     }
                 }
                 Ok((entries, more))
@@ -838,7 +848,7 @@ impl<S: Shards> FileSystem<S> {
             total_bytes,
             free_bytes,
             inodes,
-            inodes_free: crate::inode::LIVE_INO_MAX - inodes,
+            inodes_free: crate::inode::LIVE_INO_MAX.saturating_sub(inodes),
             block_size: self.layout.chunk_size,
             name_len_max: crate::inode::NAME_LEN_MAX as u32,
         })

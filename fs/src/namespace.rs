@@ -861,7 +861,9 @@ fn serve<S: Store + ?Sized>(store: &S, version: Version, read: &NsRead) -> Resul
                 Some(v) if v.len() == 8 => u64::from_le_bytes(v[..].try_into().unwrap_or([0; 8])),
                 _ => FIRST_INO,
             };
-            Ok(ReadReply::StatFs { inodes: next - 1 })
+            Ok(ReadReply::StatFs {
+                inodes: next.saturating_sub(1),
+            })
         }
     }
 }

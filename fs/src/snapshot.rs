@@ -70,9 +70,12 @@ pub struct SnapshotTable {
 }
 
 impl SnapshotTable {
-    /// The snapshot inode number of live inode `ino` at `t`; `None` when the table is full.
+    /// The snapshot inode number of live inode `ino` at `t`; `None` when the table is full or
+    /// `ino` is not a live inode number (it comes from a node's reply: checked, not trusted).
     pub fn ino(&mut self, ino: Ino, t: Hlc) -> Option<Ino> {
-        assert!(ino <= LIVE_INO_MAX, "live inode numbers are below 2^40");
+        if ino > LIVE_INO_MAX {
+            return None;
+        }
         let tag = match self.by_time.get(&t) {
             Some(&tag) => tag,
             None => {
@@ -132,6 +135,16 @@ mod tests {
         ] {
             assert_eq!(split_snapshot(ordinary), None, "{ordinary:?}");
         }
+    }
+
+    /// Regression: a live inode number beyond `LIVE_INO_MAX` in a node's reply hit an assertion
+    /// here and crashed the mount; it is refused instead.
+    #[test]
+    fn an_inode_number_beyond_the_live_range_gets_no_snapshot_number() {
+        let mut table = SnapshotTable::default();
+        assert_eq!(table.ino(LIVE_INO_MAX + 1, snapshot_stamp(1_000_000)), None);
+        assert_eq!(table.ino(u64::MAX, snapshot_stamp(1_000_000)), None);
+        assert!(table.ino(LIVE_INO_MAX, snapshot_stamp(1_000_000)).is_some());
     }
 
     #[test]

@@ -90,9 +90,11 @@ fn timespec(t: SystemTime) -> Timespec {
         },
         Err(e) => {
             let d = e.duration();
-            let (mut secs, mut nanos) = (-(d.as_secs() as i64), d.subsec_nanos());
+            // Saturates: a time further before the epoch than an i64 of seconds is clamped.
+            let secs = i64::try_from(d.as_secs()).map_or(i64::MIN, |s| -s);
+            let (mut secs, mut nanos) = (secs, d.subsec_nanos());
             if nanos > 0 {
-                secs -= 1;
+                secs = secs.saturating_sub(1);
                 nanos = 1_000_000_000 - nanos;
             }
             Timespec { secs, nanos }
@@ -661,6 +663,20 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: a time more than 2^63 seconds before the epoch made the negation of its
+    /// seconds overflow (a panic in a debug build); it saturates instead.
+    #[test]
+    fn a_time_too_far_before_the_epoch_saturates_instead_of_overflowing() {
+        use std::time::Duration;
+        if let Some(t) = UNIX_EPOCH.checked_sub(Duration::new(1 << 63, 0)) {
+            assert_eq!(timespec(t).secs, i64::MIN);
+        }
+        if let Some(t) = UNIX_EPOCH.checked_sub(Duration::new(1 << 62, 5)) {
+            let ts = timespec(t);
+            assert_eq!((ts.secs, ts.nanos), (-(1 << 62) - 1, 999_999_995));
+        }
+    }
 
     #[test]
     fn times_survive_the_round_trip_through_system_time_before_and_after_the_epoch() {
