@@ -844,17 +844,17 @@ fn serve<S: Store + ?Sized>(store: &S, version: Version, read: &NsRead) -> Resul
         }
         NsRead::History { ino } => {
             need_at(store, *ino, version)?;
-            let all = store.history(&key::inode(*ino));
-            let upto: Vec<HistoryEntry> = all
-                .into_iter()
-                .filter(|c| c.version <= version)
-                .map(|c| HistoryEntry {
-                    version: c.version,
-                    hlc: c.hlc,
-                })
-                .collect();
-            let skip = upto.len().saturating_sub(HISTORY_MAX);
-            Ok(ReadReply::History(upto[skip..].to_vec()))
+            // Only the newest HISTORY_MAX: the rest of a long history is neither read nor copied.
+            let newest = store.history_newest(&key::inode(*ino), version, HISTORY_MAX);
+            Ok(ReadReply::History(
+                newest
+                    .into_iter()
+                    .map(|c| HistoryEntry {
+                        version: c.version,
+                        hlc: c.hlc,
+                    })
+                    .collect(),
+            ))
         }
         NsRead::StatFs => {
             let next = match store.get(&key::next_ino(), version)? {

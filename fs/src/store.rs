@@ -38,8 +38,8 @@ pub trait Store {
     fn version_at(&self, t: Hlc) -> StoreResult<Option<Version>>;
     /// The last version and its stamp.
     fn latest(&self) -> Option<(Version, Hlc)>;
-    /// Every change of `key` still held, oldest first.
-    fn history(&self, key: &[u8]) -> Vec<Change>;
+    /// The newest `limit` changes of `key` at or before `version` still held, oldest first.
+    fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change>;
 }
 
 impl Store for Log {
@@ -69,8 +69,8 @@ impl Store for Log {
         Log::latest(self)
     }
 
-    fn history(&self, key: &[u8]) -> Vec<Change> {
-        Log::history(self, key)
+    fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change> {
+        Log::history_newest(self, key, version, limit)
     }
 }
 
@@ -197,7 +197,7 @@ impl<S: Store + ?Sized> Store for Overlay<'_, S> {
         self.base.latest()
     }
 
-    fn history(&self, key: &[u8]) -> Vec<Change> {
-        self.base.history(key)
+    fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change> {
+        self.base.history_newest(key, version, limit)
     }
 }

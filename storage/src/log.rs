@@ -1020,6 +1020,32 @@ impl Log {
             .collect()
     }
 
+    /// The newest `limit` changes of `key` at or before `version` still in the log, oldest
+    /// first: what [`Log::history`] holds up to `version`, its last `limit`, without walking
+    /// or copying the older ones (the index keeps a key's changes in version order).
+    pub fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change> {
+        let Some(entries) = self.keys.keys.get(key) else {
+            return Vec::new();
+        };
+        let end = entries.partition_point(|e| e.version() <= version);
+        let mut newest: Vec<Change> = entries[..end]
+            .iter()
+            .rev()
+            .filter_map(|e| {
+                let version = e.version();
+                let hlc = self.versions.stamp_of(version)?;
+                Some(Change {
+                    version,
+                    hlc,
+                    value_len: e.len(),
+                })
+            })
+            .take(limit)
+            .collect();
+        newest.reverse();
+        newest
+    }
+
     /// Up to `limit` keys starting with `prefix` that exist at `version`, in order, after the key
     /// `after` when resuming. `limit` is at least 1.
     pub fn scan(

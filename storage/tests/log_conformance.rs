@@ -307,6 +307,19 @@ fn history_lists_every_change_of_a_key_with_its_stamp(new: Factory<'_>) {
         ]
     );
     assert!(p.log.history(b"zz").is_empty());
+    // The newest `limit` up to a version are the tail of the history up to it.
+    for version in 0..=5 {
+        for limit in 0..=4 {
+            let upto: Vec<_> = h.iter().filter(|c| c.version <= version).cloned().collect();
+            let tail = upto[upto.len().saturating_sub(limit)..].to_vec();
+            assert_eq!(
+                p.log.history_newest(b"a", version, limit),
+                tail,
+                "version {version} limit {limit}"
+            );
+        }
+    }
+    assert!(p.log.history_newest(b"zz", 9, 4).is_empty());
     assert_eq!(p.log.key_version(b"a", 2).unwrap(), Some((1, stamp(1))));
     assert_eq!(p.log.key_version(b"a", 3).unwrap(), Some((3, stamp(3))));
     assert_eq!(p.log.key_version(b"a", 0).unwrap(), None);
