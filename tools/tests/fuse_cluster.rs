@@ -16,19 +16,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, BIN};
+use common::{is_mounted, Cluster, BIN};
 
 /// Longest a mount may take to appear.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 const STEPS: usize = 40;
-
-fn is_mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
 
 /// `derechofs mount` in the foreground; unmounted and stopped by pid when dropped.
 struct Mount {

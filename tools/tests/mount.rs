@@ -6,23 +6,17 @@
 //! These tests mount for real: they need root and `/dev/fuse`, as CI has. Every process is stopped
 //! by its pid and every wait is bounded.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::is_mounted;
+
 const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
 /// Longest a mount may take to appear or disappear.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Whether `path` is a mount point, from the kernel's mount table.
-fn is_mounted(path: &Path) -> bool {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
 
 fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + MOUNT_TIMEOUT;

@@ -4,21 +4,17 @@
 //! Needs root and `/dev/fuse`, as CI has. Every process is stopped by its pid; every wait is
 //! bounded.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::is_mounted;
+
 const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
 /// Longest `up` may take to mount, or to stop after SIGTERM.
 const UP_TIMEOUT: Duration = Duration::from_secs(90);
-
-fn is_mounted(path: &Path) -> bool {
-    let wanted = path.to_string_lossy().replace(' ', "\\040");
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
-}
 
 /// A running `derechofs up`; killed (and its mount detached) if the test fails.
 struct Up {

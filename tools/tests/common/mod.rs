@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
@@ -333,4 +333,15 @@ pub fn version_of(output: &str) -> String {
         .nth(1)
         .unwrap_or_else(|| panic!("no version in {output:?}"))
         .to_string()
+}
+
+/// Whether `path` (made canonical where it can be) is a mount point in this process's mount
+/// table.
+pub fn is_mounted(path: &Path) -> bool {
+    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    let wanted = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
 }
