@@ -12,7 +12,7 @@ mod common;
 #[path = "../../mount/tests/support/time_travel.rs"]
 mod time_travel;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
