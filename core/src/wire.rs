@@ -722,6 +722,26 @@ impl Reader<'_> {
         })
     }
 
+    /// A length-prefixed byte string of at most `max` bytes, as a slice of the frame (no copy).
+    fn payload(
+        &mut self,
+        field: &'static str,
+        what: &'static str,
+        max: usize,
+    ) -> Result<Bytes, DecodeError> {
+        let len = self.varint(field)?;
+        if len > max as u64 {
+            return Err(DecodeError::TooLarge(what));
+        }
+        let len = len as usize;
+        if len > self.left() {
+            return Err(DecodeError::Truncated);
+        }
+        let payload = self.frame.slice(self.at..self.at + len);
+        self.at += len;
+        Ok(payload)
+    }
+
     fn records(&mut self) -> Result<Vec<Record>, DecodeError> {
         // Each record takes at least 4 bytes.
         let (count, mut records) = self.list("record count", 0, TRANSFER_PIECE_RECORDS_MAX, 4)?;
@@ -729,21 +749,12 @@ impl Reader<'_> {
         for _ in 0..count {
             let version = self.varint("record version")?;
             let hlc = self.hlc()?;
-            let len = self.varint("record length")?;
-            if len > TRANSFER_RECORD_BYTES_MAX as u64 {
-                return Err(DecodeError::TooLarge("record"));
-            }
-            let len = len as usize;
-            total += len;
+            let payload = self.payload("record length", "record", TRANSFER_RECORD_BYTES_MAX)?;
+            total += payload.len();
             // A record larger than a piece travels alone.
             if total > TRANSFER_PIECE_BYTES_MAX && count > 1 {
                 return Err(DecodeError::TooLarge("piece"));
             }
-            if len > self.left() {
-                return Err(DecodeError::Truncated);
-            }
-            let payload = self.frame.slice(self.at..self.at + len);
-            self.at += len;
             records.push(Record {
                 version,
                 hlc,
@@ -761,20 +772,11 @@ impl Reader<'_> {
         for _ in 0..count {
             let id = self.varint("request id")?;
             let client_hlc = self.hlc()?;
-            let len = self.varint("payload length")?;
-            if len > REQUEST_BYTES_MAX as u64 {
-                return Err(DecodeError::TooLarge("payload"));
-            }
-            let len = len as usize;
-            total += len;
+            let payload = self.payload("payload length", "payload", REQUEST_BYTES_MAX)?;
+            total += payload.len();
             if total > BATCH_BYTES_MAX {
                 return Err(DecodeError::TooLarge("batch"));
             }
-            if len > self.left() {
-                return Err(DecodeError::Truncated);
-            }
-            let payload = self.frame.slice(self.at..self.at + len);
-            self.at += len;
             requests.push(Request {
                 id,
                 client_hlc,
