@@ -245,6 +245,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             outcome.errors,
             outcome.elapsed.as_secs_f64(),
         );
+        if outcome.conflicts > 0 {
+            eprintln!(
+                "# failed compares: p50 {:.3} ms, p99 {:.3} ms",
+                outcome.conflict_latency.percentile_ms(50.0),
+                outcome.conflict_latency.percentile_ms(99.0),
+            );
+        }
         if let Some(e) = &outcome.last_error {
             eprintln!("# last error: {e}");
         }
@@ -448,6 +455,8 @@ async fn all_active(contacts: &[String]) -> Result<(), String> {
 #[derive(Debug, Default)]
 struct Outcome {
     latency: Histogram,
+    /// Latency of the conditional puts that failed their compare (also in `latency`).
+    conflict_latency: Histogram,
     successes: u64,
     conflicts: u64,
     errors: u64,
@@ -458,6 +467,7 @@ struct Outcome {
 impl Outcome {
     fn merge(&mut self, other: Outcome) {
         self.latency.merge(&other.latency);
+        self.conflict_latency.merge(&other.conflict_latency);
         self.successes += other.successes;
         self.conflicts += other.conflicts;
         self.errors += other.errors;
@@ -580,6 +590,7 @@ async fn run_client(mut load: Load, deadline: Instant) -> Outcome {
                     }
                     KvReply::Conflict { current } => {
                         out.conflicts += 1;
+                        out.conflict_latency.record(started.elapsed());
                         if let Some(entry) = load.owned.get_mut(slot) {
                             entry.1 = current;
                         }

@@ -31,6 +31,10 @@ struct PersistCell {
     /// A sync failed: the log is poisoned and this replica must stop.
     failed: Option<String>,
     stop: bool,
+    /// The thread sleeps on the condition variable: a new version must wake it. While it
+    /// syncs it reads `wanted` again before sleeping, so it needs no wake-up (each one is a
+    /// system call).
+    idle: bool,
 }
 
 #[derive(Debug, Default)]
@@ -128,7 +132,10 @@ impl ShardStore {
     pub fn persist(&self, version: Version) {
         let mut cell = lock(&self.persist.cell);
         cell.wanted = cell.wanted.max(Some(version));
-        self.persist.wake.notify_one();
+        if cell.idle {
+            cell.idle = false;
+            self.persist.wake.notify_one();
+        }
     }
 
     /// A version newly made durable since the last call, to report to the engine; or the
@@ -174,8 +181,10 @@ fn persister(
         let wanted = {
             let mut cell = lock(&persist.cell);
             while !cell.stop && cell.wanted <= cell.done {
+                cell.idle = true;
                 cell = persist.wake.wait(cell).unwrap_or_else(|p| p.into_inner());
             }
+            cell.idle = false;
             if cell.stop {
                 break;
             }
