@@ -63,6 +63,16 @@ pub const TRANSFER_PIECE_BYTES_MAX: usize = 1 << 20;
 /// Bytes of one record in a state transfer piece: the delta of one version.
 pub const TRANSFER_RECORD_BYTES_MAX: usize = 12 << 20;
 
+/// Bytes of the delta one version may add to a shard's log: the payload of its log record, as
+/// `derechofs_storage::record::payload_len` counts it. The state machines keep every version
+/// within it (a request that would bring its version over is answered "retry" and resent by its
+/// client into a later version), so every record can travel in a state transfer piece and stays
+/// far below the log's own record limit.
+pub const VERSION_DELTA_BYTES_MAX: usize = TRANSFER_RECORD_BYTES_MAX;
+
+const _: () = assert!(VERSION_DELTA_BYTES_MAX <= TRANSFER_RECORD_BYTES_MAX);
+const _: () = assert!(TRANSFER_RECORD_BYTES_MAX <= derechofs_storage::record::RECORD_PAYLOAD_MAX);
+
 /// Records in one state transfer piece.
 pub const TRANSFER_PIECE_RECORDS_MAX: usize = 4096;
 

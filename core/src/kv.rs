@@ -23,6 +23,22 @@ pub const INTERNAL_KEY_PREFIX: u8 = 0xFF;
 /// system, `derechofs-fs`); user keys may not start with it either.
 pub const SHARED_KEY_PREFIX: u8 = 0xFE;
 
+/// Bytes one request may add to its version's delta beyond the bytes of its own payload: a
+/// request carries its key and value with at least 17 bytes of header, and adds the key and value
+/// (7 bytes of write header) and one client record (7 + 10 bytes of key, 8 of number, at most 21
+/// of reply): 28 bytes more than its payload at most, rounded up.
+pub const KV_REQUEST_DELTA_OVERHEAD_MAX: usize = 64;
+
+/// Bytes of the delta [`KvStore::decide`] makes of one version's requests, at most, as the log
+/// counts a record's payload: a version carries at most `BATCH_BYTES_MAX` bytes of requests and
+/// `BATCH_REQUESTS_MAX` requests. The file system's share of a version is what this leaves of
+/// `VERSION_DELTA_BYTES_MAX`.
+pub const KV_VERSION_DELTA_BYTES_MAX: usize = 4
+    + crate::bounds::BATCH_BYTES_MAX
+    + crate::bounds::BATCH_REQUESTS_MAX * KV_REQUEST_DELTA_OVERHEAD_MAX;
+
+const _: () = assert!(KV_VERSION_DELTA_BYTES_MAX < crate::bounds::VERSION_DELTA_BYTES_MAX);
+
 /// A K/V operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvOp {
@@ -545,6 +561,55 @@ mod tests {
             },
         }
         .encode()
+    }
+
+    fn delta_len(delta: &KvDelta) -> usize {
+        let writes: Vec<Write<'_>> = delta
+            .iter()
+            .map(|(k, v)| Write {
+                key: k,
+                value: v.as_deref(),
+            })
+            .collect();
+        derechofs_storage::record::payload_len(&writes).unwrap()
+    }
+
+    #[test]
+    fn a_version_delta_stays_within_its_payload_plus_the_per_request_overhead() {
+        let s = store();
+        let bound = |payloads: &[Bytes]| {
+            4 + payloads.iter().map(Bytes::len).sum::<usize>()
+                + payloads.len() * KV_REQUEST_DELTA_OVERHEAD_MAX
+        };
+        // Many tiny requests of distinct clients: the overhead per request dominates.
+        let tiny: Vec<Bytes> = (0..crate::bounds::BATCH_REQUESTS_MAX as u64)
+            .map(|c| put(c, u64::MAX, &format!("{c:x}"), ""))
+            .chain((0..64).map(|c| {
+                KvRequest {
+                    client: 1 << 40 | c,
+                    number: 1,
+                    op: KvOp::Delete {
+                        key: Bytes::from_static(b"d"),
+                    },
+                }
+                .encode()
+            }))
+            .chain((0..64).map(|c| cput(1 << 41 | c, 1, "k", "", None)))
+            .collect();
+        let (_, delta) = s.decide(1, Hlc::at(1), &tiny).unwrap();
+        assert!(delta_len(&delta) <= bound(&tiny));
+        // One request as large as a request may be.
+        let big = vec![KvRequest {
+            client: 7,
+            number: 1,
+            op: KvOp::Put {
+                key: Bytes::from_static(b"big"),
+                value: Bytes::from(vec![1u8; crate::bounds::REQUEST_BYTES_MAX - 64]),
+            },
+        }
+        .encode()];
+        let (_, delta) = s.decide(2, Hlc::at(2), &big).unwrap();
+        assert!(delta_len(&delta) <= bound(&big));
     }
 
     #[test]

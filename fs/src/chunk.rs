@@ -36,7 +36,7 @@ use crate::codec::{put_varint, DecodeError, Reader};
 use crate::error::{Fail, FsError};
 use crate::inode::{Ino, FILE_SIZE_MAX};
 use crate::key;
-use crate::op::{DataOp, DataRead, DataReply, ReadReply, WRITE_LEN_MAX};
+use crate::op::{DataOp, DataRead, DataReply, ReadReply};
 use crate::store::{Delta, Store};
 use crate::{fs_bail, fs_err};
 
@@ -44,12 +44,15 @@ use crate::{fs_bail, fs_err};
 pub const CHUNK_SIZE_DEFAULT: u32 = 1 << 20;
 /// Smallest chunk size a layout may have.
 pub const CHUNK_SIZE_MIN: u32 = 4096;
-/// Largest chunk size a layout may have.
-pub const CHUNK_SIZE_MAX: u32 = WRITE_LEN_MAX as u32;
+/// Largest chunk size a layout may have: a chunk's write travels as one request (of at most
+/// `REQUEST_BYTES_MAX`), and a write's changes (at most a chunk's new base) must fit in one
+/// version's delta beside a full version of K/V requests (`shard::FS_REQUEST_DELTA_BYTES_MAX`).
+pub const CHUNK_SIZE_MAX: u32 = (derechofs_core::REQUEST_BYTES_MAX / 2) as u32;
+/// Chunk states one truncation request removes at most; it answers `DataReply::More` when more
+/// remain, and the client sends it again. 4096 deletions are about 100 KiB of delta.
+pub const TRUNCATE_DELETES_MAX: usize = 4096;
 /// A chunk is compacted before it would have this many extents after its base.
 pub const EXTENTS_PER_CHUNK_MAX: u32 = 256;
-/// Most chunk states one truncation reads per page.
-const TRUNCATE_PAGE: usize = 256;
 
 /// The data shard that holds chunk `index` of `ino`, among `data_shards` (≥ 1). A pure function
 /// of its arguments, fixed by the format: every client and every node computes the same.
@@ -276,7 +279,7 @@ pub fn apply<S: Store + ?Sized>(
 ) -> Result<(Result<DataReply, FsError>, Delta), derechofs_storage::LogError> {
     let mut delta = Vec::new();
     match run(store, chunk_size, op, &mut delta) {
-        Ok(()) => Ok((Ok(DataReply::Done), delta)),
+        Ok(reply) => Ok((Ok(reply), delta)),
         Err(Fail::Fs(e)) => Ok((Err(e), Vec::new())),
         Err(Fail::Store(e)) => Err(e),
     }
@@ -287,7 +290,7 @@ fn run<S: Store + ?Sized>(
     chunk_size: u32,
     op: &DataOp,
     delta: &mut Delta,
-) -> Result<(), Fail> {
+) -> Result<DataReply, Fail> {
     match op {
         DataOp::Write {
             ino,
@@ -309,14 +312,15 @@ fn run<S: Store + ?Sized>(
                 fs_bail!(libc::EFBIG, "chunk {index} is past the largest file");
             }
             if data.is_empty() {
-                return Ok(());
+                return Ok(DataReply::Done);
             }
             let mut state = state_at(store, *ino, *index, Version::MAX)?.unwrap_or_default();
             let extent = Extent::Data {
                 offset: *offset,
                 data: data.clone(),
             };
-            add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)
+            add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)?;
+            Ok(DataReply::Done)
         }
         DataOp::Truncate { ino, size } => {
             if *size > FILE_SIZE_MAX {
@@ -329,6 +333,26 @@ fn run<S: Store + ?Sized>(
             } else {
                 cut_index + 1
             };
+            // The chunks wholly past the cut lose their state, at most TRUNCATE_DELETES_MAX per
+            // request so that the request's delta stays bounded; the client sends the
+            // truncation again while the reply is `More`. The chunk holding the new end is cut
+            // by the request that removes the last of them.
+            let after = first_dropped.checked_sub(1).map(|i| key::chunk(*ino, i));
+            let page = store.scan(
+                &key::chunks(*ino),
+                Version::MAX,
+                after.as_deref(),
+                TRUNCATE_DELETES_MAX + 1,
+            )?;
+            let more = page.len() > TRUNCATE_DELETES_MAX;
+            for (k, _) in page.iter().take(TRUNCATE_DELETES_MAX) {
+                if key::chunk_index_of(k).is_some_and(|i| i >= first_dropped) {
+                    delta.push((k.clone(), None));
+                }
+            }
+            if more {
+                return Ok(DataReply::More);
+            }
             if cut_offset > 0 {
                 if let Some(mut state) = state_at(store, *ino, cut_index, Version::MAX)? {
                     let extent = Extent::Cut { offset: cut_offset };
@@ -337,20 +361,7 @@ fn run<S: Store + ?Sized>(
                     )?;
                 }
             }
-            let prefix = key::chunks(*ino);
-            let mut after = first_dropped.checked_sub(1).map(|i| key::chunk(*ino, i));
-            loop {
-                let page = store.scan(&prefix, Version::MAX, after.as_deref(), TRUNCATE_PAGE)?;
-                for (k, _) in &page {
-                    if key::chunk_index_of(k).is_some_and(|i| i >= first_dropped) {
-                        delta.push((k.clone(), None));
-                    }
-                }
-                if page.len() < TRUNCATE_PAGE {
-                    return Ok(());
-                }
-                after = page.last().map(|(k, _)| k.clone());
-            }
+            Ok(DataReply::Done)
         }
     }
 }

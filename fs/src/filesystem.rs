@@ -49,6 +49,14 @@ pub const WRITE_BUFFERS_MAX: usize = 64;
 /// Most deferred-write errors kept for files not yet flushed (past this, an error is only
 /// returned to the call that triggered the send).
 const WRITE_ERRORS_MAX: usize = 4096;
+/// Times a request is resent while its shard answers `Retry` (each version it reached was full)
+/// before the operation fails with EAGAIN.
+pub const RETRIES_MAX: u64 = 1000;
+/// Pause before the third sending of a request answered `Retry`, growing by as much with each
+/// further one up to [`RETRY_PAUSE_MAX_MS`] (the second goes at once).
+pub const RETRY_PAUSE_MS: u64 = 1;
+/// Longest pause between two sendings of a request answered `Retry`.
+pub const RETRY_PAUSE_MAX_MS: u64 = 20;
 
 /// Buffered bytes of one file: a contiguous run from `start`.
 #[derive(Debug)]
@@ -199,17 +207,38 @@ impl<S: Shards> FileSystem<S> {
             }
         };
         let request = Request { client, number, op }.encode();
-        let result = self.shards.submit(shard, request);
+        let result = self.submit_until_applied(shard, &request);
         lock(&self.slots).push((client, number));
         self.slot_free.notify_one();
-        let reply = Reply::decode(&result?).map_err(bad_reply)?;
-        match reply {
+        match result? {
             Reply::Stale { last } => Err(fs_err!(
                 libc::EIO,
                 "request {number} of client {client} was answered as stale (last {last})"
             )),
             r => Ok(r),
         }
+    }
+
+    /// Submits `request` and resends the same bytes while the shard answers `Retry` (its
+    /// version had no room left for the request's changes): a later version applies it, once.
+    fn submit_until_applied(&self, shard: ShardRef, request: &Bytes) -> FsResult<Reply> {
+        for attempt in 0..RETRIES_MAX {
+            let reply =
+                Reply::decode(&self.shards.submit(shard, request.clone())?).map_err(bad_reply)?;
+            if reply != Reply::Retry {
+                return Ok(reply);
+            }
+            if attempt > 0 {
+                let pause = RETRY_PAUSE_MS
+                    .saturating_mul(attempt)
+                    .min(RETRY_PAUSE_MAX_MS);
+                std::thread::sleep(std::time::Duration::from_millis(pause));
+            }
+        }
+        Err(fs_err!(
+            libc::EAGAIN,
+            "{shard:?} had no room for the request in {RETRIES_MAX} versions in a row"
+        ))
     }
 
     fn ns(&self, op: NsOp) -> FsResult<NsReply> {
@@ -443,7 +472,9 @@ impl<S: Shards> FileSystem<S> {
         }
         let cut = |at: u64| -> FsResult<()> {
             for shard in 0..self.layout.data_shards {
-                self.data(shard, DataOp::Truncate { ino, size: at })?;
+                // A shard removes a bounded number of chunks per request: ask again (each
+                // time removing more) until it has none left past the cut.
+                while self.data(shard, DataOp::Truncate { ino, size: at })? == DataReply::More {}
             }
             Ok(())
         };

@@ -250,6 +250,9 @@ pub enum NsReply {
 pub enum DataReply {
     /// Done.
     Done,
+    /// Part done: a truncation removed [`crate::chunk::TRUNCATE_DELETES_MAX`] chunks and more
+    /// remain past the cut. The client sends the truncation again (a new request) until `Done`.
+    More,
 }
 
 /// A reply to a [`Request`].
@@ -264,6 +267,10 @@ pub enum Reply {
         /// The last number applied.
         last: u64,
     },
+    /// Not applied: its changes would have brought its version's delta over
+    /// `VERSION_DELTA_BYTES_MAX`. Nothing was recorded for the client; it resends the same
+    /// request (same number), which a later version applies.
+    Retry,
 }
 
 /// A read of the namespace shard.
@@ -403,6 +410,8 @@ const REPLY_DATA_OK: u8 = 2;
 const REPLY_ERR_NS: u8 = 3;
 const REPLY_ERR_DATA: u8 = 4;
 const REPLY_STALE: u8 = 5;
+const REPLY_RETRY: u8 = 6;
+const REPLY_DATA_MORE: u8 = 7;
 const NS_REPLY_ATTR: u8 = 1;
 const NS_REPLY_DONE: u8 = 2;
 
@@ -829,6 +838,7 @@ impl Reply {
                 }
             }
             Reply::Data(Ok(DataReply::Done)) => out.push(REPLY_DATA_OK),
+            Reply::Data(Ok(DataReply::More)) => out.push(REPLY_DATA_MORE),
             Reply::Ns(Err(e)) => {
                 out.push(REPLY_ERR_NS);
                 put_error(&mut out, e);
@@ -841,6 +851,7 @@ impl Reply {
                 out.push(REPLY_STALE);
                 put_varint(&mut out, *last);
             }
+            Reply::Retry => out.push(REPLY_RETRY),
         }
         Bytes::from(out)
     }
@@ -863,6 +874,8 @@ impl Reply {
                 }
             },
             REPLY_DATA_OK => Reply::Data(Ok(DataReply::Done)),
+            REPLY_DATA_MORE => Reply::Data(Ok(DataReply::More)),
+            REPLY_RETRY => Reply::Retry,
             REPLY_ERR_NS => Reply::Ns(Err(read_error(&mut r)?)),
             REPLY_ERR_DATA => Reply::Data(Err(read_error(&mut r)?)),
             REPLY_STALE => Reply::Stale {
@@ -1263,6 +1276,8 @@ mod tests {
             Reply::Ns(Err(FsError::new(libc::ENOENT, "no entry \"é\""))),
             Reply::Data(Err(FsError::new(libc::EFBIG, ""))),
             Reply::Stale { last: 12 },
+            Reply::Retry,
+            Reply::Data(Ok(DataReply::More)),
         ]
     }
 

@@ -8,6 +8,8 @@
 
 use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
+use derechofs_core::VERSION_DELTA_BYTES_MAX;
+use derechofs_storage::record::WRITE_HEADER_LEN;
 use derechofs_storage::{Hlc, Log, LogError, Version, Write};
 
 use crate::chunk::{self, ChunkCache, CHUNK_CACHE_BYTES_DEFAULT};
@@ -19,6 +21,20 @@ use crate::namespace;
 use crate::op::{encode_read_reply, DataRead, NsRead, Op, Reply, Request};
 use crate::store::{Delta, Overlay, Store};
 
+/// Bytes one request's changes may add to a version's delta, at most (as the log counts a
+/// record's payload): a chunk's new base and its state, the client record, and room for a
+/// truncation's [`chunk::TRUNCATE_DELETES_MAX`] deletions. A request whose changes would be
+/// larger is answered E2BIG and changes nothing; by the bounds on request sizes, the chunk size
+/// and the deletions of a truncation, no request can get there.
+pub const FS_REQUEST_DELTA_BYTES_MAX: usize = chunk::CHUNK_SIZE_MAX as usize + (256 << 10);
+
+// A version full of K/V requests leaves room for any one file system request: the first file
+// system request of a version always applies.
+const _: () = assert!(
+    derechofs_core::kv::KV_VERSION_DELTA_BYTES_MAX + FS_REQUEST_DELTA_BYTES_MAX
+        <= VERSION_DELTA_BYTES_MAX
+);
+
 /// What applying one version produced.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Applied {
@@ -28,18 +44,52 @@ pub struct Applied {
     pub delta: Delta,
 }
 
-/// Decides every request of one version against `store` (its latest state) in order, later
-/// requests seeing the writes of earlier ones. Deterministic: the same store and payloads give
-/// the same replies and delta at every replica. `Err` is a failure of the store: the replica
-/// must stop.
+/// Bytes a write of `value` to `key` adds to a record's payload.
+fn write_cost(key: &[u8], value: Option<&Bytes>) -> usize {
+    WRITE_HEADER_LEN + key.len() + value.map_or(0, Bytes::len)
+}
+
+/// [`apply_batch_within`] with the whole of [`VERSION_DELTA_BYTES_MAX`] for the file system.
 pub fn apply_batch<S: Store + ?Sized>(
     store: &S,
     hlc: Hlc,
     chunk_size: u32,
     payloads: &[Bytes],
 ) -> Result<Applied, LogError> {
+    apply_batch_within(
+        store,
+        hlc,
+        chunk_size,
+        payloads,
+        VERSION_DELTA_BYTES_MAX - 4,
+    )
+}
+
+/// Decides every request of one version against `store` (its latest state) in order, later
+/// requests seeing the writes of earlier ones. Deterministic: the same store and payloads give
+/// the same replies and delta at every replica. `Err` is a failure of the store: the replica
+/// must stop.
+///
+/// The delta's writes add at most `budget` bytes to the version's record payload (at least
+/// [`FS_REQUEST_DELTA_BYTES_MAX`]): a request whose changes would go over is not applied,
+/// nothing is recorded for its client, and it is answered [`Reply::Retry`], so that its client
+/// resends it into a later version. The first request that changes anything always fits.
+pub fn apply_batch_within<S: Store + ?Sized>(
+    store: &S,
+    hlc: Hlc,
+    chunk_size: u32,
+    payloads: &[Bytes],
+    budget: usize,
+) -> Result<Applied, LogError> {
+    assert!(
+        budget >= FS_REQUEST_DELTA_BYTES_MAX,
+        "a version's budget of {budget} bytes leaves no room for one request"
+    );
     let mut overlay = Overlay::new(store);
     let mut replies = Vec::with_capacity(payloads.len());
+    // Bytes the applied requests' writes add, counting a key written twice twice: at least what
+    // the merged delta encodes to.
+    let mut used = 0usize;
     for payload in payloads {
         let request = match Request::decode(payload) {
             Ok(r) => r,
@@ -63,7 +113,7 @@ pub fn apply_batch<S: Store + ?Sized>(
                 }
             }
         }
-        let (reply, delta) = match &request.op {
+        let (mut reply, mut delta) = match &request.op {
             Op::Ns(op) => {
                 let (r, d) = namespace::apply(&overlay, hlc, op)?;
                 (Reply::Ns(r), d)
@@ -73,13 +123,37 @@ pub fn apply_batch<S: Store + ?Sized>(
                 (Reply::Data(r), d)
             }
         };
-        let reply = reply.encode();
+        let mut encoded = reply.encode();
+        let record_cost = |reply: &Bytes| WRITE_HEADER_LEN + client_key.len() + 10 + reply.len();
+        let mut cost = delta
+            .iter()
+            .map(|(k, v)| write_cost(k, v.as_ref()))
+            .sum::<usize>()
+            + record_cost(&encoded);
+        if cost > FS_REQUEST_DELTA_BYTES_MAX {
+            let e = fs_err!(
+                libc::E2BIG,
+                "the request would change {cost} bytes, above {FS_REQUEST_DELTA_BYTES_MAX}"
+            );
+            reply = match request.op {
+                Op::Ns(_) => Reply::Ns(Err(e)),
+                Op::Data(_) => Reply::Data(Err(e)),
+            };
+            delta = Vec::new();
+            encoded = reply.encode();
+            cost = record_cost(&encoded);
+        }
+        if used + cost > budget {
+            replies.push(Reply::Retry.encode());
+            continue;
+        }
+        used += cost;
         overlay.apply(delta);
-        let mut record = Vec::with_capacity(10 + reply.len());
+        let mut record = Vec::with_capacity(10 + encoded.len());
         put_varint(&mut record, request.number);
-        record.extend_from_slice(&reply);
+        record.extend_from_slice(&encoded);
         overlay.apply(vec![(client_key, Some(Bytes::from(record)))]);
-        replies.push(reply);
+        replies.push(encoded);
     }
     Ok(Applied {
         replies,

@@ -5,7 +5,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use derechofs_fs::op::{DataOp, NsOp, Op, Request};
+use derechofs_core::VERSION_DELTA_BYTES_MAX;
+use derechofs_fs::chunk::{CHUNK_SIZE_MAX, TRUNCATE_DELETES_MAX};
+use derechofs_fs::key;
+use derechofs_fs::op::{DataOp, DataReply, NsOp, Op, Reply, Request};
 use derechofs_fs::{Creds, FileKind, FsShard, SetAttr, RENAME_EXCHANGE};
 use derechofs_storage::backend::MemoryBackend;
 use derechofs_storage::{version_of, Hlc, Log, LogConfig, SyncPolicy, Version};
@@ -163,4 +166,221 @@ fn a_batched_version_answers_and_ends_like_one_version_per_request() {
         same_state(&batched, &replica, seed);
         same_state(&batched, &single, seed);
     }
+}
+
+fn shard_with_chunks(chunk: u32) -> FsShard {
+    let config = LogConfig {
+        sync: SyncPolicy::None,
+        segment_bytes: 64 << 20,
+        ..LogConfig::default()
+    };
+    let log = Log::open(Arc::new(MemoryBackend::new()), config).unwrap();
+    FsShard::new(log, chunk).unwrap()
+}
+
+fn data_request(client: u64, number: u64, op: DataOp) -> Bytes {
+    Request {
+        client,
+        number,
+        op: Op::Data(op),
+    }
+    .encode()
+}
+
+/// The largest record payload in `s`'s log.
+fn largest_record(s: &mut FsShard) -> usize {
+    s.log_mut().sync().unwrap();
+    let (records, _) = s
+        .log()
+        .read_records(None, Version::MAX, usize::MAX, usize::MAX, None)
+        .unwrap();
+    records.iter().map(|r| r.payload.len()).max().unwrap_or(0)
+}
+
+#[test]
+fn a_batch_of_compacting_writes_stays_within_the_budget_and_applies_every_request_once() {
+    // Full chunks of the largest size: every small write to one of them compacts it into a new
+    // base of a whole chunk, so a version of such writes from many clients would be many chunks
+    // of delta. Each client has one request outstanding at a time and resends a request
+    // answered `Retry`; a shard applying, one version each, the requests in the order the
+    // batched shard applied them must answer and end alike.
+    const CLIENTS: u64 = 10;
+    const ROUNDS: u64 = 3;
+    let chunk = CHUNK_SIZE_MAX;
+    let (mut batched, mut single) = (shard_with_chunks(chunk), shard_with_chunks(chunk));
+    let mut seq = 0u32;
+    // Stamps: the batched shard's version `seq` at wall time `10 * seq`; the single shard
+    // replays each request at the wall time of the version that applied it.
+    let wall = |seq: u32| 1_000_000 + 10 * u64::from(seq);
+    let next = |s: &mut FsShard, batch: &[Bytes], seq: u32| {
+        s.apply(version_of(1, seq), Hlc::at(wall(seq)), batch)
+            .unwrap()
+    };
+    for client in 0..CLIENTS {
+        seq += 1;
+        let full = data_request(
+            client,
+            1,
+            DataOp::Write {
+                ino: 10 + client,
+                index: 0,
+                offset: 0,
+                data: Bytes::from(vec![1u8; chunk as usize]),
+            },
+        );
+        let a = next(&mut batched, std::slice::from_ref(&full), seq);
+        assert_eq!(a, next(&mut single, std::slice::from_ref(&full), seq));
+    }
+    // Each client's queue: a write to its chunk per round, the last client also making small
+    // namespace changes in between.
+    let mut queues: Vec<std::collections::VecDeque<Bytes>> = (0..CLIENTS)
+        .map(|client| {
+            (0..ROUNDS)
+                .map(|round| {
+                    data_request(
+                        client,
+                        2 + round,
+                        // A whole chunk (which compacts, the chunk's extents being full),
+                        // then one byte.
+                        if round % 2 == 0 {
+                            DataOp::Write {
+                                ino: 10 + client,
+                                index: 0,
+                                offset: 0,
+                                data: Bytes::from(vec![2 + round as u8; chunk as usize]),
+                            }
+                        } else {
+                            DataOp::Write {
+                                ino: 10 + client,
+                                index: 0,
+                                offset: (round * 7 + client) as u32,
+                                data: Bytes::from(vec![2 + round as u8]),
+                            }
+                        },
+                    )
+                })
+                .collect()
+        })
+        .collect();
+    queues.push(
+        (0..ROUNDS)
+            .map(|round| {
+                Request {
+                    client: 99,
+                    number: 1 + round,
+                    op: Op::Ns(if round == 0 {
+                        NsOp::Init {
+                            creds: Creds::default(),
+                        }
+                    } else {
+                        NsOp::Mkdir {
+                            parent: 1,
+                            name: Bytes::from(format!("d{round}")),
+                            perm: 0o755,
+                            creds: Creds::default(),
+                        }
+                    }),
+                }
+                .encode()
+            })
+            .collect(),
+    );
+    let total: usize = queues.iter().map(|q| q.len()).sum();
+    let mut applied_order: Vec<(Bytes, Bytes, Hlc)> = Vec::new();
+    let mut versions = 0u32;
+    let mut retries = 0u64;
+    while queues.iter().any(|q| !q.is_empty()) {
+        versions += 1;
+        assert!(versions as usize <= total, "a version applied nothing");
+        // Each version carries the front request of every client, starting at a rotating one.
+        let n = queues.len();
+        let order: Vec<usize> = (0..n).map(|i| (i + versions as usize) % n).collect();
+        let batch: Vec<Bytes> = order
+            .iter()
+            .filter_map(|&c| queues[c].front().cloned())
+            .collect();
+        let clients: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&c| !queues[c].is_empty())
+            .collect();
+        seq += 1;
+        let replies = next(&mut batched, &batch, seq);
+        let mut applied_here = 0;
+        for ((request, reply), c) in batch.iter().zip(&replies).zip(clients) {
+            if Reply::decode(reply).unwrap() == Reply::Retry {
+                retries += 1;
+                continue;
+            }
+            applied_here += 1;
+            queues[c].pop_front();
+            let stamp = Hlc {
+                wall_us: wall(seq),
+                logical: applied_here,
+            };
+            applied_order.push((request.clone(), reply.clone(), stamp));
+        }
+        assert!(applied_here >= 1, "version {versions} applied nothing");
+    }
+    let largest = largest_record(&mut batched);
+    assert!(
+        largest <= VERSION_DELTA_BYTES_MAX,
+        "a record of {largest} bytes is above the budget of {VERSION_DELTA_BYTES_MAX}"
+    );
+    assert_eq!(applied_order.len(), total, "every request applied once");
+    assert!(retries >= CLIENTS / 2, "the versions were meant to be full");
+    for (request, reply, stamp) in &applied_order {
+        seq += 1;
+        let r = single
+            .apply(version_of(1, seq), *stamp, std::slice::from_ref(request))
+            .unwrap();
+        assert_eq!(&r[0], reply, "batched and single answers differ");
+    }
+    same_state(&batched, &single, 0);
+}
+
+#[test]
+fn a_truncation_of_more_chunks_than_one_request_may_remove_takes_several_requests() {
+    let chunk = 4096u32;
+    let mut s = shard_with_chunks(chunk);
+    let chunks = TRUNCATE_DELETES_MAX as u64 + 100;
+    let mut seq = 0u32;
+    let mut apply = |s: &mut FsShard, request: Bytes| -> Reply {
+        seq += 1;
+        let replies = s
+            .apply(version_of(1, seq), Hlc::at(u64::from(seq)), &[request])
+            .unwrap();
+        Reply::decode(&replies[0]).unwrap()
+    };
+    for index in 0..chunks {
+        let write = DataOp::Write {
+            ino: 5,
+            index,
+            offset: 0,
+            data: Bytes::from_static(b"x"),
+        };
+        assert_eq!(
+            apply(&mut s, data_request(1, 1 + index, write)),
+            Reply::Data(Ok(DataReply::Done))
+        );
+    }
+    let chunk_states = |s: &FsShard| {
+        s.log()
+            .scan(&key::chunks(5), Version::MAX, None, 100_000)
+            .unwrap()
+            .items
+            .len() as u64
+    };
+    assert_eq!(chunk_states(&s), chunks);
+    // Cut inside chunk 0: every later chunk goes, at most TRUNCATE_DELETES_MAX per request.
+    let cut = |number| data_request(1, number, DataOp::Truncate { ino: 5, size: 1 });
+    let mut number = chunks + 1;
+    assert_eq!(apply(&mut s, cut(number)), Reply::Data(Ok(DataReply::More)));
+    assert_eq!(chunk_states(&s), chunks - TRUNCATE_DELETES_MAX as u64);
+    number += 1;
+    assert_eq!(apply(&mut s, cut(number)), Reply::Data(Ok(DataReply::Done)));
+    assert_eq!(chunk_states(&s), 1);
+    number += 1;
+    assert_eq!(apply(&mut s, cut(number)), Reply::Data(Ok(DataReply::Done)));
+    assert_eq!(chunk_states(&s), 1);
 }

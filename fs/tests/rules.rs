@@ -3,13 +3,16 @@
 
 use std::sync::atomic::AtomicU64;
 
+use derechofs_fs::chunk::TRUNCATE_DELETES_MAX;
 use derechofs_fs::inode::{FILE_SIZE_MAX, SYMLINK_LEN_MAX};
+use derechofs_fs::key;
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
     Attr, Clock, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr,
     SetTime, ShardRef, Shards, Timespec, HISTORY_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE,
     ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
 };
+use derechofs_storage::Version;
 
 const ME: Creds = Creds {
     uid: 1000,
@@ -456,6 +459,44 @@ fn truncating_down_then_up_reads_zeros_where_data_was() {
         .unwrap()
         .iter()
         .all(|&b| b == 0));
+}
+
+#[test]
+fn truncating_a_file_of_more_chunks_than_one_request_may_remove_removes_them_all() {
+    // 3 data shards of 4 KiB chunks: more than TRUNCATE_DELETES_MAX chunks on at least one of
+    // them, so its truncation takes several requests.
+    let fs = fs();
+    let f = file(&fs, ROOT_INO, "f");
+    let chunks = 3 * TRUNCATE_DELETES_MAX as u64 + 300;
+    for i in 0..chunks {
+        fs.write(f.ino, i * 4096 + 4000, &[9u8; 10]).unwrap();
+    }
+    fs.flush(f.ino).unwrap();
+    let size = |s| SetAttr {
+        size: Some(s),
+        ..SetAttr::default()
+    };
+    fs.setattr(f.ino, size(4002)).unwrap();
+    let states: usize = (0..3)
+        .map(|d| {
+            fs.shards()
+                .with_log(ShardRef::Data(d), |log| {
+                    log.scan(&key::chunks(f.ino), Version::MAX, None, 1 << 20)
+                        .unwrap()
+                        .items
+                        .len()
+                })
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(states, 1, "only the chunk holding the new end is left");
+    fs.setattr(f.ino, size(chunks * 4096)).unwrap();
+    let back = fs.read(f.ino, 0, 8192).unwrap();
+    assert!(back[..4000].iter().all(|&b| b == 0));
+    assert_eq!(&back[4000..4002], &[9, 9]);
+    assert!(back[4002..].iter().all(|&b| b == 0));
+    let last = fs.read(f.ino, (chunks - 1) * 4096, 4096).unwrap();
+    assert!(last.iter().all(|&b| b == 0), "no cut chunk comes back");
 }
 
 #[test]

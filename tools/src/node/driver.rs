@@ -24,6 +24,7 @@ use super::clients::{
     Clients, DurableWait, ReadWait, ReadWhat, Submitted, Until, Watch, DURABLE_WAITS_MAX,
     READ_WAITS_MAX, SUBMITTED_MAX, WATCHERS_MAX,
 };
+use super::failed::{self, ReplicaFailed};
 use super::machine::Outcome;
 use super::state::{LoggedDecision, NodeState};
 use super::store::{open_log, ShardStore};
@@ -198,16 +199,28 @@ impl Driver {
         let interrupt = tokio::signal::ctrl_c();
         tokio::pin!(interrupt);
         loop {
-            tokio::select! {
+            let result = tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => driver.link_event(event).await?,
+                    Some(event) => driver.link_event(event).await,
                     None => anyhow::bail!("the transport stopped"),
                 },
-                Some((peer, layout)) = probes.recv() => driver.probed(peer, layout).await?,
-                _ = ticker.tick() => driver.tick().await?,
-                _ = notify.notified() => driver.persisted().await?,
+                Some((peer, layout)) = probes.recv() => driver.probed(peer, layout).await,
+                _ = ticker.tick() => driver.tick().await,
+                _ = notify.notified() => driver.persisted().await,
                 _ = &mut interrupt => break,
                 _ = terminate.recv() => break,
+            };
+            if let Err(e) = result {
+                if let Some(failed) = e.downcast_ref::<ReplicaFailed>() {
+                    // Fail-stop (see `failed`): record why, then stop; dropping the driver
+                    // closes every link, and the other members remove this node at once.
+                    let reason = failed.to_string();
+                    tracing::error!(node = me, "{reason}");
+                    if let Err(m) = failed::record(&driver.config.data_dir, &reason) {
+                        tracing::error!(node = me, error = %format!("{m:#}"), "the failure could not be recorded");
+                    }
+                }
+                return Err(e);
             }
         }
         tracing::info!(node = me, "stopping");
@@ -397,7 +410,11 @@ impl Driver {
         let last = log.latest().map(|(v, _)| v);
         for record in records.iter().filter(|r| Some(r.version) > last) {
             log.append_payload(record.version, record.hlc, &record.payload)
-                .with_context(|| format!("appending {:#x} of {shard}", record.version))?;
+                .map_err(|e| ReplicaFailed {
+                    shard,
+                    version: record.version,
+                    cause: anyhow::Error::new(e).context("appending a transferred record"),
+                })?;
         }
         Ok(())
     }
@@ -542,10 +559,15 @@ impl Driver {
         let mut out: Vec<(ClientId, Bytes)> = Vec::new();
         for d in deliveries {
             let payloads: Vec<Bytes> = d.requests.iter().map(|r| r.payload.clone()).collect();
-            let applied = store
-                .kv()
-                .apply(d.version, d.hlc, &payloads)
-                .with_context(|| format!("applying version {:#x} of {shard}", d.version))?;
+            let applied =
+                store
+                    .kv()
+                    .apply(d.version, d.hlc, &payloads)
+                    .map_err(|e| ReplicaFailed {
+                        shard,
+                        version: d.version,
+                        cause: anyhow::Error::new(e).context("applying and appending the version"),
+                    })?;
             if d.sender == self.me {
                 for (request, reply) in d.requests.iter().zip(&applied.replies) {
                     let Some(s) = self.clients.submitted.remove(&request.id) else {

@@ -11,10 +11,14 @@
 //! appends the same delta.
 
 use bytes::Bytes;
+use derechofs_core::kv::KV_VERSION_DELTA_BYTES_MAX;
 use derechofs_core::kv::{KvReply, KvStore, ReadAt};
 use derechofs_core::protocol::{MACHINE_FS, MACHINE_KV};
+use derechofs_core::VERSION_DELTA_BYTES_MAX;
 use derechofs_core::{Hlc, Version};
 use derechofs_fs::chunk::{ChunkCache, CHUNK_CACHE_BYTES_DEFAULT};
+use derechofs_fs::shard::{apply_batch_within, FS_REQUEST_DELTA_BYTES_MAX};
+use derechofs_storage::record::payload_len;
 use derechofs_storage::{Log, LogError, Write};
 
 /// One request's reply, by the machine that applied it.
@@ -96,21 +100,37 @@ impl Machine {
         } else {
             self.kv.decide(version, hlc, &kv)?
         };
+        let kv_writes: Vec<Write<'_>> = kv_delta
+            .iter()
+            .map(|(k, v)| Write {
+                key: k,
+                value: v.as_deref(),
+            })
+            .collect();
+        // What the K/V requests use of the version's delta (with the record's 4-byte count);
+        // by the bounds on a version's requests at most KV_VERSION_DELTA_BYTES_MAX, which leaves
+        // the file system room for at least one request.
+        let kv_len = payload_len(&kv_writes).map_err(|(what, len, max)| LogError::TooLarge {
+            what,
+            len,
+            max,
+        })?;
+        debug_assert!(kv_len <= KV_VERSION_DELTA_BYTES_MAX);
         let fs_applied = if fs.is_empty() {
             Default::default()
         } else {
-            derechofs_fs::shard::apply_batch(self.kv.log(), hlc, self.chunk_size, &fs)?
+            let budget = VERSION_DELTA_BYTES_MAX
+                .saturating_sub(kv_len)
+                .max(FS_REQUEST_DELTA_BYTES_MAX);
+            apply_batch_within(self.kv.log(), hlc, self.chunk_size, &fs, budget)?
         };
         let mut writes: Vec<Write<'_>> =
-            Vec::with_capacity(kv_delta.len() + fs_applied.delta.len());
+            Vec::with_capacity(kv_writes.len() + fs_applied.delta.len());
         writes.extend(fs_applied.delta.iter().map(|(k, v)| Write {
             key: k,
             value: v.as_deref(),
         }));
-        writes.extend(kv_delta.iter().map(|(k, v)| Write {
-            key: k,
-            value: v.as_deref(),
-        }));
+        writes.extend(kv_writes);
         self.kv.log_mut().append(version, hlc, &writes)?;
         let mut kv_replies = kv_applied.replies.into_iter();
         let mut fs_replies = fs_applied.replies.into_iter();
@@ -160,7 +180,9 @@ mod tests {
     use std::sync::Arc;
 
     use derechofs_core::kv::{KvOp, KvRequest};
-    use derechofs_fs::op::{NsOp, NsRead, Op, Reply, Request};
+    use derechofs_fs::op::{
+        decode_read_reply, DataOp, DataRead, DataReply, NsOp, NsRead, Op, ReadReply, Reply, Request,
+    };
     use derechofs_fs::Creds;
     use derechofs_storage::backend::MemoryBackend;
     use derechofs_storage::LogConfig;
@@ -217,6 +239,141 @@ mod tests {
             }),
         };
         tagged(MACHINE_FS, &r.encode())
+    }
+
+    fn write(client: u64, number: u64, ino: u64, offset: u32, data: Bytes) -> Bytes {
+        let r = Request {
+            client,
+            number,
+            op: Op::Data(DataOp::Write {
+                ino,
+                index: 0,
+                offset,
+                data,
+            }),
+        };
+        tagged(MACHINE_FS, &r.encode())
+    }
+
+    /// The largest record payload of `m`'s log.
+    fn largest_record(m: &mut Machine) -> usize {
+        m.log_mut().sync().unwrap();
+        let (records, _) = m
+            .log()
+            .read_records(None, Version::MAX, usize::MAX, usize::MAX, None)
+            .unwrap();
+        records.iter().map(|r| r.payload.len()).max().unwrap_or(0)
+    }
+
+    #[test]
+    fn a_version_of_many_compacting_writes_stays_within_the_budget_and_applies_each_write_once() {
+        // Chunks as large as a layout may have them, each full: a one-byte write to any of them
+        // compacts it into a new base of a whole chunk. Without a budget, one version of such
+        // writes (and two large K/V puts) makes a record above the log's 64 MiB limit: the
+        // append fails on every replica.
+        const FILES: u64 = 34;
+        let chunk = derechofs_fs::chunk::CHUNK_SIZE_MAX;
+        let config = LogConfig {
+            segment_bytes: 256 << 20,
+            ..LogConfig::default()
+        };
+        let log = Log::open(Arc::new(MemoryBackend::new()), config).unwrap();
+        let mut m = Machine::new(log, chunk);
+        let mut v = 0u64;
+        for ino in 0..FILES {
+            v += 1;
+            let full = Bytes::from(vec![1u8; chunk as usize]);
+            m.apply(v, Hlc::at(v), &[write(ino, 1, 100 + ino, 0, full)])
+                .unwrap();
+        }
+        let big = |client: u64| {
+            let r = KvRequest {
+                client,
+                number: 1,
+                op: KvOp::Put {
+                    key: Bytes::from(format!("big{client}")),
+                    value: Bytes::from(vec![2u8; derechofs_core::REQUEST_BYTES_MAX - 64]),
+                },
+            };
+            tagged(MACHINE_KV, &r.encode())
+        };
+        let mut pending: Vec<Bytes> = (0..FILES)
+            .map(|ino| write(ino, 2, 100 + ino, ino as u32, Bytes::from(vec![9u8])))
+            .collect();
+        let mut first = vec![big(1000), big(1001)];
+        first.extend(pending.iter().cloned());
+        let mut batch = first;
+        let mut versions = 0;
+        while !batch.is_empty() {
+            v += 1;
+            versions += 1;
+            assert!(versions <= FILES, "a version applied no write");
+            let applied = m.apply(v, Hlc::at(v), &batch).unwrap();
+            let mut retry = Vec::new();
+            let mut applied_here = 0;
+            for (p, r) in batch.iter().zip(&applied.replies) {
+                match r {
+                    Outcome::Kv(KvReply::Written { .. }) => {}
+                    Outcome::Fs(bytes) => match Reply::decode(bytes).unwrap() {
+                        Reply::Retry => retry.push(p.clone()),
+                        Reply::Data(Ok(DataReply::Done)) => applied_here += 1,
+                        other => panic!("unexpected reply {other:?}"),
+                    },
+                    other => panic!("unexpected reply {other:?}"),
+                }
+            }
+            // The first file system request of every version applies, even beside 8 MiB of
+            // K/V requests.
+            assert!(applied_here >= 1, "version {v:#x} applied nothing");
+            // Resent: later versions apply them, once each.
+            pending.retain(|p| retry.contains(p));
+            assert_eq!(pending, retry);
+            batch = retry;
+        }
+        assert!(
+            versions > 2,
+            "the writes were meant to need several versions"
+        );
+        let largest = largest_record(&mut m);
+        assert!(
+            largest <= VERSION_DELTA_BYTES_MAX,
+            "a record of {largest} bytes is above the budget"
+        );
+        // A repeat of an applied request (same client and number) is answered, not applied.
+        let again = m
+            .apply(
+                v + 1,
+                Hlc::at(v + 1),
+                &[write(0, 2, 100, 0, Bytes::from(vec![7u8]))],
+            )
+            .unwrap();
+        let Outcome::Fs(bytes) = &again.replies[0] else {
+            panic!("a file system reply expected");
+        };
+        assert_eq!(
+            Reply::decode(bytes).unwrap(),
+            Reply::Data(Ok(DataReply::Done))
+        );
+        // Every write landed exactly once: each chunk reads as ones with one 9 at its offset,
+        // as after one version per write.
+        for ino in 0..FILES {
+            let (_, reply) = m.read_fs(
+                ReadAt::Latest,
+                &DataRead::Chunk {
+                    ino: 100 + ino,
+                    index: 0,
+                    offset: 0,
+                    len: chunk,
+                }
+                .encode(),
+            );
+            let Ok(ReadReply::Bytes(bytes)) = decode_read_reply(&reply).unwrap() else {
+                panic!("chunk {ino} did not read");
+            };
+            let mut expected = vec![1u8; chunk as usize];
+            expected[ino as usize] = 9;
+            assert!(bytes == expected, "chunk of inode {} differs", 100 + ino);
+        }
     }
 
     #[test]

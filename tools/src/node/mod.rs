@@ -6,6 +6,7 @@
 //! - [`state`]: the membership record (`DATA/view-state`): the last view and its logged decision.
 //! - [`driver`]: the event loop: links, ticks, engine actions, view changes, client requests.
 //! - [`clients`]: what the node keeps per client: pending writes, waiting reads, watches.
+//! - [`failed`]: fail-stop when a shard's log fails to take a version (`DATA/replica-failed`).
 //!
 //! A node that never recorded a view starts the group with the configured `members`, in view
 //! `stored + 1` where `stored` is the highest view id recorded in its logs (1 for a new group).
@@ -16,6 +17,7 @@
 
 mod clients;
 mod driver;
+mod failed;
 mod machine;
 mod state;
 mod store;
@@ -78,6 +80,7 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
     let me = config.node_id;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    failed::check(&config.data_dir)?;
     let recorded = NodeState::load(&config.data_dir)?;
     let start = match &recorded {
         Some(state) => restart_views(&config, state)?,
