@@ -17,8 +17,10 @@
 //!   every replica of its shard (the file system's `fsync`).
 //!
 //! The seam is synchronous (the mount calls it from its threads); the links run on a small tokio
-//! runtime of the client's own. Many requests may be in flight at once over one link per member,
-//! each under its own tag.
+//! runtime of the client's own. A request runs on the calling thread: it writes itself to the
+//! link and sleeps until the link's reader hands it the reply. Many requests may be in flight at
+//! once over one link per member, each under its own tag (`read_many` sends several from one
+//! thread).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -118,8 +120,9 @@ struct Inner {
     down: Mutex<HashMap<NodeId, Instant>>,
     /// The newest stamp this client has seen.
     seen: Mutex<Hlc>,
-    /// Per shard, the newest version this client had answered.
-    written: Mutex<HashMap<SubgroupShard, Version>>,
+    /// Per shard, the newest version this client had answered, and the member that answered
+    /// it (which had delivered it then).
+    written: Mutex<HashMap<SubgroupShard, (Version, NodeId)>>,
     next_tag: AtomicU64,
     spread: AtomicUsize,
 }
@@ -249,9 +252,15 @@ impl RemoteShards {
         self.inner.id
     }
 
-    /// Runs `f` on the client's runtime and waits for it, from any thread (also from inside
-    /// another runtime, whose thread it then blocks).
+    /// Runs `f` within the client's runtime and waits for it, from any thread. On a thread
+    /// outside any runtime (the mount's threads), `f` runs on the calling thread itself: it
+    /// writes its request to the link and sleeps until the link's reader hands it the reply,
+    /// with no hop through a worker thread on either side. From inside another runtime (whose
+    /// thread it then blocks) it runs as a task on the client's workers.
     fn block<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return self.runtime.block_on(f);
+        }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.runtime.spawn(async move {
             let _ = tx.send(f.await);
@@ -291,54 +300,27 @@ impl Shards for RemoteShards {
     fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes> {
         let shard = self.subgroup_shard(shard)?;
         let inner = self.inner.clone();
-        let reply = self.block(async move {
-            let tag = inner.tag();
-            let hlc = lock(&inner.seen).tick();
-            let durable = inner.config.durable_writes;
-            let bytes = Request::encode_fs_submit(tag, shard, hlc, durable, &request);
-            inner.call_shard(shard, tag, bytes).await
-        })?;
-        match reply {
-            Reply::FsWritten {
-                version,
-                hlc,
-                reply,
-            } => {
-                self.inner.saw(hlc);
-                let mut written = lock(&self.inner.written);
-                let w = written.entry(shard).or_insert(version);
-                *w = (*w).max(version);
-                Ok(reply)
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.block(async move { inner.submit(shard, request).await })
     }
 
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
         let shard = self.subgroup_shard(shard)?;
-        let after = match at {
-            ReadAt::Latest => lock(&self.inner.written).get(&shard).copied(),
-            _ => None,
-        };
         let inner = self.inner.clone();
-        let reply = self.block(async move {
-            let tag = inner.tag();
-            let bytes = Request::FsRead {
-                shard,
-                at,
-                after,
-                request,
-            }
-            .encode(tag);
-            inner.call_shard(shard, tag, bytes).await
-        })?;
-        match reply {
-            Reply::FsValue { read_hlc, reply } => {
-                self.inner.saw(read_hlc);
-                Ok(reply)
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.block(async move { inner.read(shard, at, request).await })
+    }
+
+    /// Every read in flight at once, sent and awaited from the calling thread.
+    fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
+        let inner = self.inner.clone();
+        let calls: Vec<_> = reads
+            .into_iter()
+            .map(|(shard, at, request)| {
+                let shard = self.subgroup_shard(shard);
+                let inner = inner.clone();
+                async move { inner.read(shard?, at, request).await }
+            })
+            .collect();
+        self.block(join_all(calls))
     }
 
     fn now_us(&self) -> u64 {
@@ -350,18 +332,18 @@ impl Shards for RemoteShards {
     fn sync(&self) -> FsResult<()> {
         let written: Vec<(SubgroupShard, Version)> = lock(&self.inner.written)
             .iter()
-            .map(|(s, v)| (*s, *v))
+            .map(|(s, (v, _))| (*s, *v))
             .collect();
         for (shard, version) in written {
             let inner = self.inner.clone();
             let reply = self.block(async move {
                 let tag = inner.tag();
                 let bytes = Request::FsSync { shard, version }.encode(tag);
-                inner.call_shard(shard, tag, bytes).await
+                inner.call_shard(shard, tag, bytes, None).await
             })?;
             match reply {
-                Reply::FsSynced => {}
-                other => return Err(unexpected(&other)),
+                (_, Reply::FsSynced) => {}
+                (_, other) => return Err(unexpected(&other)),
             }
         }
         Ok(())
@@ -399,7 +381,94 @@ impl Shards for RemoteShards {
     }
 }
 
+/// Runs `futures` together on the current task; their outputs in order.
+async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
+    let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut outputs: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, out) in futures.iter_mut().zip(outputs.iter_mut()) {
+            if out.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *out = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    outputs
+        .into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
+}
+
 impl Inner {
+    /// `Shards::submit` of one request to `shard`.
+    async fn submit(self: Arc<Self>, shard: SubgroupShard, request: Bytes) -> FsResult<Bytes> {
+        let tag = self.tag();
+        let hlc = lock(&self.seen).tick();
+        let durable = self.config.durable_writes;
+        let bytes = Request::encode_fs_submit(tag, shard, hlc, durable, &request);
+        match self.call_shard(shard, tag, bytes, None).await? {
+            (
+                node,
+                Reply::FsWritten {
+                    version,
+                    hlc,
+                    reply,
+                },
+            ) => {
+                self.saw(hlc);
+                let mut written = lock(&self.written);
+                let w = written.entry(shard).or_insert((version, node));
+                if version >= w.0 {
+                    *w = (version, node);
+                }
+                Ok(reply)
+            }
+            (_, other) => Err(unexpected(&other)),
+        }
+    }
+
+    /// `Shards::read` of one read of `shard`.
+    async fn read(
+        self: Arc<Self>,
+        shard: SubgroupShard,
+        at: ReadAt,
+        request: Bytes,
+    ) -> FsResult<Bytes> {
+        // Read-your-writes: at the latest state, a replica answers once it delivered the newest
+        // version this client had answered in the shard. The member that answered it had
+        // delivered it, so the read goes there first instead of waiting at another replica.
+        let (after, first) = match at {
+            ReadAt::Latest => lock(&self.written)
+                .get(&shard)
+                .map_or((None, None), |&(v, node)| (Some(v), Some(node))),
+            _ => (None, None),
+        };
+        let tag = self.tag();
+        let bytes = Request::FsRead {
+            shard,
+            at,
+            after,
+            request,
+        }
+        .encode(tag);
+        match self.call_shard(shard, tag, bytes, first).await? {
+            (_, Reply::FsValue { read_hlc, reply }) => {
+                self.saw(read_hlc);
+                Ok(reply)
+            }
+            (_, other) => Err(unexpected(&other)),
+        }
+    }
+
     fn tag(&self) -> u64 {
         self.next_tag.fetch_add(1, Ordering::Relaxed)
     }
@@ -548,14 +617,16 @@ impl Inner {
     }
 
     /// Sends the request `bytes` (with `tag`) to the members of `shard` in turn until one
-    /// answers it, learning the view again when members fail or refuse; see the module
-    /// documentation for the errors.
+    /// answers it (`first` first, if it is a member and up), learning the view again when
+    /// members fail or refuse; see the module documentation for the errors. Returns the member
+    /// that answered and its reply.
     async fn call_shard(
         self: &Arc<Self>,
         shard: SubgroupShard,
         tag: u64,
         bytes: Bytes,
-    ) -> FsResult<Reply> {
+        first: Option<NodeId>,
+    ) -> FsResult<(NodeId, Reply)> {
         let deadline = Instant::now() + Duration::from_millis(self.config.retry_window_ms);
         let spread = self.spread.fetch_add(1, Ordering::Relaxed);
         let mut pause = RETRY_PAUSE_MS;
@@ -568,7 +639,10 @@ impl Inner {
             if members.is_empty() {
                 return Err(fs_err!(libc::EIO, "the view has no member for {shard:?}"));
             }
-            let node = self.choose(&members, spread, attempt);
+            let node = match first {
+                Some(f) if attempt == 0 && members.contains(&f) && !self.is_down(f) => f,
+                _ => self.choose(&members, spread, attempt),
+            };
             let relearn = match self.call_node(node, tag, bytes.clone()).await {
                 Ok(Reply::Error { code, message }) => {
                     let why = format!("node {node}: {code:?}: {message}");
@@ -590,7 +664,7 @@ impl Inner {
                         }
                     }
                 }
-                Ok(reply) => return Ok(reply),
+                Ok(reply) => return Ok((node, reply)),
                 Err(e) => {
                     last = fs_err!(libc::EIO, "{e}");
                     true

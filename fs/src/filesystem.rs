@@ -46,6 +46,9 @@ pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
 pub const WRITE_BUFFER_BYTES_MAX: usize = 8 << 20;
 /// Most files with buffered writes at once; a new one past this sends another file's buffer.
 pub const WRITE_BUFFERS_MAX: usize = 64;
+/// Most reads one `read` call has in flight at once (the attributes and chunk pieces); a longer
+/// read goes out in groups of this many.
+pub const READS_IN_FLIGHT_MAX: usize = 16;
 /// Most deferred-write errors kept for files not yet flushed (past this, an error is only
 /// returned to the call that triggered the send).
 const WRITE_ERRORS_MAX: usize = 4096;
@@ -637,9 +640,47 @@ impl<S: Shards> FileSystem<S> {
 
     /// Up to `len` bytes of file `ino` at `offset`: fewer at the end of the file; holes read as
     /// zeros.
+    ///
+    /// The attributes (for the size) and the chunk pieces of the range are read at once, in
+    /// groups of up to [`READS_IN_FLIGHT_MAX`] reads; the bytes are then cut at the size. Each read is
+    /// at the file's view (live: a state with every change this client had answered; snapshot:
+    /// its time).
     pub fn read(&self, ino: Ino, offset: u64, len: u32) -> FsResult<Bytes> {
         let v = self.view(ino)?;
-        let attr = match self.ns_read(v.read_at(), NsRead::GetAttr { ino: v.ino })? {
+        let cs = u64::from(self.layout.chunk_size);
+        let end = offset.saturating_add(u64::from(len)).min(FILE_SIZE_MAX);
+        let mut pieces: Vec<(u64, u32)> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let want = (cs - pos % cs).min(end - pos) as u32;
+            pieces.push((pos, want));
+            pos += u64::from(want);
+        }
+        let chunk_read = |&(pos, want): &(u64, u32)| {
+            let read = DataRead::Chunk {
+                ino: v.ino,
+                index: pos / cs,
+                offset: (pos % cs) as u32,
+                len: want,
+            };
+            let shard = placement(v.ino, pos / cs, self.layout.data_shards);
+            (ShardRef::Data(shard), v.read_at(), read.encode())
+        };
+        let first = pieces.len().min(READS_IN_FLIGHT_MAX - 1);
+        let mut reads = vec![(
+            ShardRef::Namespace,
+            v.read_at(),
+            NsRead::GetAttr { ino: v.ino }.encode(),
+        )];
+        reads.extend(pieces[..first].iter().map(chunk_read));
+        let mut replies = self.shards.read_many(reads).into_iter();
+        let attr = match decode_read_reply(
+            &replies
+                .next()
+                .unwrap_or_else(|| Err(fs_err!(libc::EIO, "a read was not answered")))?,
+        )
+        .map_err(bad_reply)??
+        {
             ReadReply::Attr(a) => a,
             other => return Err(bad_reply(format!("{other:?}"))),
         };
@@ -648,37 +689,40 @@ impl<S: Shards> FileSystem<S> {
             FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
             _ => fs_bail!(libc::EINVAL, "inode {ino} is not a regular file"),
         }
-        let end = offset.saturating_add(u64::from(len)).min(attr.size);
+        let end = end.min(attr.size);
         if offset >= end {
             return Ok(Bytes::new());
         }
-        let cs = u64::from(self.layout.chunk_size);
+        let needed = pieces.iter().take_while(|(pos, _)| *pos < end).count();
         let mut out = BytesMut::with_capacity((end - offset) as usize);
-        let mut pos = offset;
-        while pos < end {
-            let index = pos / cs;
-            let within = (pos % cs) as u32;
-            let want = (cs - u64::from(within)).min(end - pos) as u32;
-            let shard = placement(v.ino, index, self.layout.data_shards);
-            let read = DataRead::Chunk {
-                ino: v.ino,
-                index,
-                offset: within,
-                len: want,
-            };
-            let reply = self
-                .shards
-                .read(ShardRef::Data(shard), v.read_at(), read.encode())?;
-            let bytes = match decode_read_reply(&reply).map_err(bad_reply)?? {
-                ReadReply::Bytes(b) => b,
-                other => return Err(bad_reply(format!("{other:?}"))),
-            };
-            if bytes.len() > want as usize {
-                return Err(bad_reply("a chunk read longer than asked"));
+        let mut done = 0;
+        let mut replies: Vec<FsResult<Bytes>> = replies.collect();
+        while done < needed {
+            if replies.is_empty() {
+                let upto = needed.min(done + READS_IN_FLIGHT_MAX);
+                replies = self
+                    .shards
+                    .read_many(pieces[done..upto].iter().map(chunk_read).collect());
             }
-            out.extend_from_slice(&bytes);
-            out.resize(out.len() + (want as usize - bytes.len()), 0);
-            pos += u64::from(want);
+            for reply in std::mem::take(&mut replies) {
+                if done == needed {
+                    break;
+                }
+                let (pos, want) = pieces[done];
+                let bytes = match decode_read_reply(&reply?).map_err(bad_reply)?? {
+                    ReadReply::Bytes(b) => b,
+                    other => return Err(bad_reply(format!("{other:?}"))),
+                };
+                if bytes.len() > want as usize {
+                    return Err(bad_reply("a chunk read longer than asked"));
+                }
+                // Holes read as zeros; the last piece is cut at the size.
+                let keep = (end - pos).min(u64::from(want)) as usize;
+                let have = bytes.len().min(keep);
+                out.extend_from_slice(&bytes[..have]);
+                out.resize(out.len() + (keep - have), 0);
+                done += 1;
+            }
         }
         Ok(out.freeze())
     }

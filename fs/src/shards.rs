@@ -58,6 +58,8 @@ pub struct Space {
 /// - `now_us`: the client's wall clock, used to refuse times in the future.
 /// - `sync`: return only once every request this client had answered is durable on every
 ///   replica of its shard (`fsync`).
+/// - `read_many`: as `read` for each element, in any order among themselves; the replies come
+///   back in the order of the reads.
 pub trait Shards: Send + Sync {
     /// The layout.
     fn layout(&self) -> FsLayout;
@@ -65,6 +67,14 @@ pub trait Shards: Send + Sync {
     fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes>;
     /// Answers an encoded read at `at`; returns the encoded read reply.
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes>;
+    /// Answers several encoded reads; their replies in the order of `reads`. The default reads
+    /// one after the other; a cluster has them in flight at once.
+    fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
+        reads
+            .into_iter()
+            .map(|(shard, at, request)| self.read(shard, at, request))
+            .collect()
+    }
     /// The client's wall clock, in microseconds since the Unix epoch.
     fn now_us(&self) -> u64;
     /// Space for `statfs`.
