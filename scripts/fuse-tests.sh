@@ -14,7 +14,8 @@
 #   pjdfstest   the Rust pjdfstest, configuration tests/fuse/pjdfstest.toml (0 failures needed;
 #               exclusions are listed in docs/SEMANTICS.md)
 #   fsx         a bounded fsx run (FSX_OPS operations, default 10000, 2000 on the cluster; seed
-#               FSX_SEED, default 1)
+#               FSX_SEED, default 1), configuration tests/fuse/fsx.toml (adds posix_fallocate and
+#               hole punching to fsx's default mix)
 #   mount-helper (cluster only) `mount -t derechofs`, an fstab line (`mount -T`), and a bad option
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -117,7 +118,8 @@ rm -rf "$W/mnt/pjdfstest"
 
 # fsx: a bounded run on one file.
 mkdir -p "$W/mnt/fsx" "$W/fsx"
-timeout "$suite_timeout" fsx -N "$fsx_ops" -S "$fsx_seed" -P "$W/fsx" "$W/mnt/fsx/file" \
+timeout "$suite_timeout" fsx -N "$fsx_ops" -S "$fsx_seed" -f "$here/tests/fuse/fsx.toml" \
+  -P "$W/fsx" "$W/mnt/fsx/file" \
   > "$logs/$target-fsx.log" 2>&1
 result fsx $?
 rm -rf "$W/mnt/fsx"

@@ -92,6 +92,7 @@ struct ChunkState {
 const STATE_FORMAT: u8 = 1;
 const EXTENT_DATA: u8 = 1;
 const EXTENT_CUT: u8 = 2;
+const EXTENT_ZERO: u8 = 3;
 
 impl ChunkState {
     fn encode(&self) -> Bytes {
@@ -126,8 +127,19 @@ impl ChunkState {
 }
 
 enum Extent {
-    Data { offset: u32, data: Bytes },
-    Cut { offset: u32 },
+    Data {
+        offset: u32,
+        data: Bytes,
+    },
+    Cut {
+        offset: u32,
+    },
+    /// Zeros over `offset..offset + len`, up to the chunk's length at that point (a hole
+    /// punched; the chunk does not grow).
+    Zero {
+        offset: u32,
+        len: u32,
+    },
 }
 
 fn encode_extent(e: &Extent) -> Bytes {
@@ -142,6 +154,11 @@ fn encode_extent(e: &Extent) -> Bytes {
         Extent::Cut { offset } => {
             out.push(EXTENT_CUT);
             put_varint(&mut out, u64::from(*offset));
+        }
+        Extent::Zero { offset, len } => {
+            out.push(EXTENT_ZERO);
+            put_varint(&mut out, u64::from(*offset));
+            put_varint(&mut out, u64::from(*len));
         }
     }
     Bytes::from(out)
@@ -160,6 +177,11 @@ fn decode_extent(b: &Bytes) -> Result<Extent, DecodeError> {
         EXTENT_CUT => {
             r.finish()?;
             Extent::Cut { offset }
+        }
+        EXTENT_ZERO => {
+            let len = r.varint_u32("extent length")?;
+            r.finish()?;
+            Extent::Zero { offset, len }
         }
         tag => {
             return Err(DecodeError::UnknownTag {
@@ -259,6 +281,13 @@ fn assemble<S: Store + ?Sized>(
                         let from = at.max(lo);
                         window[(from - lo) as usize..].fill(0);
                     }
+                }
+            }
+            Extent::Zero { offset, len: n } => {
+                let from = u64::from(offset).max(lo);
+                let to = (u64::from(offset) + u64::from(n)).min(len).min(hi);
+                if from < to {
+                    window[(from - lo) as usize..(to - lo) as usize].fill(0);
                 }
             }
         }
@@ -363,6 +392,59 @@ fn run<S: Store + ?Sized>(
             }
             Ok(DataReply::Done)
         }
+        DataOp::Zero {
+            ino,
+            index,
+            offset,
+            len,
+        } => {
+            let end = u64::from(*offset) + u64::from(*len);
+            if end > u64::from(chunk_size) {
+                fs_bail!(
+                    libc::EINVAL,
+                    "zeros at {offset}..{end} cross the end of a {chunk_size}-byte chunk"
+                );
+            }
+            if *len == 0 {
+                return Ok(DataReply::Done);
+            }
+            // A chunk this shard does not hold reads as zeros already.
+            if let Some(mut state) = state_at(store, *ino, *index, Version::MAX)? {
+                let extent = Extent::Zero {
+                    offset: *offset,
+                    len: *len,
+                };
+                add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)?;
+            }
+            Ok(DataReply::Done)
+        }
+        DataOp::Punch { ino, from, to } => {
+            let after = from.checked_sub(1).map(|i| key::chunk(*ino, i));
+            let page = store.scan(
+                &key::chunks(*ino),
+                Version::MAX,
+                after.as_deref(),
+                TRUNCATE_DELETES_MAX + 1,
+            )?;
+            let mut dropped = 0;
+            for (k, _) in &page {
+                let Some(i) = key::chunk_index_of(k) else {
+                    continue;
+                };
+                if i < *from {
+                    continue;
+                }
+                if i >= *to {
+                    return Ok(DataReply::Done);
+                }
+                if dropped == TRUNCATE_DELETES_MAX {
+                    return Ok(DataReply::More);
+                }
+                delta.push((k.clone(), None));
+                dropped += 1;
+            }
+            Ok(DataReply::Done)
+        }
     }
 }
 
@@ -379,7 +461,7 @@ fn add_extent<S: Store + ?Sized>(
 ) -> Result<(), Fail> {
     let bytes = match &extent {
         Extent::Data { data, .. } => data.len() as u64,
-        Extent::Cut { .. } => 0,
+        Extent::Cut { .. } | Extent::Zero { .. } => 0,
     };
     let compact = state.extents + 1 >= EXTENTS_PER_CHUNK_MAX
         || state.extent_bytes + bytes > u64::from(chunk_size);
@@ -404,6 +486,12 @@ fn add_extent<S: Store + ?Sized>(
             current[offset as usize..end].copy_from_slice(&data);
         }
         Extent::Cut { offset } => current.truncate(current.len().min(offset as usize)),
+        Extent::Zero { offset, len } => {
+            let end = (offset as usize + len as usize).min(current.len());
+            if (offset as usize) < end {
+                current[offset as usize..end].fill(0);
+            }
+        }
     }
     *state = ChunkState {
         base_len: current.len() as u32,

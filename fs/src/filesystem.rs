@@ -98,6 +98,19 @@ pub struct FsConfig {
     pub root_owner: Creds,
 }
 
+/// The modes of `fallocate(2)` the file system supports; any other is EOPNOTSUPP at the mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fallocate {
+    /// Mode 0: the file is at least `offset + len` bytes long afterwards; new bytes read as
+    /// zeros (a hole: no space is reserved).
+    Allocate,
+    /// `FALLOC_FL_KEEP_SIZE`: nothing changes (no space is reserved ahead of writes).
+    KeepSize,
+    /// `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE`: the bytes of the range inside the file read
+    /// as zeros afterwards; the size stays.
+    PunchHole,
+}
+
 /// `statfs` numbers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StatFs {
@@ -473,22 +486,106 @@ impl<S: Shards> FileSystem<S> {
         if size > FILE_SIZE_MAX {
             fs_bail!(libc::EFBIG, "size {size} is above the largest file");
         }
-        let cut = |at: u64| -> FsResult<()> {
-            for shard in 0..self.layout.data_shards {
-                // A shard removes a bounded number of chunks per request: ask again (each
-                // time removing more) until it has none left past the cut.
-                while self.data(shard, DataOp::Truncate { ino, size: at })? == DataReply::More {}
-            }
-            Ok(())
-        };
         if size > current.size {
-            cut(current.size)?;
+            self.cut(ino, current.size)?;
         }
         let attr = self.ns_attr(NsOp::SetAttr { ino, set })?;
         if size < current.size {
-            cut(size)?;
+            self.cut(ino, size)?;
         }
         Ok(attr)
+    }
+
+    /// Cuts every data shard's chunks of `ino` at `at`.
+    fn cut(&self, ino: Ino, at: u64) -> FsResult<()> {
+        for shard in 0..self.layout.data_shards {
+            // A shard removes a bounded number of chunks per request: ask again (each time
+            // removing more) until it has none left past the cut.
+            while self.data(shard, DataOp::Truncate { ino, size: at })? == DataReply::More {}
+        }
+        Ok(())
+    }
+
+    /// `fallocate(2)` on file `ino` for `len` (≥ 1) bytes at `offset`, in one of the supported
+    /// modes ([`Fallocate`]); returns the attributes after it. Errors: EINVAL for a zero length,
+    /// EISDIR for a directory, ESPIPE for a fifo, ENODEV for any other inode that is not a
+    /// regular file, EFBIG past the largest file, EROFS in a snapshot.
+    pub fn fallocate(&self, ino: Ino, mode: Fallocate, offset: u64, len: u64) -> FsResult<Attr> {
+        let ino = self.live(ino)?;
+        if len == 0 {
+            fs_bail!(libc::EINVAL, "fallocate of zero bytes");
+        }
+        let current = self.getattr(ino)?;
+        match current.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => fs_bail!(libc::EISDIR, "inode {ino} is a directory"),
+            FileKind::Fifo => fs_bail!(libc::ESPIPE, "inode {ino} is a fifo"),
+            _ => fs_bail!(libc::ENODEV, "inode {ino} is not a regular file"),
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= FILE_SIZE_MAX)
+            .ok_or_else(|| fs_err!(libc::EFBIG, "fallocate past the largest file"))?;
+        match mode {
+            // Space is not reserved (there is no block allocation to do); only the size moves.
+            Fallocate::KeepSize => Ok(current),
+            Fallocate::Allocate if end <= current.size => Ok(current),
+            Fallocate::Allocate => {
+                // As a truncation that grows the file: cut at the old size first, so that no
+                // byte left past it comes back, then the size (and mtime, ctime).
+                self.cut(ino, current.size)?;
+                self.ns_attr(NsOp::Written { ino, end })
+            }
+            Fallocate::PunchHole => {
+                let hi = end.min(current.size);
+                if offset >= hi {
+                    // Nothing of the file is in the range.
+                    return Ok(current);
+                }
+                self.punch(ino, offset, hi)?;
+                // mtime and ctime; the size stays (`end` is inside the file).
+                self.ns_attr(NsOp::Written { ino, end: offset })
+            }
+        }
+    }
+
+    /// Makes bytes `lo..hi` of `ino` read as zeros: chunks wholly inside are dropped (every
+    /// data shard, a bounded number per request), the pieces of the chunks at either end get
+    /// zeros.
+    fn punch(&self, ino: Ino, lo: u64, hi: u64) -> FsResult<()> {
+        let cs = u64::from(self.layout.chunk_size);
+        let (first_whole, end_whole) = (lo.div_ceil(cs), hi / cs);
+        let zero = |from: u64, to: u64| -> FsResult<()> {
+            if from >= to {
+                return Ok(());
+            }
+            let index = from / cs;
+            let op = DataOp::Zero {
+                ino,
+                index,
+                offset: (from % cs) as u32,
+                len: (to - from) as u32,
+            };
+            self.data(placement(ino, index, self.layout.data_shards), op)
+                .map(drop)
+        };
+        if first_whole >= end_whole {
+            // Within one chunk, or across the boundary of two with neither whole.
+            let boundary = (lo / cs + 1) * cs;
+            zero(lo, hi.min(boundary))?;
+            zero(boundary.max(lo), hi)?;
+            return Ok(());
+        }
+        zero(lo, first_whole * cs)?;
+        for shard in 0..self.layout.data_shards {
+            let op = || DataOp::Punch {
+                ino,
+                from: first_whole,
+                to: end_whole,
+            };
+            while self.data(shard, op())? == DataReply::More {}
+        }
+        zero(end_whole * cs, hi)
     }
 
     /// Creates a regular file.

@@ -31,7 +31,7 @@ pub mod time;
 
 pub use derechofs_core::kv::ReadAt;
 pub use error::{errno_name, FsError, FsResult};
-pub use filesystem::{FileSystem, FsConfig, StatFs, HISTORY_XATTR};
+pub use filesystem::{Fallocate, FileSystem, FsConfig, StatFs, HISTORY_XATTR};
 pub use inode::{Attr, FileKind, Ino, Timespec, ROOT_INO};
 pub use op::{
     Creds, DirEntry, SetAttr, SetTime, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE,

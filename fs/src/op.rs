@@ -214,6 +214,29 @@ pub enum DataOp {
         /// The new size.
         size: u64,
     },
+    /// Makes `len` bytes at `offset` inside chunk `index` of `ino` read as zeros, without
+    /// changing how long the chunk is (never across a chunk's end). A chunk this shard does not
+    /// hold reads as zeros already: nothing changes.
+    Zero {
+        /// The file.
+        ino: Ino,
+        /// The chunk.
+        index: u64,
+        /// Where in the chunk.
+        offset: u32,
+        /// How many bytes.
+        len: u32,
+    },
+    /// Drops the chunks `from..to` of `ino` this shard holds (they read as zeros), at most
+    /// [`crate::chunk::TRUNCATE_DELETES_MAX`] per request: the reply is `More` while more remain.
+    Punch {
+        /// The file.
+        ino: Ino,
+        /// The first chunk dropped.
+        from: u64,
+        /// The chunk after the last one dropped.
+        to: u64,
+    },
 }
 
 /// Either kind of operation.
@@ -404,6 +427,8 @@ const NS_REMOVEXATTR: u8 = 12;
 
 const DATA_WRITE: u8 = 1;
 const DATA_TRUNCATE: u8 = 2;
+const DATA_ZERO: u8 = 3;
+const DATA_PUNCH: u8 = 4;
 
 const REPLY_NS_OK: u8 = 1;
 const REPLY_DATA_OK: u8 = 2;
@@ -757,6 +782,24 @@ impl DataOp {
                 put_varint(out, *ino);
                 put_varint(out, *size);
             }
+            DataOp::Zero {
+                ino,
+                index,
+                offset,
+                len,
+            } => {
+                out.push(DATA_ZERO);
+                put_varint(out, *ino);
+                put_varint(out, *index);
+                put_varint(out, u64::from(*offset));
+                put_varint(out, u64::from(*len));
+            }
+            DataOp::Punch { ino, from, to } => {
+                out.push(DATA_PUNCH);
+                put_varint(out, *ino);
+                put_varint(out, *from);
+                put_varint(out, *to);
+            }
         }
     }
 
@@ -771,6 +814,17 @@ impl DataOp {
             DATA_TRUNCATE => DataOp::Truncate {
                 ino: r.varint("ino")?,
                 size: r.varint("size")?,
+            },
+            DATA_ZERO => DataOp::Zero {
+                ino: r.varint("ino")?,
+                index: r.varint("chunk index")?,
+                offset: r.varint_u32("chunk offset")?,
+                len: r.varint_u32("length")?,
+            },
+            DATA_PUNCH => DataOp::Punch {
+                ino: r.varint("ino")?,
+                from: r.varint("first chunk")?,
+                to: r.varint("end chunk")?,
             },
             tag => {
                 return Err(DecodeError::UnknownTag {
@@ -1257,6 +1311,17 @@ mod tests {
                 data: Bytes::from_static(b"data"),
             }),
             Op::Data(DataOp::Truncate { ino: 3, size: 0 }),
+            Op::Data(DataOp::Zero {
+                ino: 3,
+                index: 7,
+                offset: 100,
+                len: 4000,
+            }),
+            Op::Data(DataOp::Punch {
+                ino: 3,
+                from: 2,
+                to: 1 << 30,
+            }),
         ];
         ops.into_iter()
             .enumerate()

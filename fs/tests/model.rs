@@ -16,8 +16,8 @@ use std::sync::atomic::AtomicU64;
 
 use derechofs_fs::inode::{FILE_SIZE_MAX, NAME_LEN_MAX};
 use derechofs_fs::{
-    Attr, Clock, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr,
-    RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
+    Attr, Clock, Creds, Fallocate, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards,
+    SetAttr, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
 };
 use derechofs_tests::rng::Rng;
 
@@ -420,6 +420,44 @@ impl Model {
         i.size = size;
     }
 
+    fn fallocate(&mut self, ino: Ino, mode: Fallocate, offset: u64, len: u64) -> R<Seen> {
+        if len == 0 {
+            return Err(libc::EINVAL);
+        }
+        let i = self.need(ino)?;
+        match i.kind {
+            FileKind::Regular => {}
+            FileKind::Directory => return Err(libc::EISDIR),
+            FileKind::Fifo => return Err(libc::ESPIPE),
+            _ => return Err(libc::ENODEV),
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= FILE_SIZE_MAX)
+            .ok_or(libc::EFBIG)?;
+        let size = i.size;
+        match mode {
+            Fallocate::KeepSize => {}
+            Fallocate::Allocate => {
+                if end > size {
+                    self.truncate(ino, end);
+                }
+            }
+            Fallocate::PunchHole => {
+                let hi = end.min(size);
+                let i = self.inodes.get_mut(&ino).unwrap();
+                if offset < hi {
+                    for (&page, bytes) in i.pages.range_mut(offset / PAGE..=(hi - 1) / PAGE) {
+                        let from = offset.max(page * PAGE);
+                        let to = hi.min((page + 1) * PAGE);
+                        bytes[(from - page * PAGE) as usize..(to - page * PAGE) as usize].fill(0);
+                    }
+                }
+            }
+        }
+        Ok(self.seen(ino))
+    }
+
     fn setattr(&mut self, ino: Ino, set: &SetAttr) -> R<Seen> {
         let i = self.need(ino)?;
         if let Some(size) = set.size {
@@ -714,7 +752,32 @@ impl Run {
                 let got = errno(self.fs.setattr(i, set.clone())).map(|a| seen(&a));
                 assert_eq!(got, self.model.setattr(i, &set), "{c}: setattr {i} {set:?}");
             }
-            52..=69 => {
+            66..=69 => {
+                let i = if self.rng.chance(85) {
+                    self.pick_file().unwrap_or(1)
+                } else {
+                    self.pick_ino()
+                };
+                let mode = match self.rng.below(10) {
+                    0..=3 => Fallocate::Allocate,
+                    4 | 5 => Fallocate::KeepSize,
+                    _ => Fallocate::PunchHole,
+                };
+                let offset = self.offset();
+                let len = match self.rng.below(20) {
+                    0 => 0,
+                    1 => FILE_SIZE_MAX,
+                    2 => 4 * u64::from(CHUNK) + self.rng.below(20 * u64::from(CHUNK)),
+                    _ => self.rng.between(1, 3 * u64::from(CHUNK)),
+                };
+                let got = errno(self.fs.fallocate(i, mode, offset, len)).map(|a| seen(&a));
+                let want = self.model.fallocate(i, mode, offset, len);
+                assert_eq!(
+                    got, want,
+                    "{c}: fallocate {i} {mode:?} at {offset} len {len}"
+                );
+            }
+            52..=65 => {
                 let Some(i) = self.pick_file() else { return };
                 let (off, data) = (self.offset(), self.data());
                 let got = errno(self.fs.write(i, off, &data)).map(|a| seen(&a));

@@ -8,8 +8,8 @@ use derechofs_fs::inode::{FILE_SIZE_MAX, SYMLINK_LEN_MAX};
 use derechofs_fs::key;
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
-    Attr, Clock, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr,
-    SetTime, ShardRef, Shards, Timespec, HISTORY_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE,
+    Attr, Clock, Creds, Fallocate, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards,
+    SetAttr, SetTime, ShardRef, Shards, Timespec, HISTORY_XATTR, RENAME_EXCHANGE, RENAME_NOREPLACE,
     ROOT_INO, XATTR_CREATE, XATTR_REPLACE,
 };
 use derechofs_storage::Version;
@@ -500,6 +500,73 @@ fn truncating_a_file_of_more_chunks_than_one_request_may_remove_removes_them_all
 }
 
 #[test]
+fn fallocate_sets_mtime_and_ctime_only_when_it_changes_the_file() {
+    let fs = fs();
+    fs.shards().set_now_us(T0 + 1_000);
+    let f = file(&fs, ROOT_INO, "f");
+    fs.write(f.ino, 0, &[5u8; 10_000]).unwrap();
+    let before = fs.getattr(f.ino).unwrap();
+    fs.shards().set_now_us(T0 + 2_000);
+    // Nothing changes: within the size, keep-size, a hole wholly past the end.
+    for (mode, offset, len) in [
+        (Fallocate::Allocate, 0, 10_000),
+        (Fallocate::KeepSize, 0, 1 << 30),
+        (Fallocate::PunchHole, 10_000, 4096),
+    ] {
+        let a = fs.fallocate(f.ino, mode, offset, len).unwrap();
+        assert_eq!(a, before, "{mode:?} at {offset} len {len}");
+    }
+    let grown = fs
+        .fallocate(f.ino, Fallocate::Allocate, 9_000, 3_000)
+        .unwrap();
+    assert_eq!(grown.size, 12_000);
+    assert!(grown.mtime > before.mtime && grown.ctime > before.ctime);
+    fs.shards().set_now_us(T0 + 3_000);
+    let punched = fs
+        .fallocate(f.ino, Fallocate::PunchHole, 100, 5_000)
+        .unwrap();
+    assert_eq!(punched.size, 12_000);
+    assert!(punched.mtime > grown.mtime && punched.ctime > grown.ctime);
+    let back = fs.read(f.ino, 0, 12_000).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 5));
+    assert!(back[100..5_100].iter().all(|&b| b == 0));
+    assert!(back[5_100..10_000].iter().all(|&b| b == 5));
+    assert!(back[10_000..].iter().all(|&b| b == 0));
+    // The errnos of fallocate(2).
+    let d = dir(&fs, ROOT_INO, "d");
+    let p = fs
+        .mknod(ROOT_INO, b"p", FileKind::Fifo, 0o644, 0, ME)
+        .unwrap();
+    let s = fs
+        .mknod(ROOT_INO, b"s", FileKind::Socket, 0o644, 0, ME)
+        .unwrap();
+    assert_eq!(
+        errno(fs.fallocate(f.ino, Fallocate::Allocate, 0, 0)),
+        libc::EINVAL
+    );
+    assert_eq!(
+        errno(fs.fallocate(d.ino, Fallocate::Allocate, 0, 1)),
+        libc::EISDIR
+    );
+    assert_eq!(
+        errno(fs.fallocate(p.ino, Fallocate::Allocate, 0, 1)),
+        libc::ESPIPE
+    );
+    assert_eq!(
+        errno(fs.fallocate(s.ino, Fallocate::Allocate, 0, 1)),
+        libc::ENODEV
+    );
+    assert_eq!(
+        errno(fs.fallocate(f.ino, Fallocate::Allocate, FILE_SIZE_MAX, 1)),
+        libc::EFBIG
+    );
+    assert_eq!(
+        errno(fs.fallocate(999, Fallocate::KeepSize, 0, 1)),
+        libc::ENOENT
+    );
+}
+
+#[test]
 fn many_small_overwrites_of_one_chunk_read_back_through_compaction() {
     let fs = fs();
     let f = file(&fs, ROOT_INO, "f");
@@ -590,6 +657,8 @@ fn every_change_inside_a_snapshot_is_erofs() {
         errno(fs.write(s, 0, b"x")),
         errno(fs.setxattr(s, b"user.a", b"", 0)),
         errno(fs.removexattr(s, b"user.a")),
+        errno(fs.fallocate(s, Fallocate::KeepSize, 0, 1)),
+        errno(fs.fallocate(s, Fallocate::PunchHole, 0, 1)),
     ];
     assert!(erofs.iter().all(|&e| e == libc::EROFS), "{erofs:?}");
 }

@@ -29,7 +29,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
-    Attr, Creds, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
+    Attr, Creds, Fallocate, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
 };
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, OpenAccMode, OpenFlags,
@@ -469,6 +469,31 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
     ) {
         // Buffered writes go out; then wait until they are durable on every replica.
         Self::empty(reply, self.fs.fsync_file(ino.0));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        const KEEP_SIZE: i32 = rustix::fs::FallocateFlags::KEEP_SIZE.bits() as i32;
+        const PUNCH_HOLE: i32 = rustix::fs::FallocateFlags::PUNCH_HOLE.bits() as i32;
+        let mode = match mode {
+            0 => Fallocate::Allocate,
+            KEEP_SIZE => Fallocate::KeepSize,
+            m if m == PUNCH_HOLE | KEEP_SIZE => Fallocate::PunchHole,
+            // Collapse, insert, zero range, unshare: not supported (docs/SEMANTICS.md).
+            _ => return reply.error(Errno::EOPNOTSUPP),
+        };
+        Self::empty(
+            reply,
+            self.fs.fallocate(ino.0, mode, offset, length).map(drop),
+        );
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
