@@ -384,3 +384,108 @@ fn a_truncation_of_more_chunks_than_one_request_may_remove_takes_several_request
     assert_eq!(apply(&mut s, cut(number)), Reply::Data(Ok(DataReply::Done)));
     assert_eq!(chunk_states(&s), 1);
 }
+
+/// Shards whose every version is full the first time a request arrives: it is answered `Retry`
+/// without being applied, as a replica answers a request that would bring its version over the
+/// budget; the same bytes sent again are applied.
+struct FullOnce {
+    inner: derechofs_fs::LocalShards,
+    /// Every request seen, with how many times.
+    seen: std::sync::Mutex<std::collections::HashMap<Bytes, u32>>,
+}
+
+impl derechofs_fs::Shards for FullOnce {
+    fn layout(&self) -> derechofs_fs::FsLayout {
+        self.inner.layout()
+    }
+
+    fn submit(
+        &self,
+        shard: derechofs_fs::ShardRef,
+        request: Bytes,
+    ) -> derechofs_fs::FsResult<Bytes> {
+        let first = {
+            let mut seen = self.seen.lock().unwrap();
+            let n = seen.entry(request.clone()).or_insert(0);
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            return Ok(Reply::Retry.encode());
+        }
+        self.inner.submit(shard, request)
+    }
+
+    fn read(
+        &self,
+        shard: derechofs_fs::ShardRef,
+        at: derechofs_fs::ReadAt,
+        request: Bytes,
+    ) -> derechofs_fs::FsResult<Bytes> {
+        self.inner.read(shard, at, request)
+    }
+
+    fn now_us(&self) -> u64 {
+        self.inner.now_us()
+    }
+
+    fn space(&self) -> derechofs_fs::FsResult<derechofs_fs::Space> {
+        self.inner.space()
+    }
+}
+
+#[test]
+fn a_request_answered_retry_is_resent_with_the_same_bytes_and_applied_once() {
+    use derechofs_fs::{Clock, FileSystem, FsConfig, LocalShards};
+    let config = || FsConfig {
+        client_base: 3 << 32,
+        skew_max_us: 1_000_000,
+        root_owner: Creds::default(),
+    };
+    let local = || {
+        LocalShards::new(
+            3,
+            CHUNK,
+            Clock::Manual(std::sync::atomic::AtomicU64::new(1_800_000_000_000_000)),
+        )
+        .unwrap()
+    };
+    let full = FileSystem::new(
+        FullOnce {
+            inner: local(),
+            seen: Default::default(),
+        },
+        config(),
+    )
+    .unwrap();
+    let plain = FileSystem::new(local(), config()).unwrap();
+    let (a, b) = (some_changes(&full), some_changes(&plain));
+    // Every request was sent twice (refused, then applied) and the two file systems agree.
+    let seen = full.shards().seen.lock().unwrap().clone();
+    assert!(seen.len() > 10, "{} requests", seen.len());
+    assert!(seen.values().all(|&n| n == 2), "{seen:?}");
+    assert_eq!(a, b);
+}
+
+/// Makes a few changes through `fs` (namespace, writes across chunks, a truncation, a punch, a
+/// rename); returns the file's bytes and size afterwards.
+fn some_changes<S: derechofs_fs::Shards>(fs: &derechofs_fs::FileSystem<S>) -> (Vec<u8>, u64) {
+    let root = derechofs_fs::ROOT_INO;
+    let d = fs.mkdir(root, b"d", 0o755, Creds::default()).unwrap();
+    let f = fs.create(d.ino, b"f", 0o644, Creds::default()).unwrap();
+    fs.write(f.ino, 0, &[7u8; 3 * CHUNK as usize + 10]).unwrap();
+    let size = Some(u64::from(CHUNK) + 5);
+    fs.setattr(
+        f.ino,
+        SetAttr {
+            size,
+            ..SetAttr::default()
+        },
+    )
+    .unwrap();
+    fs.fallocate(f.ino, derechofs_fs::Fallocate::PunchHole, 10, 20)
+        .unwrap();
+    fs.rename(d.ino, b"f", root, b"g", 0).unwrap();
+    let g = fs.lookup(root, b"g").unwrap();
+    (fs.read(g.ino, 0, 3 * CHUNK).unwrap().to_vec(), g.size)
+}

@@ -462,7 +462,7 @@ fn truncating_down_then_up_reads_zeros_where_data_was() {
 }
 
 #[test]
-fn truncating_a_file_of_more_chunks_than_one_request_may_remove_removes_them_all() {
+fn punching_or_truncating_a_file_of_more_chunks_than_one_request_may_remove_removes_them_all() {
     // 3 data shards of 4 KiB chunks: more than TRUNCATE_DELETES_MAX chunks on at least one of
     // them, so its truncation takes several requests.
     let fs = fs();
@@ -472,24 +472,50 @@ fn truncating_a_file_of_more_chunks_than_one_request_may_remove_removes_them_all
         fs.write(f.ino, i * 4096 + 4000, &[9u8; 10]).unwrap();
     }
     fs.flush(f.ino).unwrap();
+    let states = || -> usize {
+        (0..3)
+            .map(|d| {
+                fs.shards()
+                    .with_log(ShardRef::Data(d), |log| {
+                        log.scan(&key::chunks(f.ino), Version::MAX, None, 1 << 20)
+                            .unwrap()
+                            .items
+                            .len()
+                    })
+                    .unwrap()
+            })
+            .sum()
+    };
+    // A hole over all but the first and last chunks drops them all, in several requests.
+    fs.fallocate(
+        f.ino,
+        Fallocate::PunchHole,
+        4096 + 4000,
+        (chunks - 2) * 4096,
+    )
+    .unwrap();
+    assert_eq!(
+        states(),
+        3,
+        "the first chunk, the last, and the one partly punched"
+    );
+    assert_eq!(fs.read(f.ino, 4000, 10).unwrap().as_ref(), &[9u8; 10]);
+    assert_eq!(
+        fs.read(f.ino, 4096 + 4000, 10).unwrap().as_ref(),
+        &[0u8; 10]
+    );
+    assert_eq!(
+        fs.read(f.ino, 7 * 4096 + 4000, 10).unwrap().as_ref(),
+        &[0u8; 10]
+    );
+    let last = (chunks - 1) * 4096 + 4000;
+    assert_eq!(fs.read(f.ino, last, 10).unwrap().as_ref(), &[9u8; 10]);
     let size = |s| SetAttr {
         size: Some(s),
         ..SetAttr::default()
     };
     fs.setattr(f.ino, size(4002)).unwrap();
-    let states: usize = (0..3)
-        .map(|d| {
-            fs.shards()
-                .with_log(ShardRef::Data(d), |log| {
-                    log.scan(&key::chunks(f.ino), Version::MAX, None, 1 << 20)
-                        .unwrap()
-                        .items
-                        .len()
-                })
-                .unwrap()
-        })
-        .sum();
-    assert_eq!(states, 1, "only the chunk holding the new end is left");
+    assert_eq!(states(), 1, "only the chunk holding the new end is left");
     fs.setattr(f.ino, size(chunks * 4096)).unwrap();
     let back = fs.read(f.ino, 0, 8192).unwrap();
     assert!(back[..4000].iter().all(|&b| b == 0));
