@@ -476,12 +476,7 @@ impl Node {
         input: Input,
         out: &mut Vec<Action>,
     ) -> Result<(), StepError> {
-        self.now_us = self.now_us.max(now_us);
-        if !self.started {
-            self.started = true;
-            self.suspicion.start(self.now_us);
-            self.next_heartbeat_us = self.now_us;
-        }
+        self.advance_clock(now_us);
         let result = match input {
             Input::Tick if self.joining.is_some() => {
                 self.ask_to_join(out);
@@ -546,6 +541,34 @@ impl Node {
         };
         self.progress(out);
         result
+    }
+
+    /// Queues `request` for `shard` as [`Input::Submit`] does, without moving the engine on:
+    /// nothing is sent until the next step or [`Node::flush`]. A driver that takes several
+    /// requests at once queues them all and then flushes once, so that they leave together in
+    /// one message even while the window is open (a step per request sends one message each).
+    pub fn queue(&mut self, shard: ShardId, request: Request) -> Result<(), SubmitError> {
+        self.submit(shard, request).inspect_err(|_| {
+            self.counters.submits_refused += 1;
+        })
+    }
+
+    /// Moves the engine on at `now_us` without a new input: sends what the window allows (the
+    /// requests of [`Node::queue`] among them), delivers what became stable, pushes rows. The
+    /// actions go to `out`, as from [`Node::step`].
+    pub fn flush(&mut self, now_us: u64, out: &mut Vec<Action>) {
+        self.advance_clock(now_us);
+        self.progress(out);
+    }
+
+    /// Takes the time of a step; the first one starts the suspicion timers and heartbeats.
+    fn advance_clock(&mut self, now_us: u64) {
+        self.now_us = self.now_us.max(now_us);
+        if !self.started {
+            self.started = true;
+            self.suspicion.start(self.now_us);
+            self.next_heartbeat_us = self.now_us;
+        }
     }
 
     fn shard_mut(&mut self, shard: ShardId) -> Option<&mut Multicast> {

@@ -115,6 +115,12 @@ impl Cluster {
         }
         let mut actions = Vec::new();
         let result = self.nodes[node].step(self.now_us, input, &mut actions);
+        self.carry(node, actions);
+        result
+    }
+
+    /// Carries out the actions of `node` as its driver would.
+    fn carry(&mut self, node: usize, actions: Vec<Action>) {
         let from = self.nodes[node].node_id();
         for action in actions {
             match action {
@@ -183,7 +189,6 @@ impl Cluster {
                 }
             }
         }
-        result
     }
 
     fn submit(&mut self, node: usize, id: u64, payload: &'static [u8]) {
@@ -385,6 +390,42 @@ fn the_window_bounds_outstanding_messages_and_waiting_requests_are_batched() {
         cluster.nodes[0].counters().batches_sent < 10,
         "requests waited and were batched"
     );
+}
+
+#[test]
+fn requests_queued_then_flushed_leave_in_one_message_although_the_window_is_open() {
+    let mut cluster = Cluster::new(3, |_| {});
+    for id in 0..10 {
+        let request = Request {
+            id,
+            client_hlc: Hlc::ZERO,
+            payload: Bytes::from_static(b"queued"),
+        };
+        cluster.nodes[0].queue(SHARD, request).unwrap();
+    }
+    assert!(cluster.wire.is_empty(), "queueing sends nothing");
+    let mut actions = Vec::new();
+    cluster.nodes[0].flush(cluster.now_us, &mut actions);
+    let data: Vec<&Action> = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Send { message, .. } if is_data(message)))
+        .collect();
+    assert_eq!(data.len(), 2, "one message to each peer");
+    cluster.carry(0, actions);
+    cluster.settle();
+    for node in 0..3 {
+        assert_eq!(cluster.payloads(node).len(), 10);
+        let batches: Vec<usize> = cluster.delivered[node]
+            .iter()
+            .map(|d| d.requests.len())
+            .collect();
+        assert_eq!(
+            batches,
+            vec![10],
+            "node {node} delivered one version of ten requests"
+        );
+    }
+    assert_eq!(cluster.nodes[0].counters().batches_sent, 1);
 }
 
 #[test]

@@ -7,15 +7,26 @@
 //! to a member of it, for up to [`RETRY_WINDOW_MS`]. A change that keeps a majority therefore
 //! shows no error; a node that lost its majority answers `NoMajority`, which the client reports
 //! once no member it can reach does better.
+//!
+//! Links are pipelined: a [`Links`] holds one link per member, and any number of requests may
+//! be in flight on it at once, each under its own tag. A writer task sends every request queued
+//! since its last write in one write, and a reader task hands each reply to its caller by tag.
+//! Several clients may share one [`Links`] ([`Client::connect_shared`]): each keeps its own
+//! client id and request numbers (a client has one write outstanding), and they share the
+//! connections, so one read at the node takes many requests and one write carries many replies.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use derechofs_core::kv::{KvOp, KvReply, KvRequest, ReadAt, Versioned};
-use derechofs_core::transport::{ClientConn, ClientId, Secret};
+use derechofs_core::transport::{ClientConn, ClientId, ClientReceiver, ClientSender, Secret};
 use derechofs_core::{Hlc, NodeId, Version};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 
 use crate::protocol::{
     Change, ErrorCode, Event, LayoutInfo, NodeStatus, Reply, Request, ShardInfo,
@@ -40,6 +51,10 @@ pub const RETRY_WINDOW_MS: u64 = 15_000;
 pub const RETRY_PAUSE_MS: u64 = 5;
 /// Longest pause between attempts.
 pub const RETRY_PAUSE_MAX_MS: u64 = 200;
+/// Requests waiting for a link's writer; more callers wait for room.
+pub const LINK_QUEUE_MAX: usize = 1024;
+/// Requests in flight on one link (sent or queued, not answered); beyond it a call fails.
+pub const LINK_IN_FLIGHT_MAX: usize = 1 << 14;
 /// Full passes over a shard's members that all refuse with `NoMajority` or `Removed` (or cannot
 /// be reached) before the client gives up early: no member can take the request.
 pub const REFUSING_PASSES_MAX: usize = 2;
@@ -80,13 +95,13 @@ pub struct Client {
     id: ClientId,
     secret: Secret,
     layout: LayoutInfo,
-    conns: HashMap<NodeId, ClientConn>,
+    /// The links to the members, possibly shared with other clients.
+    links: Arc<Links>,
     /// The contacts it started from, to learn the view again if every known member fails.
     contacts: Vec<SocketAddr>,
     /// Members that could not be reached, and when.
     down: HashMap<NodeId, tokio::time::Instant>,
     next_number: u64,
-    next_tag: u64,
     /// The newest stamp seen.
     seen: Hlc,
     /// Per shard, the newest version this client wrote: reads wait for it.
@@ -117,24 +132,21 @@ async fn resolve(contacts: &[String]) -> Vec<SocketAddr> {
     out
 }
 
-async fn call_on(conn: &mut ClientConn, tag: u64, request: &Request) -> Result<Reply, String> {
-    call_within(conn, tag, request, REQUEST_TIMEOUT_MS).await
-}
-
-/// Sends `request` on `conn` and waits at most `timeout_ms` for its reply.
-async fn call_within(
+/// Sends `request` on a link of its own and waits at most `timeout_ms` for its reply: for
+/// watches and probes, whose links carry nothing else.
+async fn call_alone(
     conn: &mut ClientConn,
-    tag: u64,
     request: &Request,
     timeout_ms: u64,
 ) -> Result<Reply, String> {
-    let bytes = request.encode(tag);
+    const TAG: u64 = 1;
+    let bytes = request.encode(TAG);
     let exchange = async {
         conn.send(0, &bytes).await.map_err(|e| e.to_string())?;
         loop {
             let (_, frame) = conn.recv().await.map_err(|e| e.to_string())?;
             let (got, reply) = Reply::decode(frame).map_err(|e| e.to_string())?;
-            if got == tag {
+            if got == TAG {
                 return Ok(reply);
             }
         }
@@ -144,46 +156,350 @@ async fn call_within(
         .unwrap_or_else(|_| Err("timed out".to_string()))
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps stay consistent whatever panicked while holding them.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a link's writer task is asked to do.
+#[derive(Debug)]
+enum Outgoing {
+    /// Send this encoded request.
+    Request(Bytes),
+    /// Close the link in order (a bye), then say so.
+    Close(oneshot::Sender<()>),
+}
+
+/// Callers waiting for replies on one link, by tag; `broken` once the link ended.
+#[derive(Debug, Default)]
+struct Waiting {
+    calls: HashMap<u64, oneshot::Sender<Reply>>,
+    broken: Option<String>,
+}
+
+/// One pipelined link to a node.
+#[derive(Debug)]
+struct Link {
+    node: NodeId,
+    /// The address it was made to.
+    addr: SocketAddr,
+    queue: mpsc::Sender<Outgoing>,
+    waiting: Arc<Mutex<Waiting>>,
+    next_tag: AtomicU64,
+    reader: AbortHandle,
+    writer: AbortHandle,
+}
+
+impl Link {
+    /// Starts the writer and reader tasks of an established connection.
+    fn start(conn: ClientConn, addr: SocketAddr) -> Link {
+        let node = conn.node_id();
+        let (sender, receiver) = conn.into_split();
+        let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let writer = tokio::spawn(write_requests(sender, queued, waiting.clone())).abort_handle();
+        let reader = tokio::spawn(read_replies(receiver, waiting.clone())).abort_handle();
+        Link {
+            node,
+            addr,
+            queue,
+            waiting,
+            next_tag: AtomicU64::new(1),
+            reader,
+            writer,
+        }
+    }
+
+    fn is_broken(&self) -> bool {
+        lock(&self.waiting).broken.is_some()
+    }
+
+    /// Sends `request` and waits at most `timeout_ms` for its reply.
+    async fn call(&self, request: &Request, timeout_ms: u64) -> Result<Reply, String> {
+        let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut waiting = lock(&self.waiting);
+            if let Some(why) = &waiting.broken {
+                return Err(why.clone());
+            }
+            if waiting.calls.len() >= LINK_IN_FLIGHT_MAX {
+                return Err(format!("too many requests in flight to node {}", self.node));
+            }
+            waiting.calls.insert(tag, tx);
+        }
+        let exchange = async {
+            self.queue
+                .send(Outgoing::Request(request.encode(tag)))
+                .await
+                .map_err(|_| format!("the link to node {} closed", self.node))?;
+            rx.await.map_err(|_| {
+                lock(&self.waiting)
+                    .broken
+                    .clone()
+                    .unwrap_or_else(|| format!("the link to node {} closed", self.node))
+            })
+        };
+        let result = tokio::time::timeout(Duration::from_millis(timeout_ms), exchange)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()));
+        if result.is_err() {
+            lock(&self.waiting).calls.remove(&tag);
+        }
+        result
+    }
+
+    /// Ends the link at once: its tasks stop, the connection closes, every caller fails.
+    fn kill(&self, why: &str) {
+        fail_all(&self.waiting, why.to_string());
+        self.reader.abort();
+        self.writer.abort();
+    }
+
+    /// Closes the link in order: requests queued before are sent, then a bye.
+    async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Outgoing::Close(done)).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), closed).await;
+        }
+        self.kill("the link was closed");
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
+/// Marks the link broken and fails every caller waiting on it.
+fn fail_all(waiting: &Mutex<Waiting>, why: String) {
+    let mut waiting = lock(waiting);
+    if waiting.broken.is_none() {
+        waiting.broken = Some(why);
+    }
+    // Dropping the senders wakes the callers, which read why.
+    waiting.calls.clear();
+}
+
+/// The writer task of a link: writes every request queued since its last write in one write.
+async fn write_requests(
+    mut sender: ClientSender,
+    mut queue: mpsc::Receiver<Outgoing>,
+    waiting: Arc<Mutex<Waiting>>,
+) {
+    let mut closing = None;
+    let result = async {
+        while let Some(first) = queue.recv().await {
+            let mut next = Some(first);
+            while let Some(outgoing) = next.take() {
+                match outgoing {
+                    Outgoing::Request(bytes) => sender.queue(0, &bytes).await?,
+                    Outgoing::Close(done) => {
+                        closing = Some(done);
+                        break;
+                    }
+                }
+                next = queue.try_recv().ok();
+            }
+            sender.flush().await?;
+            if closing.is_some() {
+                break;
+            }
+        }
+        Ok::<_, derechofs_core::transport::ClientSendError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            let _ = sender.close().await;
+            fail_all(&waiting, "the link was closed".to_string());
+        }
+        Err(e) => fail_all(&waiting, format!("link broken: {e}")),
+    }
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+/// The reader task of a link: hands each reply to the caller waiting for its tag (a reply
+/// nobody waits for any more, after a timeout, is dropped).
+async fn read_replies(mut receiver: ClientReceiver, waiting: Arc<Mutex<Waiting>>) {
+    let why = loop {
+        let frame = match receiver.recv().await {
+            Ok((_, frame)) => frame,
+            Err(e) => break e.to_string(),
+        };
+        match Reply::decode(frame) {
+            Ok((tag, reply)) => {
+                let caller = lock(&waiting).calls.remove(&tag);
+                if let Some(caller) = caller {
+                    let _ = caller.send(reply);
+                }
+            }
+            Err(e) => break format!("undecodable reply: {e}"),
+        }
+    };
+    fail_all(&waiting, why);
+}
+
+/// The links of one or more clients to the members: one pipelined link per member, made on
+/// first use under one link id (the client id of the handshake).
+#[derive(Debug)]
+pub struct Links {
+    id: ClientId,
+    secret: Secret,
+    links: tokio::sync::Mutex<HashMap<NodeId, Arc<Link>>>,
+}
+
+impl Links {
+    /// No link yet; links are made on first use, as `id` (unique among a node's clients).
+    pub fn new(id: ClientId, secret: Secret) -> Arc<Links> {
+        Arc::new(Links {
+            id,
+            secret,
+            links: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The link to `node` at `addr`, connecting if there is none or it broke.
+    async fn link(&self, node: NodeId, addr: SocketAddr) -> Result<Arc<Link>, String> {
+        // Held while connecting: a second connection under the same id would be refused.
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.get(&node) {
+            if !link.is_broken() {
+                return Ok(link.clone());
+            }
+            links.remove(&node);
+        }
+        let connect = ClientConn::connect(addr, self.id, &self.secret, Some(node));
+        let conn =
+            match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return Err(format!("node {node} at {addr}: {e}")),
+                Err(_) => return Err(format!("node {node} at {addr}: no answer to the handshake")),
+            };
+        let link = Arc::new(Link::start(conn, addr));
+        links.insert(node, link.clone());
+        Ok(link)
+    }
+
+    /// The link to `addr`, whichever node answers there: the live link made to that address,
+    /// or a new one (kept unless a link to that node exists). Returns the node and the link.
+    async fn link_any(&self, addr: SocketAddr) -> Result<(NodeId, Arc<Link>), String> {
+        let mut links = self.links.lock().await;
+        if let Some(link) = links.values().find(|l| l.addr == addr && !l.is_broken()) {
+            return Ok((link.node, link.clone()));
+        }
+        let connect = ClientConn::connect(addr, self.id, &self.secret, None);
+        let conn =
+            match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(e)) => return Err(format!("{addr}: {e}")),
+                Err(_) => return Err(format!("{addr}: no answer to the handshake")),
+            };
+        let node = conn.node_id();
+        let link = Arc::new(Link::start(conn, addr));
+        match links.get(&node) {
+            Some(existing) if !existing.is_broken() => {
+                link.close().await;
+                Ok((node, existing.clone()))
+            }
+            _ => {
+                links.insert(node, link.clone());
+                Ok((node, link))
+            }
+        }
+    }
+
+    /// Drops the link to `node` if it is `link` (after a failure on it), closing its connection.
+    async fn drop_link(&self, node: NodeId, link: &Arc<Link>, why: &str) {
+        let mut links = self.links.lock().await;
+        if links.get(&node).is_some_and(|l| Arc::ptr_eq(l, link)) {
+            links.remove(&node);
+        }
+        link.kill(why);
+    }
+
+    /// Keeps only the links to `members`.
+    async fn retain(&self, members: &[NodeId]) {
+        let mut links = self.links.lock().await;
+        links.retain(|node, link| {
+            let keep = members.contains(node);
+            if !keep {
+                link.kill("the node left the view");
+            }
+            keep
+        });
+    }
+
+    /// Closes every link in order, so the nodes see a goodbye rather than a broken link.
+    pub async fn close(&self) {
+        let links: Vec<Arc<Link>> = self.links.lock().await.drain().map(|(_, l)| l).collect();
+        for link in links {
+            link.close().await;
+        }
+    }
+}
+
 impl Client {
-    /// Connects through the first contact that answers and learns the layout from it.
+    /// Connects through the first contact that answers and learns the layout from it; the
+    /// client has links of its own.
     pub async fn connect(contacts: &[String], secret: Secret) -> Result<Client, ClientError> {
         let id = random_id();
+        Client::connect_as(id, contacts, Links::new(id, secret)).await
+    }
+
+    /// As [`Client::connect`], sharing `links` (and their connections) with other clients.
+    pub async fn connect_shared(
+        contacts: &[String],
+        links: Arc<Links>,
+    ) -> Result<Client, ClientError> {
+        Client::connect_as(random_id(), contacts, links).await
+    }
+
+    async fn connect_as(
+        id: ClientId,
+        contacts: &[String],
+        links: Arc<Links>,
+    ) -> Result<Client, ClientError> {
         let mut last = "no contact given".to_string();
         let resolved = resolve(contacts).await;
         for &addr in &resolved {
-            match ClientConn::connect(addr, id, &secret, None).await {
-                Ok(mut conn) => match call_on(&mut conn, 1, &Request::Layout).await {
+            match links.link_any(addr).await {
+                Ok((node, link)) => match link.call(&Request::Layout, REQUEST_TIMEOUT_MS).await {
                     Ok(Reply::Layout(layout)) => {
-                        let mut conns = HashMap::new();
-                        conns.insert(conn.node_id(), conn);
                         return Ok(Client {
                             id,
-                            secret,
+                            secret: links.secret.clone(),
                             layout,
-                            conns,
+                            links,
                             contacts: resolved.clone(),
                             down: HashMap::new(),
                             next_number: 1,
-                            next_tag: 2,
                             seen: Hlc::ZERO,
                             written: HashMap::new(),
                             spread: id as usize,
                         });
                     }
                     Ok(other) => last = format!("{addr}: unexpected reply {other:?}"),
-                    Err(e) => last = format!("{addr}: {e}"),
+                    Err(e) => {
+                        links.drop_link(node, &link, &e).await;
+                        last = format!("{addr}: {e}");
+                    }
                 },
-                Err(e) => last = format!("{addr}: {e}"),
+                Err(e) => last = e,
             }
         }
         Err(ClientError::Unreachable(last))
     }
 
-    /// Closes every link in order, so the nodes see a goodbye rather than a broken link.
-    pub async fn close(mut self) {
-        for (_, conn) in self.conns.drain() {
-            let (sender, _receiver) = conn.into_split();
-            let _ = sender.close().await;
+    /// Closes the client's links in order, so the nodes see a goodbye rather than a broken
+    /// link; links shared with other clients stay up until the last of them closes.
+    pub async fn close(self) {
+        if let Some(links) = Arc::into_inner(self.links) {
+            links.close().await;
         }
     }
 
@@ -199,35 +515,22 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol("the layout has no data shard".into()))
     }
 
-    async fn conn(&mut self, node: NodeId) -> Result<&mut ClientConn, String> {
-        if !self.conns.contains_key(&node) {
-            let addr = self
-                .layout
-                .addr_of(node)
-                .ok_or_else(|| format!("node {node} has no address"))?;
-            let connect = ClientConn::connect(addr, self.id, &self.secret, Some(node));
-            let conn = match tokio::time::timeout(
-                Duration::from_millis(CONNECT_TIMEOUT_MS),
-                connect,
-            )
-            .await
-            {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(e)) => {
-                    self.down.insert(node, tokio::time::Instant::now());
-                    return Err(format!("node {node} at {addr}: {e}"));
-                }
-                Err(_) => {
-                    self.down.insert(node, tokio::time::Instant::now());
-                    return Err(format!("node {node} at {addr}: no answer to the handshake"));
-                }
-            };
-            self.down.remove(&node);
-            self.conns.insert(node, conn);
+    /// The link to `node`, connecting if needed; a node that cannot be reached is marked down.
+    async fn link(&mut self, node: NodeId) -> Result<Arc<Link>, String> {
+        let addr = self
+            .layout
+            .addr_of(node)
+            .ok_or_else(|| format!("node {node} has no address"))?;
+        match self.links.link(node, addr).await {
+            Ok(link) => {
+                self.down.remove(&node);
+                Ok(link)
+            }
+            Err(e) => {
+                self.down.insert(node, tokio::time::Instant::now());
+                Err(e)
+            }
         }
-        self.conns
-            .get_mut(&node)
-            .ok_or_else(|| "connection lost".to_string())
     }
 
     /// Sends `request` to `node`, once.
@@ -236,19 +539,18 @@ impl Client {
             .await
     }
 
-    /// Sends `request` to `node`, once, waiting at most `timeout_ms` for the reply.
+    /// Sends `request` to `node`, once, waiting at most `timeout_ms` for the reply. A link that
+    /// fails or times out is closed, so the next call connects again.
     async fn call_node_within(
         &mut self,
         node: NodeId,
         request: &Request,
         timeout_ms: u64,
     ) -> Result<Reply, String> {
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        let conn = self.conn(node).await?;
-        let result = call_within(conn, tag, request, timeout_ms).await;
-        if result.is_err() {
-            self.conns.remove(&node);
+        let link = self.link(node).await?;
+        let result = link.call(request, timeout_ms).await;
+        if let Err(e) = &result {
+            self.links.drop_link(node, &link, e).await;
         }
         result
     }
@@ -257,14 +559,9 @@ impl Client {
     /// asks the other members for the view every [`SLOW_REPLY_MS`]: if `node` left the view (it
     /// hangs, and the others removed it), the request is abandoned, to be resent elsewhere.
     async fn call_watching(&mut self, node: NodeId, request: &Request) -> Result<Reply, String> {
-        let tag = self.next_tag;
-        self.next_tag += 1;
-        self.conn(node).await?;
-        let Some(mut conn) = self.conns.remove(&node) else {
-            return Err("connection lost".into());
-        };
+        let link = self.link(node).await?;
         let result = {
-            let exchange = call_on(&mut conn, tag, request);
+            let exchange = link.call(request, REQUEST_TIMEOUT_MS);
             tokio::pin!(exchange);
             let mut check = tokio::time::interval_at(
                 tokio::time::Instant::now() + Duration::from_millis(SLOW_REPLY_MS),
@@ -283,8 +580,8 @@ impl Client {
                 }
             }
         };
-        if result.is_ok() {
-            self.conns.insert(node, conn);
+        if let Err(e) = &result {
+            self.links.drop_link(node, &link, e).await;
         }
         result
     }
@@ -297,38 +594,33 @@ impl Client {
 
     /// [`Client::refresh_layout`], asking anyone but `skip`.
     async fn refresh_layout_without(&mut self, skip: Option<NodeId>) -> bool {
-        let mut known: Vec<NodeId> = self.conns.keys().copied().collect();
+        let mut known: Vec<NodeId> = self.links.links.lock().await.keys().copied().collect();
         for (node, _) in &self.layout.members {
             if !known.contains(node) {
                 known.push(*node);
             }
         }
+        let asked_before = known.clone();
         for node in known {
             if self.is_down(node) || Some(node) == skip {
                 continue;
             }
             let asked = self.call_node_within(node, &Request::Layout, LAYOUT_TIMEOUT_MS);
             if let Ok(Reply::Layout(layout)) = asked.await {
-                return self.adopt(layout);
+                return self.adopt(layout).await;
             }
         }
         for addr in self.contacts.clone() {
-            let connect = ClientConn::connect(addr, self.id, &self.secret, None);
-            let timeout = Duration::from_millis(CONNECT_TIMEOUT_MS);
-            let Ok(Ok(mut conn)) = tokio::time::timeout(timeout, connect).await else {
+            let Ok((node, link)) = self.links.link_any(addr).await else {
                 continue;
             };
-            let node = conn.node_id();
-            if Some(node) == skip || self.conns.contains_key(&node) {
+            if Some(node) == skip || asked_before.contains(&node) {
                 // Already asked (or the one being waited on).
                 continue;
             }
-            let tag = self.next_tag;
-            self.next_tag += 1;
-            let asked = call_within(&mut conn, tag, &Request::Layout, LAYOUT_TIMEOUT_MS);
-            if let Ok(Reply::Layout(layout)) = asked.await {
-                self.conns.entry(node).or_insert(conn);
-                return self.adopt(layout);
+            if let Ok(Reply::Layout(layout)) = link.call(&Request::Layout, LAYOUT_TIMEOUT_MS).await
+            {
+                return self.adopt(layout).await;
             }
         }
         false
@@ -340,13 +632,13 @@ impl Client {
             .is_some_and(|at| at.elapsed() < Duration::from_millis(DOWN_SKIP_MS))
     }
 
-    fn adopt(&mut self, layout: LayoutInfo) -> bool {
+    async fn adopt(&mut self, layout: LayoutInfo) -> bool {
         if layout.view_id <= self.layout.view_id {
             return false;
         }
         // Links to nodes that left the view are of no more use.
-        self.conns
-            .retain(|node, _| layout.members.iter().any(|(m, _)| m == node));
+        let members: Vec<NodeId> = layout.members.iter().map(|(m, _)| *m).collect();
+        self.links.retain(&members).await;
         self.layout = layout;
         true
     }
@@ -570,7 +862,7 @@ impl Client {
                 let request = Request::Watch {
                     prefix: Bytes::copy_from_slice(prefix),
                 };
-                match call_on(&mut conn, 1, &request).await {
+                match call_alone(&mut conn, &request, REQUEST_TIMEOUT_MS).await {
                     Ok(Reply::Watching) => {
                         watching = Some(conn);
                         break;

@@ -125,6 +125,25 @@ impl ClientSender {
         Ok(())
     }
 
+    /// Writes one message frame into the link's buffer without flushing it, so that several
+    /// frames leave in one write: [`ClientSender::flush`] sends them (a full buffer is written
+    /// on the way).
+    pub async fn queue(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
+        if payload.len() > FRAME_PAYLOAD_MAX {
+            return Err(SendError::TooLarge(payload.len()).into());
+        }
+        self.outbound
+            .write(&mut self.writer, FrameKind::Message, view_id, payload)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes every frame queued so far.
+    pub async fn flush(&mut self) -> Result<(), ClientSendError> {
+        self.writer.flush().await?;
+        Ok(())
+    }
+
     /// Closes the link in order: a bye, then the end of the stream.
     pub async fn close(mut self) -> std::io::Result<()> {
         self.outbound.write_bye(&mut self.writer).await?;

@@ -1,8 +1,11 @@
 //! `derechofs bench kv`: closed-loop K/V load on a cluster of three real `derechofs node`
 //! processes that this command starts on loopback and stops by pid.
 //!
-//! Every client is a tokio task with its own [`Client`] (its own links to the members) and one
-//! request outstanding. Writes are acknowledged once durable on every replica: the nodes run
+//! Every client is a tokio task with its own [`Client`] (its own client id and request numbers)
+//! and one request outstanding. The clients share `--conns` sets of links (default: one per
+//! client up to 16, as `bench/etcd-load` shares its gRPC connections): client `i` uses set
+//! `i mod conns`, which holds one pipelined link per member, so requests of several clients
+//! travel on one connection. Writes are acknowledged once durable on every replica: the nodes run
 //! with `persistence.policy = "fsync"` unless `--sync` says otherwise. Each run prints one
 //! Markdown row in the format of `bench/etcd-load`, so `bench/kv.sh` puts both systems in one
 //! table: `| system | workload | value | clients | ops/s | p50 ms | p99 ms |`.
@@ -21,6 +24,7 @@ use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -30,7 +34,7 @@ use derechofs_core::transport::Secret;
 use derechofs_core::Version;
 
 use super::histogram::Histogram;
-use crate::client::Client;
+use crate::client::{random_id, Client, Links};
 
 /// Nodes of the benchmark cluster: one shard of three replicas.
 const NODES: usize = 3;
@@ -42,6 +46,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(70);
 /// Pause of a client after a failed request, so a failing cluster is not spun on.
 const ERROR_PAUSE: Duration = Duration::from_millis(20);
+/// Sets of shared links when `--conns` is not given, at most: one per client up to this many
+/// (what `bench/etcd-load` does with its gRPC connections).
+const CONNS_DEFAULT_MAX: usize = 16;
 /// Bounds of the arguments.
 const CLIENTS_MAX: usize = 1024;
 const VALUE_BYTES_MAX: usize = 1 << 20;
@@ -94,6 +101,10 @@ pub struct Args {
     /// Closed-loop clients, one request outstanding each.
     #[arg(long, default_value_t = 1)]
     clients: usize,
+    /// Sets of links the clients share (each a pipelined link per member); default
+    /// min(clients, 16), as `bench/etcd-load` shares gRPC connections.
+    #[arg(long)]
+    conns: Option<usize>,
     /// Seconds each run lasts.
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
@@ -193,6 +204,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.keys == 0 || args.keys_per_client == 0 {
         bail!("--keys and --keys-per-client must be at least 1");
+    }
+    if args.conns == Some(0) {
+        bail!("--conns must be at least 1");
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
@@ -502,10 +516,19 @@ struct Load {
 
 async fn measure(args: &Args, spec: RunSpec, cluster: &Cluster) -> anyhow::Result<Outcome> {
     let value = Bytes::from(vec![b'v'; spec.value_bytes]);
+    let conns = args
+        .conns
+        .unwrap_or(CONNS_DEFAULT_MAX)
+        .min(spec.clients)
+        .max(1);
+    let shared: Vec<Arc<Links>> = (0..conns)
+        .map(|_| Ok(Links::new(random_id(), secret()?)))
+        .collect::<anyhow::Result<_>>()?;
     // Connect every client and read the keys it will conditionally put, before the clock runs.
     let mut loads = Vec::with_capacity(spec.clients);
     for id in 0..spec.clients {
-        let mut client = Client::connect(&cluster.contacts, secret()?)
+        let links = shared[id % conns].clone();
+        let mut client = Client::connect_shared(&cluster.contacts, links)
             .await
             .context("connecting a client")?;
         let names: Vec<Bytes> = match spec.workload {
@@ -550,6 +573,9 @@ async fn measure(args: &Args, spec: RunSpec, cluster: &Cluster) -> anyhow::Resul
         }
     }
     total.elapsed = start.elapsed();
+    for links in shared {
+        links.close().await;
+    }
     Ok(total)
 }
 

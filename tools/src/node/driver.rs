@@ -48,6 +48,9 @@ pub const EARLY_MESSAGES_MAX: usize = 1 << 16;
 /// suspect it: long enough for an operator's "stop every node" to reach them all, so the whole
 /// group stops in one view; far below `suspect_after_ms`. A member that dies is suspected at once.
 pub const STOPPED_PEER_GRACE_MS: u64 = 250;
+/// Link events the driver takes in one turn before it moves the engine on: client writes among
+/// them are queued and leave together in one multicast message per shard.
+pub const EVENTS_PER_TURN_MAX: usize = 256;
 /// Probe answers waiting for the driver (one per member at most).
 pub const PROBES_MAX: usize = 64;
 /// Time a probe waits for a member's answer.
@@ -101,6 +104,10 @@ pub struct Driver {
     time_read_wait: Duration,
     /// Bytes of a file chunk, for the layout clients learn.
     chunk_size: u32,
+    /// Within a turn of link events: client writes are queued in the engine, not sent.
+    in_turn: bool,
+    /// Writes were queued this turn: the engine must be moved on at its end.
+    queued: bool,
 }
 
 impl Driver {
@@ -189,6 +196,8 @@ impl Driver {
             stopping: Vec::new(),
             time_read_wait,
             chunk_size,
+            in_turn: false,
+            queued: false,
         };
         driver.check_formed().await?;
         let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
@@ -201,7 +210,26 @@ impl Driver {
         loop {
             let result = tokio::select! {
                 event = events.recv() => match event {
-                    Some(event) => driver.link_event(event).await,
+                    Some(event) => {
+                        // Every event already waiting is taken in this turn, so the client
+                        // writes among them leave in one message instead of one each.
+                        driver.in_turn = true;
+                        let mut result = driver.link_event(event).await;
+                        for _ in 1..EVENTS_PER_TURN_MAX {
+                            if result.is_err() {
+                                break;
+                            }
+                            match events.try_recv() {
+                                Ok(event) => result = driver.link_event(event).await,
+                                Err(_) => break,
+                            }
+                        }
+                        driver.in_turn = false;
+                        if result.is_ok() && std::mem::take(&mut driver.queued) {
+                            result = driver.flush().await;
+                        }
+                        result
+                    }
                     None => anyhow::bail!("the transport stopped"),
                 },
                 Some((peer, layout)) = probes.recv() => driver.probed(peer, layout).await,
@@ -230,12 +258,28 @@ impl Driver {
     /// Steps the engine and carries out its actions, then the inputs those actions owe it;
     /// returns the first step's own error, if any.
     async fn step(&mut self, input: Input) -> anyhow::Result<Option<StepError>> {
+        self.advance(Some(input)).await
+    }
+
+    /// Moves the engine on without a new input (sending the writes queued this turn), and
+    /// carries out its actions.
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.advance(None).await.map(|_| ())
+    }
+
+    async fn advance(&mut self, input: Option<Input>) -> anyhow::Result<Option<StepError>> {
         let mut next = Some(input);
         let mut first = true;
         let mut error = None;
-        while let Some(input) = next.take().or_else(|| self.followups.pop_front()) {
+        while let Some(input) = next.take().or_else(|| self.followups.pop_front().map(Some)) {
             let mut actions = std::mem::take(&mut self.actions);
-            let e = self.node.step(now_us(), input, &mut actions).err();
+            let e = match input {
+                Some(input) => self.node.step(now_us(), input, &mut actions).err(),
+                None => {
+                    self.node.flush(now_us(), &mut actions);
+                    None
+                }
+            };
             match e {
                 Some(e) if first => error = Some(e),
                 Some(e) => tracing::debug!(node = self.me, error = %e, "follow-up input refused"),
@@ -1142,10 +1186,9 @@ impl Driver {
             Ok(r) => r,
             Err(e) => return Ok(Some(error(ErrorCode::Malformed, &e.to_string()))),
         };
-        if request.client != client {
-            let message = "the request's client id is not the link's";
-            return Ok(Some(error(ErrorCode::Malformed, message)));
-        }
+        // The request's client id names its exactly-once sequence, not the link: one link may
+        // carry the requests of several clients (a process that shares its connections among
+        // many clients), and the reply goes back on the link the request came by.
         let shard = match self.shard_here(request.op.key()) {
             Ok(shard) => shard,
             Err(reply) => return Ok(Some(reply)),
@@ -1189,7 +1232,15 @@ impl Driver {
             client_hlc: hlc,
             payload,
         };
-        match self.step(Input::Submit { shard, request }).await? {
+        let refused = if self.in_turn {
+            // Sent with the other writes of this turn, when it ends.
+            let queued = self.node.queue(shard, request);
+            self.queued |= queued.is_ok();
+            queued.err().map(StepError::Submit)
+        } else {
+            self.step(Input::Submit { shard, request }).await?
+        };
+        match refused {
             Some(StepError::Submit(e)) => {
                 self.clients.submitted.remove(&id);
                 let code = match e {
