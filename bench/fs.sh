@@ -15,6 +15,10 @@
 # empty files. Then fs/examples/versions.rs: stat and 1 MiB read at @T against the live file, for
 # a file with 100,000 versions, and against a file written once (in-process shards).
 # --quick: small sizes and short runs, to check the script (numbers are not comparable).
+# FS_BENCH_TARGETS="NAME NAME…": run only these targets (names as above; default: all of them),
+#   e.g. FS_BENCH_TARGETS="glusterfs-tmpfs derechofs-tmpfs" for a quick A/B of one pair.
+# DERECHOFS_BIN=PATH: the derechofs binary to run (default: the release build, made first);
+#   its directory's examples/ must hold memory_mount and versions for those targets.
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -33,11 +37,17 @@ job_timeout=300
 mount_wait_s=30
 
 need_apt fio bc fuse3 glusterfs-server glusterfs-client
-need_rust
-cargo build --release -q -p derechofs-tools -p derechofs-mount -p derechofs-fs --examples --bins
-bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
-memory_bin=${CARGO_TARGET_DIR:-$here/target}/release/examples/memory_mount
-versions_bin=${CARGO_TARGET_DIR:-$here/target}/release/examples/versions
+if [ -n "${DERECHOFS_BIN:-}" ]; then
+  bin=$DERECHOFS_BIN
+else
+  need_rust
+  cargo build --release -q -p derechofs-tools -p derechofs-mount -p derechofs-fs --examples --bins
+  bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
+fi
+memory_bin=$(dirname "$bin")/examples/memory_mount
+versions_bin=$(dirname "$bin")/examples/versions
+# want NAME: whether target NAME is to run (FS_BENCH_TARGETS).
+want() { [ -z "${FS_BENCH_TARGETS:-}" ] || [[ " $FS_BENCH_TARGETS " == *" $1 "* ]]; }
 
 # On the disk ($FS_BENCH_DIR, default /var/tmp), not in /tmp, which may be tmpfs elsewhere.
 W=$(mktemp -d "${FS_BENCH_DIR:-/var/tmp}/derechofs-fs-bench.XXXXXX")
@@ -132,10 +142,11 @@ pending() {
 # --- the limits
 mkdir -p "$W/tmpfs" "$W/disk"
 mount -t tmpfs -o size=4g tmpfs "$W/tmpfs"
-run_jobs tmpfs "$W/tmpfs"
-run_jobs disk "$W/disk"
+want tmpfs && run_jobs tmpfs "$W/tmpfs"
+want disk && run_jobs disk "$W/disk"
 
 # --- the cost of FUSE
+if want "passthrough(tmpfs)"; then
 mkdir -p "$W/pt-src" "$W/pt"
 mount -t tmpfs -o size=4g tmpfs "$W/pt-src"
 "$bin" bench passthrough "$W/pt-src" "$W/pt" -o allow_other,default_permissions \
@@ -144,8 +155,10 @@ pids+=($!); mounts+=("$W/pt")
 wait_mounted "$W/pt" $! || { cat "$W/pt.log" >&2; exit 1; }
 run_jobs "passthrough(tmpfs)" "$W/pt"
 umount "$W/pt"
+fi
 
 # --- GlusterFS replica 3
+if want glusterfs-disk || want glusterfs-tmpfs; then
 H=$(hostname)
 mkdir -p "$W/gl" "$W/gl-tmpfs"
 mount -t tmpfs -o size=6g tmpfs "$W/gl-tmpfs"
@@ -154,6 +167,7 @@ setsid glusterd -N -p "$W/gl/glusterd.pid" --log-level WARNING -l "$W/gl/gluster
 gluster_pid=$!
 for _ in $(seq 100); do gluster --mode=script volume list >/dev/null 2>&1 && break; sleep 0.2; done
 for kind in disk tmpfs; do
+  want "glusterfs-$kind" || continue
   if [ $kind = disk ]; then b=$W/gl/$kind; else b=$W/gl-tmpfs; fi
   mkdir -p "$b/b1" "$b/b2" "$b/b3" "$W/gl-mnt-$kind"
   gluster --mode=script volume create gv$kind replica 3 "$H:$b/b1" "$H:$b/b2" "$H:$b/b3" force >/dev/null
@@ -165,19 +179,23 @@ for kind in disk tmpfs; do
   gluster --mode=script volume stop gv$kind force >/dev/null
   gluster --mode=script volume delete gv$kind >/dev/null
 done
+fi
 
 # --- DerechoFS
+if want derechofs-memory; then
 mkdir -p "$W/dm"
 "$memory_bin" "$W/dm" -o allow_other > "$W/dm.log" 2>&1 < /dev/null &
 pids+=($!); mounts+=("$W/dm")
 wait_mounted "$W/dm" $! || { cat "$W/dm.log" >&2; exit 1; }
 run_jobs derechofs-memory "$W/dm"
 umount "$W/dm"
+fi
 
 if "$bin" up --help >/dev/null 2>&1; then
   mkdir -p "$W/dfs-tmpfs"
   mount -t tmpfs -o size=6g tmpfs "$W/dfs-tmpfs"
   for kind in disk tmpfs; do
+    want "derechofs-$kind" || continue
     if [ $kind = disk ]; then d=$W/dfs-data; else d=$W/dfs-tmpfs/data; fi
     mkdir -p "$W/dfs-mnt-$kind"
     "$bin" up --nodes 3 --data "$d" "$W/dfs-mnt-$kind" > "$W/dfs-$kind.log" 2>&1 < /dev/null &
@@ -221,14 +239,18 @@ for pair in "derechofs-tmpfs glusterfs-tmpfs" "derechofs-disk glusterfs-disk" \
   set -- $pair
   printf "| %-34s |" "$1 / $2"
   for j in write read rand1 rand4 create stat unlink; do
-    printf " %8s |" "$(ratio "${R[$1,$j]}" "${R[$2,$j]}")"
+    printf " %8s |" "$(ratio "${R[$1,$j]:-}" "${R[$2,$j]:-}")"
   done
   echo
 done
-third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
-echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \
-  "derechofs-disk: ${R[derechofs-disk,write]} MiB/s (ratio $(ratio "${R[derechofs-disk,write]}" "$third"))"
+if [ -n "${R[disk,write]:-}" ]; then
+  third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
+  echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \
+    "derechofs-disk: ${R[derechofs-disk,write]:-} MiB/s (ratio $(ratio "${R[derechofs-disk,write]:-}" "$third"))"
+fi
 
-echo
-echo "== reads at a time (fs/examples/versions.rs $versions)"
-timeout "$job_timeout" "$versions_bin" "$versions"
+if [ -z "${FS_BENCH_TARGETS:-}" ]; then
+  echo
+  echo "== reads at a time (fs/examples/versions.rs $versions)"
+  timeout "$job_timeout" "$versions_bin" "$versions"
+fi

@@ -18,6 +18,12 @@ pub const CONNECT_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
 pub const CONNECT_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Longest option list accepted, in bytes (the kernel's own limit on mount data is a page).
 pub const OPTIONS_LEN_MAX: usize = 4096;
+/// The kernel's readahead window for the mount, in KiB, when `readahead_kb=` is not given: a
+/// sequential reader then has several 1 MiB reads in flight at once (the kernel's own default of
+/// 128 KiB has one 128 KiB read at a time, each a round trip to the cluster).
+pub const READAHEAD_KB_DEFAULT: u32 = 4096;
+/// Largest `readahead_kb=` accepted.
+pub const READAHEAD_KB_MAX: u32 = 65_536;
 
 /// Who may use the mount besides the user who mounted it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,6 +70,9 @@ pub struct MountOptions {
     /// `prefer=NODE`: send requests to this member whenever it replicates the shard and is
     /// reachable (data locality; reading through one replica). DerechoFS mounts only.
     pub prefer: Option<u32>,
+    /// `readahead_kb=N`: the kernel's readahead window for the mount, in KiB (0: the kernel's
+    /// default). Set once the mount is up, through the mount's `read_ahead_kb` in sysfs (root).
+    pub readahead_kb: u32,
 }
 
 impl Default for MountOptions {
@@ -82,6 +91,7 @@ impl Default for MountOptions {
             threads: THREADS_DEFAULT,
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             prefer: None,
+            readahead_kb: READAHEAD_KB_DEFAULT,
         }
     }
 }
@@ -206,6 +216,19 @@ impl MountOptions {
                 }
                 self.connect_timeout = t;
             }
+            "readahead_kb" => {
+                let v = need_value(name, value)?;
+                let kb: u32 = v
+                    .parse()
+                    .map_err(|_| bad(name, &format!("`{v}` is not a number of KiB")))?;
+                if kb > READAHEAD_KB_MAX {
+                    return Err(bad(
+                        name,
+                        &format!("must be between 0 and {READAHEAD_KB_MAX}, not {kb}"),
+                    ));
+                }
+                self.readahead_kb = kb;
+            }
             "prefer" => {
                 let v = need_value(name, value)?;
                 let node: u32 = v
@@ -320,6 +343,21 @@ mod tests {
     }
 
     #[test]
+    fn readahead_defaults_to_several_reads_in_flight_and_zero_leaves_the_kernels() {
+        assert_eq!(MountOptions::default().readahead_kb, READAHEAD_KB_DEFAULT);
+        assert_eq!(
+            MountOptions::parse("readahead_kb=0").unwrap().readahead_kb,
+            0
+        );
+        assert_eq!(
+            MountOptions::parse("readahead_kb=65536")
+                .unwrap()
+                .readahead_kb,
+            READAHEAD_KB_MAX
+        );
+    }
+
+    #[test]
     fn fstab_only_options_are_accepted_and_ignored() {
         let o = MountOptions::parse("defaults,_netdev,nofail,noauto,x-systemd.automount,comment=x")
             .unwrap();
@@ -347,6 +385,9 @@ mod tests {
             ("fsname=a b", "fsname"),
             ("prefer=x", "prefer"),
             ("prefer=-1", "prefer"),
+            ("readahead_kb=65537", "readahead_kb"),
+            ("readahead_kb=-1", "readahead_kb"),
+            ("readahead_kb=lots", "readahead_kb"),
         ] {
             let e = MountOptions::parse(list).unwrap_err();
             assert!(

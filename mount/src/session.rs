@@ -73,6 +73,13 @@ pub fn serve<FS: fuser::Filesystem>(
     on_mounted: impl FnOnce(),
 ) -> Result<(), MountError> {
     check_mount_point(mountpoint)?;
+    // Before mounting: afterwards, resolving the path would ask the mount, not yet served.
+    let canonical = mountpoint
+        .canonicalize()
+        .map_err(|source| MountError::MountPoint {
+            path: mountpoint.to_path_buf(),
+            source,
+        })?;
     let config = options.to_fuser(fsname, subtype);
     let mut session =
         fuser::Session::new(fs, mountpoint, &config).map_err(|source| MountError::Mount {
@@ -117,6 +124,9 @@ pub fn serve<FS: fuser::Filesystem>(
             })
             .map_err(MountError::Signals)?
     };
+    if options.readahead_kb > 0 {
+        set_readahead(&canonical, options.readahead_kb);
+    }
     on_mounted();
     let result = session.run().map_err(|source| MountError::Serve {
         path: path.clone(),
@@ -125,6 +135,48 @@ pub fn serve<FS: fuser::Filesystem>(
     handle.close();
     let _ = watcher.join();
     result
+}
+
+/// Sets the kernel's readahead window of the mount at `canonical` (the mount point's canonical
+/// path, taken before mounting) to `kb` KiB. The kernel takes the window from the FUSE handshake,
+/// where it cannot exceed its own 128 KiB default, so it is set after the handshake (which
+/// `fuser::Session::new` completes): through the mount's `/sys/class/bdi/MAJOR:MINOR/read_ahead_kb`,
+/// the device found in `/proc/self/mountinfo` (nothing here sends the mount a request, which
+/// would wait for a server not yet serving). If that fails (not root, no sysfs) the kernel's
+/// default stays; the mount works either way.
+fn set_readahead(canonical: &Path, kb: u32) {
+    let result = mount_device(canonical).and_then(|device| {
+        let file = format!("/sys/class/bdi/{device}/read_ahead_kb");
+        std::fs::write(&file, format!("{kb}\n"))
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{file}: {e}")))
+    });
+    match result {
+        Ok(()) => tracing::debug!("readahead of {} set to {kb} KiB", canonical.display()),
+        Err(e) => tracing::info!(
+            "readahead of {} left at the kernel's default: {e}",
+            canonical.display()
+        ),
+    }
+}
+
+/// The `MAJOR:MINOR` of the newest mount at `canonical`, from `/proc/self/mountinfo`.
+fn mount_device(canonical: &Path) -> std::io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    // mountinfo escapes these four bytes of a path as octal.
+    let mut wanted = String::new();
+    for &b in canonical.as_os_str().as_bytes() {
+        match b {
+            b' ' | b'\t' | b'\n' | b'\\' => wanted.push_str(&format!("\\{b:03o}")),
+            _ => wanted.push(char::from(b)),
+        }
+    }
+    let info = std::fs::read("/proc/self/mountinfo")?;
+    let info = String::from_utf8_lossy(&info);
+    info.lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(wanted.as_str()))
+        .and_then(|l| l.split(' ').nth(2))
+        .map(str::to_string)
+        .ok_or_else(|| std::io::Error::other("the mount is not in /proc/self/mountinfo"))
 }
 
 /// `umount -l`: detaches the mount now; the kernel ends it when its last user leaves.

@@ -175,6 +175,39 @@ fn killed_server_leaves_a_mount_that_umount_lazy_removes() {
     assert_eq!(std::fs::read_dir(m.mnt()).expect("list").count(), 0);
 }
 
+/// The kernel's readahead window of the mount at `mnt`, in KiB, from its backing device in sysfs.
+fn readahead_kb(mnt: &Path) -> Option<u32> {
+    let wanted = mnt
+        .canonicalize()
+        .ok()?
+        .to_string_lossy()
+        .replace(' ', "\\040");
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let device = mountinfo
+        .lines()
+        .rfind(|l| l.split(' ').nth(4) == Some(wanted.as_str()))?
+        .split(' ')
+        .nth(2)?
+        .to_string();
+    std::fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[test]
+fn the_mount_sets_the_kernels_readahead_window_by_default_and_as_readahead_kb_asks() {
+    let m = Mount::start("");
+    wait_until("the default readahead window is set", || {
+        readahead_kb(&m.mnt()) == Some(derechofs_mount::options::READAHEAD_KB_DEFAULT)
+    });
+    let m = Mount::start("readahead_kb=2048");
+    wait_until("the asked readahead window is set", || {
+        readahead_kb(&m.mnt()) == Some(2048)
+    });
+}
+
 #[test]
 fn read_only_option_refuses_writes_with_erofs() {
     let m = Mount::start("ro");
