@@ -457,7 +457,7 @@ impl Driver {
                 .map_err(|e| ReplicaFailed {
                     shard,
                     version: record.version,
-                    cause: anyhow::Error::new(e).context("appending a transferred record"),
+                    cause: anyhow::anyhow!("appending a transferred record: {e}"),
                 })?;
         }
         Ok(())
@@ -610,7 +610,7 @@ impl Driver {
                     .map_err(|e| ReplicaFailed {
                         shard,
                         version: d.version,
-                        cause: anyhow::Error::new(e).context("applying and appending the version"),
+                        cause: anyhow::anyhow!("applying and appending the version: {e}"),
                     })?;
             if d.sender == self.me {
                 for (request, reply) in d.requests.iter().zip(&applied.replies) {
@@ -980,7 +980,15 @@ impl Driver {
             match store.take_persisted() {
                 Ok(Some(version)) => done.push((*shard, version)),
                 Ok(None) => {}
-                Err(e) => anyhow::bail!("the log of {shard} failed, so this replica stops: {e}"),
+                Err(e) => {
+                    let version = store.kv().log().latest().map_or(0, |(v, _)| v);
+                    return Err(ReplicaFailed {
+                        shard: *shard,
+                        version,
+                        cause: anyhow::anyhow!("making the log durable: {e}"),
+                    }
+                    .into());
+                }
             }
         }
         for (shard, version) in done {

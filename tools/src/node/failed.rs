@@ -1,8 +1,9 @@
 //! Fail-stop of a replica whose log failed: the node stops, and stays stopped until an operator
 //! looks.
 //!
-//! A version that cannot be applied or appended to a shard's log (a disk error, a full disk, or a
-//! defect) leaves this replica's state behind the group's, and every version after it would be
+//! A version that cannot be applied or appended to a shard's log, or a log that cannot be made
+//! durable (a disk error, a full disk, or a defect), leaves this replica's state behind the
+//! group's, and every version after it would be
 //! applied to the wrong state. The node therefore stops: it records why in `DATA/replica-failed`
 //! (written and synced before it exits), closes its links (the other members remove it from the
 //! view at once, as for a crash, and the shard goes on with them), and exits with the error.
@@ -25,11 +26,12 @@ const FAILED_FILE_BYTES_MAX: u64 = 64 << 10;
 /// A shard's replica failed to apply or append a version (or records sent by state transfer):
 /// the node must stop.
 #[derive(Debug, thiserror::Error)]
-#[error("the replica of {shard} failed at version {version:#x}, so this node stops: {cause:#}")]
+#[error("the replica of {shard} failed at version {version:#x}, so this node stops: {cause}")]
 pub struct ReplicaFailed {
     /// The shard.
     pub shard: ShardId,
-    /// The version (or, for state transfer, the first record) that failed.
+    /// The version (or, for state transfer, the record) that failed; for a failure to make the
+    /// log durable, the last version it holds.
     pub version: Version,
     /// Why.
     pub cause: anyhow::Error,

@@ -152,6 +152,24 @@ impl Cluster {
         }
     }
 
+    /// Waits until node `node` exits by itself; returns its exit code (None if killed by a
+    /// signal). Fails the test if it still runs after `WAIT_TIMEOUT`.
+    pub fn wait_exit(&self, node: usize) -> Option<i32> {
+        let deadline = Instant::now() + WAIT_TIMEOUT;
+        loop {
+            {
+                let mut nodes = self.nodes();
+                let child = nodes[node - 1].as_mut().expect("the node was started");
+                if let Some(status) = child.try_wait().expect("the node's status") {
+                    nodes[node - 1] = None;
+                    return status.code();
+                }
+            }
+            assert!(Instant::now() < deadline, "node {node} did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Kills node `node` at once (SIGKILL) and reaps it.
     pub fn kill(&self, node: usize) {
         let child = self.nodes()[node - 1].take();
