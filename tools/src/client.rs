@@ -898,3 +898,169 @@ impl Client {
 
 /// Watch events buffered for the reader.
 pub const WATCH_EVENTS_MAX: usize = 1024;
+
+#[cfg(test)]
+mod tests {
+    //! The pipelined links against a node played by the real transport: it answers requests
+    //! in whatever order the test chooses.
+    use super::*;
+    use derechofs_core::transport::{LinkEvent, Peer, Transport};
+
+    const NODE: NodeId = 1;
+
+    fn secret() -> Secret {
+        Secret::new(b"a cluster secret of enough bytes".to_vec()).expect("a valid secret")
+    }
+
+    fn layout(addr: SocketAddr) -> LayoutInfo {
+        LayoutInfo {
+            view_id: 1,
+            members: vec![(NODE, addr)],
+            shards: vec![ShardInfo {
+                id: 0,
+                data: true,
+                index: 0,
+                members: vec![NODE],
+            }],
+            chunk_size: 1 << 20,
+        }
+    }
+
+    /// A write as the node received it: the link and tag it came by, and the request.
+    type Write = (Peer, u64, KvRequest);
+
+    /// A node on 127.0.0.1 that answers `Layout` at once and hands every write to the test.
+    async fn node() -> (Arc<Transport>, tokio::sync::mpsc::Receiver<Write>) {
+        let addr: SocketAddr = "127.0.0.1:0".parse().expect("an address");
+        let (transport, mut events) = Transport::bind(addr, NODE, secret()).await.expect("bind");
+        let transport = Arc::new(transport);
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let serving = transport.clone();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                let LinkEvent::Frame { peer, bytes, .. } = event else {
+                    continue;
+                };
+                match Request::decode(bytes).expect("a well-formed request") {
+                    (tag, Request::Layout) => {
+                        let reply = Reply::Layout(layout(serving.local_addr()));
+                        serving
+                            .send(peer, 1, reply.encode(tag))
+                            .await
+                            .expect("sent");
+                    }
+                    (tag, Request::Write { payload, .. }) => {
+                        let request = KvRequest::decode(payload).expect("a K/V request");
+                        if tx.send((peer, tag, request)).await.is_err() {
+                            return;
+                        }
+                    }
+                    (_, other) => panic!("unexpected request {other:?}"),
+                }
+            }
+        });
+        (transport, rx)
+    }
+
+    async fn writes(received: &mut tokio::sync::mpsc::Receiver<Write>, n: usize) -> Vec<Write> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            got.push(received.recv().await.expect("the node runs"));
+        }
+        got
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn clients_sharing_links_each_get_their_own_reply_whatever_the_order_of_answers() {
+        let (transport, mut events) = node().await;
+        let contacts = vec![transport.local_addr().to_string()];
+        let links = Links::new(random_id(), secret());
+        const CLIENTS: u64 = 8;
+        let mut tasks = Vec::new();
+        for i in 0..CLIENTS {
+            let mut client = Client::connect_shared(&contacts, links.clone())
+                .await
+                .expect("connected");
+            tasks.push(tokio::spawn(async move {
+                let op = KvOp::Put {
+                    key: Bytes::from(format!("key{i}")),
+                    value: Bytes::from_static(b"v"),
+                };
+                (i, client.id, client.write(op).await)
+            }));
+        }
+        let got = writes(&mut events, CLIENTS as usize).await;
+        // Every client's request came on the one shared link, under its own client id.
+        assert!(got.iter().all(|(peer, _, _)| *peer == got[0].0));
+        let mut ids: Vec<u64> = got.iter().map(|(_, _, r)| r.client).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), CLIENTS as usize, "one client id per client");
+        // Answer in reverse order of arrival, each with a version naming its key.
+        for (peer, tag, request) in got.into_iter().rev() {
+            let key = std::str::from_utf8(request.op.key())
+                .expect("utf-8")
+                .to_string();
+            let version: u64 = key.trim_start_matches("key").parse().expect("a number");
+            let reply = Reply::Written(KvReply::Written {
+                version: 100 + version,
+                hlc: Hlc::ZERO,
+            });
+            transport
+                .send(peer, 1, reply.encode(tag))
+                .await
+                .expect("sent");
+        }
+        for task in tasks {
+            let (i, _, reply) = task.await.expect("the client ran");
+            match reply.expect("answered") {
+                KvReply::Written { version, .. } => assert_eq!(version, 100 + i),
+                other => panic!("client {i} got {other:?}"),
+            }
+        }
+        links.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_link_that_breaks_fails_every_request_waiting_on_it_at_once() {
+        let (transport, mut events) = node().await;
+        let links = Links::new(random_id(), secret());
+        let link = links
+            .link(NODE, transport.local_addr())
+            .await
+            .expect("linked");
+        let mut calls = Vec::new();
+        for i in 0..4u64 {
+            let link = link.clone();
+            calls.push(tokio::spawn(async move {
+                let payload = KvRequest {
+                    client: i + 1,
+                    number: 1,
+                    op: KvOp::Delete {
+                        key: Bytes::from_static(b"k"),
+                    },
+                }
+                .encode();
+                let request = Request::Write {
+                    hlc: Hlc::ZERO,
+                    durable: true,
+                    payload,
+                };
+                link.call(&request, REQUEST_TIMEOUT_MS).await
+            }));
+        }
+        let got = writes(&mut events, 4).await;
+        assert!(transport.disconnect(got[0].0));
+        for call in calls {
+            // The end of the link, not the timeout, ends each call.
+            let error = call
+                .await
+                .expect("the call ran")
+                .expect_err("no reply came");
+            assert_ne!(error, "timed out");
+        }
+        assert!(link.is_broken());
+        let request = Request::Layout;
+        assert!(link.call(&request, REQUEST_TIMEOUT_MS).await.is_err());
+    }
+}

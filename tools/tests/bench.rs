@@ -85,6 +85,9 @@ fn bench_kv_prints_one_row_per_run_with_work_done_and_ordered_percentiles() {
             workload,
             "--clients",
             "2",
+            // Both clients on one set of links: requests of two clients on each connection.
+            "--conns",
+            "1",
             "--seconds",
             "0.5",
             "--header",
