@@ -14,6 +14,11 @@ pub const SHARDS_MAX: usize = 1024;
 /// that exceeds it at a receiver is rejected, so each per-sender receive buffer holds at most this.
 pub const WINDOW_MAX: u32 = 1024;
 
+/// Heartbeat intervals between two steps of a node beyond which the node itself counts as
+/// paused (a long step before, its process not scheduled): the excess of the gap is not
+/// counted as silence of its peers, whose messages wait unread meanwhile.
+pub const PAUSE_HEARTBEATS: u64 = 2;
+
 /// Bytes of one client request's payload.
 pub const REQUEST_BYTES_MAX: usize = 4 << 20;
 

@@ -769,8 +769,11 @@ impl Multicast {
         self.row_dirty = true;
     }
 
+    /// Publishes `suspicions` in the own row. A row's suspicions only grow (peers check it): a
+    /// member this node trusts again stays in its row until the view changes.
     pub(crate) fn set_suspicions(&mut self, suspicions: u64) {
         let own = &mut self.rows[self.rank];
+        let suspicions = own.suspicions | suspicions;
         if own.suspicions != suspicions {
             own.suspicions = suspicions;
             self.row_dirty = true;

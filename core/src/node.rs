@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 use derechofs_storage::{Hlc, Version};
 
 use crate::bounds::{
-    FUTURE_MESSAGES_MAX, JOINS_PENDING_MAX, ROUND_MAX, TRANSFER_PIECE_BYTES_MAX,
+    FUTURE_MESSAGES_MAX, JOINS_PENDING_MAX, PAUSE_HEARTBEATS, ROUND_MAX, TRANSFER_PIECE_BYTES_MAX,
     TRANSFER_PIECE_RECORDS_MAX, TRANSFER_RECORD_BYTES_MAX, VIEW_MEMBERS_MAX,
 };
 use crate::config::{Config, ConfigError};
@@ -222,6 +222,10 @@ pub struct Counters {
     pub rows_sent: u64,
     /// Heartbeats sent.
     pub heartbeats_sent: u64,
+    /// Steps that came after a pause of this node (see [`PAUSE_HEARTBEATS`]).
+    pub pauses: u64,
+    /// Suspected members trusted again by this node while it trusted no majority.
+    pub forgiven: u64,
     /// Versions delivered, over all shards.
     pub versions_delivered: u64,
     /// Views installed after the first.
@@ -287,6 +291,8 @@ pub struct Node {
     suspicion: Suspicion,
     now_us: u64,
     started: bool,
+    /// The time of the last step: a longer gap to the next one is a pause of this node.
+    last_step_us: u64,
     next_heartbeat_us: u64,
     wedged: bool,
     membership: Membership,
@@ -350,6 +356,7 @@ impl Node {
             suspicion,
             now_us: 0,
             started: false,
+            last_step_us: 0,
             next_heartbeat_us: 0,
             wedged: false,
             membership: Membership::Active,
@@ -562,13 +569,27 @@ impl Node {
     }
 
     /// Takes the time of a step; the first one starts the suspicion timers and heartbeats.
+    /// Steps further apart than [`PAUSE_HEARTBEATS`] heartbeats mean this node itself did not
+    /// run (a long step before, its process descheduled): what it missed meanwhile waits
+    /// unread, so the excess of the gap is not counted as its peers' silence.
     fn advance_clock(&mut self, now_us: u64) {
         self.now_us = self.now_us.max(now_us);
         if !self.started {
             self.started = true;
             self.suspicion.start(self.now_us);
             self.next_heartbeat_us = self.now_us;
+        } else {
+            let normal_us = self
+                .config
+                .heartbeat_ms
+                .saturating_mul(1000 * PAUSE_HEARTBEATS);
+            let gap_us = self.now_us - self.last_step_us;
+            if gap_us > normal_us {
+                self.suspicion.paused(gap_us - normal_us);
+                self.counters.pauses += 1;
+            }
         }
+        self.last_step_us = self.now_us;
     }
 
     fn shard_mut(&mut self, shard: ShardId) -> Option<&mut Multicast> {
@@ -1323,19 +1344,34 @@ impl Node {
     /// Adds the suspicions a peer reports. A restarting node keeps only its own: who is back
     /// differs from node to node while members come back, and a member it hears from again is
     /// trusted again (see [`Node::forgive`]).
+    /// A node that trusts no majority keeps only its own as well: it trusts again whom it hears
+    /// from, and a peer's stale report must not undo that.
     fn adopt_suspicions(&mut self, mask: u64, out: &mut Vec<Action>) {
-        if !self.restarting {
+        if !self.restarting && !self.lacks_majority() {
             self.suspect(mask, out);
         }
     }
 
+    /// Whether the members this node trusts (itself among them) are no majority of its view.
+    fn lacks_majority(&self) -> bool {
+        !is_majority(self.suspicion.trusted(), self.view.members.len())
+    }
+
     /// In a total restart, a member suspected for its silence (it was not back yet) is
     /// trusted again once heard from: suspicions there only say whom a leader waits for, and
-    /// every member must answer every leader for the rounds to converge. A round this node
-    /// leads, still in phase 1 without it, starts over to include it.
+    /// every member must answer every leader for the rounds to converge. The same holds for a
+    /// node that trusts no majority of its view: it can neither lead nor follow a change, so
+    /// without this, members that suspected each other falsely (all slow at once) would stay
+    /// wedged for ever; a member it hears from is alive, and trusting it again lets a majority
+    /// form. Safety does not rest on suspicions (the rounds, promises and accepted decisions
+    /// of the change do), and the shards stay wedged. A round this node leads, still in phase 1
+    /// without it, starts over to include it.
     fn forgive(&mut self, rank: usize) -> bool {
-        if !self.restarting {
+        if !self.restarting && !self.lacks_majority() {
             return false;
+        }
+        if !self.restarting {
+            self.counters.forgiven += 1;
         }
         self.suspicion.forgive(rank);
         if self
@@ -1350,9 +1386,15 @@ impl Node {
     }
 
     /// Adds suspicions (a mask over view ranks); any suspicion wedges every shard of this node.
+    /// This node's own rank is never added: a peer that suspects it only wedges it (the view
+    /// changes, and this node learns whether it is still a member).
     fn suspect(&mut self, mask: u64, out: &mut Vec<Action>) {
+        let reports_me = mask & (1 << self.rank) != 0;
         let new = self.suspicion.merge(mask);
         if new == 0 {
+            if reports_me {
+                self.wedge(out);
+            }
             return;
         }
         for (rank, &node) in self.view.members.iter().enumerate() {

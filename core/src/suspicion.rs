@@ -2,7 +2,11 @@
 //!
 //! Suspicions are a mask over view ranks. They only grow within a view: a suspected member is
 //! never trusted again, which is what makes the view change that follows well defined. The
-//! one exception is a total restart, where a member is suspected only for not being back yet.
+//! exceptions are a total restart, where a member is suspected only for not being back yet,
+//! and a node left without a majority of members it trusts, which trusts again a member it
+//! hears from (see `Node::forgive`). A node never suspects itself, whatever others report, and
+//! silence is counted only over time this node was running: a pause of its own (a long step, a
+//! descheduled process) is not held against its peers.
 
 #[derive(Debug)]
 pub(crate) struct Suspicion {
@@ -43,17 +47,33 @@ impl Suspicion {
         silent & !self.suspected
     }
 
-    /// Adds `mask` to the suspicions; returns the members newly suspected.
+    /// This node did not run for `pause_us` (its own steps came late): every peer gets that
+    /// much more time before its silence counts.
+    pub(crate) fn paused(&mut self, pause_us: u64) {
+        for last in &mut self.last_heard_us {
+            *last = last.saturating_add(pause_us);
+        }
+    }
+
+    /// Adds `mask` to the suspicions, except this node itself (a peer that reports this node
+    /// silent says what the view change will do, not that this node failed); returns the
+    /// members newly suspected.
     pub(crate) fn merge(&mut self, mask: u64) -> u64 {
+        let mask = mask & !(1 << self.rank);
         let new = mask & !self.suspected;
         self.suspected |= mask;
         new
     }
 
-    /// Trusts `rank` again (only in a total restart, before any decision: a member that was
-    /// not back yet is).
+    /// Trusts `rank` again (in a total restart, a member that was not back yet; and in a node
+    /// without a majority it trusts, a member it hears from).
     pub(crate) fn forgive(&mut self, rank: usize) {
         self.suspected &= !(1 << rank);
+    }
+
+    /// How many members this node does not suspect (itself among them).
+    pub(crate) fn trusted(&self) -> usize {
+        self.last_heard_us.len() - self.suspected.count_ones() as usize
     }
 
     pub(crate) fn suspected(&self) -> u64 {
@@ -76,6 +96,23 @@ mod tests {
         assert_eq!(suspicion.silent(1_100), 0, "already suspected");
         assert_eq!(suspicion.merge(0b110), 0b010);
         assert_eq!(suspicion.suspected(), 0b110);
+    }
+
+    #[test]
+    fn a_node_never_suspects_itself_even_when_a_peer_reports_it() {
+        let mut suspicion = Suspicion::new(1, 3, 10);
+        assert_eq!(suspicion.merge(0b111), 0b101);
+        assert_eq!(suspicion.suspected(), 0b101);
+        assert_eq!(suspicion.trusted(), 1);
+    }
+
+    #[test]
+    fn a_pause_of_this_node_is_not_counted_as_silence_of_its_peers() {
+        let mut suspicion = Suspicion::new(0, 2, 100);
+        suspicion.start(1_000);
+        suspicion.paused(500);
+        assert_eq!(suspicion.silent(1_599), 0);
+        assert_eq!(suspicion.silent(1_600), 0b10);
     }
 
     #[test]

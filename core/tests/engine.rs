@@ -568,7 +568,11 @@ fn a_suspicion_spreads_through_heartbeats_and_rows() {
         cluster.wedged.iter().all(|&w| w),
         "the wedged row carried the suspicion to all"
     );
-    assert_eq!(cluster.nodes[2].suspected(), vec![3]);
+    assert_eq!(cluster.nodes[0].suspected(), vec![3]);
+    assert!(
+        cluster.nodes[2].suspected().is_empty(),
+        "a node never suspects itself"
+    );
 }
 
 #[test]
@@ -1211,4 +1215,84 @@ fn a_total_restart_continues_from_the_longest_log_of_a_majority_and_cuts_a_late_
     cluster.tick_until_suspected();
     assert_eq!(cluster.installed[0].last().unwrap().members, vec![2, 3, 1]);
     assert_eq!(cluster.logs[0], cluster.logs[1]);
+}
+
+#[test]
+fn members_whose_own_steps_came_late_do_not_blame_their_peers() {
+    let mut cluster = Cluster::new(3, |c| c.suspect_after_ms = 200);
+    cluster.tick_all(0);
+    cluster.settle();
+    // Every node spends 500 ms in one step (applying a big version): the heartbeats of the
+    // others wait unread, and each node's next step is a tick, before it reads them.
+    cluster.tick_all(500_000);
+    for node in 0..3 {
+        assert!(
+            cluster.nodes[node].suspected().is_empty(),
+            "node {} suspects {:?} after its own pause",
+            node + 1,
+            cluster.nodes[node].suspected()
+        );
+    }
+    cluster.settle();
+    assert!(cluster.wedged.iter().all(|&w| !w));
+    // Silence after the pause still counts: a node silent for the timeout of running time is
+    // suspected.
+    cluster.crash(2);
+    cluster.tick_until_suspected();
+    for node in 0..2 {
+        assert_eq!(cluster.installed[node].len(), 1);
+        assert_eq!(cluster.installed[node][0].members, vec![1, 2]);
+    }
+}
+
+#[test]
+fn members_that_all_suspected_each_other_falsely_form_a_view_and_never_suspect_themselves() {
+    let mut cluster = Cluster::new(3, |c| c.suspect_after_ms = 200);
+    cluster.submit(0, 1, b"a");
+    cluster.settle();
+    cluster.persist_all();
+    // Every node runs, but what they send arrives too late (all slow under load): each
+    // suspects both others, and hears that they suspect it.
+    for _ in 0..15 {
+        cluster.tick_all(20_000);
+        cluster.wire.clear();
+    }
+    for node in 0..3 {
+        assert_eq!(cluster.nodes[node].suspected().len(), 2);
+    }
+    // The links work again; a reachable majority forms the next view.
+    for _ in 0..100 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+        cluster.log_trims();
+        cluster.persist_all();
+        for node in 0..3 {
+            let me = node as NodeId + 1;
+            assert!(
+                !cluster.nodes[node].suspected().contains(&me),
+                "node {me} suspects itself"
+            );
+        }
+    }
+    let newest = (0..3)
+        .map(|node| cluster.nodes[node].view().view_id)
+        .max()
+        .unwrap();
+    assert!(newest >= 2, "no view formed: the group stayed wedged");
+    let members = (0..3)
+        .filter(|&node| {
+            cluster.nodes[node].view().view_id == newest
+                && cluster.nodes[node].membership() == Membership::Active
+        })
+        .count();
+    assert!(members >= 2, "view {newest} runs on {members} node(s)");
+    // Writes flow again in the new view, and what was delivered before is kept.
+    let writer = (0..3)
+        .find(|&node| cluster.nodes[node].membership() == Membership::Active)
+        .unwrap();
+    cluster.submit(writer, 2, b"b");
+    cluster.settle();
+    let last = cluster.delivered[writer].last().unwrap();
+    assert_eq!(last.version >> 32, u64::from(newest));
+    assert_eq!(cluster.payloads(writer), vec!["a", "b"]);
 }
