@@ -3,8 +3,9 @@
 //!
 //! What they check is what a user relies on: a failure that leaves a majority costs no error
 //! and no acknowledged write, a retried write is applied once, a minority refuses writes rather
-//! than splitting and still answers reads of the past it knows to be final, and the view a node
-//! installed survives its restart.
+//! than splitting and still answers reads of the past it knows to be final, the view a node
+//! installed survives its restart, and a whole-cluster kill restarts from a majority with every
+//! acknowledged write, each shard continuing from its longest log.
 
 mod common;
 
@@ -399,4 +400,193 @@ fn t60_faults_a_killed_node_restarted_with_its_config_rejoins_catches_up_and_hol
             "node {node}'s logs differ from node 1's"
         );
     }
+}
+
+/// A client writing fresh keys `PREFIX/N` until `stop`, through a cluster that may be down
+/// for a while: a write that fails has an unknown outcome and its key is not used again; every
+/// write acknowledged is returned.
+fn writer_through_outage(
+    cluster: &Cluster,
+    contacts: &str,
+    prefix: &str,
+    stop: &AtomicBool,
+) -> Acked {
+    let mut acked = Acked::new();
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let key = format!("{prefix}/{n}");
+        let value = format!("{prefix}-v{n}");
+        let run = cluster.kv_via(contacts, &["put", &key, &value]);
+        if run.code == 0 {
+            acked.insert(key, (value, version_of(&run.stdout)));
+        } else {
+            // Nothing answers while every node is down: pace the retries.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n += 1;
+    }
+    acked
+}
+
+/// Runs `writers` outage-tolerant clients through `contacts` while `fault` runs; returns every
+/// acknowledged write.
+fn through_outage(
+    cluster: &Cluster,
+    contacts: &str,
+    writers: usize,
+    fault: impl FnOnce(&Cluster),
+) -> Acked {
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let stop = &stop;
+                s.spawn(move || writer_through_outage(cluster, contacts, &format!("w{w}"), stop))
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        fault(cluster);
+        stop.store(true, Ordering::Relaxed);
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer thread"))
+            .collect()
+    })
+}
+
+/// The log entries of `dump` (its indented lines).
+fn entries(dump: &str) -> Vec<String> {
+    dump.lines()
+        .filter(|l| l.starts_with("  "))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Stops every node and checks that every node's logs hold the same entries as node 1's.
+fn logs_agree(cluster: &Cluster, nodes: &[usize]) {
+    cluster.stop_all();
+    let reference = entries(&cluster.dump(1));
+    assert!(!reference.is_empty(), "node 1 holds nothing");
+    for &node in nodes {
+        assert_eq!(
+            entries(&cluster.dump(node)),
+            reference,
+            "node {node}'s logs differ from node 1's"
+        );
+    }
+}
+
+#[test]
+fn t70_faults_every_node_sigkilled_under_load_restarts_with_every_acked_write_on_every_replica() {
+    // Three nodes, both shards on all three, two clients writing. All three are SIGKILLed at
+    // once and started again: the total restart agrees where each shard ends (the longest
+    // log), installs the next view, and the writes go on.
+    let cluster = Cluster::new(46, 3, PATIENT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let mut acked = through_outage(&cluster, &contacts, 2, |c| {
+        std::thread::sleep(Duration::from_millis(500));
+        for node in 1..=3 {
+            c.kill(node);
+        }
+        for node in 1..=3 {
+            c.start(node);
+        }
+        let status = c.wait_status(&contacts, "the group did not restart", |s| {
+            nodes_in(s, "active") == [1, 2, 3]
+        });
+        assert_eq!(view_of(&status), 2, "{status}");
+        // Let the writes go on in the restarted view for a while.
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    assert!(!acked.is_empty(), "no write was acknowledged");
+    for node in 1..=3 {
+        assert!(
+            cluster
+                .log_of(node)
+                .contains("restarting from the recorded view"),
+            "node {node} did not restart from its recorded view: {}",
+            cluster.logs()
+        );
+    }
+    let after = cluster.kv_via(&contacts, &["put", "after", "restart"]);
+    assert_eq!(after.code, 0, "{after:?}");
+    assert!(version_of(&after.stdout).starts_with("2."), "{after:?}");
+    acked.insert(
+        "after".into(),
+        ("restart".into(), version_of(&after.stdout)),
+    );
+    check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
+}
+
+#[test]
+fn t80_faults_a_node_killed_earlier_restarting_with_everyone_catches_up_from_the_longest_log() {
+    // Node 3 is killed under load and the others go on without it (view 2), writing more;
+    // then nodes 1 and 2 are killed too, and all three start together. Nodes 1 and 2 restart
+    // from view 2; node 3, back from view 1 with a shorter log, finds the group went on without
+    // it, joins again and catches up by state transfer: every acknowledged write is on every
+    // replica and the logs agree entry for entry.
+    let cluster = Cluster::new(47, 3, PATIENT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let acked = through_outage(&cluster, &contacts, 2, |c| {
+        c.kill(3);
+        let survivors = c.contacts_of(&[1, 2]);
+        c.wait_status(&survivors, "no view without node 3", |s| {
+            nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 "))
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        c.kill(1);
+        c.kill(2);
+        for node in 1..=3 {
+            c.start(node);
+        }
+        let status = c.wait_status(&contacts, "the group did not come back whole", |s| {
+            nodes_in(s, "active") == [1, 2, 3]
+        });
+        assert!(view_of(&status) >= 4, "{status}");
+    });
+    assert!(!acked.is_empty(), "no write was acknowledged");
+    wait_caught_up(&cluster, 3, 2);
+    assert!(
+        cluster.log_of(3).contains("behind and joins again"),
+        "node 3 did not join again: {}",
+        cluster.logs()
+    );
+    check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
+}
+
+#[test]
+fn t90_faults_a_majority_of_the_recorded_view_restarts_without_waiting_for_the_rest() {
+    // Every node is killed; only nodes 1 and 2 come back. They restart without node 3 (view 2
+    // of nodes 1 and 2) and take writes; node 3, started later, joins again and catches up.
+    let cluster = Cluster::new(48, 3, PATIENT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let mut acked = under_load(&cluster, &contacts, 2, 5, |_| {});
+    for node in 1..=3 {
+        cluster.kill(node);
+    }
+    cluster.start(1);
+    cluster.start(2);
+    let survivors = cluster.contacts_of(&[1, 2]);
+    let status = cluster.wait_status(&survivors, "nodes 1 and 2 did not restart", |s| {
+        nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 "))
+    });
+    assert_eq!(view_of(&status), 2, "{status}");
+    let put = cluster.kv_via(&survivors, &["put", "without-3", "ok"]);
+    assert_eq!(put.code, 0, "{put:?}");
+    acked.insert("without-3".into(), ("ok".into(), version_of(&put.stdout)));
+    cluster.start(3);
+    cluster.wait_status(&contacts, "node 3 did not rejoin", |s| {
+        nodes_in(s, "active") == [1, 2, 3]
+    });
+    wait_caught_up(&cluster, 3, 2);
+    check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
 }

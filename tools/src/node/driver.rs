@@ -84,6 +84,8 @@ pub struct Driver {
     linked: HashSet<NodeId>,
     /// The view each linked peer declared in its handshake.
     declared: HashMap<NodeId, u32>,
+    /// A probed member runs a view without this node.
+    left_out: bool,
     /// Coming back from a recorded view: it, until the node knows which view it runs.
     restart: Option<View>,
     /// The group runs this later view than the one this node came back in: it is behind.
@@ -123,16 +125,15 @@ impl Driver {
         let (transport, mut events) = Transport::bind(config.listen, me, secret)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
-        let (view, restart) = match start {
+        let (view, restart, logged) = match start {
             Start::Fresh(view) => {
                 transport.set_view(view.view_id);
-                (view, None)
+                (view, None, None)
             }
-            // Handshakes declare the recorded view until the node knows whether the group
-            // restarts with it or already runs a later one.
-            Start::Restart { recorded, next } => {
+            // The engine restarts in the recorded view; handshakes declare it.
+            Start::Restart { recorded, logged } => {
                 transport.set_view(recorded.view_id);
-                (next, Some(recorded))
+                (recorded.clone(), Some(recorded), logged)
             }
         };
         let transport = Arc::new(transport);
@@ -156,18 +157,28 @@ impl Driver {
             }
         }
         drop(probed);
-        // Until the node knows its view, clients and `status` see the recorded one.
-        let shown = restart.as_ref().unwrap_or(&view);
         let chunk_size = super::fs_chunk_size(&config)?;
-        let layout = layout_info(shown, &addresses, chunk_size);
-        let view_id = shown.view_id;
+        let layout = layout_info(&view, &addresses, chunk_size);
+        let view_id = view.view_id;
         let peers: Vec<NodeId> = view
             .members
             .iter()
             .copied()
             .filter(|&id| id != me)
             .collect();
-        let node = derechofs_core::Node::new(config.engine_config(), view.clone())?;
+        let node = match &restart {
+            None => derechofs_core::Node::new(config.engine_config(), view.clone())?,
+            Some(recorded) => {
+                // The last record of each shard log, already cut back to the logged trim.
+                let logs = stores
+                    .iter()
+                    .map(|(shard, store)| (*shard, store.kv().log().latest()))
+                    .collect();
+                let logged = logged.map(|l| (l.round, l.decision));
+                Node::restarting(config.engine_config(), recorded.clone(), logged, logs)
+                    .context("starting the engine in the recorded view")?
+            }
+        };
         let time_read_wait = Duration::from_millis(config.time_read_wait_ms);
         let mut driver = Driver {
             me,
@@ -185,6 +196,7 @@ impl Driver {
             peers,
             linked: HashSet::new(),
             declared: HashMap::new(),
+            left_out: false,
             restart,
             behind: None,
             early: Vec::new(),
@@ -537,6 +549,9 @@ impl Driver {
             .filter(|&id| id != self.me)
             .collect();
         self.layout = layout_info(&view, &self.addresses, self.chunk_size);
+        // A restart that adopted a decision logged before the stop installs its view still
+        // restarting, and restarts again from it.
+        self.restart = self.node.is_restarting().then(|| view.clone());
         let mine: Vec<ShardId> = view.layout.shards_of(self.me).map(|s| s.id).collect();
         self.stores.retain(|shard, _| mine.contains(shard));
         self.incomplete.retain(|shard| mine.contains(shard));
@@ -836,22 +851,29 @@ impl Driver {
         if layout.members.iter().any(|(m, _)| *m == self.me) {
             return Ok(());
         }
+        self.left_out = true;
         let seen = self.declared.entry(peer).or_insert(view_id);
         *seen = (*seen).max(view_id);
         self.check_formed().await
     }
 
     async fn check_formed(&mut self) -> anyhow::Result<()> {
-        if self.formed {
+        if self.formed && self.restart.is_none() {
             return Ok(());
         }
-        // The view this node would run: the recorded one while restarting, else the new one.
+        // While restarting, a member one view ahead may have installed the view this restart
+        // makes (the engine learns its decision); a view beyond it, or one that left this node
+        // out (`left_out`), means the group went on without this node.
         let reference = self.restart.as_ref().unwrap_or(&self.view);
+        let ahead = u32::from(self.restart.is_some());
+        let left_out = self.left_out;
         let later = self
             .declared
             .values()
             .copied()
-            .filter(|&v| v > reference.view_id)
+            .filter(|&v| {
+                v > reference.view_id.saturating_add(ahead) || (left_out && v > reference.view_id)
+            })
             .max();
         if let Some(later) = later {
             // The group went on without this node: it joins again, keeping its logs, and
@@ -876,23 +898,22 @@ impl Driver {
             self.restart = None;
             return self.form().await;
         }
-        if !self.peers.iter().all(|p| self.linked.contains(p)) {
+        if self.formed {
             return Ok(());
         }
-        if let Some(recorded) = self.restart.take() {
-            // Every member is linked and came back from the same view: the group restarts in
-            // the next one, with the recorded members.
-            self.save_state(NodeState::of_view(&self.view)).await?;
-            self.view_id = self.view.view_id;
-            self.layout = layout_info(&self.view, &self.addresses, self.chunk_size);
-            self.transport.set_view(self.view_id);
+        if let Some(recorded) = &self.restart {
+            // The engine restarts at once, with whichever members come back.
             tracing::info!(
                 node = self.me,
                 recorded = recorded.view_id,
-                view_id = self.view_id,
-                "every member is back; the group restarts in the next view"
+                "restarting from the recorded view"
             );
-        } else if self.behind.is_none() {
+            return self.form().await;
+        }
+        if !self.peers.iter().all(|p| self.linked.contains(p)) {
+            return Ok(());
+        }
+        if self.behind.is_none() {
             self.save_state(NodeState::of_view(&self.view)).await?;
         }
         self.form().await
@@ -1109,7 +1130,7 @@ impl Driver {
                 Some(recorded) => error(
                     ErrorCode::Forming,
                     &format!(
-                        "restarting from view {}: waiting for every member of it to come back",
+                        "restarting from view {}: waiting for a majority of it to come back",
                         recorded.view_id
                     ),
                 ),
@@ -1413,12 +1434,10 @@ impl Driver {
     }
 
     fn status(&self) -> NodeStatus {
-        let state = if !self.formed {
-            if self.restart.is_some() {
-                "restarting"
-            } else {
-                "forming"
-            }
+        let state = if self.restart.is_some() && self.behind.is_none() {
+            "restarting"
+        } else if !self.formed {
+            "forming"
         } else {
             match self.membership() {
                 Membership::Active => "active",

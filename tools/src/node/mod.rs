@@ -11,9 +11,11 @@
 //! A node that never recorded a view starts the group with the configured `members`, in view
 //! `stored + 1` where `stored` is the highest view id recorded in its logs (1 for a new group).
 //! A node with a recorded view comes back in it: it cuts each shard log back to the ragged trim
-//! it logged for that view, if any, and then either restarts the group with the recorded members
-//! in the next view (every member linked and restarting from the same view), or, if a member
-//! already runs a later view, runs its recorded view as a laggard to learn how it ended.
+//! it logged for that view, if any, and runs the engine's total restart (`Node::restarting`) in
+//! it at once: whichever members of the recorded view come back (a majority) agree on where
+//! each shard ends (the longest log) and install the next view; a shorter log catches up by
+//! state transfer, a longer one is cut back. If a member already runs a view beyond what that
+//! restart makes (or one without this node), the node joins again instead.
 
 mod clients;
 mod driver;
@@ -26,11 +28,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use derechofs_core::{Layout, View};
+use derechofs_core::View;
 use tokio::sync::Notify;
 
 use crate::config::NodeConfig;
-pub use state::{trim_end, NodeState, STATE_FILE};
+pub use state::{trim_end, LoggedDecision, NodeState, STATE_FILE};
 pub use store::{open_log, stored_view};
 
 /// Runs the node until it is interrupted (SIGINT or SIGTERM) or fails.
@@ -50,13 +52,13 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
 pub enum Start {
     /// A new group (or one restarted from logs without a recorded view) in this view.
     Fresh(View),
-    /// Back from the recorded view `recorded`: the group restarts in `next` if every member is
-    /// restarting from `recorded`, else the node runs `recorded` as a laggard.
+    /// Back from the recorded view `recorded`: the engine restarts in it (total restart), or,
+    /// if the group went on without this node, the node joins again.
     Restart {
         /// The view recorded on disk.
         recorded: View,
-        /// The view the group restarts in: the recorded members, one view later.
-        next: View,
+        /// The decision logged for it, if any (the logs are cut back to its trims).
+        logged: Option<LoggedDecision>,
     },
 }
 
@@ -65,7 +67,7 @@ impl Start {
     fn view(&self) -> &View {
         match self {
             Start::Fresh(view) => view,
-            Start::Restart { next, .. } => next,
+            Start::Restart { recorded, .. } => recorded,
         }
     }
 }
@@ -177,18 +179,10 @@ fn restart_views(config: &NodeConfig, state: &NodeState) -> anyhow::Result<Start
     {
         bail!("member {m} of the recorded view has no address in `members`");
     }
-    let next_id = recorded
-        .view_id
-        .checked_add(1)
-        .context("the recorded view id is at its maximum")?;
-    let layout = Layout::assign(state.spec, &recorded.members, Some(&recorded.layout))
-        .context("laying out the restart view")?;
-    let next = View {
-        view_id: next_id,
-        members: recorded.members.clone(),
-        layout,
-    };
-    Ok(Start::Restart { recorded, next })
+    Ok(Start::Restart {
+        recorded,
+        logged: state.decision.clone(),
+    })
 }
 
 /// The file system's chunk size from `layout.chunk_size`, checked against what the file system
