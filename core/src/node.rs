@@ -420,6 +420,10 @@ impl Node {
                 node.held.insert(shard, held);
             }
         }
+        // Set before the logged decision is checked: its trims were not delivered and never
+        // will be (nothing received survived), so they are not checked against the fresh
+        // multicasts.
+        node.restarting = true;
         if let Some((round, decision)) = logged {
             node.check_decision(&decision)
                 .map_err(|_| ConfigError::Invalid("the logged decision does not fit the view"))?;
