@@ -61,6 +61,8 @@ pub const EVENT_QUEUE_MAX: usize = 4096;
 pub const HANDSHAKES_MAX: usize = 64;
 /// Time a connection has to finish its handshake (dialing included).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+/// Time [`Transport::close`] waits for the links to write their queued frames and a bye.
+pub const CLOSE_WAIT_MS: u64 = 500;
 
 const _: () = assert!(LINK_QUEUE_BYTES_MAX >= FRAME_PAYLOAD_MAX);
 
@@ -155,6 +157,9 @@ pub enum ConnectError {
     /// The handshake failed.
     #[error(transparent)]
     Handshake(#[from] HandshakeError),
+    /// The transport is closing ([`Transport::close`]).
+    #[error("the transport is closing")]
+    Closing,
 }
 
 /// Why a frame was not queued.
@@ -247,7 +252,19 @@ struct State {
     dialing: HashSet<NodeId>,
     /// Nodes whose link broke, with the view it broke in.
     broken: HashMap<NodeId, u32>,
+    /// This node left its view (it was removed while it ran) and is in none until a later
+    /// view: links reopen whenever they break, since no view of its own can move on.
+    outside: bool,
+    /// [`Transport::close`] ran: no link is made any more.
+    closing: bool,
     next_serial: u64,
+}
+
+impl State {
+    /// Whether the link with `peer` broke in the current view and may not reopen in it.
+    fn broke_in_view(&self, peer: NodeId) -> bool {
+        !self.outside && self.broken.get(&peer) == Some(&self.view_id)
+    }
 }
 
 #[derive(Debug)]
@@ -256,6 +273,8 @@ struct Link {
     queue: mpsc::Sender<Outgoing>,
     budget: Arc<Semaphore>,
     supervisor: AbortHandle,
+    /// The writer, which writes a bye and ends once `queue` is dropped.
+    writer: tokio::task::JoinHandle<()>,
 }
 
 impl Shared {
@@ -311,9 +330,22 @@ impl Transport {
     /// new handshakes declare this view.
     pub fn set_view(&self, view_id: u32) {
         let mut state = self.shared.state();
+        if view_id > state.view_id {
+            state.outside = false;
+        }
         state.view_id = state.view_id.max(view_id);
         let current = state.view_id;
         state.broken.retain(|_, broken_in| *broken_in >= current);
+    }
+
+    /// This node left its view (removed from the next one while it ran) and asks to join
+    /// again: until [`Transport::set_view`] moves to a later view, a broken link may reopen at
+    /// once. The rule that keeps a broken link closed protects a view's members from a peer
+    /// they suspect; a node outside every view has none to protect.
+    pub fn leave_view(&self) {
+        let mut state = self.shared.state();
+        state.outside = true;
+        state.broken.clear();
     }
 
     /// Dials node `peer` at `addr` and returns once the link is up ([`LinkEvent::Connected`] is
@@ -328,10 +360,13 @@ impl Transport {
         }
         let view_id = {
             let mut state = self.shared.state();
+            if state.closing {
+                return Err(ConnectError::Closing);
+            }
             if state.links.contains_key(&Peer::Node(peer)) || state.dialing.contains(&peer) {
                 return Err(ConnectError::AlreadyLinked(peer));
             }
-            if state.broken.get(&peer) == Some(&state.view_id) {
+            if state.broke_in_view(peer) {
                 return Err(ConnectError::BrokenInView {
                     peer,
                     view_id: state.view_id,
@@ -344,6 +379,7 @@ impl Transport {
         let mut state = self.shared.state();
         state.dialing.remove(&peer);
         match result {
+            Ok(_) if state.closing => Err(ConnectError::Closing),
             Ok((stream, remote_view)) => {
                 spawn_link(
                     &self.shared,
@@ -472,6 +508,32 @@ impl Transport {
         self.shared.state().links.contains_key(&peer)
     }
 
+    /// Closes every link in order, as a node that stops does: each writes the frames queued,
+    /// then a bye, so its peers learn that it stopped rather than find a dead connection. Waits
+    /// for that at most [`CLOSE_WAIT_MS`]; no link is made afterwards. No event is reported for
+    /// these links.
+    pub async fn close(&self) {
+        let links: Vec<Link> = {
+            let mut state = self.shared.state();
+            state.closing = true;
+            state.links.drain().map(|(_, link)| link).collect()
+        };
+        let mut writers = Vec::with_capacity(links.len());
+        for link in links {
+            let Link {
+                supervisor, writer, ..
+            } = link;
+            supervisor.abort();
+            writers.push(writer);
+        }
+        let written = async {
+            for writer in writers {
+                let _ = writer.await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), written).await;
+    }
+
     /// Closes the link with `peer` in order: frames already queued are written, then a bye. No
     /// event is reported for it. Returns whether there was a link.
     pub fn disconnect(&self, peer: Peer) -> bool {
@@ -535,7 +597,13 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 async fn accept_connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
     let node_id = shared.node_id;
     let _ = stream.set_nodelay(true);
-    let view_id = shared.state().view_id;
+    let view_id = {
+        let state = shared.state();
+        if state.closing {
+            return;
+        }
+        state.view_id
+    };
     let handshake = handshake::accept(&mut stream, &shared.secret, node_id, view_id);
     let hello = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
         .await
@@ -550,6 +618,9 @@ async fn accept_connection(shared: Arc<Shared>, mut stream: TcpStream, addr: Soc
     let peer = hello.dialer;
     let refusal = {
         let mut state = shared.state();
+        if state.closing {
+            return;
+        }
         let refusal = admit(&state, node_id, &hello);
         if refusal.is_none() {
             spawn_link(
@@ -584,7 +655,7 @@ fn admit(state: &State, node_id: NodeId, hello: &handshake::Hello) -> Option<Ref
         if !dials(peer, node_id) {
             return Some(Refusal::WrongDirection);
         }
-        if state.broken.get(&peer) == Some(&state.view_id) {
+        if state.broke_in_view(peer) {
             return Some(Refusal::BrokenInView);
         }
     }
@@ -626,6 +697,7 @@ fn spawn_link(
             queue,
             budget: Arc::new(Semaphore::new(LINK_QUEUE_BYTES_MAX)),
             supervisor: supervisor.abort_handle(),
+            writer,
         },
     );
 }

@@ -327,6 +327,93 @@ async fn transport_broken_link_is_not_reopened_in_the_same_view() {
 }
 
 #[tokio::test]
+async fn transport_a_node_that_left_its_view_relinks_at_once_until_it_enters_a_later_one() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"cluster").await;
+    let (three, mut three_events) = node(3, b"cluster").await;
+    two.set_view(1);
+    three.set_view(1);
+    one.set_view(1);
+    one.connect(2, two.local_addr()).await.unwrap();
+    one.connect(3, three.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut one_events, Peer::Node(3)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    expect_connected(&mut three_events, Peer::Node(1)).await;
+
+    // Node 2 moves to view 2 without node 1 and drops its link; node 1, still in view 1,
+    // may not dial it again in view 1 ...
+    two.set_view(2);
+    assert!(two.disconnect(Peer::Node(1)));
+    expect_broken(&mut one_events, Peer::Node(2)).await;
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(error, ConnectError::BrokenInView { peer: 2, .. }),
+        "{error}"
+    );
+
+    // ... until it learns it left the view: then it relinks, and keeps relinking after
+    // breaks that come later (node 3 drops it too), still in view 1.
+    one.leave_view();
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    three.set_view(2);
+    assert!(three.disconnect(Peer::Node(1)));
+    expect_broken(&mut one_events, Peer::Node(3)).await;
+    one.connect(3, three.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(3)).await;
+
+    // Welcomed into view 3, the ordinary rule is back.
+    one.set_view(3);
+    assert!(two.disconnect(Peer::Node(1)));
+    expect_broken(&mut one_events, Peer::Node(2)).await;
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::BrokenInView {
+                peer: 2,
+                view_id: 3
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn transport_close_says_bye_on_every_link_and_makes_no_link_after() {
+    let (one, _one_events) = node(1, b"cluster").await;
+    let (two, mut two_events) = node(2, b"cluster").await;
+    let (three, mut three_events) = node(3, b"cluster").await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    one.connect(3, three.local_addr()).await.unwrap();
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    expect_connected(&mut three_events, Peer::Node(1)).await;
+    one.send(Peer::Node(2), 0, Bytes::from_static(b"last"))
+        .await
+        .unwrap();
+
+    one.close().await;
+    // The frame queued before the close arrives, then the bye: the peers see an orderly stop.
+    match next_event(&mut two_events).await {
+        LinkEvent::Frame { bytes, .. } => assert_eq!(&bytes[..], b"last"),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        expect_broken(&mut two_events, Peer::Node(1)).await,
+        BreakReason::PeerClosed
+    );
+    assert_eq!(
+        expect_broken(&mut three_events, Peer::Node(1)).await,
+        BreakReason::PeerClosed
+    );
+    assert!(!one.is_linked(Peer::Node(2)));
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    assert!(matches!(error, ConnectError::Closing), "{error}");
+}
+
+#[tokio::test]
 async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
     let (one, mut one_events) = node(1, b"cluster").await;
     let (two, mut two_events) = node(2, b"cluster").await;

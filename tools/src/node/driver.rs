@@ -92,6 +92,9 @@ pub struct Driver {
     behind: Option<u32>,
     /// Every member is linked and the engine runs.
     formed: bool,
+    /// The engine left the view it ran (it was removed while running, or came back behind)
+    /// and asks to join again; the transport relinks with any member until it is welcomed.
+    outside: bool,
     early: Vec<(NodeId, Message)>,
     clients: Clients,
     next_request_id: u64,
@@ -193,6 +196,7 @@ impl Driver {
             addresses,
             layout,
             formed: false,
+            outside: false,
             peers,
             linked: HashSet::new(),
             declared: HashMap::new(),
@@ -264,6 +268,9 @@ impl Driver {
             }
         }
         tracing::info!(node = me, "stopping");
+        // Say bye on every link, so the members see an orderly stop (and give it
+        // `STOPPED_PEER_GRACE_MS`) rather than a dead connection they suspect at once.
+        driver.transport.close().await;
         Ok(())
     }
 
@@ -303,8 +310,29 @@ impl Driver {
             self.actions = actions;
             result?;
         }
+        self.follow_membership();
         self.progress();
         Ok(error)
+    }
+
+    /// Notices the engine leaving its view: a view change that removed this node while it ran
+    /// (its peers suspected it, or a total restart adopted a decision made before a stop that
+    /// removed it). The engine then asks the members of the next view to add it again by
+    /// itself; for its requests to reach them the transport must relink links that broke in
+    /// the view it left, which the ordinary rule forbids until a later view.
+    fn follow_membership(&mut self) {
+        let outside = self.node.membership() == Membership::Joining;
+        if outside && !self.outside {
+            if self.behind.is_none() {
+                tracing::warn!(
+                    node = self.me,
+                    view_id = self.view_id,
+                    "removed from the group by a view change; asking to join again"
+                );
+            }
+            self.transport.leave_view();
+        }
+        self.outside = outside;
     }
 
     async fn carry_out(&mut self, actions: &mut Vec<Action>) -> anyhow::Result<()> {
@@ -538,10 +566,15 @@ impl Driver {
             .collect();
         self.view_id = view.view_id;
         self.transport.set_view(view.view_id);
-        for &node in &removed {
-            self.transport.disconnect(Peer::Node(node));
-            self.linked.remove(&node);
-        }
+        // Links with removed members stay up: a member removed while it runs (its peers
+        // suspected it, or a restart adopted a decision made before a stop) joins again over
+        // them, and the view that adds it back must reach it over a link that did not break in
+        // between (a message to a member with no link is lost, and nothing would tell).
+        // Orderly stops seen in the old view concern the new one only if the link is still
+        // down.
+        let linked = &self.linked;
+        self.stopping
+            .retain(|(peer, _)| view.members.contains(peer) && !linked.contains(peer));
         self.peers = view
             .members
             .iter()
@@ -776,6 +809,8 @@ impl Driver {
             } => {
                 tracing::info!(node = self.me, peer = id, %addr, view_id, "linked");
                 self.linked.insert(id);
+                // A member that closed its link in order and linked again did not stop.
+                self.stopping.retain(|(peer, _)| *peer != id);
                 self.declared.insert(id, view_id);
                 self.check_formed().await?;
             }
@@ -971,7 +1006,7 @@ impl Driver {
                 .partition(|(_, due)| *due <= now);
             self.stopping = waiting;
             for (peer, _) in due {
-                if self.view.members.contains(&peer) {
+                if self.view.members.contains(&peer) && !self.linked.contains(&peer) {
                     if let Some(e) = self.step(Input::LinkBroken { peer }).await? {
                         tracing::debug!(node = self.me, error = %e, "link break refused");
                     }
