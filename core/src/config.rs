@@ -1,5 +1,7 @@
 //! The per-node parameters of the engine.
 
+use std::net::SocketAddr;
+
 use crate::bounds::{BATCH_BYTES_MAX, PENDING_REQUESTS_MAX, WINDOW_MAX};
 use crate::view::NodeId;
 
@@ -19,6 +21,9 @@ pub struct Config {
     pub batch_bytes_max: usize,
     /// Local requests queued per shard while the window is closed; beyond it submits fail.
     pub pending_requests_max: usize,
+    /// The address this node announces when it asks to join (`Message::Join`), so that
+    /// members that do not know it can reach it; `None` announces none.
+    pub addr: Option<SocketAddr>,
 }
 
 impl Config {
@@ -32,6 +37,7 @@ impl Config {
             window: 16,
             batch_bytes_max: 1 << 20,
             pending_requests_max: 1 << 14,
+            addr: None,
         }
     }
 

@@ -1,5 +1,7 @@
 //! The messages members exchange. Every message carries the sender's view id.
 
+use std::net::SocketAddr;
+
 use bytes::Bytes;
 use derechofs_storage::{Hlc, Version};
 
@@ -128,6 +130,10 @@ pub enum Message {
     Join {
         /// The last view the joiner installed.
         view_id: u32,
+        /// Where the members reach the joiner (its listening address), if it announces one:
+        /// the decision that adds it carries it into the view, for members whose configuration
+        /// does not list the joiner.
+        addr: Option<SocketAddr>,
     },
     /// The answer of a member that does not lead: ask `leader` instead.
     Redirect {
@@ -201,13 +207,16 @@ pub struct Decision {
     /// longest log the restart quorum reported, where the shard's log stands when the next
     /// view begins; members whose log is shorter fetch the rest by state transfer.
     pub ends: Vec<Option<(Version, Hlc)>>,
+    /// The addresses the nodes of `joined` announced in their joins, in the order of `joined`
+    /// (a joiner that announced none has no entry). The next view carries them.
+    pub addrs: Vec<(NodeId, SocketAddr)>,
 }
 
 impl Message {
     /// The view the sender was in.
     pub fn view_id(&self) -> u32 {
         match self {
-            Message::Join { view_id }
+            Message::Join { view_id, .. }
             | Message::Redirect { view_id, .. }
             | Message::Fetch { view_id, .. }
             | Message::Piece { view_id, .. } => *view_id,

@@ -1,6 +1,7 @@
 //! A member's protocol state machine: inputs in, actions out.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 
 use derechofs_storage::{Hlc, Version};
 
@@ -312,6 +313,8 @@ pub struct Node {
     joining: Option<Joining>,
     /// At the leader: nodes that asked to join, for the next view change.
     joins_pending: Vec<NodeId>,
+    /// The addresses those of `joins_pending` that announced one gave (at most one per node).
+    join_addrs: BTreeMap<NodeId, SocketAddr>,
     /// The last record of this node's log of each shard it holds a log of and does not
     /// replicate now: where a state transfer resumes if it is given the shard again.
     held: BTreeMap<ShardId, Held>,
@@ -368,6 +371,7 @@ impl Node {
             future: BTreeMap::new(),
             joining: None,
             joins_pending: Vec::new(),
+            join_addrs: BTreeMap::new(),
             held: BTreeMap::new(),
             restarting: false,
             counters: Counters::default(),
@@ -686,8 +690,8 @@ impl Node {
             return self.receive_joining(from, message, out);
         }
         match message {
-            Message::Join { view_id } => {
-                self.on_join(from, view_id, out);
+            Message::Join { view_id, addr } => {
+                self.on_join(from, view_id, addr, out);
                 return Ok(());
             }
             // For joiners only; a member may get them late, after it was welcomed.
@@ -841,6 +845,7 @@ impl Node {
                     self.counters.joins_sent += 1;
                     let message = Message::Join {
                         view_id: self.view.view_id,
+                        addr: self.config.addr,
                     };
                     out.push(Action::Send {
                         to: leader,
@@ -883,7 +888,10 @@ impl Node {
         self.counters.joins_sent += 1;
         out.push(Action::Send {
             to,
-            message: Message::Join { view_id },
+            message: Message::Join {
+                view_id,
+                addr: self.config.addr,
+            },
         });
     }
 
@@ -891,7 +899,13 @@ impl Node {
     /// none runs); any other member redirects it to the leader. A member of this view asking
     /// again from this same view restarted: it is suspected, then joins like any node. A member
     /// asking from an earlier view is a stale retry of a join that made it a member.
-    fn on_join(&mut self, from: NodeId, last_view_id: u32, out: &mut Vec<Action>) {
+    fn on_join(
+        &mut self,
+        from: NodeId,
+        last_view_id: u32,
+        addr: Option<SocketAddr>,
+        out: &mut Vec<Action>,
+    ) {
         if !matches!(
             self.membership(),
             Membership::Active | Membership::Wedged | Membership::Inadequate
@@ -911,6 +925,12 @@ impl Node {
         if leader == self.rank {
             if !self.joins_pending.contains(&from) && self.joins_pending.len() < JOINS_PENDING_MAX {
                 self.joins_pending.push(from);
+            }
+            if self.joins_pending.contains(&from) {
+                match addr {
+                    Some(addr) => self.join_addrs.insert(from, addr),
+                    None => self.join_addrs.remove(&from),
+                };
             }
         } else {
             let message = Message::Redirect {
@@ -1090,6 +1110,14 @@ impl Node {
                 .is_some_and(|r| decision.removed & (1 << r) == 0);
             if survives || decision.joined[..i].contains(node) {
                 return Err(Rejection::OutOfRange("a joiner that is already a member"));
+            }
+        }
+        for (i, (node, _)) in decision.addrs.iter().enumerate() {
+            if !decision.joined.contains(node) || decision.addrs[..i].iter().any(|(n, _)| n == node)
+            {
+                return Err(Rejection::OutOfRange(
+                    "an address for a node that does not join, or two for one",
+                ));
             }
         }
         let shards = self.view.layout.shards();
@@ -1583,6 +1611,14 @@ impl Node {
                         &self.joins_pending,
                         &leading.reports,
                     )
+                    .map(|mut decision| {
+                        decision.addrs = decision
+                            .joined
+                            .iter()
+                            .filter_map(|node| Some((*node, *self.join_addrs.get(node)?)))
+                            .collect();
+                        decision
+                    })
                 };
                 let Some(decision) = decision else {
                     // Every replica of some shard failed: only a total restart recovers it.
@@ -1685,10 +1721,12 @@ impl Node {
         // The decision was checked: its members are distinct and within the bounds.
         let layout = Layout::assign_allowing_inadequate(spec, &members, Some(&self.view.layout))
             .expect("a checked decision lays out");
+        let addrs = next_addrs(&self.view, &members, &decision);
         let view = View {
             view_id: self.view.view_id + 1,
             members,
             layout,
+            addrs,
         };
         self.install(view, round, decision, out);
         true
@@ -1823,6 +1861,8 @@ impl Node {
         self.told = 0;
         self.joins_pending
             .retain(|node| !view.members.contains(node));
+        let pending = &self.joins_pending;
+        self.join_addrs.retain(|node, _| pending.contains(node));
         self.view = view.clone();
         out.push(Action::InstallView { view });
         if !self.view.layout.is_adequate() {
@@ -1855,6 +1895,7 @@ impl Node {
         self.told = 0;
         self.future.clear();
         self.joins_pending.clear();
+        self.join_addrs.clear();
         self.joining = Some(Joining {
             contacts,
             next: 0,
@@ -1990,5 +2031,20 @@ fn placeholder(me: NodeId, view_id: u32) -> View {
         view_id,
         members: vec![me],
         layout,
+        addrs: Vec::new(),
     }
+}
+
+/// The addresses the next view carries: those of the old view for members that stay (and did
+/// not join again with a new one), and those the decision's joiners announced; in id order.
+fn next_addrs(view: &View, members: &[NodeId], decision: &Decision) -> Vec<(NodeId, SocketAddr)> {
+    let mut addrs: Vec<(NodeId, SocketAddr)> = view
+        .addrs
+        .iter()
+        .filter(|(node, _)| members.contains(node) && !decision.joined.contains(node))
+        .chain(&decision.addrs)
+        .copied()
+        .collect();
+    addrs.sort_by_key(|(node, _)| *node);
+    addrs
 }

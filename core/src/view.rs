@@ -1,5 +1,7 @@
 //! A view: the members of the group in rank order, and their shard layout.
 
+use std::net::SocketAddr;
+
 use crate::bounds::VIEW_MEMBERS_MAX;
 use crate::layout::{Layout, LayoutError, LayoutSpec};
 
@@ -16,6 +18,10 @@ pub struct View {
     pub members: Vec<NodeId>,
     /// The shard assignment of this view.
     pub layout: Layout,
+    /// The addresses of members that announced one when they joined (`Message::Join`), in id
+    /// order, one per member at most: how the other members reach a node that their own
+    /// configuration does not list. Empty in a first view.
+    pub addrs: Vec<(NodeId, SocketAddr)>,
 }
 
 /// Why a view cannot be made.
@@ -44,7 +50,16 @@ impl View {
             view_id,
             members,
             layout,
+            addrs: Vec::new(),
         })
+    }
+
+    /// The address member `node` announced when it joined, if it did.
+    pub fn addr_of(&self, node: NodeId) -> Option<SocketAddr> {
+        self.addrs
+            .iter()
+            .find(|(id, _)| *id == node)
+            .map(|(_, a)| *a)
     }
 
     /// The rank of `node` in this view.

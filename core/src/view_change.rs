@@ -144,6 +144,7 @@ pub(crate) fn decide(
         joined,
         trims,
         ends: Vec::new(),
+        addrs: Vec::new(),
     })
 }
 
@@ -200,6 +201,7 @@ pub(crate) fn decide_restart(
         joined: Vec::new(),
         trims,
         ends,
+        addrs: Vec::new(),
     })
 }
 
@@ -294,6 +296,7 @@ mod tests {
             joined: vec![],
             trims: vec![vec![1, 1, 1]],
             ends: vec![],
+            addrs: vec![],
         };
         let mut reports = BTreeMap::new();
         reports.insert(0, restart_report(vec![(ShardId(0), None)]));
@@ -357,12 +360,14 @@ mod tests {
             joined: vec![],
             trims: vec![vec![1, 1]],
             ends: vec![],
+            addrs: vec![],
         };
         let newer = Decision {
             removed: 0b001,
             joined: vec![7],
             trims: vec![vec![2, 1]],
             ends: vec![],
+            addrs: vec![],
         };
         let mut reports = BTreeMap::new();
         reports.insert(1, report(vec![(ShardId(0), vec![9, 9])], Some((64, old))));

@@ -21,11 +21,14 @@
 //! Commit    = 8 view_id round decision
 //!   decision = removed joins node*joins shards (senders trim*senders)*shards
 //!              ends end*ends                          (restart: each shard's log end)
-//! Join      = 9 view_id
+//!              addrs (node addr)*addrs                (the joiners' announced addresses)
+//! Join      = 9 view_id 0 | 9 view_id addr            (without / with an address)
 //! Redirect  = 10 view_id leader
 //! Welcome   = 11 view
 //!   view    = view_id members node*members namespace_shards data_shards replicas
 //!             replicas_min shards (count node*count)*shards
+//!             addrs (node addr)*addrs                 (members' announced addresses, ids rising)
+//!   addr    = 4 ip:4 port:2 | 6 ip:16 port:2          (bytes as on the network: big-endian)
 //! Fetch     = 12 view_id shard after
 //! Piece     = 13 view_id shard after ready:u8 end records (version hlc len payload[len])*records
 //!   after, end = 0 (none) | 1 version (after) | 1 version wall_us logical (end)
@@ -34,6 +37,8 @@
 //!
 //! Decoding never panics and never allocates more than the input justifies: every count is
 //! checked against its bound and against the bytes left before anything is reserved.
+
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use derechofs_storage::Hlc;
@@ -61,6 +66,8 @@ const TAG_REDIRECT: u8 = 10;
 const TAG_WELCOME: u8 = 11;
 const TAG_FETCH: u8 = 12;
 const TAG_PIECE: u8 = 13;
+const ADDR_V4: u8 = 4;
+const ADDR_V6: u8 = 6;
 const BODY_NULL: u8 = 0;
 const BODY_BATCH: u8 = 1;
 
@@ -215,9 +222,13 @@ impl Message {
                 put_varint(out, u64::from(*view_id));
                 put_varint(out, *round);
             }
-            Message::Join { view_id } => {
+            Message::Join { view_id, addr } => {
                 out.push(TAG_JOIN);
                 put_varint(out, u64::from(*view_id));
+                match addr {
+                    None => out.push(0),
+                    Some(addr) => put_addr(out, addr),
+                }
             }
             Message::Redirect { view_id, leader } => {
                 out.push(TAG_REDIRECT);
@@ -439,6 +450,13 @@ impl Message {
             },
             TAG_JOIN => Message::Join {
                 view_id: reader.u32("view id")?,
+                addr: match reader.frame.get(reader.at) {
+                    Some(0) => {
+                        reader.at += 1;
+                        None
+                    }
+                    _ => Some(reader.addr()?),
+                },
             },
             TAG_REDIRECT => Message::Redirect {
                 view_id: reader.u32("view id")?,
@@ -515,6 +533,53 @@ fn put_decision(out: &mut Vec<u8>, decision: &Decision) {
     for end in &decision.ends {
         put_end(out, *end);
     }
+    put_addrs(out, &decision.addrs);
+}
+
+fn put_addrs(out: &mut Vec<u8>, addrs: &[(NodeId, SocketAddr)]) {
+    put_varint(out, addrs.len() as u64);
+    for (node, addr) in addrs {
+        put_varint(out, u64::from(*node));
+        put_addr(out, addr);
+    }
+}
+
+/// Appends an address: `4 ip:4 port:2` or `6 ip:16 port:2`, big-endian as on the network.
+pub fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr {
+        SocketAddr::V4(a) => {
+            out.push(ADDR_V4);
+            out.extend_from_slice(&a.ip().octets());
+        }
+        SocketAddr::V6(a) => {
+            out.push(ADDR_V6);
+            out.extend_from_slice(&a.ip().octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_be_bytes());
+}
+
+/// Reads an address written by [`put_addr`] at the start of `bytes`; returns it and the bytes
+/// it took.
+pub fn get_addr(bytes: &[u8]) -> Result<(SocketAddr, usize), DecodeError> {
+    let (&kind, rest) = bytes.split_first().ok_or(DecodeError::Truncated)?;
+    let ip_len = match kind {
+        ADDR_V4 => 4,
+        ADDR_V6 => 16,
+        other => return Err(DecodeError::UnknownTag(other)),
+    };
+    let body = rest.get(..ip_len + 2).ok_or(DecodeError::Truncated)?;
+    let port = u16::from_be_bytes([body[ip_len], body[ip_len + 1]]);
+    let ip: std::net::IpAddr = if ip_len == 4 {
+        <[u8; 4]>::try_from(&body[..4])
+            .map(std::net::IpAddr::from)
+            .map_err(|_| DecodeError::Truncated)?
+    } else {
+        <[u8; 16]>::try_from(&body[..16])
+            .map(std::net::IpAddr::from)
+            .map_err(|_| DecodeError::Truncated)?
+    };
+    Ok((SocketAddr::new(ip, port), 1 + ip_len + 2))
 }
 
 fn put_end(out: &mut Vec<u8>, end: Option<(u64, Hlc)>) {
@@ -560,6 +625,7 @@ fn put_view(out: &mut Vec<u8>, view: &View) {
             put_varint(out, u64::from(node));
         }
     }
+    put_addrs(out, &view.addrs);
 }
 
 struct Reader<'a> {
@@ -656,12 +722,37 @@ impl Reader<'_> {
         for _ in 0..count {
             ends.push(self.end()?);
         }
+        let addrs = self.addrs()?;
         Ok(Decision {
             removed,
             joined,
             trims,
             ends,
+            addrs,
         })
+    }
+
+    fn addr(&mut self) -> Result<SocketAddr, DecodeError> {
+        let (addr, len) = get_addr(&self.frame[self.at..])?;
+        self.at += len;
+        Ok(addr)
+    }
+
+    /// A count of at most `VIEW_MEMBERS_MAX` (node, address) pairs, ids distinct.
+    fn addrs(&mut self) -> Result<Vec<(NodeId, SocketAddr)>, DecodeError> {
+        // Each pair takes at least 8 bytes.
+        let (count, mut addrs) = self.list("address count", 0, VIEW_MEMBERS_MAX, 8)?;
+        for _ in 0..count {
+            let node = self.u32("address node")?;
+            let addr = self.addr()?;
+            if addrs.iter().any(|(n, _)| *n == node) {
+                return Err(DecodeError::BadView(format!(
+                    "two addresses for node {node}"
+                )));
+            }
+            addrs.push((node, addr));
+        }
+        Ok(addrs)
     }
 
     /// The last record of a log, if any: `0` or `1 version wall_us logical`.
@@ -715,10 +806,19 @@ impl Reader<'_> {
         }
         let layout = Layout::from_parts(spec, shard_members, &members)
             .map_err(|error| DecodeError::BadView(error.to_string()))?;
+        let addrs = self.addrs()?;
+        if addrs.windows(2).any(|w| w[0].0 >= w[1].0)
+            || addrs.iter().any(|(node, _)| !members.contains(node))
+        {
+            return Err(DecodeError::BadView(
+                "addresses out of id order, or of a node that is not a member".to_string(),
+            ));
+        }
         Ok(View {
             view_id,
             members,
             layout,
+            addrs,
         })
     }
 
@@ -848,10 +948,26 @@ mod tests {
             replicas_min: 1,
         };
         let layout = Layout::assign_allowing_inadequate(spec, &members, None).unwrap();
+        let mut addrs = Vec::new();
+        for &node in &members {
+            if rng.below(2) == 0 {
+                addrs.push((node, random_addr(rng)));
+            }
+        }
         View {
             view_id: rng.number() as u32,
             members,
             layout,
+            addrs,
+        }
+    }
+
+    fn random_addr(rng: &mut SplitMix) -> SocketAddr {
+        let port = rng.next() as u16;
+        if rng.below(2) == 0 {
+            SocketAddr::from(((rng.next() as u32).to_be_bytes(), port))
+        } else {
+            SocketAddr::from((u128::from(rng.next()).to_be_bytes(), port))
         }
     }
 
@@ -863,6 +979,9 @@ mod tests {
             ends: (0..rng.below(3))
                 .map(|_| (rng.below(2) == 1).then(|| (rng.number(), rng.hlc())))
                 .collect(),
+            addrs: (0..rng.below(3))
+                .map(|i| (i as NodeId, random_addr(rng)))
+                .collect(),
         }
     }
 
@@ -870,7 +989,10 @@ mod tests {
         let view_id = rng.number() as u32;
         let shard = ShardId(rng.number() as u16);
         match rng.below(14) {
-            9 => Message::Join { view_id },
+            9 => Message::Join {
+                view_id,
+                addr: (rng.below(2) == 0).then(|| random_addr(rng)),
+            },
             10 => Message::Redirect {
                 view_id,
                 leader: rng.number() as u32,
@@ -1162,8 +1284,18 @@ mod tests {
     fn a_welcome_whose_layout_names_a_stranger_is_refused() {
         let view = View::initial(3, vec![1, 2, 3], LayoutSpec::default()).unwrap();
         let mut bytes = Message::Welcome { view }.to_bytes();
-        // The last byte is the last member of the last shard: make it node 9.
-        *bytes.last_mut().unwrap() = 9;
+        // The byte before the (empty) address list is the last member of the last shard:
+        // make it node 9.
+        let at = bytes.len() - 2;
+        bytes[at] = 9;
+        assert!(matches!(
+            Message::decode(&Bytes::from(bytes)),
+            Err(DecodeError::BadView(_))
+        ));
+        // An address for a node that is not a member is refused the same way.
+        let mut view = View::initial(3, vec![1, 2, 3], LayoutSpec::default()).unwrap();
+        view.addrs = vec![(9, "127.0.0.9:7000".parse().unwrap())];
+        let bytes = Message::Welcome { view }.to_bytes();
         assert!(matches!(
             Message::decode(&Bytes::from(bytes)),
             Err(DecodeError::BadView(_))

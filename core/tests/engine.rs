@@ -2,6 +2,7 @@
 //! instantly, in FIFO order, whenever the test says so.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 
 use bytes::Bytes;
 use derechofs_core::{
@@ -94,9 +95,15 @@ impl Cluster {
 
     /// Starts a new node that asks `contact` to join; returns its index.
     fn add_joiner(&mut self, contact: NodeId) -> usize {
+        self.add_joiner_at(contact, None)
+    }
+
+    /// As `add_joiner`, announcing `addr` in its joins.
+    fn add_joiner_at(&mut self, contact: NodeId, addr: Option<SocketAddr>) -> usize {
         let node = self.nodes.len();
         let mut config = Config::new(node as NodeId + 1);
         (self.configure)(&mut config);
+        config.addr = addr;
         self.nodes
             .push(Node::joining(config, vec![contact], Vec::new(), 0).unwrap());
         self.delivered.push(Vec::new());
@@ -1041,6 +1048,67 @@ fn a_join_over_more_small_versions_than_a_piece_holds_transfers_them_all_in_boun
 }
 
 #[test]
+fn a_joiner_announces_its_address_and_every_later_view_carries_it_to_every_member() {
+    let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
+    cluster.submit(0, 1, b"before");
+    cluster.settle();
+    cluster.persist_all();
+    let addr: SocketAddr = "10.1.2.3:7070".parse().unwrap();
+    let four = cluster.add_joiner_at(2, Some(addr));
+    for _ in 0..50 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+        cluster.log_trims();
+        cluster.persist_all();
+    }
+    for node in 0..4 {
+        let view = cluster.installed[node].last().expect("a view installed");
+        assert_eq!(view.members, vec![1, 2, 3, 4], "node {node}");
+        assert_eq!(view.addrs, vec![(4, addr)], "node {node}");
+        assert_eq!(view.addr_of(4), Some(addr));
+    }
+    assert_eq!(cluster.installed[four].len(), 1, "the welcome");
+
+    // A second joiner announces nothing: the next view keeps node 4's address, has none for 5.
+    let five = cluster.add_joiner(1);
+    for _ in 0..50 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+        cluster.log_trims();
+        cluster.persist_all();
+    }
+    for node in 0..5 {
+        let view = cluster.installed[node].last().expect("a view installed");
+        assert_eq!(view.members, vec![1, 2, 3, 4, 5], "node {node}");
+        assert_eq!(view.addrs, vec![(4, addr)], "node {node}");
+    }
+    assert!(cluster.installed[five].len() == 1);
+
+    // A decision giving an address to a node it does not add is refused.
+    let view_id = cluster.nodes[0].view().view_id;
+    let commit = Message::Commit {
+        view_id,
+        round: 1 << 20,
+        decision: Decision {
+            removed: 0,
+            joined: vec![],
+            trims: vec![vec![0; 3]],
+            ends: vec![],
+            addrs: vec![(2, addr)],
+        },
+    };
+    assert!(cluster
+        .step(
+            0,
+            Input::Message {
+                from: 2,
+                message: commit
+            }
+        )
+        .is_err());
+}
+
+#[test]
 fn a_removed_member_joins_again_and_resumes_its_log() {
     let mut cluster = Cluster::with_replicas(3, 3, |c| c.suspect_after_ms = 200);
     cluster.submit(0, 1, b"a");
@@ -1107,6 +1175,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
             joined: vec![],
             trims: vec![vec![0, 0]],
             ends: vec![],
+            addrs: vec![],
         },
     };
     assert!(cluster
@@ -1130,6 +1199,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
                 joined,
                 trims: vec![vec![0, 0, 0]],
                 ends: vec![],
+                addrs: vec![],
             },
         };
         assert!(cluster

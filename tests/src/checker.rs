@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use derechofs_core::{Delivery, Hlc, ShardId, Version, View};
+use derechofs_core::{Delivery, Hlc, NodeId, ShardId, Version, View};
 
 /// An invariant that did not hold.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +134,22 @@ impl Checker {
                     new.view_id,
                     new.members,
                     previous.members
+                );
+            }
+        }
+        // Addresses travel with the joins that announce them: a view carries one only for a
+        // member, the one that member announced (every simulated node announces
+        // `announced_addr(id)`), ids rising.
+        for (i, &(id, addr)) in new.addrs.iter().enumerate() {
+            if !new.members.contains(&id)
+                || addr != announced_addr(id)
+                || new.addrs[..i].iter().any(|(n, _)| *n >= id)
+            {
+                return violation!(
+                    "node {node} installed view {} with addresses {:?} for members {:?}",
+                    new.view_id,
+                    new.addrs,
+                    new.members
                 );
             }
         }
@@ -491,6 +507,12 @@ fn chain(previous: u64, delivery: &Delivery) -> u64 {
         request.payload.hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// The address simulated node `id` announces when it asks to join (the simulator's network
+/// routes by node id; the address is only carried, and checked).
+pub fn announced_addr(id: NodeId) -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([10, 0, (id >> 8) as u8, id as u8], 7000))
 }
 
 #[cfg(test)]

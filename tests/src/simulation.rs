@@ -1740,6 +1740,7 @@ fn config_of(options: &Options, id: NodeId) -> Config {
         suspect_after_ms: options.suspect_after_ms,
         window: options.window,
         batch_bytes_max: options.batch_bytes_max,
+        addr: Some(crate::checker::announced_addr(id)),
         ..Config::new(id)
     }
 }

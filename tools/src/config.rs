@@ -677,9 +677,36 @@ impl NodeConfig {
                 return Err(self.error("members", message));
             }
         }
-        if !self.members.is_empty() && !self.members.iter().any(|m| m.id == self.node_id) {
-            let message = format!("does not list this node (node_id = {})", self.node_id);
-            return Err(self.error("members", message));
+        if self.joins() {
+            // A node not in `members` joins the group and announces `listen` to it.
+            if self.listen.ip().is_unspecified() {
+                let message = format!(
+                    "{} is not an address the members can reach: node {} is not in `members`, \
+                     so it joins and announces `listen` to the group, which must be a specific \
+                     address",
+                    self.listen, self.node_id
+                );
+                return Err(self.error("listen", message));
+            }
+            if let Some(m) = self.members.iter().find(|m| m.addr == self.listen) {
+                let message = format!(
+                    "{} is the address of member {} in `members`; node {} is not in `members`",
+                    self.listen, m.id, self.node_id
+                );
+                return Err(self.error("listen", message));
+            }
+            for (index, contact) in self.contacts.iter().enumerate() {
+                if self.member_at(contact).is_none() {
+                    let origin = self.origins.get("contacts").cloned();
+                    let message = format!(
+                        "`{contact}` is not the address of a node in `members`: a node that is \
+                         not in `members` joins through members listed there"
+                    );
+                    let mut error = origin_error("contacts", origin.as_ref(), message);
+                    error.key = Some(format!("contacts[{index}]"));
+                    return Err(error);
+                }
+            }
         }
 
         let layout = &self.layout;
@@ -780,8 +807,46 @@ impl NodeConfig {
             suspect_after_ms: self.suspect_after_ms,
             window: self.window,
             batch_bytes_max: self.batch_bytes,
+            addr: self.announced_addr(),
             ..derechofs_core::Config::new(self.node_id)
         }
+    }
+
+    /// Whether this node is not in `members` (and `members` is not empty): it joins the group
+    /// through `contacts` instead of starting it.
+    pub fn joins(&self) -> bool {
+        !self.members.is_empty() && !self.members.iter().any(|m| m.id == self.node_id)
+    }
+
+    /// Where the members reach this node, announced when it asks to join: its address in
+    /// `members`, else `listen` unless it is unspecified (`0.0.0.0`).
+    pub fn announced_addr(&self) -> Option<SocketAddr> {
+        match self.members.iter().find(|m| m.id == self.node_id) {
+            Some(member) => Some(member.addr),
+            None => (!self.listen.ip().is_unspecified()).then_some(self.listen),
+        }
+    }
+
+    /// The member of `members` at `contact` (`host:port` written as the member's address).
+    fn member_at(&self, contact: &str) -> Option<&Member> {
+        let addr: SocketAddr = contact.parse().ok()?;
+        self.members.iter().find(|m| m.addr == addr)
+    }
+
+    /// The members a joining node asks first, in `contacts` order: the members at `contacts`,
+    /// then every other member of `members` (the leader may be any of them).
+    pub fn join_contacts(&self) -> Vec<Member> {
+        let mut contacts: Vec<Member> = self
+            .contacts
+            .iter()
+            .filter_map(|c| self.member_at(c).cloned())
+            .collect();
+        for member in &self.members {
+            if member.id != self.node_id && !contacts.iter().any(|c| c.id == member.id) {
+                contacts.push(member.clone());
+            }
+        }
+        contacts
     }
 
     /// The members of the initial view in rank order: `members`, or this node alone.
@@ -859,7 +924,11 @@ mod tests {
     fn config_defaults_are_valid_and_match_the_engine() {
         let config = NodeConfig::default();
         config.validate().unwrap();
-        assert_eq!(config.engine_config(), derechofs_core::Config::new(0));
+        let engine = derechofs_core::Config {
+            addr: Some(config.listen),
+            ..derechofs_core::Config::new(0)
+        };
+        assert_eq!(config.engine_config(), engine);
         assert_eq!(config.layout_spec(), LayoutSpec::default());
         assert_eq!(NodeConfig::parse(FILE, "").unwrap(), config);
     }
@@ -872,11 +941,8 @@ mod tests {
         let ids: Vec<NodeId> = config.initial_members().iter().map(|m| m.id).collect();
         assert_eq!(ids, vec![1, 2]);
         assert_eq!(config.members[1].addr, "127.0.0.1:7072".parse().unwrap());
-        check(
-            "node_id = 3\nmembers = [{ id = 1, addr = \"127.0.0.1:1\" }]\n",
-            "members",
-            2,
-        );
+        assert!(!config.joins());
+        assert_eq!(config.announced_addr(), Some(config.members[1].addr));
         check(
             "members = [{ id = 0, addr = \"127.0.0.1:1\" }, { id = 0, addr = \"127.0.0.1:2\" }]\n",
             "members",
@@ -889,6 +955,48 @@ mod tests {
         );
         let alone = NodeConfig::default().initial_members();
         assert_eq!(alone.len(), 1);
+    }
+
+    #[test]
+    fn config_a_node_not_in_members_joins_through_its_contacts_and_announces_listen() {
+        let members = "members = [\n  { id = 1, addr = \"127.0.0.1:7071\" },\n  { id = 2, addr = \"127.0.0.1:7072\" },\n  { id = 3, addr = \"127.0.0.1:7073\" },\n]\n";
+        let text = format!(
+            "node_id = 4\nlisten = \"127.0.0.1:7074\"\ncontacts = [\"127.0.0.1:7072\"]\n{members}"
+        );
+        let config = NodeConfig::parse(FILE, &text).unwrap();
+        config.validate().unwrap();
+        assert!(config.joins());
+        assert_eq!(
+            config.announced_addr(),
+            Some("127.0.0.1:7074".parse().unwrap())
+        );
+        assert_eq!(config.engine_config().addr, config.announced_addr());
+        let ids: Vec<NodeId> = config.join_contacts().iter().map(|m| m.id).collect();
+        assert_eq!(
+            ids,
+            vec![2, 1, 3],
+            "contacts first, then every other member"
+        );
+
+        // It must announce an address the members can reach ...
+        check(
+            &format!(
+                "node_id = 4\nlisten = \"0.0.0.0:7074\"\nsecret_file = \"/nonexistent\"\n{members}"
+            ),
+            "listen",
+            2,
+        );
+        check(
+            &format!("node_id = 4\nlisten = \"127.0.0.1:7071\"\n{members}"),
+            "listen",
+            2,
+        );
+        // ... and join through members it knows the id of.
+        check(
+            &format!("node_id = 4\nlisten = \"127.0.0.1:7074\"\ncontacts = [\"127.0.0.1:7072\", \"127.0.0.1:9\"]\n{members}"),
+            "contacts[1]",
+            3,
+        );
     }
 
     #[test]

@@ -297,6 +297,12 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                     if !s.suspected.is_empty() {
                         state.push_str(&format!(" (suspects {:?})", s.suspected));
                     }
+                    if s.shards.is_empty() {
+                        // A spare (or a node still joining): one row, with no shard.
+                        let mut row = vec![node.to_string(), addr.to_string(), state.clone()];
+                        row.resize(11, "-".to_string());
+                        table.push(row);
+                    }
                     for sh in &s.shards {
                         let shard = layout.shards.iter().find(|x| x.id == sh.id);
                         let name = shard.map_or(sh.id.to_string(), |x| {

@@ -604,3 +604,44 @@ fn t90_faults_a_majority_of_the_recorded_view_restarts_without_waiting_for_the_r
     check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
     logs_agree(&cluster, &[2, 3]);
 }
+
+#[test]
+fn t95_faults_a_node_not_in_members_joins_under_load_and_takes_a_killed_members_shards_by_transfer()
+{
+    // Three configured members, both shards on all three, three clients writing. Node 4 is not
+    // in `members`: it joins through node 2, announcing its address, which the view that adds
+    // it carries to every member (they did not know it). It is a spare until node 3 is killed;
+    // then the layout gives it node 3's shards, whose logs it gets by state transfer while the
+    // writes go on. Every acknowledged write is then on nodes 1, 2 and 4.
+    let cluster = Cluster::with_joiners(48, 3, 1, &format!("{PATIENT}[layout]\nreplicas = 3\n"));
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts_of(&[1, 2]);
+    let everyone = cluster.contacts_of(&[1, 2, 4]);
+    let acked = under_load(&cluster, &contacts, 3, 40, |c| {
+        c.start(4);
+        let status = c.wait_status(&contacts, "node 4 did not join", |s| {
+            nodes_in(s, "active") == [1, 2, 3, 4]
+        });
+        assert!(view_of(&status) >= 2, "{status}");
+        c.kill(3);
+    });
+    let status = cluster.wait_status(&everyone, "node 4 serving node 3's shards", |s| {
+        nodes_in(s, "active") == [1, 2, 4]
+            && !s.lines().any(|l| l.starts_with("3 "))
+            && s.lines().filter(|l| l.starts_with("4 ")).count() == 2
+    });
+    assert!(view_of(&status) >= 3, "{status}");
+    wait_caught_up(&cluster, 4, 2);
+    for node in [1, 2] {
+        assert!(
+            cluster
+                .log_of(node)
+                .contains("learned a member's address from the view"),
+            "node {node} did not learn node 4's address: {}",
+            cluster.logs()
+        );
+    }
+    check_acked(&cluster, &everyone, &[1, 2, 4], &acked);
+    logs_agree(&cluster, &[2, 4]);
+}

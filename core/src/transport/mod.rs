@@ -257,6 +257,10 @@ struct State {
     outside: bool,
     /// [`Transport::close`] ran: no link is made any more.
     closing: bool,
+    /// Nodes whose address this node has ([`Transport::know`]): links with them go by the
+    /// direction rule. A node outside it may dial this node whatever the ids: it is joining
+    /// and this node could not dial it ([`Transport::connect_joining`]).
+    known: HashSet<NodeId>,
     next_serial: u64,
 }
 
@@ -348,11 +352,39 @@ impl Transport {
         state.broken.clear();
     }
 
+    /// Records that this node has the addresses of `nodes`: from now on a link with one of
+    /// them is made only by the lower id, and this node refuses a dial from one of them in the
+    /// other direction. (A dial from a node it does not know is accepted whatever the ids: a
+    /// node that joins through this one announces its address only once linked.)
+    pub fn know(&self, nodes: impl IntoIterator<Item = NodeId>) {
+        self.shared.state().known.extend(nodes);
+    }
+
     /// Dials node `peer` at `addr` and returns once the link is up ([`LinkEvent::Connected`] is
     /// reported too). Only the lower node id dials: see [`frame::dials`].
     pub async fn connect(&self, peer: NodeId, addr: SocketAddr) -> Result<(), ConnectError> {
+        self.connect_directed(peer, addr, false).await
+    }
+
+    /// As [`Transport::connect`], whatever the ids: a node joining through `peer`, which does
+    /// not know it yet (and so cannot dial it), dials it. `peer` refuses with
+    /// [`Refusal::WrongDirection`] once it knows this node; it then dials this node itself.
+    pub async fn connect_joining(
+        &self,
+        peer: NodeId,
+        addr: SocketAddr,
+    ) -> Result<(), ConnectError> {
+        self.connect_directed(peer, addr, true).await
+    }
+
+    async fn connect_directed(
+        &self,
+        peer: NodeId,
+        addr: SocketAddr,
+        any_direction: bool,
+    ) -> Result<(), ConnectError> {
         let local = self.shared.node_id;
-        if !dials(local, peer) {
+        if !any_direction && !dials(local, peer) {
             return Err(ConnectError::NotDialer {
                 local,
                 remote: peer,
@@ -652,7 +684,7 @@ fn admit(state: &State, node_id: NodeId, hello: &handshake::Hello) -> Option<Ref
         return Some(Refusal::Duplicate);
     }
     if let Peer::Node(peer) = hello.dialer {
-        if !dials(peer, node_id) {
+        if peer == node_id || (!dials(peer, node_id) && state.known.contains(&peer)) {
             return Some(Refusal::WrongDirection);
         }
         if state.broke_in_view(peer) {

@@ -414,6 +414,44 @@ async fn transport_close_says_bye_on_every_link_and_makes_no_link_after() {
 }
 
 #[tokio::test]
+async fn transport_a_joiner_unknown_to_a_member_dials_it_until_the_member_knows_it() {
+    let (one, mut one_events) = node(1, b"cluster").await;
+    let (nine, mut nine_events) = node(9, b"cluster").await;
+    one.know([2, 3]);
+    // Node 9 is not in node 1's configuration: node 1 cannot dial it, so it dials node 1.
+    nine.connect_joining(1, one.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(9)).await;
+    expect_connected(&mut nine_events, Peer::Node(1)).await;
+    nine.send(Peer::Node(1), 0, Bytes::from_static(b"join"))
+        .await
+        .unwrap();
+    match next_event(&mut one_events).await {
+        LinkEvent::Frame { peer, bytes, .. } => {
+            assert_eq!((peer, &bytes[..]), (Peer::Node(9), &b"join"[..]))
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Once node 1 learned node 9's address (the view that adds it), the ordinary rule holds:
+    // node 9's dial is refused and node 1 dials.
+    one.know([9]);
+    assert!(one.disconnect(Peer::Node(9)));
+    expect_broken(&mut nine_events, Peer::Node(1)).await;
+    one.set_view(1);
+    nine.set_view(1);
+    let error = nine.connect_joining(1, one.local_addr()).await.unwrap_err();
+    assert!(
+        matches!(
+            error,
+            ConnectError::Handshake(HandshakeError::Refused(Refusal::WrongDirection))
+        ),
+        "{error}"
+    );
+    one.connect(9, nine.local_addr()).await.unwrap();
+    expect_connected(&mut nine_events, Peer::Node(1)).await;
+}
+
+#[tokio::test]
 async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
     let (one, mut one_events) = node(1, b"cluster").await;
     let (two, mut two_events) = node(2, b"cluster").await;
@@ -429,7 +467,8 @@ async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
         "{error}"
     );
 
-    // A higher id dialing by hand is refused by the acceptor.
+    // A higher id the acceptor knows, dialing by hand, is refused by it.
+    one.know([2]);
     let mut raw = TcpStream::connect(one.local_addr()).await.unwrap();
     let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(2), None, 0)
         .await

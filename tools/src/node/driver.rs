@@ -92,6 +92,8 @@ pub struct Driver {
     behind: Option<u32>,
     /// Every member is linked and the engine runs.
     formed: bool,
+    /// Started outside `members`: joining the group for the first time, until welcomed.
+    joining: bool,
     /// The engine left the view it ran (it was removed while running, or came back behind)
     /// and asks to join again; the transport relinks with any member until it is welcomed.
     outside: bool,
@@ -128,6 +130,7 @@ impl Driver {
         let (transport, mut events) = Transport::bind(config.listen, me, secret)
             .await
             .with_context(|| format!("listening on {}", config.listen))?;
+        let mut joiner = None;
         let (view, restart, logged) = match start {
             Start::Fresh(view) => {
                 transport.set_view(view.view_id);
@@ -138,14 +141,42 @@ impl Driver {
                 transport.set_view(recorded.view_id);
                 (recorded.clone(), Some(recorded), logged)
             }
+            // Not in `members`: the engine asks the members to add it; until it is welcomed
+            // the node stands in the engine's one-node placeholder view 0.
+            Start::Join => {
+                let contacts: Vec<NodeId> = config.join_contacts().iter().map(|m| m.id).collect();
+                tracing::info!(node = me, contacts = ?contacts, "not in `members`: joining the group");
+                let node = Node::joining(config.engine_config(), contacts, Vec::new(), 0)
+                    .context("starting the engine as a joiner")?;
+                let view = node.view().clone();
+                joiner = Some(node);
+                (view, None, None)
+            }
         };
         let transport = Arc::new(transport);
-        let addresses = config.initial_members();
-        // Every configured node, member of the view or not: a member removed while it was
-        // down, once restarted, joins again over these links.
+        // The configured members, and the members the view says joined with an address.
+        let mut addresses = config.initial_members();
+        for &(id, addr) in &view.addrs {
+            match addresses.iter_mut().find(|m| m.id == id) {
+                Some(member) => member.addr = addr,
+                None => addresses.push(Member { id, addr }),
+            }
+        }
+        transport.know(addresses.iter().map(|m| m.id).filter(|&id| id != me));
+        // Every known node, member of the view or not: a member removed while it was down,
+        // once restarted, joins again over these links.
         for member in &addresses {
             if dials(me, member.id) {
                 tokio::spawn(dial(transport.clone(), member.id, member.addr));
+            }
+        }
+        if joiner.is_some() {
+            // The members do not know this node yet, so they cannot dial it: it dials those it
+            // would not by the ids, until they know it (from the view that adds it).
+            for member in config.join_contacts() {
+                if !dials(me, member.id) {
+                    tokio::spawn(dial_joining(transport.clone(), member.id, member.addr));
+                }
             }
         }
         let (probed, mut probes) = tokio::sync::mpsc::channel(PROBES_MAX);
@@ -169,7 +200,9 @@ impl Driver {
             .copied()
             .filter(|&id| id != me)
             .collect();
+        let joining = joiner.is_some();
         let node = match &restart {
+            None if joining => joiner.take().context("the joiner's engine")?,
             None => derechofs_core::Node::new(config.engine_config(), view.clone())?,
             Some(recorded) => {
                 // The last record of each shard log, already cut back to the logged trim.
@@ -197,6 +230,7 @@ impl Driver {
             layout,
             formed: false,
             outside: false,
+            joining,
             peers,
             linked: HashSet::new(),
             declared: HashMap::new(),
@@ -315,6 +349,31 @@ impl Driver {
         Ok(error)
     }
 
+    /// Takes the addresses `view` carries for members that joined with one: clients learn
+    /// them, and this node links with those members (it dials those with higher ids; the
+    /// transport refuses their dials the other way from now on).
+    fn learn_addresses(&mut self, view: &View) {
+        for &(id, addr) in &view.addrs {
+            match self.addresses.iter_mut().find(|m| m.id == id) {
+                Some(member) => {
+                    // A known node that announced another address (it moved): dial there
+                    // from now on; the dial loop already running keeps the old one.
+                    member.addr = addr;
+                }
+                None => {
+                    self.addresses.push(Member { id, addr });
+                    if id != self.me {
+                        tracing::info!(node = self.me, peer = id, %addr, "learned a member's address from the view");
+                        self.transport.know([id]);
+                        if dials(self.me, id) {
+                            tokio::spawn(dial(self.transport.clone(), id, addr));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Notices the engine leaving its view: a view change that removed this node while it ran
     /// (its peers suspected it, or a total restart adopted a decision made before a stop that
     /// removed it). The engine then asks the members of the next view to add it again by
@@ -323,7 +382,7 @@ impl Driver {
     fn follow_membership(&mut self) {
         let outside = self.node.membership() == Membership::Joining;
         if outside && !self.outside {
-            if self.behind.is_none() {
+            if self.behind.is_none() && !self.joining {
                 tracing::warn!(
                     node = self.me,
                     view_id = self.view_id,
@@ -581,6 +640,14 @@ impl Driver {
             .copied()
             .filter(|&id| id != self.me)
             .collect();
+        self.learn_addresses(&view);
+        if std::mem::take(&mut self.joining) {
+            tracing::info!(
+                node = self.me,
+                view_id = view.view_id,
+                "welcomed into the group"
+            );
+        }
         self.layout = layout_info(&view, &self.addresses, self.chunk_size);
         // A restart that adopted a decision logged before the stop installs its view still
         // restarting, and restarts again from it.
@@ -896,6 +963,14 @@ impl Driver {
         if self.formed && self.restart.is_none() {
             return Ok(());
         }
+        if self.joining {
+            // Its engine asks its contacts once linked with one (a join sent without a link
+            // would wait `suspect_after_ms` to be asked again).
+            if self.addresses.iter().any(|m| self.linked.contains(&m.id)) {
+                return self.form().await;
+            }
+            return Ok(());
+        }
         // While restarting, a member one view ahead may have installed the view this restart
         // makes (the engine learns its decision); a view beyond it, or one that left this node
         // out (`left_out`), means the group went on without this node.
@@ -1200,6 +1275,13 @@ impl Driver {
                         self.me, self.view_id
                     ),
                 ),
+                None if self.joining => error(
+                    ErrorCode::Removed,
+                    &format!(
+                        "node {} is not a member yet: it is joining the group",
+                        self.me
+                    ),
+                ),
                 None => error(
                     ErrorCode::Removed,
                     &format!(
@@ -1479,6 +1561,7 @@ impl Driver {
                 Membership::Wedged => "wedged",
                 Membership::NoMajority => "no-majority",
                 Membership::Joining if self.behind.is_some() => "behind",
+                Membership::Joining if self.joining => "joining",
                 Membership::Joining => "removed",
                 Membership::Inadequate => "inadequate",
             }
@@ -1574,6 +1657,23 @@ async fn probe(
         }
         if report.is_closed() {
             return;
+        }
+        tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
+    }
+}
+
+/// A joining node dials a member that does not know it (and so cannot dial it) whatever the
+/// ids, until linked; it stops once the member refuses the direction: the member learned this
+/// node's address from the view that added it, and dials it itself.
+async fn dial_joining(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
+    use derechofs_core::transport::{HandshakeError, Refusal};
+    loop {
+        if !transport.is_linked(Peer::Node(peer)) {
+            match transport.connect_joining(peer, addr).await {
+                Err(ConnectError::Handshake(HandshakeError::Refused(Refusal::WrongDirection)))
+                | Err(ConnectError::Closing) => return,
+                Ok(()) | Err(_) => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
     }

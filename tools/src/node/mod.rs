@@ -16,6 +16,10 @@
 //! each shard ends (the longest log) and install the next view; a shorter log catches up by
 //! state transfer, a longer one is cut back. If a member already runs a view beyond what that
 //! restart makes (or one without this node), the node joins again instead.
+//!
+//! A node that is not in `members` (and never recorded a view) joins: it asks the members
+//! through `contacts` to add it, announcing its `listen` address, which the view that adds it
+//! carries to every member (`View::addrs`); state transfer then brings its shards' logs.
 
 mod clients;
 mod driver;
@@ -60,14 +64,19 @@ pub enum Start {
         /// The decision logged for it, if any (the logs are cut back to its trims).
         logged: Option<LoggedDecision>,
     },
+    /// Not in `members` and never a member: it asks the members to add it
+    /// (`NodeConfig::join_contacts`), and state transfer brings the logs of its shards.
+    Join,
 }
 
 impl Start {
-    /// The view whose shards this node opens.
-    fn view(&self) -> &View {
+    /// The view whose shards this node opens (none for a joiner: the view that adds it
+    /// says which).
+    fn view(&self) -> Option<&View> {
         match self {
-            Start::Fresh(view) => view,
-            Start::Restart { recorded, .. } => recorded,
+            Start::Fresh(view) => Some(view),
+            Start::Restart { recorded, .. } => Some(recorded),
+            Start::Join => None,
         }
     }
 }
@@ -86,6 +95,7 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
     let recorded = NodeState::load(&config.data_dir)?;
     let start = match &recorded {
         Some(state) => restart_views(&config, state)?,
+        None if config.joins() => Start::Join,
         None => {
             let ids: Vec<_> = config.initial_members().iter().map(|m| m.id).collect();
             // The layout of the initial view depends only on the members and the spec, so the
@@ -104,7 +114,11 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
             Start::Fresh(View::initial(view_id, ids, config.layout_spec())?)
         }
     };
-    let shards: Vec<_> = start.view().layout.shards_of(me).map(|s| s.id).collect();
+    let shards: Vec<_> = start
+        .view()
+        .map(|v| v.layout.shards_of(me).map(|s| s.id).collect())
+        .unwrap_or_default();
+    let view_id = start.view().map_or(0, |v| v.view_id);
     let notify = Arc::new(Notify::new());
     let chunk_size = fs_chunk_size(&config)?;
     let mut stores = BTreeMap::new();
@@ -137,7 +151,7 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
         let store = store::ShardStore::start(
             shard,
             log,
-            start.view().view_id,
+            view_id,
             config.persistence,
             notify.clone(),
             chunk_size,
@@ -175,9 +189,12 @@ fn restart_views(config: &NodeConfig, state: &NodeState) -> anyhow::Result<Start
     if let Some(m) = recorded
         .members
         .iter()
-        .find(|m| !addresses.iter().any(|a| a.id == **m))
+        .find(|m| !addresses.iter().any(|a| a.id == **m) && recorded.addr_of(**m).is_none())
     {
-        bail!("member {m} of the recorded view has no address in `members`");
+        bail!(
+            "member {m} of the recorded view has no address: not in `members`, and the view \
+             carries none"
+        );
     }
     Ok(Start::Restart {
         recorded,

@@ -7,6 +7,7 @@
 //! directory. `docs/FORMATS.md` ("Node view state") draws the format byte by byte.
 
 use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use derechofs_core::{
@@ -18,7 +19,9 @@ pub const STATE_FILE: &str = "view-state";
 /// The temporary name it is written under before the rename.
 const STATE_TEMP: &str = "view-state.tmp";
 /// The magic and format version at the start of the file.
-const MAGIC: &[u8; 8] = b"DFSVIEW\x03";
+const MAGIC: &[u8; 8] = b"DFSVIEW\x04";
+/// Format 3, read as format 4 without addresses (written before views carried them).
+const MAGIC_3: &[u8; 8] = b"DFSVIEW\x03";
 /// The file's header: magic, body length, body checksum.
 const HEADER_BYTES: usize = 16;
 /// Largest body accepted: 64 members, 1024 shards of 16 members with a trim each.
@@ -65,6 +68,8 @@ pub struct NodeState {
     pub spec: LayoutSpec,
     /// Its shards' members in rank order, in shard id order.
     pub shards: Vec<Vec<NodeId>>,
+    /// The addresses members announced when they joined (`View::addrs`).
+    pub addrs: Vec<(NodeId, SocketAddr)>,
     /// The decision that ends this view, once logged.
     pub decision: Option<LoggedDecision>,
 }
@@ -82,6 +87,7 @@ impl NodeState {
                 .iter()
                 .map(|s| s.members.clone())
                 .collect(),
+            addrs: view.addrs.clone(),
             decision: None,
         }
     }
@@ -100,6 +106,7 @@ impl NodeState {
             view_id: self.view_id,
             members: self.members.clone(),
             layout,
+            addrs: self.addrs.clone(),
         })
     }
 
@@ -120,6 +127,7 @@ impl NodeState {
         for shard in &self.shards {
             put_nodes(&mut body, shard);
         }
+        put_addrs(&mut body, &self.addrs);
         match &self.decision {
             None => body.push(0),
             Some(logged) => {
@@ -146,6 +154,7 @@ impl NodeState {
                         }
                     }
                 }
+                put_addrs(&mut body, &logged.decision.addrs);
             }
         }
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
@@ -161,9 +170,11 @@ impl NodeState {
         if bytes.len() < HEADER_BYTES {
             return Err(format!("{} bytes, shorter than the header", bytes.len()));
         }
-        if &bytes[..8] != MAGIC {
-            return Err("wrong magic (not a view state, or a newer format)".into());
-        }
+        let with_addrs = match &bytes[..8] {
+            m if m == MAGIC => true,
+            m if m == MAGIC_3 => false,
+            _ => return Err("wrong magic (not a view state, or a newer format)".into()),
+        };
         let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
         if len > STATE_BODY_MAX || bytes.len() != HEADER_BYTES + len {
             return Err(format!(
@@ -208,6 +219,13 @@ impl NodeState {
                 return Err(format!("shard member {m} is not a member of the view"));
             }
             shards.push(shard);
+        }
+        let addrs = if with_addrs { r.addrs()? } else { Vec::new() };
+        if addrs.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err("member addresses out of id order".into());
+        }
+        if let Some((m, _)) = addrs.iter().find(|(m, _)| !members.contains(m)) {
+            return Err(format!("an address for node {m}, which is not a member"));
         }
         let decision = match r.u8()? {
             0 => None,
@@ -263,6 +281,14 @@ impl NodeState {
                         other => return Err(format!("log end flag {other}, not 0 or 1")),
                     });
                 }
+                let addrs = if with_addrs { r.addrs()? } else { Vec::new() };
+                for (i, (node, _)) in addrs.iter().enumerate() {
+                    if !joined.contains(node) || addrs[..i].iter().any(|(n, _)| n == node) {
+                        return Err(format!(
+                            "a decision address for node {node}, which it does not add, or twice"
+                        ));
+                    }
+                }
                 Some(LoggedDecision {
                     round,
                     decision: Decision {
@@ -270,6 +296,7 @@ impl NodeState {
                         joined,
                         trims,
                         ends,
+                        addrs,
                     },
                 })
             }
@@ -283,6 +310,7 @@ impl NodeState {
             members,
             spec,
             shards,
+            addrs,
             decision,
         })
     }
@@ -375,6 +403,45 @@ impl Reader<'_> {
         }
         (0..count).map(|_| self.u32()).collect()
     }
+
+    /// A count (2 bytes, at most `VIEW_MEMBERS_MAX`) of (node id, address) pairs.
+    fn addrs(&mut self) -> Result<Vec<(NodeId, SocketAddr)>, String> {
+        let count = usize::from(self.u16()?);
+        if count > VIEW_MEMBERS_MAX {
+            return Err(format!("{count} addresses, more than {VIEW_MEMBERS_MAX}"));
+        }
+        let mut addrs = Vec::with_capacity(count);
+        for _ in 0..count {
+            let node = self.u32()?;
+            let ip = match self.u8()? {
+                4 => IpAddr::from(<[u8; 4]>::try_from(self.take(4)?).expect("4 bytes")),
+                6 => IpAddr::from(<[u8; 16]>::try_from(self.take(16)?).expect("16 bytes")),
+                other => return Err(format!("address kind {other}, not 4 or 6")),
+            };
+            let port = u16::from_be_bytes(self.take(2)?.try_into().expect("2 bytes"));
+            addrs.push((node, SocketAddr::new(ip, port)));
+        }
+        Ok(addrs)
+    }
+}
+
+/// A count (2 bytes) of (node id (4), kind 4 or 6 (1), IP (4 or 16), port (2, big-endian)).
+fn put_addrs(body: &mut Vec<u8>, addrs: &[(NodeId, SocketAddr)]) {
+    body.extend_from_slice(&(addrs.len() as u16).to_le_bytes());
+    for (node, addr) in addrs {
+        body.extend_from_slice(&node.to_le_bytes());
+        match addr.ip() {
+            IpAddr::V4(ip) => {
+                body.push(4);
+                body.extend_from_slice(&ip.octets());
+            }
+            IpAddr::V6(ip) => {
+                body.push(6);
+                body.extend_from_slice(&ip.octets());
+            }
+        }
+        body.extend_from_slice(&addr.port().to_be_bytes());
+    }
 }
 
 /// The last version of view `view_id` that the ragged `trim` keeps in a shard (message `i` of
@@ -398,7 +465,11 @@ mod tests {
     use super::*;
 
     fn state(decision: Option<LoggedDecision>) -> NodeState {
-        let view = View::initial(7, vec![4, 2, 9], LayoutSpec::default()).unwrap();
+        let mut view = View::initial(7, vec![4, 2, 9], LayoutSpec::default()).unwrap();
+        view.addrs = vec![
+            (2, "10.0.0.2:7070".parse().unwrap()),
+            (9, "[fe80::1]:7071".parse().unwrap()),
+        ];
         NodeState {
             decision,
             ..NodeState::of_view(&view)
@@ -414,6 +485,7 @@ mod tests {
                 joined: vec![9, 12],
                 trims: vec![vec![3, 2, 2], vec![5, 0, 1]],
                 ends: vec![],
+                addrs: vec![(12, "127.0.0.5:9000".parse().unwrap())],
             },
         };
         let restart = LoggedDecision {
@@ -423,12 +495,35 @@ mod tests {
                 joined: vec![],
                 trims: vec![vec![3, 2, 2], vec![0, 0, 0]],
                 ends: vec![Some((7 << 32 | 6, derechofs_core::Hlc::at(99))), None],
+                addrs: vec![],
             },
         };
         for s in [state(None), state(Some(logged)), state(Some(restart))] {
             assert_eq!(NodeState::decode(&s.encode()), Ok(s.clone()));
             assert_eq!(s.view().unwrap().members, vec![4, 2, 9]);
         }
+    }
+
+    #[test]
+    fn view_state_of_format_3_reads_as_a_view_without_addresses() {
+        let mut state = state(None);
+        state.addrs.clear();
+        let bytes = state.encode();
+        // Format 3 is format 4 without the address lists: here only the view's (empty: two
+        // zero bytes before the last byte, the absent decision's flag).
+        let body = &bytes[HEADER_BYTES..];
+        let n = body.len();
+        assert_eq!(&body[n - 3..], &[0, 0, 0]);
+        let old_body: Vec<u8> = body[..n - 3]
+            .iter()
+            .chain(&body[n - 1..])
+            .copied()
+            .collect();
+        let mut old = MAGIC_3.to_vec();
+        old.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc32c::crc32c(&old_body).to_le_bytes());
+        old.extend_from_slice(&old_body);
+        assert_eq!(NodeState::decode(&old), Ok(state));
     }
 
     #[test]
@@ -440,6 +535,7 @@ mod tests {
                 joined: vec![],
                 trims: vec![vec![1, 1, 1], vec![0, 0, 0]],
                 ends: vec![None, Some((3, derechofs_core::Hlc::at(5)))],
+                addrs: vec![],
             },
         }))
         .encode();

@@ -33,7 +33,10 @@ pub struct Run {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Every node's address by id - 1: the members', then the joiners'.
     pub addrs: Vec<String>,
+    /// Nodes 1..=members are the configured `members`; the others are not in it and join.
+    members: usize,
     /// The node processes by id - 1; behind a lock so faults run beside client threads.
     nodes: Mutex<Vec<Option<Child>>>,
 }
@@ -48,24 +51,35 @@ impl Cluster {
     /// Writes the configurations of an `n`-node cluster; `extra` is appended to every node's
     /// configuration (TOML lines, after the top-level keys it sets).
     pub fn new(test: u8, n: usize, extra: &str) -> Cluster {
+        Cluster::with_joiners(test, n, 0, extra)
+    }
+
+    /// As `new`, with `joiners` more nodes (ids `n + 1`…) that are not in `members`: each
+    /// joins through node 2 (its `contacts`), announcing its own `listen` address.
+    pub fn with_joiners(test: u8, n: usize, joiners: usize, extra: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let ip = pick_ip(test);
         // Ports the kernel picks on this address, released just before the nodes bind them.
-        let listeners: Vec<TcpListener> = (0..n)
+        let listeners: Vec<TcpListener> = (0..n + joiners)
             .map(|_| TcpListener::bind(format!("{ip}:0")).expect("a free port"))
             .collect();
         let addrs: Vec<String> = listeners
             .iter()
             .map(|l| l.local_addr().expect("address").to_string())
             .collect();
-        let members: Vec<String> = addrs
+        let members: Vec<String> = addrs[..n]
             .iter()
             .enumerate()
             .map(|(i, a)| format!("  {{ id = {}, addr = \"{a}\" }},", i + 1))
             .collect();
         for (i, addr) in addrs.iter().enumerate() {
+            let contacts = if i < n {
+                String::new()
+            } else {
+                format!("contacts = [\"{}\"]\n", addrs[1.min(n - 1)])
+            };
             let config = format!(
-                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n{extra}\n",
+                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n{contacts}members = [\n{}\n]\n{extra}\n",
                 i + 1,
                 dir.path().join(format!("data{}", i + 1)).display(),
                 members.join("\n")
@@ -76,7 +90,8 @@ impl Cluster {
         Cluster {
             dir,
             addrs,
-            nodes: Mutex::new((0..n).map(|_| None).collect()),
+            members: n,
+            nodes: Mutex::new((0..n + joiners).map(|_| None).collect()),
         }
     }
 
@@ -97,9 +112,9 @@ impl Cluster {
         self.dir.path().join(name)
     }
 
-    /// Every member's address, `host:port,...`.
+    /// Every configured member's address, `host:port,...`.
     pub fn contacts(&self) -> String {
-        self.addrs.join(",")
+        self.addrs[..self.members].join(",")
     }
 
     /// The addresses of `nodes` (1-based ids), `host:port,...`.
@@ -128,8 +143,9 @@ impl Cluster {
         self.nodes()[node - 1] = Some(child);
     }
 
+    /// Starts the configured members (not the joiners).
     pub fn start_all(&self) {
-        for node in 1..=self.size() {
+        for node in 1..=self.members {
             self.start(node);
         }
     }
@@ -285,9 +301,9 @@ impl Cluster {
         }
     }
 
-    /// Waits until every member reports `active`.
+    /// Waits until every configured member reports `active`.
     pub fn wait_active(&self) {
-        let n = self.size();
+        let n = self.members;
         self.wait_status(
             &self.contacts(),
             "the cluster did not become active",
