@@ -51,6 +51,11 @@ pub const STOPPED_PEER_GRACE_MS: u64 = 250;
 /// Link events the driver takes in one turn before it moves the engine on: client writes among
 /// them are queued and leave together in one multicast message per shard.
 pub const EVENTS_PER_TURN_MAX: usize = 256;
+/// Bytes of messages held for members of the view that are not linked yet; beyond it the
+/// member is treated as a broken link (suspected).
+pub const HELD_BYTES_MAX: usize = 64 << 20;
+/// Messages held for one member that is not linked yet; beyond it, as above.
+pub const HELD_MESSAGES_MAX: usize = 1 << 16;
 /// Probe answers waiting for the driver (one per member at most).
 pub const PROBES_MAX: usize = 64;
 /// Time a probe waits for a member's answer.
@@ -103,6 +108,14 @@ pub struct Driver {
     actions: Vec<Action>,
     /// Members that closed their links in order, and when to suspect them.
     stopping: Vec<(NodeId, Instant)>,
+    /// Messages for members of the current view with no link yet (a restart or a join runs
+    /// the view before every link is up), in send order: sent first once the link is up, so
+    /// nothing sent in the view is lost while the peers' dial loops link them.
+    held: HashMap<NodeId, VecDeque<Payload>>,
+    held_bytes: usize,
+    /// Members whose link broke in the current view: the engine suspects them; nothing is held
+    /// for them.
+    broke: HashSet<NodeId>,
     /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`,
     /// `RecordsRead`).
     followups: VecDeque<Input>,
@@ -244,6 +257,9 @@ impl Driver {
             followups: VecDeque::new(),
             transfer_cursors: HashMap::new(),
             stopping: Vec::new(),
+            held: HashMap::new(),
+            held_bytes: 0,
+            broke: HashSet::new(),
             time_read_wait,
             chunk_size,
             in_turn: false,
@@ -374,6 +390,55 @@ impl Driver {
         }
     }
 
+    /// A message for `to`, which has no link: kept for when it links if it is a member of the
+    /// view whose link did not break in it (the engine relies on reliable FIFO links in a
+    /// view); beyond the bounds the member is treated as a broken link.
+    fn hold(&mut self, to: NodeId, payload: Payload) {
+        if to == self.me || !self.view.members.contains(&to) || self.broke.contains(&to) {
+            tracing::debug!(node = self.me, peer = to, "message not sent: no link");
+            return;
+        }
+        let queue = self.held.entry(to).or_default();
+        if queue.len() >= HELD_MESSAGES_MAX || self.held_bytes + payload.len() > HELD_BYTES_MAX {
+            tracing::warn!(
+                node = self.me,
+                peer = to,
+                "too many messages wait for a member that does not link; suspecting it"
+            );
+            self.held_bytes -= queue.iter().map(Payload::len).sum::<usize>();
+            self.held.remove(&to);
+            self.broke.insert(to);
+            self.followups.push_back(Input::LinkBroken { peer: to });
+            return;
+        }
+        self.held_bytes += payload.len();
+        queue.push_back(payload);
+    }
+
+    /// Sends what was held for `peer`, now linked, in order.
+    async fn flush_held(&mut self, peer: NodeId) {
+        let Some(queue) = self.held.remove(&peer) else {
+            return;
+        };
+        self.held_bytes -= queue.iter().map(Payload::len).sum::<usize>();
+        tracing::info!(
+            node = self.me,
+            peer,
+            messages = queue.len(),
+            "sending what waited for the link"
+        );
+        for payload in queue {
+            if let Err(e) = self
+                .transport
+                .send_payload(Peer::Node(peer), self.view_id, &payload)
+                .await
+            {
+                tracing::debug!(node = self.me, peer, error = %e, "held message not sent");
+                break;
+            }
+        }
+    }
+
     /// Notices the engine leaving its view: a view change that removed this node while it ran
     /// (its peers suspected it, or a total restart adopted a decision made before a stop that
     /// removed it). The engine then asks the members of the next view to add it again by
@@ -426,12 +491,16 @@ impl Driver {
                         }
                         _ => Payload::new(Bytes::from(message.to_bytes())),
                     };
-                    if let Err(e) = self
+                    match self
                         .transport
                         .send_payload(Peer::Node(to), self.view_id, &payload)
                         .await
                     {
-                        tracing::debug!(node = self.me, peer = to, error = %e, "message not sent");
+                        Ok(()) => {}
+                        Err(SendError::NoLink(_)) => self.hold(to, payload),
+                        Err(e) => {
+                            tracing::debug!(node = self.me, peer = to, error = %e, "message not sent")
+                        }
                     }
                 }
                 Action::Deliver { shard, deliveries } => self.deliver(shard, deliveries)?,
@@ -625,6 +694,11 @@ impl Driver {
             .collect();
         self.view_id = view.view_id;
         self.transport.set_view(view.view_id);
+        // Messages held for the old view are of no use in the new one; links that broke in
+        // the old view may open again.
+        self.held.clear();
+        self.held_bytes = 0;
+        self.broke.clear();
         // Links with removed members stay up: a member removed while it runs (its peers
         // suspected it, or a restart adopted a decision made before a stop) joins again over
         // them, and the view that adds it back must reach it over a link that did not break in
@@ -876,6 +950,7 @@ impl Driver {
             } => {
                 tracing::info!(node = self.me, peer = id, %addr, view_id, "linked");
                 self.linked.insert(id);
+                self.flush_held(id).await;
                 // A member that closed its link in order and linked again did not stop.
                 self.stopping.retain(|(peer, _)| *peer != id);
                 self.declared.insert(id, view_id);
@@ -915,6 +990,10 @@ impl Driver {
                 reason,
             } => {
                 self.linked.remove(&id);
+                self.broke.insert(id);
+                if let Some(queue) = self.held.remove(&id) {
+                    self.held_bytes -= queue.iter().map(Payload::len).sum::<usize>();
+                }
                 if self.formed && self.view.members.contains(&id) {
                     if reason == BreakReason::PeerClosed {
                         // The member stops in order (SIGTERM): give the others a moment to
