@@ -139,3 +139,30 @@ fn bench_multicast_prints_a_row_per_size_with_deliveries_and_ordered_percentiles
         assert!(p50 > 0.0 && p50 <= p99, "{out}");
     }
 }
+
+#[test]
+fn bench_restart_prints_a_row_per_size_whose_log_holds_what_was_written() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = run(&[
+        "bench",
+        "restart",
+        "--dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--mib",
+        "1",
+        "--writers",
+        "2",
+    ]);
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 1, "one row per size:\n{out}");
+    let row = &rows[0];
+    assert_eq!(row.len(), 5, "five columns:\n{out}");
+    let (written, log) = (number(&row[0]), number(&row[1]));
+    assert!(written >= 1.0, "{out}");
+    assert!(
+        log >= written,
+        "each node's log holds every value written:\n{out}"
+    );
+    let (first, active) = (number(&row[3]), number(&row[4]));
+    assert!(first > 0.0 && active > 0.0, "{out}");
+}

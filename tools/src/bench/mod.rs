@@ -7,6 +7,7 @@ mod kv;
 mod log;
 mod multicast;
 mod passthrough;
+mod restart;
 mod transfer;
 
 use clap::Subcommand;
@@ -34,6 +35,10 @@ pub enum Bench {
     /// The storage side of state transfer: copy a log of each size given, piece by piece as a
     /// node serves and takes a transfer, syncing each piece; print the rate.
     Transfer(transfer::Args),
+    /// Total restart against log size: three node processes on loopback take writes until
+    /// each size is written, are all SIGKILLed and started again; time to the first write and
+    /// to every node active.
+    Restart(restart::Args),
 }
 
 /// Runs one benchmark.
@@ -46,5 +51,6 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Failover(args) => failover::run(args),
         Bench::Files(args) => files::run(args),
         Bench::Transfer(args) => transfer::run(args),
+        Bench::Restart(args) => restart::run(args),
     }
 }
