@@ -76,7 +76,15 @@ fn view_of(status: &str) -> u32 {
         .unwrap_or_else(|| panic!("no view in {status:?}"))
 }
 
-/// The node ids `status` lists with state `state`.
+/// The view of the version a write printed (`version VIEW.SEQ …`).
+fn view_of_version(output: &str) -> u32 {
+    version_of(output)
+        .split_once('.')
+        .and_then(|(view, _)| view.parse().ok())
+        .unwrap_or_else(|| panic!("no version in {output:?}"))
+}
+
+/// The node ids `status` lists with state `state`, in id order.
 fn nodes_in(status: &str, state: &str) -> Vec<u32> {
     let mut nodes: Vec<u32> = status
         .lines()
@@ -84,6 +92,7 @@ fn nodes_in(status: &str, state: &str) -> Vec<u32> {
         .filter(|l| l.split_whitespace().nth(2) == Some(state))
         .filter_map(|l| l.split_whitespace().next()?.parse().ok())
         .collect();
+    nodes.sort_unstable();
     nodes.dedup();
     nodes
 }
@@ -279,18 +288,17 @@ fn t40_faults_every_node_killed_and_restarted_keeps_every_acked_write_and_the_re
 
     // Everything stops at once; nodes 1 and 2 come back in the view they recorded, 2 — not in
     // the configured three-member one — and restart it as view 3.
-    cluster.kill(1);
-    cluster.kill(2);
+    cluster.kill_all();
     cluster.start(1);
     cluster.start(2);
     let status = cluster.wait_status(&survivors, "the survivors did not restart", |s| {
         nodes_in(s, "active") == [1, 2] && view_of(s) >= 3
     });
-    assert_eq!(view_of(&status), 3, "{status}");
+    assert!(view_of(&status) >= 3, "{status}");
     check_acked(&cluster, &survivors, &[1, 2], &acked);
     let after = cluster.kv_via(&survivors, &["put", "after", "restart"]);
     assert_eq!(after.code, 0, "{after:?}");
-    assert!(version_of(&after.stdout).starts_with("3."), "{after:?}");
+    assert!(view_of_version(&after.stdout) >= 3, "{after:?}");
     acked.insert(
         "after".into(),
         ("restart".into(), version_of(&after.stdout)),
@@ -302,12 +310,12 @@ fn t40_faults_every_node_killed_and_restarted_keeps_every_acked_write_and_the_re
     let status = cluster.wait_status(&contacts, "node 3 did not rejoin", |s| {
         nodes_in(s, "active") == [1, 2, 3] && view_of(s) >= 4
     });
-    assert_eq!(view_of(&status), 4, "{status}");
+    assert!(view_of(&status) >= 4, "{status}");
     wait_caught_up(&cluster, 3, 2);
     let alone = cluster.contacts_of(&[3]);
     let put = cluster.kv_via(&alone, &["put", "via-3", "ok"]);
     assert_eq!(put.code, 0, "{put:?}");
-    assert!(version_of(&put.stdout).starts_with("4."), "{put:?}");
+    assert!(view_of_version(&put.stdout) >= 4, "{put:?}");
     check_acked(&cluster, &contacts, &[1, 2, 3], &acked);
 }
 
@@ -499,16 +507,16 @@ fn t70_faults_every_node_sigkilled_under_load_restarts_with_every_acked_write_on
     let contacts = cluster.contacts();
     let mut acked = through_outage(&cluster, &contacts, 2, |c| {
         std::thread::sleep(Duration::from_millis(500));
-        for node in 1..=3 {
-            c.kill(node);
-        }
+        c.kill_all();
         for node in 1..=3 {
             c.start(node);
         }
         let status = c.wait_status(&contacts, "the group did not restart", |s| {
             nodes_in(s, "active") == [1, 2, 3] && view_of(s) >= 2
         });
-        assert_eq!(view_of(&status), 2, "{status}");
+        // View 2, or later if a node's death was acted on before the others died (a decision
+        // removing it, which the restart adopts; that node then joins again by itself).
+        assert!(view_of(&status) >= 2, "{status}");
         // Let the writes go on in the restarted view for a while.
         std::thread::sleep(Duration::from_millis(300));
     });
@@ -524,7 +532,7 @@ fn t70_faults_every_node_sigkilled_under_load_restarts_with_every_acked_write_on
     }
     let after = cluster.kv_via(&contacts, &["put", "after", "restart"]);
     assert_eq!(after.code, 0, "{after:?}");
-    assert!(version_of(&after.stdout).starts_with("2."), "{after:?}");
+    assert!(view_of_version(&after.stdout) >= 2, "{after:?}");
     acked.insert(
         "after".into(),
         ("restart".into(), version_of(&after.stdout)),
@@ -551,8 +559,7 @@ fn t80_faults_a_node_killed_earlier_restarting_with_everyone_catches_up_from_the
             nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 "))
         });
         std::thread::sleep(Duration::from_millis(300));
-        c.kill(1);
-        c.kill(2);
+        c.kill_all();
         for node in 1..=3 {
             c.start(node);
         }
@@ -581,9 +588,7 @@ fn t90_faults_a_majority_of_the_recorded_view_restarts_without_waiting_for_the_r
     cluster.wait_active();
     let contacts = cluster.contacts();
     let mut acked = under_load(&cluster, &contacts, 2, 5, |_| {});
-    for node in 1..=3 {
-        cluster.kill(node);
-    }
+    cluster.kill_all();
     cluster.start(1);
     cluster.start(2);
     let survivors = cluster.contacts_of(&[1, 2]);
@@ -613,7 +618,7 @@ fn t95_faults_a_node_not_in_members_joins_under_load_and_takes_a_killed_members_
     // it carries to every member (they did not know it). It is a spare until node 3 is killed;
     // then the layout gives it node 3's shards, whose logs it gets by state transfer while the
     // writes go on. Every acknowledged write is then on nodes 1, 2 and 4.
-    let cluster = Cluster::with_joiners(48, 3, 1, &format!("{PATIENT}[layout]\nreplicas = 3\n"));
+    let cluster = Cluster::with_joiners(49, 3, 1, &format!("{PATIENT}[layout]\nreplicas = 3\n"));
     cluster.start_all();
     cluster.wait_active();
     let contacts = cluster.contacts_of(&[1, 2]);

@@ -186,6 +186,20 @@ impl Cluster {
         }
     }
 
+    /// Kills every running node at once (SIGKILL to each, then reaps them): no node outlives
+    /// the others long enough to act on their deaths (suspect them and log a decision).
+    pub fn kill_all(&self) {
+        let mut nodes = self.nodes();
+        for child in nodes.iter_mut().flatten() {
+            let _ = child.kill();
+        }
+        for slot in nodes.iter_mut() {
+            if let Some(mut child) = slot.take() {
+                let _ = child.wait();
+            }
+        }
+    }
+
     /// Kills node `node` at once (SIGKILL) and reaps it.
     pub fn kill(&self, node: usize) {
         let child = self.nodes()[node - 1].take();
