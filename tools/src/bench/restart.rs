@@ -143,7 +143,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut table = Table::new(&[
         "MiB written",
-        "log MiB/node",
+        "disk MiB/node",
         "fill s",
         "first write ms",
         "all active ms",
@@ -170,8 +170,10 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-/// Bytes of the files under `dir`.
+/// Bytes of disk the files under `dir` take (allocated blocks: a log segment's file is longer
+/// than what it holds until it fills).
 fn dir_bytes(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
@@ -179,7 +181,7 @@ fn dir_bytes(dir: &Path) -> u64 {
         .flatten()
         .map(|e| match e.metadata() {
             Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
+            Ok(m) => m.blocks() * 512,
             Err(_) => 0,
         })
         .sum()
