@@ -60,6 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             client_base: nanos.as_nanos() as u64,
             skew_max_us: 1_000_000,
             root_owner: Creds::default(),
+            dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
         },
     )?;
     let c = Creds::default();

@@ -43,6 +43,7 @@ fn main() {
         client_base: 1,
         skew_max_us: 1_000_000,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let fs = FileSystem::new(shards, config).expect("file system");
     let me = Creds::default();

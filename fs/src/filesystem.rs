@@ -61,6 +61,22 @@ pub const RETRY_PAUSE_MS: u64 = 1;
 /// Longest pause between two sendings of a request answered `Retry`.
 pub const RETRY_PAUSE_MAX_MS: u64 = 20;
 
+/// The default for [`FsConfig::dir_attr_ttl_us`]: the kernel's attribute cache lifetime of live
+/// inodes at the mount (1 s).
+pub const DIR_ATTR_TTL_US_DEFAULT: u64 = 1_000_000;
+
+/// Directory attributes a change of entries returned ([`NsReply::Entries`]), kept to answer the
+/// next `getattr` of each directory (once) within [`FsConfig::dir_attr_ttl_us`].
+#[derive(Debug, Default)]
+struct DirAttrs {
+    /// Counts the namespace changes this client started; a reply's directories are kept only if
+    /// no other change started after it, so that no kept attributes miss a change of this client.
+    started: u64,
+    /// At most [`crate::op::ENTRY_DIRS_MAX`]: the directories of the last change, with when the
+    /// reply came.
+    entries: Vec<(Attr, std::time::Instant)>,
+}
+
 /// Buffered bytes of one file: a contiguous run from `start`.
 #[derive(Debug)]
 struct Run {
@@ -96,6 +112,11 @@ pub struct FsConfig {
     pub skew_max_us: u64,
     /// Owner of the root directory if this client creates it.
     pub root_owner: Creds,
+    /// For how long (µs) the attributes of a directory returned with a change of its entries
+    /// by this client answer the next `getattr` of that directory, instead of a read of the
+    /// cluster; 0 never. [`DIR_ATTR_TTL_US_DEFAULT`] equals the kernel's attribute cache
+    /// lifetime, the staleness the mount allows already (docs/SEMANTICS.md).
+    pub dir_attr_ttl_us: u64,
 }
 
 /// The modes of `fallocate(2)` the file system supports; any other is EOPNOTSUPP at the mount.
@@ -157,6 +178,8 @@ pub struct FileSystem<S: Shards> {
     snapshots: Mutex<SnapshotTable>,
     /// Buffered writes; held while they are sent, so that no operation overtakes them.
     write_back: Mutex<WriteBack>,
+    /// Directory attributes returned by the last change of entries.
+    dir_attrs: Mutex<DirAttrs>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,6 +210,7 @@ impl<S: Shards> FileSystem<S> {
             slot_free: Condvar::new(),
             snapshots: Mutex::new(SnapshotTable::default()),
             write_back: Mutex::new(WriteBack::default()),
+            dir_attrs: Mutex::new(DirAttrs::default()),
         };
         let creds = fs.config.root_owner;
         fs.ns(NsOp::Init { creds })?;
@@ -257,11 +281,39 @@ impl<S: Shards> FileSystem<S> {
         ))
     }
 
+    /// Applies a namespace change. Any directory attributes kept from an earlier change are
+    /// dropped first; those the reply carries are kept if no other change started meanwhile.
     fn ns(&self, op: NsOp) -> FsResult<NsReply> {
+        let started = {
+            let mut d = lock(&self.dir_attrs);
+            d.started += 1;
+            d.entries.clear();
+            d.started
+        };
         match self.submit(ShardRef::Namespace, Op::Ns(op))? {
+            Reply::Ns(Ok(NsReply::Entries { attr, dirs })) => {
+                if self.config.dir_attr_ttl_us > 0 {
+                    let mut d = lock(&self.dir_attrs);
+                    if d.started == started {
+                        let now = std::time::Instant::now();
+                        d.entries = dirs.into_iter().map(|a| (a, now)).collect();
+                    }
+                }
+                Ok(attr.map_or(NsReply::Done, NsReply::Attr))
+            }
             Reply::Ns(r) => r,
             other => Err(bad_reply(format!("{other:?}"))),
         }
+    }
+
+    /// The attributes of directory `ino` returned by this client's last change of entries, if
+    /// kept and younger than [`FsConfig::dir_attr_ttl_us`]; each answers one `getattr`.
+    fn kept_dir_attr(&self, ino: Ino) -> Option<Attr> {
+        let mut d = lock(&self.dir_attrs);
+        let at = d.entries.iter().position(|(a, _)| a.ino == ino)?;
+        let (attr, when) = d.entries.swap_remove(at);
+        let ttl = std::time::Duration::from_micros(self.config.dir_attr_ttl_us);
+        (when.elapsed() <= ttl).then_some(attr)
     }
 
     fn data(&self, shard: u32, op: DataOp) -> FsResult<DataReply> {
@@ -274,7 +326,7 @@ impl<S: Shards> FileSystem<S> {
     fn ns_attr(&self, op: NsOp) -> FsResult<Attr> {
         match self.ns(op)? {
             NsReply::Attr(a) => Ok(a),
-            NsReply::Done => Err(bad_reply("no attributes")),
+            NsReply::Done | NsReply::Entries { .. } => Err(bad_reply("no attributes")),
         }
     }
 
@@ -464,6 +516,11 @@ impl<S: Shards> FileSystem<S> {
     /// The attributes of `ino`.
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let v = self.view(ino)?;
+        if v.at.is_none() {
+            if let Some(a) = self.kept_dir_attr(v.ino) {
+                return Ok(a);
+            }
+        }
         let r = self.ns_read(v.read_at(), NsRead::GetAttr { ino: v.ino })?;
         self.attr_reply(r, v.at)
     }

@@ -42,6 +42,8 @@ struct Tx<'a, S: Store + ?Sized> {
     inodes: BTreeMap<Ino, Option<Inode>>,
     writes: BTreeMap<Vec<u8>, Option<Bytes>>,
     now: Timespec,
+    /// The directories whose entries changed, in the order first touched.
+    touched: Vec<Ino>,
 }
 
 impl<'a, S: Store + ?Sized> Tx<'a, S> {
@@ -134,6 +136,9 @@ impl<'a, S: Store + ?Sized> Tx<'a, S> {
         d.attr.ctime = self.now;
         d.attr.nlink = d.attr.nlink.saturating_add_signed(nlink_delta);
         self.save(d);
+        if !self.touched.contains(&ino) {
+            self.touched.push(ino);
+        }
         Ok(())
     }
 
@@ -272,12 +277,37 @@ pub fn apply<S: Store + ?Sized>(
         inodes: BTreeMap::new(),
         writes: BTreeMap::new(),
         now: Timespec::from_us(hlc.wall_us),
+        touched: Vec::new(),
     };
-    match run(&mut tx, op) {
+    match run(&mut tx, op).and_then(|reply| with_dirs(&tx, reply)) {
         Ok(reply) => Ok((Ok(reply), tx.finish())),
         Err(Fail::Fs(e)) => Ok((Err(e), Vec::new())),
         Err(Fail::Store(e)) => Err(e),
     }
+}
+
+/// A reply of a change that touched directories' entries, with those directories' attributes
+/// after it ([`NsReply::Entries`]); other replies as they are.
+fn with_dirs<S: Store + ?Sized>(tx: &Tx<'_, S>, reply: NsReply) -> Result<NsReply, Fail> {
+    if tx.touched.is_empty() {
+        return Ok(reply);
+    }
+    assert!(
+        tx.touched.len() <= crate::op::ENTRY_DIRS_MAX,
+        "one change touched {} directories",
+        tx.touched.len()
+    );
+    let dirs = tx
+        .touched
+        .iter()
+        .map(|&d| tx.need(d).map(|i| i.attr))
+        .collect::<Result<Vec<_>, _>>()?;
+    let attr = match reply {
+        NsReply::Attr(a) => Some(a),
+        NsReply::Done => None,
+        NsReply::Entries { attr, .. } => attr,
+    };
+    Ok(NsReply::Entries { attr, dirs })
 }
 
 fn attr_of(tx: &Tx<'_, impl Store + ?Sized>, ino: Ino) -> Result<NsReply, Fail> {

@@ -266,7 +266,22 @@ pub enum NsReply {
     Attr(Attr),
     /// Done, nothing to return.
     Done,
+    /// A change of directory entries (create, mknod, mkdir, symlink, link, unlink, rmdir,
+    /// rename): the attributes of the inode created or linked, if any, and those of each
+    /// directory whose entries changed, as they are right after the change (at most
+    /// [`ENTRY_DIRS_MAX`], in the order first touched). The client may answer a `getattr` of
+    /// such a directory from them for as long as the kernel caches attributes
+    /// (docs/SEMANTICS.md).
+    Entries {
+        /// The inode created or linked (none for removals and renames).
+        attr: Option<Attr>,
+        /// The directories whose entries changed.
+        dirs: Vec<Attr>,
+    },
 }
+
+/// Most directories whose attributes one [`NsReply::Entries`] carries (a rename touches two).
+pub const ENTRY_DIRS_MAX: usize = 2;
 
 /// The result of a data operation.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -439,6 +454,7 @@ const REPLY_RETRY: u8 = 6;
 const REPLY_DATA_MORE: u8 = 7;
 const NS_REPLY_ATTR: u8 = 1;
 const NS_REPLY_DONE: u8 = 2;
+const NS_REPLY_ENTRIES: u8 = 3;
 
 const READ_LOOKUP: u8 = 1;
 const READ_GETATTR: u8 = 2;
@@ -889,6 +905,23 @@ impl Reply {
                         put_attr(&mut out, a);
                     }
                     NsReply::Done => out.push(NS_REPLY_DONE),
+                    NsReply::Entries { attr, dirs } => {
+                        assert!(dirs.len() <= ENTRY_DIRS_MAX, "{} directories", dirs.len());
+                        out.push(NS_REPLY_ENTRIES);
+                        match attr {
+                            None => out.push(0),
+                            Some(a) => {
+                                out.push(1);
+                                put_varint(&mut out, a.ino);
+                                put_attr(&mut out, a);
+                            }
+                        }
+                        put_varint(&mut out, dirs.len() as u64);
+                        for d in dirs {
+                            put_varint(&mut out, d.ino);
+                            put_attr(&mut out, d);
+                        }
+                    }
                 }
             }
             Reply::Data(Ok(DataReply::Done)) => out.push(REPLY_DATA_OK),
@@ -920,6 +953,31 @@ impl Reply {
                     Reply::Ns(Ok(NsReply::Attr(read_attr(&mut r, ino)?)))
                 }
                 NS_REPLY_DONE => Reply::Ns(Ok(NsReply::Done)),
+                NS_REPLY_ENTRIES => {
+                    let attr = match r.u8("attributes present")? {
+                        0 => None,
+                        1 => {
+                            let ino = r.varint("ino")?;
+                            Some(read_attr(&mut r, ino)?)
+                        }
+                        tag => {
+                            return Err(DecodeError::UnknownTag {
+                                what: "attributes present",
+                                tag,
+                            })
+                        }
+                    };
+                    let n = r.varint("directory count")?;
+                    if n > ENTRY_DIRS_MAX as u64 {
+                        return Err(DecodeError::Bad("more directories than a change touches"));
+                    }
+                    let mut dirs = Vec::with_capacity(n as usize);
+                    for _ in 0..n {
+                        let ino = r.varint("ino")?;
+                        dirs.push(read_attr(&mut r, ino)?);
+                    }
+                    Reply::Ns(Ok(NsReply::Entries { attr, dirs }))
+                }
                 tag => {
                     return Err(DecodeError::UnknownTag {
                         what: "namespace reply",
@@ -1337,6 +1395,18 @@ mod tests {
         vec![
             Reply::Ns(Ok(NsReply::Attr(attr(9)))),
             Reply::Ns(Ok(NsReply::Done)),
+            Reply::Ns(Ok(NsReply::Entries {
+                attr: Some(attr(12)),
+                dirs: vec![attr(1)],
+            })),
+            Reply::Ns(Ok(NsReply::Entries {
+                attr: None,
+                dirs: vec![attr(1), attr(7)],
+            })),
+            Reply::Ns(Ok(NsReply::Entries {
+                attr: None,
+                dirs: vec![],
+            })),
             Reply::Data(Ok(DataReply::Done)),
             Reply::Ns(Err(FsError::new(libc::ENOENT, "no entry \"é\""))),
             Reply::Data(Err(FsError::new(libc::EFBIG, ""))),

@@ -245,3 +245,28 @@ impl Shards for LocalShards {
         Ok(self.space)
     }
 }
+
+/// Shards shared by several [`crate::FileSystem`]s, as several clients of one cluster.
+impl<T: Shards> Shards for std::sync::Arc<T> {
+    fn layout(&self) -> FsLayout {
+        (**self).layout()
+    }
+    fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes> {
+        (**self).submit(shard, request)
+    }
+    fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
+        (**self).read(shard, at, request)
+    }
+    fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
+        (**self).read_many(reads)
+    }
+    fn now_us(&self) -> u64 {
+        (**self).now_us()
+    }
+    fn space(&self) -> FsResult<Space> {
+        (**self).space()
+    }
+    fn sync(&self) -> FsResult<()> {
+        (**self).sync()
+    }
+}

@@ -17,6 +17,7 @@ fn fs(data_shards: u32, chunk_size: u32) -> FileSystem<LocalShards> {
         client_base: 1000,
         skew_max_us: 1_000_000,
         root_owner: ROOT,
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     FileSystem::new(shards, config).unwrap()
 }

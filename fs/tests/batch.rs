@@ -441,6 +441,7 @@ fn a_request_answered_retry_is_resent_with_the_same_bytes_and_applied_once() {
         client_base: 3 << 32,
         skew_max_us: 1_000_000,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let local = || {
         LocalShards::new(

@@ -545,6 +545,7 @@ impl Run {
             client_base: seed << 8,
             skew_max_us: 1_000,
             root_owner: Creds::default(),
+            dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
         };
         let fs = FileSystem::new(shards, config).unwrap();
         let model = Model::new();

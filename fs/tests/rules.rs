@@ -26,6 +26,7 @@ fn fs() -> FileSystem<LocalShards> {
         client_base: 7 << 32,
         skew_max_us: 1_000_000,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     FileSystem::new(shards, config).unwrap()
 }
@@ -34,11 +35,11 @@ fn errno<T: std::fmt::Debug>(r: Result<T, FsError>) -> i32 {
     r.expect_err("the operation should fail").errno
 }
 
-fn file(fs: &FileSystem<LocalShards>, parent: Ino, name: &str) -> Attr {
+fn file<S: Shards>(fs: &FileSystem<S>, parent: Ino, name: &str) -> Attr {
     fs.create(parent, name.as_bytes(), 0o644, ME).unwrap()
 }
 
-fn dir(fs: &FileSystem<LocalShards>, parent: Ino, name: &str) -> Attr {
+fn dir<S: Shards>(fs: &FileSystem<S>, parent: Ino, name: &str) -> Attr {
     fs.mkdir(parent, name.as_bytes(), 0o755, ME).unwrap()
 }
 
@@ -782,6 +783,7 @@ fn a_client_restarted_with_the_same_ids_is_not_taken_for_a_stale_retry() {
         client_base: 42,
         skew_max_us: 1_000_000,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let first = FileSystem::new(shards, config.clone()).unwrap();
     for i in 0..5 {
@@ -803,6 +805,7 @@ fn no_time_sees_a_size_with_its_bytes_cut_during_a_truncation() {
         client_base: 1,
         skew_max_us: 1_000_000,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let fs = FileSystem::new(shards, config).unwrap();
     let f = file(&fs, ROOT_INO, "f");
@@ -885,4 +888,102 @@ fn an_error_of_a_deferred_write_is_returned_at_the_next_flush_of_the_file() {
     assert_eq!(errno(fs.fsync_file(d.ino)), libc::EISDIR);
     fs.fsync_file(f.ino).unwrap();
     assert_eq!(&fs.read(f.ino, 0, 10).unwrap()[..], b"fine");
+}
+
+/// Two clients of the same shards: `keeps` answers a `getattr` of a directory it changed from
+/// the reply of its change (for an hour), `reads` always reads the shards.
+fn two_clients() -> (
+    FileSystem<std::sync::Arc<LocalShards>>,
+    FileSystem<std::sync::Arc<LocalShards>>,
+) {
+    let shards =
+        std::sync::Arc::new(LocalShards::new(3, 4096, Clock::Manual(AtomicU64::new(T0))).unwrap());
+    let config = |client_base, dir_attr_ttl_us| FsConfig {
+        client_base,
+        skew_max_us: 1_000_000,
+        root_owner: Creds::default(),
+        dir_attr_ttl_us,
+    };
+    let keeps = FileSystem::new(shards.clone(), config(1 << 32, 3_600_000_000)).unwrap();
+    let reads = FileSystem::new(shards, config(2 << 32, 0)).unwrap();
+    (keeps, reads)
+}
+
+#[test]
+fn every_change_of_entries_returns_its_directories_attributes_as_the_shards_then_hold_them() {
+    let (keeps, reads) = two_clients();
+    let tick = |n: u64| keeps.shards().set_now_us(T0 + n * 1000);
+    let a = dir(&keeps, ROOT_INO, "a");
+    let b = dir(&keeps, ROOT_INO, "b");
+    let f = file(&keeps, a.ino, "f");
+    let check = |dirs: &[Ino], what: &str| {
+        for &d in dirs {
+            // Read by the other client first: the kept attributes cannot come from this read.
+            let fresh = reads.getattr(d).unwrap();
+            assert_eq!(keeps.getattr(d).unwrap(), fresh, "{what}: directory {d}");
+        }
+    };
+    let steps = [
+        ("create", vec![a.ino]),
+        ("mkdir", vec![a.ino]),
+        ("mknod", vec![a.ino]),
+        ("symlink", vec![b.ino]),
+        ("link", vec![b.ino]),
+        ("unlink", vec![b.ino]),
+        ("rename across", vec![a.ino, b.ino]),
+        ("exchange", vec![a.ino, b.ino]),
+        ("rmdir", vec![a.ino]),
+    ];
+    for (n, (what, dirs)) in steps.into_iter().enumerate() {
+        tick(n as u64 + 1);
+        match what {
+            "create" => _ = file(&keeps, a.ino, "g"),
+            "mkdir" => _ = dir(&keeps, a.ino, "d"),
+            "mknod" => {
+                _ = keeps
+                    .mknod(a.ino, b"p", FileKind::Fifo, 0o644, 0, ME)
+                    .unwrap()
+            }
+            "symlink" => _ = keeps.symlink(b.ino, b"l", b"/x", ME).unwrap(),
+            "link" => _ = keeps.link(f.ino, b.ino, b"h").unwrap(),
+            "unlink" => keeps.unlink(b.ino, b"h").unwrap(),
+            "rename across" => keeps.rename(a.ino, b"d", b.ino, b"d2", 0).unwrap(),
+            // The file g and the directory d2 change places.
+            "exchange" => keeps
+                .rename(a.ino, b"g", b.ino, b"d2", RENAME_EXCHANGE)
+                .unwrap(),
+            "rmdir" => keeps.rmdir(a.ino, b"g").unwrap(),
+            other => unreachable!("{other}"),
+        }
+        check(&dirs, what);
+    }
+}
+
+#[test]
+fn kept_directory_attributes_answer_one_getattr_and_never_hide_the_clients_own_changes() {
+    let (keeps, reads) = two_clients();
+    let d = dir(&keeps, ROOT_INO, "d");
+    file(&keeps, d.ino, "f");
+    let after_create = reads.getattr(d.ino).unwrap();
+    // Another client changes the directory: the next getattr of the client that made the
+    // create answers what its reply carried (stale within the bound), the one after reads.
+    keeps.shards().set_now_us(T0 + 1000);
+    dir(&reads, d.ino, "sub");
+    let now = reads.getattr(d.ino).unwrap();
+    assert_eq!(now.nlink, after_create.nlink + 1);
+    assert_eq!(keeps.getattr(d.ino).unwrap(), after_create);
+    assert_eq!(keeps.getattr(d.ino).unwrap(), now);
+    // A later change of the client itself drops what it kept.
+    file(&keeps, d.ino, "g");
+    let set = SetAttr {
+        perm: Some(0o700),
+        ..SetAttr::default()
+    };
+    keeps.setattr(d.ino, set).unwrap();
+    assert_eq!(keeps.getattr(d.ino).unwrap().perm, 0o700);
+    // A client with the bound 0 keeps nothing.
+    dir(&reads, d.ino, "sub2");
+    dir(&keeps, d.ino, "sub3");
+    assert_eq!(reads.getattr(d.ino).unwrap(), keeps.getattr(d.ino).unwrap());
+    assert_eq!(reads.getattr(d.ino).unwrap().nlink, now.nlink + 2);
 }

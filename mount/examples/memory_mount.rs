@@ -41,6 +41,7 @@ fn run(mountpoint: &std::path::Path, options: &str) -> Result<(), Box<dyn std::e
         client_base: u64::from(std::process::id()) << 16,
         skew_max_us: derechofs_fs::filesystem::SKEW_MAX_US_DEFAULT,
         root_owner: Creds { uid: 0, gid: 0 },
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let fs = DerechoFs::new(FileSystem::new(shards, config)?);
     derechofs_mount::serve(fs, mountpoint, &options, "memory", "derechofs", || {

@@ -72,6 +72,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
         client_base: crate::client::random_id(),
         skew_max_us: SKEW_MAX_US_DEFAULT,
         root_owner: Creds::default(),
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let fs = FileSystem::new(shards, config).context("opening the file system")?;
     // The path now: its parent and name (none for the root), and its inode.

@@ -148,6 +148,7 @@ fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
             client_base: random_u64(),
             skew_max_us: derechofs_fs::filesystem::SKEW_MAX_US_DEFAULT,
             root_owner: Creds { uid: 0, gid: 0 },
+            dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
         },
     )
     .map_err(|e| anyhow::anyhow!("starting the file system on {}: {e}", p.spec))?;

@@ -73,6 +73,7 @@ fn t70_a_node_whose_disk_fills_stops_naming_the_shard_and_refuses_to_restart_unt
             client_base: 70 << 32,
             skew_max_us: 1_000_000,
             root_owner: Creds { uid: 0, gid: 0 },
+            dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
         },
     )
     .expect("the file system");

@@ -59,6 +59,7 @@ fn fs_config(client_base: u64) -> FsConfig {
         client_base,
         skew_max_us: 1_000_000,
         root_owner: Creds { uid: 0, gid: 0 },
+        dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     }
 }
 

@@ -37,6 +37,7 @@ impl MemoryMount {
             client_base: 1 << 32,
             skew_max_us: derechofs_fs::filesystem::SKEW_MAX_US_DEFAULT,
             root_owner: Creds { uid: 0, gid: 0 },
+            dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
         };
         let fs = DerechoFs::new(FileSystem::new(shards, config).expect("file system"));
         let mut options = MountOptions::parse("default_permissions").expect("options");
