@@ -535,8 +535,13 @@ impl Driver {
                     end,
                     bytes_max,
                     records_max,
-                } => self.read_records(to, shard, view_id, after, end, (bytes_max, records_max))?,
-                Action::AppendRecords { shard, records } => self.append_records(shard, records)?,
+                } => {
+                    self.read_records(to, shard, view_id, after, end, (bytes_max, records_max))
+                        .await?
+                }
+                Action::AppendRecords { shard, records } => {
+                    self.append_records(shard, records).await?
+                }
                 Action::TruncateLog { shard, after } => {
                     let Some(store) = self.stores.get(&shard) else {
                         anyhow::bail!("asked to cut {shard}, which this node does not keep");
@@ -558,8 +563,9 @@ impl Driver {
     }
 
     /// State transfer, serving side: reads the next piece of `shard`'s log for member `to` and
-    /// owes the engine the answer. The log holds every version up to `end` persisted.
-    fn read_records(
+    /// owes the engine the answer. The log holds every version up to `end` persisted. The read
+    /// (up to a piece from disk) runs on the blocking pool: the links go on meanwhile.
+    async fn read_records(
         &mut self,
         to: NodeId,
         shard: ShardId,
@@ -572,11 +578,17 @@ impl Driver {
             anyhow::bail!("asked to serve {shard}, which this node does not keep");
         };
         let resume = self.transfer_cursors.get(&(to, shard)).copied();
-        let (stored, cursor) = store
-            .kv()
-            .log()
-            .read_records(after, end, bytes_max, records_max, resume)
-            .with_context(|| format!("reading {shard} for node {to}"))?;
+        let machine = store.machine();
+        let (stored, cursor) = tokio::task::spawn_blocking(move || {
+            machine
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .log()
+                .read_records(after, end, bytes_max, records_max, resume)
+        })
+        .await
+        .context("the log reader failed")?
+        .with_context(|| format!("reading {shard} for node {to}"))?;
         match cursor {
             Some(cursor) => {
                 if self.transfer_cursors.len() >= TRANSFER_CURSORS_MAX {
@@ -612,22 +624,29 @@ impl Driver {
 
     /// State transfer, receiving side: appends the records to the shard's log as they are. A
     /// record the log already holds (a node given back a shard whose log it kept) is skipped:
-    /// that log is a prefix of the shard's.
-    fn append_records(&mut self, shard: ShardId, records: Vec<Record>) -> anyhow::Result<()> {
+    /// that log is a prefix of the shard's. The appends run on the blocking pool: the links go
+    /// on meanwhile.
+    async fn append_records(&mut self, shard: ShardId, records: Vec<Record>) -> anyhow::Result<()> {
         let Some(store) = self.stores.get(&shard) else {
             anyhow::bail!("records of {shard}, which this node does not keep");
         };
-        let mut kv = store.kv();
-        let log = kv.log_mut();
-        let last = log.latest().map(|(v, _)| v);
-        for record in records.iter().filter(|r| Some(r.version) > last) {
-            log.append_payload(record.version, record.hlc, &record.payload)
-                .map_err(|e| ReplicaFailed {
-                    shard,
-                    version: record.version,
-                    cause: anyhow::anyhow!("appending a transferred record: {e}"),
-                })?;
-        }
+        let machine = store.machine();
+        tokio::task::spawn_blocking(move || {
+            let mut kv = machine.lock().unwrap_or_else(|p| p.into_inner());
+            let log = kv.log_mut();
+            let last = log.latest().map(|(v, _)| v);
+            for record in records.iter().filter(|r| Some(r.version) > last) {
+                log.append_payload(record.version, record.hlc, &record.payload)
+                    .map_err(|e| ReplicaFailed {
+                        shard,
+                        version: record.version,
+                        cause: anyhow::anyhow!("appending a transferred record: {e}"),
+                    })?;
+            }
+            Ok::<(), ReplicaFailed>(())
+        })
+        .await
+        .context("the log appender failed")??;
         Ok(())
     }
 
@@ -727,7 +746,23 @@ impl Driver {
         // restarting, and restarts again from it.
         self.restart = self.node.is_restarting().then(|| view.clone());
         let mine: Vec<ShardId> = view.layout.shards_of(self.me).map(|s| s.id).collect();
-        self.stores.retain(|shard, _| mine.contains(shard));
+        // Closing a store joins its persister thread, which may be in an fsync: on the
+        // blocking pool, so the links go on meanwhile.
+        let gone: Vec<ShardId> = self
+            .stores
+            .keys()
+            .filter(|shard| !mine.contains(shard))
+            .copied()
+            .collect();
+        let closed: Vec<ShardStore> = gone
+            .iter()
+            .filter_map(|shard| self.stores.remove(shard))
+            .collect();
+        if !closed.is_empty() {
+            tokio::task::spawn_blocking(move || drop(closed))
+                .await
+                .context("closing the stores of shards this node no longer replicates")?;
+        }
         self.incomplete.retain(|shard| mine.contains(shard));
         if self.behind.take().is_some() {
             tracing::info!(

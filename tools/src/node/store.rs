@@ -128,6 +128,12 @@ impl ShardStore {
         lock(&self.kv)
     }
 
+    /// The machines, shared: for work on the log that waits on the disk, done on the blocking
+    /// pool rather than the event loop.
+    pub fn machine(&self) -> Arc<Mutex<Machine>> {
+        self.kv.clone()
+    }
+
     /// Asks the persister to make everything up to `version` durable.
     pub fn persist(&self, version: Version) {
         let mut cell = lock(&self.persist.cell);
