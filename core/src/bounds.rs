@@ -19,6 +19,11 @@ pub const WINDOW_MAX: u32 = 1024;
 /// counted as silence of its peers, whose messages wait unread meanwhile.
 pub const PAUSE_HEARTBEATS: u64 = 2;
 
+/// Suspicion timeouts a node stays wedged without a new view before it counts its view
+/// change as stuck: it then keeps only its own suspicions and trusts again members it hears
+/// from, so that false suspicions that left no leader a trusting majority end.
+pub const STUCK_CHANGE_TIMEOUTS: u64 = 3;
+
 /// Bytes of one client request's payload.
 pub const REQUEST_BYTES_MAX: usize = 4 << 20;
 

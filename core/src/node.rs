@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use derechofs_storage::{Hlc, Version};
 
 use crate::bounds::{
-    FUTURE_MESSAGES_MAX, JOINS_PENDING_MAX, PAUSE_HEARTBEATS, ROUND_MAX, TRANSFER_PIECE_BYTES_MAX,
-    TRANSFER_PIECE_RECORDS_MAX, TRANSFER_RECORD_BYTES_MAX, VIEW_MEMBERS_MAX,
+    FUTURE_MESSAGES_MAX, JOINS_PENDING_MAX, PAUSE_HEARTBEATS, ROUND_MAX, STUCK_CHANGE_TIMEOUTS,
+    TRANSFER_PIECE_BYTES_MAX, TRANSFER_PIECE_RECORDS_MAX, TRANSFER_RECORD_BYTES_MAX,
+    VIEW_MEMBERS_MAX,
 };
 use crate::config::{Config, ConfigError};
 use crate::error::{Rejection, StepError, SubmitError};
@@ -294,6 +295,8 @@ pub struct Node {
     started: bool,
     /// The time of the last step: a longer gap to the next one is a pause of this node.
     last_step_us: u64,
+    /// When this node wedged in its view.
+    wedged_at_us: u64,
     next_heartbeat_us: u64,
     wedged: bool,
     membership: Membership,
@@ -360,6 +363,7 @@ impl Node {
             now_us: 0,
             started: false,
             last_step_us: 0,
+            wedged_at_us: 0,
             next_heartbeat_us: 0,
             wedged: false,
             membership: Membership::Active,
@@ -646,19 +650,35 @@ impl Node {
             for multicast in self.shards.iter_mut().flatten() {
                 multicast.publish_floor(self.now_us);
             }
-            if self.restarting {
-                self.repropose(out);
+            if self.restarting || self.change_stuck() {
+                self.resend_round(out);
             }
         }
     }
 
-    /// In a total restart, members come back at any time: a proposal sent before a member
-    /// was up is sent again, every heartbeat, to the members not suspected that did not answer.
-    fn repropose(&mut self, out: &mut Vec<Action>) {
+    /// In a total restart or a stuck view change, the round this node leads is sent again,
+    /// every heartbeat, to the members that did not answer it: the proposal (phase 1) to those
+    /// not suspected, the decision (phase 2) to those it keeps. A member may have dropped it
+    /// while it suspected this node and trust it again later (see [`Node::forgive`]); in a
+    /// total restart, members come back at any time.
+    fn resend_round(&mut self, out: &mut Vec<Action>) {
         let Some(leading) = &self.change.leading else {
             return;
         };
-        if leading.proposal.is_some() {
+        if let Some(decision) = &leading.proposal {
+            for (rank, &peer) in self.view.members.iter().enumerate() {
+                if rank != self.rank
+                    && decision.removed & (1 << rank) == 0
+                    && leading.accepted_by & (1 << rank) == 0
+                {
+                    let message = Message::Accept {
+                        view_id: self.view.view_id,
+                        round: leading.round,
+                        decision: decision.clone(),
+                    };
+                    out.push(Action::Send { to: peer, message });
+                }
+            }
             return;
         }
         let suspected = self.suspicion.suspected();
@@ -1206,13 +1226,17 @@ impl Node {
         let Some(leading) = &mut self.change.leading else {
             return Ok(());
         };
-        if leading.round != round || leading.proposal.is_some() {
+        if leading.round != round {
             return Ok(());
         }
         if promised > round {
-            // Refused: a higher round was promised; start above it.
+            // Refused (the proposal, or in phase 2 the decision): a higher round was promised;
+            // start above it.
             self.change.promised = self.change.promised.max(promised);
             self.change.leading = None;
+            return Ok(());
+        }
+        if leading.proposal.is_some() {
             return Ok(());
         }
         let member = self.view.members[from_rank];
@@ -1269,8 +1293,31 @@ impl Node {
             });
             return Ok(());
         }
-        if round < self.change.promised || !self.wedged {
+        if round < self.change.promised {
+            // Refused: tell the leader, which otherwise waits for ever in phase 2 (members
+            // that trusted it only again later promised others meanwhile).
+            let report = self.report();
+            let message = Message::Ack {
+                view_id: self.view.view_id,
+                round,
+                promised: self.change.promised,
+                suspicions: self.suspicion.suspected(),
+                counts: report.counts,
+                accepted: report.accepted,
+                logs: report.logs,
+            };
+            out.push(Action::Send {
+                to: leader,
+                message,
+            });
             return Ok(());
+        }
+        if !self.wedged {
+            return Ok(());
+        }
+        if self.change.echoed == Some(round) {
+            // Sent again: the leader may have dropped the echo while it suspected this node.
+            self.change.echoed = None;
         }
         self.change.promised = round;
         self.accept(leader, round, decision, out);
@@ -1379,9 +1426,25 @@ impl Node {
     /// A node that trusts no majority keeps only its own as well: it trusts again whom it hears
     /// from, and a peer's stale report must not undo that.
     fn adopt_suspicions(&mut self, mask: u64, out: &mut Vec<Action>) {
-        if !self.restarting && !self.lacks_majority() {
+        if !self.keeps_own_suspicions() {
             self.suspect(mask, out);
         }
+    }
+
+    /// Whether this node keeps only its own suspicions and trusts again a member it hears
+    /// from: in a total restart, while it trusts no majority, and once the view change is
+    /// stuck — wedged for [`STUCK_CHANGE_TIMEOUTS`] suspicion timeouts without a new view.
+    /// Members that suspected each other falsely can hold trust that no leader gathers: each
+    /// trusts a majority, but not the same one, or the members trusted hold no replica of
+    /// some shard; those alive are heard from, and trusting them again ends the change.
+    fn keeps_own_suspicions(&self) -> bool {
+        self.restarting || self.lacks_majority() || self.change_stuck()
+    }
+
+    /// Whether this node has been wedged for [`STUCK_CHANGE_TIMEOUTS`] suspicion timeouts.
+    fn change_stuck(&self) -> bool {
+        let stuck_us = (self.config.suspect_after_ms * 1000).saturating_mul(STUCK_CHANGE_TIMEOUTS);
+        self.wedged && self.now_us.saturating_sub(self.wedged_at_us) >= stuck_us
     }
 
     /// Whether the members this node trusts (itself among them) are no majority of its view.
@@ -1392,14 +1455,15 @@ impl Node {
     /// In a total restart, a member suspected for its silence (it was not back yet) is
     /// trusted again once heard from: suspicions there only say whom a leader waits for, and
     /// every member must answer every leader for the rounds to converge. The same holds for a
-    /// node that trusts no majority of its view: it can neither lead nor follow a change, so
+    /// node whose view change is stuck (see [`Node::keeps_own_suspicions`]), and for a node
+    /// that trusts no majority of its view: it can neither lead nor follow a change, so
     /// without this, members that suspected each other falsely (all slow at once) would stay
     /// wedged for ever; a member it hears from is alive, and trusting it again lets a majority
     /// form. Safety does not rest on suspicions (the rounds, promises and accepted decisions
     /// of the change do), and the shards stay wedged. A round this node leads, still in phase 1
     /// without it, starts over to include it.
     fn forgive(&mut self, rank: usize) -> bool {
-        if !self.restarting && !self.lacks_majority() {
+        if !self.keeps_own_suspicions() {
             return false;
         }
         if !self.restarting {
@@ -1445,6 +1509,7 @@ impl Node {
         }
         if !self.wedged {
             self.wedged = true;
+            self.wedged_at_us = self.now_us;
             if self.membership == Membership::Active {
                 self.membership = Membership::Wedged;
             }
@@ -1621,7 +1686,9 @@ impl Node {
                     })
                 };
                 let Some(decision) = decision else {
-                    // Every replica of some shard failed: only a total restart recovers it.
+                    // No replica of some shard is trusted. If they all failed, only a total
+                    // restart recovers it; if some were suspected falsely, this node trusts
+                    // again those it hears from once the change is stuck (see `forgive`).
                     return;
                 };
                 for (rank, &peer) in self.view.members.iter().enumerate() {

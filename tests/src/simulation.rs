@@ -324,6 +324,36 @@ impl Options {
     }
 
     /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
+    /// and slow members: every member of the first view stalls (takes no step) once, for one
+    /// to three suspicion timeouts, the stalls starting within one timeout of each other, so
+    /// they overlap and are staggered — as when every node of a loaded machine applies big
+    /// versions: members suspect each other, falsely, often all of them. Nothing fails, so
+    /// the group must make progress again (some view of whoever hears each other).
+    pub fn with_stalls(seed: u64) -> Options {
+        let mut options = Options::from_seed(seed);
+        let mut rng = Rng::new(seed ^ 0x051a_11ed);
+        options.suspect_after_ms = rng.between(100, 300).max(3 * options.heartbeat_ms);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let start_us = rng.between(20_000, 200_000);
+        let mut faults = Vec::new();
+        let mut heal_us = start_us;
+        for node in 0..options.nodes {
+            let start_us = start_us + rng.below(suspect_us);
+            let end_us = start_us + rng.between(suspect_us, 3 * suspect_us);
+            heal_us = heal_us.max(end_us);
+            faults.push(Fault::Stall {
+                node,
+                start_us,
+                end_us,
+            });
+        }
+        options.faults = faults;
+        options.heal_us = heal_us;
+        options.time_limit_us = heal_us + 40 * suspect_us + 2_000_000;
+        options
+    }
+
+    /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
     /// and a total restart: under load, every node stops (within a few milliseconds of each
     /// other, so some logs end earlier than others), losing what its disk had not synced or
     /// tearing it; then every node, or a majority, starts again from its disk and recorded
@@ -385,7 +415,10 @@ impl Options {
         for fault in &self.faults {
             match fault {
                 Fault::Crash { node, .. } => faulty.push(*node),
-                Fault::Join { .. } | Fault::Restart { .. } | Fault::Recover { .. } => {}
+                Fault::Join { .. }
+                | Fault::Restart { .. }
+                | Fault::Recover { .. }
+                | Fault::Stall { .. } => {}
                 Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
                 Fault::Partition { minority, .. } => faulty.extend(minority),
                 Fault::Clog {
@@ -470,6 +503,18 @@ pub enum Fault {
         node: usize,
         /// When.
         at_us: u64,
+    },
+    /// The node takes no step during `[start_us, end_us)`: its process is not scheduled, or
+    /// one of its steps (applying a big version) takes that long. Its ticks, messages and
+    /// disk confirmations wait and come, in order, at `end_us`. It is not faulty: it comes
+    /// back by itself, and a majority of stalled members must still make progress.
+    Stall {
+        /// The node.
+        node: usize,
+        /// Stopped.
+        start_us: u64,
+        /// Runs again.
+        end_us: u64,
     },
     /// Link `from → to` holds its messages during `[start_us, end_us)`.
     Clog {
@@ -602,6 +647,25 @@ enum Event {
 }
 
 impl Event {
+    /// The node whose step the event is, if any.
+    fn node(&self) -> Option<usize> {
+        match self {
+            Event::Tick { node }
+            | Event::Persisted { node, .. }
+            | Event::Submit { node, .. }
+            | Event::TrimLogged { node, .. }
+            | Event::LinkBroken { node, .. }
+            | Event::Driver { node, .. } => Some(*node),
+            Event::Message { to, .. } => Some(*to),
+            Event::ClientWake { .. }
+            | Event::TimeRead
+            | Event::Fault { .. }
+            | Event::Heal
+            | Event::Probe
+            | Event::ProbeSubmit { .. } => None,
+        }
+    }
+
     fn tag(&self) -> (u8, usize) {
         match self {
             Event::Tick { node } => (0, *node),
@@ -859,7 +923,7 @@ impl Simulation {
                 | Fault::Recover { at_us, .. } => {
                     simulation.schedule(*at_us, Event::Fault { index });
                 }
-                Fault::Clog { .. } => {}
+                Fault::Clog { .. } | Fault::Stall { .. } => {}
             }
         }
         if !faults.is_empty() {
@@ -934,7 +998,7 @@ impl Simulation {
                     if self.options.must_recover() {
                         return Err(Violation(format!(
                             "liveness: {} of {} probes delivered by {} us, {} us after the \
-                             faults healed; views {:?}",
+                             faults healed; views {:?}; suspected {:?}",
                             self.probes.values().filter(|&&d| d).count(),
                             self.probes.len(),
                             self.options.time_limit_us,
@@ -942,7 +1006,8 @@ impl Simulation {
                             self.nodes
                                 .iter()
                                 .map(|n| (n.view().view_id, n.membership()))
-                                .collect::<Vec<_>>()
+                                .collect::<Vec<_>>(),
+                            self.nodes.iter().map(|n| n.suspected()).collect::<Vec<_>>()
                         )));
                     }
                     return Ok(());
@@ -966,6 +1031,17 @@ impl Simulation {
             let stale = to.is_some_and(|(node, incarnation)| {
                 self.crashed[node] || self.incarnation[node] != incarnation
             });
+            if let Some(end_us) = event.node().and_then(|node| self.stalled_until(node)) {
+                // The node does not run: the event waits for it, behind those already waiting.
+                self.order += 1;
+                self.queue.push(Scheduled {
+                    time_us: end_us,
+                    order: self.order,
+                    to,
+                    event,
+                });
+                continue;
+            }
             if !stale {
                 self.handle(event)?;
             }
@@ -982,6 +1058,18 @@ impl Simulation {
             self.check_settled()?;
         }
         Ok(())
+    }
+
+    /// The end of the stall `node` is in now, if any.
+    fn stalled_until(&self, node: usize) -> Option<u64> {
+        self.options.faults.iter().find_map(|fault| match fault {
+            Fault::Stall {
+                node: n,
+                start_us,
+                end_us,
+            } if *n == node && (*start_us..*end_us).contains(&self.time_us) => Some(*end_us),
+            _ => None,
+        })
     }
 
     fn handle(&mut self, event: Event) -> Result<(), Violation> {
@@ -1081,7 +1169,7 @@ impl Simulation {
                     }
                 }
             }
-            Fault::Clog { .. } => {}
+            Fault::Clog { .. } | Fault::Stall { .. } => {}
         }
         for (a, b) in pairs {
             self.network.set_broken(a, b, true);

@@ -1,7 +1,8 @@
 //! The simulator run over seeds. A failure prints its seed; `DERECHOFS_SIM_SEED=<seed>` reruns
 //! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed, `DERECHOFS_SIM_RESTART=1`
-//! for a total restart seed), and `DERECHOFS_SIM_SEEDS=<count>`,
-//! `DERECHOFS_SIM_FAULT_SEEDS=<count>` and `DERECHOFS_SIM_RESTART_SEEDS=<count>` widen the
+//! for a total restart seed, `DERECHOFS_SIM_STALL=1` for a slow members seed), and
+//! `DERECHOFS_SIM_SEEDS=<count>`, `DERECHOFS_SIM_FAULT_SEEDS=<count>`,
+//! `DERECHOFS_SIM_RESTART_SEEDS=<count>` and `DERECHOFS_SIM_STALL_SEEDS=<count>` widen the
 //! batches.
 
 use std::time::Instant;
@@ -79,6 +80,8 @@ fn one_seed_from_the_environment() {
         Options::with_faults(seed)
     } else if env_u64("DERECHOFS_SIM_RESTART").unwrap_or(0) == 1 {
         Options::with_total_restart(seed)
+    } else if env_u64("DERECHOFS_SIM_STALL").unwrap_or(0) == 1 {
+        Options::with_stalls(seed)
     } else {
         Options::from_seed(seed)
     };
@@ -355,6 +358,40 @@ fn seeds_with_a_total_restart_lose_nothing_durable_and_make_progress_again() {
     eprintln!(
         "{seeds} total restart seeds: {steps} steps, {restarts} nodes back, {transferred} \
          records transferred, {views} views in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn seeds_with_members_slow_past_the_suspicion_timeout_hold_every_invariant_and_make_progress() {
+    let seeds = env_u64("DERECHOFS_SIM_STALL_SEEDS").unwrap_or(30);
+    let started = Instant::now();
+    let (mut steps, mut views, mut joins) = (0, 0, 0);
+    for seed in 0..seeds {
+        let options = Options::with_stalls(seed);
+        assert!(
+            options.must_recover(),
+            "seed {seed}: stalled members are not faulty"
+        );
+        match run(&options) {
+            Ok(report) => {
+                assert!(report.probes_delivered > 0, "seed {seed}: no progress");
+                for (node, suspected) in report.suspected.iter().enumerate() {
+                    let me = node as u32 + 1;
+                    assert!(
+                        !suspected.contains(&me),
+                        "seed {seed}: node {me} suspects itself"
+                    );
+                }
+                steps += report.steps;
+                joins += report.joins;
+                views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
+            }
+            Err(failure) => panic!("{failure}\n  (slow members: DERECHOFS_SIM_STALL=1)"),
+        }
+    }
+    eprintln!(
+        "{seeds} slow members seeds: {steps} steps, {views} views, {joins} joins in {:?}",
         started.elapsed()
     );
 }
