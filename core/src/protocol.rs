@@ -82,10 +82,16 @@ pub enum Request {
         /// The key.
         key: Bytes,
     },
-    /// Stream the changes of every key with this prefix, in version order, from now on.
+    /// Stream the changes of every key with this prefix in one data shard, in version order:
+    /// with `after`, first every change in a version after it that the node delivered (replayed
+    /// from its log), then live; without, live from the node's delivered version on.
     Watch {
         /// The prefix; empty: every key.
         prefix: Bytes,
+        /// The data shard's index.
+        shard: u16,
+        /// Resume strictly after this version of the shard.
+        after: Option<Version>,
     },
     /// This node's view, shards and frontiers.
     Status,
@@ -145,8 +151,12 @@ pub enum Reply {
         /// Oldest first.
         changes: Vec<Change>,
     },
-    /// A watch is registered.
-    Watching,
+    /// A watch is registered: the events that follow are those of the versions after `from`
+    /// (the request's `after`, or the node's delivered version when it had none).
+    Watching {
+        /// The watch covers the versions after this one.
+        from: Version,
+    },
     /// A watched key changed.
     Event(Event),
     /// The answer to `Status`.
@@ -581,9 +591,15 @@ impl Request {
                 b = header(KIND_HISTORY, tag);
                 put_bytes(&mut b, key);
             }
-            Request::Watch { prefix } => {
+            Request::Watch {
+                prefix,
+                shard,
+                after,
+            } => {
                 b = header(KIND_WATCH, tag);
                 put_bytes(&mut b, prefix);
+                b.put_u16_le(*shard);
+                put_opt_version(&mut b, *after);
             }
             Request::Status => b = header(KIND_STATUS, tag),
             Request::FsSubmit {
@@ -658,7 +674,16 @@ impl Request {
                 Request::Get { key, at, after }
             }
             KIND_HISTORY => Request::History { key: r.bytes()? },
-            KIND_WATCH => Request::Watch { prefix: r.bytes()? },
+            KIND_WATCH => {
+                let prefix = r.bytes()?;
+                let shard = r.u16()?;
+                let after = r.opt_version()?;
+                Request::Watch {
+                    prefix,
+                    shard,
+                    after,
+                }
+            }
             KIND_STATUS => Request::Status,
             KIND_FS_SUBMIT => {
                 let shard = r.subgroup_shard()?;
@@ -748,7 +773,10 @@ impl Reply {
                     b.put_u32_le(c.value_len.unwrap_or(0));
                 }
             }
-            Reply::Watching => b = header(REPLY_WATCHING, tag),
+            Reply::Watching { from } => {
+                b = header(REPLY_WATCHING, tag);
+                b.put_u64_le(*from);
+            }
             Reply::Event(e) => {
                 b = header(REPLY_EVENT, tag);
                 b.put_u64_le(e.version);
@@ -890,7 +918,7 @@ impl Reply {
                 }
                 Reply::History { truncated, changes }
             }
-            REPLY_WATCHING => Reply::Watching,
+            REPLY_WATCHING => Reply::Watching { from: r.u64()? },
             REPLY_EVENT => {
                 let version = r.u64()?;
                 let hlc = r.hlc()?;
@@ -993,6 +1021,13 @@ mod tests {
             },
             Request::Watch {
                 prefix: Bytes::new(),
+                shard: 0,
+                after: None,
+            },
+            Request::Watch {
+                prefix: Bytes::from_static(b"p/"),
+                shard: 3,
+                after: Some(41),
             },
             Request::Status,
             Request::FsSubmit {
@@ -1054,7 +1089,7 @@ mod tests {
                     value_len: None,
                 }],
             },
-            Reply::Watching,
+            Reply::Watching { from: 9 },
             Reply::Event(Event {
                 version: 1,
                 hlc: Hlc::at(1),

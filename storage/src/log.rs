@@ -781,6 +781,12 @@ impl Log {
         Ok(self.persisted)
     }
 
+    /// Hands the buffered records to the backend (without syncing them), so that
+    /// [`Log::read_records`] returns every appended record.
+    pub fn flush_buffer(&mut self) -> Result<()> {
+        self.flush()
+    }
+
     fn flush(&mut self) -> Result<()> {
         if self.poisoned {
             return Err(LogError::Poisoned);

@@ -828,8 +828,12 @@ impl Client {
         }
     }
 
-    /// Watches `prefix` on one member of every data shard; events arrive on the returned
-    /// receiver in version order per shard. The watch ends when a link ends.
+    /// Watches `prefix` in every data shard, on one member of each; events arrive on the
+    /// returned receiver in version order per shard (and in key order within a version). When
+    /// the member's link ends (it died, or a view change removed it), the watch resumes on
+    /// another member of the shard strictly after the last event delivered: no event is lost
+    /// or repeated. It ends with an error only when no member can resume it (for a bounded
+    /// time), or the log no longer holds the versions to replay.
     pub async fn watch(
         &mut self,
         prefix: &[u8],
@@ -843,56 +847,154 @@ impl Client {
             .cloned()
             .collect();
         for shard in shards {
-            let mut last = String::from("no member");
-            let mut watching = None;
-            for i in 0..shard.members.len() {
-                let node = shard.members[(self.spread + i) % shard.members.len()];
-                let Some(addr) = self.layout.addr_of(node) else {
+            let mut watch = ShardWatch {
+                prefix: Bytes::copy_from_slice(prefix),
+                index: shard.index,
+                layout: self.layout.clone(),
+                secret: self.secret.clone(),
+                spread: self.spread,
+                cursor: None,
+            };
+            let conn = watch.start().await?;
+            tokio::spawn(watch.run(conn, tx.clone()));
+        }
+        Ok(rx)
+    }
+}
+
+/// Rounds over a shard's members a watch tries to resume in, before it gives up.
+pub const WATCH_RESUME_ROUNDS_MAX: u32 = 50;
+/// Pause between two such rounds, in milliseconds (a view change takes about a second).
+pub const WATCH_RESUME_PAUSE_MS: u64 = 200;
+
+/// One data shard's watch, which follows view changes.
+struct ShardWatch {
+    prefix: Bytes,
+    index: u16,
+    layout: LayoutInfo,
+    secret: Secret,
+    spread: usize,
+    /// The last event delivered: its version and key; or, before the first event, the version
+    /// the watch started after and no key.
+    cursor: Option<(Version, Option<Bytes>)>,
+}
+
+impl ShardWatch {
+    /// The shard's members, in the order to try them.
+    fn members(&self) -> Vec<NodeId> {
+        let Some(shard) = self
+            .layout
+            .shards
+            .iter()
+            .find(|s| s.data && s.index == self.index)
+        else {
+            return Vec::new();
+        };
+        let n = shard.members.len();
+        (0..n)
+            .map(|i| shard.members[(self.spread + i) % n])
+            .collect()
+    }
+
+    /// Registers the watch on one member, first after the cursor when there is one.
+    async fn start(&mut self) -> Result<ClientConn, ClientError> {
+        let mut last = String::from("no member");
+        // Events within a version come in key order: resuming in the middle of a version
+        // replays the whole version, and `run` skips the keys already delivered.
+        let after = self
+            .cursor
+            .as_ref()
+            .map(|(v, key)| if key.is_some() { v - 1 } else { *v });
+        for node in self.members() {
+            let Some(addr) = self.layout.addr_of(node) else {
+                continue;
+            };
+            // A link of its own, so its events do not mix with this client's replies.
+            let conn = ClientConn::connect(addr, random_id(), &self.secret, Some(node)).await;
+            let mut conn = match conn {
+                Ok(conn) => conn,
+                Err(e) => {
+                    last = format!("node {node}: {e}");
                     continue;
-                };
-                // A link of its own, so its events do not mix with this client's replies.
-                let conn = ClientConn::connect(addr, random_id(), &self.secret, Some(node)).await;
-                let mut conn = match conn {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        last = format!("node {node}: {e}");
-                        continue;
-                    }
-                };
-                let request = Request::Watch {
-                    prefix: Bytes::copy_from_slice(prefix),
-                };
-                match call_alone(&mut conn, &request, REQUEST_TIMEOUT_MS).await {
-                    Ok(Reply::Watching) => {
-                        watching = Some(conn);
-                        break;
-                    }
-                    Ok(other) => last = format!("node {node}: {other:?}"),
-                    Err(e) => last = format!("node {node}: {e}"),
+                }
+            };
+            if let Ok(Reply::Layout(layout)) =
+                call_alone(&mut conn, &Request::Layout, REQUEST_TIMEOUT_MS).await
+            {
+                if layout.view_id > self.layout.view_id {
+                    self.layout = layout;
                 }
             }
-            let Some(mut conn) = watching else {
-                return Err(ClientError::Unreachable(last));
+            let request = Request::Watch {
+                prefix: self.prefix.clone(),
+                shard: self.index,
+                after,
             };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                loop {
-                    let event = match conn.recv().await {
-                        Ok((_, frame)) => match Reply::decode(frame) {
-                            Ok((1, Reply::Event(e))) => Ok(e),
-                            Ok(_) => continue,
-                            Err(e) => Err(ClientError::Protocol(e.to_string())),
-                        },
-                        Err(e) => Err(ClientError::Unreachable(e.to_string())),
-                    };
-                    let end = event.is_err();
-                    if tx.send(event).await.is_err() || end {
+            match call_alone(&mut conn, &request, REQUEST_TIMEOUT_MS).await {
+                Ok(Reply::Watching { from }) => {
+                    tracing::info!(shard = self.index, node, ?after, from, "watching");
+                    if self.cursor.is_none() {
+                        self.cursor = Some((from, None));
+                    }
+                    return Ok(conn);
+                }
+                Ok(Reply::Error {
+                    code: ErrorCode::Trimmed,
+                    message,
+                }) => return Err(ClientError::Protocol(format!("node {node}: {message}"))),
+                Ok(other) => last = format!("node {node}: {other:?}"),
+                Err(e) => last = format!("node {node}: {e}"),
+            }
+        }
+        Err(ClientError::Unreachable(last))
+    }
+
+    /// Forwards the events, resuming on another member whenever the link ends.
+    async fn run(
+        mut self,
+        mut conn: ClientConn,
+        tx: tokio::sync::mpsc::Sender<Result<Event, ClientError>>,
+    ) {
+        loop {
+            let ended = match conn.recv().await {
+                Ok((_, frame)) => match Reply::decode(frame) {
+                    Ok((1, Reply::Event(e))) => {
+                        let seen = self.cursor.as_ref().is_some_and(|(v, key)| {
+                            e.version < *v
+                                || (e.version == *v && key.as_ref().is_none_or(|k| e.key <= *k))
+                        });
+                        if seen {
+                            continue;
+                        }
+                        self.cursor = Some((e.version, Some(e.key.clone())));
+                        if tx.send(Ok(e)).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok((1, Reply::Error { code, message })) => format!("{code:?}: {message}"),
+                    Ok(_) => continue,
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            tracing::info!(shard = self.index, reason = %ended, "watch link ended: resuming");
+            let mut rounds = 0;
+            conn = loop {
+                match self.start().await {
+                    Ok(conn) => break conn,
+                    Err(ClientError::Unreachable(_)) if rounds < WATCH_RESUME_ROUNDS_MAX => {
+                        rounds += 1;
+                        self.spread = self.spread.wrapping_add(1);
+                        tokio::time::sleep(Duration::from_millis(WATCH_RESUME_PAUSE_MS)).await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
                         return;
                     }
                 }
-            });
+            };
         }
-        Ok(rx)
     }
 }
 

@@ -70,7 +70,8 @@ enum KvCommand {
     Delete { key: String },
     /// Every change of KEY still held, oldest first.
     History { key: String },
-    /// Print the changes of every key starting with PREFIX as they are delivered.
+    /// Print the changes of every key starting with PREFIX as they are delivered (each once, in
+    /// version order per shard, resuming on another member when its member fails).
     Watch {
         prefix: String,
         /// Stop after this many changes.

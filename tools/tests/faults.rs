@@ -650,3 +650,193 @@ fn t95_faults_a_node_not_in_members_joins_under_load_and_takes_a_killed_members_
     check_acked(&cluster, &everyone, &[1, 2, 4], &acked);
     logs_agree(&cluster, &[2, 4]);
 }
+
+/// A `derechofs kv watch` process, killed by its pid when dropped.
+struct Watcher {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+    err: std::path::PathBuf,
+}
+
+impl Watcher {
+    fn start(cluster: &Cluster, contacts: &str, prefix: &str, count: usize) -> Watcher {
+        let out = cluster.path("watch.out");
+        let err = cluster.path("watch.err");
+        let count = count.to_string();
+        let child = std::process::Command::new(common::BIN)
+            .args([
+                "kv",
+                "--contacts",
+                contacts,
+                "watch",
+                prefix,
+                "--count",
+                &count,
+            ])
+            .env("DERECHOFS_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&out).expect("output file"))
+            .stderr(std::fs::File::create(&err).expect("output file"))
+            .spawn()
+            .expect("run derechofs kv watch");
+        Watcher { child, out, err }
+    }
+
+    fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Waits, bounded, until `check` holds of what it printed.
+    fn wait_for(&self, what: &str, check: impl Fn(&Watcher) -> bool) {
+        let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
+        while !check(self) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watch never got {what}: {}\n{}",
+                self.stdout(),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends it a signal (`STOP`, `CONT`) by its pid.
+    fn signal(&self, name: &str) {
+        let status = std::process::Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} of the watcher failed");
+    }
+
+    /// Waits, bounded, for it to exit; its exit code.
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + common::COMMAND_TIMEOUT;
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return status.code().unwrap_or(-1),
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                _ => panic!(
+                    "the watch did not end: {}\n{}",
+                    self.stdout(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes the test's watcher sees: `WRITERS` clients, each changing `KEYS` keys of its own
+/// round-robin `PUTS` times, so keys change more than once and in many versions.
+const WATCH_WRITERS: usize = 2;
+const WATCH_KEYS: usize = 5;
+const WATCH_PUTS: usize = 60;
+
+#[test]
+fn t97_faults_a_watch_whose_member_is_sigkilled_resumes_on_another_with_every_acked_change_once_in_version_order(
+) {
+    let cluster = Cluster::new(42, 3, PATIENT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let total = WATCH_WRITERS * WATCH_PUTS;
+    let mut watcher = Watcher::start(&cluster, &contacts, "watched/", total);
+    watcher.wait_for("registered", |w| w.stderr().contains(" watching"));
+    let member: usize = watcher
+        .stderr()
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("node=")?.parse().ok())
+        .unwrap_or_else(|| panic!("no member in {}", watcher.stderr()));
+    let written = std::sync::atomic::AtomicUsize::new(0);
+    // Acknowledged changes: (version, key, value).
+    let acked: Vec<(String, String, String)> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WATCH_WRITERS)
+            .map(|w| {
+                let (cluster, contacts, written) = (&cluster, &contacts, &written);
+                s.spawn(move || {
+                    (0..WATCH_PUTS)
+                        .map(|n| {
+                            let key = format!("watched/w{w}-{}", n % WATCH_KEYS);
+                            let value = format!("w{w}-v{n}");
+                            let run = cluster.kv_via(contacts, &["put", &key, &value]);
+                            assert_eq!(run.code, 0, "put {key} failed: {run:?}");
+                            written.fetch_add(1, Ordering::Relaxed);
+                            (version_of(&run.stdout), key, value)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        // Mid-stream: the watcher has seen some changes, and more are being written.
+        watcher.wait_for("a third of the changes", |w| {
+            w.stdout().lines().count() >= total / 3
+        });
+        // The watcher is frozen while its member dies and the survivors deliver more changes
+        // in the next view: it finds its link ended only then, and must get the changes it
+        // missed replayed from another member's log before the live ones.
+        watcher.signal("STOP");
+        cluster.kill(member);
+        let at_kill = written.load(Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
+        while written.load(Ordering::Relaxed) < (at_kill + WATCH_PUTS / 3).min(total) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writes did not go on after the kill"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        watcher.signal("CONT");
+        writers
+            .into_iter()
+            .flat_map(|h| h.join().expect("writer thread"))
+            .collect()
+    });
+    let code = watcher.wait_exit();
+    assert_eq!(code, 0, "the watch failed: {}", watcher.stderr());
+    assert!(
+        watcher
+            .stderr()
+            .lines()
+            .filter(|l| l.contains(" watching"))
+            .any(|l| !l.contains(&format!("node={member} "))),
+        "the watch did not move to another member: {}",
+        watcher.stderr()
+    );
+    // Every acknowledged change, in version order (keys in order within a version).
+    let parse_version = |v: &str| -> (u64, u64) {
+        let (view, seq) = v.split_once('.').expect("VIEW.SEQ");
+        (view.parse().expect("view"), seq.parse().expect("seq"))
+    };
+    let mut expected: Vec<((u64, u64), String, String)> = acked
+        .into_iter()
+        .map(|(v, k, value)| (parse_version(&v), k, value))
+        .collect();
+    expected.sort();
+    // `VERSION STAMP (TIME) KEY VALUE` per event, exactly as delivered.
+    let got: Vec<((u64, u64), String, String)> = watcher
+        .stdout()
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(f.len(), 5, "event line {l:?}");
+            (parse_version(f[0]), f[3].to_string(), f[4].to_string())
+        })
+        .collect();
+    assert_eq!(
+        got, expected,
+        "the watch's events differ from the acknowledged changes"
+    );
+}

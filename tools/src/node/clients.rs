@@ -76,13 +76,18 @@ pub struct ReadWait {
     pub deadline: Instant,
 }
 
-/// A watch: changes of keys with `prefix` go to `client` with `tag`.
+/// A watch: changes of keys with `prefix` in `shard`'s versions after `after` go to `client`
+/// with `tag`.
 #[derive(Clone, Debug)]
 pub struct Watch {
     /// The tag.
     pub tag: u64,
     /// The key prefix.
     pub prefix: Bytes,
+    /// The shard.
+    pub shard: ShardId,
+    /// Versions up to this one were replayed or are not wanted.
+    pub after: Version,
 }
 
 /// Everything pending for clients.

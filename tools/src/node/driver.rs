@@ -25,7 +25,7 @@ use super::clients::{
     READ_WAITS_MAX, SUBMITTED_MAX, WATCHERS_MAX,
 };
 use super::failed::{self, ReplicaFailed};
-use super::machine::Outcome;
+use super::machine::{Machine, Outcome};
 use super::state::{LoggedDecision, NodeState};
 use super::store::{open_log, ShardStore};
 use super::Start;
@@ -754,6 +754,10 @@ impl Driver {
             .filter(|shard| !mine.contains(shard))
             .copied()
             .collect();
+        for &shard in &gone {
+            let message = format!("a view change took {shard} away from node {}", self.me);
+            self.end_watches(Some(shard), &error(ErrorCode::NotReplica, &message));
+        }
         let closed: Vec<ShardStore> = gone
             .iter()
             .filter_map(|shard| self.stores.remove(shard))
@@ -869,7 +873,9 @@ impl Driver {
             }
             for (key, value) in applied.changed {
                 for (&client, watches) in &self.clients.watches {
-                    for w in watches.iter().filter(|w| key.starts_with(&w.prefix)) {
+                    for w in watches.iter().filter(|w| {
+                        w.shard == shard && d.version > w.after && key.starts_with(&w.prefix)
+                    }) {
                         let event = Event {
                             version: d.version,
                             hlc: d.hlc,
@@ -889,6 +895,15 @@ impl Driver {
 
     /// After the engine moved: answers the writes now durable and the reads now possible.
     fn progress(&mut self) {
+        // A member removed from the group, or left in a minority, delivers nothing more: its
+        // watchers resume on another member.
+        if !self.clients.watches.is_empty() {
+            let membership = self.membership();
+            if matches!(membership, Membership::Joining | Membership::NoMajority) {
+                let reply = self.membership_error(membership);
+                self.end_watches(None, &reply);
+            }
+        }
         let mut out = Vec::new();
         for (shard, waits) in &mut self.clients.durable {
             let frontier = self.node.persistence_frontier(*shard);
@@ -1264,7 +1279,11 @@ impl Driver {
             } => self.write(client, tag, hlc, durable, payload).await?,
             Request::Get { key, at, after } => self.get(client, tag, key, at, after),
             Request::History { key } => Some(self.history(&key)),
-            Request::Watch { prefix } => Some(self.watch(client, tag, prefix)),
+            Request::Watch {
+                prefix,
+                shard,
+                after,
+            } => self.watch(client, tag, prefix, shard, after),
             Request::FsSubmit {
                 shard,
                 hlc,
@@ -1651,17 +1670,79 @@ impl Driver {
         }
     }
 
-    fn watch(&mut self, client: ClientId, tag: u64, prefix: Bytes) -> Reply {
+    /// Ends the watches of `shard` (every shard: `None`) with `reply`, which tells their
+    /// clients to resume on another member.
+    fn end_watches(&mut self, shard: Option<ShardId>, reply: &Reply) {
+        let mut out = Vec::new();
+        for (&client, watches) in &mut self.clients.watches {
+            watches.retain(|w| {
+                let ends = shard.is_none_or(|s| s == w.shard);
+                if ends {
+                    out.push((client, reply.encode(w.tag)));
+                }
+                !ends
+            });
+        }
+        self.clients
+            .watches
+            .retain(|_, watches| !watches.is_empty());
+        for (client, bytes) in out {
+            self.send_client(client, bytes);
+        }
+    }
+
+    /// Registers a watch of `prefix` in data shard `index`; with `after`, first sends every
+    /// change of a watched key in the versions after it this node delivered, read from the log
+    /// in pieces. Replay and registration happen in this one turn of the event loop, so no
+    /// delivery falls between them: the events are exactly the versions after `after`, in order.
+    fn watch(
+        &mut self,
+        client: ClientId,
+        tag: u64,
+        prefix: Bytes,
+        index: u16,
+        after: Option<Version>,
+    ) -> Option<Reply> {
+        let membership = self.membership();
+        if matches!(membership, Membership::Joining | Membership::NoMajority) {
+            return Some(self.membership_error(membership));
+        }
+        let shard = match self.fs_shard_here(SubgroupShard { data: true, index }) {
+            Ok(shard) => shard,
+            Err(reply) => return Some(reply),
+        };
         if !self.clients.watches.contains_key(&client) && self.clients.watches.len() >= WATCHERS_MAX
         {
-            return error(ErrorCode::Busy, "too many clients watch this node");
+            return Some(error(ErrorCode::Busy, "too many clients watch this node"));
         }
-        let watches = self.clients.watches.entry(client).or_default();
-        if watches.len() >= WATCHES_PER_CLIENT_MAX {
-            return error(ErrorCode::Busy, "too many watches on this link");
+        if self.clients.watches.get(&client).map_or(0, Vec::len) >= WATCHES_PER_CLIENT_MAX {
+            return Some(error(ErrorCode::Busy, "too many watches on this link"));
         }
-        watches.push(Watch { tag, prefix });
-        Reply::Watching
+        let Some(store) = self.stores.get(&shard) else {
+            return Some(error(ErrorCode::NotReplica, "the shard is not here"));
+        };
+        let delivered = store.kv().log().latest().map_or(0, |(v, _)| v);
+        let from = after.unwrap_or(delivered);
+        let mut events = Vec::new();
+        if let Some(after) = after.filter(|&a| a < delivered) {
+            match replay(&mut store.kv(), &prefix, after, delivered) {
+                Ok(replayed) => events = replayed,
+                Err(reply) => return Some(reply),
+            }
+        }
+        // Registered first (live events only after `delivered`), so a link the replay overflows
+        // forgets it; then the reply, the replayed events, and later the live ones, in order.
+        self.clients.watches.entry(client).or_default().push(Watch {
+            tag,
+            prefix,
+            shard,
+            after: from.max(delivered),
+        });
+        self.send_client(client, Reply::Watching { from }.encode(tag));
+        for event in events {
+            self.send_client(client, Reply::Event(event).encode(tag));
+        }
+        None
     }
 
     fn status(&self) -> NodeStatus {
@@ -1853,4 +1934,223 @@ fn removed_members(view: &View, mask: u64) -> Vec<NodeId> {
         .filter(|&(rank, _)| mask & (1 << rank) != 0)
         .map(|(_, &node)| node)
         .collect()
+}
+
+/// Record payload a watch's replay reads from the log at most, in all; a watch further behind
+/// is refused (`Trimmed`), as if the log no longer held its versions.
+pub const WATCH_REPLAY_BYTES_MAX: usize = 64 << 20;
+/// Record payload one read of a watch's replay takes from the log at most.
+pub const WATCH_REPLAY_PIECE_BYTES_MAX: usize = 1 << 20;
+/// Records one read of a watch's replay takes from the log at most.
+pub const WATCH_REPLAY_PIECE_RECORDS_MAX: usize = 1024;
+
+/// The changes of K/V user keys starting with `prefix` in the versions after `after` up to
+/// `end` (delivered, so appended to the log), read from `machine`'s log in pieces, in version
+/// order, or the error reply to give.
+fn replay(
+    machine: &mut Machine,
+    prefix: &[u8],
+    after: Version,
+    end: Version,
+) -> Result<Vec<Event>, Reply> {
+    // Records still in the write buffer are not readable: hand them to the backend first.
+    machine
+        .log_mut()
+        .flush_buffer()
+        .map_err(|e| error(ErrorCode::Internal, &format!("flushing the log: {e}")))?;
+    let mut events = Vec::new();
+    let mut at = after;
+    let mut cursor = None;
+    let mut bytes = 0usize;
+    while at < end {
+        let (records, next) = match machine.log().read_records(
+            Some(at),
+            end,
+            WATCH_REPLAY_PIECE_BYTES_MAX,
+            WATCH_REPLAY_PIECE_RECORDS_MAX,
+            cursor,
+        ) {
+            Ok(read) => read,
+            Err(LogError::Trimmed { horizon, .. }) => {
+                return Err(error(
+                    ErrorCode::Trimmed,
+                    &format!(
+                        "cannot resume the watch after version {after}: the log holds only the \
+                         versions from {horizon} on"
+                    ),
+                ))
+            }
+            Err(e) => return Err(error(ErrorCode::Internal, &format!("reading the log: {e}"))),
+        };
+        let Some(last) = records.last() else {
+            return Err(error(
+                ErrorCode::Internal,
+                &format!("the log ends before delivered version {end}"),
+            ));
+        };
+        at = last.version;
+        cursor = next;
+        for r in records {
+            bytes += r.payload.len();
+            if bytes > WATCH_REPLAY_BYTES_MAX {
+                return Err(error(
+                    ErrorCode::Trimmed,
+                    &format!(
+                        "cannot resume the watch after version {after}: more than \
+                         {WATCH_REPLAY_BYTES_MAX} bytes of log to replay"
+                    ),
+                ));
+            }
+            let writes = parse_delta(&r.payload).map_err(|why| {
+                error(
+                    ErrorCode::Internal,
+                    &format!("the log record of version {}: {why}", r.version),
+                )
+            })?;
+            // In key order, the later of two writes of a key in force, as live events are.
+            let changed: std::collections::BTreeMap<Bytes, Option<Bytes>> = writes
+                .into_iter()
+                .filter(|(key, _)| is_kv_user_key(key) && key.starts_with(prefix))
+                .collect();
+            for (key, value) in changed {
+                {
+                    events.push(Event {
+                        version: r.version,
+                        hlc: r.hlc,
+                        key,
+                        value,
+                    });
+                }
+            }
+        }
+    }
+    Ok(events)
+}
+
+/// K/V user keys start with neither `0xFE` (file system) nor `0xFF` (the K/V store's own).
+fn is_kv_user_key(key: &[u8]) -> bool {
+    !matches!(key.first(), Some(0xFE | 0xFF))
+}
+
+/// The writes of a record's delta payload (`docs/FORMATS.md`, "Delta payload"), in order.
+fn parse_delta(payload: &Bytes) -> Result<Vec<(Bytes, Option<Bytes>)>, &'static str> {
+    let mut header = vec![0u8; derechofs_storage::record::RECORD_HEADER_LEN];
+    header.extend_from_slice(payload);
+    let mut spans = Vec::new();
+    derechofs_storage::record::parse_payload(&header, |w| spans.push(w))?;
+    let base = derechofs_storage::record::RECORD_HEADER_LEN;
+    Ok(spans
+        .into_iter()
+        .map(|w| {
+            let key_at = w.key_at as usize - base;
+            let key = payload.slice(key_at..key_at + w.key_len as usize);
+            let value = w.value_len.map(|len| {
+                let value_at = w.value_at as usize - base;
+                payload.slice(value_at..value_at + len as usize)
+            });
+            (key, value)
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The watch's replay against the live events of the same versions, the reference.
+    use std::sync::Arc;
+
+    use derechofs_core::kv::{KvOp, KvRequest};
+    use derechofs_storage::backend::MemoryBackend;
+    use derechofs_storage::{Log, LogConfig};
+
+    use super::*;
+
+    fn kv(client: u64, number: u64, op: KvOp) -> Bytes {
+        let mut b = vec![MACHINE_KV];
+        b.extend_from_slice(&KvRequest { client, number, op }.encode());
+        Bytes::from(b)
+    }
+
+    /// A machine that applied `versions` versions of puts and deletes under `a/` and `b/`;
+    /// the events a live watch of `a/` got, by version.
+    fn applied(versions: u64) -> (Machine, Vec<Event>) {
+        let config = LogConfig {
+            segment_bytes: 1 << 16,
+            ..LogConfig::default()
+        };
+        let log = Log::open(Arc::new(MemoryBackend::new()), config).unwrap();
+        let mut m = Machine::new(log, 1 << 20);
+        let mut live = Vec::new();
+        for v in 1..=versions {
+            let key = |p: &str, i: u64| Bytes::from(format!("{p}/{}", i % 7));
+            let mut payloads = vec![kv(
+                1,
+                v,
+                KvOp::Put {
+                    key: key("a", v),
+                    value: Bytes::from(format!("v{v}")),
+                },
+            )];
+            payloads.push(kv(
+                2,
+                v,
+                KvOp::Put {
+                    key: key("b", v),
+                    value: Bytes::from_static(b"x"),
+                },
+            ));
+            if v % 3 == 0 {
+                payloads.push(kv(
+                    3,
+                    v,
+                    KvOp::Delete {
+                        key: key("a", v + 2),
+                    },
+                ));
+            }
+            let hlc = Hlc {
+                wall_us: v,
+                logical: 0,
+            };
+            let done = m.apply(v, hlc, &payloads).unwrap();
+            live.extend(
+                done.changed
+                    .into_iter()
+                    .filter(|(k, _)| k.starts_with(b"a/"))
+                    .map(|(key, value)| Event {
+                        version: v,
+                        hlc,
+                        key,
+                        value,
+                    }),
+            );
+        }
+        (m, live)
+    }
+
+    #[test]
+    fn a_replay_after_any_version_equals_the_live_events_of_the_later_versions() {
+        // More records than one piece holds, and records still in the write buffer.
+        let (mut m, live) = applied(2500);
+        for after in [0, 1, 2, 1023, 1024, 1500, 2499, 2500] {
+            let replayed = replay(&mut m, b"a/", after, 2500).unwrap();
+            let expected: Vec<Event> = live.iter().filter(|e| e.version > after).cloned().collect();
+            assert_eq!(replayed, expected, "after {after}");
+        }
+    }
+
+    #[test]
+    fn a_replay_from_before_the_trim_horizon_is_refused_as_trimmed() {
+        let (mut m, _) = applied(50);
+        m.log_mut().sync().unwrap();
+        m.log_mut().trim(20).unwrap();
+        let horizon = m.log().horizon().map(|(v, _)| v).unwrap();
+        match replay(&mut m, b"a/", horizon - 1, 50) {
+            Err(Reply::Error {
+                code: ErrorCode::Trimmed,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        assert!(replay(&mut m, b"a/", horizon, 50).is_ok());
+    }
 }
