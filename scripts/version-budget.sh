@@ -7,7 +7,9 @@
 # Starts three `derechofs node` processes on 127.0.0.1 (binary: $DERECHOFS_BIN, default the debug
 # build under $CARGO_TARGET_DIR or target/) with `window = 1`, `layout.chunk_size = 2097152` and
 # `suspect_after_ms = 10000` (a debug build on a loaded machine can be slow to send heartbeats
-# while it applies large versions; this script is not about failures),
+# while it applies large versions; this script is not about failures; `SUSPECT_AFTER_MS=1000`
+# runs it with the default, and each node logs every version whose apply held its event loop
+# 100 ms or more),
 # runs the `version_budget` example of derechofs-client (CLIENTS clients, default 64, ROUNDS
 # rounds, default 3: one-byte writes into full chunks, each compacting a 2 MiB chunk, batched into
 # one version), stops the nodes by pid, and compares the three replicas' logs (`derechofs dump`).
@@ -42,7 +44,7 @@ for i in 1 2 3; do
   cat > "$W/n$i.toml" <<EOT
 node_id = $i
 window = 1
-suspect_after_ms = 10000
+suspect_after_ms = ${SUSPECT_AFTER_MS:-10000}
 listen = "127.0.0.1:${!port_var}"
 data_dir = "$W/data$i"
 members = [

@@ -37,6 +37,10 @@ use crate::protocol::{
 
 /// Interval between engine ticks.
 pub const TICK_MS: u64 = 2;
+
+/// Applying one version for this long or longer is logged: the event loop sent no heartbeat
+/// meanwhile.
+const SLOW_APPLY_MS: u64 = 100;
 /// Interval between attempts to dial a member that is not up yet.
 pub const DIAL_RETRY_MS: u64 = 100;
 /// Resume points of state transfers this node serves, one per member and shard at most; beyond
@@ -831,6 +835,7 @@ impl Driver {
         let mut out: Vec<(ClientId, Bytes)> = Vec::new();
         for d in deliveries {
             let payloads: Vec<Bytes> = d.requests.iter().map(|r| r.payload.clone()).collect();
+            let started = Instant::now();
             let applied =
                 store
                     .kv()
@@ -840,6 +845,18 @@ impl Driver {
                         version: d.version,
                         cause: anyhow::anyhow!("applying and appending the version: {e}"),
                     })?;
+            let took = started.elapsed();
+            if took >= Duration::from_millis(SLOW_APPLY_MS) {
+                // The event loop sent no heartbeat meanwhile; the engine does not count this
+                // pause as its peers' silence, but they may count it as this node's.
+                tracing::warn!(
+                    node = self.me,
+                    %shard,
+                    version = d.version,
+                    ms = took.as_millis() as u64,
+                    "applying one version held the event loop"
+                );
+            }
             if d.sender == self.me {
                 for (request, reply) in d.requests.iter().zip(&applied.replies) {
                     let Some(s) = self.clients.submitted.remove(&request.id) else {
