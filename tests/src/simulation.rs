@@ -749,7 +749,8 @@ struct Simulation {
     incarnation: Vec<u32>,
     /// Per node, per shard: its log.
     disks: Vec<Vec<Disk>>,
-    /// Per node, per shard: new to the shard and still catching up.
+    /// Per node, per shard: new to the shard and still catching up (kept through a crash and
+    /// restart: what its disk holds of such a shard is a partial transfer).
     catching_up: Vec<Vec<bool>>,
     /// Per shard: the indices of its members in the first view.
     members: Vec<Vec<usize>>,
@@ -1217,7 +1218,10 @@ impl Simulation {
             if let Some(last) = disk.records.last() {
                 held.push((shard, last.version, last.hlc));
             }
-            self.catching_up[node][s] = false;
+            // A shard it was still catching up stays new to it: its disk holds a partial
+            // transfer, not a log it persisted as a member, so a view that still lists it (until
+            // a change removes it) must not count it among the members whose logs bound the
+            // persistence frontier (`check_frontiers`). Rejoining, it is new to its shards anyway.
         }
         let contacts: Vec<NodeId> = (1..=self.nodes.len() as NodeId)
             .filter(|&c| c != id)
