@@ -367,6 +367,9 @@ pub struct ShardStatusInfo {
     pub versions: u64,
     /// Keys with a history in the log.
     pub keys: u64,
+    /// New to this node (or behind after a rejoin), its log still being brought up to date by
+    /// state transfer: the node serves no client request for it until this turns false.
+    pub catching_up: bool,
 }
 
 const KIND_LAYOUT: u8 = 1;
@@ -805,6 +808,7 @@ impl Reply {
                     b.put_u64_le(sh.pending_requests);
                     b.put_u64_le(sh.versions);
                     b.put_u64_le(sh.keys);
+                    b.put_u8(u8::from(sh.catching_up));
                 }
             }
             Reply::Error { code, message } => {
@@ -956,6 +960,7 @@ impl Reply {
                         pending_requests: r.u64()?,
                         versions: r.u64()?,
                         keys: r.u64()?,
+                        catching_up: r.bool()?,
                     });
                 }
                 Reply::Status(NodeStatus {
@@ -1111,6 +1116,7 @@ mod tests {
                     pending_requests: 0,
                     versions: 1,
                     keys: 2,
+                    catching_up: true,
                 }],
             }),
             Reply::Error {

@@ -286,6 +286,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             "pending".into(),
             "versions".into(),
             "keys".into(),
+            "serving".into(),
         ]];
         let now_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -301,7 +302,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                     if s.shards.is_empty() {
                         // A spare (or a node still joining): one row, with no shard.
                         let mut row = vec![node.to_string(), addr.to_string(), state.clone()];
-                        row.resize(11, "-".to_string());
+                        row.resize(12, "-".to_string());
                         table.push(row);
                     }
                     for sh in &s.shards {
@@ -332,6 +333,11 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                             sh.pending_requests.to_string(),
                             sh.versions.to_string(),
                             sh.keys.to_string(),
+                            if sh.catching_up {
+                                "catching-up".into()
+                            } else {
+                                "yes".into()
+                            },
                         ]);
                     }
                 }
@@ -342,7 +348,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                         addr.to_string(),
                         format!("unreachable: {e}"),
                     ];
-                    row.resize(11, String::new());
+                    row.resize(12, String::new());
                     table.push(row);
                 }
             }

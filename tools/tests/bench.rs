@@ -166,3 +166,38 @@ fn bench_restart_prints_a_row_per_size_whose_log_holds_what_was_written() {
     let (first, active) = (number(&row[3]), number(&row[4]));
     assert!(first > 0.0 && active > 0.0, "{out}");
 }
+
+#[test]
+fn bench_join_prints_a_row_where_the_spare_took_a_killed_members_shard_with_every_version() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = run(&[
+        "bench",
+        "join",
+        "--dir",
+        dir.path().to_str().expect("utf-8 path"),
+        "--mib",
+        "1",
+        "--writers",
+        "2",
+    ]);
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 1, "one row per size:\n{out}");
+    let row = &rows[0];
+    assert_eq!(row.len(), 11, "eleven columns:\n{out}");
+    let (written, versions, keys) = (number(&row[0]), number(&row[1]), number(&row[2]));
+    assert!(written >= 1.0, "{out}");
+    // 1 MiB of 64 KiB values under fresh keys: at least 16 keys reached the spare, in at
+    // least one version.
+    assert!(keys >= 16.0 && versions >= 1.0, "{out}");
+    let (victim, spare) = row[3].split_once(" → ").expect("killed → spare");
+    let (victim, spare) = (number(victim), number(spare));
+    assert!(victim != spare && (1.0..=4.0).contains(&victim) && (1.0..=4.0).contains(&spare));
+    let (new_view_ms, caught_up_s) = (number(&row[4]), number(&row[5]));
+    assert!(
+        caught_up_s * 1000.0 + 5.0 >= new_view_ms,
+        "caught up before holding the shard:\n{out}"
+    );
+    for cell in &row[7..10] {
+        number(cell);
+    }
+}

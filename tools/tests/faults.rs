@@ -339,6 +339,13 @@ fn t50_faults_a_spare_given_a_shard_by_a_view_change_gets_its_whole_history_by_s
         "node 4 did not catch up by transfer: {}",
         cluster.logs()
     );
+    // Caught up, node 4 says it serves the shard (`status`'s last column).
+    let status = cluster.status(&contacts).stdout;
+    let rows: Vec<&str> = status.lines().filter(|l| l.starts_with("4 ")).collect();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|l| l.trim_end().ends_with(" yes")),
+        "node 4 does not say it serves its shards: {status}"
+    );
     check_acked(&cluster, &contacts, &[1, 2, 4], &acked);
     // The logs of the shards agree entry for entry: the spare's copy is the shard's log.
     cluster.stop_all();

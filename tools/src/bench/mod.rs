@@ -3,6 +3,7 @@
 mod failover;
 mod files;
 mod histogram;
+mod join;
 mod kv;
 mod log;
 mod multicast;
@@ -39,6 +40,10 @@ pub enum Bench {
     /// each size is written, are all SIGKILLed and started again; time to the first write and
     /// to every node active.
     Restart(restart::Args),
+    /// State transfer of a real joiner: four node processes on loopback, the data shard filled
+    /// to each size, one of its members SIGKILLed; time until the spare that takes its place
+    /// has caught the shard up, while a probe writer goes on.
+    Join(join::Args),
 }
 
 /// Runs one benchmark.
@@ -52,5 +57,6 @@ pub fn run(bench: Bench) -> anyhow::Result<()> {
         Bench::Files(args) => files::run(args),
         Bench::Transfer(args) => transfer::run(args),
         Bench::Restart(args) => restart::run(args),
+        Bench::Join(args) => join::run(args),
     }
 }

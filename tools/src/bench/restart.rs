@@ -53,16 +53,31 @@ pub struct Args {
     dir: PathBuf,
 }
 
-/// The node processes of one run, killed by pid when dropped.
-struct Nodes {
+/// The node processes of one run (this same executable, `node --config DIR/nID.toml`), killed
+/// by pid when dropped. Shared with `bench join`.
+pub(super) struct Nodes {
     exe: PathBuf,
     dir: PathBuf,
     children: Vec<Option<Child>>,
 }
 
 impl Nodes {
+    /// Room for `count` nodes whose configurations are in `dir`; none started yet.
+    pub(super) fn new(exe: &Path, dir: &Path, count: usize) -> Nodes {
+        Nodes {
+            exe: exe.to_path_buf(),
+            dir: dir.to_path_buf(),
+            children: (0..count).map(|_| None).collect(),
+        }
+    }
+
+    /// The process id of node `id` (1-based), if it runs.
+    pub(super) fn pid(&self, id: usize) -> Option<u32> {
+        self.children[id - 1].as_ref().map(Child::id)
+    }
+
     /// Starts node `id` (1-based) on its configuration; its output is appended to its log.
-    fn start(&mut self, id: usize) -> anyhow::Result<()> {
+    pub(super) fn start(&mut self, id: usize) -> anyhow::Result<()> {
         let log = std::fs::File::options()
             .create(true)
             .append(true)
@@ -81,8 +96,17 @@ impl Nodes {
         Ok(())
     }
 
+    /// SIGKILLs node `id` (1-based) and reaps it.
+    pub(super) fn kill(&mut self, id: usize) -> anyhow::Result<()> {
+        if let Some(mut child) = self.children[id - 1].take() {
+            child.kill().with_context(|| format!("killing node {id}"))?;
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
     /// SIGKILLs every node and reaps it.
-    fn kill_all(&mut self) {
+    pub(super) fn kill_all(&mut self) {
         for child in self.children.iter_mut().flatten() {
             let _ = child.kill();
         }
@@ -188,7 +212,7 @@ fn dir_bytes(dir: &Path) -> u64 {
 }
 
 /// Writes `key` until one write is acknowledged; returns when, or fails after `timeout`.
-async fn first_write(
+pub(super) async fn first_write(
     contacts: &[String],
     secret: &Secret,
     timeout: Duration,
@@ -248,18 +272,15 @@ async fn all_active(
     }
 }
 
-async fn one_run(
-    args: &Args,
-    exe: &Path,
-    dir: &Path,
-    secret: &Secret,
-    mib: u64,
-) -> anyhow::Result<Run> {
+/// Writes the configurations `DIR/n1.toml` … of `count` nodes, all in `members`, listening on
+/// ports of `ip` the kernel picks, each with its data in `DIR/dataID` and the defaults for the
+/// rest; returns their addresses in id order.
+pub(super) fn write_configs(ip: &str, dir: &Path, count: usize) -> anyhow::Result<Vec<String>> {
     // Ports the kernel picks on the address, released just before the nodes bind them.
-    let listeners: Vec<TcpListener> = (0..NODES)
-        .map(|_| TcpListener::bind(format!("{}:0", args.ip)))
+    let listeners: Vec<TcpListener> = (0..count)
+        .map(|_| TcpListener::bind(format!("{ip}:0")))
         .collect::<Result<_, _>>()
-        .with_context(|| format!("binding ports on {}", args.ip))?;
+        .with_context(|| format!("binding ports on {ip}"))?;
     let addrs: Vec<String> = listeners
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
@@ -281,26 +302,25 @@ async fn one_run(
             ),
         )?;
     }
-    let mut nodes = Nodes {
-        exe: exe.to_path_buf(),
-        dir: dir.to_path_buf(),
-        children: (0..NODES).map(|_| None).collect(),
-    };
-    for id in 1..=NODES {
-        nodes.start(id)?;
-    }
-    first_write(&addrs, secret, FORMING_TIMEOUT).await?;
+    Ok(addrs)
+}
 
-    // Fill: closed-loop writers until `mib` MiB of values are acknowledged.
-    let target = mib << 20;
+/// Closed-loop writers, each its own client, put values of `value_bytes` under fresh keys
+/// `wW/N` until `target` bytes of values are acknowledged; returns the bytes acknowledged.
+pub(super) async fn fill(
+    contacts: &[String],
+    secret: &Secret,
+    target: u64,
+    value_bytes: usize,
+    writers: usize,
+) -> anyhow::Result<u64> {
     let written = Arc::new(AtomicU64::new(0));
-    let filling = Instant::now();
-    let mut writers = Vec::new();
-    for w in 0..args.writers {
-        let mut client = Client::connect(&addrs, secret.clone()).await?;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let mut client = Client::connect(contacts, secret.clone()).await?;
         let written = written.clone();
-        let value = Bytes::from(vec![b'x'; args.value_bytes]);
-        writers.push(tokio::spawn(async move {
+        let value = Bytes::from(vec![b'x'; value_bytes]);
+        tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while written.load(Ordering::Relaxed) < target {
                 let op = KvOp::Put {
@@ -318,9 +338,28 @@ async fn one_run(
             anyhow::Ok(())
         }));
     }
-    for w in writers {
-        w.await.context("a writer task")??;
+    for task in tasks {
+        task.await.context("a writer task")??;
     }
+    Ok(written.load(Ordering::Relaxed))
+}
+
+async fn one_run(
+    args: &Args,
+    exe: &Path,
+    dir: &Path,
+    secret: &Secret,
+    mib: u64,
+) -> anyhow::Result<Run> {
+    let addrs = write_configs(&args.ip, dir, NODES)?;
+    let mut nodes = Nodes::new(exe, dir, NODES);
+    for id in 1..=NODES {
+        nodes.start(id)?;
+    }
+    first_write(&addrs, secret, FORMING_TIMEOUT).await?;
+
+    let filling = Instant::now();
+    let written = fill(&addrs, secret, mib << 20, args.value_bytes, args.writers).await?;
     let fill = filling.elapsed();
 
     nodes.kill_all();
@@ -334,7 +373,7 @@ async fn one_run(
         all_active(&addrs, secret, RESTART_TIMEOUT)
     );
     Ok(Run {
-        written: written.load(Ordering::Relaxed),
+        written,
         log_bytes,
         fill,
         first_write: first?.duration_since(started),

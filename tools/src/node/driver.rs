@@ -1794,6 +1794,7 @@ impl Driver {
                     pending_requests: s.pending_requests as u64,
                     versions: kv.log().version_count() as u64,
                     keys: kv.log().key_count() as u64,
+                    catching_up: self.incomplete.contains(shard),
                 })
             })
             .collect();
