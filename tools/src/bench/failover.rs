@@ -7,7 +7,6 @@
 //! acknowledged in the next view, and the longest pause between two acknowledgements. Every
 //! process is stopped by its pid when the trial ends.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -199,35 +198,12 @@ async fn one_trial(
     secret: &Secret,
     victim: usize,
 ) -> anyhow::Result<Trial> {
-    // Ports the kernel picks on the address, released just before the nodes bind them.
-    let listeners: Vec<TcpListener> = (0..args.nodes)
-        .map(|_| TcpListener::bind(format!("{}:0", args.ip)))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("binding ports on {}", args.ip))?;
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().map(|a| a.to_string()))
-        .collect::<Result<_, _>>()?;
-    drop(listeners);
-    let members: Vec<String> = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("  {{ id = {}, addr = \"{a}\" }},", i + 1))
-        .collect();
+    let addrs = super::restart::write_configs(&args.ip, dir, args.nodes)?;
     let mut nodes = Nodes {
         children: Vec::new(),
     };
-    for (i, addr) in addrs.iter().enumerate() {
+    for i in 0..addrs.len() {
         let config = dir.join(format!("n{}.toml", i + 1));
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n",
-                i + 1,
-                dir.join(format!("data{}", i + 1)).display(),
-                members.join("\n")
-            ),
-        )?;
         let log = std::fs::File::create(dir.join(format!("node{}.log", i + 1)))?;
         let child = Command::new(exe)
             .arg("node")

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use derechofs_core::kv::KvOp;
 use derechofs_core::transport::Secret;
 
-use super::restart::{fill, first_write, write_configs, Nodes};
+use super::restart::{check_fill_args, fill, first_write, write_configs, Nodes};
 use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::table::Table;
@@ -39,8 +39,6 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(600);
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 /// Bytes of each value the probe writer puts.
 const PROBE_VALUE_BYTES: usize = 1024;
-/// Largest size accepted for one run, in MiB.
-const MIB_MAX: u64 = 16 << 10;
 
 /// Arguments of `derechofs bench join`.
 #[derive(Debug, clap::Args)]
@@ -92,24 +90,7 @@ struct Run {
 
 /// Runs the benchmark.
 pub fn run(args: Args) -> anyhow::Result<()> {
-    if !args.ip.starts_with("127.") {
-        bail!(
-            "--ip must be a loopback address (127.x.y.z), not {}",
-            args.ip
-        );
-    }
-    if args.value_bytes == 0 || args.value_bytes > 1 << 20 {
-        bail!(
-            "--value-bytes must be between 1 and 1048576, not {}",
-            args.value_bytes
-        );
-    }
-    if args.writers == 0 {
-        bail!("--writers must be at least 1");
-    }
-    if let Some(mib) = args.mib.iter().find(|&&m| m == 0 || m > MIB_MAX) {
-        bail!("--mib: each size must be between 1 and {MIB_MAX}, not {mib}");
-    }
+    check_fill_args(&args.ip, args.value_bytes, args.writers, &args.mib)?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let secret = NodeConfig::default().secret()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

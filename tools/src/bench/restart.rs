@@ -133,26 +133,32 @@ struct Run {
     all_active: Duration,
 }
 
-/// Runs the benchmark.
-pub fn run(args: Args) -> anyhow::Result<()> {
-    if !args.ip.starts_with("127.") {
-        bail!(
-            "--ip must be a loopback address (127.x.y.z), not {}",
-            args.ip
-        );
+/// Checks the options `bench restart` and `bench join` share: a loopback `ip`, values of 1 byte
+/// to 1 MiB, at least one writer, each size in MiB between 1 and [`MIB_MAX`].
+pub(super) fn check_fill_args(
+    ip: &str,
+    value_bytes: usize,
+    writers: usize,
+    mib: &[u64],
+) -> anyhow::Result<()> {
+    if !ip.starts_with("127.") {
+        bail!("--ip must be a loopback address (127.x.y.z), not {ip}");
     }
-    if args.value_bytes == 0 || args.value_bytes > 1 << 20 {
-        bail!(
-            "--value-bytes must be between 1 and 1048576, not {}",
-            args.value_bytes
-        );
+    if value_bytes == 0 || value_bytes > 1 << 20 {
+        bail!("--value-bytes must be between 1 and 1048576, not {value_bytes}");
     }
-    if args.writers == 0 {
+    if writers == 0 {
         bail!("--writers must be at least 1");
     }
-    if let Some(mib) = args.mib.iter().find(|&&m| m == 0 || m > MIB_MAX) {
-        bail!("--mib: each size must be between 1 and {MIB_MAX}, not {mib}");
+    if let Some(m) = mib.iter().find(|&&m| m == 0 || m > MIB_MAX) {
+        bail!("--mib: each size must be between 1 and {MIB_MAX}, not {m}");
     }
+    Ok(())
+}
+
+/// Runs the benchmark.
+pub fn run(args: Args) -> anyhow::Result<()> {
+    check_fill_args(&args.ip, args.value_bytes, args.writers, &args.mib)?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let secret = NodeConfig::default().secret()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
