@@ -16,11 +16,13 @@
 //! - [`RemoteShards::sync`] waits until every version this client had answered is durable on
 //!   every replica of its shard (the file system's `fsync`).
 //!
-//! The seam is synchronous (the mount calls it from its threads); the links run on a small tokio
-//! runtime of the client's own. A request runs on the calling thread: it writes itself to the
-//! link and sleeps until the link's reader hands it the reply. Many requests may be in flight at
-//! once over one link per member, each under its own tag (`read_many` sends several from one
-//! thread).
+//! The seam is synchronous (the mount calls it from its threads). Each calling thread outside any
+//! runtime has links of its own (under a client id of its own) and a single-threaded tokio
+//! runtime it drives itself: a request writes itself to the socket and the thread sleeps in
+//! `epoll_wait` until the reply is there, with no other thread woken (see `RemoteShards::block`).
+//! Calls from inside other runtimes use shared links on a small runtime of the client's own.
+//! Many requests may be in flight at once over one link, each under its own tag (`read_many`
+//! sends several from one thread, to one member when one replicates every shard read).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -51,6 +53,15 @@ pub const RETRY_PAUSE_MS: u64 = 5;
 pub const RETRY_PAUSE_MAX_MS: u64 = 200;
 /// Requests in flight on one link; more callers wait for a slot.
 pub const IN_FLIGHT_PER_LINK_MAX: usize = 1024;
+/// How long after a write was answered the reads of its shard go first to the member that
+/// answered it. Every replica delivers a version within a few milliseconds of the others in a
+/// healthy shard; a read sent to a replica that has not yet waits there until it has (it carries
+/// the version), so this only saves that wait, while after it the reads are spread over the
+/// replicas (a sequential reader then pulls from every replica at once).
+pub const WRITER_FIRST_MS: u64 = 100;
+/// Calling threads outside any runtime that get links and a runtime of their own (the
+/// mount's FUSE threads, at most 64, fit); calls from further threads share the client's.
+pub const THREAD_LINKS_MAX: usize = 64;
 /// Worker threads of the client's runtime.
 pub const RUNTIME_THREADS: usize = 2;
 
@@ -100,6 +111,24 @@ pub enum RemoteError {
     Layout(String),
 }
 
+/// The newest write this client had answered in a shard.
+#[derive(Clone, Copy, Debug)]
+struct Written {
+    version: Version,
+    /// The member that answered it, which had delivered it then.
+    node: NodeId,
+    at: Instant,
+}
+
+impl Written {
+    /// The member that answered the write, while it is recent enough that another member may
+    /// not have delivered it yet (a read sent there would wait for it): reads at the latest
+    /// state go there first for [`WRITER_FIRST_MS`], and are spread over the members after.
+    fn recent_node(&self) -> Option<NodeId> {
+        (self.at.elapsed() < Duration::from_millis(WRITER_FIRST_MS)).then_some(self.node)
+    }
+}
+
 /// One link to a member, shared by every request to it.
 #[derive(Debug)]
 struct Link {
@@ -110,28 +139,59 @@ struct Link {
     slots: tokio::sync::Semaphore,
 }
 
+/// One set of links to the members, under one client id, and what every set shares.
 #[derive(Debug)]
 struct Inner {
+    /// The id this set of links introduces itself with (a node keeps one link per id).
     id: ClientId,
+    links: tokio::sync::Mutex<HashMap<NodeId, Arc<Link>>>,
+    shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// What every set of links of one client shares: the view, the members down, the stamps, the
+/// versions written (read-your-writes holds across the sets).
+#[derive(Debug)]
+struct Shared {
     config: RemoteConfig,
     contacts: Vec<SocketAddr>,
     layout: Mutex<LayoutInfo>,
-    links: tokio::sync::Mutex<HashMap<NodeId, Arc<Link>>>,
     down: Mutex<HashMap<NodeId, Instant>>,
     /// The newest stamp this client has seen.
     seen: Mutex<Hlc>,
-    /// Per shard, the newest version this client had answered, and the member that answered
-    /// it (which had delivered it then).
-    written: Mutex<HashMap<SubgroupShard, (Version, NodeId)>>,
+    /// Per shard, the newest version this client had answered, the member that answered it
+    /// (which had delivered it then), and when.
+    written: Mutex<HashMap<SubgroupShard, Written>>,
     next_tag: AtomicU64,
     spread: AtomicUsize,
+    /// The turn of the next batch of reads going to one member ([`Inner::batch_member`]):
+    /// a counter of its own, so that batches go to the members in turn whatever number of
+    /// single requests [`Inner::call_shard`] counts meanwhile.
+    batch_turn: AtomicUsize,
 }
 
 /// The shards of a running cluster; see the module documentation.
 #[derive(Debug)]
 pub struct RemoteShards {
+    /// The links used from inside other runtimes, driven by `runtime`'s workers.
     inner: Arc<Inner>,
     fs_layout: FsLayout,
+    runtime: tokio::runtime::Runtime,
+    /// Per calling thread outside any runtime (at most [`THREAD_LINKS_MAX`]): its own links,
+    /// driven by its own single-threaded runtime on the thread itself.
+    locals: Mutex<HashMap<std::thread::ThreadId, Arc<Local>>>,
+}
+
+/// A calling thread's own links and the runtime it drives them with while it waits.
+#[derive(Debug)]
+struct Local {
+    inner: Arc<Inner>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -203,8 +263,7 @@ impl RemoteShards {
                 Err(e) => last = format!("{c}: {e}"),
             }
         }
-        let inner = Arc::new(Inner {
-            id: random_id(),
+        let shared = Arc::new(Shared {
             config,
             contacts,
             layout: Mutex::new(LayoutInfo {
@@ -213,12 +272,17 @@ impl RemoteShards {
                 shards: Vec::new(),
                 chunk_size: 0,
             }),
-            links: tokio::sync::Mutex::new(HashMap::new()),
             down: Mutex::new(HashMap::new()),
             seen: Mutex::new(Hlc::ZERO),
             written: Mutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
             spread: AtomicUsize::new(0),
+            batch_turn: AtomicUsize::new(0),
+        });
+        let inner = Arc::new(Inner {
+            id: random_id(),
+            links: tokio::sync::Mutex::new(HashMap::new()),
+            shared,
         });
         inner.spread.store(inner.id as usize, Ordering::Relaxed);
         let learnt = {
@@ -239,6 +303,7 @@ impl RemoteShards {
             inner,
             fs_layout,
             runtime,
+            locals: Mutex::new(HashMap::new()),
         })
     }
 
@@ -247,21 +312,65 @@ impl RemoteShards {
         lock(&self.inner.layout).clone()
     }
 
-    /// This client's id on its links.
+    /// This client's id on the links used from inside other runtimes (each calling thread
+    /// outside a runtime has links of its own, under ids of their own).
     pub fn client_id(&self) -> ClientId {
         self.inner.id
     }
 
-    /// Runs `f` within the client's runtime and waits for it, from any thread. On a thread
-    /// outside any runtime (the mount's threads), `f` runs on the calling thread itself: it
-    /// writes its request to the link and sleeps until the link's reader hands it the reply,
-    /// with no hop through a worker thread on either side. From inside another runtime (whose
-    /// thread it then blocks) it runs as a task on the client's workers.
-    fn block<T: Send + 'static>(&self, f: impl Future<Output = T> + Send + 'static) -> T {
+    /// The calling thread's own links and runtime, made on its first call; None once
+    /// [`THREAD_LINKS_MAX`] threads have theirs (or a runtime cannot start).
+    fn local(&self) -> Option<Arc<Local>> {
+        let me = std::thread::current().id();
+        let mut locals = lock(&self.locals);
+        if let Some(local) = locals.get(&me) {
+            return Some(local.clone());
+        }
+        if locals.len() >= THREAD_LINKS_MAX {
+            return None;
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::warn!(error = %e, "no runtime of the calling thread's own; using the shared one");
+                return None;
+            }
+        };
+        let local = Arc::new(Local {
+            inner: Arc::new(Inner {
+                id: random_id(),
+                links: tokio::sync::Mutex::new(HashMap::new()),
+                shared: self.inner.shared.clone(),
+            }),
+            runtime,
+        });
+        locals.insert(me, local.clone());
+        Some(local)
+    }
+
+    /// Runs `f` with a set of links and waits for it, from any thread. On a thread outside
+    /// any runtime (the mount's threads), `f` runs on the calling thread itself, over the
+    /// thread's own links, driven by the thread's own single-threaded runtime: it writes its
+    /// request to the socket, sleeps in `epoll_wait` until the reply arrives, and reads it,
+    /// with no other thread woken on the client's side. From inside another runtime (whose
+    /// thread it then blocks), or past [`THREAD_LINKS_MAX`] threads, it runs as a task on the
+    /// client's workers over the shared links.
+    fn block<T, F>(&self, f: impl FnOnce(Arc<Inner>) -> F) -> T
+    where
+        T: Send + 'static,
+        F: Future<Output = T> + Send + 'static,
+    {
         if tokio::runtime::Handle::try_current().is_err() {
-            return self.runtime.block_on(f);
+            if let Some(local) = self.local() {
+                return local.runtime.block_on(f(local.inner.clone()));
+            }
+            return self.runtime.block_on(f(self.inner.clone()));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let f = f(self.inner.clone());
         self.runtime.spawn(async move {
             let _ = tx.send(f.await);
         });
@@ -299,28 +408,37 @@ impl Shards for RemoteShards {
 
     fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes> {
         let shard = self.subgroup_shard(shard)?;
-        let inner = self.inner.clone();
-        self.block(async move { inner.submit(shard, request).await })
+        self.block(|inner| async move { inner.submit(shard, request).await })
     }
 
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
         let shard = self.subgroup_shard(shard)?;
-        let inner = self.inner.clone();
-        self.block(async move { inner.read(shard, at, request).await })
+        self.block(|inner| async move { inner.read(shard, at, request).await })
     }
 
-    /// Every read in flight at once, sent and awaited from the calling thread.
+    /// Every read in flight at once, sent and awaited from the calling thread, all to one
+    /// member when one replicates every shard read (a file read's attributes and chunk pieces
+    /// then wake one node, not two or three): see [`Inner::batch_member`].
     fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
-        let inner = self.inner.clone();
-        let calls: Vec<_> = reads
+        let reads: Vec<_> = reads
             .into_iter()
-            .map(|(shard, at, request)| {
-                let shard = self.subgroup_shard(shard);
-                let inner = inner.clone();
-                async move { inner.read(shard?, at, request).await }
-            })
+            .map(|(shard, at, request)| (self.subgroup_shard(shard), at, request))
             .collect();
-        self.block(join_all(calls))
+        let member = self.inner.batch_member(
+            reads
+                .iter()
+                .filter_map(|(shard, at, _)| shard.as_ref().ok().map(|shard| (*shard, *at))),
+        );
+        self.block(move |inner| {
+            let calls: Vec<_> = reads
+                .into_iter()
+                .map(|(shard, at, request)| {
+                    let inner = inner.clone();
+                    async move { inner.read_via(shard?, at, request, member).await }
+                })
+                .collect();
+            join_all(calls)
+        })
     }
 
     fn now_us(&self) -> u64 {
@@ -332,11 +450,10 @@ impl Shards for RemoteShards {
     fn sync(&self) -> FsResult<()> {
         let written: Vec<(SubgroupShard, Version)> = lock(&self.inner.written)
             .iter()
-            .map(|(s, (v, _))| (*s, *v))
+            .map(|(s, w)| (*s, w.version))
             .collect();
         for (shard, version) in written {
-            let inner = self.inner.clone();
-            let reply = self.block(async move {
+            let reply = self.block(|inner| async move {
                 let tag = inner.tag();
                 let bytes = Request::FsSync { shard, version }.encode(tag);
                 inner.call_shard(shard, tag, bytes, None).await
@@ -353,8 +470,7 @@ impl Shards for RemoteShards {
     /// space of the disk holding its data, and the smallest of each is the answer (each replica
     /// holds a whole copy of its shards). EIO if no member answers.
     fn space(&self) -> FsResult<Space> {
-        let inner = self.inner.clone();
-        self.block(async move {
+        self.block(|inner| async move {
             let members: Vec<NodeId> = lock(&inner.layout).members.iter().map(|m| m.0).collect();
             let mut space: Option<Space> = None;
             let mut last = String::from("the view has no members");
@@ -426,9 +542,18 @@ impl Inner {
             ) => {
                 self.saw(hlc);
                 let mut written = lock(&self.written);
-                let w = written.entry(shard).or_insert((version, node));
-                if version >= w.0 {
-                    *w = (version, node);
+                let now = Instant::now();
+                let w = written.entry(shard).or_insert(Written {
+                    version,
+                    node,
+                    at: now,
+                });
+                if version >= w.version {
+                    *w = Written {
+                        version,
+                        node,
+                        at: now,
+                    };
                 }
                 Ok(reply)
             }
@@ -443,15 +568,66 @@ impl Inner {
         at: ReadAt,
         request: Bytes,
     ) -> FsResult<Bytes> {
+        self.read_via(shard, at, request, None).await
+    }
+
+    /// One member that replicates every shard of a batch of reads, for all of them to go to:
+    /// the preferred member if it is one, else the member that answered this client's newest
+    /// write in one of the shards read at the latest state (it has delivered that write, so
+    /// it never waits for it), else the members in turn. None when no member replicates every
+    /// shard (each read then chooses its own).
+    fn batch_member(&self, reads: impl Iterator<Item = (SubgroupShard, ReadAt)>) -> Option<NodeId> {
+        let reads: Vec<(SubgroupShard, ReadAt)> = reads.collect();
+        let mut common: Option<Vec<NodeId>> = None;
+        {
+            let layout = lock(&self.layout);
+            for (shard, _) in &reads {
+                let members = layout.subgroup_shard(*shard)?.members.clone();
+                common = Some(match common {
+                    None => members,
+                    Some(c) => c.into_iter().filter(|m| members.contains(m)).collect(),
+                });
+            }
+        }
+        let common = common.filter(|c| !c.is_empty())?;
+        let usable = |m: NodeId| common.contains(&m) && !self.is_down(m);
+        if let Some(p) = self.config.prefer.filter(|p| usable(*p)) {
+            return Some(p);
+        }
+        let writer = {
+            let written = lock(&self.written);
+            reads
+                .iter()
+                .filter(|(_, at)| matches!(at, ReadAt::Latest))
+                .filter_map(|(shard, _)| written.get(shard).and_then(Written::recent_node))
+                .find(|node| usable(*node))
+        };
+        if writer.is_some() {
+            return writer;
+        }
+        let turn = self.batch_turn.fetch_add(1, Ordering::Relaxed);
+        Some(self.choose(&common, turn, 0))
+    }
+
+    /// A read of `shard`, to `member` first if given (else as [`Inner::read`] chooses).
+    async fn read_via(
+        self: Arc<Self>,
+        shard: SubgroupShard,
+        at: ReadAt,
+        request: Bytes,
+        member: Option<NodeId>,
+    ) -> FsResult<Bytes> {
         // Read-your-writes: at the latest state, a replica answers once it delivered the newest
         // version this client had answered in the shard. The member that answered it had
-        // delivered it, so the read goes there first instead of waiting at another replica.
-        let (after, first) = match at {
+        // delivered it, so the read goes there first instead of waiting at another replica
+        // (unless the batch it belongs to goes to one member).
+        let (after, writer) = match at {
             ReadAt::Latest => lock(&self.written)
                 .get(&shard)
-                .map_or((None, None), |&(v, node)| (Some(v), Some(node))),
+                .map_or((None, None), |w| (Some(w.version), w.recent_node())),
             _ => (None, None),
         };
+        let first = member.or(writer);
         let tag = self.tag();
         let bytes = Request::FsRead {
             shard,
