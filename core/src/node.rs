@@ -496,7 +496,28 @@ impl Node {
         out: &mut Vec<Action>,
     ) -> Result<(), StepError> {
         self.advance_clock(now_us);
-        let result = match input {
+        let result = self.handle(input, out);
+        self.progress(out);
+        result
+    }
+
+    /// Handles one input as [`Node::step`] does, without moving the engine on: nothing is
+    /// delivered, sent or pushed for it until the next step or [`Node::flush`]. A driver that
+    /// takes several messages at once hands them all this way and then flushes once, so that
+    /// what they make stable is delivered as one batch and each peer gets one row for them all
+    /// (a step per message delivers, persists and pushes a row for each).
+    pub fn step_queued(
+        &mut self,
+        now_us: u64,
+        input: Input,
+        out: &mut Vec<Action>,
+    ) -> Result<(), StepError> {
+        self.advance_clock(now_us);
+        self.handle(input, out)
+    }
+
+    fn handle(&mut self, input: Input, out: &mut Vec<Action>) -> Result<(), StepError> {
+        match input {
             Input::Tick if self.joining.is_some() => {
                 self.ask_to_join(out);
                 Ok(())
@@ -557,9 +578,7 @@ impl Node {
                 }
                 Ok(())
             }
-        };
-        self.progress(out);
-        result
+        }
     }
 
     /// Queues `request` for `shard` as [`Input::Submit`] does, without moving the engine on:

@@ -349,6 +349,91 @@ fn a_lone_sender_is_followed_by_nulls_that_create_no_version() {
     assert_eq!(cluster.nodes[2].counters().nulls_sent, 0);
 }
 
+/// Carries the messages in flight now (one hop), not those they cause.
+fn hop(cluster: &mut Cluster) {
+    let now: Vec<_> = cluster.wire.drain(..).collect();
+    for (from, to, message) in now {
+        let node = (to - 1) as usize;
+        cluster
+            .step(node, Input::Message { from, message })
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_message_after_the_nulls_of_idle_senders_is_delivered_everywhere_two_hops_after_it_leaves() {
+    let mut cluster = Cluster::new(3, |_| {});
+    // Node 2 (rank 1) sends; node 1's slot before it is filled by a null sent on arrival.
+    cluster.submit(1, 1, b"x");
+    hop(&mut cluster);
+    for node in 0..3 {
+        assert!(
+            cluster.delivered[node].is_empty(),
+            "not stable after one hop"
+        );
+    }
+    hop(&mut cluster);
+    for node in 0..3 {
+        assert_eq!(
+            cluster.payloads(node),
+            vec!["x"],
+            "node {} delivers once every member's row counts the message, without waiting \
+             for rows that count the null before it",
+            node + 1
+        );
+        assert_eq!(cluster.delivered[node][0].version, version_of(1, 1));
+    }
+    cluster.settle();
+    for node in 1..3 {
+        assert_eq!(cluster.delivered[node], cluster.delivered[0]);
+    }
+}
+
+#[test]
+fn a_ragged_trim_may_leave_out_a_null_a_survivor_delivered_and_the_logs_stay_equal() {
+    let mut cluster = Cluster::new(3, |c| c.suspect_after_ms = 200);
+    // Node 2 sends "x"; node 1 fills its slot with a null that reaches node 2 only, and
+    // crashes. Node 2 delivers the null and "x"; node 3 never receives the null, so the trim
+    // leaves it out, below what node 2 delivered.
+    cluster.submit(1, 1, b"x");
+    hop(&mut cluster);
+    let to_node_2: Vec<_> = cluster
+        .wire
+        .iter()
+        .filter(|(from, to, _)| *from == 1 && *to == 2)
+        .cloned()
+        .collect();
+    assert!(
+        to_node_2.iter().any(|(_, _, m)| is_data(m)),
+        "node 1 sent a null"
+    );
+    cluster.crash(0);
+    cluster.wire.extend(to_node_2);
+    cluster.settle();
+    assert_eq!(
+        cluster.payloads(1),
+        vec!["x"],
+        "node 2 delivered before the crash"
+    );
+    assert!(
+        cluster.payloads(2).is_empty(),
+        "node 3 waits for node 1's slot"
+    );
+    cluster.tick_until_suspected();
+    for node in 1..3 {
+        assert_eq!(
+            cluster.installed[node].len(),
+            1,
+            "node {} installed",
+            node + 1
+        );
+        assert_eq!(cluster.installed[node][0].members, vec![2, 3]);
+    }
+    assert_eq!(cluster.payloads(2), vec!["x"]);
+    assert_eq!(cluster.delivered[1], cluster.delivered[2]);
+    assert_eq!(cluster.logs[1], cluster.logs[2]);
+}
+
 #[test]
 fn stamps_strictly_increase_along_the_log_even_with_a_client_from_the_future() {
     let mut cluster = Cluster::new(3, |_| {});

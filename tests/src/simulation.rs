@@ -790,6 +790,9 @@ struct Simulation {
     restarts_ended: BTreeSet<u32>,
     trace: DefaultHasher,
     actions: Vec<Action>,
+    /// Per node: multicast messages were taken without moving the engine on (as the node's
+    /// driver takes every link event already waiting in one turn), and no step since.
+    unflushed: Vec<bool>,
 }
 
 /// Runs the cluster described by `options` to its end, checking every invariant after every
@@ -899,6 +902,7 @@ impl Simulation {
             restarts_ended: BTreeSet::new(),
             trace: DefaultHasher::new(),
             actions: Vec::new(),
+            unflushed: Vec::new(),
             nodes,
             members,
             network,
@@ -1084,11 +1088,24 @@ impl Simulation {
             Event::Message { from, to, frame } => {
                 let message = Message::decode(&frame)
                     .map_err(|e| Violation(format!("wire: a frame does not decode: {e}")))?;
+                // As the node's driver does: multicast messages taken in one turn with others
+                // waiting behind them move the engine on once, after the last.
+                let queued = matches!(message, Message::Data { .. } | Message::Row { .. })
+                    && self.queue.peek().is_some_and(|next| {
+                        next.time_us == self.time_us
+                            && matches!(next.event, Event::Message { to: t, .. } if t == to)
+                            && next.to.is_none_or(|(n, incarnation)| {
+                                !self.crashed[n] && self.incarnation[n] == incarnation
+                            })
+                    });
                 if self.network.loses(from, to, message.view_id()) {
+                    if !queued && self.unflushed.get(to).copied().unwrap_or(false) {
+                        return self.step_as(to, None, false);
+                    }
                     return Ok(());
                 }
                 let from = self.nodes[from].node_id();
-                self.step(to, Input::Message { from, message })
+                self.step_as(to, Some(Input::Message { from, message }), queued)
             }
             Event::Persisted {
                 node,
@@ -1394,13 +1411,35 @@ impl Simulation {
     }
 
     fn step(&mut self, node: usize, input: Input) -> Result<(), Violation> {
+        self.step_as(node, Some(input), false)
+    }
+
+    /// Steps `node` with `input`; without moving the engine on if `queued`; with no input,
+    /// moves it on (`Node::flush`).
+    fn step_as(
+        &mut self,
+        node: usize,
+        input: Option<Input>,
+        queued: bool,
+    ) -> Result<(), Violation> {
         let retry = match &input {
-            Input::Submit { shard, request } => Some((*shard, request.clone())),
+            Some(Input::Submit { shard, request }) => Some((*shard, request.clone())),
             _ => None,
         };
         let mut actions = std::mem::take(&mut self.actions);
         let now_us = self.local_now_us(node);
-        let result = self.nodes[node].step(now_us, input, &mut actions);
+        if self.unflushed.len() <= node {
+            self.unflushed.resize(node + 1, false);
+        }
+        self.unflushed[node] = queued;
+        let result = match input {
+            Some(input) if queued => self.nodes[node].step_queued(now_us, input, &mut actions),
+            Some(input) => self.nodes[node].step(now_us, input, &mut actions),
+            None => {
+                self.nodes[node].flush(now_us, &mut actions);
+                Ok(())
+            }
+        };
         match result {
             Ok(()) => {}
             Err(StepError::Submit(error)) if retry.is_some() => {

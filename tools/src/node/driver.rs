@@ -128,9 +128,10 @@ pub struct Driver {
     time_read_wait: Duration,
     /// Bytes of a file chunk, for the layout clients learn.
     chunk_size: u32,
-    /// Within a turn of link events: client writes are queued in the engine, not sent.
+    /// Within a turn of link events: client writes are queued in the engine, not sent, and
+    /// the multicast's messages are taken without moving the engine on.
     in_turn: bool,
-    /// Writes were queued this turn: the engine must be moved on at its end.
+    /// Writes or messages were queued this turn: the engine must be moved on at its end.
     queued: bool,
 }
 
@@ -332,6 +333,19 @@ impl Driver {
     /// returns the first step's own error, if any.
     async fn step(&mut self, input: Input) -> anyhow::Result<Option<StepError>> {
         self.advance(Some(input)).await
+    }
+
+    /// Hands the engine `input` without moving it on (`Node::step_queued`); the turn's
+    /// `flush` does. Carries out the actions the input itself caused.
+    async fn take_queued(&mut self, input: Input) -> anyhow::Result<Option<StepError>> {
+        let mut actions = std::mem::take(&mut self.actions);
+        let error = self.node.step_queued(now_us(), input, &mut actions).err();
+        self.queued = true;
+        let result = self.carry_out(&mut actions).await;
+        actions.clear();
+        self.actions = actions;
+        result?;
+        Ok(error)
     }
 
     /// Moves the engine on without a new input (sending the writes queued this turn), and
@@ -1033,7 +1047,18 @@ impl Driver {
                 ..
             } => match Message::decode(&bytes) {
                 Ok(message) if self.formed => {
-                    if let Some(e) = self.step(Input::Message { from, message }).await? {
+                    // Within a turn, the multicast's data and rows are taken without moving
+                    // the engine on: what they make stable is delivered, persisted and
+                    // counted in one row per peer at the end of the turn, not once each.
+                    let queued = self.in_turn
+                        && matches!(message, Message::Data { .. } | Message::Row { .. });
+                    let input = Input::Message { from, message };
+                    let refused = if queued {
+                        self.take_queued(input).await?
+                    } else {
+                        self.step(input).await?
+                    };
+                    if let Some(e) = refused {
                         tracing::debug!(node = self.me, error = %e, "message refused");
                     }
                 }
