@@ -872,6 +872,10 @@ impl<S: Shards> FileSystem<S> {
                 }
                 // Holes read as zeros; the last piece is cut at the size.
                 let keep = (end - pos).min(u64::from(want)) as usize;
+                if needed == 1 && bytes.len() >= keep {
+                    // The whole read in one piece, all bytes there: the reply's own buffer.
+                    return Ok(bytes.slice(..keep));
+                }
                 let have = bytes.len().min(keep);
                 out.extend_from_slice(&bytes[..have]);
                 out.resize(out.len() + (keep - have), 0);

@@ -1143,53 +1143,66 @@ impl DataRead {
 
 /// Encodes the answer to a read (namespace or data).
 pub fn encode_read_reply(reply: &Result<ReadReply, FsError>) -> Bytes {
-    let mut out = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(read_reply_len_hint(reply));
+    put_read_reply(&mut out, reply);
+    Bytes::from(out)
+}
+
+/// About the length of [`encode_read_reply`] of `reply` (exact or above for bytes).
+pub fn read_reply_len_hint(reply: &Result<ReadReply, FsError>) -> usize {
+    match reply {
+        Ok(ReadReply::Bytes(b)) => 1 + 10 + b.len(),
+        _ => 64,
+    }
+}
+
+/// Appends [`encode_read_reply`] of `reply` to `out`.
+pub fn put_read_reply(out: &mut Vec<u8>, reply: &Result<ReadReply, FsError>) {
     match reply {
         Err(e) => {
             out.push(READ_REPLY_ERR);
-            put_error(&mut out, e);
+            put_error(out, e);
         }
         Ok(ReadReply::Attr(a)) => {
             out.push(READ_REPLY_ATTR);
-            put_varint(&mut out, a.ino);
-            put_attr(&mut out, a);
+            put_varint(out, a.ino);
+            put_attr(out, a);
         }
         Ok(ReadReply::Dir { entries, more }) => {
             out.push(READ_REPLY_DIR);
             out.push(u8::from(*more));
-            put_varint(&mut out, entries.len() as u64);
+            put_varint(out, entries.len() as u64);
             for e in entries {
-                put_bytes(&mut out, &e.name);
-                put_varint(&mut out, e.ino);
+                put_bytes(out, &e.name);
+                put_varint(out, e.ino);
                 out.push(e.kind.code());
             }
         }
         Ok(ReadReply::Bytes(b)) => {
             out.push(READ_REPLY_BYTES);
-            put_bytes(&mut out, b);
+            put_bytes(out, b);
         }
         Ok(ReadReply::Names(names)) => {
             out.push(READ_REPLY_NAMES);
-            put_varint(&mut out, names.len() as u64);
+            put_varint(out, names.len() as u64);
             for n in names {
-                put_bytes(&mut out, n);
+                put_bytes(out, n);
             }
         }
         Ok(ReadReply::History(h)) => {
             out.push(READ_REPLY_HISTORY);
-            put_varint(&mut out, h.len() as u64);
+            put_varint(out, h.len() as u64);
             for e in h {
-                put_varint(&mut out, e.version);
-                put_varint(&mut out, e.hlc.wall_us);
-                put_varint(&mut out, u64::from(e.hlc.logical));
+                put_varint(out, e.version);
+                put_varint(out, e.hlc.wall_us);
+                put_varint(out, u64::from(e.hlc.logical));
             }
         }
         Ok(ReadReply::StatFs { inodes }) => {
             out.push(READ_REPLY_STATFS);
-            put_varint(&mut out, *inodes);
+            put_varint(out, *inodes);
         }
     }
-    Bytes::from(out)
 }
 
 /// Decodes the answer to a read. Never panics.

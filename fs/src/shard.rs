@@ -204,6 +204,19 @@ pub fn serve_read_cached<S: Store + ?Sized>(
     encode_read_reply(&answer(store, at, chunk_size, Some(cache), request))
 }
 
+/// [`serve_read_cached`]'s answer before encoding (its bytes shared with the log and the
+/// cache, not copied), for a caller that encodes it into a message of its own
+/// ([`crate::op::put_read_reply`]).
+pub fn answer_read_cached<S: Store + ?Sized>(
+    store: &S,
+    at: ReadAt,
+    chunk_size: u32,
+    cache: &ChunkCache,
+    request: &Bytes,
+) -> Result<crate::op::ReadReply, FsError> {
+    answer(store, at, chunk_size, Some(cache), request)
+}
+
 fn answer<S: Store + ?Sized>(
     store: &S,
     at: ReadAt,

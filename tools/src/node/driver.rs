@@ -948,8 +948,8 @@ impl Driver {
             let reads = std::mem::take(&mut self.clients.reads);
             for read in reads {
                 if self.ready(read.shard, read.until) {
-                    let reply = self.serve(read.shard, &read.what, read.at);
-                    out.push((read.client, reply.encode(read.tag)));
+                    let reply = self.serve(read.tag, read.shard, &read.what, read.at);
+                    out.push((read.client, reply));
                 } else {
                     self.clients.reads.push(read);
                 }
@@ -971,19 +971,19 @@ impl Driver {
         }
     }
 
-    fn serve(&self, shard: ShardId, what: &ReadWhat, at: ReadAt) -> Reply {
+    /// The reply message with `tag` to a read that can be answered now.
+    fn serve(&self, tag: u64, shard: ShardId, what: &ReadWhat, at: ReadAt) -> Bytes {
         match what {
-            ReadWhat::Kv(key) => self.serve_read(shard, key, at),
-            ReadWhat::Fs(request) => {
-                let Some(store) = self.stores.get(&shard) else {
-                    return error(
-                        ErrorCode::NotReplica,
-                        "this node does not replicate the shard",
-                    );
-                };
-                let (read_hlc, reply) = store.kv().read_fs(at, request);
-                Reply::FsValue { read_hlc, reply }
-            }
+            ReadWhat::Kv(key) => self.serve_read(shard, key, at).encode(tag),
+            ReadWhat::Fs(request) => match self.stores.get(&shard) {
+                // The bytes read go into the message without an intermediate reply.
+                Some(store) => store.kv().read_fs_message(tag, at, request),
+                None => error(
+                    ErrorCode::NotReplica,
+                    "this node does not replicate the shard",
+                )
+                .encode(tag),
+            },
         }
     }
 
@@ -1595,8 +1595,8 @@ impl Driver {
         self.read(client, tag, shard, ReadWhat::Kv(key), at, after)
     }
 
-    /// Answers a read now, or once this replica delivered `after` (or the version read at), or
-    /// once the stability frontier passed the time read at.
+    /// Answers a read now (sending the reply itself: None), or once this replica delivered
+    /// `after` (or the version read at), or once the stability frontier passed the time read at.
     fn read(
         &mut self,
         client: ClientId,
@@ -1630,7 +1630,11 @@ impl Driver {
                 });
                 None
             }
-            _ => Some(self.serve(shard, &what, at)),
+            _ => {
+                let reply = self.serve(tag, shard, &what, at);
+                self.send_client(client, reply);
+                None
+            }
         }
     }
 

@@ -158,12 +158,8 @@ impl Machine {
     /// Answers an encoded file system read at `at` from this replica's state, with a stamp the
     /// client may count as seen (the latest version's for `Latest`, the time for `Time`). The
     /// caller waits first, for a time, until the stability frontier passed it.
+    #[cfg(test)]
     pub fn read_fs(&self, at: ReadAt, request: &Bytes) -> (Hlc, Bytes) {
-        let seen = match at {
-            ReadAt::Latest => self.log().latest().map_or(Hlc::ZERO, |l| l.1),
-            ReadAt::Time(t) => t,
-            ReadAt::Version(_) => Hlc::ZERO,
-        };
         let reply = derechofs_fs::shard::serve_read_cached(
             self.log(),
             at,
@@ -171,7 +167,32 @@ impl Machine {
             &self.cache,
             request,
         );
-        (seen, reply)
+        (self.read_hlc(at), reply)
+    }
+
+    /// [`Machine::read_fs`] as the client's whole reply message with `tag` (`Reply::FsValue`),
+    /// the bytes read copied once, straight into it.
+    pub fn read_fs_message(&self, tag: u64, at: ReadAt, request: &Bytes) -> Bytes {
+        let answer = derechofs_fs::shard::answer_read_cached(
+            self.log(),
+            at,
+            self.chunk_size,
+            &self.cache,
+            request,
+        );
+        let hint = derechofs_fs::op::read_reply_len_hint(&answer);
+        derechofs_core::protocol::Reply::encode_fs_value_with(tag, self.read_hlc(at), hint, |out| {
+            derechofs_fs::op::put_read_reply(out, &answer)
+        })
+    }
+
+    /// The stamp a read at `at` answers (see [`Machine::read_fs`]).
+    fn read_hlc(&self, at: ReadAt) -> Hlc {
+        match at {
+            ReadAt::Latest => self.log().latest().map_or(Hlc::ZERO, |l| l.1),
+            ReadAt::Time(t) => t,
+            ReadAt::Version(_) => Hlc::ZERO,
+        }
     }
 }
 
