@@ -926,6 +926,101 @@ mod tests {
         }
     }
 
+    /// A client's state over `layout`, with no link.
+    fn inner_over(layout: LayoutInfo) -> Inner {
+        let secret = Secret::new(b"test".to_vec()).unwrap();
+        Inner {
+            id: 7,
+            links: tokio::sync::Mutex::new(HashMap::new()),
+            shared: Arc::new(Shared {
+                config: RemoteConfig::new(Vec::new(), secret),
+                contacts: Vec::new(),
+                layout: Mutex::new(layout),
+                down: Mutex::new(HashMap::new()),
+                seen: Mutex::new(Hlc::ZERO),
+                written: Mutex::new(HashMap::new()),
+                next_tag: AtomicU64::new(1),
+                spread: AtomicUsize::new(0),
+                batch_turn: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_batch_of_reads_goes_to_one_member_of_every_shard_read_in_turn_or_to_a_recent_writer() {
+        let shard = |id: u16, data: bool, index: u16, members: Vec<NodeId>| ShardInfo {
+            id,
+            data,
+            index,
+            members,
+        };
+        let inner = inner_over(LayoutInfo {
+            view_id: 1,
+            members: (1..=5)
+                .map(|n| (n, format!("127.0.0.1:{n}").parse().unwrap()))
+                .collect(),
+            shards: vec![
+                shard(0, false, 0, vec![1, 2, 3]),
+                shard(1, true, 0, vec![2, 3, 4]),
+                shard(2, true, 1, vec![5]),
+            ],
+            chunk_size: 1 << 20,
+        });
+        let ns = SubgroupShard {
+            data: false,
+            index: 0,
+        };
+        let (d0, d1) = (
+            SubgroupShard {
+                data: true,
+                index: 0,
+            },
+            SubgroupShard {
+                data: true,
+                index: 1,
+            },
+        );
+        let latest = |shards: &[SubgroupShard]| {
+            inner.batch_member(shards.iter().map(|s| (*s, ReadAt::Latest)))
+        };
+        let chosen: Vec<Option<NodeId>> = (0..4).map(|_| latest(&[ns, d0])).collect();
+        assert!(
+            chosen.iter().all(|m| matches!(m, Some(2 | 3))),
+            "{chosen:?}"
+        );
+        assert!(
+            chosen.contains(&Some(2)) && chosen.contains(&Some(3)),
+            "{chosen:?}"
+        );
+        assert_eq!(latest(&[ns, d1]), None, "no member replicates both shards");
+        // A write just answered by member 3 draws the reads at the latest state there...
+        lock(&inner.written).insert(
+            d0,
+            Written {
+                version: 9,
+                node: 3,
+                at: Instant::now(),
+            },
+        );
+        for _ in 0..4 {
+            assert_eq!(latest(&[ns, d0]), Some(3));
+        }
+        // ...but not reads at a time, nor once the write is no longer recent.
+        let at_time = (0..4)
+            .map(|_| {
+                inner.batch_member(
+                    [(ns, ReadAt::Time(Hlc::ZERO)), (d0, ReadAt::Time(Hlc::ZERO))].into_iter(),
+                )
+            })
+            .collect::<Vec<_>>();
+        assert!(at_time.contains(&Some(2)), "{at_time:?}");
+        if let Some(old) = Instant::now().checked_sub(Duration::from_millis(WRITER_FIRST_MS + 1)) {
+            lock(&inner.written).get_mut(&d0).unwrap().at = old;
+            let chosen: Vec<Option<NodeId>> = (0..4).map(|_| latest(&[ns, d0])).collect();
+            assert!(chosen.contains(&Some(2)), "{chosen:?}");
+        }
+    }
+
     #[test]
     fn a_layout_serves_the_file_system_only_with_a_namespace_shard_every_data_shard_and_a_chunk_size(
     ) {
