@@ -15,6 +15,11 @@
 //!   replica waits until its stability frontier passed it, or answers `TimedOut` (EAGAIN).
 //! - [`RemoteShards::sync`] waits until every version this client had answered is durable on
 //!   every replica of its shard (the file system's `fsync`).
+//! - With [`RemoteConfig::attr_cache`], a task keeps a feed of the namespace shard's changes
+//!   (`FsWatch`) on a link of its own to a member of the namespace shard and applies it to an
+//!   [`AttrCache`] (`derechofs_fs::attr_cache`); when the feed ends (the link broke, the member
+//!   left the shard, a view change) the cache is cleared and the task subscribes again, to
+//!   another member after a pause that doubles up to [`FEED_PAUSE_MAX_MS`].
 //!
 //! The seam is synchronous (the mount calls it from its threads). Each calling thread outside any
 //! runtime has links of its own (under a client id of its own) and a single-threaded tokio
@@ -36,8 +41,9 @@ use derechofs_core::kv::ReadAt;
 use derechofs_core::protocol::{ErrorCode, LayoutInfo, Reply, Request, SubgroupShard};
 use derechofs_core::transport::{ClientConn, ClientId, ClientReceiver, ClientSender, Secret};
 use derechofs_core::{Hlc, NodeId, Version};
+use derechofs_fs::attr_cache::CacheStats;
 use derechofs_fs::chunk::check_chunk_size;
-use derechofs_fs::{fs_err, FsError, FsLayout, FsResult, ShardRef, Shards, Space};
+use derechofs_fs::{fs_err, AttrCache, FsError, FsLayout, FsResult, ShardRef, Shards, Space};
 use tokio::sync::oneshot;
 
 /// Default time one attempt at a request may take before the client tries another member; above
@@ -64,6 +70,8 @@ pub const WRITER_FIRST_MS: u64 = 100;
 pub const THREAD_LINKS_MAX: usize = 64;
 /// Worker threads of the client's runtime.
 pub const RUNTIME_THREADS: usize = 2;
+/// Longest pause before the namespace feed subscribes again after it ended.
+pub const FEED_PAUSE_MAX_MS: u64 = 1_000;
 
 /// How to reach a cluster.
 #[derive(Clone, Debug)]
@@ -81,6 +89,10 @@ pub struct RemoteConfig {
     /// Send requests to this member whenever it replicates the shard and is reachable (data
     /// locality, or a test that reads through one replica).
     pub prefer: Option<NodeId>,
+    /// Keep a cache of live attributes and names coherent with the namespace feed, which the
+    /// file system answers `getattr` and `lookup` from while the feed is caught up
+    /// (docs/SEMANTICS.md). Off: every one is a read of the cluster.
+    pub attr_cache: bool,
 }
 
 impl RemoteConfig {
@@ -93,6 +105,7 @@ impl RemoteConfig {
             retry_window_ms: RETRY_WINDOW_MS_DEFAULT,
             durable_writes: false,
             prefer: None,
+            attr_cache: true,
         }
     }
 }
@@ -174,6 +187,8 @@ struct Shared {
     /// a counter of its own, so that batches go to the members in turn whatever number of
     /// single requests [`Inner::call_shard`] counts meanwhile.
     batch_turn: AtomicUsize,
+    /// Live attributes and names, kept coherent by the namespace feed.
+    cache: AttrCache,
 }
 
 /// The shards of a running cluster; see the module documentation.
@@ -278,6 +293,7 @@ impl RemoteShards {
             next_tag: AtomicU64::new(1),
             spread: AtomicUsize::new(0),
             batch_turn: AtomicUsize::new(0),
+            cache: AttrCache::new(),
         });
         let inner = Arc::new(Inner {
             id: random_id(),
@@ -299,6 +315,9 @@ impl RemoteShards {
             }
         };
         let fs_layout = fs_layout(&layout).map_err(RemoteError::Layout)?;
+        if inner.config.attr_cache {
+            runtime.spawn(run_feed(inner.clone()));
+        }
         Ok(RemoteShards {
             inner,
             fs_layout,
@@ -316,6 +335,21 @@ impl RemoteShards {
     /// outside a runtime has links of its own, under ids of their own).
     pub fn client_id(&self) -> ClientId {
         self.inner.id
+    }
+
+    /// The newest version of the namespace shard this client had answered (its own writes).
+    pub fn namespace_version(&self) -> Option<Version> {
+        let namespace = SubgroupShard {
+            data: false,
+            index: 0,
+        };
+        lock(&self.inner.written).get(&namespace).map(|w| w.version)
+    }
+
+    /// The attribute cache's counters and its feed's position (`None` while no feed is
+    /// subscribed).
+    pub fn cache_stats(&self) -> CacheStats {
+        self.inner.cache.stats()
     }
 
     /// The calling thread's own links and runtime, made on its first call; None once
@@ -407,13 +441,34 @@ impl Shards for RemoteShards {
     }
 
     fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes> {
-        let shard = self.subgroup_shard(shard)?;
-        self.block(|inner| async move { inner.submit(shard, request).await })
+        self.submit_versioned(shard, request)
+            .map(|(reply, _)| reply)
     }
 
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
+        self.read_versioned(shard, at, request)
+            .map(|(reply, _)| reply)
+    }
+
+    fn submit_versioned(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        let shard = self.subgroup_shard(shard)?;
+        self.block(|inner| async move { inner.submit(shard, request).await })
+            .map(|(reply, version)| (reply, Some(version)))
+    }
+
+    fn read_versioned(
+        &self,
+        shard: ShardRef,
+        at: ReadAt,
+        request: Bytes,
+    ) -> FsResult<(Bytes, Option<u64>)> {
         let shard = self.subgroup_shard(shard)?;
         self.block(|inner| async move { inner.read(shard, at, request).await })
+            .map(|(reply, version)| (reply, (version > 0).then_some(version)))
+    }
+
+    fn attr_cache(&self) -> Option<&AttrCache> {
+        self.inner.config.attr_cache.then_some(&self.inner.cache)
     }
 
     /// Every read in flight at once, sent and awaited from the calling thread, all to one
@@ -434,7 +489,12 @@ impl Shards for RemoteShards {
                 .into_iter()
                 .map(|(shard, at, request)| {
                     let inner = inner.clone();
-                    async move { inner.read_via(shard?, at, request, member).await }
+                    async move {
+                        inner
+                            .read_via(shard?, at, request, member)
+                            .await
+                            .map(|(reply, _)| reply)
+                    }
                 })
                 .collect();
             join_all(calls)
@@ -526,7 +586,11 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
 
 impl Inner {
     /// `Shards::submit` of one request to `shard`.
-    async fn submit(self: Arc<Self>, shard: SubgroupShard, request: Bytes) -> FsResult<Bytes> {
+    async fn submit(
+        self: Arc<Self>,
+        shard: SubgroupShard,
+        request: Bytes,
+    ) -> FsResult<(Bytes, Version)> {
         let tag = self.tag();
         let hlc = lock(&self.seen).tick();
         let durable = self.config.durable_writes;
@@ -555,7 +619,11 @@ impl Inner {
                         at: now,
                     };
                 }
-                Ok(reply)
+                drop(written);
+                if !shard.data {
+                    self.cache.saw(version);
+                }
+                Ok((reply, version))
             }
             (_, other) => Err(unexpected(&other)),
         }
@@ -567,7 +635,7 @@ impl Inner {
         shard: SubgroupShard,
         at: ReadAt,
         request: Bytes,
-    ) -> FsResult<Bytes> {
+    ) -> FsResult<(Bytes, Version)> {
         self.read_via(shard, at, request, None).await
     }
 
@@ -616,7 +684,7 @@ impl Inner {
         at: ReadAt,
         request: Bytes,
         member: Option<NodeId>,
-    ) -> FsResult<Bytes> {
+    ) -> FsResult<(Bytes, Version)> {
         // Read-your-writes: at the latest state, a replica answers once it delivered the newest
         // version this client had answered in the shard. The member that answered it had
         // delivered it, so the read goes there first instead of waiting at another replica
@@ -637,9 +705,21 @@ impl Inner {
         }
         .encode(tag);
         match self.call_shard(shard, tag, bytes, first).await? {
-            (_, Reply::FsValue { read_hlc, reply }) => {
+            (
+                _,
+                Reply::FsValue {
+                    read_version,
+                    read_hlc,
+                    reply,
+                },
+            ) => {
                 self.saw(read_hlc);
-                Ok(reply)
+                if !shard.data && at == ReadAt::Latest {
+                    // Every namespace state this client sees holds the cache back until the
+                    // feed has reported it (docs/SEMANTICS.md).
+                    self.cache.saw(read_version);
+                }
+                Ok((reply, read_version))
             }
             (_, other) => Err(unexpected(&other)),
         }
@@ -875,6 +955,97 @@ impl Inner {
     }
 }
 
+/// Keeps the namespace feed: subscribes on a link of its own to a member of the namespace
+/// shard, applies what it reports to the cache, and when it ends clears the cache and
+/// subscribes again (to the members in turn, after a pause). Runs until the runtime stops.
+async fn run_feed(inner: Arc<Inner>) {
+    let namespace = SubgroupShard {
+        data: false,
+        index: 0,
+    };
+    let spread = inner.spread.fetch_add(1, Ordering::Relaxed);
+    let mut pause = RETRY_PAUSE_MS;
+    for attempt in 0usize.. {
+        let members = lock(&inner.layout)
+            .subgroup_shard(namespace)
+            .map(|s| s.members.clone())
+            .unwrap_or_default();
+        let why = if members.is_empty() {
+            "the view has no member for the namespace shard".to_string()
+        } else {
+            let node = inner.choose(&members, spread, attempt);
+            let (why, subscribed) = feed_once(&inner, node).await;
+            if subscribed {
+                pause = RETRY_PAUSE_MS;
+            }
+            why
+        };
+        inner.cache.broken();
+        tracing::debug!(%why, "the namespace feed ended; the attribute cache is cleared");
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        pause = (pause * 2).min(FEED_PAUSE_MAX_MS);
+        inner.refresh_layout().await;
+    }
+}
+
+/// One subscription of the namespace feed at `node`, until it ends: why it ended, and whether
+/// it was subscribed.
+async fn feed_once(inner: &Arc<Inner>, node: NodeId) -> (String, bool) {
+    let Some(addr) = lock(&inner.layout).addr_of(node) else {
+        return (format!("node {node} has no address in the view"), false);
+    };
+    // A link of its own, under an id of its own: the feed's frames never queue behind replies.
+    let conn = match ClientConn::connect(addr, random_id(), &inner.config.secret, Some(node)).await
+    {
+        Ok(conn) => conn,
+        Err(e) => {
+            lock(&inner.down).insert(node, Instant::now());
+            return (format!("node {node} at {addr}: {e}"), false);
+        }
+    };
+    let (mut sender, mut receiver) = conn.into_split();
+    const FEED_TAG: u64 = 1;
+    if let Err(e) = sender.send(0, &Request::FsWatch.encode(FEED_TAG)).await {
+        return (format!("node {node}: {e}"), false);
+    }
+    let mut subscribed = false;
+    loop {
+        let frame = match receiver.recv().await {
+            Ok((_, frame)) => frame,
+            Err(e) => {
+                return (
+                    format!("the feed's link to node {node} ended: {e}"),
+                    subscribed,
+                )
+            }
+        };
+        match Reply::decode(frame) {
+            Ok((FEED_TAG, Reply::Watching { from })) if !subscribed => {
+                inner.cache.subscribed(from);
+                subscribed = true;
+            }
+            Ok((
+                FEED_TAG,
+                Reply::FsChanged {
+                    version,
+                    inodes,
+                    entries,
+                },
+            )) if subscribed => inner.cache.changed(version, &inodes, &entries),
+            Ok((_, Reply::Error { code, message })) => {
+                return (format!("node {node}: {code:?}: {message}"), subscribed)
+            }
+            Ok((tag, other)) => {
+                return (
+                    format!("node {node} sent {other:?} under tag {tag} on the feed"),
+                    subscribed,
+                )
+            }
+            Err(e) => return (format!("node {node}: undecodable: {e}"), subscribed),
+        }
+    }
+}
+
 /// Hands each reply on `link` to the request waiting for its tag, until the link ends; then
 /// marks it dead and drops every waiter (who then try another member).
 async fn read_replies(link: Arc<Link>, mut receiver: ClientReceiver) {
@@ -942,6 +1113,7 @@ mod tests {
                 next_tag: AtomicU64::new(1),
                 spread: AtomicUsize::new(0),
                 batch_turn: AtomicUsize::new(0),
+                cache: AttrCache::new(),
             }),
         }
     }

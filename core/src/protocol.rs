@@ -27,7 +27,7 @@ use crate::kv::{KvReply, ReadAt, Versioned};
 use crate::{Hlc, NodeId, Version};
 
 /// The protocol version this build speaks; a message with another one is refused.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 /// Entries of a history reply; older ones are left out (the reply says so).
 pub const HISTORY_ENTRIES_MAX: usize = 100_000;
 /// Watches one client may have on one node.
@@ -128,6 +128,12 @@ pub enum Request {
     },
     /// The size and free space of the file system holding this node's data directory.
     Space,
+    /// Stream, for every version of the file system's namespace shard (the namespace
+    /// subgroup's shard 0) this node delivers after the registration, the inodes whose
+    /// records that version changed ([`Reply::FsChanged`]), in version order: what keeps a
+    /// client's attribute cache coherent. Answered `Watching { from }` first (the node's
+    /// delivered version).
+    FsWatch,
 }
 
 /// A reply or notification from a node.
@@ -172,6 +178,9 @@ pub enum Reply {
     },
     /// The answer to `FsRead`.
     FsValue {
+        /// The version whose state was read, for a read at the latest state (zero: before the
+        /// first version, or a read at a time or version).
+        read_version: Version,
         /// The stamp of the last version at or below the state read (zero: none).
         read_hlc: Hlc,
         /// The file system read reply encoding.
@@ -179,6 +188,17 @@ pub enum Reply {
     },
     /// The answer to `FsSync`: the version is durable on every replica.
     FsSynced,
+    /// A version of the namespace shard was delivered (`FsWatch`): the inodes whose records it
+    /// changed and the directory entries it added, replaced or removed (both empty when it
+    /// changed neither).
+    FsChanged {
+        /// The version.
+        version: Version,
+        /// The inodes, ascending, each once.
+        inodes: Vec<u64>,
+        /// The entries as (directory inode, name), in key order, each once.
+        entries: Vec<(u64, Bytes)>,
+    },
     /// The answer to `Space`.
     Space {
         /// Bytes in all.
@@ -382,6 +402,7 @@ const KIND_FS_SUBMIT: u8 = 7;
 const KIND_FS_READ: u8 = 8;
 const KIND_FS_SYNC: u8 = 9;
 const KIND_SPACE: u8 = 10;
+const KIND_FS_WATCH: u8 = 11;
 
 const REPLY_LAYOUT: u8 = 0x81;
 const REPLY_WRITTEN: u8 = 0x82;
@@ -395,6 +416,7 @@ const REPLY_FS_WRITTEN: u8 = 0x89;
 const REPLY_FS_VALUE: u8 = 0x8A;
 const REPLY_FS_SYNCED: u8 = 0x8B;
 const REPLY_SPACE: u8 = 0x8C;
+const REPLY_FS_CHANGED: u8 = 0x8D;
 
 const AT_LATEST: u8 = 0;
 const AT_VERSION: u8 = 1;
@@ -635,6 +657,7 @@ impl Request {
                 b.put_u64_le(*version);
             }
             Request::Space => b = header(KIND_SPACE, tag),
+            Request::FsWatch => b = header(KIND_FS_WATCH, tag),
         }
         b.freeze()
     }
@@ -716,6 +739,7 @@ impl Request {
                 version: r.u64()?,
             },
             KIND_SPACE => Request::Space,
+            KIND_FS_WATCH => Request::FsWatch,
             _ => return Err(ProtocolError("unknown request kind")),
         };
         r.end()?;
@@ -724,21 +748,24 @@ impl Request {
 }
 
 impl Reply {
-    /// The bytes [`Reply::encode`] gives for `Reply::FsValue { read_hlc, reply }`, with `reply`
+    /// The bytes [`Reply::encode`] gives for `Reply::FsValue { read_version, read_hlc, reply }`,
+    /// with `reply`
     /// appended by `put` straight into the message's one buffer (of `reply_len_hint` bytes
     /// more than the header, to start with): a read's bytes are copied once on their way to the
     /// link instead of into a reply and then into the message.
     pub fn encode_fs_value_with(
         tag: u64,
+        read_version: Version,
         read_hlc: Hlc,
         reply_len_hint: usize,
         put: impl FnOnce(&mut Vec<u8>),
     ) -> Bytes {
-        const HEAD: usize = 1 + 1 + 8 + 8 + 4 + 4;
+        const HEAD: usize = 1 + 1 + 8 + 8 + 8 + 4 + 4;
         let mut b = Vec::with_capacity(HEAD + reply_len_hint);
         b.push(PROTOCOL_VERSION);
         b.push(REPLY_FS_VALUE);
         b.extend_from_slice(&tag.to_le_bytes());
+        b.extend_from_slice(&read_version.to_le_bytes());
         b.extend_from_slice(&read_hlc.wall_us.to_le_bytes());
         b.extend_from_slice(&read_hlc.logical.to_le_bytes());
         let len_at = b.len();
@@ -853,12 +880,35 @@ impl Reply {
                 put_hlc(&mut b, *hlc);
                 put_bytes(&mut b, reply);
             }
-            Reply::FsValue { read_hlc, reply } => {
+            Reply::FsValue {
+                read_version,
+                read_hlc,
+                reply,
+            } => {
                 b = header(REPLY_FS_VALUE, tag);
+                b.put_u64_le(*read_version);
                 put_hlc(&mut b, *read_hlc);
                 put_bytes(&mut b, reply);
             }
             Reply::FsSynced => b = header(REPLY_FS_SYNCED, tag),
+            Reply::FsChanged {
+                version,
+                inodes,
+                entries,
+            } => {
+                b = header(REPLY_FS_CHANGED, tag);
+                b.reserve(16 + 8 * inodes.len() + 16 * entries.len());
+                b.put_u64_le(*version);
+                b.put_u32_le(inodes.len() as u32);
+                for ino in inodes {
+                    b.put_u64_le(*ino);
+                }
+                b.put_u32_le(entries.len() as u32);
+                for (parent, name) in entries {
+                    b.put_u64_le(*parent);
+                    put_bytes(&mut b, name);
+                }
+            }
             Reply::Space {
                 total_bytes,
                 free_bytes,
@@ -1008,10 +1058,32 @@ impl Reply {
                 reply: r.bytes()?,
             },
             REPLY_FS_VALUE => Reply::FsValue {
+                read_version: r.u64()?,
                 read_hlc: r.hlc()?,
                 reply: r.bytes()?,
             },
             REPLY_FS_SYNCED => Reply::FsSynced,
+            REPLY_FS_CHANGED => {
+                let version = r.u64()?;
+                let n = r.u32()? as usize;
+                let n = r.count(n, 8)?;
+                let mut inodes = Vec::with_capacity(n);
+                for _ in 0..n {
+                    inodes.push(r.u64()?);
+                }
+                let n = r.u32()? as usize;
+                let n = r.count(n, 12)?;
+                let mut entries = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let parent = r.u64()?;
+                    entries.push((parent, r.bytes()?));
+                }
+                Reply::FsChanged {
+                    version,
+                    inodes,
+                    entries,
+                }
+            }
             REPLY_SPACE => Reply::Space {
                 total_bytes: r.u64()?,
                 free_bytes: r.u64()?,
@@ -1035,11 +1107,12 @@ mod tests {
         };
         for reply in [&b""[..], b"x", &[9u8; 70_000][..]] {
             for hint in [0, 3, reply.len() + 100] {
-                let direct = Reply::encode_fs_value_with(42, read_hlc, hint, |out| {
+                let direct = Reply::encode_fs_value_with(42, 17, read_hlc, hint, |out| {
                     out.extend_from_slice(&reply[..reply.len() / 2]);
                     out.extend_from_slice(&reply[reply.len() / 2..]);
                 });
                 let whole = Reply::FsValue {
+                    read_version: 17,
                     read_hlc,
                     reply: Bytes::copy_from_slice(reply),
                 }
@@ -1050,6 +1123,7 @@ mod tests {
                     (
                         42,
                         Reply::FsValue {
+                            read_version: 17,
                             read_hlc,
                             reply: Bytes::copy_from_slice(reply)
                         }
@@ -1120,6 +1194,7 @@ mod tests {
                 version: 13,
             },
             Request::Space,
+            Request::FsWatch,
         ]
     }
 
@@ -1188,10 +1263,21 @@ mod tests {
                 reply: Bytes::from_static(b"reply"),
             },
             Reply::FsValue {
+                read_version: 7,
                 read_hlc: Hlc::ZERO,
                 reply: Bytes::from_static(b"value"),
             },
             Reply::FsSynced,
+            Reply::FsChanged {
+                version: 9,
+                inodes: vec![1, 5, u64::MAX],
+                entries: vec![(1, Bytes::from_static(b"f")), (5, Bytes::new())],
+            },
+            Reply::FsChanged {
+                version: 10,
+                inodes: vec![],
+                entries: vec![],
+            },
             Reply::Space {
                 total_bytes: 10,
                 free_bytes: 3,

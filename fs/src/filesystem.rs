@@ -24,7 +24,7 @@ use derechofs_storage::Hlc;
 
 use crate::chunk::placement;
 use crate::error::{FsError, FsResult};
-use crate::inode::{Attr, FileKind, Ino, FILE_SIZE_MAX, ROOT_INO};
+use crate::inode::{Attr, FileKind, Ino, FILE_SIZE_MAX, NAME_LEN_MAX, ROOT_INO};
 use crate::namespace::VIRTUAL_XATTR_PREFIX;
 use crate::op::{
     decode_read_reply, Creds, DataOp, DataRead, DataReply, DirEntry, HistoryEntry, NsOp, NsRead,
@@ -232,7 +232,8 @@ impl<S: Shards> FileSystem<S> {
         self.layout
     }
 
-    fn submit(&self, shard: ShardRef, op: Op) -> FsResult<Reply> {
+    /// Submits `op` to `shard`; the reply and the version that applied it, when known.
+    fn submit(&self, shard: ShardRef, op: Op) -> FsResult<(Reply, Option<u64>)> {
         let (client, number) = {
             let mut slots = lock(&self.slots);
             // Bounded: CLIENT_SLOTS_MAX requests in flight; more callers than that wait.
@@ -251,7 +252,7 @@ impl<S: Shards> FileSystem<S> {
         lock(&self.slots).push((client, number));
         self.slot_free.notify_one();
         match result? {
-            Reply::Stale { last } => Err(fs_err!(
+            (Reply::Stale { last }, _) => Err(fs_err!(
                 libc::EIO,
                 "request {number} of client {client} was answered as stale (last {last})"
             )),
@@ -261,12 +262,16 @@ impl<S: Shards> FileSystem<S> {
 
     /// Submits `request` and resends the same bytes while the shard answers `Retry` (its
     /// version had no room left for the request's changes): a later version applies it, once.
-    fn submit_until_applied(&self, shard: ShardRef, request: &Bytes) -> FsResult<Reply> {
+    fn submit_until_applied(
+        &self,
+        shard: ShardRef,
+        request: &Bytes,
+    ) -> FsResult<(Reply, Option<u64>)> {
         for attempt in 0..RETRIES_MAX {
-            let reply =
-                Reply::decode(&self.shards.submit(shard, request.clone())?).map_err(bad_reply)?;
+            let (bytes, version) = self.shards.submit_versioned(shard, request.clone())?;
+            let reply = Reply::decode(&bytes).map_err(bad_reply)?;
             if reply != Reply::Retry {
-                return Ok(reply);
+                return Ok((reply, version));
             }
             if attempt > 0 {
                 let pause = RETRY_PAUSE_MS
@@ -283,6 +288,8 @@ impl<S: Shards> FileSystem<S> {
 
     /// Applies a namespace change. Any directory attributes kept from an earlier change are
     /// dropped first; those the reply carries are kept if no other change started meanwhile.
+    /// The attribute cache, if any, learns the version and takes the attributes (and the name
+    /// created) the reply carries, as of that version.
     fn ns(&self, op: NsOp) -> FsResult<NsReply> {
         let started = {
             let mut d = lock(&self.dir_attrs);
@@ -290,7 +297,37 @@ impl<S: Shards> FileSystem<S> {
             d.entries.clear();
             d.started
         };
-        match self.submit(ShardRef::Namespace, Op::Ns(op))? {
+        let named = match &op {
+            NsOp::Create { parent, name, .. }
+            | NsOp::Mkdir { parent, name, .. }
+            | NsOp::Symlink { parent, name, .. }
+            | NsOp::Link { parent, name, .. } => Some((*parent, name.clone())),
+            _ => None,
+        };
+        let mkdir = matches!(op, NsOp::Mkdir { .. });
+        let (reply, version) = self.submit(ShardRef::Namespace, Op::Ns(op))?;
+        if let (Some(cache), Some(v)) = (self.shards.attr_cache(), version) {
+            match &reply {
+                Reply::Ns(Ok(NsReply::Attr(a))) => cache.insert_attr(a, v),
+                Reply::Ns(Ok(NsReply::Entries { attr, dirs })) => {
+                    for d in dirs {
+                        cache.insert_attr(d, v);
+                    }
+                    if let Some(a) = attr {
+                        cache.insert_attr(a, v);
+                        if let Some((parent, name)) = &named {
+                            cache.insert_name(*parent, name, a.ino, v);
+                        }
+                        if mkdir {
+                            // Empty at `v`: its negative lookups can be answered here.
+                            cache.insert_empty_dir(a.ino, v);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        match reply {
             Reply::Ns(Ok(NsReply::Entries { attr, dirs })) => {
                 if self.config.dir_attr_ttl_us > 0 {
                     let mut d = lock(&self.dir_attrs);
@@ -317,7 +354,7 @@ impl<S: Shards> FileSystem<S> {
     }
 
     fn data(&self, shard: u32, op: DataOp) -> FsResult<DataReply> {
-        match self.submit(ShardRef::Data(shard), Op::Data(op))? {
+        match self.submit(ShardRef::Data(shard), Op::Data(op))?.0 {
             Reply::Data(r) => r,
             other => Err(bad_reply(format!("{other:?}"))),
         }
@@ -331,8 +368,17 @@ impl<S: Shards> FileSystem<S> {
     }
 
     fn ns_read(&self, at: ReadAt, read: NsRead) -> FsResult<ReadReply> {
-        let reply = self.shards.read(ShardRef::Namespace, at, read.encode())?;
-        decode_read_reply(&reply).map_err(bad_reply)?
+        self.ns_read_versioned(at, read).map(|(r, _)| r)
+    }
+
+    /// A namespace read, with the version it was answered at (a read at the latest state of
+    /// shards that know it).
+    fn ns_read_versioned(&self, at: ReadAt, read: NsRead) -> FsResult<(ReadReply, Option<u64>)> {
+        let (reply, version) =
+            self.shards
+                .read_versioned(ShardRef::Namespace, at, read.encode())?;
+        let version = version.filter(|_| at == ReadAt::Latest);
+        Ok((decode_read_reply(&reply).map_err(bad_reply)??, version))
     }
 
     fn view(&self, ino: Ino) -> FsResult<View> {
@@ -478,13 +524,39 @@ impl<S: Shards> FileSystem<S> {
     /// itself then); inside a snapshot, names are taken literally.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> FsResult<Attr> {
         let p = self.view(parent)?;
-        let literal = self.ns_read(
-            p.read_at(),
-            NsRead::Lookup {
+        let cache = self.shards.attr_cache().filter(|_| p.at.is_none());
+        if let Some(attr) = cache.and_then(|c| c.lookup(p.ino, name)) {
+            if !lock(&self.write_back).runs.contains_key(&attr.ino) {
+                return Ok(attr);
+            }
+        }
+        // Only a name the namespace would look up as an entry may be answered absent: an
+        // overlong one is ENAMETOOLONG there, `.` and `..` are the directory and its parent.
+        let plain = name.len() <= NAME_LEN_MAX && name != b"." && name != b"..";
+        let literal = if plain && cache.is_some_and(|c| c.absent(p.ino, name)) {
+            Err(fs_err!(libc::ENOENT, "no entry (cached)"))
+        } else {
+            let read = NsRead::Lookup {
                 parent: p.ino,
                 name: Bytes::copy_from_slice(name),
-            },
-        );
+            };
+            self.shards
+                .read_versioned(ShardRef::Namespace, p.read_at(), read.encode())
+                .and_then(|(bytes, version)| {
+                    let reply = decode_read_reply(&bytes).map_err(bad_reply)?;
+                    match (cache, version, &reply) {
+                        (Some(c), Some(v), Ok(ReadReply::Attr(a))) => {
+                            c.insert_attr(a, v);
+                            c.insert_name(p.ino, name, a.ino, v);
+                        }
+                        (Some(c), Some(v), Err(e)) if e.errno == libc::ENOENT => {
+                            c.insert_absent(p.ino, name, v);
+                        }
+                        _ => {}
+                    }
+                    reply
+                })
+        };
         match literal {
             Err(e) if e.errno == libc::ENOENT && p.at.is_none() => {
                 let Some((base, us)) = split_snapshot(name) else {
@@ -516,12 +588,19 @@ impl<S: Shards> FileSystem<S> {
     /// The attributes of `ino`.
     pub fn getattr(&self, ino: Ino) -> FsResult<Attr> {
         let v = self.view(ino)?;
+        let cache = self.shards.attr_cache().filter(|_| v.at.is_none());
         if v.at.is_none() {
             if let Some(a) = self.kept_dir_attr(v.ino) {
                 return Ok(a);
             }
+            if let Some(a) = cache.and_then(|c| c.attr(v.ino)) {
+                return Ok(a);
+            }
         }
-        let r = self.ns_read(v.read_at(), NsRead::GetAttr { ino: v.ino })?;
+        let (r, version) = self.ns_read_versioned(v.read_at(), NsRead::GetAttr { ino: v.ino })?;
+        if let (Some(c), Some(version), ReadReply::Attr(a)) = (cache, version, &r) {
+            c.insert_attr(a, version);
+        }
         self.attr_reply(r, v.at)
     }
 

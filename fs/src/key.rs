@@ -45,6 +45,25 @@ pub fn inode(ino: Ino) -> Vec<u8> {
     k
 }
 
+/// The inode an inode-record key names; `None` for every other key.
+pub fn inode_of(key: &[u8]) -> Option<Ino> {
+    match key {
+        [FS_KEY_PREFIX, TAG_INODE, rest @ ..] => Some(Ino::from_be_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// The directory and name a directory-entry key names; `None` for every other key.
+pub fn dirent_of(key: &[u8]) -> Option<(Ino, &[u8])> {
+    match key {
+        [FS_KEY_PREFIX, TAG_DIRENT, rest @ ..] if rest.len() >= 8 => {
+            let (parent, name) = rest.split_at(8);
+            Some((Ino::from_be_bytes(parent.try_into().ok()?), name))
+        }
+        _ => None,
+    }
+}
+
 /// The prefix of every entry of directory `parent`.
 pub fn dirents(parent: Ino) -> Vec<u8> {
     let mut k = with(TAG_DIRENT, 8);

@@ -13,8 +13,10 @@
 //! - [`shard`]: one shard replica's machine, with per-client deduplication, and reads at a
 //!   version or time;
 //! - [`shards`]: how a client reaches shards ([`Shards`]), and [`LocalShards`] in process;
-//! - [`filesystem`]: the client facade, with `NAME@STAMP` resolution ([`snapshot`], [`time`]).
+//! - [`filesystem`]: the client facade, with `NAME@STAMP` resolution ([`snapshot`], [`time`]),
+//!   and [`attr_cache`], its cache of live attributes kept coherent by the namespace feed.
 
+pub mod attr_cache;
 pub mod chunk;
 pub mod codec;
 mod error;
@@ -29,6 +31,7 @@ pub mod snapshot;
 pub mod store;
 pub mod time;
 
+pub use attr_cache::AttrCache;
 pub use derechofs_core::kv::ReadAt;
 pub use error::{errno_name, FsError, FsResult};
 pub use filesystem::{Fallocate, FileSystem, FsConfig, StatFs, HISTORY_XATTR};

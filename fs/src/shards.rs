@@ -10,6 +10,7 @@ use derechofs_core::kv::ReadAt;
 use derechofs_storage::backend::MemoryBackend;
 use derechofs_storage::{version_of, Hlc, Log, LogConfig, SyncPolicy};
 
+use crate::attr_cache::AttrCache;
 use crate::chunk::{check_chunk_size, CHUNK_SIZE_DEFAULT};
 use crate::error::{FsError, FsResult};
 use crate::fs_err;
@@ -67,6 +68,29 @@ pub trait Shards: Send + Sync {
     fn submit(&self, shard: ShardRef, request: Bytes) -> FsResult<Bytes>;
     /// Answers an encoded read at `at`; returns the encoded read reply.
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes>;
+    /// As `submit`, with the version that applied the request when these shards know it
+    /// (required of shards that keep an [`AttrCache`]).
+    fn submit_versioned(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        Ok((self.submit(shard, request)?, None))
+    }
+    /// As `read`, with the version whose state answered a read at `Latest` when these shards
+    /// know it (required of shards that keep an [`AttrCache`]).
+    fn read_versioned(
+        &self,
+        shard: ShardRef,
+        at: ReadAt,
+        request: Bytes,
+    ) -> FsResult<(Bytes, Option<u64>)> {
+        Ok((self.read(shard, at, request)?, None))
+    }
+    /// The cache of live attributes and names these shards keep coherent with a feed of the
+    /// namespace shard's changes ([`crate::attr_cache`]), if they keep one. The file system
+    /// answers from it, and fills it from replies tagged with their versions; the shards tell
+    /// it every namespace version this client sees ([`AttrCache::saw`]: the version of each
+    /// of its namespace writes and of each namespace read at `Latest`).
+    fn attr_cache(&self) -> Option<&AttrCache> {
+        None
+    }
     /// Answers several encoded reads; their replies in the order of `reads`. The default reads
     /// one after the other; a cluster has them in flight at once.
     fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {

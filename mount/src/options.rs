@@ -73,6 +73,10 @@ pub struct MountOptions {
     /// `readahead_kb=N`: the kernel's readahead window for the mount, in KiB (0: the kernel's
     /// default). Set once the mount is up, through the mount's `read_ahead_kb` in sysfs (root).
     pub readahead_kb: u32,
+    /// `ac` / `noac` (NFS's names): keep the client's cache of live attributes and names,
+    /// coherent with the namespace feed (default), or read every `getattr` and `lookup` from
+    /// the cluster. DerechoFS mounts only.
+    pub attr_cache: bool,
 }
 
 impl Default for MountOptions {
@@ -92,6 +96,7 @@ impl Default for MountOptions {
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             prefer: None,
             readahead_kb: READAHEAD_KB_DEFAULT,
+            attr_cache: true,
         }
     }
 }
@@ -168,6 +173,10 @@ impl MountOptions {
             "dirsync" => {
                 no_value(name, value)?;
                 self.dirsync = true;
+            }
+            "ac" | "noac" => {
+                no_value(name, value)?;
+                self.attr_cache = name == "ac";
             }
             "atime" => flag(&mut self.atime, true)?,
             "noatime" => flag(&mut self.atime, false)?,
@@ -340,6 +349,10 @@ mod tests {
             MountOptions::parse("noatime,atime").unwrap().atime,
             Some(true)
         );
+        assert!(MountOptions::default().attr_cache);
+        assert!(!MountOptions::parse("ac,noac").unwrap().attr_cache);
+        assert!(MountOptions::parse("noac,ac").unwrap().attr_cache);
+        assert!(MountOptions::parse("noac=1").is_err());
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub struct Args {
     mountpoint: PathBuf,
     /// Mount options, comma-separated: ro, rw, allow_other, allow_root, default_permissions,
     /// atime, noatime, dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync, fsname=,
-    /// threads=N, connect_timeout_ms=N, prefer=NODE (and fstab-only ones, which are ignored).
+    /// threads=N, connect_timeout_ms=N, prefer=NODE, ac/noac (and fstab-only ones, which are
+    /// ignored).
     #[arg(short = 'o', default_value = "")]
     options: String,
     /// File holding the cluster secret (default: the development secret of loopback clusters).
@@ -140,6 +141,7 @@ fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
     let mut config = RemoteConfig::new(p.contacts.clone(), secret);
     config.durable_writes = p.options.sync == Some(true);
     config.prefer = p.options.prefer;
+    config.attr_cache = p.options.attr_cache;
     let shards = RemoteShards::connect(config)
         .with_context(|| format!("connecting to the cluster through {}", p.spec))?;
     let fs = FileSystem::new(

@@ -506,3 +506,187 @@ fn t40_fs_threads_share_one_remote_client_and_every_replica_then_holds_their_fil
         }
     }
 }
+
+/// Longest a test waits for a feed to subscribe or to report a version.
+const FEED_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits (bounded) until `remote`'s namespace feed has reported `version` (or, with `None`,
+/// until it is subscribed at all).
+fn wait_feed(remote: &RemoteShards, version: Option<u64>, what: &str) {
+    let deadline = Instant::now() + FEED_TIMEOUT;
+    loop {
+        let position = remote.cache_stats().position;
+        if position.is_some_and(|p| version.is_none_or(|v| p >= v)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the feed did not reach {version:?} (at {position:?})"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn plain_file(fs: &FileSystem<RemoteShards>, parent: Ino, name: &[u8]) -> Attr {
+    fs.create(parent, name, 0o644, Creds { uid: 0, gid: 0 })
+        .expect("create")
+}
+
+#[test]
+fn t50_fs_a_stat_cached_by_one_client_shows_another_clients_change_once_the_feed_reported_it() {
+    let cluster = cluster(50, "");
+    // Two clients, each with its requests and its feed on another member.
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    let dir = a
+        .mkdir(ROOT_INO, b"d", 0o755, Creds { uid: 0, gid: 0 })
+        .expect("mkdir")
+        .ino;
+    let f = plain_file(&a, dir, b"f");
+    let g = plain_file(&a, dir, b"g");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's creates");
+
+    // b reads each once from the cluster, then from its cache.
+    let f_attr = b.lookup(dir, b"f").expect("lookup f");
+    assert_eq!(f_attr.ino, f.ino);
+    assert_eq!(b.getattr(g.ino).expect("getattr g").ino, g.ino);
+    let hits = b.shards().cache_stats().hits;
+    assert_eq!(b.lookup(dir, b"f").expect("lookup f"), f_attr);
+    assert_eq!(b.getattr(g.ino).expect("getattr g"), g);
+    assert_eq!(
+        b.shards().cache_stats().hits,
+        hits + 2,
+        "the second lookup and getattr are answered from b's cache"
+    );
+
+    // a changes both files and the names; each change shows at b once the feed reported it.
+    let set = SetAttr {
+        perm: Some(0o600),
+        size: Some(123),
+        ..SetAttr::default()
+    };
+    let f_new = a.setattr(f.ino, set).expect("setattr");
+    assert_eq!(f_new.size, 123);
+    a.write(g.ino, 0, b"hello").expect("write");
+    let g_new = a.getattr(g.ino).expect("getattr g at a");
+    a.rename(dir, b"f", dir, b"f2", 0).expect("rename");
+    let h = plain_file(&a, dir, b"f");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's changes");
+    let f_b = b.getattr(f.ino).expect("getattr f at b");
+    assert_eq!((f_b.perm, f_b.size), (0o600, 123), "b sees the setattr");
+    assert_eq!(f_b.ctime, a.getattr(f.ino).expect("getattr f at a").ctime);
+    assert_eq!(b.getattr(g.ino).expect("getattr g at b"), g_new);
+    assert_eq!(b.lookup(dir, b"f").expect("lookup f").ino, h.ino);
+    assert_eq!(b.lookup(dir, b"f2").expect("lookup f2").ino, f.ino);
+
+    // An unlink: b's cached name goes once the feed reported it.
+    assert_eq!(b.lookup(dir, b"f2").expect("lookup f2").ino, f.ino);
+    a.unlink(dir, b"f2").expect("unlink");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's unlink");
+    assert_eq!(
+        b.lookup(dir, b"f2").map(|a| a.ino).map_err(|e| e.errno),
+        Err(libc::ENOENT)
+    );
+    assert_eq!(b.getattr(f.ino).expect("an unlinked inode").nlink, 0);
+    drop((a, b));
+    cluster.stop_all();
+}
+
+#[test]
+fn t51_fs_a_broken_feed_clears_the_cache_and_a_new_one_serves_the_changes_made_meanwhile() {
+    let cluster = cluster(51, "suspect_after_ms = 400");
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    // b's requests and feed go to node 3, which is killed.
+    let b = FileSystem::new(connect(&cluster, Some(3)), fs_config(3 << 40)).expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    let f = plain_file(&a, ROOT_INO, b"f");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's create");
+    assert_eq!(b.getattr(f.ino).expect("getattr"), f);
+    let before = b.shards().cache_stats();
+    assert_eq!(b.getattr(f.ino).expect("getattr"), f);
+    assert_eq!(b.shards().cache_stats().hits, before.hits + 1, "cached");
+    assert!(before.entries >= 1);
+
+    cluster.kill(3);
+    let deadline = Instant::now() + FEED_TIMEOUT;
+    while b.shards().cache_stats().breaks == before.breaks {
+        assert!(Instant::now() < deadline, "b's feed did not break");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Changed while b's feed is down or on its way to another member.
+    let set = SetAttr {
+        perm: Some(0o640),
+        ..SetAttr::default()
+    };
+    a.setattr(f.ino, set).expect("setattr");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "b's new feed");
+    let after = b.shards().cache_stats();
+    assert!(
+        after.subscriptions > before.subscriptions,
+        "subscribed again"
+    );
+    assert_eq!(b.getattr(f.ino).expect("getattr").perm, 0o640);
+    assert_eq!(
+        b.shards().cache_stats().hits,
+        after.hits,
+        "the cache was cleared: the first getattr after the break is a read of the cluster"
+    );
+    assert_eq!(b.getattr(f.ino).expect("getattr").perm, 0o640);
+    assert_eq!(b.shards().cache_stats().hits, after.hits + 1);
+    drop((a, b));
+    cluster.stop_all();
+}
+
+#[test]
+fn t52_fs_a_directory_one_client_created_answers_its_negative_lookups_until_another_creates_the_name(
+) {
+    let cluster = cluster(52, "");
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    let creds = Creds { uid: 0, gid: 0 };
+    let dir = b.mkdir(ROOT_INO, b"d", 0o755, creds).expect("mkdir").ino;
+    let v = b.shards().namespace_version().expect("b wrote");
+    wait_feed(b.shards(), Some(v), "b's mkdir");
+    let hits = b.shards().cache_stats().hits;
+    let enoent = |r: Result<Attr, FsError>| r.map(|a| a.ino).map_err(|e| e.errno);
+    assert_eq!(enoent(b.lookup(dir, b"x")), Err(libc::ENOENT));
+    assert_eq!(
+        b.shards().cache_stats().hits,
+        hits + 1,
+        "answered from the complete directory"
+    );
+    // What the namespace does not answer ENOENT is never answered absent from the cache.
+    assert_eq!(enoent(b.lookup(dir, &[b'n'; 256])), Err(libc::ENAMETOOLONG));
+    assert_eq!(enoent(b.lookup(dir, b".")), Ok(dir));
+    assert_eq!(enoent(b.lookup(dir, b"..")), Ok(ROOT_INO));
+    // b's own create, then a's create of another name and a's removal of b's.
+    let y = plain_file(&b, dir, b"y");
+    let x = plain_file(&a, dir, b"x");
+    a.rename(dir, b"y", dir, b"z", 0).expect("rename");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's changes");
+    assert_eq!(enoent(b.lookup(dir, b"x")), Ok(x.ino));
+    assert_eq!(enoent(b.lookup(dir, b"y")), Err(libc::ENOENT));
+    assert_eq!(enoent(b.lookup(dir, b"z")), Ok(y.ino));
+    assert_eq!(enoent(b.lookup(dir, b"w")), Err(libc::ENOENT));
+    // The `NAME@STAMP` form still resolves in a complete directory (the literal name is absent
+    // there, from the cache).
+    std::thread::sleep(Duration::from_millis(2));
+    let now = now_us();
+    std::thread::sleep(Duration::from_millis(2));
+    let at = derechofs_fs::time::format_rfc3339(now);
+    let past = b
+        .lookup(dir, format!("z@{at}").as_bytes())
+        .expect("z at a past time");
+    assert_ne!(past.ino, y.ino, "a snapshot inode");
+    assert_eq!(past.size, y.size);
+    drop((a, b));
+    cluster.stop_all();
+}

@@ -88,6 +88,8 @@ pub struct Watch {
     pub shard: ShardId,
     /// Versions up to this one were replayed or are not wanted.
     pub after: Version,
+    /// A namespace feed (`FsWatch`): every version's changed inodes, not K/V keys.
+    pub fs: bool,
 }
 
 /// Everything pending for clients.

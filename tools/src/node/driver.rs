@@ -776,6 +776,12 @@ impl Driver {
             let message = format!("a view change took {shard} away from node {}", self.me);
             self.end_watches(Some(shard), &error(ErrorCode::NotReplica, &message));
         }
+        // Namespace feeds end at every view change: their clients clear what they cached and
+        // subscribe again (docs/SEMANTICS.md), so no cache outlives a view unchecked.
+        self.end_fs_watches(&error(
+            ErrorCode::Wedged,
+            &format!("view {} installed: subscribe again", view.view_id),
+        ));
         let closed: Vec<ShardStore> = gone
             .iter()
             .filter_map(|shard| self.stores.remove(shard))
@@ -902,10 +908,26 @@ impl Driver {
                     }
                 }
             }
+            for (&client, watches) in &self.clients.watches {
+                for w in watches
+                    .iter()
+                    .filter(|w| w.fs && w.shard == shard && d.version > w.after)
+                {
+                    let changed = Reply::FsChanged {
+                        version: d.version,
+                        inodes: applied.fs_inodes.clone(),
+                        entries: applied.fs_entries.clone(),
+                    };
+                    out.push((client, changed.encode(w.tag)));
+                }
+            }
             for (key, value) in applied.changed {
                 for (&client, watches) in &self.clients.watches {
                     for w in watches.iter().filter(|w| {
-                        w.shard == shard && d.version > w.after && key.starts_with(&w.prefix)
+                        !w.fs
+                            && w.shard == shard
+                            && d.version > w.after
+                            && key.starts_with(&w.prefix)
                     }) {
                         let event = Event {
                             version: d.version,
@@ -1326,6 +1348,7 @@ impl Driver {
                 shard,
                 after,
             } => self.watch(client, tag, prefix, shard, after),
+            Request::FsWatch => self.fs_watch(client, tag),
             Request::FsSubmit {
                 shard,
                 hlc,
@@ -1737,6 +1760,63 @@ impl Driver {
         }
     }
 
+    /// Ends every namespace feed with `reply`.
+    fn end_fs_watches(&mut self, reply: &Reply) {
+        let mut out = Vec::new();
+        for (&client, watches) in &mut self.clients.watches {
+            watches.retain(|w| {
+                if w.fs {
+                    out.push((client, reply.encode(w.tag)));
+                }
+                !w.fs
+            });
+        }
+        self.clients
+            .watches
+            .retain(|_, watches| !watches.is_empty());
+        for (client, bytes) in out {
+            self.send_client(client, bytes);
+        }
+    }
+
+    /// Registers a namespace feed (`FsWatch`): from the version this node delivered now on,
+    /// every delivered version of the namespace shard is sent as the inodes it changed. No
+    /// replay: a client whose feed ended clears its cache and subscribes again.
+    fn fs_watch(&mut self, client: ClientId, tag: u64) -> Option<Reply> {
+        let membership = self.membership();
+        if matches!(membership, Membership::Joining | Membership::NoMajority) {
+            return Some(self.membership_error(membership));
+        }
+        let namespace = SubgroupShard {
+            data: false,
+            index: 0,
+        };
+        let shard = match self.fs_shard_here(namespace) {
+            Ok(shard) => shard,
+            Err(reply) => return Some(reply),
+        };
+        if !self.clients.watches.contains_key(&client) && self.clients.watches.len() >= WATCHERS_MAX
+        {
+            return Some(error(ErrorCode::Busy, "too many clients watch this node"));
+        }
+        if self.clients.watches.get(&client).map_or(0, Vec::len) >= WATCHES_PER_CLIENT_MAX {
+            return Some(error(ErrorCode::Busy, "too many watches on this link"));
+        }
+        let Some(store) = self.stores.get(&shard) else {
+            return Some(error(ErrorCode::NotReplica, "the shard is not here"));
+        };
+        let delivered = store.kv().log().latest().map_or(0, |(v, _)| v);
+        self.clients.watches.entry(client).or_default().push(Watch {
+            tag,
+            prefix: Bytes::new(),
+            shard,
+            after: delivered,
+            fs: true,
+        });
+        self.send_client(client, Reply::Watching { from: delivered }.encode(tag));
+        None
+    }
+
     /// Registers a watch of `prefix` in data shard `index`; with `after`, first sends every
     /// change of a watched key in the versions after it this node delivered, read from the log
     /// in pieces. Replay and registration happen in this one turn of the event loop, so no
@@ -1783,6 +1863,7 @@ impl Driver {
             prefix,
             shard,
             after: from.max(delivered),
+            fs: false,
         });
         self.send_client(client, Reply::Watching { from }.encode(tag));
         for event in events {

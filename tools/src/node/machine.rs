@@ -37,6 +37,12 @@ pub struct Applied {
     pub replies: Vec<Outcome>,
     /// The K/V user keys the version changed, for watches.
     pub changed: Vec<(Bytes, Option<Bytes>)>,
+    /// The file system inodes whose records the version changed (ascending, each once), for
+    /// the namespace feed (`FsWatch`).
+    pub fs_inodes: Vec<u64>,
+    /// The directory entries (directory, name) the version changed, in key order, for the
+    /// namespace feed.
+    pub fs_entries: Vec<(u64, Bytes)>,
 }
 
 /// The machines of one shard replica.
@@ -132,6 +138,23 @@ impl Machine {
         }));
         writes.extend(kv_writes);
         self.kv.log_mut().append(version, hlc, &writes)?;
+        let mut fs_inodes: Vec<u64> = fs_applied
+            .delta
+            .iter()
+            .filter_map(|(k, _)| derechofs_fs::key::inode_of(k))
+            .collect();
+        fs_inodes.sort_unstable();
+        fs_inodes.dedup();
+        let mut fs_entries: Vec<(u64, Bytes)> = fs_applied
+            .delta
+            .iter()
+            .filter_map(|(k, _)| {
+                derechofs_fs::key::dirent_of(k)
+                    .map(|(parent, name)| (parent, Bytes::copy_from_slice(name)))
+            })
+            .collect();
+        fs_entries.sort_unstable();
+        fs_entries.dedup();
         let mut kv_replies = kv_applied.replies.into_iter();
         let mut fs_replies = fs_applied.replies.into_iter();
         let replies = payloads
@@ -152,14 +175,17 @@ impl Machine {
         Ok(Applied {
             replies,
             changed: kv_applied.changed,
+            fs_inodes,
+            fs_entries,
         })
     }
 
-    /// Answers an encoded file system read at `at` from this replica's state, with a stamp the
-    /// client may count as seen (the latest version's for `Latest`, the time for `Time`). The
-    /// caller waits first, for a time, until the stability frontier passed it.
+    /// Answers an encoded file system read at `at` from this replica's state, with the version
+    /// read (for `Latest`, else 0) and a stamp the client may count as seen (the latest
+    /// version's for `Latest`, the time for `Time`). The caller waits first, for a time, until
+    /// the stability frontier passed it.
     #[cfg(test)]
-    pub fn read_fs(&self, at: ReadAt, request: &Bytes) -> (Hlc, Bytes) {
+    pub fn read_fs(&self, at: ReadAt, request: &Bytes) -> (Version, Hlc, Bytes) {
         let reply = derechofs_fs::shard::serve_read_cached(
             self.log(),
             at,
@@ -167,7 +193,8 @@ impl Machine {
             &self.cache,
             request,
         );
-        (self.read_hlc(at), reply)
+        let (version, seen) = self.read_position(at);
+        (version, seen, reply)
     }
 
     /// [`Machine::read_fs`] as the client's whole reply message with `tag` (`Reply::FsValue`),
@@ -181,17 +208,19 @@ impl Machine {
             request,
         );
         let hint = derechofs_fs::op::read_reply_len_hint(&answer);
-        derechofs_core::protocol::Reply::encode_fs_value_with(tag, self.read_hlc(at), hint, |out| {
+        let (version, seen) = self.read_position(at);
+        derechofs_core::protocol::Reply::encode_fs_value_with(tag, version, seen, hint, |out| {
             derechofs_fs::op::put_read_reply(out, &answer)
         })
     }
 
-    /// The stamp a read at `at` answers (see [`Machine::read_fs`]).
-    fn read_hlc(&self, at: ReadAt) -> Hlc {
+    /// The version read (for `Latest`, else 0) and the stamp a read at `at` answers (see
+    /// [`Machine::read_fs`]).
+    fn read_position(&self, at: ReadAt) -> (Version, Hlc) {
         match at {
-            ReadAt::Latest => self.log().latest().map_or(Hlc::ZERO, |l| l.1),
-            ReadAt::Time(t) => t,
-            ReadAt::Version(_) => Hlc::ZERO,
+            ReadAt::Latest => self.log().latest().unwrap_or((0, Hlc::ZERO)),
+            ReadAt::Time(t) => (0, t),
+            ReadAt::Version(_) => (0, Hlc::ZERO),
         }
     }
 }
@@ -274,6 +303,40 @@ mod tests {
             }),
         };
         tagged(MACHINE_FS, &r.encode())
+    }
+
+    #[test]
+    fn a_version_reports_the_inodes_and_entries_its_file_system_delta_wrote_for_the_namespace_feed()
+    {
+        let mut m = machine();
+        let h = |t| Hlc::at(t);
+        let applied = m.apply(1, h(1), &[init(1, 1)]).unwrap();
+        assert_eq!(applied.fs_inodes, vec![derechofs_fs::ROOT_INO]);
+        assert!(applied.fs_entries.is_empty());
+        // Two directories and a K/V put in one version: the root (its nlink and times), both new
+        // inodes, both entries; nothing of the K/V key.
+        let applied = m
+            .apply(
+                2,
+                h(2),
+                &[mkdir(1, 2, "b"), put(9, 1, b"kv"), mkdir(2, 1, "a")],
+            )
+            .unwrap();
+        assert_eq!(applied.fs_inodes.len(), 3, "{:?}", applied.fs_inodes);
+        assert_eq!(applied.fs_inodes[0], derechofs_fs::ROOT_INO);
+        assert!(applied.fs_inodes.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(
+            applied.fs_entries,
+            vec![
+                (derechofs_fs::ROOT_INO, Bytes::from_static(b"a")),
+                (derechofs_fs::ROOT_INO, Bytes::from_static(b"b")),
+            ]
+        );
+        // A version of K/V requests only, and a refused change (the name exists): nothing.
+        let applied = m.apply(3, h(3), &[put(9, 2, b"kv")]).unwrap();
+        assert!(applied.fs_inodes.is_empty() && applied.fs_entries.is_empty());
+        let applied = m.apply(4, h(4), &[mkdir(1, 3, "a")]).unwrap();
+        assert!(applied.fs_inodes.is_empty() && applied.fs_entries.is_empty());
     }
 
     /// The largest record payload of `m`'s log.
@@ -378,7 +441,7 @@ mod tests {
         // Every write landed exactly once: each chunk reads as ones with one 9 at its offset,
         // as after one version per write.
         for ino in 0..FILES {
-            let (_, reply) = m.read_fs(
+            let (_, _, reply) = m.read_fs(
                 ReadAt::Latest,
                 &DataRead::Chunk {
                     ino: 100 + ino,
@@ -440,7 +503,7 @@ mod tests {
             Reply::Ns(Err(e)) => assert_eq!(e.errno, libc::EEXIST),
             other => panic!("expected EEXIST, got {other:?}"),
         }
-        let (_, reply) = a.read_fs(
+        let (_, _, reply) = a.read_fs(
             ReadAt::Latest,
             &NsRead::Lookup {
                 parent: derechofs_fs::ROOT_INO,

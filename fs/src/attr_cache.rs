@@ -1,0 +1,576 @@
+//! A client's cache of live attributes and names, kept coherent by a feed of the namespace
+//! shard's changes (docs/SEMANTICS.md, "Consistency").
+//!
+//! The shards underneath subscribe to the namespace shard's applied versions (`FsWatch`): after
+//! each version a member reports the inodes whose records it changed, in version order. The
+//! cache holds attributes by inode and names by `(parent, name)`, each tagged with the version
+//! it was read at, and drops an entry when the feed reports a change of its inode record (for a
+//! name: of that directory entry) at a later version.
+//!
+//! Rules, all here and unit-tested:
+//! - An entry answers only while the feed is subscribed (`subscribed` until `broken`) and has
+//!   reported every version this client knows exists (`saw`: its own writes and the versions
+//!   its reads were answered at), so an answer never goes behind what the client saw.
+//! - A read answered at version `r` is cached only if no change of its inode after `r` has
+//!   already streamed past: `r` is at least the `floor` (every change reported after it is
+//!   remembered, in a bounded window) and no remembered change of the inode is after `r`.
+//! - A broken feed clears everything; a new subscription starts empty from its `from`.
+//! - *Complete directories* answer negative lookups: a directory this client created is empty
+//!   at the version that created it; from then on every entry change the feed reports in it
+//!   makes that name *unknown* unless the cache holds the name as of that version or later, and
+//!   a name read (or created) later is known again. A name neither cached nor unknown in a
+//!   complete directory does not exist. Past [`UNKNOWN_NAMES_MAX`] unknown names the directory
+//!   stops being complete.
+//!
+//! Sans-IO: the shards call [`AttrCache::subscribed`], [`AttrCache::changed`] and
+//! [`AttrCache::broken`] from their feed; the file system calls the rest.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use crate::inode::{Attr, Ino};
+
+/// A namespace version number (the engine's `Version`).
+pub type Version = u64;
+
+/// Most inodes whose attributes are cached; past it new ones are not cached.
+pub const ATTR_CACHE_ENTRIES_MAX: usize = 1 << 17;
+/// Most names cached; past it new ones are not cached.
+pub const NAME_CACHE_ENTRIES_MAX: usize = 1 << 17;
+/// Most directories kept complete (every entry known); past it new ones are not.
+pub const COMPLETE_DIRS_MAX: usize = 4096;
+/// Most names of a complete directory that changed while not cached; past it the directory is
+/// no longer complete.
+pub const UNKNOWN_NAMES_MAX: usize = 4096;
+/// Most reported changes remembered to check reads answered before them; older ones raise the
+/// floor below which no read is cached.
+pub const RECENT_CHANGES_MAX: usize = 1 << 14;
+
+/// What a reported change is about.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    /// An inode's record (its attributes).
+    Inode(Ino),
+    /// A directory entry: the directory and the name.
+    Entry(Ino, Bytes),
+}
+
+/// What [`AttrCache::stats`] counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Subscriptions started.
+    pub subscriptions: u64,
+    /// Subscriptions that broke.
+    pub breaks: u64,
+    /// Answers from the cache.
+    pub hits: u64,
+    /// Attributes and names cached now.
+    pub entries: usize,
+    /// The last version the feed reported, if subscribed.
+    pub position: Option<Version>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    live: bool,
+    /// The feed's last reported version (its `from` before the first report).
+    position: Version,
+    /// Every change reported after this version is in `recent`.
+    floor: Version,
+    /// The newest version this client knows exists.
+    seen: Version,
+    attrs: HashMap<Ino, (Attr, Version)>,
+    /// By directory and name: the inode and the version read at.
+    names: HashMap<(Ino, Bytes), (Ino, Version)>,
+    recent: VecDeque<(Version, Key)>,
+    last_change: HashMap<Key, Version>,
+    /// Per directory, the last reported change of any of its entries (within `recent`).
+    dir_change: HashMap<Ino, Version>,
+    /// Complete directories, with the names that changed while not cached.
+    complete: HashMap<Ino, HashSet<Bytes>>,
+    stats: CacheStats,
+}
+
+impl State {
+    fn clear(&mut self) {
+        self.attrs.clear();
+        self.names.clear();
+        self.recent.clear();
+        self.last_change.clear();
+        self.dir_change.clear();
+        self.complete.clear();
+    }
+
+    /// A name of complete directory `parent` is no longer known (if the directory is complete).
+    fn unknown(&mut self, parent: Ino, name: &Bytes) {
+        if let Some(unknown) = self.complete.get_mut(&parent) {
+            unknown.insert(name.clone());
+            if unknown.len() > UNKNOWN_NAMES_MAX {
+                self.complete.remove(&parent);
+            }
+        }
+    }
+
+    /// May a read of `key` answered at `version` be cached?
+    fn may_cache(&self, key: &Key, version: Version) -> bool {
+        self.live
+            && version >= self.floor
+            && self.last_change.get(key).is_none_or(|&c| c <= version)
+    }
+
+    fn record(&mut self, version: Version, key: Key) {
+        self.last_change.insert(key.clone(), version);
+        self.recent.push_back((version, key));
+    }
+
+    fn answers(&self) -> bool {
+        self.live && self.position >= self.seen
+    }
+}
+
+/// The cache; see the module documentation.
+#[derive(Debug, Default)]
+pub struct AttrCache {
+    state: Mutex<State>,
+}
+
+impl AttrCache {
+    /// An empty cache with no feed.
+    pub fn new() -> AttrCache {
+        AttrCache::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every change below leaves the state consistent before it can panic.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A feed is subscribed: it reports every version after `from`. Starts empty.
+    pub fn subscribed(&self, from: Version) {
+        let mut s = self.lock();
+        s.clear();
+        s.live = true;
+        s.position = from;
+        s.floor = from;
+        s.stats.subscriptions += 1;
+    }
+
+    /// The feed broke (its link ended, its member left the shard, a view change): nothing
+    /// cached answers until a new subscription.
+    pub fn broken(&self) {
+        let mut s = self.lock();
+        s.clear();
+        if s.live {
+            s.stats.breaks += 1;
+        }
+        s.live = false;
+    }
+
+    /// The feed reports that `version` changed the records of `inodes` and the directory
+    /// `entries` (directory, name). A version at or before the position (which a feed never
+    /// sends) is ignored.
+    pub fn changed(&self, version: Version, inodes: &[Ino], entries: &[(Ino, Bytes)]) {
+        let mut s = self.lock();
+        if !s.live || version <= s.position {
+            return;
+        }
+        s.position = version;
+        for &ino in inodes {
+            if s.attrs.get(&ino).is_some_and(|&(_, v)| v < version) {
+                s.attrs.remove(&ino);
+            }
+            s.record(version, Key::Inode(ino));
+        }
+        for (parent, name) in entries {
+            let key = (*parent, name.clone());
+            match s.names.get(&key) {
+                Some(&(_, v)) if v >= version => {}
+                Some(_) => {
+                    s.names.remove(&key);
+                    s.unknown(*parent, name);
+                }
+                None => s.unknown(*parent, name),
+            }
+            s.record(version, Key::Entry(*parent, name.clone()));
+            s.dir_change.insert(*parent, version);
+        }
+        while s.recent.len() > RECENT_CHANGES_MAX {
+            let Some((v, key)) = s.recent.pop_front() else {
+                break;
+            };
+            s.floor = s.floor.max(v);
+            if s.last_change.get(&key) == Some(&v) {
+                s.last_change.remove(&key);
+            }
+            if let Key::Entry(parent, _) = key {
+                if s.dir_change.get(&parent) == Some(&v) {
+                    s.dir_change.remove(&parent);
+                }
+            }
+        }
+    }
+
+    /// The client learnt that `version` exists (a write of its own applied at it, or a read
+    /// answered at it): nothing cached answers until the feed has reported it.
+    pub fn saw(&self, version: Version) {
+        let mut s = self.lock();
+        s.seen = s.seen.max(version);
+    }
+
+    /// Caches `attr`, read (or written) at `version`, if the rules allow.
+    pub fn insert_attr(&self, attr: &Attr, version: Version) {
+        let mut s = self.lock();
+        if !s.may_cache(&Key::Inode(attr.ino), version) {
+            return;
+        }
+        let full = s.attrs.len() >= ATTR_CACHE_ENTRIES_MAX;
+        match s.attrs.get_mut(&attr.ino) {
+            Some(e) if e.1 <= version => *e = (attr.clone(), version),
+            Some(_) => {}
+            None if full => {}
+            None => {
+                s.attrs.insert(attr.ino, (attr.clone(), version));
+            }
+        }
+    }
+
+    /// Caches that `name` in `parent` named `ino` at `version`, if the rules allow (checked on
+    /// the entry).
+    pub fn insert_name(&self, parent: Ino, name: &[u8], ino: Ino, version: Version) {
+        let name = Bytes::copy_from_slice(name);
+        let mut s = self.lock();
+        if !s.may_cache(&Key::Entry(parent, name.clone()), version) {
+            return;
+        }
+        let full = s.names.len() >= NAME_CACHE_ENTRIES_MAX;
+        match s.names.get_mut(&(parent, name.clone())) {
+            Some(e) if e.1 <= version => *e = (ino, version),
+            Some(_) => {}
+            // Not cached: in a complete directory the name is not known then.
+            None if full => s.unknown(parent, &name),
+            None => {
+                if let Some(unknown) = s.complete.get_mut(&parent) {
+                    unknown.remove(&name);
+                }
+                s.names.insert((parent, name), (ino, version));
+            }
+        }
+    }
+
+    /// `name` did not exist in `parent` at `version` (a negative lookup): in a complete
+    /// directory it is known again, if the rules allow.
+    pub fn insert_absent(&self, parent: Ino, name: &[u8], version: Version) {
+        let name = Bytes::copy_from_slice(name);
+        let mut s = self.lock();
+        if s.may_cache(&Key::Entry(parent, name.clone()), version)
+            && !s.names.contains_key(&(parent, name.clone()))
+        {
+            if let Some(unknown) = s.complete.get_mut(&parent) {
+                unknown.remove(&name);
+            }
+        }
+    }
+
+    /// Directory `dir` was created empty at `version` (a `mkdir` of this client): complete
+    /// from then on, if no change of its entries after `version` has streamed past already.
+    pub fn insert_empty_dir(&self, dir: Ino, version: Version) {
+        let mut s = self.lock();
+        let allowed = s.live
+            && version >= s.floor
+            && s.dir_change.get(&dir).is_none_or(|&c| c <= version)
+            && s.complete.len() < COMPLETE_DIRS_MAX;
+        if allowed {
+            s.complete.entry(dir).or_default();
+        }
+    }
+
+    /// Whether `name` is known not to exist in `parent` (a complete directory), if the cache
+    /// answers now.
+    pub fn absent(&self, parent: Ino, name: &[u8]) -> bool {
+        let mut s = self.lock();
+        if !s.answers() {
+            return false;
+        }
+        let name = Bytes::copy_from_slice(name);
+        let absent = s
+            .complete
+            .get(&parent)
+            .is_some_and(|unknown| !unknown.contains(&name))
+            && !s.names.contains_key(&(parent, name));
+        if absent {
+            s.stats.hits += 1;
+        }
+        absent
+    }
+
+    /// Forgets `ino`'s attributes (a change of this client whose reply does not carry them).
+    pub fn forget_attr(&self, ino: Ino) {
+        self.lock().attrs.remove(&ino);
+    }
+
+    /// The cached attributes of `ino`, if the cache answers now.
+    pub fn attr(&self, ino: Ino) -> Option<Attr> {
+        let mut s = self.lock();
+        if !s.answers() {
+            return None;
+        }
+        let a = s.attrs.get(&ino).map(|(a, _)| a.clone())?;
+        s.stats.hits += 1;
+        Some(a)
+    }
+
+    /// The attributes of what `name` in `parent` names, if both the name and those attributes
+    /// are cached and the cache answers now.
+    pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Attr> {
+        let mut s = self.lock();
+        if !s.answers() {
+            return None;
+        }
+        let &(ino, _) = s.names.get(&(parent, Bytes::copy_from_slice(name)))?;
+        let a = s.attrs.get(&ino).map(|(a, _)| a.clone())?;
+        s.stats.hits += 1;
+        Some(a)
+    }
+
+    /// Counters and the feed's position.
+    pub fn stats(&self) -> CacheStats {
+        let s = self.lock();
+        CacheStats {
+            entries: s.attrs.len() + s.names.len(),
+            position: s.live.then_some(s.position),
+            ..s.stats
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inode::{FileKind, Timespec};
+
+    fn attr(ino: Ino, size: u64) -> Attr {
+        let t = Timespec::default();
+        Attr {
+            ino,
+            kind: FileKind::Regular,
+            perm: 0o644,
+            uid: 0,
+            gid: 0,
+            nlink: 1,
+            size,
+            rdev: 0,
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+        }
+    }
+
+    #[test]
+    fn nothing_answers_without_a_feed_and_a_broken_feed_clears_everything() {
+        let c = AttrCache::new();
+        c.insert_attr(&attr(5, 1), 10);
+        assert_eq!(c.attr(5), None, "no feed: nothing is cached");
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 10);
+        c.insert_name(1, b"f", 5, 10);
+        assert_eq!(c.attr(5), Some(attr(5, 1)));
+        assert_eq!(c.lookup(1, b"f"), Some(attr(5, 1)));
+        c.broken();
+        assert_eq!(c.attr(5), None);
+        assert_eq!(c.lookup(1, b"f"), None);
+        assert_eq!(c.stats().entries, 0);
+        c.subscribed(12);
+        assert_eq!(c.attr(5), None, "a new subscription starts empty");
+        assert_eq!(c.stats().breaks, 1);
+        assert_eq!(c.stats().subscriptions, 2);
+    }
+
+    #[test]
+    fn a_change_reported_after_the_read_drops_the_entry_and_one_at_or_before_it_does_not() {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 12);
+        c.insert_attr(&attr(6, 1), 12);
+        c.saw(12);
+        assert_eq!(c.attr(5), None, "the feed has not reached version 12 yet");
+        c.changed(11, &[5], &[]);
+        c.changed(12, &[6], &[]);
+        assert_eq!(c.attr(5), Some(attr(5, 1)), "11 is in the state read at 12");
+        assert_eq!(c.attr(6), Some(attr(6, 1)), "12 is the state read");
+        c.changed(13, &[5], &[]);
+        assert_eq!(c.attr(5), None);
+        assert_eq!(c.attr(6), Some(attr(6, 1)));
+    }
+
+    #[test]
+    fn a_read_answered_before_a_change_that_already_streamed_past_is_not_cached() {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.changed(11, &[5], &[]);
+        c.changed(12, &[7], &[]);
+        // A lagging replica answered at 10, before the change of 5 at 11.
+        c.insert_attr(&attr(5, 1), 10);
+        assert_eq!(c.attr(5), None);
+        // 7 did not change between 11 and 12... but it did at 12: a read at 11 is refused,
+        // one at 12 is kept.
+        c.insert_attr(&attr(7, 1), 11);
+        assert_eq!(c.attr(7), None);
+        c.insert_attr(&attr(7, 2), 12);
+        assert_eq!(c.attr(7), Some(attr(7, 2)));
+        // An inode with no change since the subscription: any read from `from` on is kept.
+        c.insert_attr(&attr(8, 1), 10);
+        assert_eq!(c.attr(8), Some(attr(8, 1)));
+        // Before the subscription's `from`: unknown changes may lie between; refused.
+        c.insert_attr(&attr(9, 1), 9);
+        assert_eq!(c.attr(9), None);
+    }
+
+    #[test]
+    fn forgotten_changes_raise_the_floor_below_which_nothing_is_cached() {
+        let c = AttrCache::new();
+        c.subscribed(0);
+        for v in 1..=(RECENT_CHANGES_MAX as u64 + 10) {
+            c.changed(v, &[1000 + v], &[]);
+        }
+        // The changes of versions 1..=10 are forgotten: a read at 5 of any inode is refused
+        // (it could be older than a forgotten change), one at 10 of an inode unchanged since is
+        // kept.
+        c.insert_attr(&attr(5, 1), 5);
+        assert_eq!(c.attr(5), None);
+        c.insert_attr(&attr(5, 1), 10);
+        assert_eq!(c.attr(5), Some(attr(5, 1)));
+        let last = RECENT_CHANGES_MAX as u64 + 10;
+        c.insert_attr(&attr(1000 + last, 1), last - 1);
+        assert_eq!(
+            c.attr(1000 + last),
+            None,
+            "still remembered: changed at {last}"
+        );
+    }
+
+    #[test]
+    fn nothing_answers_until_the_feed_reports_every_version_the_client_saw() {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 10);
+        assert_eq!(c.attr(5), Some(attr(5, 1)));
+        // This client's own write at 14 (or a read answered at 14): the feed must get there.
+        c.saw(14);
+        assert_eq!(c.attr(5), None);
+        c.changed(13, &[], &[]);
+        assert_eq!(c.attr(5), None);
+        c.changed(14, &[6], &[]);
+        assert_eq!(c.attr(5), Some(attr(5, 1)));
+    }
+
+    #[test]
+    fn a_name_is_dropped_when_its_entry_changes_not_when_others_in_its_directory_do_and_a_newer_entry_is_never_replaced_by_an_older(
+    ) {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 3), 12);
+        c.insert_attr(&attr(5, 2), 11);
+        c.insert_name(1, b"f", 5, 11);
+        c.saw(12);
+        c.changed(12, &[1], &[(1, Bytes::from_static(b"g"))]);
+        assert_eq!(c.attr(5), Some(attr(5, 3)), "the newer attributes stay");
+        assert_eq!(
+            c.lookup(1, b"f"),
+            Some(attr(5, 3)),
+            "another name of the directory changed"
+        );
+        c.changed(13, &[1], &[(1, Bytes::from_static(b"f"))]);
+        assert_eq!(
+            c.lookup(1, b"f"),
+            None,
+            "the entry changed after it was read"
+        );
+        assert_eq!(c.attr(5), Some(attr(5, 3)));
+        c.insert_name(1, b"f", 5, 12);
+        assert_eq!(
+            c.lookup(1, b"f"),
+            None,
+            "read before the entry's change at 13"
+        );
+        c.insert_name(1, b"f", 5, 13);
+        assert_eq!(c.lookup(1, b"f"), Some(attr(5, 3)));
+        c.forget_attr(5);
+        assert_eq!(
+            c.lookup(1, b"f"),
+            None,
+            "a name answers only with its attributes"
+        );
+        assert_eq!(c.stats().entries, 1);
+    }
+
+    fn name(n: &str) -> (Ino, Bytes) {
+        (7, Bytes::copy_from_slice(n.as_bytes()))
+    }
+
+    #[test]
+    fn a_directory_created_here_answers_negative_lookups_until_a_name_changes_without_being_cached()
+    {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        assert!(!c.absent(7, b"a"), "not complete");
+        c.insert_empty_dir(7, 11);
+        c.saw(11);
+        assert!(!c.absent(7, b"a"), "the feed has not reached the mkdir");
+        c.changed(11, &[1, 7], &[(1, Bytes::from_static(b"d"))]);
+        assert!(c.absent(7, b"a"));
+        // This client creates "a" at 12 (reply before the feed's report), another client "b"
+        // at 13.
+        c.insert_attr(&attr(20, 0), 12);
+        c.insert_name(7, b"a", 20, 12);
+        c.saw(12);
+        c.changed(12, &[7, 20], &[name("a")]);
+        c.changed(13, &[7, 21], &[name("b")]);
+        assert_eq!(c.lookup(7, b"a"), Some(attr(20, 0)));
+        assert!(!c.absent(7, b"a"), "it exists");
+        assert!(!c.absent(7, b"b"), "changed elsewhere: unknown");
+        assert!(c.absent(7, b"c"));
+        // A lookup of "b" read at 13 makes it known again.
+        c.insert_attr(&attr(21, 0), 13);
+        c.insert_name(7, b"b", 21, 13);
+        assert_eq!(c.lookup(7, b"b"), Some(attr(21, 0)));
+        // "a" removed at 14: unknown until a negative lookup read at 14 or later.
+        c.changed(14, &[7, 20], &[name("a")]);
+        assert_eq!(c.lookup(7, b"a"), None);
+        assert!(!c.absent(7, b"a"));
+        c.insert_absent(7, b"a", 13);
+        assert!(!c.absent(7, b"a"), "read before the removal");
+        c.insert_absent(7, b"a", 14);
+        assert!(c.absent(7, b"a"));
+        // The feed reports the change before this client's own reply is handled.
+        c.changed(15, &[7, 22], &[name("e")]);
+        assert!(!c.absent(7, b"e"));
+        c.insert_attr(&attr(22, 0), 15);
+        c.insert_name(7, b"e", 22, 15);
+        assert_eq!(c.lookup(7, b"e"), Some(attr(22, 0)));
+        c.broken();
+        c.subscribed(16);
+        assert!(!c.absent(7, b"c"), "a new feed: nothing is complete");
+    }
+
+    #[test]
+    fn a_directory_whose_entries_changed_after_its_creation_was_read_is_not_complete() {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.changed(11, &[7], &[]);
+        c.changed(12, &[7, 30], &[name("x")]);
+        // The mkdir reply at 11 is handled after the feed reported "x" created at 12.
+        c.insert_empty_dir(7, 11);
+        assert!(!c.absent(7, b"x"));
+        assert!(!c.absent(7, b"y"), "not complete at all");
+        // Too many unknown names: no longer complete.
+        c.insert_empty_dir(8, 12);
+        assert!(c.absent(8, b"y"));
+        for i in 0..=UNKNOWN_NAMES_MAX {
+            c.changed(13 + i as u64, &[], &[(8, Bytes::from(format!("n{i}")))]);
+        }
+        assert!(!c.absent(8, b"y"));
+    }
+}
