@@ -11,8 +11,9 @@
 //! buffer ([`WRITE_BUFFER_BYTES_MAX`] per file, [`WRITE_BUFFERS_MAX`] files) and sends them at
 //! the next [`FileSystem::flush`] (close), [`FileSystem::fsync_file`], when the buffer is full or
 //! a write is not contiguous, and before any other operation of this client on the file (read,
-//! getattr, setattr, lookup, unlink, rename, link): one data request per chunk piece, the data
-//! shards in parallel, then one size update. An error of a deferred send is returned by the call
+//! getattr, setattr, lookup, unlink, rename, link; not the reading of a stored xattr, which no
+//! buffered write changes and which the kernel does before every write): one data request per
+//! chunk piece, the data shards in parallel, then one size update. An error of a deferred send is returned by the call
 //! that triggered it and again at the next flush or fsync of the file (as NFS does).
 
 use std::collections::HashMap;
@@ -384,6 +385,15 @@ impl<S: Shards> FileSystem<S> {
     fn view(&self, ino: Ino) -> FsResult<View> {
         if !is_snapshot(ino) {
             self.settle(ino)?;
+        }
+        self.view_unsettled(ino)
+    }
+
+    /// Where `ino` is read, leaving its buffered writes buffered: for reads that no buffered
+    /// write can change (a stored extended attribute; the kernel asks for
+    /// `security.capability` before every write to a file).
+    fn view_unsettled(&self, ino: Ino) -> FsResult<View> {
+        if !is_snapshot(ino) {
             return Ok(View { ino, at: None });
         }
         match lock(&self.snapshots).resolve(ino) {
@@ -1085,7 +1095,11 @@ impl<S: Shards> FileSystem<S> {
     /// oldest first, `RFC3339-TIME VERSION` with the version in hex — the newest changes that fit
     /// in 64 KiB ([`FileSystem::history`] has them all).
     pub fn getxattr(&self, ino: Ino, name: &[u8]) -> FsResult<Bytes> {
-        let v = self.view(ino)?;
+        let v = if name == HISTORY_XATTR {
+            self.view(ino)?
+        } else {
+            self.view_unsettled(ino)?
+        };
         if name == HISTORY_XATTR {
             // The newest changes that fit in one attribute value, oldest first.
             let mut lines = Vec::new();
