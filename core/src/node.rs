@@ -1218,6 +1218,12 @@ impl Node {
                 self.change.leading = None;
             }
         }
+        self.send_ack(leader, round, out);
+        Ok(())
+    }
+
+    /// Answers `leader`'s `round` with this member's promise, suspicions and report.
+    fn send_ack(&self, leader: NodeId, round: u64, out: &mut Vec<Action>) {
         let report = self.report();
         let message = Message::Ack {
             view_id: self.view.view_id,
@@ -1232,7 +1238,6 @@ impl Node {
             to: leader,
             message,
         });
-        Ok(())
     }
 
     fn on_ack(
@@ -1315,20 +1320,7 @@ impl Node {
         if round < self.change.promised {
             // Refused: tell the leader, which otherwise waits for ever in phase 2 (members
             // that trusted it only again later promised others meanwhile).
-            let report = self.report();
-            let message = Message::Ack {
-                view_id: self.view.view_id,
-                round,
-                promised: self.change.promised,
-                suspicions: self.suspicion.suspected(),
-                counts: report.counts,
-                accepted: report.accepted,
-                logs: report.logs,
-            };
-            out.push(Action::Send {
-                to: leader,
-                message,
-            });
+            self.send_ack(leader, round, out);
             return Ok(());
         }
         if !self.wedged {
