@@ -24,7 +24,7 @@ use bytes::Bytes;
 use derechofs_core::kv::KvOp;
 use derechofs_core::transport::Secret;
 
-use super::restart::{check_fill_args, fill, first_write, write_configs, Nodes};
+use super::restart::{check_fill_args, fill, start_cluster};
 use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::table::Table;
@@ -181,12 +181,7 @@ async fn one_run(
     secret: &Secret,
     mib: u64,
 ) -> anyhow::Result<Run> {
-    let addrs = write_configs(&args.ip, dir, NODES)?;
-    let mut nodes = Nodes::new(exe, dir, NODES);
-    for id in 1..=NODES {
-        nodes.start(id)?;
-    }
-    first_write(&addrs, secret, FORMING_TIMEOUT).await?;
+    let (addrs, mut nodes) = start_cluster(&args.ip, exe, dir, secret, NODES).await?;
 
     // Who holds the data shard, who is its spare, whom to kill.
     let mut watcher = Client::connect(&addrs, secret.clone()).await?;

@@ -278,6 +278,24 @@ async fn all_active(
     }
 }
 
+/// Writes `count` node configurations under `dir`, starts every node and waits until the
+/// cluster takes a write.
+pub(super) async fn start_cluster(
+    ip: &str,
+    exe: &Path,
+    dir: &Path,
+    secret: &Secret,
+    count: usize,
+) -> anyhow::Result<(Vec<String>, Nodes)> {
+    let addrs = write_configs(ip, dir, count)?;
+    let mut nodes = Nodes::new(exe, dir, count);
+    for id in 1..=count {
+        nodes.start(id)?;
+    }
+    first_write(&addrs, secret, FORMING_TIMEOUT).await?;
+    Ok((addrs, nodes))
+}
+
 /// Writes the configurations `DIR/n1.toml` … of `count` nodes, all in `members`, listening on
 /// ports of `ip` the kernel picks, each with its data in `DIR/dataID` and the defaults for the
 /// rest; returns their addresses in id order.
@@ -357,12 +375,7 @@ async fn one_run(
     secret: &Secret,
     mib: u64,
 ) -> anyhow::Result<Run> {
-    let addrs = write_configs(&args.ip, dir, NODES)?;
-    let mut nodes = Nodes::new(exe, dir, NODES);
-    for id in 1..=NODES {
-        nodes.start(id)?;
-    }
-    first_write(&addrs, secret, FORMING_TIMEOUT).await?;
+    let (addrs, mut nodes) = start_cluster(&args.ip, exe, dir, secret, NODES).await?;
 
     let filling = Instant::now();
     let written = fill(&addrs, secret, mib << 20, args.value_bytes, args.writers).await?;
