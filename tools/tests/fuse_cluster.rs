@@ -118,10 +118,24 @@ fn time_travel_through_two_mounts_on_different_nodes_is_identical_and_survives_a
     time_travel::check(&b.path, "tree", &history, seed);
     time_travel::check(&a.path, "tree", &history, seed);
     std::fs::write(b.path.join("tree/after-the-kill"), b"still writable").expect("a write");
-    assert_eq!(
-        std::fs::read(a.path.join("tree/after-the-kill")).expect("read through the other mount"),
-        b"still writable"
-    );
+    // Another client sees the change once its own member delivered it (docs/SEMANTICS.md,
+    // "Read your writes"): mount a reads through node 1, which may deliver it a little after
+    // node 2 answered mount b. Wait for it, bounded; never a different content.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match std::fs::read(a.path.join("tree/after-the-kill")) {
+            Ok(bytes) if bytes == b"still writable" => break,
+            Ok(bytes) => assert!(
+                bytes.is_empty() && std::time::Instant::now() < deadline,
+                "the other mount read {bytes:?}, not the write, within 10 s"
+            ),
+            Err(e) => assert!(
+                e.kind() == std::io::ErrorKind::NotFound && std::time::Instant::now() < deadline,
+                "read through the other mount: {e}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
 }
 
 #[test]
