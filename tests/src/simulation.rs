@@ -354,6 +354,63 @@ impl Options {
     }
 
     /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
+    /// and a host-wide stall, in one of two shapes. Together: every member stalls over the
+    /// same span of two to four suspicion timeouts (the whole machine is not scheduled), so
+    /// that each one's pause hides its peers' silence. In turn: from one moment on, every
+    /// member stalls except one at a time, each running alone for more than a suspicion
+    /// timeout, so that each suspects every other one and trusts no majority, as on a machine
+    /// so loaded that each node runs while the others wait; then all run again. Nothing
+    /// fails: the group must make progress again by itself.
+    pub fn with_host_stall(seed: u64) -> Options {
+        let mut options = Options::from_seed(seed);
+        let mut rng = Rng::new(seed ^ 0x0a11_57a1);
+        options.suspect_after_ms = rng.between(100, 300).max(3 * options.heartbeat_ms);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let start_us = rng.between(20_000, 200_000);
+        let mut faults = Vec::new();
+        let heal_us = if options.host_stall_in_turn() {
+            let alone_us = suspect_us + rng.between(suspect_us / 2, suspect_us);
+            let end_us = start_us + options.nodes as u64 * alone_us;
+            for node in 0..options.nodes {
+                let (from_us, to_us) = (
+                    start_us + node as u64 * alone_us,
+                    start_us + (node as u64 + 1) * alone_us,
+                );
+                for (start_us, end_us) in [(start_us, from_us), (to_us, end_us)] {
+                    if start_us < end_us {
+                        faults.push(Fault::Stall {
+                            node,
+                            start_us,
+                            end_us,
+                        });
+                    }
+                }
+            }
+            end_us
+        } else {
+            let end_us = start_us + rng.between(2 * suspect_us, 4 * suspect_us);
+            for node in 0..options.nodes {
+                faults.push(Fault::Stall {
+                    node,
+                    start_us,
+                    end_us,
+                });
+            }
+            end_us
+        };
+        options.faults = faults;
+        options.heal_us = heal_us;
+        options.time_limit_us = heal_us + 40 * suspect_us + 2_000_000;
+        options
+    }
+
+    /// Whether a [`Options::with_host_stall`] run stalls its members in turn (else together):
+    /// odd seeds do.
+    pub fn host_stall_in_turn(&self) -> bool {
+        self.seed % 2 == 1
+    }
+
+    /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
     /// and a total restart: under load, every node stops (within a few milliseconds of each
     /// other, so some logs end earlier than others), losing what its disk had not synced or
     /// tearing it; then every node, or a majority, starts again from its disk and recorded
@@ -567,6 +624,9 @@ pub struct Report {
     pub shards_caught_up: u64,
     /// Crashed nodes started again from their disks.
     pub restarts: u64,
+    /// Members trusted again after a false suspicion, over all nodes (a node without a
+    /// majority it trusts, or whose view change is stuck, trusts again whom it hears from).
+    pub forgiven: u64,
     /// The members of the newest view installed anywhere.
     pub last_members: Vec<NodeId>,
     /// A digest of every event in order: equal digests mean identical runs.
@@ -1855,6 +1915,7 @@ impl Simulation {
             refused_no_majority: self.refused_no_majority,
             probes_delivered: self.probes.values().filter(|&&d| d).count() as u64,
             rounds_led: self.nodes.iter().map(|n| n.counters().rounds_led).sum(),
+            forgiven: self.nodes.iter().map(|n| n.counters().forgiven).sum(),
             joins: self.joins,
             records_transferred: self.transferred,
             shards_caught_up: self.caught_up,

@@ -1,8 +1,9 @@
 //! The simulator run over seeds. A failure prints its seed; `DERECHOFS_SIM_SEED=<seed>` reruns
 //! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed, `DERECHOFS_SIM_RESTART=1`
-//! for a total restart seed, `DERECHOFS_SIM_STALL=1` for a slow members seed), and
-//! `DERECHOFS_SIM_SEEDS=<count>`, `DERECHOFS_SIM_FAULT_SEEDS=<count>`,
-//! `DERECHOFS_SIM_RESTART_SEEDS=<count>` and `DERECHOFS_SIM_STALL_SEEDS=<count>` widen the
+//! for a total restart seed, `DERECHOFS_SIM_STALL=1` for a slow members seed,
+//! `DERECHOFS_SIM_HOST_STALL=1` for a host-wide stall seed), and `DERECHOFS_SIM_SEEDS=<count>`,
+//! `DERECHOFS_SIM_FAULT_SEEDS=<count>`, `DERECHOFS_SIM_RESTART_SEEDS=<count>`,
+//! `DERECHOFS_SIM_STALL_SEEDS=<count>` and `DERECHOFS_SIM_HOST_STALL_SEEDS=<count>` widen the
 //! batches.
 
 use std::time::Instant;
@@ -82,6 +83,8 @@ fn one_seed_from_the_environment() {
         Options::with_total_restart(seed)
     } else if env_u64("DERECHOFS_SIM_STALL").unwrap_or(0) == 1 {
         Options::with_stalls(seed)
+    } else if env_u64("DERECHOFS_SIM_HOST_STALL").unwrap_or(0) == 1 {
+        Options::with_host_stall(seed)
     } else {
         Options::from_seed(seed)
     };
@@ -392,6 +395,42 @@ fn seeds_with_members_slow_past_the_suspicion_timeout_hold_every_invariant_and_m
     }
     eprintln!(
         "{seeds} slow members seeds: {steps} steps, {views} views, {joins} joins in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn seeds_with_every_member_stalled_at_once_or_each_alone_in_turn_make_progress_again() {
+    let seeds = env_u64("DERECHOFS_SIM_HOST_STALL_SEEDS").unwrap_or(12);
+    let started = Instant::now();
+    let (mut steps, mut views, mut forgiven) = (0, 0, 0);
+    for seed in 0..seeds {
+        let options = Options::with_host_stall(seed);
+        assert!(
+            options.must_recover(),
+            "seed {seed}: stalled members are not faulty"
+        );
+        match run(&options) {
+            Ok(report) => {
+                assert!(report.probes_delivered > 0, "seed {seed}: no progress");
+                if options.host_stall_in_turn() {
+                    // Each member ran alone past the timeout: it suspected every other one,
+                    // trusted no majority, and had to trust again whom it heard from.
+                    assert!(
+                        report.forgiven > 0,
+                        "seed {seed}: no member was trusted again: {report:?}"
+                    );
+                }
+                steps += report.steps;
+                forgiven += report.forgiven;
+                views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
+            }
+            Err(failure) => panic!("{failure}\n  (host-wide stall: DERECHOFS_SIM_HOST_STALL=1)"),
+        }
+    }
+    eprintln!(
+        "{seeds} host-wide stall seeds: {steps} steps, {views} views, {forgiven} members \
+         trusted again in {:?}",
         started.elapsed()
     );
 }

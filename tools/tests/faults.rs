@@ -847,3 +847,162 @@ fn t97_faults_a_watch_whose_member_is_sigkilled_resumes_on_another_with_every_ac
         "the watch's events differ from the acknowledged changes"
     );
 }
+
+/// Suspicion for the stall tests below: the default, so that a stall past it takes a second or
+/// two, and a member of a loaded test machine is rarely suspected for being slow (the tests
+/// still hold if it is: the group recovers by itself).
+const STALL_SUSPECT: &str = "suspect_after_ms = 1000\n";
+
+/// As `check_acked`, once each member serves the key: a member suspected falsely on a loaded
+/// machine after the stall is removed and joins again, and answers once it caught up.
+fn check_acked_eventually(cluster: &Cluster, contacts: &str, members: &[usize], acked: &Acked) {
+    for (key, (value, version)) in acked {
+        for member in members {
+            let m = member.to_string();
+            let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
+            let run = loop {
+                let run = cluster.kv_via(contacts, &["get", key, "-l", "--member", &m]);
+                if run.code == 0 || std::time::Instant::now() >= deadline {
+                    break run;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            assert_eq!(run.code, 0, "{key} at node {member}: {run:?}");
+            let expected = format!("version {version} ");
+            assert!(
+                run.stdout.contains(&expected) && run.stdout.trim_end().ends_with(value.as_str()),
+                "{key} at node {member}: want {value} at {version}, got {run:?}"
+            );
+        }
+        let history = cluster.kv_via(contacts, &["history", key]);
+        assert_eq!(history.code, 0, "history of {key}: {history:?}");
+        assert_eq!(
+            history.stdout.lines().count(),
+            1,
+            "{key} was written once but changed more often: {history:?}"
+        );
+    }
+}
+
+/// Writes `key` through `contacts` until it is acknowledged (each try bounded by the client's
+/// retry window); fails the test after `WAIT_TIMEOUT`.
+fn put_eventually(cluster: &Cluster, contacts: &str, key: &str, value: &str) -> String {
+    let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
+    loop {
+        let run = cluster.kv_via(contacts, &["put", key, value]);
+        if run.code == 0 {
+            return run.stdout;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} was never acknowledged: {run:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn t92_faults_a_node_stopped_under_load_is_removed_the_others_go_on_and_once_resumed_it_joins_again(
+) {
+    // Node 3 is stopped (SIGSTOP, links open) while two clients write through nodes 1 and 2:
+    // its peers' messages to it pile up in their link queues and it reads none. The others
+    // must not block on it: they suspect it, install a view without it and go on taking
+    // writes. Resumed, node 3 finds itself removed, joins again and catches up.
+    let cluster = Cluster::new(55, 3, STALL_SUSPECT);
+    cluster.start_all();
+    cluster.wait_active();
+    let survivors = cluster.contacts_of(&[1, 2]);
+    let acked = under_load(&cluster, &survivors, 2, 5, |c| {
+        c.freeze(3);
+        let status = c.wait_status(&survivors, "no view without node 3", |s| {
+            nodes_in(s, "active") == [1, 2] && !s.lines().any(|l| l.starts_with("3 "))
+        });
+        assert!(view_of(&status) >= 2, "{status}");
+        // Writes in the view without node 3, before it runs again.
+        put_eventually(c, &survivors, "while-stopped", "yes");
+        c.thaw(3);
+        let status = c.wait_status(&c.contacts(), "node 3 did not join again", |s| {
+            nodes_in(s, "active") == [1, 2, 3]
+        });
+        assert!(view_of(&status) >= 3, "{status}");
+    });
+    assert!(
+        cluster.log_of(3).contains("asking to join again"),
+        "node 3 did not learn it was removed: {}",
+        cluster.logs()
+    );
+    wait_caught_up(&cluster, 3, 2);
+    let contacts = cluster.contacts();
+    check_acked_eventually(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
+}
+
+#[test]
+fn t98_faults_every_node_stopped_at_once_past_the_suspicion_timeout_serves_again_once_resumed() {
+    // A host-wide stall: the three node processes are stopped together (SIGSTOP) for three
+    // suspicion timeouts under a write load, then resumed. A pause of a node's own is not its
+    // peers' silence; whatever each concludes, the three must serve writes again by themselves
+    // and keep every acknowledged one. (Clients starting while every node is stopped find no
+    // member that answers: their writes fail, and their keys are not used again.)
+    let cluster = Cluster::new(53, 3, STALL_SUSPECT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let acked = through_outage(&cluster, &contacts, 2, |c| {
+        for node in 1..=3 {
+            c.freeze(node);
+        }
+        std::thread::sleep(Duration::from_millis(3_000));
+        for node in 1..=3 {
+            c.thaw(node);
+        }
+    });
+    cluster.wait_status(&contacts, "the three do not serve together again", |s| {
+        nodes_in(s, "active") == [1, 2, 3]
+    });
+    put_eventually(&cluster, &contacts, "after", "yes");
+    check_acked_eventually(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
+}
+
+#[test]
+fn t99_faults_each_node_running_alone_past_the_timeout_suspects_both_others_and_all_three_form_a_view_again(
+) {
+    // Every node suspects both others, no link breaks, every process lives: the state a
+    // loaded host once left a cluster in (it stayed wedged). Made here by letting each node
+    // run alone in turn (the other two stopped) until it has suspected both others. Each
+    // then trusts no majority, so it trusts again whoever it hears from; once all run
+    // again, a majority must install a view and take writes, and every acknowledged write
+    // must survive.
+    let cluster = Cluster::new(54, 3, STALL_SUSPECT);
+    cluster.start_all();
+    cluster.wait_active();
+    let contacts = cluster.contacts();
+    let acked = through_outage(&cluster, &contacts, 2, |c| {
+        for node in 1..=3 {
+            c.freeze(node);
+        }
+        for alone in 1..=3 {
+            c.thaw(alone);
+            for other in (1..=3).filter(|&o| o != alone) {
+                c.wait_log(
+                    alone,
+                    &format!("suspecting a member node={alone} suspect={other}"),
+                );
+            }
+            c.freeze(alone);
+        }
+        for node in 1..=3 {
+            c.thaw(node);
+        }
+    });
+    let status = cluster.wait_status(&contacts, "the three do not form a view again", |s| {
+        nodes_in(s, "active") == [1, 2, 3]
+    });
+    // All three were wedged: only a new view makes them active again.
+    assert!(view_of(&status) >= 2, "{status}");
+    put_eventually(&cluster, &contacts, "after", "yes");
+    check_acked_eventually(&cluster, &contacts, &[1, 2, 3], &acked);
+    logs_agree(&cluster, &[2, 3]);
+}
