@@ -41,6 +41,9 @@ pub const TICK_MS: u64 = 2;
 /// Applying one version for this long or longer is logged: the event loop sent no heartbeat
 /// meanwhile.
 const SLOW_APPLY_MS: u64 = 100;
+/// A wait of the event loop on a member's full link queue this long or longer is logged (the
+/// loop takes no other event meanwhile).
+pub const FULL_LINK_WARN_MS: u64 = 250;
 /// Interval between attempts to dial a member that is not up yet.
 pub const DIAL_RETRY_MS: u64 = 100;
 /// Resume points of state transfers this node serves, one per member and shard at most; beyond
@@ -509,11 +512,7 @@ impl Driver {
                         }
                         _ => Payload::new(Bytes::from(message.to_bytes())),
                     };
-                    match self
-                        .transport
-                        .send_payload(Peer::Node(to), self.view_id, &payload)
-                        .await
-                    {
+                    match self.send_to_member(to, &payload).await {
                         Ok(()) => {}
                         Err(SendError::NoLink(_)) => self.hold(to, payload),
                         Err(e) => {
@@ -578,6 +577,38 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Sends `payload` to member `to`, waiting while its link's queue is full. The event loop
+    /// does nothing else meanwhile (no tick, no heartbeat, no peer message taken), so a wait
+    /// of [`FULL_LINK_WARN_MS`] or more is logged when it starts and when it ends: a member
+    /// that reads nothing while its link stays up holds this node.
+    async fn send_to_member(&self, to: NodeId, payload: &Payload) -> Result<(), SendError> {
+        let send = self
+            .transport
+            .send_payload(Peer::Node(to), self.view_id, payload);
+        tokio::pin!(send);
+        let warn_after = Duration::from_millis(FULL_LINK_WARN_MS);
+        match tokio::time::timeout(warn_after, &mut send).await {
+            Ok(result) => result,
+            Err(_) => {
+                tracing::warn!(
+                    node = self.me,
+                    peer = to,
+                    waited_ms = FULL_LINK_WARN_MS,
+                    "the link to a member is full; the event loop waits for it to drain"
+                );
+                let started = Instant::now();
+                let result = send.await;
+                tracing::warn!(
+                    node = self.me,
+                    peer = to,
+                    waited_ms = FULL_LINK_WARN_MS + started.elapsed().as_millis() as u64,
+                    "the link to a member drained"
+                );
+                result
+            }
+        }
     }
 
     /// State transfer, serving side: reads the next piece of `shard`'s log for member `to` and
