@@ -44,6 +44,13 @@ pub(crate) struct Multicast {
     rows: Vec<Row>,
     /// The own row changed since it was last pushed.
     row_dirty: bool,
+    /// The own `delivered` counter in the row last pushed.
+    pushed_delivered: u64,
+    /// How far `delivered` may run ahead of `pushed_delivered` while it waits to go out with
+    /// the row that reports its versions persisted: half the send window (in sequence numbers,
+    /// so each sender loses at most a few messages of its window to the wait), 0 for a window
+    /// of 1 (every delivery pushed at once).
+    delivered_lag_max: u64,
     /// Per sender: messages received (or, for this member, sent) and not yet delivered, oldest
     /// first. Bounded by `WINDOW_MAX` per sender.
     inbox: Vec<VecDeque<Body>>,
@@ -91,6 +98,8 @@ impl Multicast {
             view_id,
             rows: vec![Row::new(senders); senders],
             row_dirty: false,
+            pushed_delivered: 0,
+            delivered_lag_max: u64::from(config.window / 2),
             inbox: vec![VecDeque::new(); senders],
             batches_delivered: vec![0; senders],
             pending: VecDeque::new(),
@@ -569,6 +578,8 @@ impl Multicast {
             return 0;
         }
         self.rows[self.rank].delivered = end;
+        // The end of a view: its row goes out at once, as every row of a view change does.
+        self.row_dirty = true;
         self.finish_delivery(deliveries, out)
     }
 
@@ -593,9 +604,20 @@ impl Multicast {
         }
     }
 
+    /// Records what was delivered and asks for it to be persisted. The new `delivered` counter
+    /// normally goes out with the row that reports its versions persisted (`persisted` marks
+    /// the row changed), not in a row of its own: a version's delivery and its persistence
+    /// microseconds later would otherwise cost two pushes to every peer, each a wake-up there.
+    /// The peers read `delivered` only for the send window, so it waits at most until
+    /// `delivered_lag_max` sequence numbers are delivered and not pushed (a slow
+    /// disk then costs a sender a few messages of its window, never all of it); a delivery of
+    /// nulls alone with nothing to persist is pushed at once. Any other change of the row (a
+    /// message received, a floor, a suspicion, the wedge) pushes it, with the counter.
     fn finish_delivery(&mut self, deliveries: Vec<Delivery>, out: &mut Vec<Action>) -> usize {
-        self.row_dirty = true;
         let delivered = self.rows[self.rank].delivered;
+        if delivered - self.pushed_delivered > self.delivered_lag_max {
+            self.row_dirty = true;
+        }
         let count = deliveries.len();
         if let Some(last) = deliveries.last() {
             let version = last.version;
@@ -617,6 +639,7 @@ impl Multicast {
             back.1 = delivered;
         } else {
             self.mark_persisted(delivered);
+            self.row_dirty = true;
         }
         count
     }
@@ -811,6 +834,7 @@ impl Multicast {
             return 0;
         }
         self.row_dirty = false;
+        self.pushed_delivered = self.rows[self.rank].delivered;
         let me = self.members[self.rank];
         let mut count = 0;
         for &peer in &self.members {

@@ -360,6 +360,72 @@ fn hop(cluster: &mut Cluster) {
     }
 }
 
+/// Carries every message in flight, and those they cause, like `settle`, and returns the rows
+/// pushed meanwhile: (sender, `delivered`, `persisted`).
+fn settle_counting_rows(cluster: &mut Cluster) -> Vec<(NodeId, u64, Option<u64>)> {
+    let mut rows = Vec::new();
+    while !cluster.wire.is_empty() {
+        for (from, _, message) in &cluster.wire {
+            if let Message::Row { row, .. } = message {
+                rows.push((*from, row.delivered, row.persisted));
+            }
+        }
+        hop(cluster);
+    }
+    rows
+}
+
+#[test]
+fn a_delivered_counter_goes_out_with_the_row_that_reports_it_persisted_not_in_a_push_of_its_own() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(0, 1, b"x");
+    let rows = settle_counting_rows(&mut cluster);
+    for node in 0..3 {
+        assert_eq!(cluster.payloads(node), vec!["x"]);
+    }
+    // One push per member to each peer (what it received), none for the delivery alone.
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(
+        rows.iter().all(|&(_, delivered, _)| delivered == 0),
+        "{rows:?}"
+    );
+    for node in 0..3 {
+        let version = cluster.persist_asked[node][0];
+        cluster
+            .step(
+                node,
+                Input::Persisted {
+                    shard: SHARD,
+                    version,
+                },
+            )
+            .unwrap();
+    }
+    let rows = settle_counting_rows(&mut cluster);
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    let version = version_of(1, 0);
+    assert!(
+        rows.iter()
+            .all(|&(_, delivered, persisted)| delivered == 1 && persisted == Some(version)),
+        "the persisted row carries the delivered counter: {rows:?}"
+    );
+    assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), Some(version));
+}
+
+#[test]
+fn a_sender_whose_peers_never_persist_still_finds_its_window_open() {
+    // The peers' delivered counters wait for persistence only up to half the window: a disk
+    // that never answers slows nobody's window to a stop.
+    let mut cluster = Cluster::new(3, |config| config.window = 4);
+    for id in 0..40 {
+        cluster.submit(0, id, b"p");
+        cluster.settle();
+    }
+    for node in 0..3 {
+        assert_eq!(cluster.payloads(node).len(), 40, "node {}", node + 1);
+    }
+}
+
 #[test]
 fn a_message_after_the_nulls_of_idle_senders_is_delivered_everywhere_two_hops_after_it_leaves() {
     let mut cluster = Cluster::new(3, |_| {});
