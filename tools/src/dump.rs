@@ -11,6 +11,7 @@ use derechofs_storage::{Log, SyncPolicy};
 
 use crate::kv::show_version;
 use crate::node::{open_log, stored_view};
+use crate::out::{write_line, StdoutError};
 
 /// Keys per scan page.
 const SCAN_PAGE_KEYS: usize = 1024;
@@ -46,18 +47,20 @@ pub fn run(data_dir: &Path) -> anyhow::Result<i32> {
             .with_context(|| format!("opening the log of shard {shard}"))?;
         dump(shard, &log, &mut out)?;
     }
-    out.flush()?;
+    out.flush().map_err(StdoutError)?;
     Ok(0)
 }
 
 fn dump(shard: u16, log: &Log, out: &mut impl Write) -> anyhow::Result<()> {
-    writeln!(
+    write_line(
         out,
-        "shard {shard} versions {} latest {} view {}",
-        log.version_count(),
-        log.latest()
-            .map_or("-".into(), |(v, h)| format!("{}@{h}", show_version(v))),
-        stored_view(log).map_or("-".into(), |v| v.to_string()),
+        format_args!(
+            "shard {shard} versions {} latest {} view {}",
+            log.version_count(),
+            log.latest()
+                .map_or("-".into(), |(v, h)| format!("{}@{h}", show_version(v))),
+            stored_view(log).map_or("-".into(), |v| v.to_string()),
+        ),
     )?;
     let Some((latest, _)) = log.latest() else {
         return Ok(());
@@ -78,7 +81,7 @@ fn dump(shard: u16, log: &Log, out: &mut impl Write) -> anyhow::Result<()> {
                     change.hlc
                 ));
             }
-            writeln!(out, "{line}")?;
+            write_line(out, format_args!("{line}"))?;
         }
         match page.resume_after {
             Some(key) => after = Some(key),

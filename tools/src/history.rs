@@ -13,6 +13,7 @@ use std::path::Path;
 
 use crate::kv::{secret, show_version, ClientArgs};
 use crate::mountinfo;
+use crate::out::{errln, outln};
 use crate::table::Table;
 
 /// Exit code when the path does not exist.
@@ -86,7 +87,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
             }
             Err(e) if e.errno == libc::ENOENT => {
                 let so_far = parts[..=i].join("/");
-                eprintln!("derechofs: /{so_far}: no such file or directory");
+                errln!("derechofs: /{so_far}: no such file or directory");
                 return Ok(EXIT_NOT_FOUND);
             }
             Err(e) => {
@@ -103,7 +104,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
         .with_context(|| format!("reading the history of {path}"))?;
     let skip = history.len().saturating_sub(args.max);
     if skip > 0 {
-        println!("({skip} older changes left out; --max shows more)");
+        outln!("({skip} older changes left out; --max shows more)")?;
     }
     let mut table = Table::new(&["time", "version", "size", "kind"]);
     for change in &history[skip..] {
@@ -122,7 +123,7 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
             show_version(change.version),
             size,
             kind,
-        ]);
+        ])?;
     }
     Ok(0)
 }

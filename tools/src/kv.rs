@@ -11,6 +11,7 @@ use derechofs_core::{Hlc, NodeId, Version};
 
 use crate::client::Client;
 use crate::config::NodeConfig;
+use crate::out::{errln, outln, StdoutError};
 use derechofs_fs::time::{format_rfc3339, parse_time_us};
 
 /// How to reach the cluster.
@@ -138,17 +139,17 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
     let written = |reply: KvReply| -> anyhow::Result<i32> {
         match reply {
             KvReply::Written { version, hlc } => {
-                println!(
+                outln!(
                     "version {} stamp {}",
                     show_version(version),
                     show_stamp(hlc)
-                );
+                )?;
                 Ok(0)
             }
             KvReply::Conflict { current } => {
                 match current {
-                    Some(v) => eprintln!("conflict: the current version is {}", show_version(v)),
-                    None => eprintln!("conflict: the key does not exist"),
+                    Some(v) => errln!("conflict: the current version is {}", show_version(v)),
+                    None => errln!("conflict: the key does not exist"),
                 }
                 Ok(3)
             }
@@ -208,23 +209,23 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
             match read.found {
                 Some(v) => {
                     if long {
-                        println!(
+                        outln!(
                             "read {} version {} stamp {} value {}",
                             read_at,
                             show_version(v.version),
                             show_stamp(v.hlc),
                             String::from_utf8_lossy(&v.value)
-                        );
+                        )?;
                     } else {
-                        println!("{}", String::from_utf8_lossy(&v.value));
+                        outln!("{}", String::from_utf8_lossy(&v.value))?;
                     }
                     Ok(0)
                 }
                 None => {
                     if long {
-                        println!("read {read_at} absent");
+                        outln!("read {read_at} absent")?;
                     }
-                    eprintln!("{key}: not found");
+                    errln!("{key}: not found");
                     Ok(2)
                 }
             }
@@ -232,19 +233,19 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
         KvCommand::History { key } => {
             let (truncated, changes) = client.history(key.as_bytes()).await?;
             if truncated {
-                println!("(older changes left out)");
+                outln!("(older changes left out)")?;
             }
             for c in changes {
                 let what = c
                     .value_len
                     .map_or("deleted".to_string(), |n| format!("{n} bytes"));
-                println!("{} {} {what}", show_version(c.version), show_stamp(c.hlc));
+                outln!("{} {} {what}", show_version(c.version), show_stamp(c.hlc))?;
             }
             Ok(0)
         }
         KvCommand::Watch { prefix, count } => {
             let mut events = client.watch(prefix.as_bytes()).await?;
-            eprintln!("watching {prefix:?}");
+            errln!("watching {prefix:?}");
             let mut seen = 0u64;
             while count.is_none_or(|n| seen < n) {
                 let Some(event) = events.recv().await else {
@@ -254,12 +255,12 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
                 let value = e.value.as_ref().map_or("(deleted)".to_string(), |v| {
                     String::from_utf8_lossy(v).into_owned()
                 });
-                println!(
+                outln!(
                     "{} {} {} {value}",
                     show_version(e.version),
                     show_stamp(e.hlc),
                     String::from_utf8_lossy(&e.key)
-                );
+                )?;
                 seen += 1;
             }
             Ok(0)
@@ -273,7 +274,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
         let secret = secret(&args.secret_file)?;
         let mut client = Client::connect(&args.contacts, secret).await?;
         let layout = client.layout().clone();
-        println!("view {}", layout.view_id);
+        outln!("view {}", layout.view_id)?;
         let mut table = vec![vec![
             "node".to_string(),
             "address".into(),
@@ -354,12 +355,12 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             }
         }
         client.close().await;
-        print_table(&table);
+        print_table(&table)?;
         Ok(if failed { 1 } else { 0 })
     })
 }
 
-fn print_table(rows: &[Vec<String>]) {
+fn print_table(rows: &[Vec<String>]) -> Result<(), StdoutError> {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|c| {
@@ -376,8 +377,9 @@ fn print_table(rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(s, w)| format!("{s:<w$}"))
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        outln!("{}", line.join("  ").trim_end())?;
     }
+    Ok(())
 }
 
 #[cfg(test)]

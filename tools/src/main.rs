@@ -1,5 +1,8 @@
 //! `derechofs`: the command of the DerechoFS distributed versioned file system.
 
+// Output goes through `out::outln!` and `out::errln!`, which do not panic on a closed pipe.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 mod alloc;
 mod bench;
 mod client;
@@ -10,6 +13,7 @@ mod kv;
 mod mount;
 mod mountinfo;
 mod node;
+mod out;
 use derechofs_core::protocol;
 mod table;
 mod up;
@@ -17,6 +21,7 @@ mod up;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use out::{errln, StdoutError};
 
 #[global_allocator]
 static GLOBAL: alloc::Counting = alloc::Counting;
@@ -69,6 +74,9 @@ fn init_logging(default: &str) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        // A failed write to standard error has nowhere to be reported (the default would
+        // report it with `eprintln!`, which panics when standard error is a closed pipe).
+        .log_internal_errors(false)
         .try_init();
 }
 
@@ -114,8 +122,15 @@ fn main() {
     };
     match result {
         Ok(code) => std::process::exit(code),
+        // The reader of standard output has gone (`derechofs kv history K | head -1`).
+        Err(e)
+            if e.downcast_ref::<StdoutError>()
+                .is_some_and(StdoutError::is_closed) =>
+        {
+            out::exit_closed_stdout()
+        }
         Err(e) => {
-            eprintln!("derechofs: error: {e:#}");
+            errln!("derechofs: error: {e:#}");
             std::process::exit(1);
         }
     }

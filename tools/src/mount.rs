@@ -18,6 +18,8 @@ use derechofs_client::{RemoteConfig, RemoteShards};
 use derechofs_fs::{Creds, FileSystem, FsConfig};
 use derechofs_mount::{DerechoFs, MountOptions};
 
+use crate::out::errln;
+
 /// Longest the helper waits for its daemon to have the mount in place, beyond the connect
 /// timeout.
 const DAEMON_READY_EXTRA: Duration = Duration::from_secs(30);
@@ -161,7 +163,7 @@ fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
         &p.options,
         &p.spec,
         "derechofs",
-        || eprintln!("derechofs: {} mounted at {}", p.spec, mountpoint.display()),
+        || errln!("derechofs: {} mounted at {}", p.spec, mountpoint.display()),
     )?;
     Ok(())
 }
@@ -257,7 +259,7 @@ pub fn helper_main(args: &[OsString]) -> i32 {
     let h = match helper_args(args) {
         Ok(h) => h,
         Err(e) => {
-            eprintln!("mount.derechofs: {e}\n{usage}");
+            errln!("mount.derechofs: {e}\n{usage}");
             return EX_USAGE;
         }
     };
@@ -269,17 +271,17 @@ pub fn helper_main(args: &[OsString]) -> i32 {
     let p = match prepare(&h.spec, &h.dir, &options) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("mount.derechofs: {e:#}");
+            errln!("mount.derechofs: {e:#}");
             return EX_USAGE;
         }
     };
     if let Err(e) = reach_one(&p.contacts, p.options.connect_timeout) {
-        eprintln!("mount.derechofs: {e:#}");
+        errln!("mount.derechofs: {e:#}");
         return EX_FAIL;
     }
     if h.fake {
         if h.verbose {
-            eprintln!(
+            errln!(
                 "mount.derechofs: {} on {} checked (fake mount)",
                 h.spec,
                 h.dir.display()
@@ -290,12 +292,12 @@ pub fn helper_main(args: &[OsString]) -> i32 {
     match daemonize(&h.spec, &h.dir, &options, p.options.connect_timeout) {
         Ok(()) => {
             if h.verbose {
-                eprintln!("mount.derechofs: {} mounted on {}", h.spec, h.dir.display());
+                errln!("mount.derechofs: {} mounted on {}", h.spec, h.dir.display());
             }
             0
         }
         Err(e) => {
-            eprintln!("mount.derechofs: {e:#}");
+            errln!("mount.derechofs: {e:#}");
             EX_FAIL
         }
     }

@@ -1,5 +1,7 @@
 //! Plain-text tables for benchmark output.
 
+use crate::out::{outln, StdoutError};
+
 /// A table printed with aligned columns.
 #[derive(Debug)]
 pub struct Table {
@@ -17,12 +19,13 @@ impl Table {
     }
 
     /// Adds a row and prints it at once, so long runs show progress.
-    pub fn row(&mut self, cells: Vec<String>) {
+    pub fn row(&mut self, cells: Vec<String>) -> Result<(), StdoutError> {
         if self.rows.is_empty() {
-            println!("{}", self.line(&self.header));
+            outln!("{}", self.line(&self.header))?;
         }
-        println!("{}", self.line(&cells));
+        outln!("{}", self.line(&cells))?;
         self.rows.push(cells);
+        Ok(())
     }
 
     fn line(&self, cells: &[String]) -> String {

@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use derechofs_mount::MountOptions;
 
+use crate::out::errln;
+
 /// Most nodes `up` starts.
 const NODES_MAX: usize = 16;
 /// Longest the nodes may take to link and become active.
@@ -69,7 +71,7 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
         if matches!(self.child.try_wait(), Ok(None)) {
-            eprintln!("derechofs up: {} did not stop; killing it", self.name);
+            errln!("derechofs up: {} did not stop; killing it", self.name);
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
@@ -195,7 +197,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             child,
         });
     }
-    eprintln!("derechofs up: started {} nodes at {contacts}", args.nodes);
+    errln!("derechofs up: started {} nodes at {contacts}", args.nodes);
 
     // Wait until every node reports itself active.
     let deadline = Instant::now() + ACTIVE_TIMEOUT;
@@ -265,7 +267,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    eprintln!(
+    errln!(
         "derechofs up: mounted at {} (contacts {contacts}; data and logs in {}). Ctrl-C stops.",
         mountpoint.display(),
         args.data.display()
@@ -287,7 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    eprintln!("derechofs up: unmounting and stopping the nodes");
+    errln!("derechofs up: unmounting and stopping the nodes");
     mount.stop();
     if crate::mountinfo::is_mount_point(&mountpoint) {
         let _ = derechofs_mount::session::lazy_unmount(&mountpoint);

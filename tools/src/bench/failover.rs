@@ -19,6 +19,7 @@ use derechofs_core::transport::Secret;
 
 use crate::client::Client;
 use crate::config::NodeConfig;
+use crate::out::outln;
 use crate::table::Table;
 
 /// Time a fresh cluster has to take its first write.
@@ -120,12 +121,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    println!(
+    outln!(
         "failover: {} nodes, {} writers, SIG{} of one member per trial, default timeouts",
         args.nodes,
         args.writers,
         args.fault.to_uppercase()
-    );
+    )?;
     let mut table = Table::new(&[
         "trial",
         "victim",
@@ -157,7 +158,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             t.acks_before.to_string(),
             t.acks_after.to_string(),
             t.errors.to_string(),
-        ]);
+        ])?;
         recoveries.push(t.recovery);
         stalls.push(t.stall);
     }
@@ -173,7 +174,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             String::new(),
             String::new(),
             String::new(),
-        ]);
+        ])?;
         table.row(vec![
             "max".into(),
             String::new(),
@@ -182,7 +183,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             String::new(),
             String::new(),
             String::new(),
-        ]);
+        ])?;
     }
     Ok(())
 }

@@ -7,6 +7,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
+use crate::out::outln;
+
 /// Most files one run may create.
 const COUNT_MAX: usize = 10_000_000;
 
@@ -53,6 +55,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let unlink = rate(start);
     std::fs::remove_dir(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    println!("create_per_s={create:.0} stat_per_s={stat:.0} unlink_per_s={unlink:.0}");
+    outln!("create_per_s={create:.0} stat_per_s={stat:.0} unlink_per_s={unlink:.0}")?;
     Ok(())
 }

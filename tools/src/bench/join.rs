@@ -27,6 +27,7 @@ use derechofs_core::transport::Secret;
 use super::restart::{check_fill_args, fill, start_cluster};
 use crate::client::Client;
 use crate::config::NodeConfig;
+use crate::out::outln;
 use crate::table::Table;
 
 /// Nodes of each cluster: three replicas of each shard and a spare for the data shard.
@@ -98,11 +99,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    println!(
+    outln!(
         "join: {NODES} nodes, default configuration (fsync, shards of 3), values of {} bytes \
          from {} writers; a member of the data shard SIGKILLed, its spare catches the shard up",
-        args.value_bytes, args.writers
-    );
+        args.value_bytes,
+        args.writers
+    )?;
     let mut table = Table::new(&[
         "MiB written",
         "versions",
@@ -143,7 +145,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             r.spare_peak_rss.map_or("-".into(), |b| {
                 format!("{:.0}", b as f64 / f64::from(1 << 20))
             }),
-        ]);
+        ])?;
     }
     Ok(())
 }

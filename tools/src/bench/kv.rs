@@ -35,6 +35,7 @@ use derechofs_core::Version;
 
 use super::histogram::Histogram;
 use crate::client::{random_id, Client, Links};
+use crate::out::{errln, outln};
 
 /// Nodes of the benchmark cluster: one shard of three replicas.
 const NODES: usize = 3;
@@ -225,8 +226,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }]
     };
     if args.header || args.matrix {
-        println!("| system | workload | value | clients | ops/s | p50 ms | p99 ms |");
-        println!("|---|---|---|---:|---:|---:|---:|");
+        outln!("| system | workload | value | clients | ops/s | p50 ms | p99 ms |")?;
+        outln!("|---|---|---|---:|---:|---:|---:|")?;
     }
     for (i, spec) in specs.iter().enumerate() {
         let dir = if args.matrix {
@@ -238,7 +239,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let outcome = runtime.block_on(measure(&args, *spec, &cluster));
         cluster.stop();
         let outcome = outcome?;
-        println!(
+        outln!(
             "| {} | {} | {} | {} | {:.0} | {:.3} | {:.3} |",
             args.system,
             spec.workload.label(),
@@ -247,8 +248,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             outcome.successes as f64 / outcome.elapsed.as_secs_f64(),
             outcome.latency.percentile_ms(50.0),
             outcome.latency.percentile_ms(99.0),
-        );
-        eprintln!(
+        )?;
+        errln!(
             "# {} {} {} x{}: {} successes, {} failed compares, {} errors in {:.1} s",
             args.system,
             spec.workload.label(),
@@ -260,14 +261,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             outcome.elapsed.as_secs_f64(),
         );
         if outcome.conflicts > 0 {
-            eprintln!(
+            errln!(
                 "# failed compares: p50 {:.3} ms, p99 {:.3} ms",
                 outcome.conflict_latency.percentile_ms(50.0),
                 outcome.conflict_latency.percentile_ms(99.0),
             );
         }
         if let Some(e) = &outcome.last_error {
-            eprintln!("# last error: {e}");
+            errln!("# last error: {e}");
         }
         if outcome.successes == 0 {
             bail!(
@@ -416,7 +417,7 @@ impl Cluster {
                 std::thread::sleep(Duration::from_millis(20));
             }
             if matches!(child.try_wait(), Ok(None)) {
-                eprintln!("# node pid {} did not stop in time; killing it", child.id());
+                errln!("# node pid {} did not stop in time; killing it", child.id());
                 let _ = child.kill();
             }
             let _ = child.wait();

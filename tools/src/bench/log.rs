@@ -10,6 +10,7 @@ use derechofs_storage::backend::FileBackend;
 use derechofs_storage::{Hlc, Log, LogConfig, SyncPolicy, Write};
 
 use crate::alloc::live_bytes;
+use crate::out::outln;
 use crate::table::Table;
 
 /// Arguments of `derechofs bench log`.
@@ -93,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&args.dir)
         .with_context(|| format!("creating {}", args.dir.display()))?;
-    println!("derechofs bench log --dir {}", args.dir.display());
+    outln!("derechofs bench log --dir {}", args.dir.display())?;
     if !args.reads_only {
         appends(&args)?;
     }
@@ -104,7 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn appends(args: &Args) -> anyhow::Result<()> {
-    println!("\nAppends: one key per delta, commit after every append, final sync included.");
+    outln!("\nAppends: one key per delta, commit after every append, final sync included.")?;
     let mut table = Table::new(&["delta", "policy", "records", "records/s", "MiB/s"]);
     let policies = [
         ("fsync", SyncPolicy::Fsync),
@@ -139,7 +140,7 @@ fn appends(args: &Args) -> anyhow::Result<()> {
                 n.to_string(),
                 format!("{:.0}", n as f64 / secs),
                 format!("{:.1}", (n * size as u64) as f64 / secs / (1 << 20) as f64),
-            ]);
+            ])?;
         }
     }
     Ok(())
@@ -147,7 +148,7 @@ fn appends(args: &Args) -> anyhow::Result<()> {
 
 fn reads(args: &Args) -> anyhow::Result<()> {
     let (versions, keys) = (args.versions, args.keys);
-    println!("\nReads: {versions} versions of 100 B values over {keys} keys.");
+    outln!("\nReads: {versions} versions of 100 B values over {keys} keys.")?;
     let dir = fresh(&args.dir, "reads")?;
     let mut log = open(&dir, SyncPolicy::None, 0)?;
     let value = [0x5Au8; 100];
@@ -163,7 +164,7 @@ fn reads(args: &Args) -> anyhow::Result<()> {
         "build".into(),
         format!("{:.2}", build.as_secs_f64()),
         "s".into(),
-    ]);
+    ])?;
 
     let key_list: Vec<Vec<u8>> = (0..keys).map(|i| key_of(i, keys)).collect();
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
@@ -183,7 +184,7 @@ fn reads(args: &Args) -> anyhow::Result<()> {
         "point reads".into(),
         format!("{:.0}", picks.len() as f64 / secs),
         "reads/s".into(),
-    ]);
+    ])?;
 
     let times: Vec<Hlc> = (0..args.lookups)
         .map(|_| Hlc::at(1_000 + rng.next() % (versions * 10 + 20)))
@@ -199,7 +200,7 @@ fn reads(args: &Args) -> anyhow::Result<()> {
         "time lookups".into(),
         format!("{:.0}", times.len() as f64 / secs),
         "lookups/s".into(),
-    ]);
+    ])?;
     drop(log);
 
     let before = live_bytes();
@@ -214,12 +215,12 @@ fn reads(args: &Args) -> anyhow::Result<()> {
         "reopen (checkpoint)".into(),
         format!("{:.3}", reopen.as_secs_f64()),
         "s".into(),
-    ]);
+    ])?;
     table.row(vec![
         "index memory".into(),
         format!("{:.1}", index as f64 / versions as f64),
         "B/version".into(),
-    ]);
+    ])?;
     drop(log);
 
     std::fs::remove_file(dir.join("index.ckpt")).context("removing the checkpoint")?;
@@ -236,7 +237,7 @@ fn reads(args: &Args) -> anyhow::Result<()> {
         "reopen (full scan)".into(),
         format!("{:.3}", rescan.as_secs_f64()),
         "s".into(),
-    ]);
+    ])?;
     drop(log);
     std::fs::remove_dir_all(&dir).ok();
     Ok(())

@@ -28,6 +28,8 @@ use derechofs_core::{
 use super::histogram::Histogram;
 use super::kv::value_label;
 
+use crate::out::{errln, outln};
+
 /// Members of the shard.
 const MEMBERS: usize = 3;
 /// Engine tick interval, as the node process uses.
@@ -96,10 +98,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    println!(
+    outln!(
         "| message | senders | MB/s delivered (every member) | msg/s delivered (every member) | p50 ms | p99 ms |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
+    )?;
+    outln!("|---|---:|---:|---:|---:|---:|")?;
     for &size in &args.sizes {
         let result = runtime.block_on(measure(&args, size))?;
         let slowest = result
@@ -108,7 +110,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .min_by(|a, b| a.bytes.cmp(&b.bytes))
             .context("no member reported")?;
         let secs = args.seconds;
-        println!(
+        outln!(
             "| {} | {} | {:.1} | {:.0} | {:.3} | {:.3} |",
             value_label(size),
             args.senders,
@@ -116,7 +118,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             slowest.messages as f64 / secs,
             result.latency.percentile_ms(50.0),
             result.latency.percentile_ms(99.0),
-        );
+        )?;
         let each: Vec<String> = result
             .members
             .iter()
@@ -131,7 +133,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 )
             })
             .collect();
-        eprintln!(
+        errln!(
             "# {}: {}; {} latency samples",
             value_label(size),
             each.join("; "),

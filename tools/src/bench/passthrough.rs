@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use derechofs_mount::{MountOptions, Passthrough};
 
+use crate::out::errln;
+
 /// The passthrough's arguments.
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -32,7 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &fsname,
         "passthrough",
         || {
-            eprintln!(
+            errln!(
                 "derechofs: {} passed through at {}",
                 args.source.display(),
                 args.mountpoint.display()

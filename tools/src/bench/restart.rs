@@ -21,6 +21,7 @@ use derechofs_core::transport::Secret;
 
 use crate::client::Client;
 use crate::config::NodeConfig;
+use crate::out::outln;
 use crate::table::Table;
 
 /// Nodes of each cluster.
@@ -166,11 +167,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    println!(
+    outln!(
         "restart: {NODES} nodes, default configuration (fsync), values of {} bytes from {} \
          writers; all SIGKILLed, then started again",
-        args.value_bytes, args.writers
-    );
+        args.value_bytes,
+        args.writers
+    )?;
     let mut table = Table::new(&[
         "MiB written",
         "disk MiB/node",
@@ -191,7 +193,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format!("{:.1}", r.fill.as_secs_f64()),
             ms(r.first_write),
             ms(r.all_active),
-        ]);
+        ])?;
     }
     Ok(())
 }

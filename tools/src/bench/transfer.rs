@@ -107,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             format!("{transfer_s:.2}"),
             format!("{mib_s:.0}"),
             format!("{fill_s:.2}"),
-        ]);
+        ])?;
         drop(source);
         drop(joiner);
         for name in ["transfer-source", "transfer-joiner"] {
