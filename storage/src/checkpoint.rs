@@ -1,9 +1,8 @@
 //! Checkpoints of the indexes, so reopening a log reads the tail after the checkpoint instead of
 //! every record.
 
-use std::collections::BTreeMap;
 
-use crate::index::{Entry, KeyIndex, VersionTable};
+use crate::index::{Entry, Key, KeyIndex, VersionTable};
 use crate::record::{u32_at, u64_at, KEY_LEN_MAX};
 use crate::{Hlc, Version};
 
@@ -49,7 +48,7 @@ pub(crate) fn encode(
     keys: &KeyIndex,
 ) -> Vec<u8> {
     let n = versions.len();
-    let mut out = Vec::with_capacity(80 + n * 20 + keys.keys.len() * 32);
+    let mut out = Vec::with_capacity(80 + n * 20 + keys.len() * 32);
     out.extend_from_slice(&CHECKPOINT_MAGIC);
     out.extend_from_slice(&position.segment.to_le_bytes());
     out.extend_from_slice(&position.last_crc.to_le_bytes());
@@ -78,8 +77,8 @@ pub(crate) fn encode(
     for l in &versions.logicals {
         out.extend_from_slice(&l.to_le_bytes());
     }
-    out.extend_from_slice(&(keys.keys.len() as u64).to_le_bytes());
-    for (key, entries) in &keys.keys {
+    out.extend_from_slice(&(keys.len() as u64).to_le_bytes());
+    for (key, entries) in keys.iter() {
         out.extend_from_slice(&(key.len() as u16).to_le_bytes());
         out.extend_from_slice(key);
         out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
@@ -203,7 +202,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
         if klen == 0 || klen > KEY_LEN_MAX {
             return Err("bad key length");
         }
-        let key: Box<[u8]> = r.take(klen)?.into();
+        let key = Key::new(r.take(klen)?);
         let count = r.u32()? as usize;
         let raw = r.take(count.checked_mul(20).ok_or("entry count overflow")?)?;
         let entries: Vec<Entry> = raw
@@ -229,9 +228,7 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Checkpoint, &'static str> {
     if r.at != body.len() {
         return Err("bytes after the last key");
     }
-    let keys = KeyIndex {
-        keys: BTreeMap::from_iter(sorted),
-    };
+    let keys = KeyIndex::from_sorted(sorted);
     let position = Position {
         segment,
         end,

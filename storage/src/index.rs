@@ -4,8 +4,10 @@
 //! Memory is what bounds a replica, so the layout is columnar: a version costs 20 bytes in the
 //! version table, and each key write 20 bytes in its key's history.
 
-use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::borrow::Borrow;
+use std::cmp::Ordering;
+use std::collections::{btree_map, BTreeMap};
+use std::ops::{Bound, Deref};
 
 use crate::{Hlc, Version};
 
@@ -140,33 +142,184 @@ impl VersionTable {
     }
 }
 
-/// The multi-version key index.
+/// Bytes of a key held inside the index's own nodes; longer keys are allocated apart.
+pub(crate) const KEY_INLINE_MAX: usize = 22;
+
+/// A key of the index. Short keys (most: K/V keys, client records, file system records) are
+/// held inline, so that comparing keys while walking the map reads the node already in cache
+/// instead of following a pointer to each key's own allocation; ordered as its bytes.
+#[derive(Clone)]
+pub(crate) enum Key {
+    Inline { len: u8, bytes: [u8; KEY_INLINE_MAX] },
+    Heap(Box<[u8]>),
+}
+
+impl Key {
+    pub(crate) fn new(key: &[u8]) -> Key {
+        if key.len() <= KEY_INLINE_MAX {
+            let mut bytes = [0u8; KEY_INLINE_MAX];
+            bytes[..key.len()].copy_from_slice(key);
+            Key::Inline {
+                len: key.len() as u8,
+                bytes,
+            }
+        } else {
+            Key::Heap(key.into())
+        }
+    }
+}
+
+impl Deref for Key {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Key::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            Key::Heap(b) => b,
+        }
+    }
+}
+
+impl Borrow<[u8]> for Key {
+    fn borrow(&self) -> &[u8] {
+        self
+    }
+}
+
+impl From<&[u8]> for Key {
+    fn from(key: &[u8]) -> Key {
+        Key::new(key)
+    }
+}
+
+impl PartialEq for Key {
+    fn eq(&self, other: &Key) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Key {}
+
+impl PartialOrd for Key {
+    fn partial_cmp(&self, other: &Key) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Key {
+    fn cmp(&self, other: &Key) -> Ordering {
+        (**self).cmp(&**other)
+    }
+}
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+/// Keys that begin with this byte are indexed apart (see [`KeyIndex`]).
+pub(crate) const HIGH_KEY_BYTE: u8 = 0xFF;
+
+type Histories = BTreeMap<Key, Vec<Entry>>;
+
+/// The multi-version key index, in two maps split at the first byte [`HIGH_KEY_BYTE`]: every
+/// key that begins with it sorts after every other key, so the two maps one after the other are
+/// the keys in order. The state machines keep their own records there (the K/V store's last
+/// reply per client, read and written by every request): reaching them walks a map of a few
+/// keys instead of one as deep as the user keys, whose nodes are rarely in cache.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct KeyIndex {
-    pub(crate) keys: BTreeMap<Box<[u8]>, Vec<Entry>>,
+    low: Histories,
+    high: Histories,
 }
 
 impl KeyIndex {
+    /// The index of `sorted`, keys in strictly increasing order (checked by the caller).
+    pub(crate) fn from_sorted(sorted: impl IntoIterator<Item = (Key, Vec<Entry>)>) -> KeyIndex {
+        let mut index = KeyIndex::default();
+        for (key, entries) in sorted {
+            index.map_mut(&key).insert(key, entries);
+        }
+        index
+    }
+
+    fn map(&self, key: &[u8]) -> &Histories {
+        if key.first() == Some(&HIGH_KEY_BYTE) {
+            &self.high
+        } else {
+            &self.low
+        }
+    }
+
+    fn map_mut(&mut self, key: &[u8]) -> &mut Histories {
+        if key.first() == Some(&HIGH_KEY_BYTE) {
+            &mut self.high
+        } else {
+            &mut self.low
+        }
+    }
+
+    /// Keys indexed.
+    pub(crate) fn len(&self) -> usize {
+        self.low.len() + self.high.len()
+    }
+
+    /// The history of `key`, oldest first.
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&Vec<Entry>> {
+        self.map(key).get(key)
+    }
+
+    /// Every key with its history, in key order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&Key, &Vec<Entry>)> {
+        self.low.iter().chain(self.high.iter())
+    }
+
+    /// Every key with its history, in key order, histories mutable.
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Key, &mut Vec<Entry>)> {
+        self.low.iter_mut().chain(self.high.iter_mut())
+    }
+
+    /// Keeps the keys whose history `keep` accepts.
+    pub(crate) fn retain(&mut self, mut keep: impl FnMut(&Key, &mut Vec<Entry>) -> bool) {
+        self.low.retain(&mut keep);
+        self.high.retain(&mut keep);
+    }
+
     /// Records that `entry.version()` wrote `key`; a second write of the same key by the same
     /// version replaces the first, as it would when applied in order.
     pub(crate) fn record(&mut self, key: &[u8], entry: Entry) {
-        match self.keys.get_mut(key) {
-            Some(entries) => match entries.last_mut() {
+        fn add(entries: &mut Vec<Entry>, entry: Entry) {
+            match entries.last_mut() {
                 Some(last) if last.version() == entry.version() => *last = entry,
                 _ => {
                     debug_assert!(entries.last().is_none_or(|l| l.version() < entry.version()));
                     entries.push(entry);
                 }
-            },
+            }
+        }
+        let map = self.map_mut(key);
+        if key.len() <= KEY_INLINE_MAX {
+            // Building a short key allocates nothing: one walk of the map, found or not.
+            match map.entry(Key::new(key)) {
+                btree_map::Entry::Occupied(found) => add(found.into_mut(), entry),
+                btree_map::Entry::Vacant(slot) => {
+                    slot.insert(vec![entry]);
+                }
+            }
+            return;
+        }
+        match map.get_mut(key) {
+            Some(entries) => add(entries, entry),
             None => {
-                self.keys.insert(key.into(), vec![entry]);
+                map.insert(Key::new(key), vec![entry]);
             }
         }
     }
 
     /// The entry of `key` in force at `version`.
     pub(crate) fn at(&self, key: &[u8], version: Version) -> Option<Entry> {
-        let entries = self.keys.get(key)?;
+        let entries = self.get(key)?;
         entry_at(entries, version)
     }
 
@@ -175,14 +328,14 @@ impl KeyIndex {
         &'a self,
         start: Bound<&'a [u8]>,
     ) -> impl Iterator<Item = (&'a [u8], &'a [Entry])> + 'a {
-        self.keys
-            .range::<[u8], _>((start, Bound::Unbounded))
-            .map(|(k, v)| (&**k, v.as_slice()))
+        let low = self.low.range::<[u8], _>((start, Bound::Unbounded));
+        let high = self.high.range::<[u8], _>((start, Bound::Unbounded));
+        low.chain(high).map(|(k, v)| (&**k, v.as_slice()))
     }
 
     /// Forgets every entry above `version`.
     pub(crate) fn truncate_after(&mut self, version: Version) {
-        self.keys.retain(|_, entries| {
+        self.retain(|_, entries| {
             let keep = entries.partition_point(|e| e.version() <= version);
             entries.truncate(keep);
             !entries.is_empty()
@@ -262,6 +415,59 @@ mod tests {
     }
 
     #[test]
+    fn keys_order_as_their_bytes_inline_or_not() {
+        let long = [7u8; KEY_INLINE_MAX + 1];
+        let mut raw: Vec<Vec<u8>> = vec![
+            Vec::new(),
+            vec![0],
+            vec![0, 0],
+            vec![7; KEY_INLINE_MAX],
+            long.to_vec(),
+            vec![7; KEY_INLINE_MAX + 9],
+            vec![8],
+            vec![0xFF; 3],
+        ];
+        let mut keys: Vec<Key> = raw.iter().map(|k| Key::new(k)).collect();
+        raw.sort();
+        keys.sort();
+        let as_bytes: Vec<Vec<u8>> = keys.iter().map(|k| k.to_vec()).collect();
+        assert_eq!(as_bytes, raw);
+        assert!(matches!(Key::new(&long), Key::Heap(_)));
+        assert!(matches!(Key::new(&long[1..]), Key::Inline { .. }));
+        assert_eq!(std::mem::size_of::<Key>(), 24);
+    }
+
+    #[test]
+    fn the_index_walks_its_keys_in_order_across_the_split() {
+        let raw: Vec<&[u8]> = vec![
+            b"",
+            b"a",
+            b"\xfe\xff",
+            b"\xff",
+            b"\xff\x00",
+            b"\xffc12345678",
+            b"\xff\xff",
+        ];
+        let mut k = KeyIndex::default();
+        for (i, key) in raw.iter().enumerate().rev() {
+            k.record(key, Entry::new(i as u64 + 1, 0, 0, Some(1)));
+        }
+        assert_eq!(k.len(), raw.len());
+        let walked: Vec<&[u8]> = k.iter().map(|(key, _)| &**key).collect();
+        assert_eq!(walked, raw);
+        for (i, start) in raw.iter().enumerate() {
+            let from: Vec<&[u8]> = k.range_from(Bound::Included(start)).map(|(key, _)| key).collect();
+            assert_eq!(from, raw[i..]);
+            let after: Vec<&[u8]> = k.range_from(Bound::Excluded(start)).map(|(key, _)| key).collect();
+            assert_eq!(after, raw[i + 1..]);
+        }
+        k.truncate_after(4);
+        let kept: Vec<&[u8]> = k.iter().map(|(key, _)| &**key).collect();
+        assert_eq!(kept, raw[..4]);
+        assert_eq!(KeyIndex::from_sorted(k.iter().map(|(key, e)| (key.clone(), e.clone()))), k);
+    }
+
+    #[test]
     fn an_entry_costs_twenty_bytes() {
         assert_eq!(std::mem::size_of::<Entry>(), 20);
     }
@@ -271,7 +477,7 @@ mod tests {
         let mut k = KeyIndex::default();
         k.record(b"a", Entry::new(1, 0, 0, Some(1)));
         k.record(b"a", Entry::new(1, 0, 8, None));
-        assert_eq!(k.keys[&b"a"[..]].len(), 1);
+        assert_eq!(k.get(b"a").map(Vec::len), Some(1));
         assert_eq!(k.at(b"a", 1).and_then(|e| e.len()), None);
     }
 }

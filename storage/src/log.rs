@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crate::backend::{Backend, BackendFile};
 use crate::checkpoint::{self, Position, SegmentRange, CHECKPOINT_FILE};
 use crate::error::{io_err, LogError, Result};
-use crate::index::{entry_at, Entry, KeyIndex, VersionTable, BASE_FILE};
+use crate::index::{entry_at, Entry, Key, KeyIndex, VersionTable, BASE_FILE};
 use crate::meta::{Meta, ENGINE_STATE_MAX, META_FILE};
 use crate::record::{
     decode_record, decode_segment_header, encode_record, encode_segment_header, parse_payload,
@@ -927,7 +927,7 @@ impl Log {
 
     /// Distinct keys with a history.
     pub fn key_count(&self) -> usize {
-        self.keys.keys.len()
+        self.keys.len()
     }
 
     /// The highest version known to be persisted under the sync policy.
@@ -1009,7 +1009,7 @@ impl Log {
 
     /// Every change of `key` still in the log, oldest first (the first may be the trim horizon).
     pub fn history(&self, key: &[u8]) -> Vec<Change> {
-        let Some(entries) = self.keys.keys.get(key) else {
+        let Some(entries) = self.keys.get(key) else {
             return Vec::new();
         };
         entries
@@ -1030,7 +1030,7 @@ impl Log {
     /// first: what [`Log::history`] holds up to `version`, its last `limit`, without walking
     /// or copying the older ones (the index keeps a key's changes in version order).
     pub fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change> {
-        let Some(entries) = self.keys.keys.get(key) else {
+        let Some(entries) = self.keys.get(key) else {
             return Vec::new();
         };
         let end = entries.partition_point(|e| e.version() <= version);
@@ -1278,16 +1278,15 @@ impl Log {
         let mut out = encode_segment_header(0, 0).to_vec();
         let mut chain = 0u32;
         let mut spans = Vec::new();
-        let mut new_entries: Vec<(Box<[u8]>, Entry)> = Vec::new();
-        let mut batch: Vec<(Box<[u8]>, Bytes)> = Vec::new();
+        let mut new_entries: Vec<(Key, Entry)> = Vec::new();
+        let mut batch: Vec<(Key, Bytes)> = Vec::new();
         let mut batch_len = 4usize;
-        let keys: Vec<(Box<[u8]>, Entry)> = self
-            .keys
+        let keys: Vec<(Key, Entry)> = self
             .keys
             .iter()
             .filter_map(|(k, es)| entry_at(es, h).map(|e| (k.clone(), e)))
             .collect();
-        let mut flush_batch = |batch: &mut Vec<(Box<[u8]>, Bytes)>, out: &mut Vec<u8>| {
+        let mut flush_batch = |batch: &mut Vec<(Key, Bytes)>, out: &mut Vec<u8>| {
             let writes: Vec<Write<'_>> = batch
                 .iter()
                 .map(|(k, v)| Write::put(k, v.as_ref()))
@@ -1341,7 +1340,7 @@ impl Log {
         // 3. Update the indexes and drop what nothing refers to any more.
         self.versions.drop_before(i);
         let mut new_entries = new_entries.into_iter().peekable();
-        for (key, entries) in self.keys.keys.iter_mut() {
+        for (key, entries) in self.keys.iter_mut() {
             let keep = entries.partition_point(|e| e.version() <= h);
             entries.drain(..keep);
             if new_entries.peek().is_some_and(|(k, _)| k == key) {
@@ -1350,7 +1349,7 @@ impl Log {
                 }
             }
         }
-        self.keys.keys.retain(|_, es| !es.is_empty());
+        self.keys.retain(|_, es| !es.is_empty());
         self.base = Some(file);
         if let Some(old) = old_base {
             self.backend

@@ -35,8 +35,16 @@ use crate::protocol::{
     ShardStatusInfo, SubgroupShard, HISTORY_ENTRIES_MAX, MACHINE_KV, WATCHES_PER_CLIENT_MAX,
 };
 
-/// Interval between engine ticks.
-pub const TICK_MS: u64 = 2;
+/// Longest interval between engine ticks. Ticks only drive timers (heartbeats, suspicion,
+/// floors, grace periods and read deadlines), never the ordering of writes; each one wakes the
+/// event loop, and re-arming the timer signals the runtime's eventfd (a system call).
+pub const TICK_MS_MAX: u64 = 10;
+
+/// Interval between engine ticks: half a heartbeat interval (so a heartbeat is at most that
+/// late), at most [`TICK_MS_MAX`].
+pub fn tick_ms(heartbeat_ms: u64) -> u64 {
+    (heartbeat_ms / 2).clamp(1, TICK_MS_MAX)
+}
 
 /// Applying one version for this long or longer is logged: the event loop sent no heartbeat
 /// meanwhile.
@@ -274,7 +282,8 @@ impl Driver {
             queued: false,
         };
         driver.check_formed().await?;
-        let mut ticker = tokio::time::interval(Duration::from_millis(TICK_MS));
+        let mut ticker =
+            tokio::time::interval(Duration::from_millis(tick_ms(driver.config.heartbeat_ms)));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -2222,6 +2231,19 @@ mod tests {
     use derechofs_storage::{Log, LogConfig};
 
     use super::*;
+
+    #[test]
+    fn ticks_come_at_least_twice_per_heartbeat_and_at_most_every_tick_ms_max() {
+        for heartbeat_ms in [1, 2, 3, 5, 19, 20, 21, 50, 1_000, u64::MAX] {
+            let tick = tick_ms(heartbeat_ms);
+            assert!(tick >= 1, "heartbeat {heartbeat_ms}: tick {tick}");
+            assert!(tick <= TICK_MS_MAX, "heartbeat {heartbeat_ms}: tick {tick}");
+            assert!(
+                heartbeat_ms < 2 || tick * 2 <= heartbeat_ms,
+                "heartbeat {heartbeat_ms}: tick {tick}"
+            );
+        }
+    }
 
     fn kv(client: u64, number: u64, op: KvOp) -> Bytes {
         let mut b = vec![MACHINE_KV];
