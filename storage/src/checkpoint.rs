@@ -1,7 +1,6 @@
 //! Checkpoints of the indexes, so reopening a log reads the tail after the checkpoint instead of
 //! every record.
 
-
 use crate::index::{Entry, Key, KeyIndex, VersionTable};
 use crate::record::{u32_at, u64_at, KEY_LEN_MAX};
 use crate::{Hlc, Version};

@@ -150,7 +150,10 @@ pub(crate) const KEY_INLINE_MAX: usize = 22;
 /// instead of following a pointer to each key's own allocation; ordered as its bytes.
 #[derive(Clone)]
 pub(crate) enum Key {
-    Inline { len: u8, bytes: [u8; KEY_INLINE_MAX] },
+    Inline {
+        len: u8,
+        bytes: [u8; KEY_INLINE_MAX],
+    },
     Heap(Box<[u8]>),
 }
 
@@ -344,6 +347,12 @@ impl KeyIndex {
 }
 
 pub(crate) fn entry_at(entries: &[Entry], version: Version) -> Option<Entry> {
+    // Most reads are of the latest state (a client's last request on every request): no
+    // binary search over a long history for them.
+    match entries.last() {
+        Some(last) if last.version() <= version => return Some(*last),
+        _ => {}
+    }
     let n = entries.partition_point(|e| e.version() <= version);
     n.checked_sub(1).map(|i| entries[i])
 }
@@ -456,20 +465,48 @@ mod tests {
         let walked: Vec<&[u8]> = k.iter().map(|(key, _)| &**key).collect();
         assert_eq!(walked, raw);
         for (i, start) in raw.iter().enumerate() {
-            let from: Vec<&[u8]> = k.range_from(Bound::Included(start)).map(|(key, _)| key).collect();
+            let from: Vec<&[u8]> = k
+                .range_from(Bound::Included(start))
+                .map(|(key, _)| key)
+                .collect();
             assert_eq!(from, raw[i..]);
-            let after: Vec<&[u8]> = k.range_from(Bound::Excluded(start)).map(|(key, _)| key).collect();
+            let after: Vec<&[u8]> = k
+                .range_from(Bound::Excluded(start))
+                .map(|(key, _)| key)
+                .collect();
             assert_eq!(after, raw[i + 1..]);
         }
         k.truncate_after(4);
         let kept: Vec<&[u8]> = k.iter().map(|(key, _)| &**key).collect();
         assert_eq!(kept, raw[..4]);
-        assert_eq!(KeyIndex::from_sorted(k.iter().map(|(key, e)| (key.clone(), e.clone()))), k);
+        assert_eq!(
+            KeyIndex::from_sorted(k.iter().map(|(key, e)| (key.clone(), e.clone()))),
+            k
+        );
     }
 
     #[test]
     fn an_entry_costs_twenty_bytes() {
         assert_eq!(std::mem::size_of::<Entry>(), 20);
+    }
+
+    #[test]
+    fn the_entry_at_a_version_is_the_last_one_written_at_or_before_it() {
+        for n in 0..6u64 {
+            let entries: Vec<Entry> = (1..=n).map(|i| Entry::new(2 * i, 0, 0, Some(1))).collect();
+            for version in (0..2 * n + 3).chain([Version::MAX]) {
+                let reference = entries
+                    .iter()
+                    .rev()
+                    .find(|e| e.version() <= version)
+                    .copied();
+                assert_eq!(
+                    entry_at(&entries, version),
+                    reference,
+                    "{n} entries, at {version}"
+                );
+            }
+        }
     }
 
     #[test]
