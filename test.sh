@@ -10,6 +10,7 @@ need_rust
 # Each run keeps its own logs, so runs side by side do not read each other's summaries.
 log=$(mktemp /tmp/derechofs-test.XXXXXX.log)
 fuse_log=$(mktemp /tmp/derechofs-fuse.XXXXXX.log)
+trap 'rm -f "$log" "$fuse_log"' EXIT
 set -e
 cargo build --workspace --all-targets
 set +e

@@ -11,7 +11,7 @@ need_rust
 cargo build --release -p derechofs-tools
 target=${CARGO_TARGET_DIR:-target}
 # mount(8)'s helper, so that `mount -t derechofs CONTACTS DIR` and fstab lines work.
-install -m 755 "$target/release/derechofs" /sbin/mount.derechofs
+install_mount_helper "$target/release/derechofs"
 mountpoint=${1:-/mnt/derechofs}
 [ $# -gt 0 ] && shift
 mkdir -p "$mountpoint"

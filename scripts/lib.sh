@@ -1,4 +1,6 @@
-# Shared by up.sh and test.sh: install what is missing, quietly, and say what was installed.
+# Shared by up.sh, test.sh and scripts/fuse-tests.sh: install what is missing, quietly, and say
+# what was installed. Runs side by side (a CI run and a local one) are safe: apt waits for the
+# other's lock, and the mount helper is replaced atomically.
 need_apt() {
   local missing=()
   for pkg in "$@"; do
@@ -7,9 +9,10 @@ need_apt() {
   if [ ${#missing[@]} -gt 0 ]; then
     echo "installing: ${missing[*]}"
     if [ ! -f /var/lib/apt/lists/.derechofs-updated ]; then
-      apt-get update -qq && touch /var/lib/apt/lists/.derechofs-updated
+      apt-get -o DPkg::Lock::Timeout=300 update -qq && touch /var/lib/apt/lists/.derechofs-updated
     fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 install -y -qq \
+      "${missing[@]}" >/dev/null
   fi
 }
 
@@ -36,7 +39,33 @@ need_cargo_bins() {
   fi
 }
 
-# need_user NAME: creates a system user and its group of that name when missing.
+# need_user NAME: creates a system user and its group of that name when missing (a run beside
+# this one may be creating it at the same moment: then useradd fails, and the user appears).
 need_user() {
-  id "$1" >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin --user-group "$1"
+  local _
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    id "$1" >/dev/null 2>&1 && return 0
+    useradd --system --no-create-home --shell /usr/sbin/nologin --user-group "$1" 2>/dev/null \
+      && return 0
+    sleep 1
+  done
+  echo "could not create the user $1" >&2
+  return 1
+}
+
+# install_mount_helper BIN: installs BIN as mount(8)'s helper /sbin/mount.derechofs. Nothing is
+# written when the helper there is already BIN's bytes; otherwise BIN is copied to a temporary
+# name beside it and renamed over it, so mount(8), or another run installing at the same moment,
+# sees the old helper or the new one, never a partial file (the last rename wins). The temporary
+# name is in MOUNT_HELPER_TMP meanwhile, for a trap to remove.
+MOUNT_HELPER_TMP=
+install_mount_helper() {
+  local bin=$1 dest=/sbin/mount.derechofs status
+  cmp -s "$bin" "$dest" && return 0
+  MOUNT_HELPER_TMP=$(mktemp /sbin/.mount.derechofs.XXXXXX) || return 1
+  install -m 755 "$bin" "$MOUNT_HELPER_TMP" && mv -f "$MOUNT_HELPER_TMP" "$dest"
+  status=$?
+  rm -f "$MOUNT_HELPER_TMP"
+  MOUNT_HELPER_TMP=
+  return $status
 }
