@@ -27,7 +27,7 @@ use super::clients::{
 use super::failed::{self, ReplicaFailed};
 use super::machine::{Machine, Outcome};
 use super::state::{LoggedDecision, NodeState};
-use super::store::{open_log, ShardStore};
+use super::store::{open_log, syncs_inline, ShardStore};
 use super::Start;
 use crate::config::{Member, NodeConfig};
 use crate::protocol::{
@@ -66,6 +66,11 @@ pub const STOPPED_PEER_GRACE_MS: u64 = 250;
 /// Link events the driver takes in one turn before it moves the engine on: client writes among
 /// them are queued and leave together in one multicast message per shard.
 pub const EVENTS_PER_TURN_MAX: usize = 256;
+
+/// How many turns of the event loop the sync of a log on tmpfs may wait for a turn after which
+/// no link event is waiting: under load, one sync then covers the deliveries of several turns.
+const INLINE_SYNC_TURNS_MAX: usize = 4;
+
 /// Bytes of messages held for members of the view that are not linked yet; beyond it the
 /// member is treated as a broken link (suspected).
 pub const HELD_BYTES_MAX: usize = 64 << 20;
@@ -134,6 +139,8 @@ pub struct Driver {
     /// Inputs the driver owes the engine after carrying out its actions (`TrimLogged`,
     /// `RecordsRead`).
     followups: VecDeque<Input>,
+    /// Turns since a log that syncs on this thread was asked to persist (0: nothing owed).
+    inline_owed: usize,
     /// Where the last piece read for a member of a shard ended, to resume the next there.
     transfer_cursors: HashMap<(NodeId, ShardId), RecordCursor>,
     time_read_wait: Duration,
@@ -271,6 +278,7 @@ impl Driver {
             next_request_id: 1,
             actions: Vec::new(),
             followups: VecDeque::new(),
+            inline_owed: 0,
             transfer_cursors: HashMap::new(),
             stopping: Vec::new(),
             held: HashMap::new(),
@@ -320,6 +328,20 @@ impl Driver {
                 _ = notify.notified() => driver.persisted().await,
                 _ = &mut interrupt => break,
                 _ = terminate.recv() => break,
+            };
+            // The syncs of logs on tmpfs run once the loop finds no link event waiting (or
+            // after `INLINE_SYNC_TURNS_MAX` turns), so under load one covers several turns;
+            // the rows they change leave before the loop waits again.
+            let result = match result {
+                Ok(()) if driver.inline_owed > 0 => {
+                    if events.is_empty() || driver.inline_owed >= INLINE_SYNC_TURNS_MAX {
+                        driver.sync_inline().await
+                    } else {
+                        driver.inline_owed += 1;
+                        Ok(())
+                    }
+                }
+                other => other,
             };
             if let Err(e) = result {
                 if let Some(failed) = e.downcast_ref::<ReplicaFailed>() {
@@ -530,8 +552,15 @@ impl Driver {
                     }
                 }
                 Action::Deliver { shard, deliveries } => self.deliver(shard, deliveries)?,
-                Action::Persist { shard, version } => match self.stores.get(&shard) {
-                    Some(store) => store.persist(version),
+                Action::Persist { shard, version } => match self.stores.get_mut(&shard) {
+                    Some(store) => {
+                        store.persist(version);
+                        if store.syncs_inline() {
+                            // A log on tmpfs: synced by this thread at the end of the turn
+                            // (`sync_inline`), with no persister thread to wake and be woken by.
+                            self.inline_owed = self.inline_owed.max(1);
+                        }
+                    }
                     None => tracing::warn!(node = self.me, %shard, "persist of a shard not here"),
                 },
                 Action::Suspect { node } => {
@@ -860,7 +889,8 @@ impl Driver {
             // fsync): both on the blocking pool.
             let store = tokio::task::spawn_blocking(move || {
                 let log = open_log(&dir, shard, sync)?;
-                ShardStore::start(shard, log, view_id, sync, notify, chunk_size)
+                let inline = syncs_inline(&dir, shard, sync);
+                ShardStore::start(shard, log, view_id, sync, inline, notify, chunk_size)
             })
             .await
             .context("the log opener failed")?
@@ -1338,21 +1368,29 @@ impl Driver {
         Ok(())
     }
 
+    /// Syncs the logs that sync on this thread and hands the engine what they made durable.
+    async fn sync_inline(&mut self) -> anyhow::Result<()> {
+        self.inline_owed = 0;
+        let mut done = Vec::new();
+        for (shard, store) in &mut self.stores {
+            if store.syncs_inline() {
+                store.sync_inline();
+                if let Some(version) = take_persisted(*shard, store)? {
+                    done.push((*shard, version));
+                }
+            }
+        }
+        for (shard, version) in done {
+            self.step(Input::Persisted { shard, version }).await?;
+        }
+        Ok(())
+    }
+
     async fn persisted(&mut self) -> anyhow::Result<()> {
         let mut done = Vec::new();
         for (shard, store) in &mut self.stores {
-            match store.take_persisted() {
-                Ok(Some(version)) => done.push((*shard, version)),
-                Ok(None) => {}
-                Err(e) => {
-                    let version = store.kv().log().latest().map_or(0, |(v, _)| v);
-                    return Err(ReplicaFailed {
-                        shard: *shard,
-                        version,
-                        cause: anyhow::anyhow!("making the log durable: {e}"),
-                    }
-                    .into());
-                }
+            if let Some(version) = take_persisted(*shard, store)? {
+                done.push((*shard, version));
             }
         }
         for (shard, version) in done {
@@ -2219,6 +2257,20 @@ fn parse_delta(payload: &Bytes) -> Result<Vec<(Bytes, Option<Bytes>)>, &'static 
             (key, value)
         })
         .collect())
+}
+
+/// A version of `shard` newly made durable, to report to the engine; a failed sync fails the
+/// replica.
+fn take_persisted(shard: ShardId, store: &mut ShardStore) -> anyhow::Result<Option<Version>> {
+    store.take_persisted().map_err(|e| {
+        let version = store.kv().log().latest().map_or(0, |(v, _)| v);
+        ReplicaFailed {
+            shard,
+            version,
+            cause: anyhow::anyhow!("making the log durable: {e}"),
+        }
+        .into()
+    })
 }
 
 #[cfg(test)]

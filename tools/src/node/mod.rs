@@ -148,11 +148,16 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
             torn = ?report.torn,
             "recovered log"
         );
+        let inline = store::syncs_inline(&config.data_dir, shard, config.persistence);
+        if inline {
+            tracing::info!(node = me, %shard, "the log is on tmpfs: synced on the event loop's thread");
+        }
         let store = store::ShardStore::start(
             shard,
             log,
             view_id,
             config.persistence,
+            inline,
             notify.clone(),
             chunk_size,
         )
