@@ -17,6 +17,7 @@
 # --quick: small sizes and short runs, to check the script (numbers are not comparable).
 # FS_BENCH_TARGETS="NAME NAME…": run only these targets (names as above; default: all of them),
 #   e.g. FS_BENCH_TARGETS="glusterfs-tmpfs derechofs-tmpfs" for a quick A/B of one pair.
+# FS_BENCH_WARM_GIB=N: GiB of memory touched before each write job (default 8; see warm_memory).
 # DERECHOFS_BIN=PATH: the derechofs binary to run (default: the release build, made first);
 #   its directory's examples/ must hold memory_mount and versions for those targets.
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
@@ -57,6 +58,7 @@ mounts=()
 gluster_pid=""
 cleanup() {
   set +e
+  rm -f /dev/shm/derechofs-bench-warm
   for m in "${mounts[@]}"; do
     mountpoint -q "$m" && { umount "$m" 2>/dev/null || umount -l "$m"; }
   done
@@ -95,6 +97,22 @@ wait_mounted() { # DIR PID
   return 1
 }
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+# warm_memory: writes and removes FS_BENCH_WARM_GIB (default 8) GiB on /dev/shm, so that the
+# memory the next job takes has been touched lately. On this kind of virtual machine, memory the
+# guest freed and left idle for some seconds goes back to the host, and its first touch afterwards
+# costs ~40 µs a page (`dd` to /dev/shm: ~1.2-1.5 GB/s on touched memory, ~0.1-0.4 GB/s on
+# untouched); a job that fills tmpfs with three replicas would measure that, not the software.
+# Done before every target's write job, so every target starts alike. 0 turns it off.
+# Never more than the memory available less 4 GiB (it is all memory: too much would wake the
+# out-of-memory killer).
+warm_memory() {
+  local gib=${FS_BENCH_WARM_GIB:-8} avail
+  avail=$(awk '/^MemAvailable:/ {print int($2 / 1048576)}' /proc/meminfo)
+  [ "$gib" -le $((avail - 4)) ] || gib=$((avail - 4))
+  [ "$gib" -gt 0 ] || return 0
+  dd if=/dev/zero of=/dev/shm/derechofs-bench-warm bs=1M count=$((gib * 1024)) status=none || true
+  rm -f /dev/shm/derechofs-bench-warm
+}
 mib() { echo "scale=1; $1 / 1024" | bc; }
 
 # fio_terse DIR ARGS…: one terse v3 line.
@@ -112,6 +130,7 @@ run_jobs() {
   targets+=("$name")
   echo "== $name ($dir)" >&2
   # Terse v3: field 48 is the write bandwidth (KiB/s), 7 the read bandwidth, 8 the read IOPS.
+  warm_memory
   out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
   R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
   drop_caches

@@ -81,6 +81,7 @@ fn init_logging(default: &str) {
 }
 
 fn main() {
+    alloc::keep_freed_memory();
     // Installed as /sbin/mount.derechofs, this program is mount(8)'s helper.
     let argv0 = std::env::args_os().next().unwrap_or_default();
     if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("mount.derechofs")) {
