@@ -501,6 +501,29 @@ impl Shards for RemoteShards {
         })
     }
 
+    /// Every submission in flight at once, sent and awaited from the calling thread.
+    fn submit_many(&self, requests: Vec<(ShardRef, Bytes)>) -> Vec<FsResult<(Bytes, Option<u64>)>> {
+        let requests: Vec<_> = requests
+            .into_iter()
+            .map(|(shard, request)| (self.subgroup_shard(shard), request))
+            .collect();
+        self.block(move |inner| {
+            let calls: Vec<_> = requests
+                .into_iter()
+                .map(|(shard, request)| {
+                    let inner = inner.clone();
+                    async move {
+                        inner
+                            .submit(shard?, request)
+                            .await
+                            .map(|(reply, version)| (reply, Some(version)))
+                    }
+                })
+                .collect();
+            join_all(calls)
+        })
+    }
+
     fn now_us(&self) -> u64 {
         wall_us()
     }

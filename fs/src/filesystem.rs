@@ -47,6 +47,9 @@ pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
 pub const WRITE_BUFFER_BYTES_MAX: usize = 8 << 20;
 /// Most files with buffered writes at once; a new one past this sends another file's buffer.
 pub const WRITE_BUFFERS_MAX: usize = 64;
+/// Data operations in flight at once from one `data_many` call (half the client ids, so other
+/// callers keep some).
+const DATA_WAVE_MAX: usize = (CLIENT_SLOTS_MAX / 2) as usize;
 /// Most reads one `read` call has in flight at once (the attributes and chunk pieces); a longer
 /// read goes out in groups of this many.
 pub const READS_IN_FLIGHT_MAX: usize = 16;
@@ -261,6 +264,73 @@ impl<S: Shards> FileSystem<S> {
         }
     }
 
+    /// Applies data operations that touch distinct chunks, all in flight at once (each under
+    /// a client id of its own, so their order does not matter), at most `CLIENT_SLOTS_MAX / 2`
+    /// at a time; the first error, if any, once every one has finished.
+    fn data_many(&self, ops: Vec<(u32, DataOp)>) -> FsResult<()> {
+        let mut ops = ops.into_iter().peekable();
+        let mut first_err = None;
+        while ops.peek().is_some() {
+            // Take as many slots as are free (at least one, waiting for it), up to the wave.
+            let taken: Vec<(u64, u64)> = {
+                let mut slots = lock(&self.slots);
+                while slots.is_empty() {
+                    slots = self
+                        .slot_free
+                        .wait(slots)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                let n = slots.len().min(DATA_WAVE_MAX).min(ops.len());
+                let now = self.shards.now_us();
+                (0..n)
+                    .map(|_| {
+                        let (c, n) = slots.pop().expect("counted");
+                        (c, (n + 1).max(now))
+                    })
+                    .collect()
+            };
+            let wave: Vec<(ShardRef, Bytes)> = taken
+                .iter()
+                .zip(ops.by_ref())
+                .map(|(&(client, number), (shard, op))| {
+                    let op = Op::Data(op);
+                    (ShardRef::Data(shard), Request { client, number, op }.encode())
+                })
+                .collect();
+            let results = self.shards.submit_many(wave.clone());
+            for ((&(client, number), (shard, request)), result) in
+                taken.iter().zip(&wave).zip(results)
+            {
+                let reply = result.and_then(|(bytes, version)| {
+                    let reply = Reply::decode(&bytes).map_err(bad_reply)?;
+                    if reply == Reply::Retry {
+                        // No room in that version: the same bytes again, one at a time.
+                        return self.submit_until_applied(*shard, request);
+                    }
+                    Ok((reply, version))
+                });
+                let outcome = match reply {
+                    Ok((Reply::Data(Ok(_)), _)) => Ok(()),
+                    Ok((Reply::Data(Err(e)), _)) => Err(e),
+                    Ok((Reply::Stale { last }, _)) => Err(fs_err!(
+                        libc::EIO,
+                        "request {number} of client {client} was answered as stale (last {last})"
+                    )),
+                    Ok((other, _)) => Err(bad_reply(format!("{other:?}"))),
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = outcome {
+                    first_err.get_or_insert(e);
+                }
+            }
+            let mut slots = lock(&self.slots);
+            slots.extend(taken);
+            drop(slots);
+            self.slot_free.notify_all();
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Submits `request` and resends the same bytes while the shard answers `Retry` (its
     /// version had no room left for the request's changes): a later version applies it, once.
     fn submit_until_applied(
@@ -450,51 +520,26 @@ impl<S: Shards> FileSystem<S> {
     fn send(&self, ino: Ino, start: u64, data: Bytes) -> FsResult<()> {
         let end = start + data.len() as u64;
         let cs = u64::from(self.layout.chunk_size);
-        let mut per_shard: HashMap<u32, Vec<DataOp>> = HashMap::new();
+        let mut pieces: Vec<(u32, DataOp)> = Vec::new();
         let mut pos = start;
         while pos < end {
             let index = pos / cs;
             let within = (pos % cs) as u32;
             let n = (cs - u64::from(within)).min(end - pos);
             let from = (pos - start) as usize;
-            per_shard
-                .entry(placement(ino, index, self.layout.data_shards))
-                .or_default()
-                .push(DataOp::Write {
+            pieces.push((
+                placement(ino, index, self.layout.data_shards),
+                DataOp::Write {
                     ino,
                     index,
                     offset: within,
                     data: data.slice(from..from + n as usize),
-                });
+                },
+            ));
             pos += n;
         }
-        let send_all = |shard: u32, ops: Vec<DataOp>| -> FsResult<()> {
-            for op in ops {
-                self.data(shard, op)?;
-            }
-            Ok(())
-        };
-        if per_shard.len() <= 1 {
-            for (shard, ops) in per_shard {
-                send_all(shard, ops)?;
-            }
-        } else {
-            // One thread per data shard touched: at most `data_shards`, each bounded by the run.
-            let results: Vec<FsResult<()>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = per_shard
-                    .into_iter()
-                    .map(|(shard, ops)| scope.spawn(move || send_all(shard, ops)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join()
-                            .unwrap_or_else(|_| Err(fs_err!(libc::EIO, "a data send panicked")))
-                    })
-                    .collect()
-            });
-            results.into_iter().collect::<FsResult<Vec<()>>>()?;
-        }
+        // Every piece in flight at once: they touch distinct chunks.
+        self.data_many(pieces)?;
         self.ns_attr(NsOp::Written { ino, end }).map(drop)
     }
 

@@ -99,6 +99,16 @@ pub trait Shards: Send + Sync {
             .map(|(shard, at, request)| self.read(shard, at, request))
             .collect()
     }
+    /// As `submit_versioned` for each element, in any order among themselves (the caller gives
+    /// each its own client id, so no order between them is needed); the replies come back in the
+    /// order of `requests`. The default submits one after the other; a cluster has them in
+    /// flight at once.
+    fn submit_many(&self, requests: Vec<(ShardRef, Bytes)>) -> Vec<FsResult<(Bytes, Option<u64>)>> {
+        requests
+            .into_iter()
+            .map(|(shard, request)| self.submit_versioned(shard, request))
+            .collect()
+    }
     /// The client's wall clock, in microseconds since the Unix epoch.
     fn now_us(&self) -> u64;
     /// Space for `statfs`.
