@@ -294,7 +294,10 @@ impl<S: Shards> FileSystem<S> {
                 .zip(ops.by_ref())
                 .map(|(&(client, number), (shard, op))| {
                     let op = Op::Data(op);
-                    (ShardRef::Data(shard), Request { client, number, op }.encode())
+                    (
+                        ShardRef::Data(shard),
+                        Request { client, number, op }.encode(),
+                    )
                 })
                 .collect();
             let results = self.shards.submit_many(wave.clone());
