@@ -1857,33 +1857,40 @@ impl Driver {
         }
     }
 
+    /// What a watch of either kind needs before it registers: this node is a member, it holds a
+    /// replica of `at`, and the bounds on watching clients and on watches per link leave room.
+    /// The shard and the latest version its replica here delivered, or the refusal.
+    fn watch_room(&self, client: ClientId, at: SubgroupShard) -> Result<(ShardId, Version), Reply> {
+        let membership = self.membership();
+        if matches!(membership, Membership::Joining | Membership::NoMajority) {
+            return Err(self.membership_error(membership));
+        }
+        let shard = self.fs_shard_here(at)?;
+        if !self.clients.watches.contains_key(&client) && self.clients.watches.len() >= WATCHERS_MAX
+        {
+            return Err(error(ErrorCode::Busy, "too many clients watch this node"));
+        }
+        if self.clients.watches.get(&client).map_or(0, Vec::len) >= WATCHES_PER_CLIENT_MAX {
+            return Err(error(ErrorCode::Busy, "too many watches on this link"));
+        }
+        let Some(store) = self.stores.get(&shard) else {
+            return Err(error(ErrorCode::NotReplica, "the shard is not here"));
+        };
+        Ok((shard, store.kv().log().latest().map_or(0, |(v, _)| v)))
+    }
+
     /// Registers a namespace feed (`FsWatch`): from the version this node delivered now on,
     /// every delivered version of the namespace shard is sent as the inodes it changed. No
     /// replay: a client whose feed ended clears its cache and subscribes again.
     fn fs_watch(&mut self, client: ClientId, tag: u64) -> Option<Reply> {
-        let membership = self.membership();
-        if matches!(membership, Membership::Joining | Membership::NoMajority) {
-            return Some(self.membership_error(membership));
-        }
         let namespace = SubgroupShard {
             data: false,
             index: 0,
         };
-        let shard = match self.fs_shard_here(namespace) {
-            Ok(shard) => shard,
+        let (shard, delivered) = match self.watch_room(client, namespace) {
+            Ok(found) => found,
             Err(reply) => return Some(reply),
         };
-        if !self.clients.watches.contains_key(&client) && self.clients.watches.len() >= WATCHERS_MAX
-        {
-            return Some(error(ErrorCode::Busy, "too many clients watch this node"));
-        }
-        if self.clients.watches.get(&client).map_or(0, Vec::len) >= WATCHES_PER_CLIENT_MAX {
-            return Some(error(ErrorCode::Busy, "too many watches on this link"));
-        }
-        let Some(store) = self.stores.get(&shard) else {
-            return Some(error(ErrorCode::NotReplica, "the shard is not here"));
-        };
-        let delivered = store.kv().log().latest().map_or(0, |(v, _)| v);
         self.clients.watches.entry(client).or_default().push(Watch {
             tag,
             prefix: Bytes::new(),
@@ -1907,28 +1914,18 @@ impl Driver {
         index: u16,
         after: Option<Version>,
     ) -> Option<Reply> {
-        let membership = self.membership();
-        if matches!(membership, Membership::Joining | Membership::NoMajority) {
-            return Some(self.membership_error(membership));
-        }
-        let shard = match self.fs_shard_here(SubgroupShard { data: true, index }) {
-            Ok(shard) => shard,
+        let (shard, delivered) = match self.watch_room(client, SubgroupShard { data: true, index })
+        {
+            Ok(found) => found,
             Err(reply) => return Some(reply),
         };
-        if !self.clients.watches.contains_key(&client) && self.clients.watches.len() >= WATCHERS_MAX
-        {
-            return Some(error(ErrorCode::Busy, "too many clients watch this node"));
-        }
-        if self.clients.watches.get(&client).map_or(0, Vec::len) >= WATCHES_PER_CLIENT_MAX {
-            return Some(error(ErrorCode::Busy, "too many watches on this link"));
-        }
-        let Some(store) = self.stores.get(&shard) else {
-            return Some(error(ErrorCode::NotReplica, "the shard is not here"));
-        };
-        let delivered = store.kv().log().latest().map_or(0, |(v, _)| v);
         let from = after.unwrap_or(delivered);
         let mut events = Vec::new();
         if let Some(after) = after.filter(|&a| a < delivered) {
+            let store = self
+                .stores
+                .get(&shard)
+                .expect("watch_room found the replica");
             match replay(&mut store.kv(), &prefix, after, delivered) {
                 Ok(replayed) => events = replayed,
                 Err(reply) => return Some(reply),
