@@ -191,6 +191,24 @@ struct Shared {
     cache: AttrCache,
 }
 
+impl Shared {
+    /// A client's shared state: nothing seen, written or marked down yet.
+    fn new(config: RemoteConfig, contacts: Vec<SocketAddr>, layout: LayoutInfo) -> Shared {
+        Shared {
+            config,
+            contacts,
+            layout: Mutex::new(layout),
+            down: Mutex::new(HashMap::new()),
+            seen: Mutex::new(Hlc::ZERO),
+            written: Mutex::new(HashMap::new()),
+            next_tag: AtomicU64::new(1),
+            spread: AtomicUsize::new(0),
+            batch_turn: AtomicUsize::new(0),
+            cache: AttrCache::new(),
+        }
+    }
+}
+
 /// The shards of a running cluster; see the module documentation.
 #[derive(Debug)]
 pub struct RemoteShards {
@@ -278,23 +296,13 @@ impl RemoteShards {
                 Err(e) => last = format!("{c}: {e}"),
             }
         }
-        let shared = Arc::new(Shared {
-            config,
-            contacts,
-            layout: Mutex::new(LayoutInfo {
-                view_id: 0,
-                members: Vec::new(),
-                shards: Vec::new(),
-                chunk_size: 0,
-            }),
-            down: Mutex::new(HashMap::new()),
-            seen: Mutex::new(Hlc::ZERO),
-            written: Mutex::new(HashMap::new()),
-            next_tag: AtomicU64::new(1),
-            spread: AtomicUsize::new(0),
-            batch_turn: AtomicUsize::new(0),
-            cache: AttrCache::new(),
-        });
+        let empty = LayoutInfo {
+            view_id: 0,
+            members: Vec::new(),
+            shards: Vec::new(),
+            chunk_size: 0,
+        };
+        let shared = Arc::new(Shared::new(config, contacts, empty));
         let inner = Arc::new(Inner {
             id: random_id(),
             links: tokio::sync::Mutex::new(HashMap::new()),
@@ -1126,18 +1134,11 @@ mod tests {
         Inner {
             id: 7,
             links: tokio::sync::Mutex::new(HashMap::new()),
-            shared: Arc::new(Shared {
-                config: RemoteConfig::new(Vec::new(), secret),
-                contacts: Vec::new(),
-                layout: Mutex::new(layout),
-                down: Mutex::new(HashMap::new()),
-                seen: Mutex::new(Hlc::ZERO),
-                written: Mutex::new(HashMap::new()),
-                next_tag: AtomicU64::new(1),
-                spread: AtomicUsize::new(0),
-                batch_turn: AtomicUsize::new(0),
-                cache: AttrCache::new(),
-            }),
+            shared: Arc::new(Shared::new(
+                RemoteConfig::new(Vec::new(), secret),
+                Vec::new(),
+                layout,
+            )),
         }
     }
 
