@@ -495,8 +495,7 @@ impl Node {
         input: Input,
         out: &mut Vec<Action>,
     ) -> Result<(), StepError> {
-        self.advance_clock(now_us);
-        let result = self.handle(input, out);
+        let result = self.step_queued(now_us, input, out);
         self.progress(out);
         result
     }
