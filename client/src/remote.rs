@@ -189,6 +189,14 @@ struct Shared {
     batch_turn: AtomicUsize,
     /// Live attributes and names, kept coherent by the namespace feed.
     cache: AttrCache,
+    /// The open barriers: one more at every `Shards::read_barrier` (every open). A read at the
+    /// latest state of a shard whose last barrier read was sent before the newest open is a
+    /// barrier read itself (close-to-open for the data shards at no extra round trip).
+    barriers: AtomicU64,
+    /// Per shard, the open barrier its last barrier read was sent under, and the version that
+    /// read was answered at: every later read at the latest state waits for that version at any
+    /// member (it is delivered everywhere in time), as for the client's own writes.
+    barriered: Mutex<HashMap<SubgroupShard, (u64, Version)>>,
 }
 
 impl Shared {
@@ -205,6 +213,8 @@ impl Shared {
             spread: AtomicUsize::new(0),
             batch_turn: AtomicUsize::new(0),
             cache: AttrCache::new(),
+            barriers: AtomicU64::new(0),
+            barriered: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -479,6 +489,15 @@ impl Shards for RemoteShards {
         self.inner.config.attr_cache.then_some(&self.inner.cache)
     }
 
+    /// An `FsReadBarrier` of `shard`, after a new open barrier: the next read at the latest
+    /// state of every other shard is a barrier read too ([`Shared::barriers`]).
+    fn read_barrier(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        let shard = self.subgroup_shard(shard)?;
+        self.inner.barriers.fetch_add(1, Ordering::SeqCst);
+        self.block(|inner| async move { inner.read(shard, ReadAt::Latest, request).await })
+            .map(|(reply, version)| (reply, (version > 0).then_some(version)))
+    }
+
     /// Every read in flight at once, sent and awaited from the calling thread, all to one
     /// member when one replicates every shard read (a file read's attributes and chunk pieces
     /// then wake one node, not two or three): see [`Inner::batch_member`].
@@ -720,21 +739,36 @@ impl Inner {
         // version this client had answered in the shard. The member that answered it had
         // delivered it, so the read goes there first instead of waiting at another replica
         // (unless the batch it belongs to goes to one member).
-        let (after, writer) = match at {
+        let (mut after, writer) = match at {
             ReadAt::Latest => lock(&self.written)
                 .get(&shard)
                 .map_or((None, None), |w| (Some(w.version), w.recent_node())),
             _ => (None, None),
         };
+        // Close-to-open: the first read at the latest state of a shard after an open is a
+        // barrier read; the later ones wait for the version it was answered at.
+        let mut barrier = None;
+        if at == ReadAt::Latest {
+            let open = self.barriers.load(Ordering::SeqCst);
+            match lock(&self.barriered).get(&shard) {
+                Some(&(done, _)) if done < open => barrier = Some(open),
+                Some(&(_, version)) => after = after.max(Some(version)),
+                None if open > 0 => barrier = Some(open),
+                None => {}
+            }
+        }
         let first = member.or(writer);
         let tag = self.tag();
-        let bytes = Request::FsRead {
-            shard,
-            at,
-            after,
-            request,
-        }
-        .encode(tag);
+        let bytes = match barrier {
+            Some(_) => Request::FsReadBarrier { shard, request }.encode(tag),
+            None => Request::FsRead {
+                shard,
+                at,
+                after,
+                request,
+            }
+            .encode(tag),
+        };
         match self.call_shard(shard, tag, bytes, first).await? {
             (
                 _,
@@ -745,6 +779,11 @@ impl Inner {
                 },
             ) => {
                 self.saw(read_hlc);
+                if let Some(open) = barrier {
+                    let mut barriered = lock(&self.barriered);
+                    let b = barriered.entry(shard).or_insert((open, read_version));
+                    *b = (b.0.max(open), b.1.max(read_version));
+                }
                 if !shard.data && at == ReadAt::Latest {
                     // Every namespace state this client sees holds the cache back until the
                     // feed has reported it (docs/SEMANTICS.md).

@@ -48,6 +48,7 @@ pub use derechofs_storage::{version_of, Hlc, Version};
 pub use error::{Rejection, StepError, SubmitError};
 pub use layout::{Layout, LayoutError, LayoutSpec, Shard, ShardId, Subgroup};
 pub use message::{Batch, Body, Decision, Message, Record, Request};
+pub use multicast::Barrier;
 pub use node::{Action, Counters, Delivery, Input, Membership, Node, ShardStatus};
 pub use row::Row;
 pub use view::{NodeId, View, ViewError};

@@ -31,6 +31,20 @@ use crate::stability::Stability;
 use crate::transfer::{check_piece, CatchUp, Held, Piece};
 use crate::view::NodeId;
 
+/// A point in a shard's order taken at one member: the end of everything it had received when
+/// the barrier was taken. Once that member delivered up to it, it delivered every message that
+/// any member of the shard had delivered when the barrier was taken: a batch is delivered
+/// only once every member received it, so it was among the messages received here. This is
+/// what a read needs to see every write whose reply was sent before it arrived, whichever
+/// member answered that write (close-to-open consistency across clients).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Barrier {
+    /// The view the barrier was taken in; any later view is past it.
+    pub view_id: u32,
+    /// One past the highest sequence number received when it was taken (0: none).
+    pub seqs: u64,
+}
+
 /// This member's state of one shard's multicast.
 #[derive(Debug)]
 pub(crate) struct Multicast {
@@ -359,6 +373,36 @@ impl Multicast {
     /// This member's received counters per sender (frozen once wedged).
     pub(crate) fn received(&self) -> &[u64] {
         &self.rows[self.rank].received
+    }
+
+    /// A barrier here now: the point this member's delivery reaches once it delivered every
+    /// message it has received so far, from every sender (see [`Barrier`]).
+    pub(crate) fn barrier(&self) -> Barrier {
+        let senders = self.senders();
+        let seqs = self.rows[self.rank]
+            .received
+            .iter()
+            .enumerate()
+            .filter(|(_, &count)| count > 0)
+            .map(|(sender, &count)| (count - 1) * senders + sender as u64 + 1)
+            .max()
+            .unwrap_or(0);
+        Barrier {
+            view_id: self.view_id,
+            seqs,
+        }
+    }
+
+    /// This member delivered everything `barrier` covers: every sequence number below it in
+    /// its view, or the view ended (a view is left only once everything any member delivered
+    /// in it was delivered here: the ragged trim keeps every delivered message, and what it
+    /// leaves out was delivered nowhere).
+    pub(crate) fn barrier_reached(&self, barrier: Barrier) -> bool {
+        if self.catch_up.is_some() {
+            return false;
+        }
+        barrier.view_id < self.view_id
+            || (barrier.view_id == self.view_id && self.rows[self.rank].delivered >= barrier.seqs)
     }
 
     pub(crate) fn shard(&self) -> ShardId {

@@ -14,7 +14,7 @@ use crate::config::{Config, ConfigError};
 use crate::error::{Rejection, StepError, SubmitError};
 use crate::layout::{Layout, LayoutSpec, ShardId};
 use crate::message::{Decision, Message, Record, Request};
-use crate::multicast::Multicast;
+use crate::multicast::{Barrier, Multicast};
 use crate::row::Row;
 use crate::suspicion::Suspicion;
 use crate::transfer::{Held, Piece};
@@ -2057,6 +2057,20 @@ impl Node {
     /// answers it the same. `None` if this node does not replicate the shard.
     pub fn stability_frontier(&self, shard: ShardId) -> Option<Hlc> {
         self.shard_ref(shard).map(Multicast::stability_frontier)
+    }
+
+    /// A barrier of `shard` at this node now (`None` if it does not replicate the shard): once
+    /// [`Node::barrier_reached`] says so, this node delivered every version any member of the
+    /// shard had delivered when the barrier was taken.
+    pub fn barrier(&self, shard: ShardId) -> Option<Barrier> {
+        self.shard_ref(shard).map(Multicast::barrier)
+    }
+
+    /// This node delivered everything `barrier` of `shard` covers. `false` if it does not
+    /// replicate the shard (or is still receiving its history).
+    pub fn barrier_reached(&self, shard: ShardId, barrier: Barrier) -> bool {
+        self.shard_ref(shard)
+            .is_some_and(|multicast| multicast.barrier_reached(barrier))
     }
 
     /// The highest version of `shard` persisted on every member, as far as this node knows: a

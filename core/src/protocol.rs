@@ -118,6 +118,16 @@ pub enum Request {
         /// The file system read encoding.
         request: Bytes,
     },
+    /// A file system read at the latest state behind a barrier: answered once this replica
+    /// delivered every message of the shard it had received when the request arrived, so it
+    /// sees every version any replica had delivered then (every write answered before it was
+    /// sent, whichever member answered it): close-to-open consistency across clients.
+    FsReadBarrier {
+        /// The shard.
+        shard: SubgroupShard,
+        /// The file system read encoding.
+        request: Bytes,
+    },
     /// Answer once the shard's persistence frontier covers `version` (every replica holds every
     /// version up to it on disk): the file system's `fsync`.
     FsSync {
@@ -403,6 +413,7 @@ const KIND_FS_READ: u8 = 8;
 const KIND_FS_SYNC: u8 = 9;
 const KIND_SPACE: u8 = 10;
 const KIND_FS_WATCH: u8 = 11;
+const KIND_FS_READ_BARRIER: u8 = 12;
 
 const REPLY_LAYOUT: u8 = 0x81;
 const REPLY_WRITTEN: u8 = 0x82;
@@ -651,6 +662,11 @@ impl Request {
                 put_opt_version(&mut b, *after);
                 put_bytes(&mut b, request);
             }
+            Request::FsReadBarrier { shard, request } => {
+                b = header(KIND_FS_READ_BARRIER, tag);
+                put_subgroup_shard(&mut b, *shard);
+                put_bytes(&mut b, request);
+            }
             Request::FsSync { shard, version } => {
                 b = header(KIND_FS_SYNC, tag);
                 put_subgroup_shard(&mut b, *shard);
@@ -732,6 +748,10 @@ impl Request {
                 shard: r.subgroup_shard()?,
                 at: r.at()?,
                 after: r.opt_version()?,
+                request: r.bytes()?,
+            },
+            KIND_FS_READ_BARRIER => Request::FsReadBarrier {
+                shard: r.subgroup_shard()?,
                 request: r.bytes()?,
             },
             KIND_FS_SYNC => Request::FsSync {
@@ -1185,6 +1205,13 @@ mod tests {
                 at: ReadAt::Latest,
                 after: Some(12),
                 request: Bytes::from_static(b"read"),
+            },
+            Request::FsReadBarrier {
+                shard: SubgroupShard {
+                    data: true,
+                    index: 2,
+                },
+                request: Bytes::from_static(b"open"),
             },
             Request::FsSync {
                 shard: SubgroupShard {

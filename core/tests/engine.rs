@@ -455,6 +455,69 @@ fn a_message_after_the_nulls_of_idle_senders_is_delivered_everywhere_two_hops_af
     }
 }
 
+/// Carries the messages in flight now to `node` only (one hop); the others stay on the wire.
+fn hop_to(cluster: &mut Cluster, node: usize) {
+    let to_id = node as NodeId + 1;
+    let (now, rest): (VecDeque<_>, VecDeque<_>) =
+        cluster.wire.drain(..).partition(|(_, to, _)| *to == to_id);
+    cluster.wire = rest;
+    for (from, _, message) in now {
+        cluster
+            .step(node, Input::Message { from, message })
+            .unwrap();
+    }
+}
+
+#[test]
+fn a_barrier_taken_after_any_member_delivered_a_version_is_reached_only_once_this_member_delivered_it(
+) {
+    let mut cluster = Cluster::new(3, |_| {});
+    let before = cluster.nodes[2].barrier(SHARD).unwrap();
+    assert!(
+        cluster.nodes[2].barrier_reached(SHARD, before),
+        "nothing received: reached at once"
+    );
+    cluster.submit(0, 1, b"x");
+    hop(&mut cluster);
+    // The rows of nodes 2 and 3 reach node 1 only: node 1 delivers, node 3 lacks node 2's row.
+    hop_to(&mut cluster, 0);
+    assert_eq!(cluster.payloads(0), vec!["x"]);
+    assert!(cluster.delivered[2].is_empty());
+    let barrier = cluster.nodes[2].barrier(SHARD).unwrap();
+    assert!(
+        !cluster.nodes[2].barrier_reached(SHARD, barrier),
+        "node 3 received x, which node 1 delivered, and has not delivered it: {barrier:?}"
+    );
+    cluster.settle();
+    assert_eq!(cluster.payloads(2), vec!["x"]);
+    assert!(cluster.nodes[2].barrier_reached(SHARD, barrier));
+    // A barrier of the previous view is passed once the next view is installed, whatever was
+    // received beyond the ragged trim.
+    let old = cluster.nodes[0].barrier(SHARD).unwrap();
+    cluster.submit(2, 2, b"y");
+    let to_node_1: Vec<_> = cluster
+        .wire
+        .iter()
+        .filter(|(from, to, m)| *from == 3 && *to == 1 && is_data(m))
+        .cloned()
+        .collect();
+    cluster.crash(2);
+    cluster.wire.extend(to_node_1);
+    cluster.settle();
+    let beyond = cluster.nodes[0].barrier(SHARD).unwrap();
+    assert!(beyond.seqs > old.seqs, "node 1 received y: {beyond:?}");
+    assert!(!cluster.nodes[0].barrier_reached(SHARD, beyond));
+    cluster.persist_all();
+    cluster.tick_until_suspected();
+    assert_eq!(cluster.installed[0].len(), 1);
+    assert_eq!(cluster.payloads(0), vec!["x"], "y was beyond the trim");
+    assert!(cluster.nodes[0].barrier_reached(SHARD, beyond));
+    assert!(
+        !cluster.nodes[2].barrier_reached(ShardId(9), before),
+        "no such shard"
+    );
+}
+
 #[test]
 fn a_ragged_trim_may_leave_out_a_null_a_survivor_delivered_and_the_logs_stay_equal() {
     let mut cluster = Cluster::new(3, |c| c.suspect_after_ms = 200);

@@ -662,6 +662,30 @@ impl<S: Shards> FileSystem<S> {
         self.attr_reply(r, v.at)
     }
 
+    /// Opens `ino`: returns its attributes as they are once every change another client
+    /// made before this call began is in (close-to-open consistency: after a writer's `close`
+    /// returned, an open anywhere sees its size, mtime and bytes). On a cluster this is one
+    /// barrier read of the namespace shard (`Shards::read_barrier`), which also makes the next
+    /// read of every data shard a barrier read; the attributes replace what the attribute
+    /// cache held. This client's own buffered writes of the file are sent first. A snapshot
+    /// inode needs no barrier (it never changes): its attributes as `getattr` gives them.
+    pub fn open(&self, ino: Ino) -> FsResult<Attr> {
+        let v = self.view(ino)?;
+        if v.at.is_some() {
+            return self.getattr(ino);
+        }
+        let (reply, version) = self
+            .shards
+            .read_barrier(ShardRef::Namespace, NsRead::GetAttr { ino: v.ino }.encode())?;
+        let r = decode_read_reply(&reply).map_err(bad_reply)??;
+        if let (Some(c), Some(version), ReadReply::Attr(a)) =
+            (self.shards.attr_cache(), version, &r)
+        {
+            c.insert_attr(a, version);
+        }
+        self.attr_reply(r, None)
+    }
+
     /// Changes attributes. A size change also cuts the data shards at the smaller of the old and
     /// new sizes, so that bytes past the end never reappear when the file grows again: after the
     /// new size when the file shrinks, before it when the file grows. So no time sees a size

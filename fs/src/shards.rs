@@ -83,6 +83,15 @@ pub trait Shards: Send + Sync {
     ) -> FsResult<(Bytes, Option<u64>)> {
         Ok((self.read(shard, at, request)?, None))
     }
+    /// A read of `shard` at the latest state that sees every version any replica of `shard`
+    /// had delivered when the call began; and from then on, every read at the latest state of
+    /// any shard sees every version any of its replicas had delivered when the call began:
+    /// the barrier of an open (close-to-open consistency, docs/SEMANTICS.md). Returns the reply
+    /// and the version it was answered at, as `read_versioned`. The default suits shards that
+    /// answer every read from the one state every write changed (in process).
+    fn read_barrier(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        self.read_versioned(shard, ReadAt::Latest, request)
+    }
     /// The cache of live attributes and names these shards keep coherent with a feed of the
     /// namespace shard's changes ([`crate::attr_cache`]), if they keep one. The file system
     /// answers from it, and fills it from replies tagged with their versions; the shards tell
@@ -293,6 +302,9 @@ impl<T: Shards> Shards for std::sync::Arc<T> {
     }
     fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
         (**self).read_many(reads)
+    }
+    fn read_barrier(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        (**self).read_barrier(shard, request)
     }
     fn now_us(&self) -> u64 {
         (**self).now_us()

@@ -44,7 +44,7 @@ fn run(mountpoint: &std::path::Path, options: &str) -> Result<(), Box<dyn std::e
         dir_attr_ttl_us: derechofs_fs::filesystem::DIR_ATTR_TTL_US_DEFAULT,
     };
     let fs = DerechoFs::new(FileSystem::new(shards, config)?);
-    derechofs_mount::serve(fs, mountpoint, &options, "memory", "derechofs", || {
+    derechofs_mount::serve(fs, mountpoint, &options, "memory", "derechofs", |_| {
         eprintln!("memory_mount: mounted at {}", mountpoint.display())
     })?;
     Ok(())

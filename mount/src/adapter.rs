@@ -24,7 +24,7 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use derechofs_fs::snapshot::is_snapshot;
@@ -49,6 +49,13 @@ const READDIR_BATCH: usize = 512;
 const DIR_HANDLE_ENTRIES_MAX: usize = 10_000_000;
 /// Most directory handles open at once.
 const DIR_HANDLES_MAX: usize = 65_536;
+/// Most inodes whose attributes, as last given to the kernel, the adapter remembers (to tell at
+/// an open whether the kernel may hold older ones); past it the memory starts over, and an
+/// inode not remembered has its kernel attributes dropped at its next open.
+const KERNEL_ATTRS_MAX: usize = 65_536;
+
+/// What an open compares between the attributes the kernel was last given and fresh ones.
+type KernelAttrs = (u64, Timespec, Timespec);
 
 fn ttl(ino: u64) -> Duration {
     if is_snapshot(ino) {
@@ -159,6 +166,10 @@ pub struct DerechoFs<S: Shards> {
     fs: FileSystem<S>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
+    /// The session's notifier, once mounted ([`DerechoFs::notifier_slot`]).
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    /// Per live inode, the size, mtime and ctime last given to the kernel.
+    kernel_attrs: Mutex<HashMap<u64, KernelAttrs>>,
 }
 
 impl<S: Shards> DerechoFs<S> {
@@ -168,7 +179,28 @@ impl<S: Shards> DerechoFs<S> {
             fs,
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            notifier: Arc::new(OnceLock::new()),
+            kernel_attrs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where the mount puts the session's notifier once mounted (`serve`'s `on_mounted`):
+    /// without one, an open cannot make the kernel drop attributes it caches, and another
+    /// client's change shows in them only once they expire (`LIVE_TTL`).
+    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
+        self.notifier.clone()
+    }
+
+    /// Remembers the attributes given to the kernel for a live inode.
+    fn given(&self, a: &Attr) {
+        if is_snapshot(a.ino) {
+            return;
+        }
+        let mut given = self.kernel_attrs.lock().unwrap_or_else(|p| p.into_inner());
+        if given.len() >= KERNEL_ATTRS_MAX && !given.contains_key(&a.ino) {
+            given.clear();
+        }
+        given.insert(a.ino, (a.size, a.mtime, a.ctime));
     }
 
     /// The file system underneath.
@@ -181,6 +213,7 @@ impl<S: Shards> DerechoFs<S> {
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
+        self.given(a);
         file_attr(a, self.fs.layout().chunk_size)
     }
 
@@ -391,12 +424,32 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             return reply.error(Errno::EROFS);
         }
         // A snapshot's bytes never change: let the kernel keep its page cache across opens.
-        let open_flags = if is_snapshot(ino.0) {
-            FopenFlags::FOPEN_KEEP_CACHE
-        } else {
-            FopenFlags::empty()
+        if is_snapshot(ino.0) {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        // Close-to-open: the attributes as they are once every change made before this open is
+        // in (`FileSystem::open`). Without FOPEN_KEEP_CACHE the kernel drops the file's pages
+        // itself; its cached attributes (the size a read stops at, what `stat` shows) it drops
+        // when told, if they may differ. Only the attributes (offset -1): dropping pages from
+        // inside a handler can wait on a page lock a pending request holds, attributes cannot.
+        let fresh = match self.fs.open(ino.0) {
+            Ok(a) => a,
+            Err(e) => return reply.error(errno(&e)),
         };
-        reply.opened(FileHandle(0), open_flags);
+        let known = {
+            let given = self.kernel_attrs.lock().unwrap_or_else(|p| p.into_inner());
+            given.get(&ino.0).copied()
+        };
+        if known != Some((fresh.size, fresh.mtime, fresh.ctime)) {
+            if let Some(notifier) = self.notifier.get() {
+                // ENOENT: the kernel holds nothing of the inode; nothing to drop.
+                if let Err(e) = notifier.inval_inode(ino, -1, 0) {
+                    tracing::debug!("dropping the kernel's attributes of {}: {e}", ino.0);
+                }
+            }
+            self.given(&fresh);
+        }
+        reply.opened(FileHandle(0), FopenFlags::empty());
     }
 
     fn read(

@@ -61,7 +61,8 @@ pub fn check_mount_point(path: &Path) -> Result<(), MountError> {
 }
 
 /// Mounts `fs` on `mountpoint` and serves it until the mount goes away (see the module doc).
-/// `on_mounted` runs once the kernel has accepted the mount, before any request is served.
+/// `on_mounted` runs once the kernel has accepted the mount, before any request is served, with
+/// the session's notifier (for the file system to drop what the kernel caches).
 /// `fsname` is the source shown in `/proc/mounts` unless the options name one; the type shows as
 /// `fuse.SUBTYPE`.
 pub fn serve<FS: fuser::Filesystem>(
@@ -70,7 +71,7 @@ pub fn serve<FS: fuser::Filesystem>(
     options: &MountOptions,
     fsname: &str,
     subtype: &str,
-    on_mounted: impl FnOnce(),
+    on_mounted: impl FnOnce(fuser::Notifier),
 ) -> Result<(), MountError> {
     check_mount_point(mountpoint)?;
     // Before mounting: afterwards, resolving the path would ask the mount, not yet served.
@@ -127,7 +128,7 @@ pub fn serve<FS: fuser::Filesystem>(
     if options.readahead_kb > 0 {
         set_readahead(&canonical, options.readahead_kb);
     }
-    on_mounted();
+    on_mounted(session.notifier());
     let result = session.run().map_err(|source| MountError::Serve {
         path: path.clone(),
         source,

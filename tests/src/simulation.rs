@@ -8,8 +8,8 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use bytes::Bytes;
 use derechofs_core::{
-    Action, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node, NodeId,
-    Record, Request, ShardId, StepError, SubmitError, Version, View,
+    Action, Barrier, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node,
+    NodeId, Record, Request, ShardId, StepError, SubmitError, Version, View,
 };
 
 /// Ids of probe requests: above every client's.
@@ -853,6 +853,23 @@ struct Simulation {
     /// Per node: multicast messages were taken without moving the engine on (as the node's
     /// driver takes every link event already waiting in one turn), and no step since.
     unflushed: Vec<bool>,
+    /// Barriers taken and not yet reached, oldest first (at most [`PENDING_BARRIERS_MAX`]).
+    barriers: Vec<PendingBarrier>,
+}
+
+/// Barriers the simulation follows at once; past it the oldest is no longer followed.
+const PENDING_BARRIERS_MAX: usize = 256;
+
+/// A barrier taken at a node (as for a client's `FsReadBarrier`), with the newest version of
+/// its view any live member had delivered then: once the node reaches the barrier, it must have
+/// delivered that version too.
+#[derive(Debug)]
+struct PendingBarrier {
+    node: usize,
+    incarnation: u32,
+    shard: ShardId,
+    barrier: Barrier,
+    delivered_then: Version,
 }
 
 /// Runs the cluster described by `options` to its end, checking every invariant after every
@@ -963,6 +980,7 @@ impl Simulation {
             trace: DefaultHasher::new(),
             actions: Vec::new(),
             unflushed: Vec::new(),
+            barriers: Vec::new(),
             nodes,
             members,
             network,
@@ -1548,6 +1566,7 @@ impl Simulation {
             // Removed: it will join a later view, not the next one.
             self.views[node] = None;
         }
+        self.check_barriers(node)?;
         self.check_frontiers(node)
     }
 
@@ -1838,6 +1857,7 @@ impl Simulation {
             return Ok(());
         }
         let shard = shards[self.rng.below(shards.len() as u64) as usize];
+        self.take_barrier(node, shard);
         let frontier = self.nodes[node]
             .stability_frontier(shard)
             .expect("a local shard");
@@ -1850,6 +1870,83 @@ impl Simulation {
             Hlc::at(frontier.wall_us.saturating_sub(self.rng.below(30_000)))
         };
         self.checker.time_read(node, shard, at)
+    }
+
+    /// Takes a barrier of `shard` at `node`, to be checked once the node reaches it.
+    fn take_barrier(&mut self, node: usize, shard: ShardId) {
+        // As a node's driver: a member that is joining (back from a crash, or removed) or in a
+        // minority answers no read at the latest state.
+        // Nor does one back from a total restart until the view that ends it is formed.
+        if self.restarting[node]
+            || matches!(
+                self.nodes[node].membership(),
+                Membership::Joining | Membership::NoMajority
+            )
+        {
+            return;
+        }
+        let Some(barrier) = self.nodes[node].barrier(shard) else {
+            return;
+        };
+        let delivered_then = (0..self.nodes.len())
+            .filter(|&n| !self.crashed[n])
+            .filter_map(|n| self.nodes[n].status(shard)?.last_delivered)
+            .map(|(version, _)| version)
+            .filter(|version| version >> 32 == u64::from(barrier.view_id))
+            .max();
+        let Some(delivered_then) = delivered_then else {
+            return;
+        };
+        if self.barriers.len() == PENDING_BARRIERS_MAX {
+            self.barriers.remove(0);
+        }
+        self.barriers.push(PendingBarrier {
+            node,
+            incarnation: self.incarnation[node],
+            shard,
+            barrier,
+            delivered_then,
+        });
+    }
+
+    /// Every barrier `node` reached: it delivered what any member had delivered when it was
+    /// taken (`Node::barrier`'s contract). Checked while the node is a member of the newest
+    /// view: a member cut off from the others (a partition) keeps answering from its view
+    /// until it suspects them, while the others may exclude it and deliver, in the ragged trim,
+    /// messages it never received (docs/SEMANTICS.md states this limit). Not checked once a
+    /// total restart ended a view: it cuts logs to the logged trim, the simulator's other
+    /// checks cover what it keeps.
+    fn check_barriers(&mut self, node: usize) -> Result<(), Violation> {
+        let incarnation = self.incarnation[node];
+        let mut result = Ok(());
+        let id = node as NodeId + 1;
+        let restarted =
+            !self.restarts_ended.is_empty() || !self.current_view().members.contains(&id);
+        let nodes = &self.nodes;
+        self.barriers.retain(|p| {
+            if p.node != node {
+                return true;
+            }
+            if p.incarnation != incarnation {
+                return false;
+            }
+            if !nodes[node].barrier_reached(p.shard, p.barrier) {
+                return true;
+            }
+            let delivered = nodes[node]
+                .status(p.shard)
+                .and_then(|s| s.last_delivered)
+                .map(|(version, _)| version);
+            if !restarted && delivered < Some(p.delivered_then) && result.is_ok() {
+                result = Err(Violation(format!(
+                    "node {node}: barrier {:?} of {} reached with {delivered:?} delivered, below \
+                     version {:#x} a member had delivered when it was taken",
+                    p.barrier, p.shard, p.delivered_then
+                )));
+            }
+            false
+        });
+        result
     }
 
     /// After the workload and a quiet period: every replica holds the whole log persisted, and

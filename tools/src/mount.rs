@@ -157,13 +157,19 @@ fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
     )
     .map_err(|e| anyhow::anyhow!("starting the file system on {}: {e}", p.spec))?;
     let mountpoint = p.mountpoint.clone();
+    let adapter = DerechoFs::new(fs);
+    let notifier = adapter.notifier_slot();
     derechofs_mount::serve(
-        DerechoFs::new(fs),
+        adapter,
         &p.mountpoint,
         &p.options,
         &p.spec,
         "derechofs",
-        || errln!("derechofs: {} mounted at {}", p.spec, mountpoint.display()),
+        |n| {
+            // Set once, here: the slot is new.
+            let _ = notifier.set(n);
+            errln!("derechofs: {} mounted at {}", p.spec, mountpoint.display())
+        },
     )?;
     Ok(())
 }

@@ -690,3 +690,56 @@ fn t52_fs_a_directory_one_client_created_answers_its_negative_lookups_until_anot
     drop((a, b));
     cluster.stop_all();
 }
+
+/// The bytes of round `round` of a close-to-open test: a length that changes every round
+/// (growing and shrinking across chunks and data shards) and bytes that name the round.
+fn round_contents(round: u64, rng: &mut Rng) -> Vec<u8> {
+    let len = rng.below(3 * u64::from(CHUNK_SIZE) + 1) as usize;
+    (0..len)
+        .map(|i| (round as usize * 31 + i * 7) as u8)
+        .collect()
+}
+
+#[test]
+fn t53_fs_an_open_after_another_clients_close_returned_sees_its_size_mtime_and_bytes() {
+    let cluster = cluster(53, "");
+    // The writer and the reader on different members, each with its attribute cache.
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    let f = plain_file(&a, ROOT_INO, b"f");
+    let mut rng = Rng(0x5eed_0053);
+    for round in 0..200 {
+        let bytes = round_contents(round, &mut rng);
+        // b holds the file's attributes in its cache, as a reader that stats it does.
+        let _ = b.getattr(f.ino).expect("getattr at b");
+        a.setattr(
+            f.ino,
+            SetAttr {
+                size: Some(0),
+                ..SetAttr::default()
+            },
+        )
+        .expect("truncate");
+        a.write_buffered(f.ino, 0, &bytes).expect("write");
+        a.flush(f.ino).expect("close");
+        let written = a.getattr(f.ino).expect("getattr at a");
+        // At once: no wait for b's feed or for b's member to deliver.
+        let opened = b.open(f.ino).expect("open at b");
+        assert_eq!(
+            opened.size,
+            bytes.len() as u64,
+            "round {round}: size at open"
+        );
+        assert_eq!(opened.mtime, written.mtime, "round {round}: mtime at open");
+        assert_eq!(
+            b.getattr(f.ino).expect("getattr at b").size,
+            bytes.len() as u64,
+            "round {round}: a getattr after the open"
+        );
+        let read = b.read(f.ino, 0, 4 * CHUNK_SIZE).expect("read at b");
+        assert!(read == bytes, "round {round}: the bytes read at b differ");
+    }
+    drop((a, b));
+    cluster.stop_all();
+}

@@ -2,7 +2,9 @@
 //! history of changes, then every recorded time read back through `@T` paths and compared with
 //! the model of `mount/tests/support/time_travel.rs`), identical through two mounts that read
 //! through different nodes, and still identical after a node is killed; the mount's errors for an
-//! unreachable cluster, a bad option and a missing mount point.
+//! unreachable cluster, a bad option and a missing mount point; close-to-open across two
+//! mounts on different members (a write closed through one, then at once opened and read
+//! through the other, round after round).
 //!
 //! Needs root and `/dev/fuse`, as CI has. Every process is stopped by its pid and every mount
 //! unmounted when a test ends, failed or not; every wait is bounded. The seed is printed;
@@ -21,6 +23,8 @@ use common::{is_mounted, Cluster, BIN};
 /// Longest a mount may take to appear.
 const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
 const STEPS: usize = 40;
+/// Write-close-open-read rounds of the close-to-open test.
+const ROUNDS: usize = 150;
 
 /// `derechofs mount` in the foreground; unmounted and stopped by pid when dropped.
 struct Mount {
@@ -171,4 +175,51 @@ fn mount_refuses_an_unreachable_cluster_a_bad_option_and_a_missing_mount_point()
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("does not exist"), "{err}");
     assert!(!is_mounted(&mnt));
+}
+
+#[test]
+fn an_open_through_one_mount_after_a_close_through_another_returned_sees_the_new_size_and_bytes() {
+    let seed = seed();
+    let cluster = Cluster::new(62, 3, "");
+    cluster.start_all();
+    let _running = Running(&cluster);
+    cluster.wait_active();
+    // The writer and the reader on different members; the reader's kernel holds the file's
+    // attributes from the stat of the round before (within LIVE_TTL), its client its cache.
+    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
+    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (at_a, at_b) = (a.path.join("f"), b.path.join("f"));
+    let mut x = seed | 1;
+    for round in 0..ROUNDS {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        // Sizes from empty to several pages, growing and shrinking from round to round.
+        let len = (x % 20_000) as usize;
+        let bytes: Vec<u8> = (0..len).map(|i| (round * 31 + i * 7) as u8).collect();
+        if round > 0 {
+            let _ = std::fs::metadata(&at_b).expect("stat at b");
+        }
+        std::fs::write(&at_a, &bytes).expect("write and close at a");
+        let mtime = std::fs::metadata(&at_a).expect("stat at a").modified().ok();
+        let mut file = std::fs::File::open(&at_b).expect("open at b");
+        let meta = file.metadata().expect("fstat at b");
+        assert_eq!(
+            meta.len(),
+            len as u64,
+            "round {round} (seed {seed}): size at b"
+        );
+        assert_eq!(
+            meta.modified().ok(),
+            mtime,
+            "round {round} (seed {seed}): mtime at b"
+        );
+        let mut read = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut read).expect("read at b");
+        assert!(
+            read == bytes,
+            "round {round} (seed {seed}): {} bytes read at b, {len} written, or other bytes",
+            read.len()
+        );
+    }
 }

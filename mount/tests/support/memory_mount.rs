@@ -44,7 +44,7 @@ impl MemoryMount {
         options.threads = 2;
         let mnt = path.clone();
         let server = std::thread::spawn(move || {
-            derechofs_mount::serve(fs, &mnt, &options, "memory", "derechofs", || {})
+            derechofs_mount::serve(fs, &mnt, &options, "memory", "derechofs", |_| {})
                 .expect("serve the mount");
         });
         let deadline = Instant::now() + MOUNT_TIMEOUT;

@@ -33,7 +33,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &options,
         &fsname,
         "passthrough",
-        || {
+        |_| {
             errln!(
                 "derechofs: {} passed through at {}",
                 args.source.display(),

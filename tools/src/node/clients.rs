@@ -6,7 +6,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
 use derechofs_core::transport::ClientId;
-use derechofs_core::{Hlc, ShardId, Version};
+use derechofs_core::{Barrier, Hlc, ShardId, Version};
 
 /// Writes this node submitted and not yet delivered.
 pub const SUBMITTED_MAX: usize = 1 << 16;
@@ -46,6 +46,8 @@ pub enum Until {
     Delivered(Version),
     /// The shard's stability frontier here reached this stamp.
     Stable(Hlc),
+    /// This replica delivered everything the barrier covers (`Request::FsReadBarrier`).
+    Barrier(Barrier),
 }
 
 /// What a read asks.

@@ -1060,6 +1060,7 @@ impl Driver {
                 .and_then(|s| s.kv().log().latest())
                 .is_some_and(|(latest, _)| latest >= v),
             Until::Stable(t) => self.node.stability_frontier(shard).is_some_and(|f| f >= t),
+            Until::Barrier(barrier) => self.node.barrier_reached(shard, barrier),
         }
     }
 
@@ -1361,6 +1362,11 @@ impl Driver {
                 let message = match r.until {
                     Until::Stable(t) => format!("the stability frontier did not pass {t} in time"),
                     Until::Delivered(v) => format!("version {v:#x} was not delivered here in time"),
+                    Until::Barrier(b) => format!(
+                        "what this member had received in view {} (sequence numbers below {}) \
+                         was not delivered here in time",
+                        b.view_id, b.seqs
+                    ),
                 };
                 self.send_client(r.client, error(ErrorCode::TimedOut, &message).encode(r.tag));
             }
@@ -1446,6 +1452,23 @@ impl Driver {
                 request,
             } => match self.fs_shard_here(shard) {
                 Ok(id) => self.read(client, tag, id, ReadWhat::Fs(request), at, after),
+                Err(reply) => Some(reply),
+            },
+            // Back from a total restart, a member's log may lack what the others delivered
+            // until the view that ends the restart is formed: no barrier read until then.
+            Request::FsReadBarrier { .. } if !self.formed => self.write_refusal(),
+            Request::FsReadBarrier { shard, request } => match self.fs_shard_here(shard) {
+                Ok(id) => {
+                    let barrier = self.node.barrier(id).map(Until::Barrier);
+                    self.read_until(
+                        client,
+                        tag,
+                        id,
+                        ReadWhat::Fs(request),
+                        ReadAt::Latest,
+                        barrier,
+                    )
+                }
                 Err(reply) => Some(reply),
             },
             Request::FsSync { shard, version } => match self.fs_shard_here(shard) {
@@ -1707,14 +1730,27 @@ impl Driver {
         at: ReadAt,
         after: Option<derechofs_core::Version>,
     ) -> Option<Reply> {
-        if let Some(refusal) = self.read_refusal(shard, at) {
-            return Some(refusal);
-        }
         let until = match at {
             ReadAt::Latest => after.map(Until::Delivered),
             ReadAt::Version(v) => Some(Until::Delivered(v)),
             ReadAt::Time(t) => Some(Until::Stable(t)),
         };
+        self.read_until(client, tag, shard, what, at, until)
+    }
+
+    /// Answers the read of `what` at `at` once `until` holds here (at once without one).
+    fn read_until(
+        &mut self,
+        client: ClientId,
+        tag: u64,
+        shard: ShardId,
+        what: ReadWhat,
+        at: ReadAt,
+        until: Option<Until>,
+    ) -> Option<Reply> {
+        if let Some(refusal) = self.read_refusal(shard, at) {
+            return Some(refusal);
+        }
         match until {
             Some(until) if !self.ready(shard, until) => {
                 if self.clients.reads.len() >= READ_WAITS_MAX {
