@@ -952,18 +952,16 @@ impl Driver {
                     let Some(s) = self.clients.submitted.remove(&request.id) else {
                         continue;
                     };
-                    let (bytes, durable) = match reply {
-                        Outcome::Kv(reply) => (
-                            Reply::Written(reply.clone()).encode(s.tag),
-                            s.durable && matches!(reply, KvReply::Written { .. }),
-                        ),
+                    let durable = waits_for_durability(s.durable, reply);
+                    let bytes = match reply {
+                        Outcome::Kv(reply) => Reply::Written(reply.clone()).encode(s.tag),
                         Outcome::Fs(reply) => {
                             let written = Reply::FsWritten {
                                 version: d.version,
                                 hlc: d.hlc,
                                 reply: reply.clone(),
                             };
-                            (written.encode(s.tag), s.durable)
+                            written.encode(s.tag)
                         }
                     };
                     let waits = self.clients.durable.entry(shard).or_default();
@@ -2292,6 +2290,20 @@ fn parse_delta(payload: &Bytes) -> Result<Vec<(Bytes, Option<Bytes>)>, &'static 
         .collect())
 }
 
+/// Whether the reply to a write this node submitted, asked durable (`asked`), waits until the
+/// persistence frontier covers the version it was delivered in. A K/V write that wrote (a
+/// `Written`, also the original reply resent to a retried request) and every file system reply
+/// wait; a K/V reply that wrote nothing (`Conflict`, `Stale`, `Invalid`) is a read of delivered
+/// state and goes out at delivery, as a read at the latest version does (docs/SEMANTICS.md,
+/// "A failed conditional put is answered at delivery").
+fn waits_for_durability(asked: bool, reply: &Outcome) -> bool {
+    asked
+        && match reply {
+            Outcome::Kv(reply) => matches!(reply, KvReply::Written { .. }),
+            Outcome::Fs(_) => true,
+        }
+}
+
 /// A version of `shard` newly made durable, to report to the engine; a failed sync fails the
 /// replica.
 fn take_persisted(shard: ShardId, store: &mut ShardStore) -> anyhow::Result<Option<Version>> {
@@ -2391,6 +2403,79 @@ mod tests {
             );
         }
         (m, live)
+    }
+
+    fn cput(client: u64, number: u64, expected: Option<Version>) -> Bytes {
+        kv(
+            client,
+            number,
+            KvOp::CondPut {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(format!("from {client}")),
+                expected,
+            },
+        )
+    }
+
+    #[test]
+    fn a_conflict_is_answered_at_delivery_a_success_once_durable_and_a_retry_gets_the_same_answer()
+    {
+        let log = Log::open(Arc::new(MemoryBackend::new()), LogConfig::default()).unwrap();
+        let mut m = Machine::new(log, 1 << 20);
+        let hlc = |v: u64| Hlc {
+            wall_us: v,
+            logical: 0,
+        };
+        let first = m.apply(1, hlc(1), &[cput(1, 1, None)]).unwrap();
+        assert_eq!(
+            first.replies,
+            vec![Outcome::Kv(KvReply::Written {
+                version: 1,
+                hlc: hlc(1)
+            })]
+        );
+        // Two clients expect version 1 in the same version: the first ordered wins.
+        let raced = m
+            .apply(2, hlc(2), &[cput(2, 1, Some(1)), cput(3, 1, Some(1))])
+            .unwrap();
+        let won = Outcome::Kv(KvReply::Written {
+            version: 2,
+            hlc: hlc(2),
+        });
+        let lost = Outcome::Kv(KvReply::Conflict { current: Some(2) });
+        assert_eq!(raced.replies, vec![won.clone(), lost.clone()]);
+        // Nothing was synced: neither version is persisted when the replies are decided.
+        assert_eq!(m.log().persisted(), None);
+        assert!(waits_for_durability(true, &won));
+        assert!(!waits_for_durability(true, &lost));
+        // Both clients resend the same requests (their replies were lost), after a third
+        // client moved the key on: each gets its original answer, with the original versions,
+        // and nothing is applied again.
+        let retried = m
+            .apply(
+                3,
+                hlc(3),
+                &[
+                    cput(4, 1, Some(2)),
+                    cput(3, 1, Some(1)),
+                    cput(2, 1, Some(1)),
+                ],
+            )
+            .unwrap();
+        let moved = Outcome::Kv(KvReply::Written {
+            version: 3,
+            hlc: hlc(3),
+        });
+        assert_eq!(retried.replies, vec![moved, lost.clone(), won.clone()]);
+        assert!(!waits_for_durability(true, &retried.replies[1]));
+        assert!(waits_for_durability(true, &retried.replies[2]));
+        // A request numbered below the client's last is stale, answered at once.
+        let stale = m.apply(4, hlc(4), &[cput(3, 0, Some(3))]).unwrap();
+        assert_eq!(stale.replies, vec![Outcome::Kv(KvReply::Stale { last: 1 })]);
+        assert!(!waits_for_durability(true, &stale.replies[0]));
+        // A write not asked durable never waits; a file system reply asked durable does.
+        assert!(!waits_for_durability(false, &won));
+        assert!(waits_for_durability(true, &Outcome::Fs(Bytes::new())));
     }
 
     #[test]
