@@ -12,9 +12,9 @@ use crate::error::{io_err, LogError, Result};
 use crate::index::{entry_at, Entry, Key, KeyIndex, VersionTable, BASE_FILE};
 use crate::meta::{Meta, ENGINE_STATE_MAX, META_FILE};
 use crate::record::{
-    decode_record, decode_segment_header, encode_record, encode_segment_header, parse_payload,
-    payload_len, Decoded, RecordKind, Write, WriteSpan, RECORD_HEADER_LEN, RECORD_PAYLOAD_MAX,
-    SEGMENT_HEADER_LEN,
+    decode_record, decode_segment_header, encode_record, encode_record_split,
+    encode_segment_header, parse_payload, payload_len, Decoded, RecordKind, Write, WriteSpan,
+    RECORD_HEADER_LEN, RECORD_PAYLOAD_MAX, SEGMENT_HEADER_LEN,
 };
 use crate::{Hlc, Version};
 
@@ -46,6 +46,10 @@ pub struct LogConfig {
 
 /// Smallest segment size accepted.
 pub const SEGMENT_BYTES_MIN: u64 = 4096;
+/// Values of at least this many bytes are not copied into the write buffer: a record holding
+/// one is written at once, in one vectored write from the caller's memory (the buffered records
+/// before it first). Its bytes are the same.
+pub const OUT_OF_LINE_VALUE_MIN: usize = 64 << 10;
 /// Largest segment size accepted (offsets inside a segment are 32-bit).
 pub const SEGMENT_BYTES_MAX: u64 = 1 << 31;
 
@@ -182,6 +186,9 @@ pub struct Log {
     since_checkpoint: u64,
     poisoned: bool,
     spans: Vec<WriteSpan>,
+    /// The record without its out-of-line values, and where they go ([`Log::append`]).
+    split: Vec<u8>,
+    gaps: Vec<(usize, usize)>,
     report: RecoveryReport,
 }
 
@@ -283,6 +290,8 @@ impl Log {
             since_checkpoint: 0,
             poisoned: false,
             spans: Vec::new(),
+            split: Vec::new(),
+            gaps: Vec::new(),
             report: RecoveryReport::default(),
         };
         log.recover()?;
@@ -635,15 +644,24 @@ impl Log {
         }
         let seq = self.segments.last().map_or(0, |s| s.seq);
         let at = self.tail.end;
-        let crc = encode_record(
-            &mut self.tail.buf,
-            &mut self.spans,
-            self.chain,
-            version,
-            hlc,
-            RecordKind::Delta,
-            writes,
-        );
+        let direct = writes
+            .iter()
+            .any(|w| w.value.is_some_and(|v| v.len() >= OUT_OF_LINE_VALUE_MIN));
+        let crc = if direct {
+            // Buffered records first, then this one straight from the caller's memory.
+            self.flush()?;
+            self.write_split(at, version, hlc, writes)?
+        } else {
+            encode_record(
+                &mut self.tail.buf,
+                &mut self.spans,
+                self.chain,
+                version,
+                hlc,
+                RecordKind::Delta,
+                writes,
+            )
+        };
         self.versions.push(version, hlc);
         for (w, s) in writes.iter().zip(&self.spans) {
             self.keys.record(
@@ -658,11 +676,65 @@ impl Log {
         self.tail.last_at = at;
         self.tail.end = at + len as u64;
         self.appended = Some(version);
+        if direct {
+            self.tail.flushed = self.tail.end;
+            self.tail.dirty = true;
+            self.written = self.appended;
+        }
         self.since_checkpoint += 1;
         if self.tail.buf.len() >= self.config.write_buffer_bytes {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Writes the delta record of `writes` at `at` of the last segment, whose buffer is empty,
+    /// in one vectored write: its headers and small values from a scratch buffer, its values of
+    /// at least [`OUT_OF_LINE_VALUE_MIN`] bytes from where they are. The bytes are those
+    /// `encode_record` gives. Returns the record's checksum.
+    fn write_split(
+        &mut self,
+        at: u64,
+        version: Version,
+        hlc: Hlc,
+        writes: &[Write<'_>],
+    ) -> Result<u32> {
+        debug_assert!(self.tail.buf.is_empty() && self.tail.flushed == at);
+        let mut head = std::mem::take(&mut self.split);
+        let mut gaps = std::mem::take(&mut self.gaps);
+        head.clear();
+        let crc = encode_record_split(
+            &mut head,
+            &mut self.spans,
+            &mut gaps,
+            self.chain,
+            version,
+            hlc,
+            RecordKind::Delta,
+            writes,
+            OUT_OF_LINE_VALUE_MIN,
+        );
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(2 * gaps.len() + 1);
+        let mut pos = 0;
+        for &(g, i) in &gaps {
+            parts.push(&head[pos..g]);
+            parts.push(writes[i].value.unwrap_or_default());
+            pos = g;
+        }
+        parts.push(&head[pos..]);
+        let segment = self
+            .segments
+            .last()
+            .expect("append rolls a segment before writing");
+        let outcome = segment.file.write_vectored_at(at, &parts);
+        drop(parts);
+        self.split = head;
+        self.gaps = gaps;
+        if let Err(e) = outcome {
+            self.poisoned = true;
+            return Err(io_err(format!("write of {}", segment_name(segment.seq)))(e));
+        }
+        Ok(crc)
     }
 
     /// Makes appended records durable as the sync policy says, given the current time in

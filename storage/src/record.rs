@@ -132,19 +132,58 @@ pub fn encode_record(
     kind: RecordKind,
     writes: &[Write<'_>],
 ) -> u32 {
+    encode_record_split(
+        out,
+        spans,
+        &mut Vec::new(),
+        prev_crc,
+        version,
+        hlc,
+        kind,
+        writes,
+        usize::MAX,
+    )
+}
+
+/// Like [`encode_record`], but every value of at least `out_of_line_min` bytes is left out of
+/// `out`: `gaps` receives, in order, `(offset, write)` for each, the offset (from the start of
+/// the record in `out`) where the bytes of `writes[write]`'s value belong. The record is `out`
+/// from where it started with each such value inserted at its offset; `spans`, the length in
+/// the header and the checksum are those of the whole record, as [`encode_record`] gives them.
+/// For writing a large record from the caller's memory (`pwritev`) without copying it.
+#[allow(clippy::too_many_arguments)] // The record's fields, and where its parts go.
+pub fn encode_record_split(
+    out: &mut Vec<u8>,
+    spans: &mut Vec<WriteSpan>,
+    gaps: &mut Vec<(usize, usize)>,
+    prev_crc: u32,
+    version: Version,
+    hlc: Hlc,
+    kind: RecordKind,
+    writes: &[Write<'_>],
+    out_of_line_min: usize,
+) -> u32 {
     let start = out.len();
     out.extend_from_slice(&[0; RECORD_HEADER_LEN]);
     out.extend_from_slice(&(writes.len() as u32).to_le_bytes());
     spans.clear();
-    for w in writes {
+    gaps.clear();
+    // Bytes of the record left out of `out` so far.
+    let mut left_out = 0usize;
+    for (i, w) in writes.iter().enumerate() {
         out.extend_from_slice(&(w.key.len() as u16).to_le_bytes());
         out.push(u8::from(w.value.is_some()));
         out.extend_from_slice(&(w.value.map_or(0, <[u8]>::len) as u32).to_le_bytes());
-        let key_at = (out.len() - start) as u32;
+        let key_at = (out.len() - start + left_out) as u32;
         out.extend_from_slice(w.key);
-        let value_at = (out.len() - start) as u32;
+        let value_at = (out.len() - start + left_out) as u32;
         if let Some(v) = w.value {
-            out.extend_from_slice(v);
+            if v.len() >= out_of_line_min {
+                gaps.push((out.len() - start, i));
+                left_out += v.len();
+            } else {
+                out.extend_from_slice(v);
+            }
         }
         spans.push(WriteSpan {
             key_at,
@@ -153,14 +192,23 @@ pub fn encode_record(
             value_len: w.value.map(|v| v.len() as u32),
         });
     }
-    let payload_len = (out.len() - start - RECORD_HEADER_LEN) as u32;
+    let payload_len = (out.len() - start + left_out - RECORD_HEADER_LEN) as u32;
     let rec = &mut out[start..];
     rec[0..4].copy_from_slice(&payload_len.to_le_bytes());
     rec[8..16].copy_from_slice(&version.to_le_bytes());
     rec[16..24].copy_from_slice(&hlc.wall_us.to_le_bytes());
     rec[24..28].copy_from_slice(&hlc.logical.to_le_bytes());
     rec[28] = kind as u8;
-    let crc = record_crc(prev_crc, rec);
+    // The checksum of `record_crc`, over the parts in order.
+    let mut crc = crc32c::crc32c(&prev_crc.to_le_bytes());
+    crc = crc32c::crc32c_append(crc, &rec[0..4]);
+    let mut pos = 8;
+    for &(at, i) in gaps.iter() {
+        crc = crc32c::crc32c_append(crc, &rec[pos..at]);
+        crc = crc32c::crc32c_append(crc, writes[i].value.unwrap_or_default());
+        pos = at;
+    }
+    crc = crc32c::crc32c_append(crc, &rec[pos..]);
     rec[4..8].copy_from_slice(&crc.to_le_bytes());
     crc
 }
@@ -335,6 +383,64 @@ mod tests {
             writes,
         );
         (out, crc)
+    }
+
+    #[test]
+    fn a_record_split_around_its_large_values_is_the_record_with_them_cut_out() {
+        let big = vec![5u8; 300];
+        let mid = vec![6u8; 100];
+        let writes = [
+            Write::put(b"k1", &big),
+            Write::put(b"k2", b"small"),
+            Write::delete(b"k3"),
+            Write::put(b"k4", &mid),
+            Write::put(b"k5", &big),
+        ];
+        let stamp = Hlc {
+            wall_us: 9,
+            logical: 1,
+        };
+        let (whole, crc) = encode(&writes);
+        let mut whole_spans = Vec::new();
+        encode_record(
+            &mut Vec::new(),
+            &mut whole_spans,
+            7,
+            42,
+            stamp,
+            RecordKind::Delta,
+            &writes,
+        );
+        for min in [0, 1, 100, 101, 300, 301, usize::MAX] {
+            let (mut head, mut spans, mut gaps) = (vec![0xee; 3], Vec::new(), Vec::new());
+            let split_crc = encode_record_split(
+                &mut head,
+                &mut spans,
+                &mut gaps,
+                7,
+                42,
+                stamp,
+                RecordKind::Delta,
+                &writes,
+                min,
+            );
+            // Put the values back where the gaps say: the bytes of the whole record.
+            let mut joined = Vec::new();
+            let mut pos = 3;
+            for &(at, i) in &gaps {
+                joined.extend_from_slice(&head[pos..3 + at]);
+                joined.extend_from_slice(writes[i].value.unwrap());
+                pos = 3 + at;
+            }
+            joined.extend_from_slice(&head[pos..]);
+            assert_eq!((joined, split_crc), (whole.clone(), crc), "threshold {min}");
+            assert_eq!(spans, whole_spans, "threshold {min}");
+            let expected = writes
+                .iter()
+                .filter(|w| w.value.is_some_and(|v| v.len() >= min))
+                .count();
+            assert_eq!(gaps.len(), expected, "threshold {min}");
+        }
     }
 
     #[test]

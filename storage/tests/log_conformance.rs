@@ -12,6 +12,7 @@ use common::{assert_matches, scan_all, stamp, value_of, Backends, KeyWrite, Kind
 use derechofs_storage::backend::{Backend, CrashOptions, CrashingBackend};
 use derechofs_storage::{
     version_of, Hlc, Log, LogConfig, LogError, SyncPolicy, Version, Write, ENGINE_STATE_MAX,
+    OUT_OF_LINE_VALUE_MIN,
 };
 
 type Factory<'a> = &'a dyn Fn() -> Arc<dyn Backend>;
@@ -778,7 +779,52 @@ fn records_read_in_pieces_and_appended_elsewhere_make_the_same_log(new: Factory<
         .is_err());
 }
 
+/// Records holding a value of at least `OUT_OF_LINE_VALUE_MIN` bytes are written straight from
+/// the caller's memory instead of through the write buffer: mixed with buffered records, in one
+/// delta with small values, at a segment's end, they read back the same at every version, before
+/// and after a reopen, and the records state transfer reads from them append elsewhere alike.
+fn records_with_large_values_read_back_like_buffered_ones(new: Factory<'_>) {
+    let b = new();
+    let big = OUT_OF_LINE_VALUE_MIN;
+    let mut p = Pair::new(&b, config(1 << 20));
+    let mut rng = Rng::new(7);
+    for i in 0..40u64 {
+        let version = version_of(1, i as u32 + 1);
+        let writes: Vec<KeyWrite> = (0..1 + rng.below(3))
+            .map(|_| {
+                let key = rng.pick(KEYS).to_vec();
+                let len = match rng.below(5) {
+                    0 => big - 1,
+                    1 => big,
+                    2 => big + rng.below(3 * big as u64) as usize,
+                    _ => rng.below(200) as usize,
+                };
+                let value = (!rng.chance(1, 6)).then(|| value_of(version, &key, len));
+                (key, value)
+            })
+            .collect();
+        p.append(version, stamp(i + 1), &writes);
+        if i % 7 == 0 {
+            p.check();
+        }
+    }
+    p.check();
+    p.reopen(&b, config(1 << 20));
+    p.check();
+    let (records, _) = p
+        .log
+        .read_records(None, version_of(1, 40), usize::MAX, 4096, None)
+        .unwrap();
+    assert_eq!(records.len(), 40);
+    let mut copy = open(&new(), config(1 << 20));
+    for r in &records {
+        copy.append_payload(r.version, r.hlc, &r.payload).unwrap();
+    }
+    assert_matches(&copy, &p.reference, KEYS, PREFIXES);
+}
+
 conformance!(
+    records_with_large_values_read_back_like_buffered_ones,
     records_read_in_pieces_and_appended_elsewhere_make_the_same_log,
     appends_are_read_back_at_every_version_and_time,
     a_version_or_stamp_that_does_not_increase_is_rejected_with_a_typed_error,

@@ -1,7 +1,7 @@
 //! The file backend: real files in one directory, written with `pwrite`, read through memory maps.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -10,6 +10,9 @@ use bytes::Bytes;
 use memmap2::Mmap;
 
 use super::{check_name, eof, Backend, BackendFile};
+
+/// Most buffers one `pwritev` takes (Linux's `IOV_MAX`).
+const IOV_MAX: usize = 1024;
 
 /// A backend over one directory of the local file system.
 #[derive(Debug, Clone)]
@@ -174,6 +177,29 @@ impl BackendFile for MappedFile {
 
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)
+    }
+
+    fn write_vectored_at(&self, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        let mut slices: Vec<IoSlice<'_>> = parts
+            .iter()
+            .filter(|p| !p.is_empty())
+            .map(|p| IoSlice::new(p))
+            .collect();
+        let mut rest = &mut slices[..];
+        let mut at = offset;
+        while !rest.is_empty() {
+            let n = rest.len().min(IOV_MAX);
+            match rustix::io::pwritev(&self.file, &rest[..n], at) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => {
+                    at += written as u64;
+                    IoSlice::advance_slices(&mut rest, written);
+                }
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
     }
 
     fn allocate(&self, len: u64) -> io::Result<()> {

@@ -55,6 +55,16 @@ pub trait BackendFile: Send + Sync + Debug {
     fn read_at(&self, offset: u64, len: usize) -> io::Result<Bytes>;
     /// Writes `data` at `offset`, growing the file if needed.
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Writes `parts` one after the other from `offset`, as `write_at` of their concatenation
+    /// would (a crash may tear it the same way).
+    fn write_vectored_at(&self, offset: u64, parts: &[&[u8]]) -> io::Result<()> {
+        let mut at = offset;
+        for p in parts {
+            self.write_at(at, p)?;
+            at += p.len() as u64;
+        }
+        Ok(())
+    }
     /// Grows the file to at least `len` bytes, filled with zeros; never shrinks it.
     fn allocate(&self, len: u64) -> io::Result<()>;
     /// Makes every byte written so far durable.
