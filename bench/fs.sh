@@ -18,6 +18,9 @@
 # FS_BENCH_TARGETS="NAME NAME…": run only these targets (names as above; default: all of them),
 #   e.g. FS_BENCH_TARGETS="glusterfs-tmpfs derechofs-tmpfs" for a quick A/B of one pair.
 # FS_BENCH_WARM_GIB=N: GiB of memory touched before each write job (default 8; see warm_memory).
+# Before every target: sync, wait for the dirty data to be written back, drop the caches; each
+# target's data is removed once it is done. After the table: the CPU time the target's own
+# processes spent per MiB of the write job (tells a slow system from a starved one).
 # DERECHOFS_BIN=PATH: the derechofs binary to run (default: the release build, made first);
 #   its directory's examples/ must hold memory_mount and versions for those targets.
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
@@ -36,6 +39,8 @@ fi
 # Bounds on every step.
 job_timeout=300
 mount_wait_s=30
+settle_wait_s=60
+settle_dirty_mib=64
 
 need_apt fio bc fuse3 glusterfs-server glusterfs-client
 if [ -n "${DERECHOFS_BIN:-}" ]; then
@@ -114,6 +119,29 @@ warm_memory() {
   rm -f /dev/shm/derechofs-bench-warm
 }
 mib() { echo "scale=1; $1 / 1024" | bc; }
+# settle: what one target leaves behind is not carried into the next: its dirty data written
+# back (bounded wait), then the page cache dropped. Called before every target.
+settle() {
+  local kib
+  sync
+  for _ in $(seq $((settle_wait_s * 10))); do
+    kib=$(awk '/^(Dirty|Writeback):/ {s += $2} END {print s}' /proc/meminfo)
+    [ "$kib" -le $((settle_dirty_mib * 1024)) ] && break
+    sleep 0.1
+  done
+  echo 3 > /proc/sys/vm/drop_caches
+}
+# cpu_ticks: user+system clock ticks used so far by the processes whose command line names $W
+# (the target's servers, bricks, nodes and mounts; not fio, nor the kernel's own work for
+# tmpfs and the disk).
+cpu_ticks() {
+  local t=0 p v
+  for p in $(grep -l -a -F "$W" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+    v=$(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null) || continue
+    t=$((t + ${v:-0}))
+  done
+  echo "$t"
+}
 
 # fio_terse DIR ARGS…: one terse v3 line.
 fio_terse() {
@@ -123,16 +151,26 @@ fio_terse() {
 }
 
 declare -A R   # R[target,job] = number
+declare -A CPU # CPU[target] = ms of CPU of its processes per MiB of the write job
 targets=()
 # run_jobs NAME DIR
 run_jobs() {
   local name=$1 dir=$2 out direct=1 mark=""
   targets+=("$name")
   echo "== $name ($dir)" >&2
+  settle
   # Terse v3: field 48 is the write bandwidth (KiB/s), 7 the read bandwidth, 8 the read IOPS.
   warm_memory
+  local c0 c1 kib
+  c0=$(cpu_ticks)
   out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
+  c1=$(cpu_ticks)
   R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
+  # Terse v3 field 47: KiB written. CPU of the target's processes per MiB written.
+  kib=$(echo "$out" | cut -d';' -f47)
+  if [[ "$kib" =~ ^[0-9]+$ ]] && [ "$kib" -gt 0 ]; then
+    CPU[$name]=$(echo "scale=2; ($c1 - $c0) * 1000 / $(getconf CLK_TCK) / ($kib / 1024)" | bc)
+  fi
   drop_caches
   out=$(fio_terse "$dir" --rw=read --bs=1M)
   R[$name,read]=$(mib "$(echo "$out" | cut -d';' -f7)")
@@ -197,6 +235,7 @@ for kind in disk tmpfs; do
   umount "$W/gl-mnt-$kind"
   gluster --mode=script volume stop gv$kind force >/dev/null
   gluster --mode=script volume delete gv$kind >/dev/null
+  rm -rf "$b/b1" "$b/b2" "$b/b3"
 done
 fi
 
@@ -223,6 +262,8 @@ if "$bin" up --help >/dev/null 2>&1; then
     wait_mounted "$W/dfs-mnt-$kind" $up || { cat "$W/dfs-$kind.log" >&2; exit 1; }
     run_jobs "derechofs-$kind" "$W/dfs-mnt-$kind"
     kill -TERM $up; wait $up || true
+    # Its logs are not the next target's business (on the disk they stayed in the page cache).
+    rm -rf "$d"
   done
 else
   pending derechofs-disk
@@ -262,6 +303,12 @@ for pair in "derechofs-tmpfs glusterfs-tmpfs" "derechofs-disk glusterfs-disk" \
   done
   echo
 done
+echo
+echo -n "CPU of each target's processes during the write job, ms per MiB:"
+for t in "${targets[@]}"; do
+  [ -n "${CPU[$t]:-}" ] && echo -n " $t ${CPU[$t]};"
+done
+echo
 if [ -n "${R[disk,write]:-}" ]; then
   third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
   echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \
