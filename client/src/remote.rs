@@ -13,6 +13,10 @@
 //! - `read` sends `FsRead`: at `Latest` with the newest version this client had answered in
 //!   that shard, so the replica waits until it delivered it (read-your-writes); at a time, the
 //!   replica waits until its stability frontier passed it, or answers `TimedOut` (EAGAIN).
+//! - `read_barrier` (an open) sends `FsReadBarrier`: the member answers once it delivered
+//!   everything it had received when the read arrived; the next read at the latest state of
+//!   every other shard is then a barrier read too, and later reads of a shard wait for the
+//!   version its barrier read was answered at (close-to-open, docs/SEMANTICS.md).
 //! - [`RemoteShards::sync`] waits until every version this client had answered is durable on
 //!   every replica of its shard (the file system's `fsync`).
 //! - With [`RemoteConfig::attr_cache`], a task keeps a feed of the namespace shard's changes

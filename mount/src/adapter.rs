@@ -8,7 +8,9 @@
 //! - directory handles: the kernel resumes a listing by offset, the facade by the last name;
 //!   a handle keeps the entries returned so far so offsets stay valid, and adds `.` and `..`;
 //! - open files: the facade has no open state, so handles are 0; opening a snapshot inode for
-//!   writing is refused with EROFS up front rather than at the first write;
+//!   writing is refused with EROFS up front rather than at the first write; opening a live
+//!   inode reads its attributes behind a barrier (`FileSystem::open`, close-to-open) and tells
+//!   the kernel to drop its cached attributes when they differ from those it was last given;
 //! - writes: each goes into the file system's write-back buffer for the file
 //!   (`FileSystem::write_buffered`); `flush` (every close) and `release` send it
 //!   (`FileSystem::flush`), and report an error of an earlier deferred send; `fsync` sends every
