@@ -46,6 +46,7 @@ unsafe impl GlobalAlloc for Counting {
 }
 
 /// Largest block glibc's `malloc` still carves from its heaps instead of mapping on its own.
+/// (`bench/fs.sh` runs `fs/examples/versions.rs` with these two values as `GLIBC_TUNABLES`.)
 const MMAP_THRESHOLD_BYTES: i32 = 32 << 20;
 /// Free memory at the top of a heap that glibc keeps instead of giving back to the kernel.
 const TRIM_THRESHOLD_BYTES: i32 = 256 << 20;
