@@ -274,6 +274,20 @@ impl Cluster {
         self.wire.retain(|(from, to, _)| *from != id && *to != id);
     }
 
+    /// Crashes `node` while its data messages to node `to` (an id) are on their way: those
+    /// still arrive, everything else it sent is lost with it.
+    fn crash_reaching_only(&mut self, node: usize, to: NodeId) {
+        let id = node as NodeId + 1;
+        let reaching: Vec<_> = self
+            .wire
+            .iter()
+            .filter(|(from, dest, m)| *from == id && *dest == to && is_data(m))
+            .cloned()
+            .collect();
+        self.crash(node);
+        self.wire.extend(reaching);
+    }
+
     /// Ticks the live nodes, settling after each tick, until the live ones all suspect the
     /// crashed ones.
     fn tick_until_suspected(&mut self) {
@@ -495,14 +509,7 @@ fn a_barrier_taken_after_any_member_delivered_a_version_is_reached_only_once_thi
     // received beyond the ragged trim.
     let old = cluster.nodes[0].barrier(SHARD).unwrap();
     cluster.submit(2, 2, b"y");
-    let to_node_1: Vec<_> = cluster
-        .wire
-        .iter()
-        .filter(|(from, to, m)| *from == 3 && *to == 1 && is_data(m))
-        .cloned()
-        .collect();
-    cluster.crash(2);
-    cluster.wire.extend(to_node_1);
+    cluster.crash_reaching_only(2, 1);
     cluster.settle();
     let beyond = cluster.nodes[0].barrier(SHARD).unwrap();
     assert!(beyond.seqs > old.seqs, "node 1 received y: {beyond:?}");
@@ -1002,14 +1009,7 @@ fn the_ragged_trim_delivers_what_every_survivor_received_and_nothing_more() {
     // Node 3 sends "b"; its message reaches node 1 only, then node 3 crashes. Node 1
     // received it, node 2 did not: the trim is the minimum, so nobody delivers it.
     cluster.submit(2, 2, b"b");
-    let to_node_1: Vec<_> = cluster
-        .wire
-        .iter()
-        .filter(|(from, to, m)| *from == 3 && *to == 1 && is_data(m))
-        .cloned()
-        .collect();
-    cluster.crash(2);
-    cluster.wire.extend(to_node_1);
+    cluster.crash_reaching_only(2, 1);
     cluster.settle();
     cluster.tick_until_suspected();
     assert_eq!(cluster.installed[0].len(), 1);
