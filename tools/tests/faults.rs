@@ -361,20 +361,22 @@ fn t50_faults_a_spare_given_a_shard_by_a_view_change_gets_its_whole_history_by_s
 
 /// Waits until node `node` has logged that state transfer brought `shards` shards up to date.
 fn wait_caught_up(cluster: &Cluster, node: usize, shards: usize) {
-    let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
-    while cluster
-        .log_of(node)
-        .matches("caught up by state transfer")
-        .count()
-        < shards
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "node {node} did not catch up {shards} shards: {}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let caught_up = || {
+        cluster
+            .log_of(node)
+            .matches("caught up by state transfer")
+            .count()
+    };
+    common::poll(
+        Duration::from_millis(10),
+        || (caught_up() >= shards).then_some(()).ok_or(()),
+        |()| {
+            format!(
+                "node {node} did not catch up {shards} shards: {}",
+                cluster.logs()
+            )
+        },
+    )
 }
 
 #[test]
@@ -699,16 +701,17 @@ impl Watcher {
 
     /// Waits, bounded, until `check` holds of what it printed.
     fn wait_for(&self, what: &str, check: impl Fn(&Watcher) -> bool) {
-        let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
-        while !check(self) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the watch never got {what}: {}\n{}",
-                self.stdout(),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        common::poll(
+            Duration::from_millis(10),
+            || check(self).then_some(()).ok_or(()),
+            |()| {
+                format!(
+                    "the watch never got {what}: {}\n{}",
+                    self.stdout(),
+                    self.stderr()
+                )
+            },
+        )
     }
 
     /// Sends it a signal (`STOP`, `CONT`) by its pid.
@@ -797,14 +800,16 @@ fn t97_faults_a_watch_whose_member_is_sigkilled_resumes_on_another_with_every_ac
         watcher.signal("STOP");
         cluster.kill(member);
         let at_kill = written.load(Ordering::Relaxed);
-        let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
-        while written.load(Ordering::Relaxed) < (at_kill + WATCH_PUTS / 3).min(total) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the writes did not go on after the kill"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let goal = (at_kill + WATCH_PUTS / 3).min(total);
+        common::poll(
+            Duration::from_millis(10),
+            || {
+                (written.load(Ordering::Relaxed) >= goal)
+                    .then_some(())
+                    .ok_or(())
+            },
+            |()| "the writes did not go on after the kill".to_string(),
+        );
         watcher.signal("CONT");
         writers
             .into_iter()
@@ -859,15 +864,18 @@ fn check_acked_eventually(cluster: &Cluster, contacts: &str, members: &[usize], 
     for (key, (value, version)) in acked {
         for member in members {
             let m = member.to_string();
-            let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
-            let run = loop {
-                let run = cluster.kv_via(contacts, &["get", key, "-l", "--member", &m]);
-                if run.code == 0 || std::time::Instant::now() >= deadline {
-                    break run;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            };
-            assert_eq!(run.code, 0, "{key} at node {member}: {run:?}");
+            let run = common::poll(
+                Duration::from_millis(50),
+                || {
+                    let run = cluster.kv_via(contacts, &["get", key, "-l", "--member", &m]);
+                    if run.code == 0 {
+                        Ok(run)
+                    } else {
+                        Err(run)
+                    }
+                },
+                |run| format!("{key} at node {member}: {run:?}"),
+            );
             let expected = format!("version {version} ");
             assert!(
                 run.stdout.contains(&expected) && run.stdout.trim_end().ends_with(value.as_str()),
@@ -887,19 +895,18 @@ fn check_acked_eventually(cluster: &Cluster, contacts: &str, members: &[usize], 
 /// Writes `key` through `contacts` until it is acknowledged (each try bounded by the client's
 /// retry window); fails the test after `WAIT_TIMEOUT`.
 fn put_eventually(cluster: &Cluster, contacts: &str, key: &str, value: &str) -> String {
-    let deadline = std::time::Instant::now() + common::WAIT_TIMEOUT;
-    loop {
-        let run = cluster.kv_via(contacts, &["put", key, value]);
-        if run.code == 0 {
-            return run.stdout;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{key} was never acknowledged: {run:?}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::poll(
+        Duration::from_millis(50),
+        || {
+            let run = cluster.kv_via(contacts, &["put", key, value]);
+            if run.code == 0 {
+                Ok(run.stdout)
+            } else {
+                Err(run)
+            }
+        },
+        |run| format!("{key} was never acknowledged: {run:?}\n{}", cluster.logs()),
+    )
 }
 
 #[test]

@@ -171,19 +171,21 @@ impl Cluster {
     /// Waits until node `node` exits by itself; returns its exit code (None if killed by a
     /// signal). Fails the test if it still runs after `WAIT_TIMEOUT`.
     pub fn wait_exit(&self, node: usize) -> Option<i32> {
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        loop {
-            {
+        poll(
+            Duration::from_millis(20),
+            || {
                 let mut nodes = self.nodes();
                 let child = nodes[node - 1].as_mut().expect("the node was started");
-                if let Some(status) = child.try_wait().expect("the node's status") {
-                    nodes[node - 1] = None;
-                    return status.code();
+                match child.try_wait().expect("the node's status") {
+                    Some(status) => {
+                        nodes[node - 1] = None;
+                        Ok(status.code())
+                    }
+                    None => Err(()),
                 }
-            }
-            assert!(Instant::now() < deadline, "node {node} did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+            },
+            |()| format!("node {node} did not exit"),
+        )
     }
 
     /// Kills every running node at once (SIGKILL to each, then reaps them): no node outlives
@@ -231,14 +233,11 @@ impl Cluster {
 
     /// Waits until node `node` has logged a line containing `text`.
     pub fn wait_log(&self, node: usize, text: &str) {
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        while !self.log_of(node).contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "node {node} did not log {text:?}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        poll(
+            Duration::from_millis(2),
+            || self.log_of(node).contains(text).then_some(()).ok_or(()),
+            |()| format!("node {node} did not log {text:?}"),
+        )
     }
 
     /// Runs `derechofs ARGS…`, bounded by `COMMAND_TIMEOUT`.
@@ -304,15 +303,18 @@ impl Cluster {
     /// Waits until `check` accepts the output of `status` through `contacts` (which fails
     /// when a member cannot be reached, and prints the table all the same).
     pub fn wait_status(&self, contacts: &str, what: &str, check: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + WAIT_TIMEOUT;
-        loop {
-            let run = self.status(contacts);
-            if check(&run.stdout) {
-                return run.stdout;
-            }
-            assert!(Instant::now() < deadline, "{what}: {run:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(
+            Duration::from_millis(50),
+            || {
+                let run = self.status(contacts);
+                if check(&run.stdout) {
+                    Ok(run.stdout)
+                } else {
+                    Err(run)
+                }
+            },
+            |run| format!("{what}: {run:?}"),
+        )
     }
 
     /// Waits until every configured member reports `active`.
@@ -367,6 +369,23 @@ impl Drop for Cluster {
 }
 
 /// The current time as Unix seconds with microseconds, for `--at`.
+/// Calls `attempt` every `every` until it gives `Ok`, and returns what it gave; once
+/// `WAIT_TIMEOUT` has passed, fails the test with `failed` of the last `Err`.
+pub fn poll<T, E>(
+    every: Duration,
+    mut attempt: impl FnMut() -> Result<T, E>,
+    failed: impl FnOnce(E) -> String,
+) -> T {
+    let deadline = Instant::now() + WAIT_TIMEOUT;
+    loop {
+        match attempt() {
+            Ok(done) => return done,
+            Err(last) if Instant::now() >= deadline => panic!("{}", failed(last)),
+            Err(_) => std::thread::sleep(every),
+        }
+    }
+}
+
 pub fn unix_now() -> String {
     let d = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
