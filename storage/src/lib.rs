@@ -18,7 +18,7 @@ mod stamp;
 pub use error::{LogError, Result};
 pub use log::{
     Change, Log, LogConfig, PendingSync, RecordCursor, RecoveryReport, ScanPage, StoredRecord,
-    SyncPolicy, OUT_OF_LINE_VALUE_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    SyncPolicy, OUT_OF_LINE_VALUE_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SYNCS_IN_FLIGHT_MAX,
 };
 pub use meta::ENGINE_STATE_MAX;
 pub use record::Write;

@@ -89,12 +89,34 @@ pub struct Change {
     pub value_len: Option<u32>,
 }
 
-/// A sync taken out of the log by [`Log::begin_sync`], to run without holding the log.
+/// A sync taken out of the log by [`Log::begin_sync`], to run without holding the log. Several
+/// may be out at once; each must be handed back to [`Log::finish_sync`], in any order.
 #[derive(Debug)]
 pub struct PendingSync {
     file: Option<Arc<dyn BackendFile>>,
     segment: u32,
     covers: Option<Version>,
+    /// Its place in the order syncs were begun ([`Syncs`]).
+    ticket: u64,
+}
+
+/// Largest number of syncs begun and not yet released ([`Log::begin_sync`] refuses more): the
+/// callers keep a few in flight, and a sync that finished before an earlier one waits here.
+pub const SYNCS_IN_FLIGHT_MAX: usize = 64;
+
+/// The syncs begun and not yet released. A sync that succeeds counts only once every sync
+/// begun before it succeeded too: on Linux an `fdatasync` error is reported once per open file
+/// and then consumed, so a later sync can return success although pages an earlier one waited
+/// for were lost; the earlier one's failure then poisons the log before anything past it is
+/// reported persisted.
+#[derive(Debug, Default)]
+struct Syncs {
+    /// The ticket of the next sync begun.
+    next: u64,
+    /// Every sync before this ticket finished successfully and was released.
+    released: u64,
+    /// Syncs that succeeded before an earlier one finished: (ticket, covers), in ticket order.
+    held: Vec<(u64, Option<Version>)>,
 }
 
 impl PendingSync {
@@ -185,6 +207,7 @@ pub struct Log {
     synced_at_ms: Option<u64>,
     since_checkpoint: u64,
     poisoned: bool,
+    syncs: Syncs,
     spans: Vec<WriteSpan>,
     /// The record without its out-of-line values, and where they go ([`Log::append`]).
     split: Vec<u8>,
@@ -289,6 +312,7 @@ impl Log {
             synced_at_ms: None,
             since_checkpoint: 0,
             poisoned: false,
+            syncs: Syncs::default(),
             spans: Vec::new(),
             split: Vec::new(),
             gaps: Vec::new(),
@@ -779,22 +803,36 @@ impl Log {
 
     /// Writes out buffered records and returns the sync that makes them durable, to run without
     /// holding the log (so appends and reads go on during the `fdatasync`); hand its outcome to
-    /// [`Log::finish_sync`]. A segment roll in between syncs the segment it leaves by itself.
+    /// [`Log::finish_sync`]. Several may run at once (at most [`SYNCS_IN_FLIGHT_MAX`] begun and
+    /// not yet released). A segment roll in between syncs the segment it leaves by itself.
     pub fn begin_sync(&mut self) -> Result<PendingSync> {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
+        let open = self.syncs.next - self.syncs.released;
+        if open >= SYNCS_IN_FLIGHT_MAX as u64 {
+            return Err(LogError::Invalid(format!(
+                "{open} syncs begun and not released: at most {SYNCS_IN_FLIGHT_MAX}"
+            )));
+        }
         self.flush()?;
         let segment = self.segments.last();
+        let ticket = self.syncs.next;
+        self.syncs.next += 1;
         Ok(PendingSync {
             file: segment.filter(|_| self.tail.dirty).map(|s| s.file.clone()),
             segment: segment.map_or(0, |s| s.seq),
             covers: self.written,
+            ticket,
         })
     }
 
-    /// Records the outcome of a [`PendingSync`]: on success the versions it covers are persisted;
-    /// on failure the log is poisoned (the kernel may have dropped the pages that failed).
+    /// Records the outcome of a [`PendingSync`]: on failure the log is poisoned (the kernel may
+    /// have dropped the pages that failed). On success the versions it covers are persisted once
+    /// every sync begun before it has succeeded too (a later `fdatasync` can succeed where an
+    /// earlier one is about to report the loss of pages both waited for): until then it is held,
+    /// and the sync that completes the run releases it. The persisted
+    /// version only grows, and never passes the data written before a released sync began.
     /// Returns the persisted version.
     pub fn finish_sync(
         &mut self,
@@ -808,11 +846,29 @@ impl Log {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
-        // A truncation in between may have cut what the sync covered: never report more than
-        // the log holds.
-        if pending.covers > self.persisted && pending.covers <= self.written {
-            self.persisted = pending.covers;
+        assert!(
+            pending.ticket >= self.syncs.released && pending.ticket < self.syncs.next,
+            "a sync is finished once, by the log that began it"
+        );
+        let at = self
+            .syncs
+            .held
+            .partition_point(|&(t, _)| t < pending.ticket);
+        self.syncs.held.insert(at, (pending.ticket, pending.covers));
+        while let Some(&(ticket, covers)) = self.syncs.held.first() {
+            if ticket != self.syncs.released {
+                break;
+            }
+            self.syncs.held.remove(0);
+            self.syncs.released += 1;
+            // A truncation in between may have cut what the sync covered: never report more
+            // than the log holds.
+            if covers > self.persisted && covers <= self.written {
+                self.persisted = covers;
+            }
         }
+        // Nothing written since this sync began: the segment is clean (whether or not the
+        // sync was released, its `fdatasync` returned; an earlier one failing poisons the log).
         let active = self.segments.last().map(|s| s.seq);
         if self.written == pending.covers
             && self.tail.buf.is_empty()
@@ -838,19 +894,11 @@ impl Log {
             // pages that failed to write: only a reopen, which rereads the files, can tell.
             return Err(LogError::Poisoned);
         }
-        self.flush()?;
-        if self.tail.dirty {
-            if let Some(segment) = self.segments.last() {
-                let name = segment_name(segment.seq);
-                if let Err(e) = segment.file.sync_data() {
-                    self.poisoned = true;
-                    return Err(io_err(format!("sync of {name}"))(e));
-                }
-            }
-            self.tail.dirty = false;
-        }
-        self.persisted = self.written;
-        Ok(self.persisted)
+        // Taken in turn with the syncs begun outside the log, so that it too reports nothing
+        // past one of them still running (which may yet fail).
+        let pending = self.begin_sync()?;
+        let outcome = pending.run();
+        self.finish_sync(pending, outcome)
     }
 
     /// Hands the buffered records to the backend (without syncing them), so that
@@ -1537,5 +1585,195 @@ impl Log {
             self.write_meta()?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CrashOptions, CrashingBackend};
+
+    fn stamp(v: Version) -> Hlc {
+        Hlc {
+            wall_us: 1_000 + v,
+            logical: 0,
+        }
+    }
+
+    fn config(segment_bytes: u64) -> LogConfig {
+        LogConfig {
+            sync: SyncPolicy::Fsync,
+            segment_bytes,
+            write_buffer_bytes: 1 << 20,
+            checkpoint_every_versions: 0,
+        }
+    }
+
+    fn append(log: &mut Log, versions: std::ops::RangeInclusive<Version>) {
+        for v in versions {
+            log.append(v, stamp(v), &[Write::put(b"k", &[v as u8; 200])])
+                .unwrap();
+        }
+    }
+
+    /// The last version a process restarted after a power cut now finds.
+    fn after_power_cut(cb: &CrashingBackend, seed: u64) -> Option<Version> {
+        let after = cb.crash(
+            seed,
+            CrashOptions {
+                torn_writes: true,
+                garbage: true,
+            },
+        );
+        let log = Log::open(Arc::new(after), config(4096)).unwrap();
+        log.latest().map(|(v, _)| v)
+    }
+
+    fn new_log(cb: &CrashingBackend, segment_bytes: u64) -> Log {
+        Log::open(Arc::new(cb.clone()), config(segment_bytes)).unwrap()
+    }
+
+    #[test]
+    fn syncs_finished_out_of_order_report_a_version_only_when_every_earlier_sync_succeeded() {
+        let cb = CrashingBackend::new();
+        let mut log = new_log(&cb, 1 << 20);
+        append(&mut log, 1..=5);
+        let a = log.begin_sync().unwrap();
+        append(&mut log, 6..=10);
+        let b = log.begin_sync().unwrap();
+        append(&mut log, 11..=15);
+        let c = log.begin_sync().unwrap();
+        assert_eq!(
+            (a.covers(), b.covers(), c.covers()),
+            (Some(5), Some(10), Some(15))
+        );
+        append(&mut log, 16..=20);
+
+        // The last one finishes first: held, since the first may yet fail.
+        let outcome = c.run();
+        assert_eq!(log.finish_sync(c, outcome).unwrap(), None);
+        let outcome = b.run();
+        assert_eq!(log.finish_sync(b, outcome).unwrap(), None);
+        assert_eq!(log.persisted(), None);
+        // The first releases the run, up to the newest cover: never the versions appended
+        // after the last sync began.
+        let outcome = a.run();
+        assert_eq!(log.finish_sync(a, outcome).unwrap(), Some(15));
+        assert!(after_power_cut(&cb, 1) >= Some(15));
+
+        // In order, each reports its own cover at once, and the frontier never goes back.
+        let d = log.begin_sync().unwrap();
+        append(&mut log, 21..=25);
+        let e = log.begin_sync().unwrap();
+        let outcome = d.run();
+        assert_eq!(log.finish_sync(d, outcome).unwrap(), Some(20));
+        let outcome = e.run();
+        assert_eq!(log.finish_sync(e, outcome).unwrap(), Some(25));
+        assert_eq!(log.persisted(), Some(25));
+        assert!(after_power_cut(&cb, 2) >= Some(25));
+    }
+
+    #[test]
+    fn a_failed_sync_between_successes_poisons_the_log_and_nothing_after_it_is_reported() {
+        for failing in 0..3usize {
+            let cb = CrashingBackend::new();
+            let mut log = new_log(&cb, 1 << 20);
+            let mut syncs = Vec::new();
+            for (i, first) in [1u64, 6, 11].into_iter().enumerate() {
+                append(&mut log, first..=first + 4);
+                syncs.push((i, log.begin_sync().unwrap()));
+            }
+            // The others succeed first (the later ones before the earlier), then the failure.
+            let mut order: Vec<_> = syncs.into_iter().rev().collect();
+            let at = order.iter().position(|(i, _)| *i == failing).unwrap();
+            let failed = order.remove(at);
+            order.push(failed);
+            // Versions the successes before the failing sync released.
+            let released = (failing > 0).then(|| 5 * failing as Version);
+            for (i, pending) in order {
+                let outcome = if i == failing {
+                    Err(std::io::Error::other("injected"))
+                } else {
+                    pending.run()
+                };
+                let result = log.finish_sync(pending, outcome);
+                if i == failing {
+                    assert!(matches!(result, Err(LogError::Io { .. })), "{result:?}");
+                } else {
+                    let persisted = result.unwrap();
+                    assert!(persisted <= released, "{persisted:?} past {released:?}");
+                }
+            }
+            assert_eq!(log.persisted(), released, "failing sync {failing}");
+            assert!(matches!(log.begin_sync(), Err(LogError::Poisoned)));
+            assert!(matches!(log.sync(), Err(LogError::Poisoned)));
+        }
+    }
+
+    #[test]
+    fn a_success_finished_after_a_failure_reports_nothing() {
+        let cb = CrashingBackend::new();
+        let mut log = new_log(&cb, 1 << 20);
+        append(&mut log, 1..=5);
+        let a = log.begin_sync().unwrap();
+        append(&mut log, 6..=10);
+        let b = log.begin_sync().unwrap();
+        let failed = log.finish_sync(b, Err(std::io::Error::other("injected")));
+        assert!(matches!(failed, Err(LogError::Io { .. })), "{failed:?}");
+        let outcome = a.run();
+        assert!(matches!(
+            log.finish_sync(a, outcome),
+            Err(LogError::Poisoned)
+        ));
+        assert_eq!(log.persisted(), None);
+    }
+
+    #[test]
+    fn a_segment_roll_between_begin_and_finish_keeps_the_new_segment_to_sync() {
+        let cb = CrashingBackend::new();
+        let mut log = new_log(&cb, 4096);
+        append(&mut log, 1..=3);
+        let a = log.begin_sync().unwrap();
+        let first = log.segments.last().map(|s| s.seq);
+        // Enough to roll to a new segment (the roll syncs the segment it leaves).
+        append(&mut log, 4..=40);
+        assert_ne!(log.segments.last().map(|s| s.seq), first, "rolled");
+        // The roll's own sync was begun after `a`: held until `a` finishes.
+        assert_eq!(log.persisted(), None);
+        let outcome = a.run();
+        let persisted = log.finish_sync(a, outcome).unwrap();
+        assert!(
+            persisted >= Some(3) && persisted < Some(40),
+            "{persisted:?}"
+        );
+        assert!(
+            log.tail.dirty,
+            "the new segment still holds unsynced records"
+        );
+        let b = log.begin_sync().unwrap();
+        assert!(
+            b.file.is_some(),
+            "the sync after the roll syncs the new segment"
+        );
+        let outcome = b.run();
+        assert_eq!(log.finish_sync(b, outcome).unwrap(), Some(40));
+        assert_eq!(after_power_cut(&cb, 3), Some(40));
+    }
+
+    #[test]
+    fn more_syncs_begun_than_the_bound_are_refused() {
+        let cb = CrashingBackend::new();
+        let mut log = new_log(&cb, 1 << 20);
+        append(&mut log, 1..=1);
+        let open: Vec<_> = (0..SYNCS_IN_FLIGHT_MAX)
+            .map(|_| log.begin_sync().unwrap())
+            .collect();
+        assert!(matches!(log.begin_sync(), Err(LogError::Invalid(_))));
+        for pending in open.into_iter().rev() {
+            let outcome = pending.run();
+            log.finish_sync(pending, outcome).unwrap();
+        }
+        assert_eq!(log.persisted(), Some(1));
+        assert!(log.begin_sync().is_ok());
     }
 }

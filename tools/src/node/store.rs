@@ -2,9 +2,13 @@
 //! thread.
 //!
 //! The driver applies delivered versions to the machines on the async runtime (appends are
-//! buffered in memory), and hands the `fdatasync` of the log to a thread per shard so the
-//! runtime never waits on the disk. Persist requests are coalesced: the thread syncs up to the
-//! newest version asked for, reports it through a shared cell, and wakes the driver. A log on
+//! buffered in memory), and hands the `fdatasync` of the log to persister threads so the
+//! runtime never waits on the disk. Persist requests are coalesced: a thread syncs up to the
+//! newest version asked for, reports it through a shared cell, and wakes the driver. Under
+//! `fsync` a shard has [`SYNCS_IN_FLIGHT`] such threads, so versions asked for while a sync
+//! runs start the next `fdatasync` at once instead of waiting for it to end (a disk completes
+//! several flushes in parallel); the log reports a sync's versions persisted only once every
+//! sync begun before it succeeded ([`Log::finish_sync`]). A log on
 //! tmpfs, where no disk is waited for, syncs on the driver's thread instead ([`syncs_inline`]):
 //! the hand-off would cost two thread wake-ups per version and save nothing.
 
@@ -27,20 +31,44 @@ const ENGINE_STATE_FORMAT: u8 = 1;
 /// for no device.
 const TMPFS_MAGIC: i128 = 0x0102_1994;
 
-/// What the persister thread is asked and what it did.
+/// Syncs a shard's persister keeps running at once under [`SyncPolicy::Fsync`] (one thread
+/// each). The disk completes several flushes in parallel; a few cover the gap between one
+/// sync's start and the next delivery. `batch_ms` and `none` keep one, so the interval of
+/// `batch_ms` stays the time between the end of a sync and the start of the next.
+pub const SYNCS_IN_FLIGHT: usize = 4;
+
+const _: () = assert!(SYNCS_IN_FLIGHT <= derechofs_storage::SYNCS_IN_FLIGHT_MAX);
+
+/// The persister threads of a log under `sync`.
+fn persister_threads(sync: SyncPolicy) -> usize {
+    match sync {
+        SyncPolicy::Fsync => SYNCS_IN_FLIGHT,
+        SyncPolicy::BatchMs(_) | SyncPolicy::None => 1,
+    }
+}
+
+/// What the persister threads are asked and what they did.
 #[derive(Debug, Default)]
 struct PersistCell {
     /// The newest version the engine asked to persist.
     wanted: Option<Version>,
-    /// The newest version the thread made durable (at most `wanted`).
+    /// The newest version a sync begun covers (or, while it is being begun, was asked to):
+    /// a version at most this needs no new sync.
+    begun: Option<Version>,
+    /// The newest version the threads made durable (at most `wanted`).
     done: Option<Version>,
     /// A sync failed: the log is poisoned and this replica must stop.
     failed: Option<String>,
     stop: bool,
-    /// The thread sleeps on the condition variable: a new version must wake it. While it
-    /// syncs it reads `wanted` again before sleeping, so it needs no wake-up (each one is a
-    /// system call).
-    idle: bool,
+    /// Syncs running.
+    in_flight: usize,
+    /// When the last sync ended (for the interval of `batch_ms`).
+    last_end: Option<Instant>,
+    /// Threads asleep on the condition variable, and wake-ups sent to them not yet taken: a
+    /// new version wakes one only when none is on its way (each wake-up is a system call). A
+    /// thread that ends a sync reads `wanted` again before sleeping, so it needs none.
+    sleeping: usize,
+    wakes: usize,
 }
 
 #[derive(Debug, Default)]
@@ -54,7 +82,7 @@ struct PersistShared {
 pub struct ShardStore {
     kv: Arc<Mutex<Machine>>,
     persist: Arc<PersistShared>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
     /// The last persisted version reported to the engine.
     reported: Option<Version>,
     /// The log syncs on the caller's thread, not the persister's ([`syncs_inline`]).
@@ -132,28 +160,30 @@ impl ShardStore {
         let machine = Machine::new(log, chunk_size);
         let kv = Arc::new(Mutex::new(machine));
         let persist = Arc::new(PersistShared::default());
-        let thread = if inline {
-            None
-        } else {
-            let kv = kv.clone();
-            let persist = persist.clone();
-            let thread = std::thread::Builder::new()
-                .name(format!("persist-{}", shard.0))
-                .spawn(move || persister(kv, persist, sync, notify))
-                .map_err(|e| LogError::Io {
-                    what: "starting the persister thread".into(),
-                    source: e,
-                })?;
-            Some(thread)
-        };
-        Ok(ShardStore {
+        let mut store = ShardStore {
             kv,
             persist,
-            thread,
+            threads: Vec::new(),
             reported: None,
             inline,
             sync,
-        })
+        };
+        let count = if inline { 0 } else { persister_threads(sync) };
+        for i in 0..count {
+            let kv = store.kv.clone();
+            let persist = store.persist.clone();
+            let notify = notify.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("persist-{}-{i}", shard.0))
+                .spawn(move || persister(kv, persist, sync, notify))
+                // Dropping the store stops and joins the threads started so far.
+                .map_err(|e| LogError::Io {
+                    what: "starting a persister thread".into(),
+                    source: e,
+                })?;
+            store.threads.push(thread);
+        }
+        Ok(store)
     }
 
     /// The log syncs on the caller's thread: [`ShardStore::persist`] only records what is
@@ -165,15 +195,14 @@ impl ShardStore {
 
     /// Syncs an inline log up to the newest version asked for, if that is not durable yet.
     pub fn sync_inline(&self) {
-        let wanted = {
+        {
             let cell = lock(&self.persist.cell);
             if cell.failed.is_some() || cell.wanted <= cell.done {
                 return;
             }
-            cell.wanted.expect("a version is wanted above the one done")
-        };
-        let result = sync_log(&self.kv, self.sync);
-        record_sync(&mut lock(&self.persist.cell), result, wanted);
+        }
+        let result = sync_log(&self.kv, self.sync, |_| ());
+        record_sync(&mut lock(&self.persist.cell), result);
     }
 
     /// The machines, for applying and reading.
@@ -195,8 +224,9 @@ impl ShardStore {
         if self.inline {
             return;
         }
-        if cell.idle {
-            cell.idle = false;
+        // A sync begun covers it, or a thread is already on its way: no wake-up.
+        if cell.wanted > cell.begun && cell.sleeping > cell.wakes {
+            cell.wakes += 1;
             self.persist.wake.notify_one();
         }
     }
@@ -219,8 +249,8 @@ impl ShardStore {
 impl Drop for ShardStore {
     fn drop(&mut self) {
         lock(&self.persist.cell).stop = true;
-        self.persist.wake.notify_one();
-        if let Some(thread) = self.thread.take() {
+        self.persist.wake.notify_all();
+        for thread in self.threads.drain(..) {
             let _ = thread.join();
         }
     }
@@ -232,57 +262,89 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// The persister: waits for a version to persist, waits out the batching interval, syncs.
+/// One persister thread: waits for a version to persist that no running sync covers and for
+/// a free slot (under `batch_ms`, also for the interval since the last sync ended), syncs,
+/// reports. The threads of a shard share the cell; a failure stops them all.
 fn persister(
     kv: Arc<Mutex<Machine>>,
     persist: Arc<PersistShared>,
     sync: SyncPolicy,
     notify: Arc<Notify>,
 ) {
-    let mut last_sync: Option<Instant> = None;
+    let slots = persister_threads(sync);
     loop {
-        let wanted = {
+        {
             let mut cell = lock(&persist.cell);
-            while !cell.stop && cell.wanted <= cell.done {
-                cell.idle = true;
-                cell = persist.wake.wait(cell).unwrap_or_else(|p| p.into_inner());
+            loop {
+                if cell.stop || cell.failed.is_some() {
+                    return;
+                }
+                let mut timeout = None;
+                if cell.wanted > cell.begun && cell.in_flight < slots {
+                    let due = match (sync, cell.last_end) {
+                        (SyncPolicy::BatchMs(ms), Some(at)) => Some(at + Duration::from_millis(ms)),
+                        _ => None,
+                    };
+                    match due {
+                        Some(due) if due > Instant::now() => timeout = Some(due - Instant::now()),
+                        _ => break,
+                    }
+                }
+                cell.sleeping += 1;
+                cell = match timeout {
+                    Some(t) => {
+                        persist
+                            .wake
+                            .wait_timeout(cell, t)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0
+                    }
+                    None => persist.wake.wait(cell).unwrap_or_else(|p| p.into_inner()),
+                };
+                cell.sleeping -= 1;
+                cell.wakes = cell.wakes.saturating_sub(1);
             }
-            cell.idle = false;
-            if cell.stop {
-                break;
-            }
-            cell.wanted
-                .expect("the thread waits for a wanted version above the one done")
-        };
-        if let (SyncPolicy::BatchMs(ms), Some(at)) = (sync, last_sync) {
-            let due = at + Duration::from_millis(ms);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
+            // Claim what is wanted now; the sync's own cover replaces it once begun.
+            cell.in_flight += 1;
+            cell.begun = cell.wanted;
         }
-        let result = sync_log(&kv, sync);
-        last_sync = Some(Instant::now());
+        let result = sync_log(&kv, sync, |covers| {
+            let mut cell = lock(&persist.cell);
+            cell.begun = cell.begun.max(covers);
+        });
         let mut cell = lock(&persist.cell);
-        let failed = !record_sync(&mut cell, result, wanted);
+        cell.in_flight -= 1;
+        cell.last_end = Some(Instant::now());
+        let before = cell.done;
+        let ok = record_sync(&mut cell, result);
+        let news = !ok || cell.done != before;
+        if !ok {
+            persist.wake.notify_all();
+        }
         drop(cell);
-        notify.notify_one();
-        if failed {
-            break;
+        if news {
+            notify.notify_one();
         }
     }
 }
 
 /// Makes the log durable up to its last record, by the policy; returns the persisted version.
-fn sync_log(kv: &Mutex<Machine>, sync: SyncPolicy) -> Result<Option<Version>, LogError> {
+/// `begun` hears what a sync covers as soon as it is begun, before its `fdatasync` runs.
+fn sync_log(
+    kv: &Mutex<Machine>,
+    sync: SyncPolicy,
+    begun: impl FnOnce(Option<Version>),
+) -> Result<Option<Version>, LogError> {
     match sync {
         SyncPolicy::None => lock(kv).log_mut().commit(now_ms()),
         // The `fdatasync` runs without the store's lock, so applies and reads (time reads
-        // included) go on while the disk works. The guard taken to begin the sync must be
-        // released before the sync runs: bind it in its own statement.
+        // included) go on while the disk works, and other threads begin syncs of what is
+        // delivered meanwhile. The guard taken to begin the sync must be released before the
+        // sync runs: bind it in its own statement.
         _ => {
-            let begun = lock(kv).log_mut().begin_sync();
-            let pending = begun?;
+            let started = lock(kv).log_mut().begin_sync();
+            let pending = started?;
+            begun(pending.covers());
             let outcome = pending.run();
             let mut store = lock(kv);
             let log = store.log_mut();
@@ -295,21 +357,19 @@ fn sync_log(kv: &Mutex<Machine>, sync: SyncPolicy) -> Result<Option<Version>, Lo
     }
 }
 
-/// Records the outcome of a sync asked up to `wanted`; returns whether it succeeded.
-fn record_sync(
-    cell: &mut PersistCell,
-    result: Result<Option<Version>, LogError>,
-    wanted: Version,
-) -> bool {
+/// Records the outcome of a sync; returns whether it succeeded. The first failure is kept.
+fn record_sync(cell: &mut PersistCell, result: Result<Option<Version>, LogError>) -> bool {
     match result {
         Ok(persisted) => {
-            // The log may have synced versions delivered after the one asked for; the engine
-            // hears only of versions it asked to persist.
-            cell.done = cell.done.max(persisted.min(Some(wanted)));
+            // The log may have synced versions delivered after the newest one asked for; the
+            // engine hears only of versions it asked to persist.
+            cell.done = cell.done.max(persisted.min(cell.wanted));
             true
         }
         Err(e) => {
-            cell.failed = Some(e.to_string());
+            if cell.failed.is_none() {
+                cell.failed = Some(e.to_string());
+            }
             false
         }
     }
@@ -318,6 +378,7 @@ fn record_sync(
 #[cfg(test)]
 mod tests {
     use derechofs_core::Hlc;
+    use derechofs_storage::backend::{CrashOptions, CrashingBackend};
 
     use super::*;
 
@@ -357,6 +418,122 @@ mod tests {
         drop(store);
         let reopened = open_log(dir.path(), ShardId(0), SyncPolicy::Fsync).unwrap();
         assert_eq!(reopened.latest().map(|(v, _)| v), Some(second));
+    }
+
+    /// Bound on the waits below for the persister threads to catch up (a liveness bound, not a
+    /// speed check).
+    const CATCH_UP_POLLS: u32 = 20_000;
+
+    fn threaded_store(cb: &CrashingBackend) -> ShardStore {
+        let config = LogConfig {
+            sync: SyncPolicy::Fsync,
+            segment_bytes: 16 << 10,
+            checkpoint_every_versions: 50,
+            ..LogConfig::default()
+        };
+        let log = Log::open(Arc::new(cb.clone()), config).unwrap();
+        let notify = Arc::new(Notify::new());
+        let store = ShardStore::start(
+            ShardId(0),
+            log,
+            1,
+            SyncPolicy::Fsync,
+            false,
+            notify,
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(store.threads.len(), SYNCS_IN_FLIGHT);
+        store
+    }
+
+    fn append(store: &ShardStore, version: Version) -> Result<(), LogError> {
+        let value = [version as u8; 300];
+        let write = derechofs_storage::Write {
+            key: b"k",
+            value: Some(&value),
+        };
+        store
+            .kv()
+            .log_mut()
+            .append(version, Hlc::at(version), &[write])
+    }
+
+    /// The last version a process restarted after a power cut now finds.
+    fn after_power_cut(cb: &CrashingBackend, seed: u64) -> Option<Version> {
+        let options = CrashOptions {
+            torn_writes: true,
+            garbage: true,
+        };
+        let log = Log::open(Arc::new(cb.crash(seed, options)), LogConfig::default()).unwrap();
+        log.latest().map(|(v, _)| v)
+    }
+
+    #[test]
+    fn overlapping_syncs_report_only_versions_that_survive_a_power_cut() {
+        let cb = CrashingBackend::new();
+        let mut store = threaded_store(&cb);
+        let last: Version = 400;
+        let mut reported = None;
+        let mut check = |store: &mut ShardStore, seed: u64| {
+            if let Some(v) = store.take_persisted().unwrap() {
+                assert!(Some(v) > reported, "{v} reported after {reported:?}");
+                reported = Some(v);
+                let survived = after_power_cut(&cb, seed);
+                assert!(
+                    survived >= Some(v),
+                    "reported {v}, a power cut keeps {survived:?}"
+                );
+            }
+            reported
+        };
+        for v in 1..=last {
+            append(&store, v).unwrap();
+            store.persist(v);
+            check(&mut store, v);
+        }
+        let mut polls = 0;
+        while check(&mut store, polls.into()) < Some(last) {
+            polls += 1;
+            assert!(polls < CATCH_UP_POLLS, "the persisters stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(store);
+        assert_eq!(after_power_cut(&cb, 0), Some(last));
+    }
+
+    #[test]
+    fn a_failing_disk_stops_every_persister_and_nothing_is_reported_after_the_failure() {
+        for fail_after in [3u64, 10, 40] {
+            let cb = CrashingBackend::new();
+            let mut store = threaded_store(&cb);
+            cb.fail_after(Some(fail_after));
+            let mut failed = None;
+            let mut polls = 0;
+            let mut v: Version = 0;
+            while failed.is_none() {
+                v += 1;
+                if append(&store, v).is_ok() {
+                    store.persist(v);
+                }
+                match store.take_persisted() {
+                    Ok(Some(p)) => {
+                        let survived = after_power_cut(&cb, v);
+                        assert!(survived >= Some(p), "reported {p}, kept {survived:?}");
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
+                }
+                polls += 1;
+                assert!(polls < CATCH_UP_POLLS, "the failure was never reported");
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            for _ in 0..10 {
+                assert_eq!(store.take_persisted().err(), failed, "the failure stays");
+            }
+            // Dropping the store joins every persister thread.
+            drop(store);
+        }
     }
 
     #[test]
