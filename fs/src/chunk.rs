@@ -20,7 +20,10 @@
 //! the version of the chunk's state key in force: every change of a chunk rewrites that key, so
 //! the key's version names the chunk's contents forever (versions are never reused). Reading the
 //! current state of a file with a long history then costs one index lookup and a copy of the
-//! bytes asked for, like reading a file written once.
+//! bytes asked for, like reading a file written once. Only reads of at least
+//! 1/[`WHOLE_CHUNK_READ_DIVISOR`] of a chunk fill the cache; a smaller read assembles just its
+//! own bytes (reading only the parts of the base and of the extents that meet it), so that a
+//! random 4 KiB read costs about 4 KiB of copies and leaves the cache to the reads that pay.
 //!
 //! A truncation cuts: chunks wholly past the new size lose their state (and read as holes), and
 //! the chunk holding the new end gets a *cut* extent; bytes past a cut read as zeros even if the
@@ -204,9 +207,13 @@ fn state_at<S: Store + ?Sized>(
     }
 }
 
+/// Bytes an extent's head takes at most: its tag and up to two varints of a `u32`.
+const EXTENT_HEAD_MAX: usize = 16;
+
 /// The bytes `[offset, offset + want)` of a chunk at `version`, cut at the chunk's end, with
 /// what no write covered as zeros. The work is one base read and at most
-/// [`EXTENTS_PER_CHUNK_MAX`] extent reads, whatever the chunk's history.
+/// [`EXTENT_HEAD_MAX`]-byte head reads of [`EXTENTS_PER_CHUNK_MAX`] extents, whatever the
+/// chunk's history, and copies only the bytes asked for.
 fn assemble<S: Store + ?Sized>(
     store: &S,
     ino: Ino,
@@ -215,63 +222,79 @@ fn assemble<S: Store + ?Sized>(
     offset: u32,
     want: u32,
 ) -> Result<Bytes, Fail> {
-    let Some(state) = state_at(store, ino, index, version)? else {
-        return Ok(Bytes::new());
-    };
+    match state_at(store, ino, index, version)? {
+        Some(state) => assemble_state(store, (ino, index), version, state, offset, want),
+        None => Ok(Bytes::new()),
+    }
+}
+
+/// [`assemble`] of a chunk whose state at `version` is `state`. Each piece (the base, an
+/// extent's data) is read from the store only over the part that meets the range asked for.
+fn assemble_state<S: Store + ?Sized>(
+    store: &S,
+    (ino, index): (Ino, u64),
+    version: Version,
+    state: ChunkState,
+    offset: u32,
+    want: u32,
+) -> Result<Bytes, Fail> {
     let lo = u64::from(offset);
     let hi = lo + u64::from(want);
+    let base = |lo: u64, want: usize| -> Result<Bytes, Fail> {
+        let (b, total) = store
+            .get_range(&key::base(ino, index), version, lo, want)?
+            .ok_or(DecodeError::Bad("chunk base missing"))?;
+        if total != u64::from(state.base_len) {
+            return Err(DecodeError::Bad("chunk base length").into());
+        }
+        Ok(b)
+    };
     // One piece covering the chunk from its start (a compacted chunk, or one written once from
     // offset 0): hand out its bytes without assembling a copy.
-    let whole = match (state.base_len, state.extents) {
-        (0, 0) => Some(Bytes::new()),
-        (n, 0) => Some(
-            store
-                .get(&key::base(ino, index), version)?
-                .filter(|b| b.len() == n as usize)
-                .ok_or(DecodeError::Bad("chunk base"))?,
-        ),
-        (0, 1) => match store.get(&key::extent(ino, index, 0), version)? {
-            Some(e) => match decode_extent(&e)? {
-                Extent::Data { offset: 0, data } => Some(data),
-                _ => None,
-            },
-            None => return Err(DecodeError::Bad("chunk extent missing").into()),
-        },
-        _ => None,
-    };
-    if let Some(b) = whole {
-        let len = b.len() as u64;
-        return Ok(b.slice(lo.min(len) as usize..hi.min(len) as usize));
+    match (state.base_len, state.extents) {
+        (0, 0) => return Ok(Bytes::new()),
+        (_, 0) => return base(lo, want as usize),
+        _ => {}
     }
     let mut window = BytesMut::zeroed(want as usize);
     let mut len: u64 = 0;
-    let copy = |window: &mut BytesMut, at: u64, data: &[u8]| {
-        let from = at.max(lo);
-        let to = (at + data.len() as u64).min(hi);
-        if from < to {
-            window[(from - lo) as usize..(to - lo) as usize]
-                .copy_from_slice(&data[(from - at) as usize..(to - at) as usize]);
-        }
-    };
     if state.base_len > 0 {
-        let base = store
-            .get(&key::base(ino, index), version)?
-            .ok_or(DecodeError::Bad("chunk base missing"))?;
-        if base.len() != state.base_len as usize {
-            return Err(DecodeError::Bad("chunk base length").into());
-        }
-        copy(&mut window, 0, &base);
-        len = base.len() as u64;
+        let b = base(lo, want as usize)?;
+        window[..b.len()].copy_from_slice(&b);
+        len = u64::from(state.base_len);
     }
     for slot in 0..state.extents {
-        let e = store
-            .get(&key::extent(ino, index, slot), version)?
+        let extent_key = key::extent(ino, index, slot);
+        let (head, total) = store
+            .get_range(&extent_key, version, 0, EXTENT_HEAD_MAX)?
             .ok_or(DecodeError::Bad("chunk extent missing"))?;
-        match decode_extent(&e)? {
+        match decode_extent(&head)? {
             Extent::Data { offset, data } => {
+                // `head` holds the extent's tag, its offset and the first bytes of its data.
+                let data_at = (head.len() - data.len()) as u64;
+                let data_len = total - data_at;
                 let at = u64::from(offset);
-                copy(&mut window, at, &data);
-                len = len.max(at + data.len() as u64);
+                let (from, to) = (at.max(lo), (at + data_len).min(hi));
+                if from < to {
+                    let part = if to - at <= data.len() as u64 {
+                        data.slice((from - at) as usize..(to - at) as usize)
+                    } else {
+                        store
+                            .get_range(
+                                &extent_key,
+                                version,
+                                data_at + (from - at),
+                                (to - from) as usize,
+                            )?
+                            .ok_or(DecodeError::Bad("chunk extent missing"))?
+                            .0
+                    };
+                    if part.len() as u64 != to - from {
+                        return Err(DecodeError::Bad("chunk extent length").into());
+                    }
+                    window[(from - lo) as usize..(to - lo) as usize].copy_from_slice(&part);
+                }
+                len = len.max(at + data_len);
             }
             Extent::Cut { offset } => {
                 let at = u64::from(offset);
@@ -577,6 +600,16 @@ impl ChunkCache {
     }
 }
 
+/// A read of at least `chunk_size / WHOLE_CHUNK_READ_DIVISOR` bytes (128 KiB of a 1 MiB chunk:
+/// the kernel's sequential read-ahead) assembles and caches the whole chunk on a cache miss, so
+/// that the reads of the rest of the chunk find it; a smaller read assembles only its bytes and
+/// leaves the cache alone (random small reads would otherwise copy a chunk per read and evict
+/// the chunks that pay).
+pub const WHOLE_CHUNK_READ_DIVISOR: u32 = 8;
+/// A small read of a chunk with more extents than this assembles and caches the whole chunk
+/// anyway: reading every extent's head per read would then cost more than the copy.
+pub const RANGE_READ_EXTENTS_MAX: u32 = 16;
+
 /// The bytes `[offset, offset + want)` of a chunk at `version` through `cache`.
 fn assemble_cached<S: Store + ?Sized>(
     store: &S,
@@ -593,7 +626,15 @@ fn assemble_cached<S: Store + ?Sized>(
     let chunk = match cache.get(key) {
         Some(c) => c,
         None => {
-            let c = assemble(store, ino, index, version, 0, chunk_size)?;
+            let Some(state) = state_at(store, ino, index, version)? else {
+                return Ok(Bytes::new());
+            };
+            let small =
+                u64::from(want) * u64::from(WHOLE_CHUNK_READ_DIVISOR) < u64::from(chunk_size);
+            if small && state.extents <= RANGE_READ_EXTENTS_MAX {
+                return assemble_state(store, (ino, index), version, state, offset, want);
+            }
+            let c = assemble_state(store, (ino, index), version, state, 0, chunk_size)?;
             cache.put(key, c.clone());
             c
         }

@@ -23,6 +23,18 @@ pub type StoreResult<T> = Result<T, LogError>;
 pub trait Store {
     /// The value of `key` at `version` (`Version::MAX`: the latest state).
     fn get(&self, key: &[u8], version: Version) -> StoreResult<Option<Bytes>>;
+    /// Bytes `from..from + len` of the value of `key` at `version`, cut at the value's end, with
+    /// the whole value's length: what slicing [`Store::get`]'s value gives, reading only those
+    /// bytes where the store can.
+    fn get_range(
+        &self,
+        key: &[u8],
+        version: Version,
+        from: u64,
+        len: usize,
+    ) -> StoreResult<Option<(Bytes, u64)>> {
+        Ok(self.get(key, version)?.map(|v| slice_value(v, from, len)))
+    }
     /// Up to `limit` (≥ 1) keys starting with `prefix` that exist at `version`, in byte order,
     /// after `after` when given.
     fn scan(
@@ -42,9 +54,27 @@ pub trait Store {
     fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change>;
 }
 
+/// Bytes `from..from + len` of `value`, cut at its end, with its length.
+fn slice_value(value: Bytes, from: u64, len: usize) -> (Bytes, u64) {
+    let total = value.len() as u64;
+    let start = from.min(total);
+    let end = start.saturating_add(len as u64).min(total);
+    (value.slice(start as usize..end as usize), total)
+}
+
 impl Store for Log {
     fn get(&self, key: &[u8], version: Version) -> StoreResult<Option<Bytes>> {
         Log::get(self, key, version)
+    }
+
+    fn get_range(
+        &self,
+        key: &[u8],
+        version: Version,
+        from: u64,
+        len: usize,
+    ) -> StoreResult<Option<(Bytes, u64)>> {
+        Log::get_range(self, key, version, from, len)
     }
 
     fn scan(
@@ -115,6 +145,21 @@ impl<S: Store + ?Sized> Store for Overlay<'_, S> {
             }
         }
         self.base.get(key, version)
+    }
+
+    fn get_range(
+        &self,
+        key: &[u8],
+        version: Version,
+        from: u64,
+        len: usize,
+    ) -> StoreResult<Option<(Bytes, u64)>> {
+        if version == Version::MAX {
+            if let Some(v) = self.writes.get(key) {
+                return Ok(v.clone().map(|v| slice_value(v, from, len)));
+            }
+        }
+        self.base.get_range(key, version, from, len)
     }
 
     fn scan(

@@ -1105,6 +1105,33 @@ impl Log {
         }
     }
 
+    /// Bytes `from..from + len` of the value of `key` at `version`, cut at the value's end (empty
+    /// when `from` is past it), with the whole value's length; `None` if the key did not exist
+    /// then. Reads only those bytes from the backend: a few bytes of a large value cost a few
+    /// bytes of copy (memory) or of mapped pages touched (file), not the value's size. Like
+    /// [`Log::get`] it does not verify a checksum: records are verified when the log is opened
+    /// and when they are read for state transfer, not on each value read.
+    pub fn get_range(
+        &self,
+        key: &[u8],
+        version: Version,
+        from: u64,
+        len: usize,
+    ) -> Result<Option<(Bytes, u64)>> {
+        self.check_version(version)?;
+        let Some(entry) = self.keys.at(key, version) else {
+            return Ok(None);
+        };
+        let Some(total) = entry.len() else {
+            return Ok(None);
+        };
+        let total = u64::from(total);
+        let start = from.min(total);
+        let end = start.saturating_add(len as u64).min(total);
+        let bytes = self.read_part(entry, start, (end - start) as u32)?;
+        Ok(Some((bytes, total)))
+    }
+
     /// The latest value of `key`.
     pub fn get_latest(&self, key: &[u8]) -> Result<Option<Bytes>> {
         self.get(key, Version::MAX)
@@ -1214,7 +1241,15 @@ impl Log {
         let Some(len) = entry.len() else {
             return Ok(None);
         };
-        let offset = u64::from(entry.offset);
+        self.read_part(entry, 0, len).map(Some)
+    }
+
+    /// Bytes `from..from + len` of the value `entry` points at (the caller keeps them inside it).
+    fn read_part(&self, entry: Entry, from: u64, len: u32) -> Result<Bytes> {
+        debug_assert!(entry
+            .len()
+            .is_some_and(|n| from + u64::from(len) <= u64::from(n)));
+        let offset = u64::from(entry.offset) + from;
         let file = if entry.file == BASE_FILE {
             self.base.as_ref()
         } else {
@@ -1234,7 +1269,7 @@ impl Log {
                                     "index points past the buffer",
                                 )
                             })?;
-                    return Ok(Some(Bytes::copy_from_slice(bytes)));
+                    return Ok(Bytes::copy_from_slice(bytes));
                 }
             }
             segment.map(|s| &s.file)
@@ -1244,7 +1279,7 @@ impl Log {
             "read of file {:#x} at {offset}",
             entry.file
         )))?;
-        Ok(Some(bytes))
+        Ok(bytes)
     }
 }
 

@@ -320,7 +320,23 @@ impl Case {
             let key = *self.rng.pick(KEYS);
             let v = self.some_version();
             let got = common::read("get", self.log.get(key, v), |b| b.map(|b| b.to_vec()));
-            assert_eq!(got, self.reference.get(key, v), "get({key:?}, {v:#x})");
+            let want = self.reference.get(key, v);
+            assert_eq!(got, want, "get({key:?}, {v:#x})");
+            // A part of the value: what slicing the whole value gives, with its length.
+            let from = self.rng.below(80);
+            let len = self.rng.below(80) as usize;
+            let got = common::read("get_range", self.log.get_range(key, v, from, len), |r| {
+                r.map(|(b, total)| (b.to_vec(), total))
+            });
+            let want = match want {
+                common::Read::Ok(w) => common::Read::Ok(w.map(|w| {
+                    let start = (from as usize).min(w.len());
+                    let end = (start + len).min(w.len());
+                    (w[start..end].to_vec(), w.len() as u64)
+                })),
+                common::Read::Trimmed => common::Read::Trimmed,
+            };
+            assert_eq!(got, want, "get_range({key:?}, {v:#x}, {from}, {len})");
         }
         if self.rng.chance(1, 4) {
             self.check_all();
