@@ -47,6 +47,10 @@ pub const SKEW_MAX_US_DEFAULT: u64 = 1_000_000;
 pub const WRITE_BUFFER_BYTES_MAX: usize = 8 << 20;
 /// Most files with buffered writes at once; a new one past this sends another file's buffer.
 pub const WRITE_BUFFERS_MAX: usize = 64;
+/// Most bytes of full write-back buffers one client has on their way at once (sent while the
+/// writes after them go on, [`FileSystem::write_buffered_then`]); a buffer that fills past this
+/// waits, before its write is acknowledged, until earlier ones have been applied.
+pub const WRITE_BACK_IN_FLIGHT_BYTES_MAX: usize = 3 * WRITE_BUFFER_BYTES_MAX;
 /// Data operations in flight at once from one `data_many` call (half the client ids, so other
 /// callers keep some).
 const DATA_WAVE_MAX: usize = (CLIENT_SLOTS_MAX / 2) as usize;
@@ -88,19 +92,57 @@ struct Run {
     data: BytesMut,
 }
 
+/// The runs of one file on their way to the shards.
+#[derive(Debug, Default)]
+struct Flight {
+    /// Runs being sent.
+    sending: u32,
+    /// The number the next run of the file gets.
+    next: u64,
+    /// Runs (in number order) whose size update is done or given up: run `n` sends its size
+    /// update only once this is `n`, so no size covers a run whose data is not applied yet.
+    sized: u64,
+    /// A run of this flight failed: the later ones send no size update (it would cover a hole).
+    failed: bool,
+    /// End of the last run started: a write there may be buffered while the runs are on their
+    /// way (it comes after all of them); any other write waits until they are applied.
+    end: u64,
+}
+
 /// The write-back state of a client.
 #[derive(Debug, Default)]
 struct WriteBack {
     runs: HashMap<Ino, Run>,
-    /// Errors of deferred sends, reported at the file's next flush or fsync.
+    /// Files with runs on their way; an entry is removed once its last run is done.
+    flights: HashMap<Ino, Flight>,
+    /// Bytes of all runs on their way (at most about [`WRITE_BACK_IN_FLIGHT_BYTES_MAX`]).
+    bytes_in_flight: usize,
+    /// Errors of deferred sends, reported at the file's next write, flush or fsync.
     errors: HashMap<Ino, FsError>,
 }
 
 impl WriteBack {
+    /// Keeps the first unreported error of a file.
     fn remember(&mut self, ino: Ino, e: &FsError) {
         if self.errors.len() < WRITE_ERRORS_MAX || self.errors.contains_key(&ino) {
-            self.errors.insert(ino, e.clone());
+            self.errors.entry(ino).or_insert_with(|| e.clone());
         }
+    }
+
+    /// Whether `ino` has writes of this client not yet applied.
+    fn pending(&self, ino: Ino) -> bool {
+        self.runs.contains_key(&ino) || self.flights.contains_key(&ino)
+    }
+
+    /// Starts sending `len` bytes of `ino` ending at `end`: the run's number.
+    fn begin(&mut self, ino: Ino, len: usize, end: u64) -> u64 {
+        let f = self.flights.entry(ino).or_default();
+        let n = f.next;
+        f.next += 1;
+        f.sending += 1;
+        f.end = end;
+        self.bytes_in_flight += len;
+        n
     }
 }
 
@@ -180,8 +222,10 @@ pub struct FileSystem<S: Shards> {
     /// Signalled when a slot is returned.
     slot_free: Condvar,
     snapshots: Mutex<SnapshotTable>,
-    /// Buffered writes; held while they are sent, so that no operation overtakes them.
+    /// Buffered writes and the runs on their way.
     write_back: Mutex<WriteBack>,
+    /// Signalled when a run on its way is done.
+    run_done: Condvar,
     /// Directory attributes returned by the last change of entries.
     dir_attrs: Mutex<DirAttrs>,
 }
@@ -214,6 +258,7 @@ impl<S: Shards> FileSystem<S> {
             slot_free: Condvar::new(),
             snapshots: Mutex::new(SnapshotTable::default()),
             write_back: Mutex::new(WriteBack::default()),
+            run_done: Condvar::new(),
             dir_attrs: Mutex::new(DirAttrs::default()),
         };
         let creds = fs.config.root_owner;
@@ -456,7 +501,10 @@ impl<S: Shards> FileSystem<S> {
     }
 
     fn view(&self, ino: Ino) -> FsResult<View> {
-        if !is_snapshot(ino) {
+        if is_snapshot(ino) {
+            // A past time sees every run this client had on its way.
+            self.drain_all();
+        } else {
             self.settle(ino)?;
         }
         self.view_unsettled(ino)
@@ -487,22 +535,78 @@ impl<S: Shards> FileSystem<S> {
         Ok(ino)
     }
 
-    /// Sends the buffered writes of `ino`, if any, before another operation on it
-    /// (read-your-writes). A failure is also kept for the file's next flush.
+    /// Sends the buffered writes of `ino`, if any, and waits until its runs on their way are
+    /// applied, before another operation on it (read-your-writes). A failure is also kept for
+    /// the file's next flush.
     fn settle(&self, ino: Ino) -> FsResult<()> {
         let mut wb = lock(&self.write_back);
+        let mut sent = Ok(());
         if let Some(run) = wb.runs.remove(&ino) {
-            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
-                wb.remember(ino, &e);
-                return Err(e);
-            }
+            let end = run.start + run.data.len() as u64;
+            let n = wb.begin(ino, run.data.len(), end);
+            drop(wb);
+            sent = self.send_run(ino, run.start, run.data.freeze(), n);
+            wb = lock(&self.write_back);
         }
-        Ok(())
+        while wb.flights.contains_key(&ino) {
+            wb = self.run_done.wait(wb).unwrap_or_else(|e| e.into_inner());
+        }
+        sent
+    }
+
+    /// Waits until no run of this client is on its way.
+    fn drain_all(&self) {
+        let mut wb = lock(&self.write_back);
+        while !wb.flights.is_empty() {
+            wb = self.run_done.wait(wb).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Sends run number `n` of `ino` (begun with [`WriteBack::begin`]): its data, then — once
+    /// every earlier run of the file has its size update done — its size update. Any failure
+    /// is kept for the file's next write, flush or fsync, and returned.
+    fn send_run(&self, ino: Ino, start: u64, data: Bytes, n: u64) -> FsResult<()> {
+        let len = data.len();
+        let end = start + len as u64;
+        let data_sent = self.send_data(ino, start, data);
+        let mut wb = lock(&self.write_back);
+        while wb.flights.get(&ino).expect("begun").sized != n {
+            wb = self.run_done.wait(wb).unwrap_or_else(|e| e.into_inner());
+        }
+        let earlier_failed = wb.flights.get(&ino).expect("begun").failed;
+        drop(wb);
+        let r = match data_sent {
+            Ok(()) if earlier_failed => Err(fs_err!(
+                libc::EIO,
+                "size update of inode {ino} not sent: an earlier write-back of the file failed"
+            )),
+            Ok(()) => self.ns_attr(NsOp::Written { ino, end }).map(drop),
+            Err(e) => Err(e),
+        };
+        let mut wb = lock(&self.write_back);
+        let f = wb.flights.get_mut(&ino).expect("begun");
+        f.sized += 1;
+        f.sending -= 1;
+        f.failed |= r.is_err();
+        if f.sending == 0 {
+            wb.flights.remove(&ino);
+        }
+        wb.bytes_in_flight -= len;
+        if let Err(e) = &r {
+            wb.remember(ino, e);
+        }
+        drop(wb);
+        self.run_done.notify_all();
+        r
     }
 
     /// Sends the buffered writes of the file a name in `parent` names, if any file has some.
     fn settle_name(&self, parent: Ino, name: &[u8]) -> FsResult<()> {
-        if lock(&self.write_back).runs.is_empty() {
+        let idle = {
+            let wb = lock(&self.write_back);
+            wb.runs.is_empty() && wb.flights.is_empty()
+        };
+        if idle {
             return Ok(());
         }
         let r = self.ns_read(
@@ -521,6 +625,14 @@ impl<S: Shards> FileSystem<S> {
     /// Sends `data` at `start` of `ino`: one data request per chunk piece, each data shard's
     /// pieces in order and the shards in parallel, then the size update once all are answered.
     fn send(&self, ino: Ino, start: u64, data: Bytes) -> FsResult<()> {
+        let end = start + data.len() as u64;
+        self.send_data(ino, start, data)?;
+        self.ns_attr(NsOp::Written { ino, end }).map(drop)
+    }
+
+    /// Sends the data of a write at `start` of `ino` (no size update): one data request per
+    /// chunk piece, all in flight at once.
+    fn send_data(&self, ino: Ino, start: u64, data: Bytes) -> FsResult<()> {
         let end = start + data.len() as u64;
         let cs = u64::from(self.layout.chunk_size);
         let mut pieces: Vec<(u32, DataOp)> = Vec::new();
@@ -542,8 +654,7 @@ impl<S: Shards> FileSystem<S> {
             pos += n;
         }
         // Every piece in flight at once: they touch distinct chunks.
-        self.data_many(pieces)?;
-        self.ns_attr(NsOp::Written { ino, end }).map(drop)
+        self.data_many(pieces)
     }
 
     /// Attributes as the caller sees them: with the snapshot inode number inside a snapshot.
@@ -584,7 +695,7 @@ impl<S: Shards> FileSystem<S> {
         let p = self.view(parent)?;
         let cache = self.shards.attr_cache().filter(|_| p.at.is_none());
         if let Some(attr) = cache.and_then(|c| c.lookup(p.ino, name)) {
-            if !lock(&self.write_back).runs.contains_key(&attr.ino) {
+            if !lock(&self.write_back).pending(attr.ino) {
                 return Ok(attr);
             }
         }
@@ -621,6 +732,7 @@ impl<S: Shards> FileSystem<S> {
                     return Err(e);
                 };
                 let t = self.check_time(us)?;
+                self.drain_all();
                 let read = if base.is_empty() {
                     NsRead::GetAttr { ino: p.ino }
                 } else {
@@ -634,7 +746,7 @@ impl<S: Shards> FileSystem<S> {
             }
             other => {
                 let attr = self.attr_reply(other?, p.at)?;
-                if p.at.is_none() && lock(&self.write_back).runs.contains_key(&attr.ino) {
+                if p.at.is_none() && lock(&self.write_back).pending(attr.ino) {
                     // The attributes include this client's buffered writes.
                     return self.getattr(attr.ino);
                 }
@@ -1055,50 +1167,123 @@ impl<S: Shards> FileSystem<S> {
         self.getattr(ino)
     }
 
-    /// Writes `data` at `offset` of file `ino` into the file's write-back buffer: a write
-    /// contiguous with the buffered run joins it; any other write sends the run first. The
-    /// bytes reach the shards at the latest at the next [`FileSystem::flush`] or fsync of the
-    /// file, and before any other operation of this client on it.
+    /// Writes `data` at `offset` of file `ino` into the file's write-back buffer, as
+    /// [`FileSystem::write_buffered_then`], and returns once any send it made is done.
     pub fn write_buffered(&self, ino: Ino, offset: u64, data: &[u8]) -> FsResult<()> {
+        let mut out = Ok(());
+        self.write_buffered_then(ino, offset, data, |r| out = r);
+        out
+    }
+
+    /// Writes `data` at `offset` of file `ino` into the file's write-back buffer and calls
+    /// `ack` once with the write's result. A write contiguous with the buffered run joins it;
+    /// when that fills the run (`WRITE_BUFFER_BYTES_MAX`), the run is handed off: `ack` is
+    /// called first and then this call sends the run (so the caller's next write can go on
+    /// meanwhile; at most [`WRITE_BACK_IN_FLIGHT_BYTES_MAX`] of such runs per client are on
+    /// their way, a run past it waits before its `ack`). A write at the end of the file's runs
+    /// on their way starts a new run; any other write first sends the buffered run and waits
+    /// until every run of the file is applied. The bytes reach the shards at the latest at the
+    /// next [`FileSystem::flush`] or fsync of the file, and before any other operation of this
+    /// client on it. An unreported error of an earlier send of the file is this write's result
+    /// (and is kept for the next flush or fsync).
+    pub fn write_buffered_then(
+        &self,
+        ino: Ino,
+        offset: u64,
+        data: &[u8],
+        ack: impl FnOnce(FsResult<()>),
+    ) {
         if is_snapshot(ino) {
-            fs_bail!(libc::EROFS, "snapshots are read-only");
+            return ack(Err(fs_err!(libc::EROFS, "snapshots are read-only")));
         }
-        offset
+        if offset
             .checked_add(data.len() as u64)
             .filter(|&e| e <= FILE_SIZE_MAX)
-            .ok_or_else(|| fs_err!(libc::EFBIG, "a write past the largest file"))?;
+            .is_none()
+        {
+            return ack(Err(fs_err!(libc::EFBIG, "a write past the largest file")));
+        }
         if data.is_empty() {
             // Nothing to buffer: the size and time update goes out now, after the buffer.
-            self.settle(ino)?;
-            return self.send(ino, offset, Bytes::new());
+            return ack(self
+                .settle(ino)
+                .and_then(|()| self.send(ino, offset, Bytes::new())));
         }
         let mut wb = lock(&self.write_back);
-        if let Some(run) = wb.runs.get_mut(&ino) {
-            let joins = run.start + run.data.len() as u64 == offset
-                && run.data.len() + data.len() <= WRITE_BUFFER_BYTES_MAX;
-            if joins {
-                run.data.extend_from_slice(data);
-                if run.data.len() < WRITE_BUFFER_BYTES_MAX {
-                    return Ok(());
+        loop {
+            if let Some(e) = wb.errors.get(&ino) {
+                return ack(Err(e.clone()));
+            }
+            if let Some(run) = wb.runs.get_mut(&ino) {
+                let joins = run.start + run.data.len() as u64 == offset
+                    && run.data.len() + data.len() <= WRITE_BUFFER_BYTES_MAX;
+                if joins {
+                    run.data.extend_from_slice(data);
+                    if run.data.len() < WRITE_BUFFER_BYTES_MAX {
+                        return ack(Ok(()));
+                    }
+                    // Full: handed off once there is room among the bytes on their way. It
+                    // stays buffered meanwhile (it is the file's latest run; an operation on the
+                    // file may send it itself). A run waiting here holds no run number, so the
+                    // runs on their way, which wait only for earlier numbers, all finish.
+                    let start = run.start;
+                    let len = run.data.len();
+                    while wb.bytes_in_flight > 0
+                        && wb.bytes_in_flight + len > WRITE_BACK_IN_FLIGHT_BYTES_MAX
+                    {
+                        wb = self.run_done.wait(wb).unwrap_or_else(|e| e.into_inner());
+                    }
+                    let ours = wb
+                        .runs
+                        .get(&ino)
+                        .is_some_and(|r| r.start == start && r.data.len() == len);
+                    if !ours {
+                        // Another call sent it (an error is kept for the file, as always).
+                        drop(wb);
+                        return ack(Ok(()));
+                    }
+                    let run = wb.runs.remove(&ino).expect("present");
+                    let n = wb.begin(ino, len, start + len as u64);
+                    drop(wb);
+                    ack(Ok(()));
+                    // A failure is kept for the file's next write, flush or fsync.
+                    self.send_run(ino, run.start, run.data.freeze(), n).ok();
+                    return;
                 }
             }
-            let run = wb.runs.remove(&ino).expect("present");
-            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
-                wb.remember(ino, &e);
-                return Err(e);
+            let follows =
+                !wb.runs.contains_key(&ino) && wb.flights.get(&ino).is_none_or(|f| f.end == offset);
+            if follows {
+                break;
             }
-            if joins {
-                return Ok(());
+            // Not contiguous: the file's earlier writes are applied first.
+            drop(wb);
+            if let Err(e) = self.settle(ino) {
+                return ack(Err(e));
             }
+            wb = lock(&self.write_back);
         }
         if data.len() >= WRITE_BUFFER_BYTES_MAX {
-            return self.send(ino, offset, Bytes::copy_from_slice(data));
+            let n = wb.begin(ino, data.len(), offset + data.len() as u64);
+            drop(wb);
+            return ack(self.send_run(ino, offset, Bytes::copy_from_slice(data), n));
         }
         if wb.runs.len() >= WRITE_BUFFERS_MAX {
             let other = *wb.runs.keys().next().expect("not empty");
             let run = wb.runs.remove(&other).expect("present");
-            if let Err(e) = self.send(other, run.start, run.data.freeze()) {
-                wb.remember(other, &e);
+            let len = run.data.len();
+            let n = wb.begin(other, len, run.start + len as u64);
+            drop(wb);
+            // A failure is kept for that file's next write, flush or fsync.
+            self.send_run(other, run.start, run.data.freeze(), n).ok();
+            wb = lock(&self.write_back);
+            let changed = wb.runs.contains_key(&ino)
+                || wb.errors.contains_key(&ino)
+                || wb.flights.get(&ino).is_some_and(|f| f.end != offset);
+            if changed {
+                // Another write of the file came meanwhile: start over.
+                drop(wb);
+                return self.write_buffered_then(ino, offset, data, ack);
             }
         }
         wb.runs.insert(
@@ -1108,34 +1293,43 @@ impl<S: Shards> FileSystem<S> {
                 data: BytesMut::from(data),
             },
         );
-        Ok(())
+        drop(wb);
+        ack(Ok(()))
     }
 
-    /// Sends the buffered writes of `ino` (the data, then one size update) and reports any
-    /// error of an earlier deferred send of the file (`close`).
+    /// Sends the buffered writes of `ino` (the data, then one size update), waits until every
+    /// run of the file on its way is applied, and reports any error of an earlier deferred
+    /// send of the file (`close`).
     pub fn flush(&self, ino: Ino) -> FsResult<()> {
-        let mut wb = lock(&self.write_back);
-        let sent = match wb.runs.remove(&ino) {
-            Some(run) => self.send(ino, run.start, run.data.freeze()),
-            None => Ok(()),
-        };
-        let earlier = wb.errors.remove(&ino);
-        sent?;
-        earlier.map_or(Ok(()), Err)
+        let sent = self.settle(ino);
+        let earlier = lock(&self.write_back).errors.remove(&ino);
+        match earlier {
+            Some(e) => Err(e),
+            None => sent,
+        }
     }
 
-    /// Sends every file's buffered writes; returns the first error (the others are kept for
-    /// their files' next flush).
+    /// Sends every file's buffered writes and waits until no run is on its way; returns the
+    /// first error (each is also kept for its file's next flush).
     fn flush_all(&self) -> FsResult<()> {
-        let mut wb = lock(&self.write_back);
-        let runs: Vec<(Ino, Run)> = wb.runs.drain().collect();
+        let runs: Vec<(Ino, Run, u64)> = {
+            let mut wb = lock(&self.write_back);
+            let runs: Vec<(Ino, Run)> = wb.runs.drain().collect();
+            runs.into_iter()
+                .map(|(ino, run)| {
+                    let len = run.data.len();
+                    let n = wb.begin(ino, len, run.start + len as u64);
+                    (ino, run, n)
+                })
+                .collect()
+        };
         let mut first = None;
-        for (ino, run) in runs {
-            if let Err(e) = self.send(ino, run.start, run.data.freeze()) {
-                wb.remember(ino, &e);
+        for (ino, run, n) in runs {
+            if let Err(e) = self.send_run(ino, run.start, run.data.freeze(), n) {
                 first.get_or_insert(e);
             }
         }
+        self.drain_all();
         first.map_or(Ok(()), Err)
     }
 

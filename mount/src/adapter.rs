@@ -12,7 +12,9 @@
 //!   inode reads its attributes behind a barrier (`FileSystem::open`, close-to-open) and tells
 //!   the kernel to drop its cached attributes when they differ from those it was last given;
 //! - writes: each goes into the file system's write-back buffer for the file
-//!   (`FileSystem::write_buffered`); `flush` (every close) and `release` send it
+//!   (`FileSystem::write_buffered_then`: the reply goes out once the write is accepted, and a
+//!   buffer it filled is sent afterwards on the same worker, so with more than one worker the
+//!   next writes overlap its sending); `flush` (every close) and `release` send it
 //!   (`FileSystem::flush`), and report an error of an earlier deferred send; `fsync` sends every
 //!   buffered write and waits until the client's writes are durable (`FileSystem::fsync_file`:
 //!   on a cluster, on every replica); `fsyncdir` likewise (`FileSystem::fsync`). The kernel's
@@ -483,10 +485,14 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
         _lock_owner: Option<fuser::LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write_buffered(ino.0, offset, data) {
-            Ok(()) => reply.written(data.len() as u32),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // The reply goes out as soon as the write is accepted; a buffer it filled is sent
+        // afterwards on this worker while the next writes come in on the others.
+        let len = data.len() as u32;
+        self.fs
+            .write_buffered_then(ino.0, offset, data, |r| match r {
+                Ok(()) => reply.written(len),
+                Err(e) => reply.error(errno(&e)),
+            });
     }
 
     fn flush(
