@@ -10,7 +10,9 @@
 //!
 //! Links are pipelined: a [`Links`] holds one link per member, and any number of requests may
 //! be in flight on it at once, each under its own tag. A writer task sends every request queued
-//! since its last write in one write, and a reader task hands each reply to its caller by tag.
+//! since its last write in one write (yielding once to the runtime before that write, so that
+//! the callers woken by the same replies queue theirs first), and a reader task hands each reply
+//! to its caller by tag.
 //! Several clients may share one [`Links`] ([`Client::connect_shared`]): each keeps its own
 //! client id and request numbers (a client has one write outstanding), and they share the
 //! connections, so one read at the node takes many requests and one write carries many replies.
@@ -284,6 +286,10 @@ fn fail_all(waiting: &Mutex<Waiting>, why: String) {
 }
 
 /// The writer task of a link: writes every request queued since its last write in one write.
+/// When the queue is empty it yields once before writing and takes what was queued meanwhile:
+/// the clients sharing the link, woken by one batch of replies, queue their next requests on
+/// the same worker threads, and without the yield most of them left in writes of their own
+/// (docs/PERFORMANCE.md, "Coalescing a link's requests").
 async fn write_requests(
     mut sender: ClientSender,
     mut queue: mpsc::Receiver<Outgoing>,
@@ -293,6 +299,7 @@ async fn write_requests(
     let result = async {
         while let Some(first) = queue.recv().await {
             let mut next = Some(first);
+            let mut yielded = false;
             while let Some(outgoing) = next.take() {
                 match outgoing {
                     Outgoing::Request(bytes) => sender.queue(0, &bytes).await?,
@@ -302,6 +309,16 @@ async fn write_requests(
                     }
                 }
                 next = queue.try_recv().ok();
+                if next.is_none() && !yielded {
+                    yielded = true;
+                    // Once, before writing: let the tasks that are about to queue (the other
+                    // clients sharing this link, woken by the same batch of replies) run first.
+                    tokio::task::yield_now().await;
+                    next = queue.try_recv().ok();
+                    if next.is_none() {
+                        break;
+                    }
+                }
             }
             sender.flush().await?;
             if closing.is_some() {
