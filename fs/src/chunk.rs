@@ -254,6 +254,15 @@ fn assemble_state<S: Store + ?Sized>(
     match (state.base_len, state.extents) {
         (0, 0) => return Ok(Bytes::new()),
         (_, 0) => return base(lo, want as usize),
+        (0, 1) => {
+            let extent_key = key::extent(ino, index, 0);
+            let head = extent_head(store, &extent_key, version)?;
+            if let (Extent::Data { offset: 0, data }, data_at, total) = head {
+                let data_len = total - data_at;
+                let (from, to) = (lo.min(data_len), hi.min(data_len));
+                return extent_data(store, &extent_key, version, (&data, data_at), from, to);
+            }
+        }
         _ => {}
     }
     let mut window = BytesMut::zeroed(want as usize);
@@ -265,33 +274,21 @@ fn assemble_state<S: Store + ?Sized>(
     }
     for slot in 0..state.extents {
         let extent_key = key::extent(ino, index, slot);
-        let (head, total) = store
-            .get_range(&extent_key, version, 0, EXTENT_HEAD_MAX)?
-            .ok_or(DecodeError::Bad("chunk extent missing"))?;
-        match decode_extent(&head)? {
+        let (extent, data_at, total) = extent_head(store, &extent_key, version)?;
+        match extent {
             Extent::Data { offset, data } => {
-                // `head` holds the extent's tag, its offset and the first bytes of its data.
-                let data_at = (head.len() - data.len()) as u64;
                 let data_len = total - data_at;
                 let at = u64::from(offset);
                 let (from, to) = (at.max(lo), (at + data_len).min(hi));
                 if from < to {
-                    let part = if to - at <= data.len() as u64 {
-                        data.slice((from - at) as usize..(to - at) as usize)
-                    } else {
-                        store
-                            .get_range(
-                                &extent_key,
-                                version,
-                                data_at + (from - at),
-                                (to - from) as usize,
-                            )?
-                            .ok_or(DecodeError::Bad("chunk extent missing"))?
-                            .0
-                    };
-                    if part.len() as u64 != to - from {
-                        return Err(DecodeError::Bad("chunk extent length").into());
-                    }
+                    let part = extent_data(
+                        store,
+                        &extent_key,
+                        version,
+                        (&data, data_at),
+                        from - at,
+                        to - at,
+                    )?;
                     window[(from - lo) as usize..(to - lo) as usize].copy_from_slice(&part);
                 }
                 len = len.max(at + data_len);
@@ -318,6 +315,50 @@ fn assemble_state<S: Store + ?Sized>(
     let end = len.clamp(lo, hi);
     window.truncate((end - lo) as usize);
     Ok(window.freeze())
+}
+
+/// An extent of `key` at `version` read from its first [`EXTENT_HEAD_MAX`] bytes (a data
+/// extent's `data` then holds only its first bytes), where its data starts in the value, and the
+/// value's length.
+fn extent_head<S: Store + ?Sized>(
+    store: &S,
+    key: &[u8],
+    version: Version,
+) -> Result<(Extent, u64, u64), Fail> {
+    let (head, total) = store
+        .get_range(key, version, 0, EXTENT_HEAD_MAX)?
+        .ok_or(DecodeError::Bad("chunk extent missing"))?;
+    let extent = decode_extent(&head)?;
+    let data_at = match &extent {
+        Extent::Data { data, .. } => (head.len() - data.len()) as u64,
+        _ => head.len() as u64,
+    };
+    Ok((extent, data_at, total))
+}
+
+/// Bytes `from..to` of the data of the data extent `key`, given its first bytes and where its
+/// data starts in the value ([`extent_head`]): from those first bytes when they hold the range,
+/// else read from the store.
+fn extent_data<S: Store + ?Sized>(
+    store: &S,
+    key: &[u8],
+    version: Version,
+    (first, data_at): (&Bytes, u64),
+    from: u64,
+    to: u64,
+) -> Result<Bytes, Fail> {
+    let part = if to <= first.len() as u64 {
+        first.slice(from as usize..to as usize)
+    } else {
+        store
+            .get_range(key, version, data_at + from, (to - from) as usize)?
+            .ok_or(DecodeError::Bad("chunk extent missing"))?
+            .0
+    };
+    if part.len() as u64 != to - from {
+        return Err(DecodeError::Bad("chunk extent length").into());
+    }
+    Ok(part)
 }
 
 /// Applies one data operation at stamp `hlc` against `store` (its latest state), for a layout
