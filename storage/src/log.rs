@@ -100,8 +100,9 @@ pub struct PendingSync {
     ticket: u64,
 }
 
-/// Largest number of syncs begun and not yet released ([`Log::begin_sync`] refuses more): the
-/// callers keep a few in flight, and a sync that finished before an earlier one waits here.
+/// Largest number of syncs begun and not yet finished ([`Log::begin_sync`] refuses more): the
+/// callers keep a few in flight. Syncs that finished before an earlier one are held apart from
+/// these and do not count: any number of them may finish while one slow sync runs.
 pub const SYNCS_IN_FLIGHT_MAX: usize = 64;
 
 /// The syncs begun and not yet released. A sync that succeeds counts only once every sync
@@ -115,8 +116,60 @@ struct Syncs {
     next: u64,
     /// Every sync before this ticket finished successfully and was released.
     released: u64,
-    /// Syncs that succeeded before an earlier one finished: (ticket, covers), in ticket order.
-    held: Vec<(u64, Option<Version>)>,
+    /// Syncs that succeeded before an earlier one finished, as runs of consecutive tickets
+    /// `(first, last, newest cover of the run)`, in ticket order, never two runs adjacent. The
+    /// gaps between runs are syncs still running, so there are at most one more runs than
+    /// syncs running, however many are held.
+    held: Vec<(u64, u64, Option<Version>)>,
+    /// Syncs in `held`.
+    held_count: u64,
+}
+
+impl Syncs {
+    /// Syncs begun and not finished.
+    fn running(&self) -> u64 {
+        self.next - self.released - self.held_count
+    }
+
+    /// Holds the finished sync `ticket` covering `covers`, joined to the runs it touches.
+    fn hold(&mut self, ticket: u64, covers: Option<Version>) {
+        let at = self.held.partition_point(|&(_, last, _)| last < ticket);
+        let joins_before = at > 0 && self.held[at - 1].1 + 1 == ticket;
+        let joins_after = at < self.held.len() && self.held[at].0 == ticket + 1;
+        match (joins_before, joins_after) {
+            (true, true) => {
+                let (_, last, c) = self.held.remove(at);
+                let before = &mut self.held[at - 1];
+                before.1 = last;
+                before.2 = before.2.max(covers).max(c);
+            }
+            (true, false) => {
+                let before = &mut self.held[at - 1];
+                before.1 = ticket;
+                before.2 = before.2.max(covers);
+            }
+            (false, true) => {
+                let after = &mut self.held[at];
+                after.0 = ticket;
+                after.2 = after.2.max(covers);
+            }
+            (false, false) => self.held.insert(at, (ticket, ticket, covers)),
+        }
+        self.held_count += 1;
+    }
+
+    /// Releases the run of held syncs that starts at the oldest unreleased ticket, if there is
+    /// one: the newest cover among them.
+    fn release(&mut self) -> Option<Option<Version>> {
+        let &(first, last, covers) = self.held.first()?;
+        if first != self.released {
+            return None;
+        }
+        self.held.remove(0);
+        self.held_count -= last - first + 1;
+        self.released = last + 1;
+        Some(covers)
+    }
 }
 
 impl PendingSync {
@@ -809,10 +862,10 @@ impl Log {
         if self.poisoned {
             return Err(LogError::Poisoned);
         }
-        let open = self.syncs.next - self.syncs.released;
-        if open >= SYNCS_IN_FLIGHT_MAX as u64 {
+        let running = self.syncs.running();
+        if running >= SYNCS_IN_FLIGHT_MAX as u64 {
             return Err(LogError::Invalid(format!(
-                "{open} syncs begun and not released: at most {SYNCS_IN_FLIGHT_MAX}"
+                "{running} syncs begun and not finished: at most {SYNCS_IN_FLIGHT_MAX}"
             )));
         }
         self.flush()?;
@@ -850,19 +903,10 @@ impl Log {
             pending.ticket >= self.syncs.released && pending.ticket < self.syncs.next,
             "a sync is finished once, by the log that began it"
         );
-        let at = self
-            .syncs
-            .held
-            .partition_point(|&(t, _)| t < pending.ticket);
-        self.syncs.held.insert(at, (pending.ticket, pending.covers));
-        while let Some(&(ticket, covers)) = self.syncs.held.first() {
-            if ticket != self.syncs.released {
-                break;
-            }
-            self.syncs.held.remove(0);
-            self.syncs.released += 1;
-            // A truncation in between may have cut what the sync covered: never report more
-            // than the log holds.
+        self.syncs.hold(pending.ticket, pending.covers);
+        if let Some(covers) = self.syncs.release() {
+            // A truncation in between may have cut what the syncs covered: never report more
+            // than the log holds (the next sync reports what is left).
             if covers > self.persisted && covers <= self.written {
                 self.persisted = covers;
             }
@@ -1793,6 +1837,38 @@ mod tests {
         let outcome = b.run();
         assert_eq!(log.finish_sync(b, outcome).unwrap(), Some(40));
         assert_eq!(after_power_cut(&cb, 3), Some(40));
+    }
+
+    #[test]
+    fn any_number_of_syncs_may_finish_while_an_earlier_one_runs() {
+        // Regression: syncs held behind a slow one counted against the bound of syncs in
+        // flight, so a slow disk made `begin_sync` (and a segment roll's sync) fail.
+        let cb = CrashingBackend::new();
+        let mut log = new_log(&cb, 1 << 20);
+        append(&mut log, 1..=1);
+        let slow = log.begin_sync().unwrap();
+        // Later syncs finish in every order around the slow one: in order, and in pairs
+        // finished newest first.
+        for v in 2..(4 * SYNCS_IN_FLIGHT_MAX as Version) {
+            append(&mut log, v..=v);
+            let a = log.begin_sync().unwrap();
+            if v % 2 == 0 {
+                let outcome = a.run();
+                assert_eq!(log.finish_sync(a, outcome).unwrap(), None);
+            } else {
+                let b = log.begin_sync().unwrap();
+                let outcome = b.run();
+                assert_eq!(log.finish_sync(b, outcome).unwrap(), None);
+                let outcome = a.run();
+                assert_eq!(log.finish_sync(a, outcome).unwrap(), None);
+            }
+        }
+        assert_eq!(log.syncs.held.len(), 1, "the held syncs are one run");
+        let last = 4 * SYNCS_IN_FLIGHT_MAX as Version - 1;
+        let outcome = slow.run();
+        assert_eq!(log.finish_sync(slow, outcome).unwrap(), Some(last));
+        assert!(log.syncs.held.is_empty());
+        assert!(after_power_cut(&cb, 4) >= Some(last));
     }
 
     #[test]
