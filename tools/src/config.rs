@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use derechofs_core::transport::Secret;
+use derechofs_core::transport::{check_local_socket_dir, Secret, LOCAL_SOCKET_DIR_DEFAULT};
 use derechofs_core::{
     LayoutSpec, NodeId, BATCH_BYTES_MAX, SHARDS_MAX, SHARD_MEMBERS_MAX, VIEW_MEMBERS_MAX,
     WINDOW_MAX,
@@ -110,6 +110,9 @@ pub struct NodeConfig {
     pub transport: TransportKind,
     /// `transport.provider`.
     pub provider: String,
+    /// `transport.local_socket_dir`: where this node's socket file for local links is, and
+    /// where it looks for its peers'. `None` (set as `""`): TCP only.
+    pub local_socket_dir: Option<PathBuf>,
     /// `persistence.policy` and `persistence.batch_ms`.
     pub persistence: SyncPolicy,
     /// Where each key that is not a default was set, for error messages.
@@ -163,6 +166,7 @@ impl Default for NodeConfig {
             },
             transport: TransportKind::Tcp,
             provider: "tcp;ofi_rxm".to_string(),
+            local_socket_dir: Some(PathBuf::from(LOCAL_SOCKET_DIR_DEFAULT)),
             persistence: SyncPolicy::Fsync,
             origins: BTreeMap::new(),
         }
@@ -261,6 +265,7 @@ struct RawLayout {
 struct RawTransport {
     kind: Option<Spanned<String>>,
     provider: Option<Spanned<String>>,
+    local_socket_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,6 +410,16 @@ pub fn parse_retention(text: &str) -> Result<Retention, String> {
     Ok(Retention::Keep(Duration::from_secs(total)))
 }
 
+/// A directory of local sockets from outside input: `""` turns them off.
+pub fn parse_local_socket_dir(text: &str) -> Result<Option<PathBuf>, String> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let dir = PathBuf::from(text);
+    check_local_socket_dir(&dir)?;
+    Ok(Some(dir))
+}
+
 fn parse_transport(text: String) -> Result<TransportKind, String> {
     match text.as_str() {
         "tcp" => Ok(TransportKind::Tcp),
@@ -544,6 +559,12 @@ impl NodeConfig {
             transport.provider,
             &mut config.provider,
         );
+        r.set_with(
+            "transport.local_socket_dir",
+            transport.local_socket_dir,
+            &mut config.local_socket_dir,
+            |t| parse_local_socket_dir(&t),
+        )?;
 
         let persistence = raw.persistence.unwrap_or_default();
         let batch_ms = r.take("persistence.batch_ms", persistence.batch_ms);
@@ -1028,6 +1049,7 @@ chunk_size = 4194304
 [transport]
 kind = "fabric"
 provider = "verbs"
+local_socket_dir = "/tmp/dfs"
 
 [persistence]
 policy = "batch"
@@ -1038,6 +1060,7 @@ batch_ms = 5
         let config = NodeConfig::parse(FILE, &text).unwrap();
         config.validate().unwrap();
         assert_eq!(config.node_id, 7);
+        assert_eq!(config.local_socket_dir, Some(PathBuf::from("/tmp/dfs")));
         assert_eq!(config.listen, "0.0.0.0:7171".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("/var/lib/derechofs"));
         assert_eq!(config.contacts, ["node1:7070", "10.0.0.2:7070"]);
@@ -1103,6 +1126,16 @@ batch_ms = 5
         check("retention = \"30 days\"\n", "retention", 1);
         check("retention = \"0d\"\n", "retention", 1);
         check("[transport]\nkind = \"udp\"\n", "transport.kind", 2);
+        check(
+            &format!(
+                "[transport]\n\nlocal_socket_dir = \"/{}\"\n",
+                "d".repeat(100)
+            ),
+            "transport.local_socket_dir",
+            3,
+        );
+        let off = NodeConfig::parse(FILE, "[transport]\nlocal_socket_dir = \"\"\n").unwrap();
+        assert_eq!(off.local_socket_dir, None);
         check(
             "[persistence]\npolicy = \"sometimes\"\n",
             "persistence.policy",

@@ -2,15 +2,15 @@
 //! directly by the caller instead of by background tasks.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
 
 use super::frame::{FrameKind, Inbound};
 use super::link::{read_frame, Outbound, IO_BUFFER_BYTES};
+use super::stream::{LinkKind, ReadHalf, Stream, WriteHalf};
 use super::{
     handshake, BreakReason, ClientId, ConnectError, HandshakeError, Peer, Secret, SendError,
     FRAME_PAYLOAD_MAX, HANDSHAKE_TIMEOUT_MS,
@@ -21,6 +21,7 @@ use crate::view::NodeId;
 #[derive(Debug)]
 pub struct ClientConn {
     node_id: NodeId,
+    kind: LinkKind,
     sender: ClientSender,
     receiver: ClientReceiver,
 }
@@ -28,36 +29,47 @@ pub struct ClientConn {
 /// The sending half of a [`ClientConn`].
 #[derive(Debug)]
 pub struct ClientSender {
-    writer: BufWriter<OwnedWriteHalf>,
+    writer: BufWriter<WriteHalf>,
     outbound: Outbound,
 }
 
 /// The receiving half of a [`ClientConn`].
 #[derive(Debug)]
 pub struct ClientReceiver {
-    reader: BufReader<OwnedReadHalf>,
+    reader: BufReader<ReadHalf>,
     inbound: Inbound,
 }
 
 impl ClientConn {
-    /// Connects to the node at `addr` as client `client_id`, proving it holds `secret`. With
-    /// `expected`, the link is refused unless that node answers.
+    /// Connects over TCP to the node at `addr` as client `client_id`, proving it holds
+    /// `secret`. With `expected`, the link is refused unless that node answers.
     pub async fn connect(
         addr: SocketAddr,
         client_id: ClientId,
         secret: &Secret,
         expected: Option<NodeId>,
     ) -> Result<ClientConn, ConnectError> {
+        ClientConn::connect_via(addr, None, client_id, secret, expected).await
+    }
+
+    /// As [`ClientConn::connect`], through the node's socket file in `local_dir` if it has one
+    /// there that accepts, else over TCP (see [`super::stream`]).
+    pub async fn connect_via(
+        addr: SocketAddr,
+        local_dir: Option<&Path>,
+        client_id: ClientId,
+        secret: &Secret,
+        expected: Option<NodeId>,
+    ) -> Result<ClientConn, ConnectError> {
         let handshake = async {
-            let mut stream = TcpStream::connect(addr)
+            let (mut stream, link_addr) = Stream::connect(addr, local_dir)
                 .await
                 .map_err(ConnectError::Connect)?;
-            stream.set_nodelay(true).map_err(ConnectError::Connect)?;
             let acceptor =
                 handshake::dial(&mut stream, secret, Peer::Client(client_id), expected, 0).await?;
-            Ok::<_, ConnectError>((stream, acceptor))
+            Ok::<_, ConnectError>((stream, link_addr.kind(), acceptor))
         };
-        let (stream, acceptor) =
+        let (stream, kind, acceptor) =
             tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
                 .await
                 .unwrap_or(Err(ConnectError::Handshake(HandshakeError::TimedOut)))
@@ -69,6 +81,7 @@ impl ClientConn {
         let (read, write) = stream.into_split();
         Ok(ClientConn {
             node_id: acceptor.node_id,
+            kind,
             sender: ClientSender {
                 writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
                 outbound: Outbound::new(0),
@@ -83,6 +96,11 @@ impl ClientConn {
     /// The node at the other end.
     pub fn node_id(&self) -> NodeId {
         self.node_id
+    }
+
+    /// The kind of connection the link runs on.
+    pub fn kind(&self) -> LinkKind {
+        self.kind
     }
 
     /// Sends one message; see [`ClientSender::send`].

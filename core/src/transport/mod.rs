@@ -1,5 +1,10 @@
-//! The TCP transport: reliable FIFO links between the nodes of a group, and between nodes and
+//! The transport: reliable FIFO links between the nodes of a group, and between nodes and
 //! their clients, carrying the engine's encoded messages as opaque bytes.
+//!
+//! Links run over TCP, or over a Unix-domain stream socket between processes on the same
+//! machine ([`stream`]): a node that listens on TCP address A can also listen on a socket file
+//! named after A, and whoever dials A with the same socket directory tries that file first. The
+//! byte stream (handshake, frames) is the same on both kinds.
 //!
 //! Each node listens on one port that serves peers and clients; the [handshake](handshake) says
 //! which one connects and proves, in both directions, that each side holds the cluster
@@ -24,28 +29,35 @@ mod client;
 pub mod frame;
 pub mod handshake;
 mod link;
+pub mod stream;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::AbortHandle;
 
 pub use client::{ClientConn, ClientReceiver, ClientSendError, ClientSender};
 pub use frame::{FrameError, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX};
 pub use handshake::{HandshakeError, Refusal, Secret};
+pub use stream::{
+    check_local_socket_dir, local_socket_name, local_socket_path, LinkAddr, LinkKind,
+    LocalSocketError, LOCAL_SOCKET_DIR_DEFAULT,
+};
 
 use crate::view::NodeId;
 use frame::{dials, Inbound};
 use link::{read_frame, write_frames, Outgoing, Parts, IO_BUFFER_BYTES};
+use stream::{Listener, ReadHalf, Stream};
 
 /// A client's id, chosen by the client; unique among the clients linked to one node at a time.
 pub type ClientId = u64;
@@ -83,8 +95,8 @@ pub enum LinkEvent {
     Connected {
         /// The other end.
         peer: Peer,
-        /// Its address.
-        addr: SocketAddr,
+        /// Where it is: its TCP address, or the socket file of a local link.
+        addr: LinkAddr,
         /// The view it declared in the handshake.
         view_id: u32,
     },
@@ -151,7 +163,7 @@ pub enum ConnectError {
         /// The current view.
         view_id: u32,
     },
-    /// The TCP connection could not be made.
+    /// The connection could not be made.
     #[error("cannot connect: {0}")]
     Connect(#[source] std::io::Error),
     /// The handshake failed.
@@ -233,13 +245,17 @@ impl Payload {
 pub struct Transport {
     shared: Arc<Shared>,
     local_addr: SocketAddr,
-    acceptor: AbortHandle,
+    acceptors: Vec<AbortHandle>,
+    /// The socket file this transport listens on, until it is removed at a clean stop.
+    local_socket: Mutex<Option<PathBuf>>,
 }
 
 #[derive(Debug)]
 struct Shared {
     node_id: NodeId,
     secret: Secret,
+    /// The directory of local sockets: peers are dialed through theirs first.
+    local_dir: Option<PathBuf>,
     events: mpsc::Sender<LinkEvent>,
     state: Mutex<State>,
 }
@@ -274,6 +290,7 @@ impl State {
 #[derive(Debug)]
 struct Link {
     serial: u64,
+    kind: LinkKind,
     queue: mpsc::Sender<Outgoing>,
     budget: Arc<Semaphore>,
     supervisor: AbortHandle,
@@ -292,32 +309,114 @@ impl Shared {
 }
 
 impl Transport {
-    /// Listens on `addr` as node `node_id` of the cluster that holds `secret`. Returns the
-    /// transport and the receiver of its events, which the owner must keep draining.
+    /// Listens on `addr` over TCP only, as node `node_id` of the cluster that holds `secret`,
+    /// and dials over TCP only. Returns the transport and the receiver of its events, which the
+    /// owner must keep draining.
     pub async fn bind(
         addr: SocketAddr,
         node_id: NodeId,
         secret: Secret,
     ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
+        Transport::bind_with(addr, node_id, secret, None).await
+    }
+
+    /// As [`Transport::bind`], and with `local_dir`, also listens on the socket file named
+    /// after the TCP address in that directory ([`local_socket_path`]) and dials peers through
+    /// theirs when they have one. The TCP address is bound first: owning it proves the file's
+    /// name is this node's, so a stale file of that name is replaced. If the socket cannot be
+    /// bound, that is logged and the node serves TCP only.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        node_id: NodeId,
+        secret: Secret,
+        local_dir: Option<&Path>,
+    ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
         let listener = TcpListener::bind(addr).await?;
         let local_addr = listener.local_addr()?;
+        let local = match local_dir {
+            Some(dir) => match stream::bind_local(dir, local_addr) {
+                Ok(bound) => Some(bound),
+                Err(e) => {
+                    tracing::warn!(node = node_id, error = %e, "no local socket; serving TCP only");
+                    None
+                }
+            },
+            None => None,
+        };
         let (events, receiver) = mpsc::channel(EVENT_QUEUE_MAX);
         let shared = Arc::new(Shared {
             node_id,
             secret,
+            local_dir: local_dir.map(Path::to_path_buf),
             events,
             state: Mutex::new(State::default()),
         });
-        let acceptor = tokio::spawn(accept_loop(shared.clone(), listener)).abort_handle();
-        tracing::info!(node = node_id, %local_addr, "transport listening");
+        let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+        let mut acceptors = vec![tokio::spawn(accept_loop(
+            shared.clone(),
+            Listener::Tcp(listener),
+            handshakes.clone(),
+        ))
+        .abort_handle()];
+        let mut local_socket = None;
+        if let Some((listener, path)) = local {
+            tracing::info!(node = node_id, %local_addr, path = %path.display(), "transport listening");
+            local_socket = Some(path.clone());
+            acceptors.push(
+                tokio::spawn(accept_loop(
+                    shared.clone(),
+                    Listener::Local(listener, path),
+                    handshakes,
+                ))
+                .abort_handle(),
+            );
+        } else {
+            tracing::info!(node = node_id, %local_addr, "transport listening");
+        }
         Ok((
             Transport {
                 shared,
                 local_addr,
-                acceptor,
+                acceptors,
+                local_socket: Mutex::new(local_socket),
             },
             receiver,
         ))
+    }
+
+    /// The socket file the transport listens on, if it does.
+    pub fn local_socket(&self) -> Option<PathBuf> {
+        self.local_socket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Removes the socket file (once): no process dials this node through it any more.
+    fn remove_local_socket(&self) {
+        let path = self
+            .local_socket
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(path) = path {
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(node = self.shared.node_id, path = %path.display(), error = %e, "cannot remove the local socket");
+            }
+        }
+    }
+
+    /// The links that are up, with the kind of connection each runs on, by peer.
+    pub fn links(&self) -> Vec<(Peer, LinkKind)> {
+        let mut links: Vec<(Peer, LinkKind)> = self
+            .shared
+            .state()
+            .links
+            .iter()
+            .map(|(peer, link)| (*peer, link.kind))
+            .collect();
+        links.sort();
+        links
     }
 
     /// The address the transport listens on.
@@ -412,13 +511,13 @@ impl Transport {
         state.dialing.remove(&peer);
         match result {
             Ok(_) if state.closing => Err(ConnectError::Closing),
-            Ok((stream, remote_view)) => {
+            Ok((stream, link_addr, remote_view)) => {
                 spawn_link(
                     &self.shared,
                     &mut state,
                     Peer::Node(peer),
                     stream,
-                    addr,
+                    link_addr,
                     (view_id, remote_view),
                     None,
                 );
@@ -438,12 +537,11 @@ impl Transport {
         peer: NodeId,
         addr: SocketAddr,
         view_id: u32,
-    ) -> Result<(TcpStream, u32), ConnectError> {
+    ) -> Result<(Stream, LinkAddr, u32), ConnectError> {
         let handshake = async {
-            let mut stream = TcpStream::connect(addr)
+            let (mut stream, link_addr) = Stream::connect(addr, self.shared.local_dir.as_deref())
                 .await
                 .map_err(ConnectError::Connect)?;
-            stream.set_nodelay(true).map_err(ConnectError::Connect)?;
             let acceptor = handshake::dial(
                 &mut stream,
                 &self.shared.secret,
@@ -452,7 +550,7 @@ impl Transport {
                 view_id,
             )
             .await?;
-            Ok((stream, acceptor.view_id))
+            Ok((stream, link_addr, acceptor.view_id))
         };
         tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
             .await
@@ -545,6 +643,7 @@ impl Transport {
     /// for that at most [`CLOSE_WAIT_MS`]; no link is made afterwards. No event is reported for
     /// these links.
     pub async fn close(&self) {
+        self.remove_local_socket();
         let links: Vec<Link> = {
             let mut state = self.shared.state();
             state.closing = true;
@@ -582,7 +681,10 @@ impl Transport {
 
 impl Drop for Transport {
     fn drop(&mut self) {
-        self.acceptor.abort();
+        for acceptor in &self.acceptors {
+            acceptor.abort();
+        }
+        self.remove_local_socket();
         let links: Vec<Link> = self
             .shared
             .state()
@@ -602,8 +704,7 @@ fn permits(len: usize) -> u32 {
     len.max(1) as u32
 }
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
-    let handshakes = Arc::new(Semaphore::new(HANDSHAKES_MAX));
+async fn accept_loop(shared: Arc<Shared>, listener: Listener, handshakes: Arc<Semaphore>) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -626,9 +727,8 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn accept_connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
+async fn accept_connection(shared: Arc<Shared>, mut stream: Stream, addr: LinkAddr) {
     let node_id = shared.node_id;
-    let _ = stream.set_nodelay(true);
     let view_id = {
         let state = shared.state();
         if state.closing {
@@ -700,14 +800,15 @@ fn spawn_link(
     shared: &Arc<Shared>,
     state: &mut State,
     peer: Peer,
-    stream: TcpStream,
-    addr: SocketAddr,
+    stream: Stream,
+    addr: LinkAddr,
     views: (u32, u32),
     prefix: Option<u8>,
 ) {
     let (local_view, remote_view) = views;
     let serial = state.next_serial;
     state.next_serial += 1;
+    let kind = addr.kind();
     let (read, write) = stream.into_split();
     let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
     let (failed, writer_failed) = oneshot::channel();
@@ -726,6 +827,7 @@ fn spawn_link(
         peer,
         Link {
             serial,
+            kind,
             queue,
             budget: Arc::new(Semaphore::new(LINK_QUEUE_BYTES_MAX)),
             supervisor: supervisor.abort_handle(),
@@ -741,21 +843,21 @@ async fn supervise(
     shared: Arc<Shared>,
     peer: Peer,
     serial: u64,
-    addr: SocketAddr,
+    addr: LinkAddr,
     remote_view: u32,
-    read: tokio::net::tcp::OwnedReadHalf,
+    read: ReadHalf,
     writer_failed: oneshot::Receiver<BreakReason>,
     writer: AbortHandle,
 ) {
     let node = shared.node_id;
     // Clients come and go all the time; only links between nodes are news.
     match peer {
-        Peer::Node(_) => tracing::info!(node, ?peer, %addr, "link up"),
-        Peer::Client(_) => tracing::debug!(node, ?peer, %addr, "link up"),
+        Peer::Node(_) => tracing::info!(node, ?peer, %addr, kind = %addr.kind(), "link up"),
+        Peer::Client(_) => tracing::debug!(node, ?peer, %addr, kind = %addr.kind(), "link up"),
     }
     let connected = LinkEvent::Connected {
         peer,
-        addr,
+        addr: addr.clone(),
         view_id: remote_view,
     };
     let reason = if shared.events.send(connected).await.is_err() {

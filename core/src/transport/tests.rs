@@ -1,6 +1,8 @@
-//! The TCP transport on loopback: order, authentication, malformed input, meshes, clients.
+//! The transport on loopback and over local sockets: order, authentication, malformed input,
+//! meshes, clients, and the choice between the two kinds of connection.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -9,6 +11,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::frame::{encode_frame, FrameKind};
+use super::stream::Stream;
 use super::*;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -23,6 +26,58 @@ fn loopback() -> SocketAddr {
 
 async fn node(id: NodeId, key: &[u8]) -> (Transport, mpsc::Receiver<LinkEvent>) {
     Transport::bind(loopback(), id, secret(key)).await.unwrap()
+}
+
+/// A directory of local sockets for one test, removed at its end.
+struct LocalDir(PathBuf);
+
+impl LocalDir {
+    fn new(test: &str) -> LocalDir {
+        let dir = std::env::temp_dir().join(format!("dfs-t-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        LocalDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LocalDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A node listening on TCP and, with `dir`, on its socket file there (which must work).
+async fn node_in(
+    id: NodeId,
+    key: &[u8],
+    dir: Option<&Path>,
+) -> (Transport, mpsc::Receiver<LinkEvent>) {
+    let (transport, events) = Transport::bind_with(loopback(), id, secret(key), dir)
+        .await
+        .unwrap();
+    assert_eq!(
+        transport.local_socket(),
+        dir.map(|dir| local_socket_path(dir, transport.local_addr()))
+    );
+    (transport, events)
+}
+
+/// The kind of connection a dialer with `dir` makes to a node that listens locally there.
+fn kind_with(dir: Option<&Path>) -> LinkKind {
+    match dir {
+        Some(_) => LinkKind::Local,
+        None => LinkKind::Tcp,
+    }
+}
+
+/// A raw connection to `to`: through its socket file in `dir`, or over TCP without one.
+async fn raw_connect(to: &Transport, dir: Option<&Path>) -> Stream {
+    let (stream, addr) = Stream::connect(to.local_addr(), dir).await.unwrap();
+    assert_eq!(addr.kind(), kind_with(dir));
+    stream
 }
 
 async fn next_event(events: &mut mpsc::Receiver<LinkEvent>) -> LinkEvent {
@@ -108,8 +163,18 @@ async fn transport_two_nodes_exchange_many_frames_in_order() {
 
 #[tokio::test]
 async fn transport_wrong_secret_is_refused_on_both_sides() {
-    let (one, mut one_events) = node(1, b"cluster").await;
-    let (two, mut two_events) = node(2, b"intruder").await;
+    wrong_secret_is_refused_on_both_sides(None).await;
+}
+
+#[tokio::test]
+async fn transport_wrong_secret_is_refused_on_both_sides_over_local_sockets() {
+    let dir = LocalDir::new("secret");
+    wrong_secret_is_refused_on_both_sides(Some(dir.path())).await;
+}
+
+async fn wrong_secret_is_refused_on_both_sides(dir: Option<&Path>) {
+    let (one, mut one_events) = node_in(1, b"cluster", dir).await;
+    let (two, mut two_events) = node_in(2, b"intruder", dir).await;
     let error = one.connect(2, two.local_addr()).await.unwrap_err();
     assert!(
         matches!(
@@ -118,7 +183,7 @@ async fn transport_wrong_secret_is_refused_on_both_sides() {
         ),
         "{error}"
     );
-    let (three, mut three_events) = node(3, b"intruder").await;
+    let (three, mut three_events) = node_in(3, b"intruder", dir).await;
     let error = three.connect(4, one.local_addr()).await.unwrap_err();
     assert!(
         matches!(
@@ -128,7 +193,7 @@ async fn transport_wrong_secret_is_refused_on_both_sides() {
         ),
         "{error}"
     );
-    let error = ClientConn::connect(one.local_addr(), 77, &secret(b"intruder"), None)
+    let error = ClientConn::connect_via(one.local_addr(), dir, 77, &secret(b"intruder"), None)
         .await
         .unwrap_err();
     assert!(
@@ -140,7 +205,7 @@ async fn transport_wrong_secret_is_refused_on_both_sides() {
     );
     // A dialer with the wrong secret that ignores the acceptor's bad MAC still fails: the
     // acceptor checks the dialer's proof and closes without a verdict.
-    let mut raw = TcpStream::connect(one.local_addr()).await.unwrap();
+    let mut raw = raw_connect(&one, dir).await;
     let hello = handshake::Hello {
         dialer: Peer::Node(0),
         expected: None,
@@ -168,8 +233,8 @@ async fn transport_wrong_secret_is_refused_on_both_sides() {
 
 /// Opens an authenticated connection to `to` as node `as_node`, by hand, so a test can then write
 /// whatever bytes it likes.
-async fn raw_link(to: &Transport, as_node: NodeId, key: &[u8]) -> TcpStream {
-    let mut stream = TcpStream::connect(to.local_addr()).await.unwrap();
+async fn raw_link(to: &Transport, as_node: NodeId, key: &[u8], dir: Option<&Path>) -> Stream {
+    let mut stream = raw_connect(to, dir).await;
     handshake::dial(
         &mut stream,
         &secret(key),
@@ -203,6 +268,16 @@ async fn transport_garbage_before_the_handshake_is_refused_without_an_event() {
 /// Each malformed stream after the handshake breaks the link with its reason.
 #[tokio::test]
 async fn transport_malformed_frames_break_the_link_with_a_reason() {
+    malformed_frames_break_the_link_with_a_reason(None).await;
+}
+
+#[tokio::test]
+async fn transport_malformed_frames_break_a_local_link_with_a_reason() {
+    let dir = LocalDir::new("malformed");
+    malformed_frames_break_the_link_with_a_reason(Some(dir.path())).await;
+}
+
+async fn malformed_frames_break_the_link_with_a_reason(dir: Option<&Path>) {
     let good = |seq: u64, view: u32| {
         let mut bytes = Vec::new();
         encode_frame(&mut bytes, FrameKind::Message, view, seq, b"payload");
@@ -251,11 +326,12 @@ async fn transport_malformed_frames_break_the_link_with_a_reason() {
             *r == BreakReason::Truncated
         }),
     ];
-    let (acceptor, mut events) = node(100, b"cluster").await;
+    let (acceptor, mut events) = node_in(100, b"cluster", dir).await;
     for (dialer, (name, bytes, expected)) in (0..).zip(cases) {
         acceptor.set_view(dialer); // so the previous case's broken link does not refuse this one
-        let mut raw = raw_link(&acceptor, dialer, b"cluster").await;
+        let mut raw = raw_link(&acceptor, dialer, b"cluster", dir).await;
         expect_connected(&mut events, Peer::Node(dialer)).await;
+        assert_eq!(acceptor.links(), [(Peer::Node(dialer), kind_with(dir))]);
         raw.write_all(&bytes).await.unwrap();
         raw.shutdown().await.unwrap();
         // Well-formed frames before the bad one are delivered; then the link breaks.
@@ -577,15 +653,27 @@ async fn transport_three_nodes_form_a_full_mesh() {
 
 #[tokio::test]
 async fn transport_clients_send_requests_and_get_replies() {
-    let (one, mut one_events) = node(1, b"cluster").await;
-    let mut client = ClientConn::connect(one.local_addr(), 42, &secret(b"cluster"), Some(1))
-        .await
-        .unwrap();
+    clients_send_requests_and_get_replies(None).await;
+}
+
+#[tokio::test]
+async fn transport_local_clients_send_requests_and_get_replies() {
+    let dir = LocalDir::new("clients");
+    clients_send_requests_and_get_replies(Some(dir.path())).await;
+}
+
+async fn clients_send_requests_and_get_replies(dir: Option<&Path>) {
+    let (one, mut one_events) = node_in(1, b"cluster", dir).await;
+    let mut client =
+        ClientConn::connect_via(one.local_addr(), dir, 42, &secret(b"cluster"), Some(1))
+            .await
+            .unwrap();
     assert_eq!(client.node_id(), 1);
+    assert_eq!(client.kind(), kind_with(dir));
     expect_connected(&mut one_events, Peer::Client(42)).await;
 
     // A second connection under the same client id is refused while the first is up.
-    let error = ClientConn::connect(one.local_addr(), 42, &secret(b"cluster"), None)
+    let error = ClientConn::connect_via(one.local_addr(), dir, 42, &secret(b"cluster"), None)
         .await
         .unwrap_err();
     assert!(
@@ -646,8 +734,18 @@ async fn transport_send_rejects_oversized_payloads_and_unknown_peers() {
 /// stays bounded by the link's budget.
 #[tokio::test]
 async fn transport_a_stalled_peer_fills_the_queue_instead_of_memory() {
-    let (two, mut two_events) = node(2, b"cluster").await;
-    let _raw = raw_link(&two, 1, b"cluster").await; // never reads
+    a_stalled_peer_fills_the_queue_instead_of_memory(None).await;
+}
+
+#[tokio::test]
+async fn transport_a_stalled_local_peer_fills_the_queue_instead_of_memory() {
+    let dir = LocalDir::new("stalled");
+    a_stalled_peer_fills_the_queue_instead_of_memory(Some(dir.path())).await;
+}
+
+async fn a_stalled_peer_fills_the_queue_instead_of_memory(dir: Option<&Path>) {
+    let (two, mut two_events) = node_in(2, b"cluster", dir).await;
+    let _raw = raw_link(&two, 1, b"cluster", dir).await; // never reads
     expect_connected(&mut two_events, Peer::Node(1)).await;
     let chunk = Bytes::from(vec![1u8; 1 << 20]);
     let mut queued = 0usize;
@@ -664,4 +762,121 @@ async fn transport_a_stalled_peer_fills_the_queue_instead_of_memory() {
         tokio::task::yield_now().await;
     }
     assert!(queued > 0);
+}
+
+/// Nodes and clients with the same socket directory link over the socket files, report it, and
+/// exchange frames; a node without a directory dials over TCP.
+#[tokio::test]
+async fn transport_nodes_with_a_socket_directory_link_locally() {
+    let dir = LocalDir::new("locally");
+    let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    let (two, mut two_events) = node_in(2, b"cluster", Some(dir.path())).await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    let socket = local_socket_path(dir.path(), two.local_addr());
+    for events in [&mut one_events, &mut two_events] {
+        match next_event(events).await {
+            LinkEvent::Connected { addr, .. } => assert_eq!(addr, LinkAddr::Local(socket.clone())),
+            other => panic!("expected Connected, got {other:?}"),
+        }
+    }
+    assert_eq!(one.links(), [(Peer::Node(2), LinkKind::Local)]);
+    assert_eq!(two.links(), [(Peer::Node(1), LinkKind::Local)]);
+    for index in 0..100 {
+        one.send(Peer::Node(2), 0, payload(1, index)).await.unwrap();
+        match next_event(&mut two_events).await {
+            LinkEvent::Frame { bytes, .. } => assert_eq!(bytes, payload(1, index)),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+    // A node without the directory dials the same node over TCP.
+    let (zero, mut zero_events) = node_in(0, b"cluster", None).await;
+    zero.connect(2, two.local_addr()).await.unwrap();
+    match next_event(&mut zero_events).await {
+        LinkEvent::Connected { addr, .. } => assert_eq!(addr, LinkAddr::Tcp(two.local_addr())),
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    expect_connected(&mut two_events, Peer::Node(0)).await;
+    assert_eq!(
+        two.links(),
+        [
+            (Peer::Node(0), LinkKind::Tcp),
+            (Peer::Node(1), LinkKind::Local)
+        ]
+    );
+}
+
+/// A socket file nobody listens on (a node that died) makes dialers fall back to TCP; a node
+/// that binds the address replaces the stale file, and removes its own at a clean stop.
+#[tokio::test]
+async fn transport_a_stale_socket_file_falls_back_to_tcp_and_is_replaced() {
+    let dir = LocalDir::new("stale");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    // A TCP-only node, and a stale socket file under its address.
+    let (tcp_only, mut tcp_events) = node_in(5, b"cluster", None).await;
+    let stale = local_socket_path(dir.path(), tcp_only.local_addr());
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    let client = ClientConn::connect_via(
+        tcp_only.local_addr(),
+        Some(dir.path()),
+        7,
+        &secret(b"cluster"),
+        Some(5),
+    )
+    .await
+    .unwrap();
+    assert_eq!(client.kind(), LinkKind::Tcp);
+    expect_connected(&mut tcp_events, Peer::Client(7)).await;
+    let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    one.connect(5, tcp_only.local_addr()).await.unwrap();
+    match next_event(&mut one_events).await {
+        LinkEvent::Connected { addr, .. } => {
+            assert_eq!(addr, LinkAddr::Tcp(tcp_only.local_addr()))
+        }
+        other => panic!("expected Connected, got {other:?}"),
+    }
+    drop(client);
+    drop(tcp_only);
+
+    // A node that owns an address replaces a stale socket file of its name.
+    let addr = {
+        let probe = std::net::TcpListener::bind(loopback()).unwrap();
+        probe.local_addr().unwrap()
+    };
+    let path = local_socket_path(dir.path(), addr);
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let (owner, _owner_events) =
+        Transport::bind_with(addr, 6, secret(b"cluster"), Some(dir.path()))
+            .await
+            .unwrap();
+    assert_eq!(owner.local_socket(), Some(path.clone()));
+    let client = ClientConn::connect_via(addr, Some(dir.path()), 8, &secret(b"cluster"), Some(6))
+        .await
+        .unwrap();
+    assert_eq!(client.kind(), LinkKind::Local);
+    owner.close().await;
+    assert!(!path.exists(), "a clean stop removes the socket file");
+}
+
+/// A socket directory that cannot be used does not stop the node: it serves TCP only.
+#[tokio::test]
+async fn transport_an_unusable_socket_directory_leaves_tcp_serving() {
+    let dir = LocalDir::new("unusable");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let (one, mut one_events) =
+        Transport::bind_with(loopback(), 1, secret(b"cluster"), Some(&file))
+            .await
+            .unwrap();
+    assert_eq!(one.local_socket(), None);
+    let client =
+        ClientConn::connect_via(one.local_addr(), Some(&file), 3, &secret(b"cluster"), None)
+            .await
+            .unwrap();
+    assert_eq!(client.kind(), LinkKind::Tcp);
+    expect_connected(&mut one_events, Peer::Client(3)).await;
+    assert!(check_local_socket_dir(Path::new("/run/derechofs")).is_ok());
+    assert!(check_local_socket_dir(Path::new("")).is_ok());
+    assert!(check_local_socket_dir(&PathBuf::from("/".repeat(90))).is_err());
 }

@@ -163,9 +163,14 @@ impl Driver {
     ) -> anyhow::Result<()> {
         let me = config.node_id;
         let secret = config.secret()?;
-        let (transport, mut events) = Transport::bind(config.listen, me, secret)
-            .await
-            .with_context(|| format!("listening on {}", config.listen))?;
+        let (transport, mut events) = Transport::bind_with(
+            config.listen,
+            me,
+            secret,
+            config.local_socket_dir.as_deref(),
+        )
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
         let mut joiner = None;
         let (view, restart, logged) = match start {
             Start::Fresh(view) => {

@@ -1,0 +1,317 @@
+//! The two kinds of connection a link runs on: TCP, and a Unix-domain stream socket between
+//! processes on the same machine. The byte stream is the same on both (handshake, frames); only
+//! the way it is carried differs.
+//!
+//! A node that listens on TCP address A may also listen on a socket file named after A
+//! ([`local_socket_name`]) in a directory of its configuration. Whoever dials A with the same
+//! directory tries that file first and falls back to TCP on any connect error (a stale file, a
+//! node that stopped, a path too long): owning A on TCP is what lets a node bind the file, so
+//! the file leads to the node that owns A.
+
+use std::fmt;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{tcp, unix, TcpListener, TcpStream, UnixListener, UnixStream};
+
+/// The directory of the local sockets when the configuration does not name one.
+pub const LOCAL_SOCKET_DIR_DEFAULT: &str = "/run/derechofs";
+
+/// Bytes of a socket file's path, without its terminating NUL, that fit in a `sockaddr_un`
+/// (108 bytes of `sun_path` on Linux).
+pub const SOCKET_PATH_MAX: usize = 107;
+
+/// Bytes of the longest socket file name of an IPv4 address (`255.255.255.255:65535.sock`).
+pub const SOCKET_NAME_V4_MAX: usize = 26;
+
+/// The kind of connection a link runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LinkKind {
+    /// TCP.
+    Tcp,
+    /// A Unix-domain stream socket on this machine.
+    Local,
+}
+
+impl fmt::Display for LinkKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LinkKind::Tcp => "tcp",
+            LinkKind::Local => "local",
+        })
+    }
+}
+
+/// Where the other end of a link is, as far as this end knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum LinkAddr {
+    /// A TCP connection: the peer's address (for an accepted connection, its source address).
+    Tcp(SocketAddr),
+    /// A Unix-domain connection through this socket file: the node's own file for an accepted
+    /// connection (the dialing process has no address), the file dialed otherwise.
+    Local(PathBuf),
+}
+
+impl LinkAddr {
+    /// The kind of connection.
+    pub fn kind(&self) -> LinkKind {
+        match self {
+            LinkAddr::Tcp(_) => LinkKind::Tcp,
+            LinkAddr::Local(_) => LinkKind::Local,
+        }
+    }
+}
+
+impl fmt::Display for LinkAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LinkAddr::Tcp(addr) => write!(f, "{addr}"),
+            LinkAddr::Local(path) => write!(f, "local:{}", path.display()),
+        }
+    }
+}
+
+/// The name of the socket file of a node listening on TCP address `addr`: the address as
+/// written by [`SocketAddr`]'s `Display` (`127.0.0.1:7070`, `[::1]:7070`) and `.sock`.
+pub fn local_socket_name(addr: SocketAddr) -> String {
+    format!("{addr}.sock")
+}
+
+/// The socket file of the node listening on `addr`, in `dir`.
+pub fn local_socket_path(dir: &Path, addr: SocketAddr) -> PathBuf {
+    dir.join(local_socket_name(addr))
+}
+
+/// Checks a local socket directory from outside input: the path of a socket file of an IPv4
+/// address in it must fit in a `sockaddr_un`. An empty path means no local sockets and passes.
+pub fn check_local_socket_dir(dir: &Path) -> Result<(), String> {
+    let len = dir.as_os_str().len();
+    if len > 0 && len + 1 + SOCKET_NAME_V4_MAX > SOCKET_PATH_MAX {
+        return Err(format!(
+            "{} is {len} bytes: the socket files in it would not fit the {SOCKET_PATH_MAX} bytes of a Unix socket address (at most {} bytes)",
+            dir.display(),
+            SOCKET_PATH_MAX - 1 - SOCKET_NAME_V4_MAX
+        ));
+    }
+    Ok(())
+}
+
+/// A connection of either kind.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    Tcp(TcpStream),
+    Local(UnixStream),
+}
+
+impl Stream {
+    /// Dials the node listening on TCP address `addr`: through its socket file in `local_dir`
+    /// if there is one that accepts, else over TCP.
+    pub async fn connect(
+        addr: SocketAddr,
+        local_dir: Option<&Path>,
+    ) -> io::Result<(Stream, LinkAddr)> {
+        if let Some(dir) = local_dir {
+            let path = local_socket_path(dir, addr);
+            match UnixStream::connect(&path).await {
+                Ok(stream) => return Ok((Stream::Local(stream), LinkAddr::Local(path))),
+                // No file: the node is elsewhere or does not listen locally; the ordinary case.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::debug!(path = %path.display(), error = %e, "local socket refused; dialing over TCP")
+                }
+            }
+        }
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok((Stream::Tcp(stream), LinkAddr::Tcp(addr)))
+    }
+
+    pub fn into_split(self) -> (ReadHalf, WriteHalf) {
+        match self {
+            Stream::Tcp(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Tcp(r), WriteHalf::Tcp(w))
+            }
+            Stream::Local(s) => {
+                let (r, w) = s.into_split();
+                (ReadHalf::Local(r), WriteHalf::Local(w))
+            }
+        }
+    }
+}
+
+/// The reading half of a [`Stream`].
+#[derive(Debug)]
+pub(crate) enum ReadHalf {
+    Tcp(tcp::OwnedReadHalf),
+    Local(unix::OwnedReadHalf),
+}
+
+/// The writing half of a [`Stream`].
+#[derive(Debug)]
+pub(crate) enum WriteHalf {
+    Tcp(tcp::OwnedWriteHalf),
+    Local(unix::OwnedWriteHalf),
+}
+
+macro_rules! impl_read {
+    ($t:ty) => {
+        impl AsyncRead for $t {
+            fn poll_read(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+                    Self::Local(s) => Pin::new(s).poll_read(cx, buf),
+                }
+            }
+        }
+    };
+}
+
+macro_rules! impl_write {
+    ($t:ty) => {
+        impl AsyncWrite for $t {
+            fn poll_write(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                buf: &[u8],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+                    Self::Local(s) => Pin::new(s).poll_write(cx, buf),
+                }
+            }
+
+            fn poll_write_vectored(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+                bufs: &[IoSlice<'_>],
+            ) -> Poll<io::Result<usize>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                    Self::Local(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+                }
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                match self {
+                    Self::Tcp(s) => s.is_write_vectored(),
+                    Self::Local(s) => s.is_write_vectored(),
+                }
+            }
+
+            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_flush(cx),
+                    Self::Local(s) => Pin::new(s).poll_flush(cx),
+                }
+            }
+
+            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+                match self.get_mut() {
+                    Self::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+                    Self::Local(s) => Pin::new(s).poll_shutdown(cx),
+                }
+            }
+        }
+    };
+}
+
+impl_read!(Stream);
+impl_read!(ReadHalf);
+impl_write!(Stream);
+impl_write!(WriteHalf);
+
+/// A listener of either kind.
+#[derive(Debug)]
+pub(crate) enum Listener {
+    Tcp(TcpListener),
+    /// With the path of its socket file.
+    Local(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// The next connection, and where it came from.
+    pub async fn accept(&self) -> io::Result<(Stream, LinkAddr)> {
+        match self {
+            Listener::Tcp(listener) => {
+                let (stream, addr) = listener.accept().await?;
+                // A connection whose option cannot be set still works, only slower.
+                let _ = stream.set_nodelay(true);
+                Ok((Stream::Tcp(stream), LinkAddr::Tcp(addr)))
+            }
+            Listener::Local(listener, path) => {
+                let (stream, _unnamed) = listener.accept().await?;
+                Ok((Stream::Local(stream), LinkAddr::Local(path.clone())))
+            }
+        }
+    }
+}
+
+/// Why the local socket of a node could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum LocalSocketError {
+    /// The directory could not be created.
+    #[error("cannot create the directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Something other than a socket has the socket file's name; it is left alone.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// A stale socket file could not be removed.
+    #[error("cannot remove the stale socket {path}: {source}")]
+    RemoveStale {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// Binding failed (a path too long for a socket address, no permission, ...).
+    #[error("cannot bind {path}: {source}")]
+    Bind {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+}
+
+/// Binds the socket file of the node that owns TCP address `addr` (the caller has bound it):
+/// creates `dir` if needed and removes a stale socket of that name first.
+pub(crate) fn bind_local(
+    dir: &Path,
+    addr: SocketAddr,
+) -> Result<(UnixListener, PathBuf), LocalSocketError> {
+    std::fs::create_dir_all(dir).map_err(|source| LocalSocketError::CreateDir {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let path = local_socket_path(dir, addr);
+    match std::fs::symlink_metadata(&path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            std::fs::remove_file(&path).map_err(|source| LocalSocketError::RemoveStale {
+                path: path.clone(),
+                source,
+            })?
+        }
+        Ok(_) => return Err(LocalSocketError::NotASocket(path)),
+        Err(_) => {}
+    }
+    let listener = UnixListener::bind(&path).map_err(|source| LocalSocketError::Bind {
+        path: path.clone(),
+        source,
+    })?;
+    Ok((listener, path))
+}
