@@ -36,6 +36,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -43,7 +44,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
 use derechofs_core::protocol::{ErrorCode, LayoutInfo, Reply, Request, SubgroupShard};
-use derechofs_core::transport::{ClientConn, ClientId, ClientReceiver, ClientSender, Secret};
+use derechofs_core::transport::{
+    ClientConn, ClientId, ClientReceiver, ClientSender, Secret, LOCAL_SOCKET_DIR_DEFAULT,
+};
 use derechofs_core::{Hlc, NodeId, Version};
 use derechofs_fs::attr_cache::CacheStats;
 use derechofs_fs::chunk::check_chunk_size;
@@ -97,6 +100,9 @@ pub struct RemoteConfig {
     /// file system answers `getattr` and `lookup` from while the feed is caught up
     /// (docs/SEMANTICS.md). Off: every one is a read of the cluster.
     pub attr_cache: bool,
+    /// The directory of the nodes' local sockets: a member that has its socket file there is
+    /// reached through it, the others over TCP. `None`: TCP only.
+    pub local_socket_dir: Option<PathBuf>,
 }
 
 impl RemoteConfig {
@@ -110,6 +116,7 @@ impl RemoteConfig {
             durable_writes: false,
             prefer: None,
             attr_cache: true,
+            local_socket_dir: Some(PathBuf::from(LOCAL_SOCKET_DIR_DEFAULT)),
         }
     }
 }
@@ -818,7 +825,9 @@ impl Inner {
     async fn learn_from_contacts(self: &Arc<Self>) -> Result<LayoutInfo, String> {
         let mut last = "no contact resolved".to_string();
         for &addr in &self.contacts {
-            let conn = match ClientConn::connect(addr, self.id, &self.config.secret, None).await {
+            let local_dir = self.config.local_socket_dir.as_deref();
+            let secret = &self.config.secret;
+            let conn = match ClientConn::connect_via(addr, local_dir, self.id, secret, None).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     last = format!("{addr}: {e}");
@@ -892,7 +901,10 @@ impl Inner {
         let addr = lock(&self.layout)
             .addr_of(node)
             .ok_or_else(|| format!("node {node} has no address in the view"))?;
-        let conn = match ClientConn::connect(addr, self.id, &self.config.secret, Some(node)).await {
+        let local_dir = self.config.local_socket_dir.as_deref();
+        let secret = &self.config.secret;
+        let conn = match ClientConn::connect_via(addr, local_dir, self.id, secret, Some(node)).await
+        {
             Ok(conn) => conn,
             Err(e) => {
                 lock(&self.down).insert(node, Instant::now());
@@ -1069,7 +1081,9 @@ async fn feed_once(inner: &Arc<Inner>, node: NodeId) -> (String, bool) {
         return (format!("node {node} has no address in the view"), false);
     };
     // A link of its own, under an id of its own: the feed's frames never queue behind replies.
-    let conn = match ClientConn::connect(addr, random_id(), &inner.config.secret, Some(node)).await
+    let local_dir = inner.config.local_socket_dir.as_deref();
+    let secret = &inner.config.secret;
+    let conn = match ClientConn::connect_via(addr, local_dir, random_id(), secret, Some(node)).await
     {
         Ok(conn) => conn,
         Err(e) => {

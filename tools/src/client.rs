@@ -19,13 +19,16 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
 use derechofs_core::kv::{KvOp, KvReply, KvRequest, ReadAt, Versioned};
-use derechofs_core::transport::{ClientConn, ClientId, ClientReceiver, ClientSender, Secret};
+use derechofs_core::transport::{
+    ClientConn, ClientId, ClientReceiver, ClientSender, LinkKind, Secret,
+};
 use derechofs_core::{Hlc, NodeId, Version};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
@@ -96,6 +99,8 @@ pub struct ReadResult {
 pub struct Client {
     id: ClientId,
     secret: Secret,
+    /// The directory of the nodes' local sockets (`None`: TCP only).
+    local_dir: Option<PathBuf>,
     layout: LayoutInfo,
     /// The links to the members, possibly shared with other clients.
     links: Arc<Links>,
@@ -185,6 +190,8 @@ struct Link {
     node: NodeId,
     /// The address it was made to.
     addr: SocketAddr,
+    /// The kind of connection it runs on.
+    kind: LinkKind,
     queue: mpsc::Sender<Outgoing>,
     waiting: Arc<Mutex<Waiting>>,
     next_tag: AtomicU64,
@@ -196,6 +203,7 @@ impl Link {
     /// Starts the writer and reader tasks of an established connection.
     fn start(conn: ClientConn, addr: SocketAddr) -> Link {
         let node = conn.node_id();
+        let kind = conn.kind();
         let (sender, receiver) = conn.into_split();
         let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
         let waiting = Arc::new(Mutex::new(Waiting::default()));
@@ -204,6 +212,7 @@ impl Link {
         Link {
             node,
             addr,
+            kind,
             queue,
             waiting,
             next_tag: AtomicU64::new(1),
@@ -367,15 +376,19 @@ async fn read_replies(mut receiver: ClientReceiver, waiting: Arc<Mutex<Waiting>>
 pub struct Links {
     id: ClientId,
     secret: Secret,
+    /// The directory of the nodes' local sockets (`None`: TCP only).
+    local_dir: Option<PathBuf>,
     links: tokio::sync::Mutex<HashMap<NodeId, Arc<Link>>>,
 }
 
 impl Links {
-    /// No link yet; links are made on first use, as `id` (unique among a node's clients).
-    pub fn new(id: ClientId, secret: Secret) -> Arc<Links> {
+    /// No link yet; links are made on first use, as `id` (unique among a node's clients), to
+    /// the nodes that have a socket file in `local_dir` through it and to the others over TCP.
+    pub fn new(id: ClientId, secret: Secret, local_dir: Option<PathBuf>) -> Arc<Links> {
         Arc::new(Links {
             id,
             secret,
+            local_dir,
             links: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
@@ -390,7 +403,8 @@ impl Links {
             }
             links.remove(&node);
         }
-        let connect = ClientConn::connect(addr, self.id, &self.secret, Some(node));
+        let local_dir = self.local_dir.as_deref();
+        let connect = ClientConn::connect_via(addr, local_dir, self.id, &self.secret, Some(node));
         let conn =
             match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
                 Ok(Ok(conn)) => conn,
@@ -409,7 +423,8 @@ impl Links {
         if let Some(link) = links.values().find(|l| l.addr == addr && !l.is_broken()) {
             return Ok((link.node, link.clone()));
         }
-        let connect = ClientConn::connect(addr, self.id, &self.secret, None);
+        let local_dir = self.local_dir.as_deref();
+        let connect = ClientConn::connect_via(addr, local_dir, self.id, &self.secret, None);
         let conn =
             match tokio::time::timeout(Duration::from_millis(CONNECT_TIMEOUT_MS), connect).await {
                 Ok(Ok(conn)) => conn,
@@ -461,11 +476,21 @@ impl Links {
 }
 
 impl Client {
-    /// Connects through the first contact that answers and learns the layout from it; the
-    /// client has links of its own.
+    /// Connects over TCP through the first contact that answers and learns the layout from
+    /// it; the client has links of its own.
     pub async fn connect(contacts: &[String], secret: Secret) -> Result<Client, ClientError> {
+        Client::connect_via(contacts, secret, None).await
+    }
+
+    /// As [`Client::connect`], reaching the nodes that have a socket file in `local_dir`
+    /// through it and the others over TCP.
+    pub async fn connect_via(
+        contacts: &[String],
+        secret: Secret,
+        local_dir: Option<PathBuf>,
+    ) -> Result<Client, ClientError> {
         let id = random_id();
-        Client::connect_as(id, contacts, Links::new(id, secret)).await
+        Client::connect_as(id, contacts, Links::new(id, secret, local_dir)).await
     }
 
     /// As [`Client::connect`], sharing `links` (and their connections) with other clients.
@@ -490,6 +515,7 @@ impl Client {
                         return Ok(Client {
                             id,
                             secret: links.secret.clone(),
+                            local_dir: links.local_dir.clone(),
                             layout,
                             links,
                             contacts: resolved.clone(),
@@ -836,6 +862,15 @@ impl Client {
         }
     }
 
+    /// The kind of connection of this client's link to `node`, if one is up.
+    pub async fn link_kind(&self, node: NodeId) -> Option<LinkKind> {
+        let links = self.links.links.lock().await;
+        links
+            .get(&node)
+            .filter(|link| !link.is_broken())
+            .map(|link| link.kind)
+    }
+
     /// The status of one member.
     pub async fn status_of(&mut self, node: NodeId) -> Result<NodeStatus, ClientError> {
         match self.call_node(node, &Request::Status).await {
@@ -869,6 +904,7 @@ impl Client {
                 index: shard.index,
                 layout: self.layout.clone(),
                 secret: self.secret.clone(),
+                local_dir: self.local_dir.clone(),
                 spread: self.spread,
                 cursor: None,
             };
@@ -890,6 +926,7 @@ struct ShardWatch {
     index: u16,
     layout: LayoutInfo,
     secret: Secret,
+    local_dir: Option<PathBuf>,
     spread: usize,
     /// The last event delivered: its version and key; or, before the first event, the version
     /// the watch started after and no key.
@@ -927,7 +964,10 @@ impl ShardWatch {
                 continue;
             };
             // A link of its own, so its events do not mix with this client's replies.
-            let conn = ClientConn::connect(addr, random_id(), &self.secret, Some(node)).await;
+            let local_dir = self.local_dir.as_deref();
+            let conn =
+                ClientConn::connect_via(addr, local_dir, random_id(), &self.secret, Some(node))
+                    .await;
             let mut conn = match conn {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -1093,7 +1133,7 @@ mod tests {
     async fn clients_sharing_links_each_get_their_own_reply_whatever_the_order_of_answers() {
         let (transport, mut events) = node().await;
         let contacts = vec![transport.local_addr().to_string()];
-        let links = Links::new(random_id(), secret());
+        let links = Links::new(random_id(), secret(), None);
         const CLIENTS: u64 = 8;
         let mut tasks = Vec::new();
         for i in 0..CLIENTS {
@@ -1143,7 +1183,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_link_that_breaks_fails_every_request_waiting_on_it_at_once() {
         let (transport, mut events) = node().await;
-        let links = Links::new(random_id(), secret());
+        let links = Links::new(random_id(), secret(), None);
         let link = links
             .link(NODE, transport.local_addr())
             .await

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use derechofs_core::kv::{KvOp, KvReply, ReadAt};
-use derechofs_core::transport::Secret;
+use derechofs_core::transport::{Secret, LOCAL_SOCKET_DIR_DEFAULT};
 use derechofs_core::{Hlc, NodeId, Version};
 
 use crate::client::Client;
@@ -23,6 +23,19 @@ pub struct ClientArgs {
     /// File holding the cluster secret (default: the development secret of loopback clusters).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// Directory of the nodes' local sockets: members with a socket file there are reached
+    /// through it, the others over TCP; "" for TCP only.
+    #[arg(long, default_value = LOCAL_SOCKET_DIR_DEFAULT, value_parser = parse_local_socket_dir_arg)]
+    pub local_socket_dir: LocalSocketDir,
+}
+
+/// A `--local-socket-dir` value: `None` for TCP only.
+#[derive(Clone, Debug)]
+pub struct LocalSocketDir(pub Option<PathBuf>);
+
+/// Parses `--local-socket-dir`.
+pub fn parse_local_socket_dir_arg(text: &str) -> Result<LocalSocketDir, String> {
+    crate::config::parse_local_socket_dir(text).map(LocalSocketDir)
 }
 
 /// `derechofs kv`.
@@ -129,7 +142,8 @@ pub fn run(args: KvArgs) -> anyhow::Result<i32> {
 
 async fn run_kv(args: KvArgs) -> anyhow::Result<i32> {
     let secret = secret(&args.client.secret_file)?;
-    let mut client = Client::connect(&args.client.contacts, secret).await?;
+    let local_dir = args.client.local_socket_dir.0.clone();
+    let mut client = Client::connect_via(&args.client.contacts, secret, local_dir).await?;
     let result = kv_command(&mut client, args.command).await;
     client.close().await;
     result
@@ -272,7 +286,8 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
 pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
     runtime()?.block_on(async {
         let secret = secret(&args.secret_file)?;
-        let mut client = Client::connect(&args.contacts, secret).await?;
+        let local_dir = args.local_socket_dir.0.clone();
+        let mut client = Client::connect_via(&args.contacts, secret, local_dir).await?;
         let layout = client.layout().clone();
         outln!("view {}", layout.view_id)?;
         let mut table = vec![vec![
@@ -287,6 +302,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             "pending".into(),
             "versions".into(),
             "keys".into(),
+            "link".into(),
             "serving".into(),
         ]];
         let now_us = std::time::SystemTime::now()
@@ -294,7 +310,12 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             .map_or(0, |d| d.as_micros() as u64);
         let mut failed = false;
         for (node, addr) in &layout.members {
-            match client.status_of(*node).await {
+            let status = client.status_of(*node).await;
+            let link = client
+                .link_kind(*node)
+                .await
+                .map_or("-".to_string(), |kind| kind.to_string());
+            match status {
                 Ok(s) => {
                     let mut state = s.state.clone();
                     if !s.suspected.is_empty() {
@@ -303,7 +324,9 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                     if s.shards.is_empty() {
                         // A spare (or a node still joining): one row, with no shard.
                         let mut row = vec![node.to_string(), addr.to_string(), state.clone()];
-                        row.resize(12, "-".to_string());
+                        row.resize(11, "-".to_string());
+                        row.push(link.clone());
+                        row.push("-".to_string());
                         table.push(row);
                     }
                     for sh in &s.shards {
@@ -334,6 +357,7 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                             sh.pending_requests.to_string(),
                             sh.versions.to_string(),
                             sh.keys.to_string(),
+                            link.clone(),
                             if sh.catching_up {
                                 "catching-up".into()
                             } else {
@@ -349,7 +373,9 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
                         addr.to_string(),
                         format!("unreachable: {e}"),
                     ];
-                    row.resize(12, String::new());
+                    row.resize(11, String::new());
+                    row.push(link);
+                    row.push(String::new());
                     table.push(row);
                 }
             }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use derechofs_client::{RemoteConfig, RemoteShards};
+use derechofs_core::transport::LOCAL_SOCKET_DIR_DEFAULT;
 use derechofs_fs::{Creds, FileSystem, FsConfig};
 use derechofs_mount::{DerechoFs, MountOptions};
 
@@ -44,6 +45,10 @@ pub struct Args {
     /// File holding the cluster secret (default: the development secret of loopback clusters).
     #[arg(long)]
     secret_file: Option<PathBuf>,
+    /// Directory of the nodes' local sockets: members with a socket file there are reached
+    /// through it, the others over TCP; "" for TCP only.
+    #[arg(long, default_value = LOCAL_SOCKET_DIR_DEFAULT, value_parser = crate::kv::parse_local_socket_dir_arg)]
+    local_socket_dir: crate::kv::LocalSocketDir,
 }
 
 /// Splits and checks a contact list.
@@ -137,13 +142,18 @@ fn prepare(spec: &str, mountpoint: &Path, options: &str) -> anyhow::Result<Prepa
     })
 }
 
-fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
+fn serve(
+    p: Prepared,
+    secret_file: &Option<PathBuf>,
+    local_socket_dir: Option<PathBuf>,
+) -> anyhow::Result<()> {
     reach_one(&p.contacts, p.options.connect_timeout)?;
     let secret = crate::kv::secret(secret_file)?;
     let mut config = RemoteConfig::new(p.contacts.clone(), secret);
     config.durable_writes = p.options.sync == Some(true);
     config.prefer = p.options.prefer;
     config.attr_cache = p.options.attr_cache;
+    config.local_socket_dir = local_socket_dir;
     let shards = RemoteShards::connect(config)
         .with_context(|| format!("connecting to the cluster through {}", p.spec))?;
     let fs = FileSystem::new(
@@ -177,7 +187,7 @@ fn serve(p: Prepared, secret_file: &Option<PathBuf>) -> anyhow::Result<()> {
 /// `derechofs mount`: mounts and serves in the foreground.
 pub fn run(args: Args) -> anyhow::Result<()> {
     let p = prepare(&args.contacts, &args.mountpoint, &args.options)?;
-    serve(p, &args.secret_file)
+    serve(p, &args.secret_file, args.local_socket_dir.0)
 }
 
 /// Exit statuses of mount(8) helpers.

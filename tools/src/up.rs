@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use derechofs_core::transport::LOCAL_SOCKET_DIR_DEFAULT;
 use derechofs_mount::MountOptions;
 
 use crate::out::errln;
@@ -42,6 +43,10 @@ pub struct Args {
     /// Mount options, as for `derechofs mount`.
     #[arg(short = 'o', default_value = "")]
     options: String,
+    /// Directory of the local sockets the nodes and the mount link through (written into the
+    /// nodes' configurations on the first run); "" for loopback TCP.
+    #[arg(long, default_value = LOCAL_SOCKET_DIR_DEFAULT, value_parser = crate::kv::parse_local_socket_dir_arg)]
+    local_socket_dir: crate::kv::LocalSocketDir,
 }
 
 /// A started child, stopped by its pid when dropped.
@@ -91,7 +96,7 @@ fn tail(path: &Path) -> String {
 }
 
 /// The node configurations under `data`, written on the first run; returns their addresses.
-fn configs(data: &Path, nodes: usize) -> anyhow::Result<Vec<String>> {
+fn configs(data: &Path, nodes: usize, local_dir: &str) -> anyhow::Result<Vec<String>> {
     let existing: Vec<PathBuf> = (1..=NODES_MAX)
         .map(|i| data.join(format!("n{i}.toml")))
         .filter(|p| p.exists())
@@ -138,7 +143,7 @@ fn configs(data: &Path, nodes: usize) -> anyhow::Result<Vec<String>> {
         let config = format!(
             "# Written by `derechofs up`; docs/CONFIG.md lists every key.\n\
              node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n\n\
-             [layout]\nreplicas = {}\n",
+             [layout]\nreplicas = {}\n\n[transport]\nlocal_socket_dir = {local_dir:?}\n",
             i + 1,
             data_abs.join(format!("data{}", i + 1)).display(),
             members.join("\n"),
@@ -164,7 +169,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mountpoint = args.mountpoint.canonicalize().context("the mount point")?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating {}", args.data.display()))?;
-    let addrs = configs(&args.data, args.nodes)?;
+    let local_dir = args
+        .local_socket_dir
+        .0
+        .as_ref()
+        .map_or(String::new(), |d| d.display().to_string());
+    let addrs = configs(&args.data, args.nodes, &local_dir)?;
     let contacts = addrs.join(",");
     let exe = std::env::current_exe().context("finding this program")?;
 
@@ -212,7 +222,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
         }
         let out = Command::new(&exe)
-            .args(["status", "--contacts", &contacts])
+            .args([
+                "status",
+                "--contacts",
+                &contacts,
+                "--local-socket-dir",
+                &local_dir,
+            ])
             .stdin(Stdio::null())
             .stderr(Stdio::null())
             .output()
@@ -241,6 +257,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let child = Command::new(&exe)
         .arg("mount")
+        .arg("--local-socket-dir")
+        .arg(&local_dir)
         .arg(&contacts)
         .arg(&mountpoint)
         .arg("-o")

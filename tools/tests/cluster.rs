@@ -239,3 +239,79 @@ fn t10_cluster_three_nodes_concurrent_clients_replicas_agree_and_survive_restart
     cluster.kv_ok(&["history", "timed"]);
     eprintln!("t10 took {:?}", started.elapsed());
 }
+
+/// A cluster whose nodes have a socket directory links every pair of members over Unix-domain
+/// sockets, serves clients that have the directory through them and clients that do not over
+/// TCP, and removes its socket files when it stops cleanly.
+#[test]
+fn t11_cluster_with_a_socket_directory_links_locally_and_serves_tcp_clients_too() {
+    let sockets = tempfile::tempdir().expect("socket dir");
+    let dir = sockets.path().display().to_string();
+    let cluster = Cluster::new(
+        11,
+        NODES,
+        &format!("suspect_after_ms = 5000\n\n[transport]\nlocal_socket_dir = \"{dir}\"\n"),
+    );
+    cluster.start_all();
+    cluster.wait_active();
+    for node in 1..=NODES {
+        let log = cluster.log_of(node);
+        let local = log
+            .lines()
+            .filter(|l| l.contains(" linked ") && l.contains("addr=local:"))
+            .count();
+        let tcp = log
+            .lines()
+            .filter(|l| l.contains(" linked ") && !l.contains("addr=local:"))
+            .count();
+        assert_eq!((local, tcp), (NODES - 1, 0), "node {node}: {log}");
+    }
+    let sockets_of = || -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(sockets.path())
+            .expect("socket dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let mut expected: Vec<String> = cluster.addrs.iter().map(|a| format!("{a}.sock")).collect();
+    expected.sort();
+    assert_eq!(sockets_of(), expected);
+
+    let contacts = cluster.contacts();
+    let local = ["--contacts", &contacts, "--local-socket-dir", &dir];
+    let run = cluster.run(&[&["kv"][..], &local[..], &["put", "k", "over a socket"]].concat());
+    assert_eq!(run.code, 0, "{run:?}");
+    let got = cluster.kv_ok(&["get", "k"]); // over TCP
+    assert!(got.contains("over a socket"), "{got}");
+    let status = cluster.run(&[&["status"][..], &local[..]].concat());
+    assert_eq!(status.code, 0, "{status:?}");
+    let links: Vec<&str> = status
+        .stdout
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().rev().nth(1))
+        .collect();
+    assert!(
+        !links.is_empty() && links.iter().all(|k| *k == "local"),
+        "{}",
+        status.stdout
+    );
+    let status = cluster.status(&contacts);
+    assert!(
+        status
+            .stdout
+            .lines()
+            .skip(2)
+            .all(|l| l.split_whitespace().rev().nth(1) == Some("tcp")),
+        "{}",
+        status.stdout
+    );
+
+    cluster.stop_all();
+    assert_eq!(
+        sockets_of(),
+        Vec::<String>::new(),
+        "a clean stop removes them"
+    );
+}

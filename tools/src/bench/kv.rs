@@ -131,6 +131,11 @@ pub struct Args {
     /// Print the table header before the row.
     #[arg(long)]
     header: bool,
+    /// Link the nodes with each other and with the clients over Unix-domain sockets in this
+    /// directory (`transport.local_socket_dir`). Default "": over loopback TCP, as etcd is
+    /// measured.
+    #[arg(long, default_value = "", value_parser = crate::kv::parse_local_socket_dir_arg)]
+    local_socket_dir: crate::kv::LocalSocketDir,
 }
 
 /// One run of the matrix.
@@ -235,7 +240,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             args.dir.clone()
         };
-        let cluster = Cluster::start(&dir, args.address, args.sync)?;
+        let cluster = Cluster::start(&dir, args.address, args.sync, &args.local_socket_dir.0)?;
         let outcome = runtime.block_on(measure(&args, *spec, &cluster));
         cluster.stop();
         let outcome = outcome?;
@@ -300,12 +305,19 @@ pub fn value_label(bytes: usize) -> String {
 struct Cluster {
     dir: PathBuf,
     contacts: Vec<String>,
+    /// The directory of the nodes' local sockets (`None`: TCP only).
+    local_dir: Option<PathBuf>,
     children: Vec<Child>,
 }
 
 impl Cluster {
     /// Writes the configurations, starts the nodes, and waits until every one is active.
-    fn start(dir: &Path, address: IpAddr, sync: Sync) -> anyhow::Result<Cluster> {
+    fn start(
+        dir: &Path,
+        address: IpAddr,
+        sync: Sync,
+        local_dir: &Option<PathBuf>,
+    ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Ports the kernel picks, released just before the nodes bind them.
         let listeners = (0..NODES)
@@ -332,6 +344,7 @@ impl Cluster {
         let mut cluster = Cluster {
             dir: dir.to_path_buf(),
             contacts: addrs.iter().map(|a| a.to_string()).collect(),
+            local_dir: local_dir.clone(),
             children: Vec::new(),
         };
         for (i, addr) in addrs.iter().enumerate() {
@@ -340,9 +353,13 @@ impl Cluster {
             let config = format!(
                 "node_id = {id}\nlisten = \"{addr}\"\ndata_dir = {:?}\n\
                  # Generous, so a loaded machine does not wedge the cluster in a long run.\n\
-                 suspect_after_ms = 5000\nmembers = [\n{}\n]\n\n[persistence]\n{policy}\n",
+                 suspect_after_ms = 5000\nmembers = [\n{}\n]\n\n[persistence]\n{policy}\n\n\
+                 [transport]\nlocal_socket_dir = {:?}\n",
                 data.display().to_string(),
-                members.join("\n")
+                members.join("\n"),
+                local_dir
+                    .as_ref()
+                    .map_or(String::new(), |d| d.display().to_string())
             );
             let path = dir.join(format!("n{id}.toml"));
             std::fs::write(&path, config).with_context(|| format!("writing {}", path.display()))?;
@@ -384,7 +401,7 @@ impl Cluster {
                     );
                 }
             }
-            let last = match runtime.block_on(all_active(&self.contacts)) {
+            let last = match runtime.block_on(all_active(&self.contacts, &self.local_dir)) {
                 Ok(()) => return Ok(()),
                 Err(e) => e,
             };
@@ -442,9 +459,9 @@ fn secret() -> anyhow::Result<Secret> {
     crate::kv::secret(&None)
 }
 
-async fn all_active(contacts: &[String]) -> Result<(), String> {
+async fn all_active(contacts: &[String], local_dir: &Option<PathBuf>) -> Result<(), String> {
     let secret = secret().map_err(|e| e.to_string())?;
-    let mut client = Client::connect(contacts, secret)
+    let mut client = Client::connect_via(contacts, secret, local_dir.clone())
         .await
         .map_err(|e| e.to_string())?;
     let nodes: Vec<_> = client.layout().members.iter().map(|m| m.0).collect();
@@ -523,7 +540,13 @@ async fn measure(args: &Args, spec: RunSpec, cluster: &Cluster) -> anyhow::Resul
         .min(spec.clients)
         .max(1);
     let shared: Vec<Arc<Links>> = (0..conns)
-        .map(|_| Ok(Links::new(random_id(), secret()?)))
+        .map(|_| {
+            Ok(Links::new(
+                random_id(),
+                secret()?,
+                cluster.local_dir.clone(),
+            ))
+        })
         .collect::<anyhow::Result<_>>()?;
     // Connect every client and read the keys it will conditionally put, before the clock runs.
     let mut loads = Vec::with_capacity(spec.clients);
