@@ -522,6 +522,9 @@ impl Shards for RemoteShards {
                 .iter()
                 .filter_map(|(shard, at, _)| shard.as_ref().ok().map(|shard| (*shard, *at))),
         );
+        // With more than one read, each queues its request on the link and the first to flush
+        // writes them all: the member reads the batch in one turn and answers it in one write.
+        let batched = reads.len() > 1;
         self.block(move |inner| {
             let calls: Vec<_> = reads
                 .into_iter()
@@ -529,7 +532,7 @@ impl Shards for RemoteShards {
                     let inner = inner.clone();
                     async move {
                         inner
-                            .read_via(shard?, at, request, member)
+                            .read_via(shard?, at, request, member, batched)
                             .await
                             .map(|(reply, _)| reply)
                     }
@@ -618,6 +621,40 @@ impl Shards for RemoteShards {
     }
 }
 
+/// How a request is written to its link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Flush {
+    /// Written and flushed at once.
+    Now,
+    /// One of a batch polled together on one task ([`join_all`]): queued in the link's buffer,
+    /// flushed after the task has polled the batch's other requests once, so that a batch to one
+    /// member leaves in one write (and the member takes it in one turn) instead of one each.
+    Batch,
+}
+
+/// Pending once, with its waker woken at once: the task is polled again right away, after the
+/// futures polled beside this one have had their turn.
+#[derive(Debug, Default)]
+struct PendOnce {
+    pended: bool,
+}
+
+impl Future for PendOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.pended {
+            return std::task::Poll::Ready(());
+        }
+        self.pended = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// Runs `futures` together on the current task; their outputs in order.
 async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
     let mut futures: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
@@ -697,7 +734,7 @@ impl Inner {
         at: ReadAt,
         request: Bytes,
     ) -> FsResult<(Bytes, Version)> {
-        self.read_via(shard, at, request, None).await
+        self.read_via(shard, at, request, None, false).await
     }
 
     /// One member that replicates every shard of a batch of reads, for all of them to go to:
@@ -738,13 +775,15 @@ impl Inner {
         Some(self.choose(&common, turn, 0))
     }
 
-    /// A read of `shard`, to `member` first if given (else as [`Inner::read`] chooses).
+    /// A read of `shard`, to `member` first if given (else as [`Inner::read`] chooses); with
+    /// `batched`, its first attempt is sent as one of a batch ([`Flush::Batch`]).
     async fn read_via(
         self: Arc<Self>,
         shard: SubgroupShard,
         at: ReadAt,
         request: Bytes,
         member: Option<NodeId>,
+        batched: bool,
     ) -> FsResult<(Bytes, Version)> {
         // Read-your-writes: at the latest state, a replica answers once it delivered the newest
         // version this client had answered in the shard. The member that answered it had
@@ -780,7 +819,11 @@ impl Inner {
             }
             .encode(tag),
         };
-        match self.call_shard(shard, tag, bytes, first).await? {
+        let flush = if batched { Flush::Batch } else { Flush::Now };
+        match self
+            .call_shard_with(shard, tag, bytes, first, flush)
+            .await?
+        {
             (
                 _,
                 Reply::FsValue {
@@ -918,6 +961,17 @@ impl Inner {
 
     /// Sends `bytes` (a request with `tag`) on `link` and waits for the reply with that tag.
     async fn exchange(&self, link: &Link, tag: u64, bytes: Bytes) -> Result<Reply, String> {
+        self.exchange_with(link, tag, bytes, Flush::Now).await
+    }
+
+    /// [`Inner::exchange`], the request written as `flush` says.
+    async fn exchange_with(
+        &self,
+        link: &Link,
+        tag: u64,
+        bytes: Bytes,
+        flush: Flush,
+    ) -> Result<Reply, String> {
         let _slot = link
             .slots
             .acquire()
@@ -931,7 +985,22 @@ impl Inner {
             lock(&link.pending).remove(&tag);
             return Err(format!("the link to node {} broke", link.node));
         }
-        let sent = link.sender.lock().await.send(0, &bytes).await;
+        let sent = match flush {
+            Flush::Now => link.sender.lock().await.send(0, &bytes).await,
+            Flush::Batch => {
+                let queued = link.sender.lock().await.queue(0, &bytes).await;
+                match queued {
+                    Ok(()) => {
+                        // The other requests of the batch, polled after this one in the same
+                        // pass, queue theirs meanwhile; the first flush writes them all, the
+                        // later ones find the buffer empty (no system call).
+                        PendOnce::default().await;
+                        link.sender.lock().await.flush().await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        };
         if let Err(e) = sent {
             link.alive.store(false, Ordering::SeqCst);
             lock(&link.pending).remove(&tag);
@@ -954,8 +1023,18 @@ impl Inner {
         tag: u64,
         bytes: Bytes,
     ) -> Result<Reply, String> {
+        self.call_node_with(node, tag, bytes, Flush::Now).await
+    }
+
+    async fn call_node_with(
+        self: &Arc<Self>,
+        node: NodeId,
+        tag: u64,
+        bytes: Bytes,
+        flush: Flush,
+    ) -> Result<Reply, String> {
         let link = self.link(node).await?;
-        self.exchange(&link, tag, bytes).await
+        self.exchange_with(&link, tag, bytes, flush).await
     }
 
     /// Sends the request `bytes` (with `tag`) to the members of `shard` in turn until one
@@ -968,6 +1047,20 @@ impl Inner {
         tag: u64,
         bytes: Bytes,
         first: Option<NodeId>,
+    ) -> FsResult<(NodeId, Reply)> {
+        self.call_shard_with(shard, tag, bytes, first, Flush::Now)
+            .await
+    }
+
+    /// [`Inner::call_shard`], its first attempt written as `flush` says (the later ones, to
+    /// other members, are written at once).
+    async fn call_shard_with(
+        self: &Arc<Self>,
+        shard: SubgroupShard,
+        tag: u64,
+        bytes: Bytes,
+        first: Option<NodeId>,
+        flush: Flush,
     ) -> FsResult<(NodeId, Reply)> {
         let deadline = Instant::now() + Duration::from_millis(self.config.retry_window_ms);
         let spread = self.spread.fetch_add(1, Ordering::Relaxed);
@@ -985,7 +1078,8 @@ impl Inner {
                 Some(f) if attempt == 0 && members.contains(&f) && !self.is_down(f) => f,
                 _ => self.choose(&members, spread, attempt),
             };
-            let relearn = match self.call_node(node, tag, bytes.clone()).await {
+            let flush = if attempt == 0 { flush } else { Flush::Now };
+            let relearn = match self.call_node_with(node, tag, bytes.clone(), flush).await {
                 Ok(Reply::Error { code, message }) => {
                     let why = format!("node {node}: {code:?}: {message}");
                     match code {
