@@ -42,7 +42,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader};
-use tokio::net::TcpListener;
+use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::AbortHandle;
 
@@ -71,6 +71,8 @@ pub const LINK_QUEUE_BYTES_MAX: usize = 64 << 20;
 pub const EVENT_QUEUE_MAX: usize = 4096;
 /// Connections in their handshake at once; a connection beyond it is closed at once.
 pub const HANDSHAKES_MAX: usize = 64;
+/// Connections the kernel queues for the TCP listener before they are accepted.
+pub const TCP_BACKLOG: u32 = 1024;
 /// Time a connection has to finish its handshake (dialing included).
 pub const HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// Time [`Transport::close`] waits for the links to write their queued frames and a bye.
@@ -322,17 +324,26 @@ impl Transport {
 
     /// As [`Transport::bind`], and with `local_dir`, also listens on the socket file named
     /// after the TCP address in that directory ([`local_socket_path`]) and dials peers through
-    /// theirs when they have one. The TCP address is bound first: owning it proves the file's
-    /// name is this node's, so a stale file of that name is replaced. If the socket cannot be
-    /// bound, that is logged and the node serves TCP only.
+    /// theirs when they have one. The TCP address is bound first (a bind fails while another
+    /// process listens on it), so a socket file of that name is a stale one and is replaced;
+    /// the TCP socket listens only once the file is bound, so a peer that reaches the node over
+    /// TCP would have found the file. If listening fails, the file is removed again. If the
+    /// socket file cannot be bound, that is logged and the node serves TCP only.
     pub async fn bind_with(
         addr: SocketAddr,
         node_id: NodeId,
         secret: Secret,
         local_dir: Option<&Path>,
     ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
-        let listener = TcpListener::bind(addr).await?;
-        let local_addr = listener.local_addr()?;
+        // Bound before it listens: the socket file is in place before the first TCP dial can
+        // succeed, so peers that start together do not link over TCP for want of it.
+        let socket = match addr {
+            SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let local_addr = socket.local_addr()?;
         let local = match local_dir {
             Some(dir) => match stream::bind_local(dir, local_addr) {
                 Ok(bound) => Some(bound),
@@ -342,6 +353,16 @@ impl Transport {
                 }
             },
             None => None,
+        };
+        let listener = match socket.listen(TCP_BACKLOG) {
+            Ok(listener) => listener,
+            Err(e) => {
+                // Another process listens on the address: the socket file is not this node's.
+                if let Some((_, path)) = &local {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
         };
         let (events, receiver) = mpsc::channel(EVENT_QUEUE_MAX);
         let shared = Arc::new(Shared {

@@ -880,3 +880,25 @@ async fn transport_an_unusable_socket_directory_leaves_tcp_serving() {
     assert!(check_local_socket_dir(Path::new("")).is_ok());
     assert!(check_local_socket_dir(&PathBuf::from("/".repeat(90))).is_err());
 }
+
+/// A second node on an address another node listens on fails to bind and leaves the first
+/// node's socket file in place and working.
+#[tokio::test]
+async fn transport_a_second_node_on_a_taken_address_leaves_the_owners_socket_alone() {
+    let dir = LocalDir::new("taken");
+    let (owner, mut owner_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    let taken =
+        Transport::bind_with(owner.local_addr(), 2, secret(b"cluster"), Some(dir.path())).await;
+    assert!(taken.is_err(), "bound an address another node listens on");
+    let client = ClientConn::connect_via(
+        owner.local_addr(),
+        Some(dir.path()),
+        4,
+        &secret(b"cluster"),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((client.kind(), client.node_id()), (LinkKind::Local, 1));
+    expect_connected(&mut owner_events, Peer::Client(4)).await;
+}
