@@ -768,6 +768,32 @@ impl Request {
 }
 
 impl Reply {
+    /// The bytes [`Reply::encode`] gives for `Reply::FsValue { read_version, read_hlc, reply }`
+    /// where `reply` is what `put` appends followed by `tail`, as two parts: the message's head
+    /// with what `put` appended, and `tail` itself (not copied; the link writes both parts with
+    /// one vectored write). For a large read's bytes, which then go from where they are (the
+    /// log's mapping, the chunk cache) to the socket.
+    pub fn encode_fs_value_parts(
+        tag: u64,
+        read_version: Version,
+        read_hlc: Hlc,
+        put: impl FnOnce(&mut Vec<u8>),
+        tail: Bytes,
+    ) -> [Bytes; 2] {
+        let mut head_len = 0;
+        let head = Reply::encode_fs_value_with(tag, read_version, read_hlc, 16, |out| {
+            let start = out.len();
+            put(out);
+            head_len = out.len() - start;
+        });
+        // The length field counts the tail too: the reply is the head's part and the tail.
+        let len = u32::try_from(head_len + tail.len()).unwrap_or(u32::MAX);
+        let mut head = Vec::from(head);
+        let len_at = head.len() - head_len - 4;
+        head[len_at..len_at + 4].copy_from_slice(&len.to_le_bytes());
+        [Bytes::from(head), tail]
+    }
+
     /// The bytes [`Reply::encode`] gives for `Reply::FsValue { read_version, read_hlc, reply }`,
     /// with `reply`
     /// appended by `put` straight into the message's one buffer (of `reply_len_hint` bytes
@@ -1118,6 +1144,35 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_fs_value_in_two_parts_is_the_bytes_of_the_whole_reply() {
+        let read_hlc = Hlc {
+            wall_us: 0x0102_0304_0506,
+            logical: 7,
+        };
+        for reply in [&b""[..], b"x", &[9u8; 70_000][..], &[3u8; 1 << 20][..]] {
+            for cut in [0, reply.len() / 3, reply.len()] {
+                let [head, tail] = Reply::encode_fs_value_parts(
+                    42,
+                    17,
+                    read_hlc,
+                    |out| out.extend_from_slice(&reply[..cut]),
+                    Bytes::copy_from_slice(&reply[cut..]),
+                );
+                assert_eq!(tail, reply[cut..]);
+                let mut joined = head.to_vec();
+                joined.extend_from_slice(&tail);
+                let whole = Reply::FsValue {
+                    read_version: 17,
+                    read_hlc,
+                    reply: Bytes::copy_from_slice(reply),
+                }
+                .encode(42);
+                assert_eq!(joined, whole, "reply of {} bytes cut at {cut}", reply.len());
+            }
+        }
+    }
 
     #[test]
     fn an_fs_value_written_in_place_encodes_as_the_reply_does() {

@@ -1156,6 +1156,13 @@ pub fn read_reply_len_hint(reply: &Result<ReadReply, FsError>) -> usize {
     }
 }
 
+/// Appends what [`encode_read_reply`] of `Ok(ReadReply::Bytes(b))` puts before `b` itself, for
+/// a `b` of `len` bytes: the reply is then this head followed by `b`.
+pub fn put_read_reply_bytes_head(out: &mut Vec<u8>, len: usize) {
+    out.push(READ_REPLY_BYTES);
+    put_varint(out, len as u64);
+}
+
 /// Appends [`encode_read_reply`] of `reply` to `out`.
 pub fn put_read_reply(out: &mut Vec<u8>, reply: &Result<ReadReply, FsError>) {
     match reply {
@@ -1179,8 +1186,8 @@ pub fn put_read_reply(out: &mut Vec<u8>, reply: &Result<ReadReply, FsError>) {
             }
         }
         Ok(ReadReply::Bytes(b)) => {
-            out.push(READ_REPLY_BYTES);
-            put_bytes(out, b);
+            put_read_reply_bytes_head(out, b.len());
+            out.extend_from_slice(b);
         }
         Ok(ReadReply::Names(names)) => {
             out.push(READ_REPLY_NAMES);

@@ -641,6 +641,33 @@ impl Transport {
             })
     }
 
+    /// As [`Transport::try_send`], for a [`Payload`] (its parts written without being copied,
+    /// its checksum computed when it was made).
+    pub fn try_send_payload(
+        &self,
+        peer: Peer,
+        view_id: u32,
+        payload: Payload,
+    ) -> Result<(), SendError> {
+        let Payload { parts, crc } = payload;
+        let len = parts.len();
+        let (queue, budget) = self.link_queue(peer, len)?;
+        let permit = budget
+            .try_acquire_many_owned(permits(len))
+            .map_err(|_| SendError::Full(peer))?;
+        queue
+            .try_send(Outgoing {
+                view_id,
+                parts,
+                payload_crc: Some(crc),
+                _budget: Some(permit),
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full(peer),
+                mpsc::error::TrySendError::Closed(_) => SendError::NoLink(peer),
+            })
+    }
+
     fn link_queue(
         &self,
         peer: Peer,

@@ -1039,12 +1039,13 @@ impl Driver {
                 }
             }
         }
+        let mut served = Vec::new();
         if !self.clients.reads.is_empty() {
             let reads = std::mem::take(&mut self.clients.reads);
             for read in reads {
                 if self.ready(read.shard, read.until) {
                     let reply = self.serve(read.tag, read.shard, &read.what, read.at);
-                    out.push((read.client, reply));
+                    served.push((read.client, reply));
                 } else {
                     self.clients.reads.push(read);
                 }
@@ -1052,6 +1053,9 @@ impl Driver {
         }
         for (client, bytes) in out {
             self.send_client(client, bytes);
+        }
+        for (client, payload) in served {
+            self.send_client_payload(client, payload);
         }
     }
 
@@ -1068,17 +1072,20 @@ impl Driver {
     }
 
     /// The reply message with `tag` to a read that can be answered now.
-    fn serve(&self, tag: u64, shard: ShardId, what: &ReadWhat, at: ReadAt) -> Bytes {
+    fn serve(&self, tag: u64, shard: ShardId, what: &ReadWhat, at: ReadAt) -> Payload {
         match what {
-            ReadWhat::Kv(key) => self.serve_read(shard, key, at).encode(tag),
+            ReadWhat::Kv(key) => Payload::new(self.serve_read(shard, key, at).encode(tag)),
             ReadWhat::Fs(request) => match self.stores.get(&shard) {
-                // The bytes read go into the message without an intermediate reply.
+                // The bytes read go into the message without an intermediate reply (large ones
+                // as a part of their own, not copied).
                 Some(store) => store.kv().read_fs_message(tag, at, request),
-                None => error(
-                    ErrorCode::NotReplica,
-                    "this node does not replicate the shard",
-                )
-                .encode(tag),
+                None => Payload::new(
+                    error(
+                        ErrorCode::NotReplica,
+                        "this node does not replicate the shard",
+                    )
+                    .encode(tag),
+                ),
             },
         }
     }
@@ -1105,10 +1112,23 @@ impl Driver {
     }
 
     fn send_client(&mut self, client: ClientId, bytes: Bytes) {
-        match self
+        let sent = self
             .transport
-            .try_send(Peer::Client(client), self.view_id, bytes)
-        {
+            .try_send(Peer::Client(client), self.view_id, bytes);
+        self.sent_client(client, sent);
+    }
+
+    /// [`Driver::send_client`] of a message in parts.
+    fn send_client_payload(&mut self, client: ClientId, payload: Payload) {
+        let sent = self
+            .transport
+            .try_send_payload(Peer::Client(client), self.view_id, payload);
+        self.sent_client(client, sent);
+    }
+
+    /// Closes the link of a client whose queue is full.
+    fn sent_client(&mut self, client: ClientId, sent: Result<(), SendError>) {
+        match sent {
             Ok(()) | Err(SendError::NoLink(_)) => {}
             Err(e) => {
                 tracing::warn!(node = self.me, client, error = %e, "closing the link of a client that does not keep up");
@@ -1772,7 +1792,7 @@ impl Driver {
             }
             _ => {
                 let reply = self.serve(tag, shard, &what, at);
-                self.send_client(client, reply);
+                self.send_client_payload(client, reply);
                 None
             }
         }

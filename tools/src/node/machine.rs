@@ -14,12 +14,19 @@ use bytes::Bytes;
 use derechofs_core::kv::KV_VERSION_DELTA_BYTES_MAX;
 use derechofs_core::kv::{KvReply, KvStore, ReadAt};
 use derechofs_core::protocol::{MACHINE_FS, MACHINE_KV};
+use derechofs_core::transport::Payload;
 use derechofs_core::VERSION_DELTA_BYTES_MAX;
 use derechofs_core::{Hlc, Version};
 use derechofs_fs::chunk::{ChunkCache, CHUNK_CACHE_BYTES_DEFAULT};
+use derechofs_fs::op::ReadReply;
 use derechofs_fs::shard::{apply_batch_within, FS_REQUEST_DELTA_BYTES_MAX};
 use derechofs_storage::record::payload_len;
 use derechofs_storage::{Log, LogError, Write};
+
+/// Bytes read from which a file system read's reply carries them as a part of their own, written
+/// to the socket from where they are, instead of copying them into the message (below it, the
+/// copy costs less than a part of its own: a 4 KiB read is copied).
+pub const SHARED_READ_BYTES_MIN: usize = 64 << 10;
 
 /// One request's reply, by the machine that applied it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,9 +204,10 @@ impl Machine {
         (version, seen, reply)
     }
 
-    /// [`Machine::read_fs`] as the client's whole reply message with `tag` (`Reply::FsValue`),
-    /// the bytes read copied once, straight into it.
-    pub fn read_fs_message(&self, tag: u64, at: ReadAt, request: &Bytes) -> Bytes {
+    /// [`Machine::read_fs`] as the client's whole reply message with `tag` (`Reply::FsValue`):
+    /// bytes read of at least [`SHARED_READ_BYTES_MIN`] as a part of their own (not copied),
+    /// smaller ones copied once, straight into the message.
+    pub fn read_fs_message(&self, tag: u64, at: ReadAt, request: &Bytes) -> Payload {
         let answer = derechofs_fs::shard::answer_read_cached(
             self.log(),
             at,
@@ -207,11 +215,30 @@ impl Machine {
             &self.cache,
             request,
         );
-        let hint = derechofs_fs::op::read_reply_len_hint(&answer);
         let (version, seen) = self.read_position(at);
-        derechofs_core::protocol::Reply::encode_fs_value_with(tag, version, seen, hint, |out| {
-            derechofs_fs::op::put_read_reply(out, &answer)
-        })
+        if let Ok(ReadReply::Bytes(bytes)) = &answer {
+            if bytes.len() >= SHARED_READ_BYTES_MIN {
+                // The bytes go to the socket from where they are (the log's mapping, the chunk
+                // cache), not copied into the message: the same bytes on the wire.
+                let len = bytes.len();
+                let parts = derechofs_core::protocol::Reply::encode_fs_value_parts(
+                    tag,
+                    version,
+                    seen,
+                    |out| derechofs_fs::op::put_read_reply_bytes_head(out, len),
+                    bytes.clone(),
+                );
+                return Payload::from_parts(parts.into());
+            }
+        }
+        let hint = derechofs_fs::op::read_reply_len_hint(&answer);
+        Payload::new(derechofs_core::protocol::Reply::encode_fs_value_with(
+            tag,
+            version,
+            seen,
+            hint,
+            |out| derechofs_fs::op::put_read_reply(out, &answer),
+        ))
     }
 
     /// The version read (for `Latest`, else 0) and the stamp a read at `at` answers (see
@@ -238,6 +265,59 @@ mod tests {
     use derechofs_storage::LogConfig;
 
     use super::*;
+
+    #[test]
+    fn a_read_message_is_the_whole_reply_whether_its_bytes_are_copied_or_a_part_of_their_own() {
+        let mut m = machine();
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let applied = m
+            .apply(
+                1,
+                Hlc::at(1),
+                &[write(1, 1, 100, 0, Bytes::from(data.clone()))],
+            )
+            .unwrap();
+        assert!(matches!(&applied.replies[0], Outcome::Fs(_)));
+        for (offset, len) in [
+            (0u32, 4096u32),
+            (100, (SHARED_READ_BYTES_MIN - 1) as u32),
+            (0, SHARED_READ_BYTES_MIN as u32),
+            (4096, 128 << 10),
+            (0, 1 << 20),
+        ] {
+            let request = DataRead::Chunk {
+                ino: 100,
+                index: 0,
+                offset,
+                len,
+            }
+            .encode();
+            let message = m.read_fs_message(42, ReadAt::Latest, &request);
+            let joined: Vec<u8> = message.parts().iter().flat_map(|p| p.to_vec()).collect();
+            assert_eq!(
+                message.parts().len(),
+                if len as usize >= SHARED_READ_BYTES_MIN {
+                    2
+                } else {
+                    1
+                },
+                "parts of a read of {len} bytes"
+            );
+            let (read_version, read_hlc, reply) = m.read_fs(ReadAt::Latest, &request);
+            let whole = derechofs_core::protocol::Reply::FsValue {
+                read_version,
+                read_hlc,
+                reply: reply.clone(),
+            }
+            .encode(42);
+            assert_eq!(joined, whole.to_vec(), "read of {len} bytes at {offset}");
+            let Ok(ReadReply::Bytes(bytes)) = decode_read_reply(&reply).unwrap() else {
+                panic!("the chunk did not read");
+            };
+            let range = offset as usize..(offset + len) as usize;
+            assert!(bytes == data[range], "bytes of the read at {offset}");
+        }
+    }
 
     fn machine() -> Machine {
         let config = LogConfig {
