@@ -12,6 +12,7 @@ mod error;
 mod index;
 mod log;
 mod meta;
+pub mod prefill;
 pub mod record;
 mod stamp;
 
@@ -21,5 +22,6 @@ pub use log::{
     SyncPolicy, OUT_OF_LINE_VALUE_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SYNCS_IN_FLIGHT_MAX,
 };
 pub use meta::ENGINE_STATE_MAX;
+pub use prefill::{PrefillStep, Prefiller};
 pub use record::Write;
 pub use stamp::{version_of, Hlc, Version};

@@ -11,6 +11,7 @@ use crate::checkpoint::{self, Position, SegmentRange, CHECKPOINT_FILE};
 use crate::error::{io_err, LogError, Result};
 use crate::index::{entry_at, Entry, Key, KeyIndex, VersionTable, BASE_FILE};
 use crate::meta::{Meta, ENGINE_STATE_MAX, META_FILE};
+use crate::prefill::{self, Prefiller};
 use crate::record::{
     decode_record, decode_segment_header, encode_record, encode_record_split,
     encode_segment_header, parse_payload, payload_len, Decoded, RecordKind, Write, WriteSpan,
@@ -240,6 +241,9 @@ struct Tail {
     last_at: u64,
     /// The segment has bytes that were written but not synced.
     dirty: bool,
+    /// Bytes below this offset are reserved for the appender: the prefiller, if there is one,
+    /// writes no zeros there ([`Log::reserve`]).
+    granted: u64,
 }
 
 /// The persistent versioned log of one shard replica. Writes take `&mut self`; reads take `&self`.
@@ -266,6 +270,16 @@ pub struct Log {
     split: Vec<u8>,
     gaps: Vec<(usize, usize)>,
     report: RecoveryReport,
+    /// Shared with the prefiller that zero-fills ahead of the append point, once made.
+    prefill: Option<Arc<prefill::Shared>>,
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Some(p) = &self.prefill {
+            p.stop();
+        }
+    }
 }
 
 fn segment_name(seq: u32) -> String {
@@ -370,6 +384,7 @@ impl Log {
             split: Vec::new(),
             gaps: Vec::new(),
             report: RecoveryReport::default(),
+            prefill: None,
         };
         log.recover()?;
         Ok(log)
@@ -566,6 +581,7 @@ impl Log {
                 capacity: len,
                 last_at,
                 dirty: true,
+                granted: 0,
             };
         }
 
@@ -799,6 +815,8 @@ impl Log {
             pos = g;
         }
         parts.push(&head[pos..]);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        self.reserve(at + len as u64);
         let segment = self
             .segments
             .last()
@@ -958,6 +976,10 @@ impl Log {
         if self.tail.buf.is_empty() {
             return Ok(());
         }
+        if self.segments.is_empty() {
+            return Ok(());
+        }
+        self.reserve(self.tail.end);
         let Some(segment) = self.segments.last() else {
             return Ok(());
         };
@@ -975,6 +997,10 @@ impl Log {
     /// Starts a new segment with room for a record of `need` bytes. The previous segment is synced
     /// first, so a torn write can only ever be in the last segment.
     fn roll(&mut self, need: u64) -> Result<()> {
+        // No zeros go into the segment left after its last sync: detach the prefiller first.
+        if let Some(shared) = &self.prefill {
+            shared.attach(None, 0, 0);
+        }
         if !self.segments.is_empty() {
             self.sync()?;
         }
@@ -1007,8 +1033,52 @@ impl Log {
             capacity,
             last_at: 0,
             dirty: true,
+            granted: 0,
         };
+        self.attach_prefill();
         Ok(())
+    }
+
+    /// The zero-filler of this log: it writes zeros ahead of the append point of the active
+    /// segment, so the appender's syncs find blocks already written (see [`crate::prefill`]).
+    /// Run it on a thread of its own ([`Prefiller::run`]); it stops when the log is dropped.
+    /// Every call hands out the same work.
+    pub fn prefiller(&mut self) -> Prefiller {
+        let shared = match &self.prefill {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared = Arc::new(prefill::Shared::default());
+                self.prefill = Some(shared.clone());
+                self.attach_prefill();
+                shared
+            }
+        };
+        Prefiller::new(shared)
+    }
+
+    /// Points the prefiller at the active segment, through a file of its own, the appender
+    /// holding everything below the end of its records.
+    fn attach_prefill(&mut self) {
+        let Some(shared) = &self.prefill else {
+            return;
+        };
+        // The prefiller's own open file (its own descriptor on the file backend); if it cannot
+        // be had, the segment is simply not zero-filled.
+        let own = self
+            .segments
+            .last()
+            .and_then(|s| self.backend.open(&segment_name(s.seq), false).ok());
+        let capacity = if own.is_some() { self.tail.capacity } else { 0 };
+        self.tail.granted = shared.attach(own, capacity, self.tail.end.max(self.tail.flushed));
+    }
+
+    /// Reserves the active segment below `end` for the appender, which is about to write there.
+    fn reserve(&mut self, end: u64) {
+        if end > self.tail.granted {
+            if let Some(shared) = &self.prefill {
+                self.tail.granted = shared.reserve(end);
+            }
+        }
     }
 
     /// Writes a checkpoint of the indexes (after syncing), so the next open scans only what comes
@@ -1596,6 +1666,11 @@ impl Log {
         self.backend
             .remove(CHECKPOINT_FILE)
             .map_err(io_err("removal of the checkpoint"))?;
+        // The segments change under the prefiller: detach it before removing any.
+        if let Some(shared) = &self.prefill {
+            shared.attach(None, 0, 0);
+            self.tail.granted = u64::MAX;
+        }
         // Keep the first segment that holds a version above the cut, and drop the later ones.
         let keep = self
             .segments
@@ -1647,7 +1722,9 @@ impl Log {
             capacity: len,
             last_at,
             dirty: false,
+            granted: 0,
         };
+        self.attach_prefill();
         let n = self.versions.at_or_below(version).map_or(0, |i| i + 1);
         self.versions.truncate(n);
         self.keys.truncate_after(version);

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use derechofs_core::{ShardId, Version};
 use derechofs_storage::backend::FileBackend;
-use derechofs_storage::{Log, LogConfig, LogError, SyncPolicy};
+use derechofs_storage::{Log, LogConfig, LogError, Prefiller, SyncPolicy};
 use tokio::sync::Notify;
 
 use super::machine::Machine;
@@ -38,6 +38,13 @@ const TMPFS_MAGIC: i128 = 0x0102_1994;
 pub const SYNCS_IN_FLIGHT: usize = 4;
 
 const _: () = assert!(SYNCS_IN_FLIGHT <= derechofs_storage::SYNCS_IN_FLIGHT_MAX);
+
+/// Pace of the zero-filling ahead of a log's append point (MiB a second), on a log that syncs
+/// to a disk ([`Log::prefiller`]): an `fdatasync` after appends into written blocks skips the
+/// inode write that appends into the fallocated (unwritten) blocks of a new segment cost. The
+/// bound keeps the zeros a small share of what the disk writes; a log that fills faster than
+/// this overtakes them, and the zero-filler then rests (`PREFILL_BACKOFF`).
+pub const PREFILL_MIB_PER_S: u64 = 64;
 
 /// The persister threads of a log under `sync`.
 fn persister_threads(sync: SyncPolicy) -> usize {
@@ -87,6 +94,8 @@ pub struct ShardStore {
     reported: Option<Version>,
     /// The log syncs on the caller's thread, not the persister's ([`syncs_inline`]).
     inline: bool,
+    /// The thread zero-filling ahead of the log's append point, if the log has one.
+    prefill: Option<(Prefiller, JoinHandle<()>)>,
     sync: SyncPolicy,
 }
 
@@ -157,6 +166,9 @@ impl ShardStore {
         let mut state = vec![ENGINE_STATE_FORMAT];
         state.extend_from_slice(&view_id.to_le_bytes());
         log.set_engine_state(&state)?;
+        // On tmpfs an `fdatasync` waits for nothing, and a log that never syncs has no sync to
+        // speed up: no zero-filling there.
+        let prefiller = (!inline && sync != SyncPolicy::None).then(|| log.prefiller());
         let machine = Machine::new(log, chunk_size);
         let kv = Arc::new(Mutex::new(machine));
         let persist = Arc::new(PersistShared::default());
@@ -167,7 +179,23 @@ impl ShardStore {
             reported: None,
             inline,
             sync,
+            prefill: None,
         };
+        if let Some(prefiller) = prefiller {
+            let worker = prefiller.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("prefill-{}", shard.0))
+                .spawn(move || {
+                    if let Err(e) = worker.run(PREFILL_MIB_PER_S) {
+                        tracing::warn!(%shard, error = %e, "zero-filling ahead of the log stopped");
+                    }
+                })
+                .map_err(|e| LogError::Io {
+                    what: "starting the zero-filling thread".into(),
+                    source: e,
+                })?;
+            store.prefill = Some((prefiller, thread));
+        }
         let count = if inline { 0 } else { persister_threads(sync) };
         for i in 0..count {
             let kv = store.kv.clone();
@@ -251,6 +279,10 @@ impl Drop for ShardStore {
         lock(&self.persist.cell).stop = true;
         self.persist.wake.notify_all();
         for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
+        if let Some((prefiller, thread)) = self.prefill.take() {
+            prefiller.stop();
             let _ = thread.join();
         }
     }
