@@ -77,6 +77,13 @@ fn kind_with(dir: Option<&Path>) -> LinkKind {
 async fn raw_connect(to: &Transport, dir: Option<&Path>) -> Stream {
     let (stream, addr) = Stream::connect(to.local_addr(), dir).await.unwrap();
     assert_eq!(addr.kind(), kind_with(dir));
+    if let Stream::Local(local) = &stream {
+        let widened = socket2::SockRef::from(local).send_buffer_size().unwrap();
+        assert!(
+            widened >= super::stream::LOCAL_SEND_BUFFER_BYTES,
+            "{widened}"
+        );
+    }
     stream
 }
 
