@@ -245,13 +245,9 @@ fn t10_cluster_three_nodes_concurrent_clients_replicas_agree_and_survive_restart
 /// TCP, and removes its socket files when it stops cleanly.
 #[test]
 fn t11_cluster_with_a_socket_directory_links_locally_and_serves_tcp_clients_too() {
-    let sockets = tempfile::tempdir().expect("socket dir");
-    let dir = sockets.path().display().to_string();
-    let cluster = Cluster::new(
-        11,
-        NODES,
-        &format!("suspect_after_ms = 5000\n\n[transport]\nlocal_socket_dir = \"{dir}\"\n"),
-    );
+    let cluster = Cluster::new(11, NODES, "suspect_after_ms = 5000\n");
+    let sockets = cluster.socket_dir();
+    let dir = sockets.display().to_string();
     cluster.start_all();
     cluster.wait_active();
     for node in 1..=NODES {
@@ -267,7 +263,7 @@ fn t11_cluster_with_a_socket_directory_links_locally_and_serves_tcp_clients_too(
         assert_eq!((local, tcp), (NODES - 1, 0), "node {node}: {log}");
     }
     let sockets_of = || -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(sockets.path())
+        let mut names: Vec<String> = std::fs::read_dir(&sockets)
             .expect("socket dir")
             .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
             .collect();

@@ -78,11 +78,14 @@ impl Cluster {
             } else {
                 format!("contacts = [\"{}\"]\n", addrs[1.min(n - 1)])
             };
+            // Socket files of its own, so nodes a test kills leave none behind elsewhere.
             let config = format!(
-                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n{contacts}members = [\n{}\n]\n{extra}\n",
+                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\n{contacts}members = [\n{}\n]\n{extra}\n\n\
+                 [transport]\nlocal_socket_dir = \"{}\"\n",
                 i + 1,
                 dir.path().join(format!("data{}", i + 1)).display(),
-                members.join("\n")
+                members.join("\n"),
+                dir.path().join("s").display()
             );
             std::fs::write(dir.path().join(format!("n{}.toml", i + 1)), config).expect("config");
         }
@@ -110,6 +113,11 @@ impl Cluster {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// The directory of the nodes' socket files (`transport.local_socket_dir`).
+    pub fn socket_dir(&self) -> PathBuf {
+        self.path("s")
     }
 
     /// Every configured member's address, `host:port,...`.
