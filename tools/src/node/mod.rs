@@ -48,7 +48,17 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(start(config))
+    // The node runs as a task, not as the future `block_on` polls: a link's reader task that
+    // hands the driver a frame then schedules it in the same pass over the runtime's tasks,
+    // where waking the `block_on` future makes the runtime poll its sockets once more (an
+    // `epoll_wait` that finds nothing) before it polls that future.
+    runtime.block_on(async {
+        match tokio::spawn(start(config)).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(anyhow::anyhow!("the node's task ended: {e}")),
+        }
+    })
 }
 
 /// How the node enters the group.
