@@ -8,7 +8,10 @@
 #   derechofs-memory             DerechoFS over in-process shards in memory: one process, no
 #                                replicas, no network (mount/examples/memory_mount.rs)
 #   derechofs-disk, -tmpfs       DerechoFS, 3 nodes (derechofs up), data on the disk / on tmpfs;
-#                                printed as pending while `derechofs up` is absent
+#                                printed as pending while `derechofs up` is absent; the nodes and
+#                                the mount link over Unix-domain sockets (`up`'s default)
+#   derechofs-tmpfs-tcp          the same as derechofs-tmpfs with every link over loopback TCP
+#                                (`up --local-socket-dir ""`), as GlusterFS's bricks are reached
 # Jobs: fio 1 MiB sequential write with one fsync at the end; 1 MiB sequential read of it after
 # dropping the caches; 4 KiB random reads, 1 and 4 jobs (O_DIRECT where the target allows it,
 # marked * where it does not); then `derechofs bench files`: create, stat and remove 10,000
@@ -252,11 +255,14 @@ fi
 if "$bin" up --help >/dev/null 2>&1; then
   mkdir -p "$W/dfs-tmpfs"
   mount -t tmpfs -o size=6g tmpfs "$W/dfs-tmpfs"
-  for kind in disk tmpfs; do
+  for kind in disk tmpfs tmpfs-tcp; do
     want "derechofs-$kind" || continue
     if [ $kind = disk ]; then d=$W/dfs-data; else d=$W/dfs-tmpfs/data; fi
+    # tmpfs-tcp: every link over loopback TCP, none over the local sockets.
+    links=()
+    if [ $kind = tmpfs-tcp ]; then links=(--local-socket-dir ""); fi
     mkdir -p "$W/dfs-mnt-$kind"
-    "$bin" up --nodes 3 --data "$d" "$W/dfs-mnt-$kind" > "$W/dfs-$kind.log" 2>&1 < /dev/null &
+    "$bin" up --nodes 3 --data "$d" "${links[@]}" "$W/dfs-mnt-$kind" > "$W/dfs-$kind.log" 2>&1 < /dev/null &
     up=$!
     pids+=($up); mounts+=("$W/dfs-mnt-$kind")
     wait_mounted "$W/dfs-mnt-$kind" $up || { cat "$W/dfs-$kind.log" >&2; exit 1; }
@@ -268,6 +274,7 @@ if "$bin" up --help >/dev/null 2>&1; then
 else
   pending derechofs-disk
   pending derechofs-tmpfs
+  pending derechofs-tmpfs-tcp
 fi
 
 # --- the table
@@ -293,11 +300,11 @@ ratio() { # A B
   fi
 }
 echo
-printf "| %-34s | %8s | %8s | %8s | %8s | %8s | %8s | %8s |\n" ratio write read "rand 1j" "rand 4j" create stat unlink
-for pair in "derechofs-tmpfs glusterfs-tmpfs" "derechofs-disk glusterfs-disk" \
+printf "| %-38s | %8s | %8s | %8s | %8s | %8s | %8s | %8s |\n" ratio write read "rand 1j" "rand 4j" create stat unlink
+for pair in "derechofs-tmpfs glusterfs-tmpfs" "derechofs-tmpfs-tcp glusterfs-tmpfs" "derechofs-disk glusterfs-disk" \
             "derechofs-memory glusterfs-tmpfs" "passthrough(tmpfs) tmpfs" "derechofs-memory passthrough(tmpfs)"; do
   set -- $pair
-  printf "| %-34s |" "$1 / $2"
+  printf "| %-38s |" "$1 / $2"
   for j in write read rand1 rand4 create stat unlink; do
     printf " %8s |" "$(ratio "${R[$1,$j]:-}" "${R[$2,$j]:-}")"
   done
