@@ -299,8 +299,9 @@ pub(super) async fn start_cluster(
 }
 
 /// Writes the configurations `DIR/n1.toml` … of `count` nodes, all in `members`, listening on
-/// ports of `ip` the kernel picks, each with its data in `DIR/dataID` and the defaults for the
-/// rest; returns their addresses in id order.
+/// ports of `ip` the kernel picks, each with its data in `DIR/dataID`, linked over TCP only
+/// (`transport.local_socket_dir = ""`) and the defaults for the rest; returns their addresses in
+/// id order.
 pub(super) fn write_configs(ip: &str, dir: &Path, count: usize) -> anyhow::Result<Vec<String>> {
     // Ports the kernel picks on the address, released just before the nodes bind them.
     let listeners: Vec<TcpListener> = (0..count)
@@ -320,8 +321,11 @@ pub(super) fn write_configs(ip: &str, dir: &Path, count: usize) -> anyhow::Resul
     for (i, addr) in addrs.iter().enumerate() {
         std::fs::write(
             dir.join(format!("n{}.toml", i + 1)),
+            // Over TCP, as these benchmarks always measured: the nodes they kill would leave
+            // their socket files behind in the default local socket directory.
             format!(
-                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n",
+                "node_id = {}\nlisten = \"{addr}\"\ndata_dir = \"{}\"\nmembers = [\n{}\n]\n\n\
+                 [transport]\nlocal_socket_dir = \"\"\n",
                 i + 1,
                 dir.join(format!("data{}", i + 1)).display(),
                 members.join("\n")
