@@ -14,24 +14,10 @@ use derechofs_fs::store::{Delta, Overlay};
 use derechofs_fs::Store;
 use derechofs_storage::backend::{Backend, FileBackend, MemoryBackend};
 use derechofs_storage::{Hlc, Log, LogConfig, SyncPolicy, Version, Write};
+use derechofs_tests::rng::Rng;
 
 const INO: u64 = 7;
 const CHUNKS: u64 = 2;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 /// The bytes of every chunk, as the model says.
 type Model = Vec<Vec<u8>>;
@@ -87,7 +73,7 @@ fn random_op(rng: &mut Rng, chunk_size: u32) -> DataOp {
         0..=6 => {
             let offset = pos(rng, cs - 1);
             let len = 1 + rng.below((cs - offset).min(cs / 3));
-            let byte = rng.next() as u8;
+            let byte = rng.next_u64() as u8;
             let data: Vec<u8> = (0..len).map(|i| byte.wrapping_add(i as u8) | 1).collect();
             DataOp::Write {
                 ino: INO,
@@ -209,7 +195,7 @@ fn run(
         ..LogConfig::default()
     };
     let mut log = Log::open(backend, config).expect("log");
-    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut rng = Rng::new(seed);
     let cache = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
     let mut model: Model = vec![Vec::new(); CHUNKS as usize];
     let mut history = Vec::new();
@@ -301,7 +287,7 @@ fn chunk_range_reads_on_the_file_backend_equal_the_model_at_every_version_and_af
             let backend = Arc::new(FileBackend::open(dir.path()).expect("file backend"));
             let log = Log::open(backend, LogConfig::default()).expect("reopened log");
             let cache = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
-            let mut rng = Rng(seed | 1);
+            let mut rng = Rng::new(seed);
             check_versions(&log, &cache, chunk_size, &history, &mut rng, seed);
         }
     }
@@ -354,5 +340,5 @@ fn a_chunk_of_the_most_extents_reads_the_same_in_every_range() {
         }
     }
     let cache = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
-    check_versions(&log, &cache, chunk_size, &history, &mut Rng(5), 0);
+    check_versions(&log, &cache, chunk_size, &history, &mut Rng::new(5), 0);
 }
