@@ -633,7 +633,9 @@ enum Flush {
 }
 
 /// Pending once, with its waker woken at once: the task is polled again right away, after the
-/// futures polled beside this one have had their turn.
+/// futures polled beside this one have had their turn. Not `tokio::task::yield_now`, which in a
+/// runtime defers the wake until the runtime has polled its sockets: one more `epoll_wait` per
+/// read on the FUSE thread.
 #[derive(Debug, Default)]
 struct PendOnce {
     pended: bool,
