@@ -708,6 +708,9 @@ fn t53_fs_an_open_after_another_clients_close_returned_sees_its_size_mtime_and_b
     let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
     wait_feed(b.shards(), None, "b subscribed");
     let f = plain_file(&a, ROOT_INO, b"f");
+    // b learns of the file by opening it (close-to-open): b's member may not have delivered a's
+    // create yet, and a getattr by inode number before any open may then find no inode.
+    b.open(f.ino).expect("first open at b");
     let mut rng = Rng(0x5eed_0053);
     for round in 0..200 {
         let bytes = round_contents(round, &mut rng);
