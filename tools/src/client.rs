@@ -551,6 +551,12 @@ impl Client {
         &self.layout
     }
 
+    /// Asks the members, then the contacts, for the view again, and adopts it if it is later
+    /// than the one held. Returns whether the view changed.
+    pub async fn learn_layout(&mut self) -> bool {
+        self.refresh_layout().await
+    }
+
     fn shard_of(&self, key: &[u8]) -> Result<ShardInfo, ClientError> {
         self.layout
             .shard_of(key)

@@ -283,11 +283,33 @@ async fn kv_command(client: &mut Client, command: KvCommand) -> anyhow::Result<i
 }
 
 /// Runs `derechofs status`.
+/// How many times `status` learns the view again when a member answers from a later one.
+const STATUS_ROUNDS: usize = 4;
+
 pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
     runtime()?.block_on(async {
         let secret = secret(&args.secret_file)?;
         let local_dir = args.local_socket_dir.0.clone();
         let mut client = Client::connect_via(&args.contacts, secret, local_dir).await?;
+        // Each member is asked in turn, after the view was learnt: while the view changes, a
+        // member may answer from a later view than the one learnt. The view is then learnt
+        // again and the members asked again, a few times, so that the table shows one view.
+        let mut statuses = Vec::new();
+        for _ in 0..STATUS_ROUNDS {
+            statuses.clear();
+            let members: Vec<NodeId> = client.layout().members.iter().map(|(n, _)| *n).collect();
+            for node in members {
+                let status = client.status_of(node).await;
+                statuses.push((node, status));
+            }
+            let view = client.layout().view_id;
+            let later = statuses
+                .iter()
+                .any(|(_, s)| s.as_ref().is_ok_and(|s| s.view_id > view));
+            if !later || !client.learn_layout().await {
+                break;
+            }
+        }
         let layout = client.layout().clone();
         outln!("view {}", layout.view_id)?;
         let mut table = vec![vec![
@@ -310,7 +332,10 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             .map_or(0, |d| d.as_micros() as u64);
         let mut failed = false;
         for (node, addr) in &layout.members {
-            let status = client.status_of(*node).await;
+            let status = match statuses.iter().position(|(n, _)| n == node) {
+                Some(i) => statuses.swap_remove(i).1,
+                None => client.status_of(*node).await,
+            };
             let link = client
                 .link_kind(*node)
                 .await
@@ -318,6 +343,10 @@ pub fn status(args: ClientArgs) -> anyhow::Result<i32> {
             match status {
                 Ok(s) => {
                     let mut state = s.state.clone();
+                    if s.view_id != layout.view_id {
+                        // Still in (or already past) another view than the one shown.
+                        state.push_str(&format!(" in view {}", s.view_id));
+                    }
                     if !s.suspected.is_empty() {
                         state.push_str(&format!(" (suspects {:?})", s.suspected));
                     }
