@@ -7,12 +7,13 @@
 
 #![allow(dead_code)]
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
@@ -41,6 +42,34 @@ pub struct Cluster {
     nodes: Mutex<Vec<Option<Child>>>,
 }
 
+thread_local! {
+    /// The last panic message of this thread, kept by the hook `keep_panic_messages` installs.
+    static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Installs (once per process) a panic hook that also keeps the message for this thread, so a
+/// cluster dropped while its test fails can print the message again after the nodes' logs: a
+/// runner that shows only the end of a failed test's output then still shows why it failed.
+fn keep_panic_messages() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let location = info
+                .location()
+                .map_or(String::new(), |l| format!("at {}:{}: ", l.file(), l.line()));
+            let message = info
+                .payload()
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            LAST_PANIC.with(|p| *p.borrow_mut() = Some(format!("{location}{message}")));
+            default(info);
+        }));
+    });
+}
+
 fn pick_ip(test: u8) -> String {
     // Spread over 127.0.0.16..=127.0.0.250 by process and test.
     let x = 16 + (std::process::id() as u64 * 7 + u64::from(test) * 31) % 235;
@@ -57,6 +86,7 @@ impl Cluster {
     /// As `new`, with `joiners` more nodes (ids `n + 1`…) that are not in `members`: each
     /// joins through node 2 (its `contacts`), announcing its own `listen` address.
     pub fn with_joiners(test: u8, n: usize, joiners: usize, extra: &str) -> Cluster {
+        keep_panic_messages();
         let dir = tempfile::tempdir().expect("temp dir");
         let ip = pick_ip(test);
         // Ports the kernel picks on this address, released just before the nodes bind them.
@@ -372,6 +402,11 @@ impl Drop for Cluster {
         self.stop_all();
         if std::thread::panicking() {
             eprintln!("{}", self.logs());
+            if let Some(message) = LAST_PANIC.with(|p| p.borrow_mut().take()) {
+                // The message is long when it holds the logs too: its first lines say enough.
+                let head: Vec<&str> = message.lines().take(12).collect();
+                eprintln!("--- the test failed ---\n{}", head.join("\n"));
+            }
         }
     }
 }
