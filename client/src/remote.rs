@@ -45,7 +45,7 @@ use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
 use derechofs_core::protocol::{ErrorCode, LayoutInfo, Reply, Request, SubgroupShard};
 use derechofs_core::transport::{
-    ClientConn, ClientId, ClientReceiver, ClientSender, Secret, LOCAL_SOCKET_DIR_DEFAULT,
+    ClientConn, ClientId, ClientReceiver, ClientSender, LinkKind, Secret, LOCAL_SOCKET_DIR_DEFAULT,
 };
 use derechofs_core::{Hlc, NodeId, Version};
 use derechofs_fs::attr_cache::CacheStats;
@@ -157,6 +157,8 @@ impl Written {
 #[derive(Debug)]
 struct Link {
     node: NodeId,
+    /// TCP, or a local socket: a member on this machine.
+    kind: LinkKind,
     sender: tokio::sync::Mutex<ClientSender>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     alive: AtomicBool,
@@ -187,6 +189,9 @@ struct Shared {
     contacts: Vec<SocketAddr>,
     layout: Mutex<LayoutInfo>,
     down: Mutex<HashMap<NodeId, Instant>>,
+    /// Members this client reached over TCP when it looked for one on this machine (local
+    /// reads): not asked for plans.
+    remote_members: Mutex<std::collections::HashSet<NodeId>>,
     /// The newest stamp this client has seen.
     seen: Mutex<Hlc>,
     /// Per shard, the newest version this client had answered, the member that answered it
@@ -218,6 +223,7 @@ impl Shared {
             contacts,
             layout: Mutex::new(layout),
             down: Mutex::new(HashMap::new()),
+            remote_members: Mutex::new(std::collections::HashSet::new()),
             seen: Mutex::new(Hlc::ZERO),
             written: Mutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
@@ -498,6 +504,14 @@ impl Shards for RemoteShards {
 
     fn attr_cache(&self) -> Option<&AttrCache> {
         self.inner.config.attr_cache.then_some(&self.inner.cache)
+    }
+
+    fn read_plan(&self, shard: ShardRef, request: Bytes) -> Option<FsResult<Bytes>> {
+        let shard = match self.subgroup_shard(shard) {
+            Ok(shard) => shard,
+            Err(e) => return Some(Err(e)),
+        };
+        self.block(|inner| async move { inner.read_on_this_machine(shard, request).await })
     }
 
     /// An `FsReadBarrier` of `shard`, after a new open barrier: the next read at the latest
@@ -787,6 +801,20 @@ impl Inner {
         member: Option<NodeId>,
         batched: bool,
     ) -> FsResult<(Bytes, Version)> {
+        self.read_from(shard, at, request, member, batched)
+            .await
+            .map(|(reply, version, _)| (reply, version))
+    }
+
+    /// [`Inner::read_via`], with the member that answered.
+    async fn read_from(
+        self: Arc<Self>,
+        shard: SubgroupShard,
+        at: ReadAt,
+        request: Bytes,
+        member: Option<NodeId>,
+        batched: bool,
+    ) -> FsResult<(Bytes, Version, NodeId)> {
         // Read-your-writes: at the latest state, a replica answers once it delivered the newest
         // version this client had answered in the shard. The member that answered it had
         // delivered it, so the read goes there first instead of waiting at another replica
@@ -827,7 +855,7 @@ impl Inner {
             .await?
         {
             (
-                _,
+                node,
                 Reply::FsValue {
                     read_version,
                     read_hlc,
@@ -845,7 +873,7 @@ impl Inner {
                     // feed has reported it (docs/SEMANTICS.md).
                     self.cache.saw(read_version);
                 }
-                Ok((reply, read_version))
+                Ok((reply, read_version, node))
             }
             (_, other) => Err(unexpected(&other)),
         }
@@ -853,6 +881,72 @@ impl Inner {
 
     fn tag(&self) -> u64 {
         self.next_tag.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A read of `shard` at the latest state from a member linked over a local socket, if one
+    /// is; `None` if none is, or if the read was answered by a member over TCP after all (a
+    /// retry after the local one failed), whose answer is dropped: a plan names files of the
+    /// member's machine.
+    async fn read_on_this_machine(
+        self: Arc<Self>,
+        shard: SubgroupShard,
+        request: Bytes,
+    ) -> Option<FsResult<Bytes>> {
+        let members = lock(&self.layout)
+            .subgroup_shard(shard)
+            .map(|s| s.members.clone())
+            .unwrap_or_default();
+        let local: Vec<NodeId> = {
+            let links = self.links.lock().await;
+            members
+                .iter()
+                .copied()
+                .filter(|m| {
+                    links.get(m).is_some_and(|l| {
+                        l.kind == LinkKind::Local && l.alive.load(Ordering::SeqCst)
+                    })
+                })
+                .collect()
+        };
+        let member = match local.as_slice() {
+            [] => {
+                // No local link yet: connect to the members not known to be elsewhere, once.
+                let mut found = None;
+                for m in members {
+                    if self.is_down(m) || lock(&self.remote_members).contains(&m) {
+                        continue;
+                    }
+                    match self.link(m).await {
+                        Ok(link) if link.kind == LinkKind::Local => {
+                            found = Some(m);
+                            break;
+                        }
+                        Ok(_) => {
+                            lock(&self.remote_members).insert(m);
+                        }
+                        Err(_) => {}
+                    }
+                }
+                found?
+            }
+            some => some[self.spread.fetch_add(1, Ordering::Relaxed) % some.len()],
+        };
+        let answered = self
+            .clone()
+            .read_from(shard, ReadAt::Latest, request, Some(member), false)
+            .await;
+        match answered {
+            Ok((reply, _, node)) => {
+                let here = self
+                    .links
+                    .lock()
+                    .await
+                    .get(&node)
+                    .is_some_and(|l| l.kind == LinkKind::Local);
+                here.then_some(Ok(reply))
+            }
+            Err(e) => Some(Err(e)),
+        }
     }
 
     fn saw(&self, hlc: Hlc) {
@@ -921,9 +1015,11 @@ impl Inner {
 
     async fn adopt_link(self: &Arc<Self>, conn: ClientConn) -> Arc<Link> {
         let node = conn.node_id();
+        let kind = conn.kind();
         let (sender, receiver) = conn.into_split();
         let link = Arc::new(Link {
             node,
+            kind,
             sender: tokio::sync::Mutex::new(sender),
             pending: Mutex::new(HashMap::new()),
             alive: AtomicBool::new(true),

@@ -22,13 +22,21 @@
 //!   complete directory does not exist. Past [`UNKNOWN_NAMES_MAX`] unknown names the directory
 //!   stops being complete.
 //!
+//! - *Chunk plans* for local reads (`crate::local`) are kept here too, by inode and chunk
+//!   index, and answer under the same condition as attributes. A reported change of an inode's
+//!   record drops its plans; so do this client's writes and opens of it
+//!   ([`AttrCache::forget_plans`]), and a plan fetched across any such drop is not kept (the
+//!   plan epoch).
+//!
 //! Sans-IO: the shards call [`AttrCache::subscribed`], [`AttrCache::changed`] and
 //! [`AttrCache::broken`] from their feed; the file system calls the rest.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
+
+use crate::chunk::ChunkPlan;
 
 use crate::inode::{Attr, Ino};
 
@@ -47,6 +55,8 @@ pub const UNKNOWN_NAMES_MAX: usize = 4096;
 /// Most reported changes remembered to check reads answered before them; older ones raise the
 /// floor below which no read is cached.
 pub const RECENT_CHANGES_MAX: usize = 1 << 14;
+/// Most chunk plans kept for local reads (each a few hundred bytes); past it new ones are not.
+pub const PLAN_CACHE_ENTRIES_MAX: usize = 1 << 16;
 
 /// What a reported change is about.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -70,6 +80,10 @@ pub struct CacheStats {
     pub entries: usize,
     /// The last version the feed reported, if subscribed.
     pub position: Option<Version>,
+    /// File reads answered from the members' log files on this machine (local reads).
+    pub local_reads: u64,
+    /// Local reads that failed and went through a member.
+    pub local_failures: u64,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +104,12 @@ struct State {
     dir_change: HashMap<Ino, Version>,
     /// Complete directories, with the names that changed while not cached.
     complete: HashMap<Ino, HashSet<Bytes>>,
+    /// Chunk plans for local reads, by inode and chunk index ([`AttrCache::plan`]).
+    plans: HashMap<Ino, HashMap<u64, Arc<ChunkPlan>>>,
+    /// Plans held, over every inode.
+    plan_count: usize,
+    /// Bumped whenever plans are forgotten: a plan fetched across a bump is not cached.
+    plan_epoch: u64,
     stats: CacheStats,
 }
 
@@ -101,6 +121,20 @@ impl State {
         self.last_change.clear();
         self.dir_change.clear();
         self.complete.clear();
+        self.forget_all_plans();
+    }
+
+    fn forget_plans(&mut self, ino: Ino) {
+        if let Some(p) = self.plans.remove(&ino) {
+            self.plan_count -= p.len();
+        }
+        self.plan_epoch += 1;
+    }
+
+    fn forget_all_plans(&mut self) {
+        self.plans.clear();
+        self.plan_count = 0;
+        self.plan_epoch += 1;
     }
 
     /// A name of complete directory `parent` is no longer known (if the directory is complete).
@@ -181,6 +215,9 @@ impl AttrCache {
             if s.attrs.get(&ino).is_some_and(|&(_, v)| v < version) {
                 s.attrs.remove(&ino);
             }
+            // The inode's record changed (its size, mtime, ...): whatever a writer did to its
+            // bytes before that, a plan from before may miss.
+            s.forget_plans(ino);
             s.record(version, Key::Inode(ino));
         }
         for (parent, name) in entries {
@@ -321,6 +358,15 @@ impl AttrCache {
         Some(a)
     }
 
+    /// [`AttrCache::attr`] without counting a hit: for a local read, which counts itself.
+    pub fn attr_for_read(&self, ino: Ino) -> Option<Attr> {
+        let s = self.lock();
+        if !s.answers() {
+            return None;
+        }
+        s.attrs.get(&ino).map(|(a, _)| a.clone())
+    }
+
     /// The attributes of what `name` in `parent` names, if both the name and those attributes
     /// are cached and the cache answers now.
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Option<Attr> {
@@ -332,6 +378,56 @@ impl AttrCache {
         let a = s.attrs.get(&ino).map(|(a, _)| a.clone())?;
         s.stats.hits += 1;
         Some(a)
+    }
+
+    /// The plan of chunk `index` of `ino` kept for a local read, if the cache answers now.
+    pub fn plan(&self, ino: Ino, index: u64) -> Option<Arc<ChunkPlan>> {
+        let s = self.lock();
+        if !s.answers() {
+            return None;
+        }
+        s.plans.get(&ino)?.get(&index).cloned()
+    }
+
+    /// The plans' epoch now: give it back to [`AttrCache::insert_plan`] with a plan fetched
+    /// after this call.
+    pub fn plan_epoch(&self) -> u64 {
+        self.lock().plan_epoch
+    }
+
+    /// Keeps `plan` for chunk `index` of `ino`, fetched after [`AttrCache::plan_epoch`] gave
+    /// `epoch`: unless plans were forgotten since (a change of the inode reported by the feed,
+    /// a write or an open of this client), the feed broke, or the cache is full.
+    pub fn insert_plan(&self, ino: Ino, index: u64, plan: Arc<ChunkPlan>, epoch: u64) {
+        let mut s = self.lock();
+        if !s.live || s.plan_epoch != epoch || s.plan_count >= PLAN_CACHE_ENTRIES_MAX {
+            return;
+        }
+        if s.plans
+            .entry(ino)
+            .or_default()
+            .insert(index, plan)
+            .is_none()
+        {
+            s.plan_count += 1;
+        }
+    }
+
+    /// Forgets the plans of `ino`: this client is about to change its bytes, has changed them,
+    /// or opens it (close-to-open: the open's barrier read starts afresh).
+    pub fn forget_plans(&self, ino: Ino) {
+        self.lock().forget_plans(ino);
+    }
+
+    /// Counts a read answered from local files.
+    pub fn count_local_read(&self) {
+        self.lock().stats.local_reads += 1;
+    }
+
+    /// Counts a local read that failed (a file missing or not the one named), so that the
+    /// read went through a member.
+    pub fn count_local_failure(&self) {
+        self.lock().stats.local_failures += 1;
     }
 
     /// Counters and the feed's position.
@@ -366,6 +462,47 @@ mod tests {
             ctime: t,
             crtime: t,
         }
+    }
+
+    fn a_plan(len: u32) -> Arc<ChunkPlan> {
+        Arc::new(ChunkPlan {
+            len,
+            files: Vec::new(),
+            pieces: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn plans_are_dropped_by_a_reported_change_a_forget_or_a_break_and_one_fetched_across_a_drop_is_not_kept(
+    ) {
+        let c = AttrCache::new();
+        let epoch = c.plan_epoch();
+        c.insert_plan(5, 0, a_plan(1), epoch);
+        assert_eq!(c.plan(5, 0), None, "no feed: nothing is kept");
+        c.subscribed(10);
+        let epoch = c.plan_epoch();
+        c.insert_plan(5, 0, a_plan(1), epoch);
+        c.insert_plan(5, 1, a_plan(2), epoch);
+        c.insert_plan(6, 0, a_plan(3), epoch);
+        assert_eq!(c.plan(5, 1), Some(a_plan(2)));
+        c.saw(11);
+        assert_eq!(c.plan(5, 1), None, "the feed is behind what the client saw");
+        c.changed(11, &[5], &[]);
+        assert_eq!(c.plan(5, 0), None, "a change of inode 5 drops its plans");
+        assert_eq!(c.plan(5, 1), None);
+        assert_eq!(c.plan(6, 0), Some(a_plan(3)), "inode 6's stay");
+        // A plan fetched before a drop (any inode's) is refused; one fetched after is kept.
+        let before = c.plan_epoch();
+        c.forget_plans(9);
+        c.insert_plan(5, 0, a_plan(4), before);
+        assert_eq!(c.plan(5, 0), None);
+        c.insert_plan(5, 0, a_plan(4), c.plan_epoch());
+        assert_eq!(c.plan(5, 0), Some(a_plan(4)));
+        c.forget_plans(5);
+        assert_eq!(c.plan(5, 0), None, "this client's write or open drops them");
+        c.broken();
+        c.subscribed(20);
+        assert_eq!(c.plan(6, 0), None, "a broken feed drops every plan");
     }
 
     #[test]

@@ -33,7 +33,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use bytes::{Bytes, BytesMut};
-use derechofs_storage::{Hlc, Version};
+use derechofs_storage::backend::FilePlace;
+use derechofs_storage::{Hlc, Location, Version};
 
 use crate::codec::{put_varint, DecodeError, Reader};
 use crate::error::{Fail, FsError};
@@ -685,6 +686,236 @@ fn assemble_cached<S: Store + ?Sized>(
     Ok(chunk.slice(from..to))
 }
 
+/// Where the bytes of a chunk at one version lie in one replica's log files: what a client on
+/// the same machine needs to read them itself (`DataRead::Plan`, docs/ARCHITECTURE.md, "Local
+/// reads"). The bytes a plan names never change (the log writes each record once), so a plan
+/// stays true for that version as long as its files exist.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkPlan {
+    /// The chunk's length at that version: a read stops there.
+    pub len: u32,
+    /// The files the pieces are in.
+    pub files: Vec<FilePlace>,
+    /// Pieces of the chunk, in order, not overlapping, all below `len`; what no piece covers
+    /// below `len` reads as zeros.
+    pub pieces: Vec<PlanPiece>,
+}
+
+/// Bytes `at..at + len` of a chunk, found at `offset` of file `file` of its plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanPiece {
+    /// Where the piece starts in the chunk.
+    pub at: u32,
+    /// Its length.
+    pub len: u32,
+    /// Index of its file in [`ChunkPlan::files`].
+    pub file: u32,
+    /// Where its first byte is in that file.
+    pub offset: u64,
+}
+
+/// Most pieces a plan may have: a base and [`EXTENTS_PER_CHUNK_MAX`] extents, each of which
+/// can split one piece in two.
+pub const PLAN_PIECES_MAX: usize = 2 * EXTENTS_PER_CHUNK_MAX as usize + 2;
+/// Most files a plan may name: the base's and the extents'.
+pub const PLAN_FILES_MAX: usize = EXTENTS_PER_CHUNK_MAX as usize + 1;
+
+impl ChunkPlan {
+    /// Checks what a decoder cannot: pieces in order, not overlapping, below `len`, each naming
+    /// a file of the plan and not wrapping around in it.
+    pub fn check(&self) -> Result<(), &'static str> {
+        let mut end = 0u32;
+        for p in &self.pieces {
+            let piece_end = p.at.checked_add(p.len).ok_or("a plan piece wraps")?;
+            if p.len == 0 || p.at < end || piece_end > self.len {
+                return Err("plan pieces out of order, overlapping or past the chunk");
+            }
+            if p.file as usize >= self.files.len() {
+                return Err("a plan piece names no file of the plan");
+            }
+            p.offset
+                .checked_add(u64::from(p.len))
+                .ok_or("a plan piece wraps in its file")?;
+            end = piece_end;
+        }
+        Ok(())
+    }
+
+    /// Bytes `offset..offset + want` of the chunk, cut at its length, read with `read_file`
+    /// (file index, offset in the file, bytes to fill).
+    pub fn read(
+        &self,
+        offset: u32,
+        want: u32,
+        mut read_file: impl FnMut(u32, u64, &mut [u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<Bytes> {
+        let lo = offset.min(self.len);
+        let hi = (u64::from(offset) + u64::from(want)).min(u64::from(self.len)) as u32;
+        let mut out = BytesMut::zeroed((hi - lo) as usize);
+        let first = self.pieces.partition_point(|p| p.at + p.len <= lo);
+        for p in &self.pieces[first..] {
+            if p.at >= hi {
+                break;
+            }
+            let from = p.at.max(lo);
+            let to = (p.at + p.len).min(hi);
+            read_file(
+                p.file,
+                p.offset + u64::from(from - p.at),
+                &mut out[(from - lo) as usize..(to - lo) as usize],
+            )?;
+        }
+        Ok(out.freeze())
+    }
+}
+
+/// Non-overlapping pieces of a chunk being planned, by start: `(end, file, offset)`.
+#[derive(Default)]
+struct Painter {
+    pieces: BTreeMap<u32, (u32, u32, u64)>,
+}
+
+impl Painter {
+    /// Removes whatever covers `lo..hi`, keeping the parts of pieces outside it.
+    fn clear(&mut self, lo: u32, hi: u32) {
+        if lo >= hi {
+            return;
+        }
+        // A piece starting before `lo` that reaches into the range keeps its head (and its
+        // tail past `hi`, if it spans the whole range).
+        if let Some((&at, &(end, file, offset))) = self.pieces.range(..lo).next_back() {
+            if end > lo {
+                self.pieces.insert(at, (lo, file, offset));
+                if end > hi {
+                    self.pieces
+                        .insert(hi, (end, file, offset + u64::from(hi - at)));
+                }
+            }
+        }
+        let inside: Vec<u32> = self.pieces.range(lo..hi).map(|(&at, _)| at).collect();
+        for at in inside {
+            if let Some((end, file, offset)) = self.pieces.remove(&at) {
+                if end > hi {
+                    self.pieces
+                        .insert(hi, (end, file, offset + u64::from(hi - at)));
+                }
+            }
+        }
+    }
+
+    fn paint(&mut self, lo: u32, hi: u32, file: u32, offset: u64) {
+        if lo >= hi {
+            return;
+        }
+        self.clear(lo, hi);
+        self.pieces.insert(lo, (hi, file, offset));
+    }
+}
+
+/// The plan of chunk `index` of `ino` at `version` ([`ChunkPlan`]); `None` when some of its
+/// bytes are not where another process could read them (still in the log's write buffer, or a
+/// store without files).
+pub fn plan<S: Store + ?Sized>(
+    store: &S,
+    ino: Ino,
+    index: u64,
+    version: Version,
+) -> Result<Option<ChunkPlan>, FsError> {
+    match plan_of(store, ino, index, version) {
+        Ok(p) => Ok(p),
+        Err(Fail::Fs(e)) => Err(e),
+        Err(Fail::Store(e)) => Err(FsError::from(e)),
+    }
+}
+
+fn plan_of<S: Store + ?Sized>(
+    store: &S,
+    ino: Ino,
+    index: u64,
+    version: Version,
+) -> Result<Option<ChunkPlan>, Fail> {
+    let empty = ChunkPlan {
+        len: 0,
+        files: Vec::new(),
+        pieces: Vec::new(),
+    };
+    let Some(state) = state_at(store, ino, index, version)? else {
+        return Ok(Some(empty));
+    };
+    let mut files: Vec<FilePlace> = Vec::new();
+    let mut file_of = |place: FilePlace| -> u32 {
+        match files.iter().position(|f| *f == place) {
+            Some(i) => i as u32,
+            None => {
+                files.push(place);
+                (files.len() - 1) as u32
+            }
+        }
+    };
+    let mut painter = Painter::default();
+    let mut len: u64 = 0;
+    if state.base_len > 0 {
+        let located = match store.locate(&key::base(ino, index), version)? {
+            Location::File(l) => l,
+            Location::Elsewhere => return Ok(None),
+            Location::Absent => return Err(DecodeError::Bad("chunk base missing").into()),
+        };
+        if located.len != state.base_len {
+            return Err(DecodeError::Bad("chunk base length").into());
+        }
+        let file = file_of(located.place);
+        painter.paint(0, state.base_len, file, located.offset);
+        len = u64::from(state.base_len);
+    }
+    for slot in 0..state.extents {
+        let extent_key = key::extent(ino, index, slot);
+        let (extent, data_at, total) = extent_head(store, &extent_key, version)?;
+        match extent {
+            Extent::Data { offset, .. } => {
+                let located = match store.locate(&extent_key, version)? {
+                    Location::File(l) => l,
+                    Location::Elsewhere => return Ok(None),
+                    Location::Absent => return Err(DecodeError::Bad("chunk extent missing").into()),
+                };
+                if u64::from(located.len) != total {
+                    return Err(DecodeError::Bad("chunk extent length").into());
+                }
+                let data_len = total - data_at;
+                let end = u64::from(offset) + data_len;
+                let end32 = u32::try_from(end).map_err(|_| DecodeError::Bad("chunk extent end"))?;
+                let file = file_of(located.place);
+                painter.paint(offset, end32, file, located.offset + data_at);
+                len = len.max(end);
+            }
+            Extent::Cut { offset } => {
+                if u64::from(offset) < len {
+                    len = u64::from(offset);
+                    painter.clear(offset, u32::MAX);
+                }
+            }
+            Extent::Zero { offset, len: n } => {
+                let to = (u64::from(offset) + u64::from(n)).min(len);
+                if u64::from(offset) < to {
+                    painter.clear(offset, to as u32);
+                }
+            }
+        }
+    }
+    let len = u32::try_from(len).map_err(|_| DecodeError::Bad("chunk length"))?;
+    painter.clear(len, u32::MAX);
+    let pieces = painter
+        .pieces
+        .into_iter()
+        .map(|(at, (end, file, offset))| PlanPiece {
+            at,
+            len: end - at,
+            file,
+            offset,
+        })
+        .collect();
+    Ok(Some(ChunkPlan { len, files, pieces }))
+}
+
 /// Answers a data read at `version`, through the replica's chunk cache when given.
 pub fn read<S: Store + ?Sized>(
     store: &S,
@@ -724,6 +955,7 @@ pub fn read<S: Store + ?Sized>(
                 Err(Fail::Store(e)) => Err(FsError::from(e)),
             }
         }
+        DataRead::Plan { ino, index } => plan(store, *ino, *index, version).map(ReadReply::Plan),
     }
 }
 

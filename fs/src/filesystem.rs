@@ -17,7 +17,7 @@
 //! that triggered it and again at the next flush or fsync of the file (as NFS does).
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use derechofs_core::kv::ReadAt;
@@ -26,6 +26,7 @@ use derechofs_storage::Hlc;
 use crate::chunk::placement;
 use crate::error::{FsError, FsResult};
 use crate::inode::{Attr, FileKind, Ino, FILE_SIZE_MAX, NAME_LEN_MAX, ROOT_INO};
+use crate::local::LocalFiles;
 use crate::namespace::VIRTUAL_XATTR_PREFIX;
 use crate::op::{
     decode_read_reply, Creds, DataOp, DataRead, DataReply, DirEntry, HistoryEntry, NsOp, NsRead,
@@ -228,6 +229,8 @@ pub struct FileSystem<S: Shards> {
     run_done: Condvar,
     /// Directory attributes returned by the last change of entries.
     dir_attrs: Mutex<DirAttrs>,
+    /// Log files of members on this machine, open for local reads.
+    local: LocalFiles,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -260,6 +263,7 @@ impl<S: Shards> FileSystem<S> {
             write_back: Mutex::new(WriteBack::default()),
             run_done: Condvar::new(),
             dir_attrs: Mutex::new(DirAttrs::default()),
+            local: LocalFiles::new(),
         };
         let creds = fs.config.root_owner;
         fs.ns(NsOp::Init { creds })?;
@@ -473,9 +477,22 @@ impl<S: Shards> FileSystem<S> {
     }
 
     fn data(&self, shard: u32, op: DataOp) -> FsResult<DataReply> {
-        match self.submit(ShardRef::Data(shard), Op::Data(op))?.0 {
+        let ino = op.ino();
+        self.forget_plans(ino);
+        let r = self.submit(ShardRef::Data(shard), Op::Data(op));
+        self.forget_plans(ino);
+        match r?.0 {
             Reply::Data(r) => r,
             other => Err(bad_reply(format!("{other:?}"))),
+        }
+    }
+
+    /// Forgets the chunk plans of `ino` kept for local reads: this client changes its bytes
+    /// (before the change, and again once it is applied, so that no plan fetched meanwhile is
+    /// kept), or opens it.
+    fn forget_plans(&self, ino: Ino) {
+        if let Some(cache) = self.shards.attr_cache() {
+            cache.forget_plans(ino);
         }
     }
 
@@ -654,7 +671,10 @@ impl<S: Shards> FileSystem<S> {
             pos += n;
         }
         // Every piece in flight at once: they touch distinct chunks.
-        self.data_many(pieces)
+        self.forget_plans(ino);
+        let r = self.data_many(pieces);
+        self.forget_plans(ino);
+        r
     }
 
     /// Attributes as the caller sees them: with the snapshot inode number inside a snapshot.
@@ -786,6 +806,7 @@ impl<S: Shards> FileSystem<S> {
         if v.at.is_some() {
             return self.getattr(ino);
         }
+        self.forget_plans(v.ino);
         let (reply, version) = self
             .shards
             .read_barrier(ShardRef::Namespace, NsRead::GetAttr { ino: v.ino }.encode())?;
@@ -1093,6 +1114,11 @@ impl<S: Shards> FileSystem<S> {
             let shard = placement(v.ino, pos / cs, self.layout.data_shards);
             (ShardRef::Data(shard), v.read_at(), read.encode())
         };
+        if v.at.is_none() {
+            if let Some(bytes) = self.read_local(v.ino, offset, end, &pieces) {
+                return Ok(bytes);
+            }
+        }
         let first = pieces.len().min(READS_IN_FLIGHT_MAX - 1);
         let mut reads = vec![(
             ShardRef::Namespace,
@@ -1156,6 +1182,73 @@ impl<S: Shards> FileSystem<S> {
             }
         }
         Ok(out.freeze())
+    }
+
+    /// A live read of bytes `offset..end` of `ino` (cut into the chunk `pieces`) answered
+    /// from the log files of members on this machine (docs/ARCHITECTURE.md, "Local reads"):
+    /// the size from the attribute cache, each chunk piece by its plan, kept in that cache or
+    /// asked of a member on this machine. `None` when it cannot be (no cached attributes, no
+    /// member here, a plan not ready, a file that fails): the read then goes through the
+    /// members as before.
+    fn read_local(&self, ino: Ino, offset: u64, end: u64, pieces: &[(u64, u32)]) -> Option<Bytes> {
+        let cache = self.shards.attr_cache()?;
+        if self.local.resting() {
+            return None;
+        }
+        let attr = cache.attr_for_read(ino)?;
+        if attr.kind != FileKind::Regular {
+            // The read through the members gives the error.
+            return None;
+        }
+        let end = end.min(attr.size);
+        let cs = u64::from(self.layout.chunk_size);
+        let needed = pieces.iter().take_while(|(pos, _)| *pos < end).count();
+        let mut out = BytesMut::with_capacity(end.saturating_sub(offset) as usize);
+        for &(pos, want) in &pieces[..needed] {
+            let index = pos / cs;
+            let plan = match cache.plan(ino, index) {
+                Some(plan) => plan,
+                None => {
+                    let epoch = cache.plan_epoch();
+                    let shard = ShardRef::Data(placement(ino, index, self.layout.data_shards));
+                    let reply = self
+                        .shards
+                        .read_plan(shard, DataRead::Plan { ino, index }.encode())?;
+                    match decode_read_reply(&reply.ok()?) {
+                        Ok(Ok(ReadReply::Plan(Some(plan)))) => {
+                            let plan = Arc::new(plan);
+                            cache.insert_plan(ino, index, plan.clone(), epoch);
+                            plan
+                        }
+                        _ => {
+                            // No plan to be had (or a failed read): not asked again for a while,
+                            // or every read would cost a plan read and a read.
+                            self.local.rest();
+                            return None;
+                        }
+                    }
+                }
+            };
+            let keep = (end - pos).min(u64::from(want)) as u32;
+            let bytes = match self.local.read(&plan, (pos % cs) as u32, keep) {
+                Ok(bytes) => bytes,
+                Err(_) => {
+                    cache.count_local_failure();
+                    cache.forget_plans(ino);
+                    self.local.close_all();
+                    self.local.rest();
+                    return None;
+                }
+            };
+            if needed == 1 && bytes.len() == keep as usize {
+                cache.count_local_read();
+                return Some(bytes);
+            }
+            out.extend_from_slice(&bytes);
+            out.resize(out.len() + (keep as usize - bytes.len()), 0);
+        }
+        cache.count_local_read();
+        Some(out.freeze())
     }
 
     /// Writes `data` at `offset` of file `ino` at once: any buffered writes of the file, then

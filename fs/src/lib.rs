@@ -23,6 +23,7 @@ mod error;
 pub mod filesystem;
 pub mod inode;
 pub mod key;
+pub mod local;
 pub mod namespace;
 pub mod op;
 pub mod shard;

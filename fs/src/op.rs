@@ -8,9 +8,15 @@
 //! state at a version or time. Every decoder here is safe on any bytes: it returns a
 //! [`DecodeError`], never panics, and allocates no more than the input justifies.
 
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
 use bytes::Bytes;
+use derechofs_storage::backend::FilePlace;
 use derechofs_storage::{Hlc, Version};
 
+use crate::chunk::{ChunkPlan, PlanPiece, PLAN_FILES_MAX, PLAN_PIECES_MAX};
 use crate::codec::{put_bytes, put_signed, put_varint, DecodeError, Reader};
 use crate::error::FsError;
 use crate::inode::{
@@ -404,6 +410,10 @@ pub enum ReadReply {
         /// Inode numbers allocated so far.
         inodes: u64,
     },
+    /// Where a chunk's bytes lie in the answering member's log files (`DataRead::Plan`);
+    /// `None` when some are not in a file yet (the log's write buffer) or the member keeps no
+    /// files: the client reads the chunk through the member then.
+    Plan(Option<ChunkPlan>),
 }
 
 /// A read of a data shard.
@@ -420,6 +430,14 @@ pub enum DataRead {
         offset: u32,
         /// How many bytes at most.
         len: u32,
+    },
+    /// Where the bytes of chunk `index` of `ino` lie in the member's log files, for a client
+    /// on the same machine that reads them itself (docs/ARCHITECTURE.md, "Local reads").
+    Plan {
+        /// The file.
+        ino: Ino,
+        /// The chunk.
+        index: u64,
     },
 }
 
@@ -465,6 +483,7 @@ const READ_LISTXATTR: u8 = 6;
 const READ_HISTORY: u8 = 7;
 const READ_STATFS: u8 = 8;
 const READ_CHUNK: u8 = 9;
+const READ_PLAN: u8 = 10;
 
 const READ_REPLY_ERR: u8 = 0;
 const READ_REPLY_ATTR: u8 = 1;
@@ -473,6 +492,10 @@ const READ_REPLY_BYTES: u8 = 3;
 const READ_REPLY_NAMES: u8 = 4;
 const READ_REPLY_HISTORY: u8 = 5;
 const READ_REPLY_STATFS: u8 = 6;
+const READ_REPLY_PLAN: u8 = 7;
+
+/// Longest path of a file a plan names.
+pub const PLAN_PATH_BYTES_MAX: usize = 4096;
 
 fn put_creds(out: &mut Vec<u8>, c: Creds) {
     put_varint(out, u64::from(c.uid));
@@ -779,6 +802,16 @@ impl NsOp {
 }
 
 impl DataOp {
+    /// The file the operation changes.
+    pub fn ino(&self) -> Ino {
+        match self {
+            DataOp::Write { ino, .. }
+            | DataOp::Truncate { ino, .. }
+            | DataOp::Zero { ino, .. }
+            | DataOp::Punch { ino, .. } => *ino,
+        }
+    }
+
     fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
             DataOp::Write {
@@ -1115,6 +1148,11 @@ impl DataRead {
                 put_varint(&mut out, u64::from(*offset));
                 put_varint(&mut out, u64::from(*len));
             }
+            DataRead::Plan { ino, index } => {
+                out.push(READ_PLAN);
+                put_varint(&mut out, *ino);
+                put_varint(&mut out, *index);
+            }
         }
         Bytes::from(out)
     }
@@ -1129,6 +1167,10 @@ impl DataRead {
                 offset: r.varint_u32("chunk offset")?,
                 len: r.varint_u32("read length")?,
             },
+            READ_PLAN => DataRead::Plan {
+                ino: r.varint("ino")?,
+                index: r.varint("chunk index")?,
+            },
             tag => {
                 return Err(DecodeError::UnknownTag {
                     what: "data read",
@@ -1139,6 +1181,12 @@ impl DataRead {
         r.finish()?;
         Ok(read)
     }
+}
+
+/// Whether the encoded read `request` is a [`DataRead::Plan`] (the node then hands its log's
+/// buffered records to the files first, so that the plan can name them).
+pub fn is_plan_read(request: &[u8]) -> bool {
+    request.first() == Some(&READ_PLAN)
 }
 
 /// Encodes the answer to a read (namespace or data).
@@ -1209,7 +1257,65 @@ pub fn put_read_reply(out: &mut Vec<u8>, reply: &Result<ReadReply, FsError>) {
             out.push(READ_REPLY_STATFS);
             put_varint(out, *inodes);
         }
+        Ok(ReadReply::Plan(None)) => {
+            out.push(READ_REPLY_PLAN);
+            out.push(0);
+        }
+        Ok(ReadReply::Plan(Some(plan))) => {
+            out.push(READ_REPLY_PLAN);
+            out.push(1);
+            put_varint(out, u64::from(plan.len));
+            put_varint(out, plan.files.len() as u64);
+            for f in &plan.files {
+                put_bytes(out, f.path.as_os_str().as_bytes());
+                put_varint(out, f.dev);
+                put_varint(out, f.ino);
+            }
+            put_varint(out, plan.pieces.len() as u64);
+            for p in &plan.pieces {
+                put_varint(out, u64::from(p.at));
+                put_varint(out, u64::from(p.len));
+                put_varint(out, u64::from(p.file));
+                put_varint(out, p.offset);
+            }
+        }
     }
+}
+
+fn read_plan(r: &mut Reader<'_>) -> Result<Option<ChunkPlan>, DecodeError> {
+    match r.u8("plan")? {
+        0 => return Ok(None),
+        1 => {}
+        _ => return Err(DecodeError::Bad("plan")),
+    }
+    let len = r.varint_u32("plan length")?;
+    let n = r.count("plan files", PLAN_FILES_MAX, 3)?;
+    let mut files = Vec::with_capacity(n);
+    for _ in 0..n {
+        let path = r.bytes("plan file path", PLAN_PATH_BYTES_MAX)?;
+        let path = PathBuf::from(OsStr::from_bytes(&path));
+        if !path.is_absolute() {
+            return Err(DecodeError::Bad("plan file path"));
+        }
+        files.push(FilePlace {
+            path,
+            dev: r.varint("plan file device")?,
+            ino: r.varint("plan file inode")?,
+        });
+    }
+    let n = r.count("plan pieces", PLAN_PIECES_MAX, 4)?;
+    let mut pieces = Vec::with_capacity(n);
+    for _ in 0..n {
+        pieces.push(PlanPiece {
+            at: r.varint_u32("plan piece start")?,
+            len: r.varint_u32("plan piece length")?,
+            file: r.varint_u32("plan piece file")?,
+            offset: r.varint("plan piece offset")?,
+        });
+    }
+    let plan = ChunkPlan { len, files, pieces };
+    plan.check().map_err(DecodeError::Bad)?;
+    Ok(Some(plan))
 }
 
 /// Decodes the answer to a read. Never panics.
@@ -1267,6 +1373,7 @@ pub fn decode_read_reply(b: &Bytes) -> Result<Result<ReadReply, FsError>, Decode
         READ_REPLY_STATFS => Ok(ReadReply::StatFs {
             inodes: r.varint("inodes")?,
         }),
+        READ_REPLY_PLAN => Ok(ReadReply::Plan(read_plan(&mut r)?)),
         tag => {
             return Err(DecodeError::UnknownTag {
                 what: "read reply",
@@ -1479,7 +1586,66 @@ mod tests {
         };
         assert_eq!(DataRead::decode(&chunk.encode()), Ok(chunk.clone()));
         out.push(chunk.encode());
+        let plan = DataRead::Plan { ino: 1, index: 2 };
+        assert_eq!(DataRead::decode(&plan.encode()), Ok(plan.clone()));
+        out.push(plan.encode());
         out
+    }
+
+    fn plan() -> ChunkPlan {
+        ChunkPlan {
+            len: 9000,
+            files: vec![
+                FilePlace {
+                    path: PathBuf::from("/run/x/shard-1/seg-00000001.log"),
+                    dev: 0xfd01,
+                    ino: 77,
+                },
+                FilePlace {
+                    path: PathBuf::from("/b"),
+                    dev: u64::MAX,
+                    ino: 0,
+                },
+            ],
+            pieces: vec![
+                PlanPiece {
+                    at: 0,
+                    len: 10,
+                    file: 1,
+                    offset: 4096,
+                },
+                PlanPiece {
+                    at: 100,
+                    len: 8900,
+                    file: 0,
+                    offset: u64::from(u32::MAX) + 5,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_plan_reply_that_breaks_its_rules_is_refused() {
+        let mut bad = Vec::new();
+        // Pieces overlapping, past the length, naming no file, and a relative path.
+        for change in 0..4 {
+            let mut p = plan();
+            match change {
+                0 => p.pieces[1].at = 5,
+                1 => p.len = 8999,
+                2 => p.pieces[0].file = 2,
+                _ => p.files[1].path = PathBuf::from("rel"),
+            }
+            bad.push(encode_read_reply(&Ok(ReadReply::Plan(Some(p)))));
+        }
+        for b in bad {
+            assert!(decode_read_reply(&b).is_err(), "{b:?} decoded");
+        }
+        let good = encode_read_reply(&Ok(ReadReply::Plan(Some(plan()))));
+        assert_eq!(
+            decode_read_reply(&good),
+            Ok(Ok(ReadReply::Plan(Some(plan()))))
+        );
     }
 
     fn read_replies() -> Vec<Result<ReadReply, FsError>> {
@@ -1503,6 +1669,8 @@ mod tests {
                 },
             }])),
             Ok(ReadReply::StatFs { inodes: 3 }),
+            Ok(ReadReply::Plan(None)),
+            Ok(ReadReply::Plan(Some(plan()))),
             Err(FsError::new(libc::EAGAIN, "wait")),
         ]
     }

@@ -92,6 +92,14 @@ pub trait Shards: Send + Sync {
     fn read_barrier(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
         self.read_versioned(shard, ReadAt::Latest, request)
     }
+    /// A `DataRead::Plan` of `shard` at the latest state (with this client's writes and open
+    /// barrier, as [`Shards::read`]), answered by a member on this machine: `None` when no
+    /// member of the shard is linked to this client over a local socket, so that the files a
+    /// plan names would not be this machine's (docs/ARCHITECTURE.md, "Local reads").
+    fn read_plan(&self, shard: ShardRef, request: Bytes) -> Option<FsResult<Bytes>> {
+        let _ = (shard, request);
+        None
+    }
     /// The cache of live attributes and names these shards keep coherent with a feed of the
     /// namespace shard's changes ([`crate::attr_cache`]), if they keep one. The file system
     /// answers from it, and fills it from replies tagged with their versions; the shards tell

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use bytes::Bytes;
-use derechofs_storage::{Change, Hlc, Log, LogError, Version};
+use derechofs_storage::{Change, Hlc, Location, Log, LogError, Version};
 
 /// Results of a store's reads.
 pub type StoreResult<T> = Result<T, LogError>;
@@ -52,6 +52,12 @@ pub trait Store {
     fn latest(&self) -> Option<(Version, Hlc)>;
     /// The newest `limit` changes of `key` at or before `version` still held, oldest first.
     fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change>;
+    /// Where the value of `key` at `version` lies in the store's files, for a reader on the same
+    /// machine ([`Log::locate`]); a store without such files says `Elsewhere`.
+    fn locate(&self, key: &[u8], version: Version) -> StoreResult<Location> {
+        let _ = (key, version);
+        Ok(Location::Elsewhere)
+    }
 }
 
 /// Bytes `from..from + len` of `value`, cut at its end, with its length.
@@ -101,6 +107,10 @@ impl Store for Log {
 
     fn history_newest(&self, key: &[u8], version: Version, limit: usize) -> Vec<Change> {
         Log::history_newest(self, key, version, limit)
+    }
+
+    fn locate(&self, key: &[u8], version: Version) -> StoreResult<Location> {
+        Log::locate(self, key, version)
     }
 }
 

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use derechofs_fs::chunk::{self, ChunkCache, EXTENTS_PER_CHUNK_MAX};
+use derechofs_fs::local::LocalFiles;
 use derechofs_fs::op::{DataOp, DataRead, DataReply, ReadReply};
 use derechofs_fs::store::{Delta, Overlay};
 use derechofs_fs::Store;
@@ -143,7 +144,9 @@ fn read(
 }
 
 /// Checks every recorded version of `log` against its model, without a cache, through a fresh
-/// cache and through `cache` (kept over the whole run).
+/// cache and through `cache` (kept over the whole run), and through the chunk's plan read from
+/// the log's files (local reads) wherever the log can give one: everywhere when
+/// `plans_required`. Returns how many chunk versions were read by their plans.
 fn check_versions(
     log: &Log,
     cache: &ChunkCache,
@@ -151,15 +154,42 @@ fn check_versions(
     history: &[(Version, Model)],
     rng: &mut Rng,
     seed: u64,
-) {
+    plans_required: bool,
+) -> usize {
     let fresh = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
+    let files = LocalFiles::new();
+    let mut planned = 0;
     for (version, model) in history {
         for (index, c) in model.iter().enumerate() {
+            let plan = chunk::plan(log, INO, index as u64, *version).expect("plan");
+            if plans_required {
+                assert!(
+                    plan.is_some(),
+                    "seed {seed}: no plan of chunk {index} at version {version}"
+                );
+            }
+            if let Some(plan) = &plan {
+                plan.check().expect("a plan the node gives is well formed");
+                assert_eq!(plan.len as usize, c.len(), "seed {seed}: plan length");
+                planned += 1;
+            }
             for (offset, len) in ranges(rng, chunk_size, c) {
                 let from = (offset as usize).min(c.len());
                 let to = (offset as usize + len as usize).min(c.len());
                 let want = &c[from..to];
                 let at = (index as u64, offset, len);
+                if let Some(plan) = &plan {
+                    let got = files.read(plan, offset, len).expect("local read");
+                    assert!(
+                        got == want,
+                        "seed {seed}, chunk size {chunk_size}, by its plan: chunk {index} \
+                         {offset}+{len} at version {version} is {} bytes, the model's {} \
+                         (first difference at {:?})",
+                        got.len(),
+                        want.len(),
+                        got.iter().zip(want).position(|(a, b)| a != b)
+                    );
+                }
                 for (name, cache) in [
                     ("none", None),
                     ("fresh", Some(&fresh)),
@@ -179,6 +209,7 @@ fn check_versions(
             }
         }
     }
+    planned
 }
 
 /// Runs `steps` batches of 1 to 3 random operations on a log over `backend`, checking the
@@ -247,11 +278,23 @@ fn run(
             })
             .collect();
         log.append(version, hlc, &writes).expect("append");
+        if step % 3 == 0 {
+            // Records handed to the files: their chunks can be planned (on the file backend).
+            log.flush_buffer().expect("flush");
+        }
         history.push((version, model.clone()));
         let last = history.len() - 1;
-        check_versions(&log, &cache, chunk_size, &history[last..], &mut rng, seed);
+        check_versions(
+            &log,
+            &cache,
+            chunk_size,
+            &history[last..],
+            &mut rng,
+            seed,
+            false,
+        );
     }
-    check_versions(&log, &cache, chunk_size, &history, &mut rng, seed);
+    check_versions(&log, &cache, chunk_size, &history, &mut rng, seed, false);
     assert!(
         compactions > 0,
         "seed {seed}: no chunk was compacted, so no read met a base with extents after it"
@@ -288,7 +331,9 @@ fn chunk_range_reads_on_the_file_backend_equal_the_model_at_every_version_and_af
             let log = Log::open(backend, LogConfig::default()).expect("reopened log");
             let cache = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
             let mut rng = Rng::new(seed);
-            check_versions(&log, &cache, chunk_size, &history, &mut rng, seed);
+            // Reopened, every record is in the files: every chunk version has its plan.
+            let planned = check_versions(&log, &cache, chunk_size, &history, &mut rng, seed, true);
+            assert_eq!(planned, history.len() * CHUNKS as usize);
         }
     }
 }
@@ -340,5 +385,13 @@ fn a_chunk_of_the_most_extents_reads_the_same_in_every_range() {
         }
     }
     let cache = ChunkCache::new(chunk::CHUNK_CACHE_BYTES_DEFAULT);
-    check_versions(&log, &cache, chunk_size, &history, &mut Rng::new(5), 0);
+    check_versions(
+        &log,
+        &cache,
+        chunk_size,
+        &history,
+        &mut Rng::new(5),
+        0,
+        false,
+    );
 }

@@ -18,8 +18,9 @@ mod stamp;
 
 pub use error::{LogError, Result};
 pub use log::{
-    Change, Log, LogConfig, PendingSync, RecordCursor, RecoveryReport, ScanPage, StoredRecord,
-    SyncPolicy, OUT_OF_LINE_VALUE_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN, SYNCS_IN_FLIGHT_MAX,
+    Change, Located, Location, Log, LogConfig, PendingSync, RecordCursor, RecoveryReport, ScanPage,
+    StoredRecord, SyncPolicy, OUT_OF_LINE_VALUE_MIN, SEGMENT_BYTES_MAX, SEGMENT_BYTES_MIN,
+    SYNCS_IN_FLIGHT_MAX,
 };
 pub use meta::ENGINE_STATE_MAX;
 pub use prefill::{PrefillStep, Prefiller};

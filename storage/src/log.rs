@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::backend::{Backend, BackendFile};
+use crate::backend::{Backend, BackendFile, FilePlace};
 use crate::checkpoint::{self, Position, SegmentRange, CHECKPOINT_FILE};
 use crate::error::{io_err, LogError, Result};
 use crate::index::{entry_at, Entry, Key, KeyIndex, VersionTable, BASE_FILE};
@@ -244,6 +244,28 @@ struct Tail {
     /// Bytes below this offset are reserved for the appender: the prefiller, if there is one,
     /// writes no zeros there ([`Log::reserve`]).
     granted: u64,
+}
+
+/// Where a value lies ([`Log::locate`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Location {
+    /// The key has no value at that version (never written, or deleted).
+    Absent,
+    /// The value's bytes are in a file of the local file system.
+    File(Located),
+    /// The value exists but not where another process could read it.
+    Elsewhere,
+}
+
+/// A value's bytes in a log file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Located {
+    /// The file.
+    pub place: FilePlace,
+    /// Where the value's first byte is in it.
+    pub offset: u64,
+    /// The value's length.
+    pub len: u32,
 }
 
 /// The persistent versioned log of one shard replica. Writes take `&mut self`; reads take `&self`.
@@ -1244,6 +1266,47 @@ impl Log {
         let end = start.saturating_add(len as u64).min(total);
         let bytes = self.read_part(entry, start, (end - start) as u32)?;
         Ok(Some((bytes, total)))
+    }
+
+    /// Where the value of `key` at `version` lies in the log's files, for a reader in another
+    /// process on the same machine that reads those files itself (a client's local reads,
+    /// docs/ARCHITECTURE.md). [`Location::Elsewhere`] when a reader could not find it there:
+    /// the record is still in the write buffer, or the backend keeps no files in the local file
+    /// system. The bytes a location names never change while the file exists: the log writes a
+    /// record once and overwrites only bytes past its last valid record, which no location
+    /// names.
+    pub fn locate(&self, key: &[u8], version: Version) -> Result<Location> {
+        self.check_version(version)?;
+        let Some(entry) = self.keys.at(key, version) else {
+            return Ok(Location::Absent);
+        };
+        let Some(len) = entry.len() else {
+            return Ok(Location::Absent);
+        };
+        let offset = u64::from(entry.offset);
+        let file = if entry.file == BASE_FILE {
+            self.base.as_ref()
+        } else {
+            let i = self.segments.partition_point(|s| s.seq < entry.file);
+            match self.segments.get(i).filter(|s| s.seq == entry.file) {
+                Some(_)
+                    if i + 1 == self.segments.len()
+                        && offset + u64::from(len) > self.tail.flushed =>
+                {
+                    return Ok(Location::Elsewhere)
+                }
+                segment => segment.map(|s| &s.file),
+            }
+        };
+        let file = file.ok_or_else(|| corrupt("log", offset, "index names a missing file"))?;
+        Ok(match file.place() {
+            Some(place) => Location::File(Located {
+                place: place.clone(),
+                offset,
+                len,
+            }),
+            None => Location::Elsewhere,
+        })
     }
 
     /// The latest value of `key`.

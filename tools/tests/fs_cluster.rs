@@ -746,3 +746,125 @@ fn t53_fs_an_open_after_another_clients_close_returned_sees_its_size_mtime_and_b
     drop((a, b));
     cluster.stop_all();
 }
+
+/// `RemoteShards` to the cluster over its members' local sockets (`transport.local_socket_dir`
+/// of the test cluster), or over TCP alone.
+fn connect_local(cluster: &Cluster, local: bool) -> RemoteShards {
+    let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
+    let mut config = RemoteConfig::new(cluster.addrs.clone(), secret);
+    config.local_socket_dir = local.then(|| cluster.socket_dir());
+    let deadline = Instant::now() + FORMING_TIMEOUT;
+    loop {
+        match RemoteShards::connect(config.clone()) {
+            Ok(remote) => return remote,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the cluster: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the cluster did not answer: {e}"),
+        }
+    }
+}
+
+#[test]
+fn t54_fs_reads_on_a_members_machine_come_from_its_log_files_and_see_each_close_at_the_next_open() {
+    // Client a writes; client b, linked to the members over local sockets, reads the file's
+    // bytes from the members' log files by each chunk's plan (local reads); client c, over TCP
+    // alone, reads through the members. Every read equals what was written; b sees its own
+    // writes at once and a's changes at its next open.
+    let cluster = cluster(54, "");
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect_local(&cluster, true), fs_config(2 << 40)).expect("client b");
+    let c = FileSystem::new(connect_local(&cluster, false), fs_config(3 << 40)).expect("client c");
+    let root = Creds { uid: 0, gid: 0 };
+    let f = a.create(ROOT_INO, b"f", 0o644, root).expect("create").ino;
+    // Three chunks and a part, over both data shards.
+    let mut want: Vec<u8> = (0..3 * CHUNK_SIZE + 1000)
+        .map(|i| (i % 253) as u8)
+        .collect();
+    a.write(f, 0, &want).expect("write");
+    a.flush(f).expect("close");
+
+    let read_all = |fs: &FileSystem<RemoteShards>, what: &str| -> Vec<u8> {
+        let got = fs.read(f, 0, 8 * CHUNK_SIZE).expect(what).to_vec();
+        // And a few ranges across chunk edges.
+        for (offset, len) in [(100u64, 50u32), (4090, 20), (8000, 5000), (12_200, 100)] {
+            let part = fs.read(f, offset, len).expect(what);
+            let from = (offset as usize).min(got.len());
+            let to = (offset as usize + len as usize).min(got.len());
+            assert!(part == got[from..to], "{what}: {offset}+{len}");
+        }
+        got
+    };
+    let local_reads = |fs: &FileSystem<RemoteShards>| fs.shards().cache_stats().local_reads;
+
+    // b opens the file; once its feed caught up with the open's version, reads are local.
+    let open_and_wait = |fs: &FileSystem<RemoteShards>| {
+        fs.open(f).expect("open");
+        let v = fs.shards().namespace_version();
+        wait_feed(fs.shards(), v, "the open");
+    };
+    open_and_wait(&b);
+    let before = local_reads(&b);
+    assert!(read_all(&b, "b's first reads") == want, "b's first reads");
+    assert!(read_all(&b, "b's second reads") == want, "b's second reads");
+    assert!(
+        local_reads(&b) >= before + 10,
+        "b's reads were not local: {:?}",
+        b.shards().cache_stats()
+    );
+    open_and_wait(&c);
+    assert!(read_all(&c, "c's reads") == want, "c's reads");
+    assert_eq!(
+        local_reads(&c),
+        0,
+        "c has no member on its machine's sockets"
+    );
+
+    // b's own write: seen by its next read.
+    b.write(f, 5000, b"own bytes").expect("b's write");
+    want[5000..5009].copy_from_slice(b"own bytes");
+    assert!(
+        read_all(&b, "b after its write") == want,
+        "b after its write"
+    );
+
+    // a overwrites, grows, then shrinks the file: b sees each at its next open.
+    for (offset, bytes, size) in [
+        (10u64, vec![7u8; 6000], None),
+        (3 * u64::from(CHUNK_SIZE) + 500, vec![9u8; 3000], None),
+        (0, vec![], Some(6000u64)),
+    ] {
+        open_and_wait(&a);
+        if !bytes.is_empty() {
+            a.write(f, offset, &bytes).expect("a's write");
+            let end = offset as usize + bytes.len();
+            if want.len() < end {
+                want.resize(end, 0);
+            }
+            want[offset as usize..end].copy_from_slice(&bytes);
+        }
+        if let Some(size) = size {
+            let set = SetAttr {
+                size: Some(size),
+                ..SetAttr::default()
+            };
+            a.setattr(f, set).expect("truncate");
+            want.truncate(size as usize);
+        }
+        a.flush(f).expect("a's close");
+        open_and_wait(&b);
+        let before = local_reads(&b);
+        assert!(
+            read_all(&b, "b after a's change") == want,
+            "b after a's change"
+        );
+        assert!(
+            local_reads(&b) > before,
+            "b's reads after a's change were not local"
+        );
+    }
+    assert_eq!(b.shards().cache_stats().local_failures, 0);
+    drop((a, b, c));
+    cluster.stop_all();
+}

@@ -37,8 +37,12 @@ impl Mount {
         let path = cluster.path(name);
         std::fs::create_dir(&path).expect("mount point");
         let log = std::fs::File::create(cluster.path(&format!("{name}.log"))).expect("log");
+        // Linked to the members over their local sockets, as a mount beside its nodes is: its
+        // reads of live files come from the members' log files (local reads).
         let child = Command::new(BIN)
             .args(["mount", contacts])
+            .arg("--local-socket-dir")
+            .arg(cluster.socket_dir())
             .arg(&path)
             .args(["-o", options])
             .stdin(Stdio::null())

@@ -2,14 +2,14 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use bytes::Bytes;
 use memmap2::Mmap;
 
-use super::{check_name, eof, Backend, BackendFile};
+use super::{check_name, eof, Backend, BackendFile, FilePlace};
 
 /// Most buffers one `pwritev` takes (Linux's `IOV_MAX`).
 const IOV_MAX: usize = 1024;
@@ -69,9 +69,16 @@ impl Backend for FileBackend {
             // The new name must survive a crash once the file's data is synced.
             self.sync_dir()?;
         }
+        let meta = file.metadata()?;
+        let place = FilePlace {
+            path: fs::canonicalize(&path)?,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
         Ok(Arc::new(MappedFile {
             file,
             map: RwLock::new(None),
+            place,
         }))
     }
 
@@ -110,6 +117,7 @@ impl Backend for FileBackend {
 struct MappedFile {
     file: File,
     map: RwLock<Option<Bytes>>,
+    place: FilePlace,
 }
 
 impl MappedFile {
@@ -151,6 +159,10 @@ fn map_file(file: &File) -> io::Result<Mmap> {
 }
 
 impl BackendFile for MappedFile {
+    fn place(&self) -> Option<&FilePlace> {
+        Some(&self.place)
+    }
+
     fn len(&self) -> io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }

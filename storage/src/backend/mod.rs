@@ -46,9 +46,27 @@ pub trait Backend: Send + Sync + Debug {
     fn replace(&self, name: &str, data: &[u8]) -> io::Result<()>;
 }
 
+/// Where a backend file lies in the local file system, for a reader in another process on the
+/// same machine: its path, and the device and inode numbers that name it (a reader checks them
+/// on the file it opens, so a path that now names another file is never read).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct FilePlace {
+    /// The file's path.
+    pub path: std::path::PathBuf,
+    /// `st_dev` of the file.
+    pub dev: u64,
+    /// `st_ino` of the file.
+    pub ino: u64,
+}
+
 /// One open file of a backend.
 #[allow(clippy::len_without_is_empty)] // An empty file is not a state the log asks about.
 pub trait BackendFile: Send + Sync + Debug {
+    /// Where the file lies in the local file system; `None` for a file that is not one there
+    /// (the memory backends).
+    fn place(&self) -> Option<&FilePlace> {
+        None
+    }
     /// The file's length in bytes.
     fn len(&self) -> io::Result<u64>;
     /// Reads `len` bytes at `offset`; fails with `UnexpectedEof` past the end of the file.

@@ -207,7 +207,13 @@ impl Machine {
     /// [`Machine::read_fs`] as the client's whole reply message with `tag` (`Reply::FsValue`):
     /// bytes read of at least [`SHARED_READ_BYTES_MIN`] as a part of their own (not copied),
     /// smaller ones copied once, straight into the message.
-    pub fn read_fs_message(&self, tag: u64, at: ReadAt, request: &Bytes) -> Payload {
+    pub fn read_fs_message(&mut self, tag: u64, at: ReadAt, request: &Bytes) -> Payload {
+        if derechofs_fs::op::is_plan_read(request) {
+            // A plan names bytes in the log's files: records still in its write buffer go
+            // there first (a write, no sync). A failure poisons the log, which its next sync
+            // reports; the plan then names nothing it cannot find.
+            let _ = self.log_mut().flush_buffer();
+        }
         let answer = derechofs_fs::shard::answer_read_cached(
             self.log(),
             at,

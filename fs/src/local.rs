@@ -1,0 +1,185 @@
+//! Local reads: a client on the same machine as a member of a data shard reads file bytes from
+//! that member's log files itself, by the chunk's plan ([`ChunkPlan`], docs/ARCHITECTURE.md,
+//! "Local reads"), instead of asking the member for them.
+//!
+//! Only the files a plan names are opened, read-only, each checked to be the file the member
+//! meant (its device and inode numbers): a path that names another file now is never read. Any
+//! failure to open or read makes the caller read through the member as before.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use derechofs_storage::backend::FilePlace;
+
+use crate::chunk::ChunkPlan;
+
+/// Most log files held open for local reads; when full, all are closed and opened again as
+/// needed (a member's segments are large, so a working set is a few files).
+pub const LOCAL_FILES_MAX: usize = 256;
+
+/// How long local reads rest after one failed or a member had no plan to give: the reads go
+/// through the members meanwhile, so a client whose local reads cannot work (files it may not
+/// open, a member that keeps no files) does not pay a plan read before every read.
+pub const LOCAL_REST: Duration = Duration::from_secs(2);
+
+/// The log files a client holds open for local reads.
+#[derive(Debug, Default)]
+pub struct LocalFiles {
+    open: Mutex<HashMap<FilePlace, Arc<File>>>,
+    /// Local reads are not tried before this time ([`LOCAL_REST`]).
+    rest_until: Mutex<Option<Instant>>,
+}
+
+impl LocalFiles {
+    /// No file open yet.
+    pub fn new() -> LocalFiles {
+        LocalFiles::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<FilePlace, Arc<File>>> {
+        self.open.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The file `place` names, opened read-only if it is not yet, and checked to be that file.
+    fn file(&self, place: &FilePlace) -> io::Result<Arc<File>> {
+        if let Some(f) = self.lock().get(place) {
+            return Ok(f.clone());
+        }
+        let file = File::open(&place.path)?;
+        let meta = file.metadata()?;
+        if meta.dev() != place.dev || meta.ino() != place.ino {
+            return Err(io::Error::other(format!(
+                "{} is not the file the member named (device {:#x} inode {}, not {:#x} {})",
+                place.path.display(),
+                meta.dev(),
+                meta.ino(),
+                place.dev,
+                place.ino
+            )));
+        }
+        let file = Arc::new(file);
+        let mut open = self.lock();
+        if open.len() >= LOCAL_FILES_MAX {
+            open.clear();
+        }
+        open.insert(place.clone(), file.clone());
+        Ok(file)
+    }
+
+    /// Bytes `offset..offset + want` of the chunk `plan` describes, cut at its length, read
+    /// from the files it names.
+    pub fn read(&self, plan: &ChunkPlan, offset: u32, want: u32) -> io::Result<Bytes> {
+        plan.read(offset, want, |file, at, buf| {
+            let place = plan
+                .files
+                .get(file as usize)
+                .ok_or_else(|| io::Error::other("a plan piece names no file"))?;
+            self.file(place)?.read_exact_at(buf, at)
+        })
+    }
+
+    /// Local reads rest for [`LOCAL_REST`] from now.
+    pub fn rest(&self) {
+        *self.rest_until.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Instant::now() + LOCAL_REST);
+    }
+
+    /// Whether local reads rest now.
+    pub fn resting(&self) -> bool {
+        let mut until = self.rest_until.lock().unwrap_or_else(|e| e.into_inner());
+        match *until {
+            Some(t) if Instant::now() < t => true,
+            Some(_) => {
+                *until = None;
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Closes every file (a member's files may have been replaced).
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chunk::PlanPiece;
+
+    fn place_of(path: &std::path::Path) -> FilePlace {
+        let meta = std::fs::metadata(path).unwrap();
+        FilePlace {
+            path: path.to_path_buf(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        }
+    }
+
+    #[test]
+    fn a_plan_reads_its_pieces_from_the_files_with_zeros_between_and_stops_at_its_length() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"0123456789").unwrap();
+        std::fs::write(&b, b"abcdefghij").unwrap();
+        let plan = ChunkPlan {
+            len: 12,
+            files: vec![place_of(&a), place_of(&b)],
+            pieces: vec![
+                PlanPiece {
+                    at: 1,
+                    len: 3,
+                    file: 0,
+                    offset: 5,
+                },
+                PlanPiece {
+                    at: 6,
+                    len: 4,
+                    file: 1,
+                    offset: 2,
+                },
+            ],
+        };
+        plan.check().unwrap();
+        let files = LocalFiles::new();
+        assert_eq!(
+            &files.read(&plan, 0, 100).unwrap()[..],
+            b"\x00567\x00\x00cdef\x00\x00"
+        );
+        assert_eq!(&files.read(&plan, 2, 5).unwrap()[..], b"67\0\0c");
+        assert_eq!(&files.read(&plan, 12, 5).unwrap()[..], b"");
+    }
+
+    #[test]
+    fn a_file_that_is_not_the_one_named_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"0123456789").unwrap();
+        let mut place = place_of(&a);
+        // The name now names another file.
+        std::fs::remove_file(&a).unwrap();
+        std::fs::write(dir.path().join("other"), b"x").unwrap();
+        std::fs::write(&a, b"9876543210").unwrap();
+        if place_of(&a).ino == place.ino {
+            place.ino += 1;
+        }
+        let plan = ChunkPlan {
+            len: 4,
+            files: vec![place],
+            pieces: vec![PlanPiece {
+                at: 0,
+                len: 4,
+                file: 0,
+                offset: 0,
+            }],
+        };
+        let err = LocalFiles::new().read(&plan, 0, 4).unwrap_err();
+        assert!(err.to_string().contains("not the file"), "{err}");
+    }
+}
