@@ -55,8 +55,10 @@ pub const UNKNOWN_NAMES_MAX: usize = 4096;
 /// Most reported changes remembered to check reads answered before them; older ones raise the
 /// floor below which no read is cached.
 pub const RECENT_CHANGES_MAX: usize = 1 << 14;
-/// Most chunk plans kept for local reads (each a few hundred bytes); past it new ones are not.
-pub const PLAN_CACHE_ENTRIES_MAX: usize = 1 << 16;
+/// Most pieces and files of the chunk plans kept for local reads, counted together (a plan of
+/// a chunk written once is one piece and one file, about 100 bytes); past it new ones are not
+/// kept.
+pub const PLAN_CACHE_ITEMS_MAX: usize = 1 << 18;
 
 /// What a reported change is about.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -106,7 +108,7 @@ struct State {
     complete: HashMap<Ino, HashSet<Bytes>>,
     /// Chunk plans for local reads, by inode and chunk index ([`AttrCache::plan`]).
     plans: HashMap<Ino, HashMap<u64, Arc<ChunkPlan>>>,
-    /// Plans held, over every inode.
+    /// Items of the plans held ([`plan_items`]), over every inode.
     plan_count: usize,
     /// Bumped whenever plans are forgotten: a plan fetched across a bump is not cached.
     plan_epoch: u64,
@@ -126,7 +128,7 @@ impl State {
 
     fn forget_plans(&mut self, ino: Ino) {
         if let Some(p) = self.plans.remove(&ino) {
-            self.plan_count -= p.len();
+            self.plan_count -= p.values().map(|p| plan_items(p)).sum::<usize>();
         }
         self.plan_epoch += 1;
     }
@@ -162,6 +164,11 @@ impl State {
     fn answers(&self) -> bool {
         self.live && self.position >= self.seen
     }
+}
+
+/// What a plan counts for against [`PLAN_CACHE_ITEMS_MAX`].
+fn plan_items(plan: &ChunkPlan) -> usize {
+    1 + plan.pieces.len() + plan.files.len()
 }
 
 /// The cache; see the module documentation.
@@ -400,16 +407,14 @@ impl AttrCache {
     /// a write or an open of this client), the feed broke, or the cache is full.
     pub fn insert_plan(&self, ino: Ino, index: u64, plan: Arc<ChunkPlan>, epoch: u64) {
         let mut s = self.lock();
-        if !s.live || s.plan_epoch != epoch || s.plan_count >= PLAN_CACHE_ENTRIES_MAX {
+        let items = plan_items(&plan);
+        if !s.live || s.plan_epoch != epoch || s.plan_count + items > PLAN_CACHE_ITEMS_MAX {
             return;
         }
-        if s.plans
-            .entry(ino)
-            .or_default()
-            .insert(index, plan)
-            .is_none()
-        {
-            s.plan_count += 1;
+        let old = s.plans.entry(ino).or_default().insert(index, plan);
+        s.plan_count += items;
+        if let Some(old) = old {
+            s.plan_count -= plan_items(&old);
         }
     }
 

@@ -27,6 +27,24 @@ pub const LOCAL_FILES_MAX: usize = 256;
 /// open, a member that keeps no files) does not pay a plan read before every read.
 pub const LOCAL_REST: Duration = Duration::from_secs(2);
 
+/// Whether `path` ends in the name of a log's segment (`seg-XXXXXXXX.log`) or base file
+/// (`base-XXXXXXXXXXXXXXXX.log`), the only files a plan may name: a member is trusted with the
+/// data it serves, but not to have this client read its other files.
+pub fn is_log_file_name(path: &std::path::Path) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    match name.strip_suffix(".log") {
+        Some(stem) => match (stem.strip_prefix("seg-"), stem.strip_prefix("base-")) {
+            (Some(seq), _) => hex(seq, 8),
+            (_, Some(version)) => hex(version, 16),
+            _ => false,
+        },
+        None => false,
+    }
+}
+
 /// The log files a client holds open for local reads.
 #[derive(Debug, Default)]
 pub struct LocalFiles {
@@ -50,8 +68,20 @@ impl LocalFiles {
         if let Some(f) = self.lock().get(place) {
             return Ok(f.clone());
         }
+        if !is_log_file_name(&place.path) {
+            return Err(io::Error::other(format!(
+                "{} is not named as a log file",
+                place.path.display()
+            )));
+        }
         let file = File::open(&place.path)?;
         let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                place.path.display()
+            )));
+        }
         if meta.dev() != place.dev || meta.ino() != place.ino {
             return Err(io::Error::other(format!(
                 "{} is not the file the member named (device {:#x} inode {}, not {:#x} {})",
@@ -125,7 +155,10 @@ mod tests {
     #[test]
     fn a_plan_reads_its_pieces_from_the_files_with_zeros_between_and_stops_at_its_length() {
         let dir = tempfile::tempdir().unwrap();
-        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        let (a, b) = (
+            dir.path().join("seg-00000001.log"),
+            dir.path().join("base-00000001000000a2.log"),
+        );
         std::fs::write(&a, b"0123456789").unwrap();
         std::fs::write(&b, b"abcdefghij").unwrap();
         let plan = ChunkPlan {
@@ -157,9 +190,32 @@ mod tests {
     }
 
     #[test]
-    fn a_file_that_is_not_the_one_named_is_not_read() {
+    fn a_file_that_is_not_the_one_named_or_not_named_as_a_log_file_is_not_read() {
         let dir = tempfile::tempdir().unwrap();
-        let a = dir.path().join("a");
+        let other = dir.path().join("passwd");
+        std::fs::write(&other, b"secret").unwrap();
+        let plan = ChunkPlan {
+            len: 4,
+            files: vec![place_of(&other)],
+            pieces: vec![PlanPiece {
+                at: 0,
+                len: 4,
+                file: 0,
+                offset: 0,
+            }],
+        };
+        let err = LocalFiles::new().read(&plan, 0, 4).unwrap_err();
+        assert!(err.to_string().contains("not named as a log file"), "{err}");
+        for bad in [
+            "seg-1.log",
+            "seg-0000000g.log",
+            "base-00.log",
+            "seg-00000001.logx",
+            "x",
+        ] {
+            assert!(!is_log_file_name(std::path::Path::new(bad)), "{bad}");
+        }
+        let a = dir.path().join("seg-0000abcd.log");
         std::fs::write(&a, b"0123456789").unwrap();
         let mut place = place_of(&a);
         // The name now names another file.
