@@ -20,7 +20,12 @@ use crate::chunk::ChunkPlan;
 
 /// Most log files held open for local reads; when full, all are closed and opened again as
 /// needed (a member's segments are large, so a working set is a few files).
-pub const LOCAL_FILES_MAX: usize = 256;
+pub const LOCAL_FILES_MAX: usize = 64;
+/// Every file held open is closed this long after the first of them was opened, and opened
+/// again when next needed: a segment the member trimmed (deleted) meanwhile then stops holding
+/// its disk space through this client (at most [`LOCAL_FILES_MAX`] 64 MiB segments, for this
+/// long), and its plans fail over to the member and are asked again.
+pub const LOCAL_FILES_KEPT: Duration = Duration::from_secs(30);
 
 /// How long local reads rest after one failed or a member had no plan to give: the reads go
 /// through the members meanwhile, so a client whose local reads cannot work (files it may not
@@ -48,9 +53,16 @@ pub fn is_log_file_name(path: &std::path::Path) -> bool {
 /// The log files a client holds open for local reads.
 #[derive(Debug, Default)]
 pub struct LocalFiles {
-    open: Mutex<HashMap<FilePlace, Arc<File>>>,
+    open: Mutex<OpenFiles>,
     /// Local reads are not tried before this time ([`LOCAL_REST`]).
     rest_until: Mutex<Option<Instant>>,
+}
+
+/// The files open, and when the first of them was opened.
+#[derive(Debug, Default)]
+struct OpenFiles {
+    files: HashMap<FilePlace, Arc<File>>,
+    since: Option<Instant>,
 }
 
 impl LocalFiles {
@@ -59,14 +71,21 @@ impl LocalFiles {
         LocalFiles::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<FilePlace, Arc<File>>> {
+    fn lock(&self) -> MutexGuard<'_, OpenFiles> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The file `place` names, opened read-only if it is not yet, and checked to be that file.
     fn file(&self, place: &FilePlace) -> io::Result<Arc<File>> {
-        if let Some(f) = self.lock().get(place) {
-            return Ok(f.clone());
+        {
+            let mut open = self.lock();
+            if open.since.is_some_and(|t| t.elapsed() >= LOCAL_FILES_KEPT) {
+                open.files.clear();
+                open.since = None;
+            }
+            if let Some(f) = open.files.get(place) {
+                return Ok(f.clone());
+            }
         }
         if !is_log_file_name(&place.path) {
             return Err(io::Error::other(format!(
@@ -94,10 +113,12 @@ impl LocalFiles {
         }
         let file = Arc::new(file);
         let mut open = self.lock();
-        if open.len() >= LOCAL_FILES_MAX {
-            open.clear();
+        if open.files.len() >= LOCAL_FILES_MAX {
+            open.files.clear();
+            open.since = None;
         }
-        open.insert(place.clone(), file.clone());
+        open.since.get_or_insert_with(Instant::now);
+        open.files.insert(place.clone(), file.clone());
         Ok(file)
     }
 
@@ -134,7 +155,9 @@ impl LocalFiles {
 
     /// Closes every file (a member's files may have been replaced).
     pub fn close_all(&self) {
-        self.lock().clear();
+        let mut open = self.lock();
+        open.files.clear();
+        open.since = None;
     }
 }
 
