@@ -1214,7 +1214,13 @@ impl<S: Shards> FileSystem<S> {
                     let reply = self
                         .shards
                         .read_plan(shard, DataRead::Plan { ino, index }.encode())?;
-                    match decode_read_reply(&reply.ok()?) {
+                    let Ok(reply) = reply else {
+                        // The members could not answer (a view change, a failure): the read
+                        // through them will wait or fail as any read does.
+                        self.local.rest();
+                        return None;
+                    };
+                    match decode_read_reply(&reply) {
                         Ok(Ok(ReadReply::Plan(Some(plan)))) => {
                             let plan = Arc::new(plan);
                             cache.insert_plan(ino, index, plan.clone(), epoch);
