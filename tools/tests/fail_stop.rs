@@ -7,17 +7,11 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use common::Cluster;
-use derechofs_client::{RemoteConfig, RemoteShards};
-use derechofs_core::transport::Secret;
+use common::{connect_remote, Cluster};
+use derechofs_client::RemoteShards;
 use derechofs_fs::{Creds, FileSystem, FsConfig, ROOT_INO};
 
-/// The secret the nodes use when none is configured (`docs/CONFIG.md`).
-const DEVELOPMENT_SECRET: &[u8] = b"derechofs development secret: set secret_file";
-/// Longest the cluster may take to serve its first file system request.
-const FORMING_TIMEOUT: Duration = Duration::from_secs(30);
 /// Room for the first 64 MiB segment of each of the two shards' logs and a little more: the
 /// data shard's second segment does not fit.
 const TMPFS_SIZE: &str = "size=136m";
@@ -47,19 +41,7 @@ impl Drop for Tmpfs {
 }
 
 fn connect(cluster: &Cluster) -> RemoteShards {
-    let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
-    let config = RemoteConfig::new(cluster.addrs.clone(), secret);
-    let deadline = Instant::now() + FORMING_TIMEOUT;
-    loop {
-        match RemoteShards::connect(config.clone()) {
-            Ok(remote) => return remote,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for the cluster: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("the cluster did not answer: {e}"),
-        }
-    }
+    connect_remote(cluster.remote_config())
 }
 
 #[test]

@@ -9,19 +9,14 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Cluster;
-use derechofs_client::{RemoteConfig, RemoteShards};
-use derechofs_core::transport::Secret;
+use common::{connect_remote, Cluster, FORMING_TIMEOUT};
+use derechofs_client::RemoteShards;
 use derechofs_fs::{
     Attr, Creds, FileKind, FileSystem, FsConfig, FsError, Ino, LocalShards, SetAttr, Shards,
     HISTORY_XATTR, ROOT_INO,
 };
 
-/// Longest the cluster may take to serve its first file system request.
-const FORMING_TIMEOUT: Duration = Duration::from_secs(30);
 const NODES: usize = 3;
-/// The secret the nodes use when none is configured (`docs/CONFIG.md`).
-const DEVELOPMENT_SECRET: &[u8] = b"derechofs development secret: set secret_file";
 /// Chunks small enough that the sequence's writes span several chunks and data shards.
 const CHUNK_SIZE: u32 = 4096;
 
@@ -38,20 +33,9 @@ fn cluster(test: u8, extra: &str) -> Cluster {
 
 /// `RemoteShards` to the cluster, once it answers; with `prefer`, requests go to that member.
 fn connect(cluster: &Cluster, prefer: Option<u32>) -> RemoteShards {
-    let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
-    let mut config = RemoteConfig::new(cluster.addrs.clone(), secret);
+    let mut config = cluster.remote_config();
     config.prefer = prefer;
-    let deadline = Instant::now() + FORMING_TIMEOUT;
-    loop {
-        match RemoteShards::connect(config.clone()) {
-            Ok(remote) => return remote,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for the cluster: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("the cluster did not answer: {e}"),
-        }
-    }
+    connect_remote(config)
 }
 
 fn fs_config(client_base: u64) -> FsConfig {
@@ -750,20 +734,9 @@ fn t53_fs_an_open_after_another_clients_close_returned_sees_its_size_mtime_and_b
 /// `RemoteShards` to the cluster over its members' local sockets (`transport.local_socket_dir`
 /// of the test cluster), or over TCP alone.
 fn connect_local(cluster: &Cluster, local: bool) -> RemoteShards {
-    let secret = Secret::new(DEVELOPMENT_SECRET).expect("a secret");
-    let mut config = RemoteConfig::new(cluster.addrs.clone(), secret);
+    let mut config = cluster.remote_config();
     config.local_socket_dir = local.then(|| cluster.socket_dir());
-    let deadline = Instant::now() + FORMING_TIMEOUT;
-    loop {
-        match RemoteShards::connect(config.clone()) {
-            Ok(remote) => return remote,
-            Err(e) if Instant::now() < deadline => {
-                eprintln!("waiting for the cluster: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            Err(e) => panic!("the cluster did not answer: {e}"),
-        }
-    }
+    connect_remote(config)
 }
 
 #[test]

@@ -24,6 +24,26 @@ pub const WAIT_TIMEOUT: Duration = Duration::from_secs(30);
 
 static RUN: AtomicU64 = AtomicU64::new(0);
 
+/// The secret the nodes use when none is configured (`docs/CONFIG.md`).
+pub const DEVELOPMENT_SECRET: &[u8] = b"derechofs development secret: set secret_file";
+/// Longest a cluster may take to serve its first file system request.
+pub const FORMING_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `RemoteShards` over `config` once the cluster answers (waiting at most `FORMING_TIMEOUT`).
+pub fn connect_remote(config: derechofs_client::RemoteConfig) -> derechofs_client::RemoteShards {
+    let deadline = Instant::now() + FORMING_TIMEOUT;
+    loop {
+        match derechofs_client::RemoteShards::connect(config.clone()) {
+            Ok(remote) => return remote,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("waiting for the cluster: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("the cluster did not answer: {e}"),
+        }
+    }
+}
+
 /// What a command printed and how it ended.
 #[derive(Debug)]
 pub struct Run {
@@ -143,6 +163,12 @@ impl Cluster {
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A client configuration for this cluster's members, with the development secret.
+    pub fn remote_config(&self) -> derechofs_client::RemoteConfig {
+        let secret = derechofs_core::transport::Secret::new(DEVELOPMENT_SECRET).expect("a secret");
+        derechofs_client::RemoteConfig::new(self.addrs.clone(), secret)
     }
 
     /// The directory of the nodes' socket files (`transport.local_socket_dir`).
