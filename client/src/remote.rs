@@ -548,7 +548,7 @@ impl Shards for RemoteShards {
                         inner
                             .read_via(shard?, at, request, member, batched)
                             .await
-                            .map(|(reply, _)| reply)
+                            .map(|(reply, _, _)| reply)
                     }
                 })
                 .collect();
@@ -750,7 +750,9 @@ impl Inner {
         at: ReadAt,
         request: Bytes,
     ) -> FsResult<(Bytes, Version)> {
-        self.read_via(shard, at, request, None, false).await
+        self.read_via(shard, at, request, None, false)
+            .await
+            .map(|(reply, version, _)| (reply, version))
     }
 
     /// One member that replicates every shard of a batch of reads, for all of them to go to:
@@ -792,22 +794,9 @@ impl Inner {
     }
 
     /// A read of `shard`, to `member` first if given (else as [`Inner::read`] chooses); with
-    /// `batched`, its first attempt is sent as one of a batch ([`Flush::Batch`]).
+    /// `batched`, its first attempt is sent as one of a batch ([`Flush::Batch`]). Returns the
+    /// reply, the version it was answered at and the member that answered.
     async fn read_via(
-        self: Arc<Self>,
-        shard: SubgroupShard,
-        at: ReadAt,
-        request: Bytes,
-        member: Option<NodeId>,
-        batched: bool,
-    ) -> FsResult<(Bytes, Version)> {
-        self.read_from(shard, at, request, member, batched)
-            .await
-            .map(|(reply, version, _)| (reply, version))
-    }
-
-    /// [`Inner::read_via`], with the member that answered.
-    async fn read_from(
         self: Arc<Self>,
         shard: SubgroupShard,
         at: ReadAt,
@@ -933,7 +922,7 @@ impl Inner {
         };
         let answered = self
             .clone()
-            .read_from(shard, ReadAt::Latest, request, Some(member), false)
+            .read_via(shard, ReadAt::Latest, request, Some(member), false)
             .await;
         match answered {
             Ok((reply, _, node)) => {
