@@ -212,21 +212,26 @@ mod tests {
         assert_eq!(&files.read(&plan, 12, 5).unwrap()[..], b"");
     }
 
-    #[test]
-    fn a_file_that_is_not_the_one_named_or_not_named_as_a_log_file_is_not_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let other = dir.path().join("passwd");
-        std::fs::write(&other, b"secret").unwrap();
-        let plan = ChunkPlan {
+    /// A plan of a 4-byte chunk: the first 4 bytes of `place`.
+    fn four_bytes_of(place: FilePlace) -> ChunkPlan {
+        ChunkPlan {
             len: 4,
-            files: vec![place_of(&other)],
+            files: vec![place],
             pieces: vec![PlanPiece {
                 at: 0,
                 len: 4,
                 file: 0,
                 offset: 0,
             }],
-        };
+        }
+    }
+
+    #[test]
+    fn a_file_that_is_not_the_one_named_or_not_named_as_a_log_file_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let other = dir.path().join("passwd");
+        std::fs::write(&other, b"secret").unwrap();
+        let plan = four_bytes_of(place_of(&other));
         let err = LocalFiles::new().read(&plan, 0, 4).unwrap_err();
         assert!(err.to_string().contains("not named as a log file"), "{err}");
         for bad in [
@@ -248,16 +253,7 @@ mod tests {
         if place_of(&a).ino == place.ino {
             place.ino += 1;
         }
-        let plan = ChunkPlan {
-            len: 4,
-            files: vec![place],
-            pieces: vec![PlanPiece {
-                at: 0,
-                len: 4,
-                file: 0,
-                offset: 0,
-            }],
-        };
+        let plan = four_bytes_of(place);
         let err = LocalFiles::new().read(&plan, 0, 4).unwrap_err();
         assert!(err.to_string().contains("not the file"), "{err}");
     }

@@ -21,6 +21,16 @@ use derechofs_storage::{Log, LogConfig, PrefillStep, SyncPolicy, Version, Write}
 /// Segments of a few zero-filling chunks, so rolls happen while zeros are written.
 const SEGMENT: u64 = 4 * PREFILL_CHUNK_BYTES;
 
+/// A value's length: one in `one_in` is out of line (64 KiB and up to `large_extra` more), the
+/// others `small.0` and up to `small.1` more.
+fn value_len(rng: &mut Rng, one_in: u64, large_extra: usize, small: (usize, usize)) -> usize {
+    if rng.chance(1, one_in) {
+        64 * 1024 + rng.index(large_extra)
+    } else {
+        small.0 + rng.index(small.1)
+    }
+}
+
 fn config() -> LogConfig {
     LogConfig {
         sync: SyncPolicy::Fsync,
@@ -74,11 +84,7 @@ fn a_crash_at_any_point_of_zero_filling_and_rolls_loses_no_synced_record() {
         for step in 0..80u64 {
             match rng.below(10) {
                 0..=3 => {
-                    let len = if rng.chance(1, 4) {
-                        64 * 1024 + rng.index(64 * 1024)
-                    } else {
-                        100 + rng.index(20_000)
-                    };
+                    let len = value_len(&mut rng, 4, 64 * 1024, (100, 20_000));
                     lens.insert(next, len);
                     append(&mut log, next, len);
                     next += 1;
@@ -352,11 +358,7 @@ fn appender_and_zero_filler_side_by_side(
     let mut rng = Rng::new(7);
     let mut lens = BTreeMap::new();
     for v in 1..=300 {
-        let len = if rng.chance(1, 3) {
-            64 * 1024 + rng.index(32 * 1024)
-        } else {
-            50 + rng.index(6_000)
-        };
+        let len = value_len(&mut rng, 3, 32 * 1024, (50, 6_000));
         lens.insert(v, len);
         append(&mut log, v, len);
         if rng.chance(1, 3) {
