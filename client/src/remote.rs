@@ -189,9 +189,6 @@ struct Shared {
     contacts: Vec<SocketAddr>,
     layout: Mutex<LayoutInfo>,
     down: Mutex<HashMap<NodeId, Instant>>,
-    /// Members this client reached over TCP when it looked for one on this machine (local
-    /// reads): not asked for plans.
-    remote_members: Mutex<std::collections::HashSet<NodeId>>,
     /// The newest stamp this client has seen.
     seen: Mutex<Hlc>,
     /// Per shard, the newest version this client had answered, the member that answered it
@@ -223,7 +220,6 @@ impl Shared {
             contacts,
             layout: Mutex::new(layout),
             down: Mutex::new(HashMap::new()),
-            remote_members: Mutex::new(std::collections::HashSet::new()),
             seen: Mutex::new(Hlc::ZERO),
             written: Mutex::new(HashMap::new()),
             next_tag: AtomicU64::new(1),
@@ -872,8 +868,8 @@ impl Inner {
         self.next_tag.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// A read of `shard` at the latest state from a member linked over a local socket, if one
-    /// is; `None` if none is, or if the read was answered by a member over TCP after all (a
+    /// A read of `shard` at the latest state from a member this set of links already reaches
+    /// over a local socket, if one does; `None` if none does, or if the read was answered by a member over TCP after all (a
     /// retry after the local one failed), whose answer is dropped: a plan names files of the
     /// member's machine.
     async fn read_on_this_machine(
@@ -897,27 +893,10 @@ impl Inner {
                 })
                 .collect()
         };
+        // Only links already made (by this thread's other requests) are looked at: looking
+        // for a local member opens no connection of its own.
         let member = match local.as_slice() {
-            [] => {
-                // No local link yet: connect to the members not known to be elsewhere, once.
-                let mut found = None;
-                for m in members {
-                    if self.is_down(m) || lock(&self.remote_members).contains(&m) {
-                        continue;
-                    }
-                    match self.link(m).await {
-                        Ok(link) if link.kind == LinkKind::Local => {
-                            found = Some(m);
-                            break;
-                        }
-                        Ok(_) => {
-                            lock(&self.remote_members).insert(m);
-                        }
-                        Err(_) => {}
-                    }
-                }
-                found?
-            }
+            [] => return None,
             some => some[self.spread.fetch_add(1, Ordering::Relaxed) % some.len()],
         };
         let answered = self
