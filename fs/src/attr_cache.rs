@@ -28,11 +28,19 @@
 //!   ([`AttrCache::forget_plans`]), and a plan fetched across any such drop is not kept (the
 //!   plan epoch).
 //!
+//! - *The kernel's cache* (a mount's): the mount may let the kernel keep an inode's attributes
+//!   or a directory entry for longer than its short lifetime when this cache holds them as
+//!   given ([`AttrCache::keep_attr_in_kernel`], [`AttrCache::keep_entry_in_kernel`]). The cache
+//!   then remembers the version they were given at, and when the feed reports a change of
+//!   them after that version, or breaks, it sends a [`KernelDrop`] for each to the receiver of
+//!   [`AttrCache::kernel_drops`], whose owner tells the kernel to drop them.
+//!
 //! Sans-IO: the shards call [`AttrCache::subscribed`], [`AttrCache::changed`] and
 //! [`AttrCache::broken`] from their feed; the file system calls the rest.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -59,6 +67,21 @@ pub const RECENT_CHANGES_MAX: usize = 1 << 14;
 /// a chunk written once is one piece and one file, about 100 bytes); past it new ones are not
 /// kept.
 pub const PLAN_CACHE_ITEMS_MAX: usize = 1 << 18;
+
+/// Most inodes and entries the kernel is let keep for longer, counted together; past it (once
+/// the expired ones are swept) no more are.
+pub const KERNEL_KEPT_MAX: usize = 1 << 17;
+/// Least time between two sweeps of the expired items the kernel was let keep.
+const KERNEL_SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What the kernel is to drop from its cache.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelDrop {
+    /// An inode's attributes.
+    Inode(Ino),
+    /// A directory entry: the directory and the name.
+    Entry(Ino, Bytes),
+}
 
 /// What a reported change is about.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -112,6 +135,12 @@ struct State {
     plan_count: usize,
     /// Bumped whenever plans are forgotten: a plan fetched across a bump is not cached.
     plan_epoch: u64,
+    /// Where what the kernel is to drop goes, once asked for ([`AttrCache::kernel_drops`]).
+    drops: Option<mpsc::Sender<KernelDrop>>,
+    /// What the kernel was let keep for longer: the version it was given at, and until when.
+    kernel: HashMap<Key, (Version, Instant)>,
+    /// When the kernel's expired items were last swept.
+    kernel_swept: Option<Instant>,
     stats: CacheStats,
 }
 
@@ -137,6 +166,58 @@ impl State {
         self.plans.clear();
         self.plan_count = 0;
         self.plan_epoch += 1;
+    }
+
+    /// The kernel is to drop `key`: sent if it was let keep it, or if `always`.
+    fn drop_from_kernel(&mut self, key: Key, always: bool) {
+        let kept = self.kernel.remove(&key).is_some();
+        if let (true, Some(tx)) = (kept || always, &self.drops) {
+            let d = match key {
+                Key::Inode(ino) => KernelDrop::Inode(ino),
+                Key::Entry(parent, name) => KernelDrop::Entry(parent, name),
+            };
+            // The receiver gone (the mount ending): nothing left to tell.
+            let _ = tx.send(d);
+        }
+    }
+
+    /// A change at `version` was reported for `key`: the kernel drops it if it was given it
+    /// at an earlier version.
+    fn changed_in_kernel(&mut self, key: Key, version: Version) {
+        if self.kernel.get(&key).is_some_and(|&(v, _)| v < version) {
+            self.drop_from_kernel(key, false);
+        }
+    }
+
+    /// The kernel drops everything it was let keep (the feed ended or starts over).
+    fn drop_all_from_kernel(&mut self) {
+        let keys: Vec<Key> = self.kernel.keys().cloned().collect();
+        for key in keys {
+            self.drop_from_kernel(key, false);
+        }
+    }
+
+    /// Lets the kernel keep `key`, cached at `version`, until `until`, if there is room.
+    fn keep_in_kernel(&mut self, key: Key, version: Version, until: Instant) -> bool {
+        if self.drops.is_none() || !self.live {
+            return false;
+        }
+        if self.kernel.len() >= KERNEL_KEPT_MAX && !self.kernel.contains_key(&key) {
+            let now = Instant::now();
+            if self
+                .kernel_swept
+                .is_none_or(|t| now.duration_since(t) >= KERNEL_SWEEP_INTERVAL)
+            {
+                self.kernel_swept = Some(now);
+                self.kernel.retain(|_, &mut (_, u)| u > now);
+            }
+            if self.kernel.len() >= KERNEL_KEPT_MAX {
+                return false;
+            }
+        }
+        let until = self.kernel.get(&key).map_or(until, |&(_, u)| u.max(until));
+        self.kernel.insert(key, (version, until));
+        true
     }
 
     /// A name of complete directory `parent` is no longer known (if the directory is complete).
@@ -192,6 +273,7 @@ impl AttrCache {
     pub fn subscribed(&self, from: Version) {
         let mut s = self.lock();
         s.clear();
+        s.drop_all_from_kernel();
         s.live = true;
         s.position = from;
         s.floor = from;
@@ -203,6 +285,7 @@ impl AttrCache {
     pub fn broken(&self) {
         let mut s = self.lock();
         s.clear();
+        s.drop_all_from_kernel();
         if s.live {
             s.stats.breaks += 1;
         }
@@ -225,6 +308,7 @@ impl AttrCache {
             // The inode's record changed (its size, mtime, ...): whatever a writer did to its
             // bytes before that, a plan from before may miss.
             s.forget_plans(ino);
+            s.changed_in_kernel(Key::Inode(ino), version);
             s.record(version, Key::Inode(ino));
         }
         for (parent, name) in entries {
@@ -237,6 +321,7 @@ impl AttrCache {
                 }
                 None => s.unknown(*parent, name),
             }
+            s.changed_in_kernel(Key::Entry(*parent, name.clone()), version);
             s.record(version, Key::Entry(*parent, name.clone()));
             s.dir_change.insert(*parent, version);
         }
@@ -424,6 +509,78 @@ impl AttrCache {
         self.lock().forget_plans(ino);
     }
 
+    /// Where, from now on, what the kernel is to drop goes: a mount passes each to the kernel
+    /// (`FUSE_NOTIFY_INVAL_INODE`, `FUSE_NOTIFY_INVAL_ENTRY`). Until this is called nothing is
+    /// let keep for longer; calling it again starts over (the earlier receiver gets nothing
+    /// more).
+    pub fn kernel_drops(&self) -> mpsc::Receiver<KernelDrop> {
+        let (tx, rx) = mpsc::channel();
+        let mut s = self.lock();
+        s.kernel.clear();
+        s.drops = Some(tx);
+        rx
+    }
+
+    /// Whether the kernel may keep `attr` until `until`: yes if the cache holds exactly these
+    /// attributes of the inode now (whether or not it answers), and the feed will tell — the
+    /// kernel drops them when the feed reports a change of the inode after the version they
+    /// were cached at, or breaks. No before [`AttrCache::kernel_drops`], while no feed is
+    /// subscribed, or past [`KERNEL_KEPT_MAX`].
+    pub fn keep_attr_in_kernel(&self, attr: &Attr, until: Instant) -> bool {
+        let mut s = self.lock();
+        let Some(version) = s
+            .attrs
+            .get(&attr.ino)
+            .and_then(|(a, v)| (a == attr).then_some(*v))
+        else {
+            return false;
+        };
+        s.keep_in_kernel(Key::Inode(attr.ino), version, until)
+    }
+
+    /// Whether the kernel may keep the entry `name` in `parent`, naming the inode of `attr`,
+    /// and `attr`, until `until`: as [`AttrCache::keep_attr_in_kernel`], for both the name and
+    /// the attributes (both or neither).
+    pub fn keep_entry_in_kernel(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        attr: &Attr,
+        until: Instant,
+    ) -> bool {
+        let name = Bytes::copy_from_slice(name);
+        let mut s = self.lock();
+        let Some(attr_version) = s
+            .attrs
+            .get(&attr.ino)
+            .and_then(|(a, v)| (a == attr).then_some(*v))
+        else {
+            return false;
+        };
+        let Some(name_version) = s
+            .names
+            .get(&(parent, name.clone()))
+            .and_then(|&(ino, v)| (ino == attr.ino).then_some(v))
+        else {
+            return false;
+        };
+        if !s.keep_in_kernel(Key::Inode(attr.ino), attr_version, until) {
+            return false;
+        }
+        if !s.keep_in_kernel(Key::Entry(parent, name), name_version, until) {
+            // The attributes alone are kept; the reply gives both the short lifetime.
+            return false;
+        }
+        true
+    }
+
+    /// The kernel is to drop the entry `name` in `parent` whatever it was let keep: a rename
+    /// of this client moved a dentry there that kept the lifetime it had under its old name.
+    pub fn drop_entry_from_kernel(&self, parent: Ino, name: &[u8]) {
+        self.lock()
+            .drop_from_kernel(Key::Entry(parent, Bytes::copy_from_slice(name)), true);
+    }
+
     /// Counts a read answered from local files.
     pub fn count_local_read(&self) {
         self.lock().stats.local_reads += 1;
@@ -467,6 +624,138 @@ mod tests {
             ctime: t,
             crtime: t,
         }
+    }
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
+    fn drained(rx: &mpsc::Receiver<KernelDrop>) -> Vec<KernelDrop> {
+        rx.try_iter().collect()
+    }
+
+    fn entry(parent: Ino, name: &str) -> KernelDrop {
+        KernelDrop::Entry(parent, Bytes::copy_from_slice(name.as_bytes()))
+    }
+
+    #[test]
+    fn the_kernel_keeps_only_attributes_the_cache_holds_as_given_and_drops_them_at_a_later_change()
+    {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 12);
+        // No receiver yet: nothing is kept longer.
+        assert!(!c.keep_attr_in_kernel(&attr(5, 1), later()));
+        let rx = c.kernel_drops();
+        assert!(
+            !c.keep_attr_in_kernel(&attr(5, 2), later()),
+            "other attributes"
+        );
+        assert!(!c.keep_attr_in_kernel(&attr(6, 1), later()), "not cached");
+        assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
+        // The change that gave them, or one of another inode: nothing to drop.
+        c.changed(12, &[5], &[]);
+        c.changed(13, &[6], &[]);
+        assert_eq!(drained(&rx), vec![]);
+        c.changed(14, &[5], &[]);
+        assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
+        // Dropped once: a later change sends nothing more until the kernel is given them again.
+        c.changed(15, &[5], &[]);
+        assert_eq!(drained(&rx), vec![]);
+        assert!(
+            !c.keep_attr_in_kernel(&attr(5, 1), later()),
+            "the change dropped them from the cache"
+        );
+        c.insert_attr(&attr(5, 3), 15);
+        assert!(c.keep_attr_in_kernel(&attr(5, 3), later()));
+        c.changed(16, &[5], &[]);
+        assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
+    }
+
+    #[test]
+    fn the_kernel_keeps_an_entry_only_with_its_attributes_and_drops_each_at_its_own_change() {
+        let c = AttrCache::new();
+        let rx = c.kernel_drops();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 11);
+        c.insert_name(1, b"a", 5, 11);
+        c.insert_name(1, b"b", 7, 11);
+        assert!(
+            !c.keep_entry_in_kernel(1, b"b", &attr(5, 1), later()),
+            "another inode"
+        );
+        assert!(
+            !c.keep_entry_in_kernel(1, b"c", &attr(5, 1), later()),
+            "no such name"
+        );
+        assert!(
+            !c.keep_entry_in_kernel(1, b"a", &attr(5, 2), later()),
+            "other attributes"
+        );
+        assert!(c.keep_entry_in_kernel(1, b"a", &attr(5, 1), later()));
+        c.changed(12, &[], &[(1, Bytes::from_static(b"b"))]);
+        assert_eq!(drained(&rx), vec![]);
+        c.changed(13, &[], &[(1, Bytes::from_static(b"a"))]);
+        assert_eq!(drained(&rx), vec![entry(1, "a")]);
+        c.changed(14, &[5], &[]);
+        assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
+    }
+
+    #[test]
+    fn a_broken_feed_or_a_new_subscription_drops_everything_the_kernel_was_let_keep() {
+        let c = AttrCache::new();
+        let rx = c.kernel_drops();
+        assert!(!c.keep_attr_in_kernel(&attr(5, 1), later()), "no feed");
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 11);
+        c.insert_attr(&attr(6, 1), 11);
+        c.insert_name(1, b"a", 6, 11);
+        assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
+        assert!(c.keep_entry_in_kernel(1, b"a", &attr(6, 1), later()));
+        c.broken();
+        let mut got = drained(&rx);
+        got.sort_by_key(|d| format!("{d:?}"));
+        assert_eq!(
+            got,
+            vec![entry(1, "a"), KernelDrop::Inode(5), KernelDrop::Inode(6)]
+        );
+        assert!(!c.keep_attr_in_kernel(&attr(5, 1), later()), "broken");
+        c.subscribed(20);
+        c.insert_attr(&attr(5, 1), 21);
+        assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
+        c.subscribed(30);
+        assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
+        // A rename's target is dropped whether or not the kernel was let keep it.
+        c.drop_entry_from_kernel(2, b"z");
+        assert_eq!(drained(&rx), vec![entry(2, "z")]);
+    }
+
+    #[test]
+    fn past_its_bound_the_kernel_is_let_keep_nothing_more_until_what_it_kept_expires() {
+        let c = AttrCache::new();
+        let _rx = c.kernel_drops();
+        c.subscribed(10);
+        let n = KERNEL_KEPT_MAX / 2;
+        for i in 0..n as u64 {
+            c.insert_attr(&attr(100 + i, 1), 11);
+            c.insert_name(1, &i.to_le_bytes(), 100 + i, 11);
+            assert!(c.keep_entry_in_kernel(1, &i.to_le_bytes(), &attr(100 + i, 1), later()));
+        }
+        c.insert_attr(&attr(5, 1), 11);
+        assert!(!c.keep_attr_in_kernel(&attr(5, 1), later()), "full");
+        // What is kept already may be kept again.
+        assert!(c.keep_attr_in_kernel(&attr(100, 1), later()));
+        // Items given until now expire at once and are swept to make room.
+        let d = AttrCache::new();
+        let _rx = d.kernel_drops();
+        d.subscribed(10);
+        for i in 0..n as u64 {
+            d.insert_attr(&attr(100 + i, 1), 11);
+            d.insert_name(1, &i.to_le_bytes(), 100 + i, 11);
+            assert!(d.keep_entry_in_kernel(1, &i.to_le_bytes(), &attr(100 + i, 1), Instant::now()));
+        }
+        d.insert_attr(&attr(5, 1), 11);
+        assert!(d.keep_attr_in_kernel(&attr(5, 1), later()), "swept");
     }
 
     fn a_plan(len: u32) -> Arc<ChunkPlan> {

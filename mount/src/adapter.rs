@@ -3,8 +3,11 @@
 //! `FileAttr`, `FsError::errno` into the error). No file system logic lives here; what the
 //! adapter adds is only what the kernel protocol needs and the facade has no notion of:
 //!
-//! - cache lifetimes: live entries and attributes for [`LIVE_TTL`]; snapshot inodes (which can
-//!   never change) for [`SNAPSHOT_TTL`];
+//! - cache lifetimes: snapshot inodes (which can never change) for [`SNAPSHOT_TTL`]; live
+//!   entries and attributes of files that the client's cache holds as given, for [`KEPT_TTL`],
+//!   dropped from the kernel when the cache's feed reports a change of them or ends (a thread
+//!   passes each [`KernelDrop`] to the kernel); other live entries and attributes, and every
+//!   directory's, for [`LIVE_TTL`];
 //! - directory handles: the kernel resumes a listing by offset, the facade by the last name;
 //!   a handle keeps the entries returned so far so offsets stay valid, and adds `.` and `..`;
 //! - open files: the facade has no open state, so handles are 0; opening a snapshot inode for
@@ -28,9 +31,10 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use derechofs_fs::attr_cache::KernelDrop;
 use derechofs_fs::snapshot::is_snapshot;
 use derechofs_fs::{
     Attr, Creds, Fallocate, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
@@ -44,6 +48,15 @@ use fuser::{
 /// How long the kernel may trust a live entry or attributes before asking again. Other clients'
 /// changes become visible after at most this long (close-to-open, DESIGN §4).
 pub const LIVE_TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may trust a live entry or attributes of a file (not a directory) that
+/// the client's attribute cache holds as given: the cache's feed reporting a change of them, or
+/// ending, makes the kernel drop them sooner (`AttrCache::keep_attr_in_kernel`). A directory's
+/// attributes change with every entry made in it, and the kernel drops them itself after each
+/// change of this client; they keep [`LIVE_TTL`].
+pub const KEPT_TTL: Duration = Duration::from_secs(60);
+/// How much longer than the kernel's lifetime the cache remembers what the kernel was let keep
+/// (the kernel counts from when it takes the reply, a little after it was made).
+const KEPT_MARGIN: Duration = Duration::from_secs(1);
 /// How long the kernel may trust a snapshot entry or attributes: a snapshot never changes.
 pub const SNAPSHOT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Entries one directory read asks the file system for.
@@ -61,11 +74,28 @@ const KERNEL_ATTRS_MAX: usize = 65_536;
 /// What an open compares between the attributes the kernel was last given and fresh ones.
 type KernelAttrs = (u64, Timespec, Timespec);
 
+/// The lifetime of what the kernel is given of `ino` when it is not let keep it longer.
 fn ttl(ino: u64) -> Duration {
     if is_snapshot(ino) {
         SNAPSHOT_TTL
     } else {
         LIVE_TTL
+    }
+}
+
+/// Passes what the kernel is to drop, until the cache that sends it is gone.
+fn pass_drops(drops: mpsc::Receiver<KernelDrop>, notifier: &fuser::Notifier) {
+    for d in drops {
+        let r = match &d {
+            // Attributes only (offset -1): the page cache is dropped at the next open.
+            KernelDrop::Inode(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
+            KernelDrop::Entry(parent, name) => {
+                notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            }
+        };
+        if let Err(e) = r {
+            tracing::debug!("telling the kernel to drop {d:?}: {e}");
+        }
     }
 }
 
@@ -167,10 +197,10 @@ struct DirHandle {
 /// DerechoFS as a fuser file system.
 #[derive(Debug)]
 pub struct DerechoFs<S: Shards> {
-    fs: FileSystem<S>,
+    fs: Arc<FileSystem<S>>,
     dirs: Mutex<HashMap<u64, DirHandle>>,
     next_fh: AtomicU64,
-    /// The session's notifier, once mounted ([`DerechoFs::notifier_slot`]).
+    /// The session's notifier, once mounted ([`DerechoFs::on_mounted`]).
     notifier: Arc<OnceLock<fuser::Notifier>>,
     /// Per live inode, the size, mtime and ctime last given to the kernel.
     kernel_attrs: Mutex<HashMap<u64, KernelAttrs>>,
@@ -180,7 +210,7 @@ impl<S: Shards> DerechoFs<S> {
     /// The adapter over a file system.
     pub fn new(fs: FileSystem<S>) -> DerechoFs<S> {
         DerechoFs {
-            fs,
+            fs: Arc::new(fs),
             dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             notifier: Arc::new(OnceLock::new()),
@@ -188,11 +218,70 @@ impl<S: Shards> DerechoFs<S> {
         }
     }
 
-    /// Where the mount puts the session's notifier once mounted (`serve`'s `on_mounted`):
-    /// without one, an open cannot make the kernel drop attributes it caches, and another
-    /// client's change shows in them only once they expire (`LIVE_TTL`).
-    pub fn notifier_slot(&self) -> Arc<OnceLock<fuser::Notifier>> {
-        self.notifier.clone()
+    /// What the mount runs once mounted (`serve`'s `on_mounted`), with the session's notifier:
+    /// keeps it for opens (without it an open cannot make the kernel drop attributes it
+    /// caches), and, if the client keeps an attribute cache, starts the thread that passes the
+    /// cache's [`KernelDrop`]s to the kernel. Only from then on is the kernel let keep entries
+    /// and attributes for [`KEPT_TTL`].
+    pub fn on_mounted(&self) -> impl FnOnce(fuser::Notifier) + Send + 'static
+    where
+        S: 'static,
+    {
+        let slot = self.notifier.clone();
+        let fs: Weak<FileSystem<S>> = Arc::downgrade(&self.fs);
+        move |n| {
+            if fs
+                .upgrade()
+                .is_some_and(|fs| fs.shards().attr_cache().is_some())
+            {
+                let notifier = n.clone();
+                let started = std::thread::Builder::new()
+                    .name("kernel-drops".into())
+                    .spawn(move || {
+                        // Asked for here, so that nothing is kept longer unless this thread
+                        // runs; the file system is not held (the drops end with it).
+                        let drops = fs
+                            .upgrade()
+                            .and_then(|fs| fs.shards().attr_cache().map(|c| c.kernel_drops()));
+                        if let Some(drops) = drops {
+                            pass_drops(drops, &notifier);
+                        }
+                    });
+                if let Err(e) = started {
+                    tracing::warn!(
+                        "no thread to pass the feed's changes to the kernel ({e}): it keeps \
+                         live entries and attributes for {LIVE_TTL:?} only"
+                    );
+                }
+            }
+            // Set once, here: the slot is new.
+            let _ = slot.set(n);
+        }
+    }
+
+    /// The lifetime of `a` as the kernel is given it now, outside an entry.
+    fn attr_ttl(&self, a: &Attr) -> Duration {
+        if is_snapshot(a.ino) || a.kind == FileKind::Directory {
+            return ttl(a.ino);
+        }
+        match self.fs.shards().attr_cache() {
+            Some(c) if c.keep_attr_in_kernel(a, Instant::now() + KEPT_TTL + KEPT_MARGIN) => {
+                KEPT_TTL
+            }
+            _ => LIVE_TTL,
+        }
+    }
+
+    /// The lifetime of the entry `name` in `parent` and of its attributes `a`.
+    fn entry_ttl(&self, parent: u64, name: &[u8], a: &Attr) -> Duration {
+        if is_snapshot(a.ino) || a.kind == FileKind::Directory {
+            return ttl(a.ino);
+        }
+        let until = Instant::now() + KEPT_TTL + KEPT_MARGIN;
+        match self.fs.shards().attr_cache() {
+            Some(c) if c.keep_entry_in_kernel(parent, name, a, until) => KEPT_TTL,
+            _ => LIVE_TTL,
+        }
     }
 
     /// Remembers the attributes given to the kernel for a live inode.
@@ -221,9 +310,13 @@ impl<S: Shards> DerechoFs<S> {
         file_attr(a, self.fs.layout().chunk_size)
     }
 
-    fn entry(&self, reply: ReplyEntry, r: Result<Attr, FsError>) {
+    fn entry(&self, reply: ReplyEntry, parent: INodeNo, name: &OsStr, r: Result<Attr, FsError>) {
         match r {
-            Ok(a) => reply.entry(&ttl(a.ino), &self.attr(&a), Generation(0)),
+            Ok(a) => reply.entry(
+                &self.entry_ttl(parent.0, name.as_bytes(), &a),
+                &self.attr(&a),
+                Generation(0),
+            ),
             Err(e) => {
                 tracing::debug!("entry: {e}");
                 reply.error(errno(&e))
@@ -273,12 +366,17 @@ fn libc_eoverflow() -> i32 {
 
 impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        self.entry(reply, self.fs.lookup(parent.0, name.as_bytes()));
+        self.entry(
+            reply,
+            parent,
+            name,
+            self.fs.lookup(parent.0, name.as_bytes()),
+        );
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.fs.getattr(ino.0) {
-            Ok(a) => reply.attr(&ttl(a.ino), &self.attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -310,7 +408,7 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             mtime: set_time(mtime),
         };
         match self.fs.setattr(ino.0, set) {
-            Ok(a) => reply.attr(&ttl(a.ino), &self.attr(&a)),
+            Ok(a) => reply.attr(&self.attr_ttl(&a), &self.attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -346,7 +444,7 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
                 "mknod of an unknown kind",
             )),
         };
-        self.entry(reply, r);
+        self.entry(reply, parent, name, r);
     }
 
     fn mkdir(
@@ -364,7 +462,7 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             (mode & 0o7777) as u16,
             creds(req),
         );
-        self.entry(reply, r);
+        self.entry(reply, parent, name, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -389,7 +487,7 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             target.as_os_str().as_bytes(),
             creds(req),
         );
-        self.entry(reply, r);
+        self.entry(reply, parent, link_name, r);
     }
 
     fn rename(
@@ -409,6 +507,16 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             newname.as_bytes(),
             flags.bits(),
         );
+        if r.is_ok() {
+            // The kernel moved its dentry (or, exchanging, both) with the lifetime it had under
+            // the other name, which the cache does not know it by.
+            if let Some(c) = self.fs.shards().attr_cache() {
+                c.drop_entry_from_kernel(newparent.0, newname.as_bytes());
+                if flags.contains(RenameFlags::RENAME_EXCHANGE) {
+                    c.drop_entry_from_kernel(parent.0, name.as_bytes());
+                }
+            }
+        }
         Self::empty(reply, r);
     }
 
@@ -420,7 +528,8 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        self.entry(reply, self.fs.link(ino.0, newparent.0, newname.as_bytes()));
+        let r = self.fs.link(ino.0, newparent.0, newname.as_bytes());
+        self.entry(reply, newparent, newname, r);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -735,7 +844,7 @@ impl<S: Shards + 'static> fuser::Filesystem for DerechoFs<S> {
             creds(req),
         ) {
             Ok(a) => reply.created(
-                &ttl(a.ino),
+                &self.entry_ttl(parent.0, name.as_bytes(), &a),
                 &self.attr(&a),
                 Generation(0),
                 FileHandle(0),

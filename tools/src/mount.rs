@@ -168,7 +168,7 @@ fn serve(
     .map_err(|e| anyhow::anyhow!("starting the file system on {}: {e}", p.spec))?;
     let mountpoint = p.mountpoint.clone();
     let adapter = DerechoFs::new(fs);
-    let notifier = adapter.notifier_slot();
+    let mounted = adapter.on_mounted();
     derechofs_mount::serve(
         adapter,
         &p.mountpoint,
@@ -176,8 +176,7 @@ fn serve(
         &p.spec,
         "derechofs",
         |n| {
-            // Set once, here: the slot is new.
-            let _ = notifier.set(n);
+            mounted(n);
             errln!("derechofs: {} mounted at {}", p.spec, mountpoint.display())
         },
     )?;

@@ -4,7 +4,8 @@
 //! through different nodes, and still identical after a node is killed; the mount's errors for an
 //! unreachable cluster, a bad option and a missing mount point; close-to-open across two
 //! mounts on different members (a write closed through one, then at once opened and read
-//! through the other, round after round).
+//! through the other, round after round); what one mount's kernel keeps dropped when another
+//! mount changes it (attributes, entries, renames, links).
 //!
 //! Needs root and `/dev/fuse`, as CI has. Every process is stopped by its pid and every mount
 //! unmounted when a test ends, failed or not; every wait is bounded. The seed is printed;
@@ -225,5 +226,88 @@ fn an_open_through_one_mount_after_a_close_through_another_returned_sees_the_new
             "round {round} (seed {seed}): {} bytes read at b, {len} written, or other bytes",
             read.len()
         );
+    }
+}
+
+/// How long a change through one mount may take to show in the other's `stat` and lookups in
+/// the test below: far below `KEPT_TTL` (60 s), so a kernel left holding what it was given
+/// fails it.
+const SHOWS_WITHIN: Duration = Duration::from_secs(20);
+
+/// What `stat` at b tells of a path: absent, or its mode bits and size.
+fn seen(path: &std::path::Path) -> Option<(u32, u64)> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.permissions().mode() & 0o7777, m.len()))
+}
+
+#[test]
+fn what_one_mounts_kernel_keeps_is_dropped_when_another_mount_changes_it() {
+    let cluster = Cluster::new(63, 3, "");
+    cluster.start_all();
+    let _running = Running(&cluster);
+    cluster.wait_active();
+    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
+    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    std::fs::create_dir(a.path.join("d")).expect("mkdir at a");
+    for name in ["mode", "gone", "moved", "grown", "d/inner", "linked"] {
+        std::fs::write(a.path.join(name), b"0123456789").expect("create at a");
+    }
+    std::fs::hard_link(a.path.join("linked"), a.path.join("d/link")).expect("link at a");
+    let names = [
+        "mode", "gone", "moved", "grown", "d/inner", "linked", "d/link",
+    ];
+    // The names appear at b within the bound (negative lookups are not kept); then b's kernel
+    // is given every entry and its attributes, twice (the second from its caches).
+    let deadline = Instant::now() + SHOWS_WITHIN;
+    while names.iter().any(|n| seen(&b.path.join(n)).is_none()) {
+        assert!(Instant::now() < deadline, "the files never showed at b");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for n in names {
+        assert_eq!(seen(&b.path.join(n)), Some((0o644, 10)), "{n} at b");
+    }
+    // Changes at a, each of an attribute, an entry or both.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(a.path.join("mode"), std::fs::Permissions::from_mode(0o600))
+        .expect("chmod at a");
+    std::fs::remove_file(a.path.join("gone")).expect("unlink at a");
+    std::fs::rename(a.path.join("moved"), a.path.join("d/moved")).expect("rename at a");
+    std::fs::write(a.path.join("grown"), vec![7u8; 5000]).expect("write at a");
+    std::fs::remove_file(a.path.join("d/inner")).expect("unlink in d at a");
+    std::fs::write(a.path.join("d/inner"), b"x").expect("create again in d at a");
+    // A link's count and ctime change: both names show it.
+    std::fs::remove_file(a.path.join("linked")).expect("unlink of a linked name at a");
+    let want: [(&str, Option<(u32, u64)>); 8] = [
+        ("mode", Some((0o600, 10))),
+        ("gone", None),
+        ("moved", None),
+        ("d/moved", Some((0o644, 10))),
+        ("grown", Some((0o644, 5000))),
+        ("d/inner", Some((0o644, 1))),
+        ("linked", None),
+        ("d/link", Some((0o644, 10))),
+    ];
+    let deadline = Instant::now() + SHOWS_WITHIN;
+    loop {
+        let got: Vec<_> = want.iter().map(|(n, _)| seen(&b.path.join(n))).collect();
+        if want.iter().zip(&got).all(|((_, w), g)| w == g) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b still sees {got:?}, not {want:?}, {SHOWS_WITHIN:?} after the changes at a"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let nlink = |p: PathBuf| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(p).map(|m| m.nlink()).ok()
+    };
+    let deadline = Instant::now() + SHOWS_WITHIN;
+    while nlink(b.path.join("d/link")) != Some(1) {
+        assert!(Instant::now() < deadline, "the link count at b stayed 2");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
