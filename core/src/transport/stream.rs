@@ -17,7 +17,7 @@
 //! registers a second handle of it for writability, until the write goes through.
 
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::FileTypeExt;
@@ -128,6 +128,22 @@ impl AsFd for LocalStream {
     }
 }
 
+/// Receives into `buf`'s unfilled part, which may be uninitialized, and marks what came in as
+/// filled. Zeroing the unfilled part first (`ReadBuf::initialize_unfilled`) would write the
+/// whole spare capacity of a large frame's buffer again at every read of it: for a 1 MiB frame,
+/// which arrives in several reads, more bytes than the frame.
+#[allow(unsafe_code)]
+fn recv_into(socket: &std::os::unix::net::UnixStream, buf: &mut ReadBuf<'_>) -> io::Result<()> {
+    // SAFETY: `recv` only writes into the slice (socket2 takes it as `MaybeUninit`), so nothing
+    // initialized is made uninitialized.
+    let unfilled = unsafe { buf.unfilled_mut() };
+    let n = socket2::SockRef::from(socket).recv(unfilled)?;
+    // SAFETY: the kernel wrote the first `n` bytes of the unfilled part.
+    unsafe { buf.assume_init(n) };
+    buf.advance(n);
+    Ok(())
+}
+
 impl AsyncRead for LocalStream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -137,12 +153,8 @@ impl AsyncRead for LocalStream {
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.socket.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|socket| socket.get_ref().read(unfilled)) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
+            match guard.try_io(|socket| recv_into(socket.get_ref(), buf)) {
+                Ok(Ok(())) => return Poll::Ready(Ok(())),
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // Not readable after all: the guard cleared the readiness; wait again.
