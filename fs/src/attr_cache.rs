@@ -574,6 +574,16 @@ impl AttrCache {
         true
     }
 
+    /// This client is about to remove the entry `name` in `parent` (an unlink, a rmdir, the
+    /// source of a rename) through a kernel that drops its dentry itself as it carries the
+    /// change out, holding the directory's lock meanwhile (so it is given no newer dentry of
+    /// the name): what it was let keep of the entry needs no drop. If the removal fails, the
+    /// caller sends one ([`AttrCache::drop_entry_from_kernel`]).
+    pub fn removing_here(&self, parent: Ino, name: &[u8]) {
+        let key = Key::Entry(parent, Bytes::copy_from_slice(name));
+        self.lock().kernel.remove(&key);
+    }
+
     /// The kernel is to drop the entry `name` in `parent` whatever it was let keep: a rename
     /// of this client moved a dentry there that kept the lifetime it had under its old name.
     pub fn drop_entry_from_kernel(&self, parent: Ino, name: &[u8]) {
@@ -728,6 +738,26 @@ mod tests {
         // A rename's target is dropped whether or not the kernel was let keep it.
         c.drop_entry_from_kernel(2, b"z");
         assert_eq!(drained(&rx), vec![entry(2, "z")]);
+    }
+
+    #[test]
+    fn an_entry_this_client_removes_needs_no_drop_but_its_inode_does() {
+        let c = AttrCache::new();
+        let rx = c.kernel_drops();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 11);
+        c.insert_name(1, b"a", 5, 11);
+        assert!(c.keep_entry_in_kernel(1, b"a", &attr(5, 1), later()));
+        c.removing_here(1, b"a");
+        c.changed(12, &[5], &[(1, Bytes::from_static(b"a"))]);
+        // The inode's attributes may still be held (another link, an open file): dropped.
+        assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
+        // Given again later (the name made again): its next change drops it.
+        c.insert_attr(&attr(6, 1), 14);
+        c.insert_name(1, b"a", 6, 14);
+        assert!(c.keep_entry_in_kernel(1, b"a", &attr(6, 1), later()));
+        c.changed(15, &[], &[(1, Bytes::from_static(b"a"))]);
+        assert_eq!(drained(&rx), vec![entry(1, "a")]);
     }
 
     #[test]

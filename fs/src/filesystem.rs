@@ -428,7 +428,32 @@ impl<S: Shards> FileSystem<S> {
             _ => None,
         };
         let mkdir = matches!(op, NsOp::Mkdir { .. });
-        let (reply, version) = self.submit(ShardRef::Namespace, Op::Ns(op))?;
+        // A name this change removes (for a rename, moves away from), which a kernel in front of
+        // this client drops itself as it carries the change out.
+        let removed = match &op {
+            NsOp::Unlink { parent, name } | NsOp::Rmdir { parent, name } => {
+                Some((*parent, name.clone()))
+            }
+            NsOp::Rename {
+                parent,
+                name,
+                flags,
+                ..
+            } if flags & crate::RENAME_EXCHANGE == 0 => Some((*parent, name.clone())),
+            _ => None,
+        };
+        let cache = self.shards.attr_cache();
+        if let (Some(cache), Some((parent, name))) = (cache, &removed) {
+            cache.removing_here(*parent, name);
+        }
+        let submitted = self.submit(ShardRef::Namespace, Op::Ns(op));
+        if let (Some(cache), Some((parent, name))) = (cache, &removed) {
+            if !matches!(submitted, Ok((Reply::Ns(Ok(_)), _))) {
+                // Not removed (or not known to be): the kernel keeps its dentry.
+                cache.drop_entry_from_kernel(*parent, name);
+            }
+        }
+        let (reply, version) = submitted?;
         if let (Some(cache), Some(v)) = (self.shards.attr_cache(), version) {
             match &reply {
                 Reply::Ns(Ok(NsReply::Attr(a))) => cache.insert_attr(a, v),
