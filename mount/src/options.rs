@@ -74,8 +74,9 @@ pub struct MountOptions {
     /// default). Set once the mount is up, through the mount's `read_ahead_kb` in sysfs (root).
     pub readahead_kb: u32,
     /// `ac` / `noac` (NFS's names): keep the client's cache of live attributes and names,
-    /// coherent with the namespace feed (default), or read every `getattr` and `lookup` from
-    /// the cluster. DerechoFS mounts only.
+    /// coherent with the namespace feed (default; the kernel then keeps the files' entries and
+    /// attributes it holds for 60 s, dropped at the feed's reports), or read every `getattr`
+    /// and `lookup` from the cluster (the kernel keeps them 1 s). DerechoFS mounts only.
     pub attr_cache: bool,
 }
 
