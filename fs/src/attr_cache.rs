@@ -176,8 +176,12 @@ impl State {
                 Key::Inode(ino) => KernelDrop::Inode(ino),
                 Key::Entry(parent, name) => KernelDrop::Entry(parent, name),
             };
-            // The receiver gone (the mount ending): nothing left to tell.
-            let _ = tx.send(d);
+            if tx.send(d).is_err() {
+                // The receiver is gone (the mount ending, or its thread): nothing can be
+                // dropped from the kernel any more, so nothing more is let keep longer.
+                self.drops = None;
+                self.kernel.clear();
+            }
         }
     }
 
@@ -758,6 +762,19 @@ mod tests {
         assert!(c.keep_entry_in_kernel(1, b"a", &attr(6, 1), later()));
         c.changed(15, &[], &[(1, Bytes::from_static(b"a"))]);
         assert_eq!(drained(&rx), vec![entry(1, "a")]);
+    }
+
+    #[test]
+    fn once_the_receiver_is_gone_nothing_more_is_let_keep_longer() {
+        let c = AttrCache::new();
+        let rx = c.kernel_drops();
+        c.subscribed(10);
+        c.insert_attr(&attr(5, 1), 11);
+        c.insert_attr(&attr(6, 1), 11);
+        assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
+        drop(rx);
+        c.changed(12, &[5], &[]);
+        assert!(!c.keep_attr_in_kernel(&attr(6, 1), later()));
     }
 
     #[test]

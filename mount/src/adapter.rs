@@ -83,18 +83,44 @@ fn ttl(ino: u64) -> Duration {
     }
 }
 
-/// Passes what the kernel is to drop, until the cache that sends it is gone.
-fn pass_drops(drops: mpsc::Receiver<KernelDrop>, notifier: &fuser::Notifier) {
+/// Passes what the kernel is to drop, until the cache that sends it is gone: an inode's
+/// attributes at once (the kernel takes no lock for that), an entry through `entries`, another
+/// thread's queue (the kernel takes the directory's lock for it, which a request in that
+/// directory holds while the cluster answers: seconds during a view change, which must not hold
+/// back the drops of other inodes).
+fn pass_drops(
+    drops: mpsc::Receiver<KernelDrop>,
+    entries: &mpsc::Sender<KernelDrop>,
+    notifier: &fuser::Notifier,
+) {
     for d in drops {
-        let r = match &d {
+        match d {
             // Attributes only (offset -1): the page cache is dropped at the next open.
-            KernelDrop::Inode(ino) => notifier.inval_inode(INodeNo(*ino), -1, 0),
-            KernelDrop::Entry(parent, name) => {
-                notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name))
+            KernelDrop::Inode(ino) => {
+                if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+                    tracing::debug!("telling the kernel to drop the attributes of {ino}: {e}");
+                }
             }
-        };
-        if let Err(e) = r {
-            tracing::debug!("telling the kernel to drop {d:?}: {e}");
+            KernelDrop::Entry(..) => {
+                if let Err(mpsc::SendError(d)) = entries.send(d) {
+                    // The entries' thread is gone: drop it here (it may wait for the lock).
+                    let (tx, rx) = mpsc::channel();
+                    let _ = tx.send(d);
+                    drop(tx);
+                    pass_entry_drops(rx, notifier);
+                }
+            }
+        }
+    }
+}
+
+/// Passes the entries the kernel is to drop, until `pass_drops` ends.
+fn pass_entry_drops(entries: mpsc::Receiver<KernelDrop>, notifier: &fuser::Notifier) {
+    for d in entries {
+        if let KernelDrop::Entry(parent, name) = &d {
+            if let Err(e) = notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)) {
+                tracing::debug!("telling the kernel to drop {d:?}: {e}");
+            }
         }
     }
 }
@@ -234,18 +260,26 @@ impl<S: Shards> DerechoFs<S> {
                 .upgrade()
                 .is_some_and(|fs| fs.shards().attr_cache().is_some())
             {
+                let (entries, entry_drops) = mpsc::channel();
                 let notifier = n.clone();
                 let started = std::thread::Builder::new()
-                    .name("kernel-drops".into())
-                    .spawn(move || {
-                        // Asked for here, so that nothing is kept longer unless this thread
-                        // runs; the file system is not held (the drops end with it).
-                        let drops = fs
-                            .upgrade()
-                            .and_then(|fs| fs.shards().attr_cache().map(|c| c.kernel_drops()));
-                        if let Some(drops) = drops {
-                            pass_drops(drops, &notifier);
-                        }
+                    .name("kernel-entries".into())
+                    .spawn(move || pass_entry_drops(entry_drops, &notifier))
+                    .and_then(|_| {
+                        let notifier = n.clone();
+                        std::thread::Builder::new()
+                            .name("kernel-drops".into())
+                            .spawn(move || {
+                                // Asked for here, so that nothing is kept longer unless both
+                                // threads run; the file system is not held (the drops end with
+                                // it, and the entries' thread with this one).
+                                let drops = fs.upgrade().and_then(|fs| {
+                                    fs.shards().attr_cache().map(|c| c.kernel_drops())
+                                });
+                                if let Some(drops) = drops {
+                                    pass_drops(drops, &entries, &notifier);
+                                }
+                            })
                     });
                 if let Err(e) = started {
                     tracing::warn!(
