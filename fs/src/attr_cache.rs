@@ -201,6 +201,13 @@ impl State {
         }
     }
 
+    /// The version `attr` is cached at, if the cache holds exactly these attributes.
+    fn version_of(&self, attr: &Attr) -> Option<Version> {
+        self.attrs
+            .get(&attr.ino)
+            .and_then(|(a, v)| (a == attr).then_some(*v))
+    }
+
     /// Lets the kernel keep `key`, cached at `version`, until `until`, if there is room.
     fn keep_in_kernel(&mut self, key: Key, version: Version, until: Instant) -> bool {
         if self.drops.is_none() || !self.live {
@@ -532,11 +539,7 @@ impl AttrCache {
     /// subscribed, or past [`KERNEL_KEPT_MAX`].
     pub fn keep_attr_in_kernel(&self, attr: &Attr, until: Instant) -> bool {
         let mut s = self.lock();
-        let Some(version) = s
-            .attrs
-            .get(&attr.ino)
-            .and_then(|(a, v)| (a == attr).then_some(*v))
-        else {
+        let Some(version) = s.version_of(attr) else {
             return false;
         };
         s.keep_in_kernel(Key::Inode(attr.ino), version, until)
@@ -554,11 +557,7 @@ impl AttrCache {
     ) -> bool {
         let name = Bytes::copy_from_slice(name);
         let mut s = self.lock();
-        let Some(attr_version) = s
-            .attrs
-            .get(&attr.ino)
-            .and_then(|(a, v)| (a == attr).then_some(*v))
-        else {
+        let Some(attr_version) = s.version_of(attr) else {
             return false;
         };
         let Some(name_version) = s

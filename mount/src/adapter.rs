@@ -34,8 +34,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use derechofs_fs::attr_cache::KernelDrop;
 use derechofs_fs::snapshot::is_snapshot;
+use derechofs_fs::AttrCache;
 use derechofs_fs::{
     Attr, Creds, Fallocate, FileKind, FileSystem, FsError, SetAttr, SetTime, Shards, Timespec,
 };
@@ -90,7 +92,7 @@ fn ttl(ino: u64) -> Duration {
 /// back the drops of other inodes).
 fn pass_drops(
     drops: mpsc::Receiver<KernelDrop>,
-    entries: &mpsc::Sender<KernelDrop>,
+    entries: &mpsc::Sender<(u64, Bytes)>,
     notifier: &fuser::Notifier,
 ) {
     for d in drops {
@@ -101,13 +103,10 @@ fn pass_drops(
                     tracing::debug!("telling the kernel to drop the attributes of {ino}: {e}");
                 }
             }
-            KernelDrop::Entry(..) => {
-                if let Err(mpsc::SendError(d)) = entries.send(d) {
+            KernelDrop::Entry(parent, name) => {
+                if let Err(mpsc::SendError((parent, name))) = entries.send((parent, name)) {
                     // The entries' thread is gone: drop it here (it may wait for the lock).
-                    let (tx, rx) = mpsc::channel();
-                    let _ = tx.send(d);
-                    drop(tx);
-                    pass_entry_drops(rx, notifier);
+                    drop_entry(notifier, parent, &name);
                 }
             }
         }
@@ -115,13 +114,19 @@ fn pass_drops(
 }
 
 /// Passes the entries the kernel is to drop, until `pass_drops` ends.
-fn pass_entry_drops(entries: mpsc::Receiver<KernelDrop>, notifier: &fuser::Notifier) {
-    for d in entries {
-        if let KernelDrop::Entry(parent, name) = &d {
-            if let Err(e) = notifier.inval_entry(INodeNo(*parent), OsStr::from_bytes(name)) {
-                tracing::debug!("telling the kernel to drop {d:?}: {e}");
-            }
-        }
+fn pass_entry_drops(entries: mpsc::Receiver<(u64, Bytes)>, notifier: &fuser::Notifier) {
+    for (parent, name) in entries {
+        drop_entry(notifier, parent, &name);
+    }
+}
+
+/// Tells the kernel to drop the entry `name` in `parent`.
+fn drop_entry(notifier: &fuser::Notifier, parent: u64, name: &[u8]) {
+    if let Err(e) = notifier.inval_entry(INodeNo(parent), OsStr::from_bytes(name)) {
+        tracing::debug!(
+            "telling the kernel to drop {:?} in {parent}: {e}",
+            String::from_utf8_lossy(name)
+        );
     }
 }
 
@@ -295,25 +300,22 @@ impl<S: Shards> DerechoFs<S> {
 
     /// The lifetime of `a` as the kernel is given it now, outside an entry.
     fn attr_ttl(&self, a: &Attr) -> Duration {
-        if is_snapshot(a.ino) || a.kind == FileKind::Directory {
-            return ttl(a.ino);
-        }
-        match self.fs.shards().attr_cache() {
-            Some(c) if c.keep_attr_in_kernel(a, Instant::now() + KEPT_TTL + KEPT_MARGIN) => {
-                KEPT_TTL
-            }
-            _ => LIVE_TTL,
-        }
+        self.kept_or_ttl(a, |c, until| c.keep_attr_in_kernel(a, until))
     }
 
     /// The lifetime of the entry `name` in `parent` and of its attributes `a`.
     fn entry_ttl(&self, parent: u64, name: &[u8], a: &Attr) -> Duration {
+        self.kept_or_ttl(a, |c, until| c.keep_entry_in_kernel(parent, name, a, until))
+    }
+
+    /// [`KEPT_TTL`] for a live file's `a` if the client's cache lets the kernel keep it
+    /// (`keep`), else [`ttl`].
+    fn kept_or_ttl(&self, a: &Attr, keep: impl FnOnce(&AttrCache, Instant) -> bool) -> Duration {
         if is_snapshot(a.ino) || a.kind == FileKind::Directory {
             return ttl(a.ino);
         }
-        let until = Instant::now() + KEPT_TTL + KEPT_MARGIN;
         match self.fs.shards().attr_cache() {
-            Some(c) if c.keep_entry_in_kernel(parent, name, a, until) => KEPT_TTL,
+            Some(c) if keep(c, Instant::now() + KEPT_TTL + KEPT_MARGIN) => KEPT_TTL,
             _ => LIVE_TTL,
         }
     }
