@@ -694,6 +694,22 @@ async fn join_all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
         .collect()
 }
 
+/// A request's bytes as written on a link: `head`, then `body` from its own memory.
+#[derive(Clone, Debug)]
+struct Message {
+    head: Bytes,
+    body: Bytes,
+}
+
+impl From<Bytes> for Message {
+    fn from(head: Bytes) -> Message {
+        Message {
+            head,
+            body: Bytes::new(),
+        }
+    }
+}
+
 impl Inner {
     /// `Shards::submit` of one request to `shard`.
     async fn submit(
@@ -704,8 +720,13 @@ impl Inner {
         let tag = self.tag();
         let hlc = lock(&self.seen).tick();
         let durable = self.config.durable_writes;
-        let bytes = Request::encode_fs_submit(tag, shard, hlc, durable, &request);
-        match self.call_shard(shard, tag, bytes, None).await? {
+        // The request goes behind its envelope from its own memory: a large write is not
+        // copied again.
+        let message = Message {
+            head: Request::encode_fs_submit_head(tag, shard, hlc, durable, request.len()),
+            body: request,
+        };
+        match self.call_shard(shard, tag, message, None).await? {
             (
                 node,
                 Reply::FsWritten {
@@ -836,7 +857,7 @@ impl Inner {
         };
         let flush = if batched { Flush::Batch } else { Flush::Now };
         match self
-            .call_shard_with(shard, tag, bytes, first, flush)
+            .call_shard_with(shard, tag, bytes.into(), first, flush)
             .await?
         {
             (
@@ -1027,7 +1048,8 @@ impl Inner {
 
     /// Sends `bytes` (a request with `tag`) on `link` and waits for the reply with that tag.
     async fn exchange(&self, link: &Link, tag: u64, bytes: Bytes) -> Result<Reply, String> {
-        self.exchange_with(link, tag, bytes, Flush::Now).await
+        self.exchange_with(link, tag, bytes.into(), Flush::Now)
+            .await
     }
 
     /// [`Inner::exchange`], the request written as `flush` says.
@@ -1035,9 +1057,10 @@ impl Inner {
         &self,
         link: &Link,
         tag: u64,
-        bytes: Bytes,
+        message: Message,
         flush: Flush,
     ) -> Result<Reply, String> {
+        let parts = [&message.head[..], &message.body[..]];
         let _slot = link
             .slots
             .acquire()
@@ -1052,9 +1075,9 @@ impl Inner {
             return Err(format!("the link to node {} broke", link.node));
         }
         let sent = match flush {
-            Flush::Now => link.sender.lock().await.send(0, &bytes).await,
+            Flush::Now => link.sender.lock().await.send_parts(0, &parts).await,
             Flush::Batch => {
-                let queued = link.sender.lock().await.queue(0, &bytes).await;
+                let queued = link.sender.lock().await.queue_parts(0, &parts).await;
                 match queued {
                     Ok(()) => {
                         // The other requests of the batch, polled after this one in the same
@@ -1089,18 +1112,19 @@ impl Inner {
         tag: u64,
         bytes: Bytes,
     ) -> Result<Reply, String> {
-        self.call_node_with(node, tag, bytes, Flush::Now).await
+        self.call_node_with(node, tag, bytes.into(), Flush::Now)
+            .await
     }
 
     async fn call_node_with(
         self: &Arc<Self>,
         node: NodeId,
         tag: u64,
-        bytes: Bytes,
+        message: Message,
         flush: Flush,
     ) -> Result<Reply, String> {
         let link = self.link(node).await?;
-        self.exchange_with(&link, tag, bytes, flush).await
+        self.exchange_with(&link, tag, message, flush).await
     }
 
     /// Sends the request `bytes` (with `tag`) to the members of `shard` in turn until one
@@ -1111,10 +1135,10 @@ impl Inner {
         self: &Arc<Self>,
         shard: SubgroupShard,
         tag: u64,
-        bytes: Bytes,
+        message: impl Into<Message>,
         first: Option<NodeId>,
     ) -> FsResult<(NodeId, Reply)> {
-        self.call_shard_with(shard, tag, bytes, first, Flush::Now)
+        self.call_shard_with(shard, tag, message.into(), first, Flush::Now)
             .await
     }
 
@@ -1124,7 +1148,7 @@ impl Inner {
         self: &Arc<Self>,
         shard: SubgroupShard,
         tag: u64,
-        bytes: Bytes,
+        message: Message,
         first: Option<NodeId>,
         flush: Flush,
     ) -> FsResult<(NodeId, Reply)> {
@@ -1145,7 +1169,7 @@ impl Inner {
                 _ => self.choose(&members, spread, attempt),
             };
             let flush = if attempt == 0 { flush } else { Flush::Now };
-            let relearn = match self.call_node_with(node, tag, bytes.clone(), flush).await {
+            let relearn = match self.call_node_with(node, tag, message.clone(), flush).await {
                 Ok(Reply::Error { code, message }) => {
                     let why = format!("node {node}: {code:?}: {message}");
                     match code {

@@ -27,7 +27,7 @@ use crate::kv::{KvReply, ReadAt, Versioned};
 use crate::{Hlc, NodeId, Version};
 
 /// The protocol version this build speaks; a message with another one is refused.
-pub const PROTOCOL_VERSION: u8 = 2;
+pub const PROTOCOL_VERSION: u8 = 3;
 /// Entries of a history reply; older ones are left out (the reply says so).
 pub const HISTORY_ENTRIES_MAX: usize = 100_000;
 /// Watches one client may have on one node.
@@ -688,14 +688,30 @@ impl Request {
         durable: bool,
         request: &[u8],
     ) -> Bytes {
+        let head = Request::encode_fs_submit_head(tag, shard, hlc, durable, request.len());
+        let mut b = BytesMut::with_capacity(head.len() + request.len());
+        b.put_slice(&head);
+        b.put_slice(request);
+        b.freeze()
+    }
+
+    /// The bytes of [`Request::FsSubmit`] that come before the file system request of
+    /// `request_len` bytes: sent with the request behind them, they are the same message as
+    /// [`Request::encode_fs_submit`]'s, without copying the request.
+    pub fn encode_fs_submit_head(
+        tag: u64,
+        shard: SubgroupShard,
+        hlc: Hlc,
+        durable: bool,
+        request_len: usize,
+    ) -> Bytes {
         let mut b = header(KIND_FS_SUBMIT, tag);
-        b.reserve(32 + request.len());
+        b.reserve(32);
         put_subgroup_shard(&mut b, shard);
         put_hlc(&mut b, hlc);
         b.put_u8(u8::from(durable));
-        b.put_u32_le((request.len() + 1) as u32);
+        b.put_u32_le((request_len + 1) as u32);
         b.put_u8(MACHINE_FS);
-        b.put_slice(request);
         b.freeze()
     }
 
@@ -1395,6 +1411,12 @@ mod tests {
         }
         .encode(4);
         assert_eq!(direct, general);
+        let head = Request::encode_fs_submit_head(4, shard, Hlc::at(2), true, 2);
+        assert_eq!(
+            [&head[..], b"op"].concat(),
+            direct,
+            "the head, then the request"
+        );
         let kv = Request::FsSubmit {
             shard,
             hlc: Hlc::at(2),

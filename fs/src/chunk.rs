@@ -94,7 +94,8 @@ struct ChunkState {
 }
 
 const STATE_FORMAT: u8 = 1;
-const EXTENT_DATA: u8 = 1;
+/// The kind byte of a data extent (also the head of a write's extent on the wire, `op`).
+pub(crate) const EXTENT_DATA: u8 = 1;
 const EXTENT_CUT: u8 = 2;
 const EXTENT_ZERO: u8 = 3;
 
@@ -166,6 +167,28 @@ fn encode_extent(e: &Extent) -> Bytes {
         }
     }
     Bytes::from(out)
+}
+
+/// Writes of at least this many bytes are stored from the request's memory when it holds their
+/// extent ([`apply_framed`]); smaller ones are copied, so that a small extent kept in a cache
+/// does not hold a whole multicast message. The log writes values of this size from where they
+/// are too.
+const FRAMED_EXTENT_MIN: usize = derechofs_storage::OUT_OF_LINE_VALUE_MIN;
+
+/// The data extent of `data` at `offset` as stored ([`encode_extent`]), as a slice of `frame`
+/// if `data` lies in `frame`'s memory right after that extent's head; `None` otherwise.
+fn framed_extent(frame: &Bytes, offset: u32, data: &Bytes) -> Option<Bytes> {
+    let mut head = Vec::with_capacity(EXTENT_HEAD_MAX);
+    head.push(EXTENT_DATA);
+    put_varint(&mut head, u64::from(offset));
+    // Addresses compared as numbers: `data` lies in `frame` only if its whole range does.
+    let start = (data.as_ptr() as usize).checked_sub(frame.as_ptr() as usize)?;
+    let end = start.checked_add(data.len())?;
+    let from = start.checked_sub(head.len())?;
+    if end > frame.len() || frame[from..start] != head[..] {
+        return None;
+    }
+    Some(frame.slice(from..end))
 }
 
 fn decode_extent(b: &Bytes) -> Result<Extent, DecodeError> {
@@ -367,12 +390,25 @@ fn extent_data<S: Store + ?Sized>(
 /// itself is `Err`, and the replica must stop.
 pub fn apply<S: Store + ?Sized>(
     store: &S,
-    _hlc: Hlc,
+    hlc: Hlc,
     chunk_size: u32,
     op: &DataOp,
 ) -> Result<(Result<DataReply, FsError>, Delta), derechofs_storage::LogError> {
+    apply_framed(store, hlc, chunk_size, op, None)
+}
+
+/// [`apply`] of an operation decoded from `frame`: a large write whose extent `frame` holds as
+/// stored (the wire encoding of a write puts it there) is stored from `frame`'s memory instead
+/// of a copy.
+pub fn apply_framed<S: Store + ?Sized>(
+    store: &S,
+    _hlc: Hlc,
+    chunk_size: u32,
+    op: &DataOp,
+    frame: Option<&Bytes>,
+) -> Result<(Result<DataReply, FsError>, Delta), derechofs_storage::LogError> {
     let mut delta = Vec::new();
-    match run(store, chunk_size, op, &mut delta) {
+    match run(store, chunk_size, op, frame, &mut delta) {
         Ok(reply) => Ok((Ok(reply), delta)),
         Err(Fail::Fs(e)) => Ok((Err(e), Vec::new())),
         Err(Fail::Store(e)) => Err(e),
@@ -383,6 +419,7 @@ fn run<S: Store + ?Sized>(
     store: &S,
     chunk_size: u32,
     op: &DataOp,
+    frame: Option<&Bytes>,
     delta: &mut Delta,
 ) -> Result<DataReply, Fail> {
     match op {
@@ -409,11 +446,22 @@ fn run<S: Store + ?Sized>(
                 return Ok(DataReply::Done);
             }
             let mut state = state_at(store, *ino, *index, Version::MAX)?.unwrap_or_default();
+            let framed = frame
+                .filter(|_| data.len() >= FRAMED_EXTENT_MIN)
+                .and_then(|f| framed_extent(f, *offset, data));
             let extent = Extent::Data {
                 offset: *offset,
                 data: data.clone(),
             };
-            add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)?;
+            add(
+                store,
+                (*ino, *index),
+                chunk_size,
+                &mut state,
+                extent,
+                framed,
+                delta,
+            )?;
             Ok(DataReply::Done)
         }
         DataOp::Truncate { ino, size } => {
@@ -450,9 +498,8 @@ fn run<S: Store + ?Sized>(
             if cut_offset > 0 {
                 if let Some(mut state) = state_at(store, *ino, cut_index, Version::MAX)? {
                     let extent = Extent::Cut { offset: cut_offset };
-                    add_extent(
-                        store, *ino, cut_index, chunk_size, &mut state, extent, delta,
-                    )?;
+                    let at = (*ino, cut_index);
+                    add(store, at, chunk_size, &mut state, extent, None, delta)?;
                 }
             }
             Ok(DataReply::Done)
@@ -479,7 +526,15 @@ fn run<S: Store + ?Sized>(
                     offset: *offset,
                     len: *len,
                 };
-                add_extent(store, *ino, *index, chunk_size, &mut state, extent, delta)?;
+                add(
+                    store,
+                    (*ino, *index),
+                    chunk_size,
+                    &mut state,
+                    extent,
+                    None,
+                    delta,
+                )?;
             }
             Ok(DataReply::Done)
         }
@@ -515,13 +570,14 @@ fn run<S: Store + ?Sized>(
 
 /// Adds an extent to a chunk, compacting it into a new base when it would hold too many
 /// extents or more extent bytes than the chunk's size.
-fn add_extent<S: Store + ?Sized>(
+/// `framed`, if given, is `extent` already encoded as stored.
+fn add<S: Store + ?Sized>(
     store: &S,
-    ino: Ino,
-    index: u64,
+    (ino, index): (Ino, u64),
     chunk_size: u32,
     state: &mut ChunkState,
     extent: Extent,
+    framed: Option<Bytes>,
     delta: &mut Delta,
 ) -> Result<(), Fail> {
     let bytes = match &extent {
@@ -531,10 +587,8 @@ fn add_extent<S: Store + ?Sized>(
     let compact = state.extents + 1 >= EXTENTS_PER_CHUNK_MAX
         || state.extent_bytes + bytes > u64::from(chunk_size);
     if !compact {
-        delta.push((
-            key::extent(ino, index, state.extents),
-            Some(encode_extent(&extent)),
-        ));
+        let encoded = framed.unwrap_or_else(|| encode_extent(&extent));
+        delta.push((key::extent(ino, index, state.extents), Some(encoded)));
         state.extents += 1;
         state.extent_bytes += bytes;
         delta.push((key::chunk(ino, index), Some(state.encode())));
@@ -962,6 +1016,96 @@ pub fn read<S: Store + ?Sized>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The delta of one write applied to an empty log, decoded from its wire encoding.
+    fn write_delta(frame: bool, offset: u32, data: &[u8]) -> (Bytes, Delta) {
+        use crate::op::{Op, Request};
+        use derechofs_storage::backend::MemoryBackend;
+        use derechofs_storage::{Log, LogConfig};
+        let log = Log::open(
+            std::sync::Arc::new(MemoryBackend::new()),
+            LogConfig::default(),
+        )
+        .expect("log");
+        let op = Op::Data(DataOp::Write {
+            ino: 7,
+            index: 3,
+            offset,
+            data: Bytes::copy_from_slice(data),
+        });
+        let wire = Request {
+            client: 1,
+            number: 1,
+            op,
+        }
+        .encode();
+        let request = Request::decode(&wire).expect("decodes");
+        let Op::Data(op) = &request.op else {
+            panic!("a data op");
+        };
+        let (reply, delta) =
+            apply_framed(&log, Hlc::ZERO, 1 << 20, op, frame.then_some(&wire)).expect("store");
+        assert_eq!(reply, Ok(DataReply::Done));
+        (wire, delta)
+    }
+
+    fn extent_value(delta: &Delta) -> Bytes {
+        let (_, v) = delta
+            .iter()
+            .find(|(k, _)| k[..] == key::extent(7, 3, 0)[..])
+            .expect("an extent written");
+        v.clone().expect("a value")
+    }
+
+    fn within(inner: &Bytes, outer: &Bytes) -> bool {
+        let (i, o) = (inner.as_ptr() as usize, outer.as_ptr() as usize);
+        i >= o && i + inner.len() <= o + outer.len()
+    }
+
+    #[test]
+    fn a_large_write_is_stored_from_the_request_and_as_a_copy_would_store_it() {
+        let data: Vec<u8> = (0..FRAMED_EXTENT_MIN + 999)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        for offset in [0, 5, 300, 70_000] {
+            let (wire, framed) = write_delta(true, offset, &data);
+            let (_, copied) = write_delta(false, offset, &data);
+            assert_eq!(framed, copied, "the same delta either way");
+            let stored = extent_value(&framed);
+            assert!(
+                within(&stored, &wire),
+                "offset {offset}: stored from the request"
+            );
+            assert!(!within(&extent_value(&copied), &wire));
+            let expected = encode_extent(&Extent::Data {
+                offset,
+                data: Bytes::copy_from_slice(&data),
+            });
+            assert_eq!(stored, expected);
+        }
+        // A small write is copied: its extent would otherwise hold the whole message.
+        let (wire, small) = write_delta(true, 10, &data[..FRAMED_EXTENT_MIN - 1]);
+        assert!(!within(&extent_value(&small), &wire));
+    }
+
+    #[test]
+    fn an_extent_is_taken_from_a_frame_only_where_the_frame_holds_its_head() {
+        let mut raw = vec![EXTENT_DATA];
+        put_varint(&mut raw, 300);
+        raw.extend_from_slice(b"payload");
+        let frame = Bytes::from(raw);
+        let data = frame.slice(3..);
+        assert_eq!(framed_extent(&frame, 300, &data), Some(frame.clone()));
+        assert_eq!(framed_extent(&frame, 301, &data), None, "another offset");
+        assert_eq!(framed_extent(&frame, 300, &frame.slice(2..)), None);
+        let elsewhere = Bytes::copy_from_slice(&data);
+        assert_eq!(framed_extent(&frame, 300, &elsewhere), None);
+        assert_eq!(
+            framed_extent(&frame.slice(3..), 300, &data),
+            None,
+            "no head in front"
+        );
+    }
 
     #[test]
     fn the_chunk_cache_keeps_the_most_recently_used_chunks_within_its_bytes() {

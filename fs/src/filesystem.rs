@@ -1342,6 +1342,12 @@ impl<S: Shards> FileSystem<S> {
                 let joins = run.start + run.data.len() as u64 == offset
                     && run.data.len() + data.len() <= WRITE_BUFFER_BYTES_MAX;
                 if joins {
+                    if run.data.capacity() < WRITE_BUFFER_BYTES_MAX {
+                        // A second write: the file is written in a run. Room for the whole
+                        // buffer at once, rather than growing it by doubling, which copies
+                        // what it holds at every step.
+                        run.data.reserve(WRITE_BUFFER_BYTES_MAX - run.data.len());
+                    }
                     run.data.extend_from_slice(data);
                     if run.data.len() < WRITE_BUFFER_BYTES_MAX {
                         return ack(Ok(()));

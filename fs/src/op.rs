@@ -29,6 +29,8 @@ pub const XATTR_VALUE_LEN_MAX: usize = 65_536;
 pub const XATTR_NAME_LEN_MAX: usize = 255;
 /// Largest data a write operation carries (one whole chunk of the largest size).
 pub const WRITE_LEN_MAX: usize = 16 << 20;
+/// Bytes before a write's data in its extent: the kind and the offset's varint.
+const WRITE_EXTENT_HEAD_MAX: usize = 6;
 /// Most entries one directory read returns.
 pub const READDIR_ENTRIES_MAX: usize = 4096;
 /// Most extended attribute names one listing returns.
@@ -823,8 +825,14 @@ impl DataOp {
                 out.push(DATA_WRITE);
                 put_varint(out, *ino);
                 put_varint(out, *index);
-                put_varint(out, u64::from(*offset));
-                put_bytes(out, data);
+                // The extent as a data shard stores it, so that a replica keeps a large write's
+                // bytes where they arrived (`chunk::apply_framed`).
+                let mut head = Vec::with_capacity(WRITE_EXTENT_HEAD_MAX);
+                head.push(crate::chunk::EXTENT_DATA);
+                put_varint(&mut head, u64::from(*offset));
+                put_varint(out, (head.len() + data.len()) as u64);
+                out.extend_from_slice(&head);
+                out.extend_from_slice(data);
             }
             DataOp::Truncate { ino, size } => {
                 out.push(DATA_TRUNCATE);
@@ -854,12 +862,30 @@ impl DataOp {
 
     fn decode_from(r: &mut Reader<'_>) -> Result<DataOp, DecodeError> {
         Ok(match r.u8("data op")? {
-            DATA_WRITE => DataOp::Write {
-                ino: r.varint("ino")?,
-                index: r.varint("chunk index")?,
-                offset: r.varint_u32("chunk offset")?,
-                data: r.bytes("data", WRITE_LEN_MAX)?,
-            },
+            DATA_WRITE => {
+                let ino = r.varint("ino")?;
+                let index = r.varint("chunk index")?;
+                let extent = r.bytes("data extent", WRITE_LEN_MAX + WRITE_EXTENT_HEAD_MAX)?;
+                let mut e = Reader::new(&extent);
+                let kind = e.u8("data extent kind")?;
+                if kind != crate::chunk::EXTENT_DATA {
+                    return Err(DecodeError::UnknownTag {
+                        what: "data extent kind",
+                        tag: kind,
+                    });
+                }
+                let offset = e.varint_u32("chunk offset")?;
+                let data = extent.slice(extent.len() - e.remaining()..);
+                if data.len() > WRITE_LEN_MAX {
+                    return Err(DecodeError::TooLarge("data"));
+                }
+                DataOp::Write {
+                    ino,
+                    index,
+                    offset,
+                    data,
+                }
+            }
             DATA_TRUNCATE => DataOp::Truncate {
                 ino: r.varint("ino")?,
                 size: r.varint("size")?,

@@ -119,7 +119,7 @@ pub fn apply_batch_within<S: Store + ?Sized>(
                 (Reply::Ns(r), d)
             }
             Op::Data(op) => {
-                let (r, d) = chunk::apply(&overlay, hlc, chunk_size, op)?;
+                let (r, d) = chunk::apply_framed(&overlay, hlc, chunk_size, op, Some(payload))?;
                 (Reply::Data(r), d)
             }
         };

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 
-use super::frame::{FrameKind, Inbound};
+use super::frame::Inbound;
 use super::link::{read_frame, Outbound, IO_BUFFER_BYTES};
 use super::stream::{LinkKind, ReadHalf, Stream, WriteHalf};
 use super::{
@@ -108,6 +108,15 @@ impl ClientConn {
         self.sender.send(view_id, payload).await
     }
 
+    /// Sends one message in parts; see [`ClientSender::send_parts`].
+    pub async fn send_parts(
+        &mut self,
+        view_id: u32,
+        parts: &[&[u8]],
+    ) -> Result<(), ClientSendError> {
+        self.sender.send_parts(view_id, parts).await
+    }
+
     /// Receives the next message; see [`ClientReceiver::recv`].
     pub async fn recv(&mut self) -> Result<(u32, Bytes), BreakReason> {
         self.receiver.recv().await
@@ -133,12 +142,17 @@ pub enum ClientSendError {
 impl ClientSender {
     /// Writes one message frame and flushes it. `view_id` must not decrease between calls.
     pub async fn send(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
-        if payload.len() > FRAME_PAYLOAD_MAX {
-            return Err(SendError::TooLarge(payload.len()).into());
-        }
-        self.outbound
-            .write(&mut self.writer, FrameKind::Message, view_id, payload)
-            .await?;
+        self.send_parts(view_id, &[payload]).await
+    }
+
+    /// [`ClientSender::send`] of the message made of `parts` one after the other, each written
+    /// from its own memory.
+    pub async fn send_parts(
+        &mut self,
+        view_id: u32,
+        parts: &[&[u8]],
+    ) -> Result<(), ClientSendError> {
+        self.queue_parts(view_id, parts).await?;
         self.writer.flush().await?;
         Ok(())
     }
@@ -147,11 +161,21 @@ impl ClientSender {
     /// frames leave in one write: [`ClientSender::flush`] sends them (a full buffer is written
     /// on the way).
     pub async fn queue(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
-        if payload.len() > FRAME_PAYLOAD_MAX {
-            return Err(SendError::TooLarge(payload.len()).into());
+        self.queue_parts(view_id, &[payload]).await
+    }
+
+    /// [`ClientSender::queue`] of the message made of `parts` one after the other.
+    pub async fn queue_parts(
+        &mut self,
+        view_id: u32,
+        parts: &[&[u8]],
+    ) -> Result<(), ClientSendError> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if len > FRAME_PAYLOAD_MAX {
+            return Err(SendError::TooLarge(len).into());
         }
         self.outbound
-            .write(&mut self.writer, FrameKind::Message, view_id, payload)
+            .write_parts(&mut self.writer, view_id, parts)
             .await?;
         Ok(())
     }

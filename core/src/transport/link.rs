@@ -140,6 +140,26 @@ impl Outbound {
         writer.write_all(payload).await
     }
 
+    /// Writes one message frame whose payload is `parts` one after the other, each from its own
+    /// memory, into `writer` (which the caller flushes).
+    pub async fn write_parts<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        view_id: u32,
+        parts: &[&[u8]],
+    ) -> std::io::Result<()> {
+        let crc = parts
+            .iter()
+            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
+        let len = parts.iter().map(|p| p.len()).sum();
+        let header = self.header(FrameKind::Message, view_id, len, crc);
+        writer.write_all(&header).await?;
+        for part in parts {
+            writer.write_all(part).await?;
+        }
+        Ok(())
+    }
+
     /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc`.
     fn header(
         &mut self,

@@ -709,6 +709,21 @@ async fn clients_send_requests_and_get_replies(dir: Option<&Path>) {
         assert_eq!(client.recv().await.unwrap(), (3, Bytes::from(reply)));
     }
 
+    // A message sent in parts arrives as one frame of their bytes in order (its checksum over
+    // all of them), a large part written past the link's buffer included.
+    let large: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    for parts in [
+        vec![&b"head"[..], &large[..]],
+        vec![&b""[..], &b"x"[..], &b""[..]],
+        vec![&large[..1000], &large[1000..], &b"tail"[..]],
+    ] {
+        client.send_parts(0, &parts).await.unwrap();
+        match next_event(&mut one_events).await {
+            LinkEvent::Frame { bytes, .. } => assert_eq!(bytes, parts.concat()),
+            other => panic!("expected a request, got {other:?}"),
+        }
+    }
+
     let (sender, mut receiver) = client.into_split();
     sender.close().await.unwrap();
     assert_eq!(
