@@ -60,6 +60,12 @@ pub(crate) struct Multicast {
     row_dirty: bool,
     /// The own `delivered` counter in the row last pushed.
     pushed_delivered: u64,
+    /// `persisted_seqs` when the own row was last pushed. What the log persisted since goes out
+    /// at once only if another member's row wants it (`Row::wants`), or while wedged; else with
+    /// the next push (a message received, a delivery far ahead, a floor) or at the next tick.
+    /// A version's persistence microseconds after its delivery would otherwise cost a push to
+    /// every peer, each a wake-up there, where nobody waits for it.
+    pushed_persisted_seqs: u64,
     /// How far `delivered` may run ahead of `pushed_delivered` while it waits to go out with
     /// the row that reports its versions persisted: half the send window (in sequence numbers,
     /// so each sender loses at most a few messages of its window to the wait), 0 for a window
@@ -73,6 +79,12 @@ pub(crate) struct Multicast {
     batches_delivered: Vec<u64>,
     /// Local requests waiting for the window to open.
     pending: VecDeque<Request>,
+    /// Requests submitted here so far, and taken into batches so far.
+    submitted: u64,
+    taken: u64,
+    /// The numbers (in `submitted` order) of pending requests whose clients wait until they are
+    /// durable on every member: the batch that carries one sets the own row's `wants`.
+    durable_pending: VecDeque<u64>,
     pending_bytes: usize,
     pending_max: usize,
     /// Sequence numbers and stamps of own batches not yet delivered and persisted here: the
@@ -113,10 +125,14 @@ impl Multicast {
             rows: vec![Row::new(senders); senders],
             row_dirty: false,
             pushed_delivered: 0,
+            pushed_persisted_seqs: 0,
             delivered_lag_max: u64::from(config.window / 2),
             inbox: vec![VecDeque::new(); senders],
             batches_delivered: vec![0; senders],
             pending: VecDeque::new(),
+            submitted: 0,
+            taken: 0,
+            durable_pending: VecDeque::new(),
             pending_bytes: 0,
             pending_max: config.pending_requests_max,
             own_unpersisted: VecDeque::new(),
@@ -451,7 +467,8 @@ impl Multicast {
         now.max(self.carried_durable)
     }
 
-    pub(crate) fn submit(&mut self, request: Request) -> Result<(), SubmitError> {
+    /// Queues a local request; `durable`: its client waits until it is durable on every member.
+    pub(crate) fn submit(&mut self, request: Request, durable: bool) -> Result<(), SubmitError> {
         if self.catch_up.is_some() {
             return Err(SubmitError::CatchingUp(self.shard));
         }
@@ -468,6 +485,10 @@ impl Multicast {
         }
         self.pending_bytes += bytes;
         self.pending.push_back(request);
+        self.submitted += 1;
+        if durable {
+            self.durable_pending.push_back(self.submitted);
+        }
         Ok(())
     }
 
@@ -537,6 +558,12 @@ impl Multicast {
         self.stability
             .publish(sender, row.floor, row.floor_delivered, self.persisted_seqs);
         let suspicions = row.suspicions;
+        if row.wants > self.pushed_persisted_seqs
+            && self.persisted_seqs > self.pushed_persisted_seqs
+        {
+            // It waits for what this log persisted and no pushed row said yet.
+            self.row_dirty = true;
+        }
         self.rows[sender] = row;
         Ok(suspicions)
     }
@@ -709,7 +736,6 @@ impl Multicast {
         );
         let own = &mut self.rows[self.rank];
         own.persisted = Some(version);
-        self.row_dirty = true;
         let mut covered = (version & SEQ_MAX) + 1;
         while let Some(&(asked, delivered)) = self.persist_queue.front() {
             if asked > version {
@@ -719,6 +745,43 @@ impl Multicast {
             self.persist_queue.pop_front();
         }
         self.mark_persisted(covered);
+        if self.wedged || self.wanted_elsewhere() {
+            self.row_dirty = true;
+        }
+    }
+
+    /// Whether another member's row wants sequence numbers persisted that no row pushed from
+    /// here reported persisted yet.
+    fn wanted_elsewhere(&self) -> bool {
+        self.rows
+            .iter()
+            .enumerate()
+            .any(|(rank, row)| rank != self.rank && row.wants > self.pushed_persisted_seqs)
+    }
+
+    /// On a tick: what the log persisted since the last push goes out now.
+    pub(crate) fn push_persisted(&mut self) {
+        if self.persisted_seqs > self.pushed_persisted_seqs {
+            self.row_dirty = true;
+        }
+    }
+
+    /// A client of this member waits until `version` is durable on every member: the own row
+    /// says so, and the others push theirs as their logs persist it.
+    pub(crate) fn want_persisted(&mut self, version: Version) {
+        if version >> 32 != u64::from(self.view_id) {
+            // A version of an earlier view is durable on every member already.
+            return;
+        }
+        self.want_seqs((version & SEQ_MAX) + 1);
+    }
+
+    fn want_seqs(&mut self, seqs: u64) {
+        let own = &mut self.rows[self.rank];
+        if seqs > own.wants {
+            own.wants = seqs;
+            self.row_dirty = true;
+        }
     }
 
     fn mark_persisted(&mut self, seqs: u64) {
@@ -767,6 +830,18 @@ impl Multicast {
             }
             let body = if !self.pending.is_empty() {
                 let batch = self.take_batch(now_us, config.batch_bytes_max);
+                let mut durable = false;
+                while self
+                    .durable_pending
+                    .front()
+                    .is_some_and(|&n| n <= self.taken)
+                {
+                    self.durable_pending.pop_front();
+                    durable = true;
+                }
+                if durable {
+                    self.want_seqs(seq + 1);
+                }
                 self.remember_unpersisted(seq, batch.stamp);
                 sent_count.0 += 1;
                 Body::Batch(batch)
@@ -818,6 +893,7 @@ impl Multicast {
             }
             bytes += len;
             requests.push(self.pending.pop_front().expect("the queue is not empty"));
+            self.taken += 1;
         }
         self.pending_bytes -= bytes;
         Batch {
@@ -879,6 +955,7 @@ impl Multicast {
         }
         self.row_dirty = false;
         self.pushed_delivered = self.rows[self.rank].delivered;
+        self.pushed_persisted_seqs = self.persisted_seqs;
         let me = self.members[self.rank];
         let mut count = 0;
         for &peer in &self.members {

@@ -42,6 +42,18 @@ pub enum Input {
         shard: ShardId,
         /// The request.
         request: Request,
+        /// Its client waits until it is durable on every member: the members push their rows
+        /// as soon as their logs persist it (otherwise persistence is reported with the next
+        /// row, at the latest at the next tick).
+        durable: bool,
+    },
+    /// A client of this node waits until `version` of `shard` is durable on every member (a
+    /// file system `fsync`): the members push their rows as soon as their logs persist it.
+    WantPersisted {
+        /// The shard.
+        shard: ShardId,
+        /// The version.
+        version: Version,
     },
     /// The driver made every version of `shard` up to `version` durable in this node's log.
     Persisted {
@@ -531,10 +543,20 @@ impl Node {
                     StepError::Rejected { from, rejection }
                 })
             }
-            Input::Submit { shard, request } => self.submit(shard, request).map_err(|error| {
+            Input::Submit {
+                shard,
+                request,
+                durable,
+            } => self.submit(shard, request, durable).map_err(|error| {
                 self.counters.submits_refused += 1;
                 StepError::Submit(error)
             }),
+            Input::WantPersisted { shard, version } => {
+                if let Some(multicast) = self.shard_mut(shard) {
+                    multicast.want_persisted(version);
+                }
+                Ok(())
+            }
             Input::Persisted { shard, version } => {
                 match self.shard_mut(shard) {
                     Some(multicast) => multicast.persisted(version),
@@ -584,8 +606,13 @@ impl Node {
     /// nothing is sent until the next step or [`Node::flush`]. A driver that takes several
     /// requests at once queues them all and then flushes once, so that they leave together in
     /// one message even while the window is open (a step per request sends one message each).
-    pub fn queue(&mut self, shard: ShardId, request: Request) -> Result<(), SubmitError> {
-        self.submit(shard, request).inspect_err(|_| {
+    pub fn queue(
+        &mut self,
+        shard: ShardId,
+        request: Request,
+        durable: bool,
+    ) -> Result<(), SubmitError> {
+        self.submit(shard, request, durable).inspect_err(|_| {
             self.counters.submits_refused += 1;
         })
     }
@@ -634,7 +661,12 @@ impl Node {
             .and_then(Option::as_ref)
     }
 
-    fn submit(&mut self, shard: ShardId, request: Request) -> Result<(), SubmitError> {
+    fn submit(
+        &mut self,
+        shard: ShardId,
+        request: Request,
+        durable: bool,
+    ) -> Result<(), SubmitError> {
         match self.membership() {
             Membership::Joining => return Err(SubmitError::Joining),
             Membership::Inadequate => return Err(SubmitError::Inadequate),
@@ -644,13 +676,16 @@ impl Node {
         let multicast = self
             .shard_mut(shard)
             .ok_or(SubmitError::NotReplica(shard))?;
-        multicast.submit(request)
+        multicast.submit(request, durable)
     }
 
     fn tick(&mut self, out: &mut Vec<Action>) {
         let silent = self.suspicion.silent(self.now_us);
         if silent != 0 {
             self.suspect(silent, out);
+        }
+        for multicast in self.shards.iter_mut().flatten() {
+            multicast.push_persisted();
         }
         if self.now_us >= self.next_heartbeat_us {
             self.next_heartbeat_us = self.now_us + self.config.heartbeat_ms * 1000;

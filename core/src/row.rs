@@ -29,6 +29,10 @@ pub struct Row {
     pub suspicions: u64,
     /// This member stopped sending and delivering new messages, awaiting a view change.
     pub wedged: bool,
+    /// Sequence numbers below it this member waits to see persisted on every member (a client
+    /// of its waits for durability): the others push their rows as soon as their logs persist
+    /// more of them, instead of at their next push. Never goes back in a view.
+    pub wants: u64,
 }
 
 impl Row {
@@ -43,6 +47,7 @@ impl Row {
             floor_delivered: 0,
             suspicions: 0,
             wedged: false,
+            wants: 0,
         }
     }
 
@@ -62,6 +67,9 @@ impl Row {
         if next.delivered > SEQ_MAX + 1 || next.floor_delivered > next.delivered {
             return Err(Rejection::OutOfRange("row delivered counter"));
         }
+        if next.wants > SEQ_MAX + 1 {
+            return Err(Rejection::OutOfRange("row wanted counter"));
+        }
         if next.received.iter().any(|&count| count > SEQ_MAX + 1) {
             return Err(Rejection::OutOfRange("row received counter"));
         }
@@ -73,6 +81,7 @@ impl Row {
             || next.delivered < self.delivered
             || next.persisted < self.persisted
             || next.floor_delivered < self.floor_delivered
+            || next.wants < self.wants
             || (self.wedged && !next.wedged)
             || next.suspicions & self.suspicions != self.suspicions
         {

@@ -9,7 +9,7 @@
 //!           | 1 stamp count request*count         (batch)
 //!   request = id client_hlc len payload[len]
 //! Row       = 2 view_id shard senders received*senders delivered persisted
-//!             floor floor_delivered suspicions wedged:u8
+//!             floor floor_delivered suspicions wedged:u8 wants
 //!   persisted = 0 (none) | version + 1
 //! Heartbeat = 3 view_id suspicions
 //! Propose   = 4 view_id round suspicions
@@ -145,6 +145,7 @@ impl Message {
                 put_varint(out, row.floor_delivered);
                 put_varint(out, row.suspicions);
                 out.push(u8::from(row.wedged));
+                put_varint(out, row.wants);
             }
             Message::Heartbeat {
                 view_id,
@@ -374,6 +375,7 @@ impl Message {
                     1 => true,
                     _ => return Err(DecodeError::BadInteger("wedged")),
                 };
+                let wants = reader.varint("wants")?;
                 let row = Row {
                     received,
                     delivered,
@@ -382,6 +384,7 @@ impl Message {
                     floor_delivered,
                     suspicions,
                     wedged,
+                    wants,
                 };
                 Message::Row {
                     view_id,
@@ -1098,6 +1101,7 @@ mod tests {
                     floor_delivered: rng.number(),
                     suspicions: rng.number(),
                     wedged: rng.below(2) == 1,
+                    wants: rng.number(),
                 };
                 Message::Row {
                     view_id,

@@ -199,6 +199,11 @@ impl Cluster {
     }
 
     fn submit(&mut self, node: usize, id: u64, payload: &'static [u8]) {
+        self.submit_as(node, id, payload, false);
+    }
+
+    /// `submit`, its client waiting for durability if `durable`.
+    fn submit_as(&mut self, node: usize, id: u64, payload: &'static [u8], durable: bool) {
         let request = Request {
             id,
             client_hlc: Hlc::ZERO,
@@ -209,6 +214,7 @@ impl Cluster {
             Input::Submit {
                 shard: SHARD,
                 request,
+                durable,
             },
         )
         .unwrap();
@@ -389,20 +395,8 @@ fn settle_counting_rows(cluster: &mut Cluster) -> Vec<(NodeId, u64, Option<u64>)
     rows
 }
 
-#[test]
-fn a_delivered_counter_goes_out_with_the_row_that_reports_it_persisted_not_in_a_push_of_its_own() {
-    let mut cluster = Cluster::new(3, |_| {});
-    cluster.submit(0, 1, b"x");
-    let rows = settle_counting_rows(&mut cluster);
-    for node in 0..3 {
-        assert_eq!(cluster.payloads(node), vec!["x"]);
-    }
-    // One push per member to each peer (what it received), none for the delivery alone.
-    assert_eq!(rows.len(), 6, "{rows:?}");
-    assert!(
-        rows.iter().all(|&(_, delivered, _)| delivered == 0),
-        "{rows:?}"
-    );
+/// Every member reports `version` of the one-message cluster persisted.
+fn persist_everywhere(cluster: &mut Cluster) {
     for node in 0..3 {
         let version = cluster.persist_asked[node][0];
         cluster
@@ -415,6 +409,31 @@ fn a_delivered_counter_goes_out_with_the_row_that_reports_it_persisted_not_in_a_
             )
             .unwrap();
     }
+}
+
+#[test]
+fn persistence_nobody_waits_for_goes_out_at_the_next_tick_with_the_delivered_counter() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(0, 1, b"x");
+    let rows = settle_counting_rows(&mut cluster);
+    for node in 0..3 {
+        assert_eq!(cluster.payloads(node), vec!["x"]);
+    }
+    // One push per member to each peer (what it received), none for the delivery alone.
+    assert_eq!(rows.len(), 6, "{rows:?}");
+    assert!(
+        rows.iter().all(|&(_, delivered, _)| delivered == 0),
+        "{rows:?}"
+    );
+    persist_everywhere(&mut cluster);
+    let rows = settle_counting_rows(&mut cluster);
+    assert_eq!(
+        rows,
+        vec![],
+        "no client waits: no push for the persistence alone"
+    );
+    assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), None);
+    cluster.tick_all(1_000);
     let rows = settle_counting_rows(&mut cluster);
     assert_eq!(rows.len(), 6, "{rows:?}");
     let version = version_of(1, 0);
@@ -422,6 +441,59 @@ fn a_delivered_counter_goes_out_with_the_row_that_reports_it_persisted_not_in_a_
         rows.iter()
             .all(|&(_, delivered, persisted)| delivered == 1 && persisted == Some(version)),
         "the persisted row carries the delivered counter: {rows:?}"
+    );
+    for node in 0..3 {
+        assert_eq!(
+            cluster.nodes[node].persistence_frontier(SHARD),
+            Some(version)
+        );
+    }
+}
+
+#[test]
+fn persistence_a_client_waits_for_goes_out_at_once_from_the_members_it_waits_on() {
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit_as(0, 1, b"x", true);
+    settle_counting_rows(&mut cluster);
+    persist_everywhere(&mut cluster);
+    let rows = settle_counting_rows(&mut cluster);
+    let version = version_of(1, 0);
+    // The two other members push to both of theirs; the waiting member needs no one's word
+    // on its own log.
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert!(
+        rows.iter()
+            .all(|&(from, _, persisted)| from != 1 && persisted == Some(version)),
+        "{rows:?}"
+    );
+    assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), Some(version));
+}
+
+#[test]
+fn a_wait_for_an_earlier_version_makes_the_members_push_what_they_persisted() {
+    // A file system `fsync`: the versions were written without a client waiting, and were
+    // persisted; the member that gets the `fsync` says it waits, and the others answer at once.
+    let mut cluster = Cluster::new(3, |_| {});
+    cluster.submit(1, 1, b"x");
+    settle_counting_rows(&mut cluster);
+    persist_everywhere(&mut cluster);
+    assert_eq!(settle_counting_rows(&mut cluster), vec![]);
+    let version = version_of(1, 1);
+    cluster
+        .step(
+            0,
+            Input::WantPersisted {
+                shard: SHARD,
+                version,
+            },
+        )
+        .unwrap();
+    let rows = settle_counting_rows(&mut cluster);
+    assert!(
+        rows.iter()
+            .filter(|&&(from, _, _)| from != 1)
+            .all(|&(_, _, persisted)| persisted == Some(version)),
+        "{rows:?}"
     );
     assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), Some(version));
 }
@@ -585,6 +657,7 @@ fn stamps_strictly_increase_along_the_log_even_with_a_client_from_the_future() {
             Input::Submit {
                 shard: SHARD,
                 request,
+                durable: false,
             },
         )
         .unwrap();
@@ -629,7 +702,7 @@ fn requests_queued_then_flushed_leave_in_one_message_although_the_window_is_open
             client_hlc: Hlc::ZERO,
             payload: Bytes::from_static(b"queued"),
         };
-        cluster.nodes[0].queue(SHARD, request).unwrap();
+        cluster.nodes[0].queue(SHARD, request, false).unwrap();
     }
     assert!(cluster.wire.is_empty(), "queueing sends nothing");
     let mut actions = Vec::new();
@@ -677,7 +750,7 @@ fn a_batch_holds_at_most_batch_bytes_max_unless_one_request_is_larger() {
 #[test]
 fn the_persistence_frontier_waits_for_every_member() {
     let mut cluster = Cluster::new(3, |_| {});
-    cluster.submit(0, 1, b"a");
+    cluster.submit_as(0, 1, b"a", true);
     cluster.settle();
     let version = version_of(1, 0);
     assert_eq!(cluster.persist_asked[0], vec![version]);
@@ -703,6 +776,10 @@ fn the_persistence_frontier_waits_for_every_member() {
             },
         )
         .unwrap();
+    cluster.settle();
+    // The member whose client waits knows at once; the others at the next tick.
+    assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), Some(version));
+    cluster.tick_all(1_000);
     cluster.settle();
     for node in 0..3 {
         assert_eq!(
@@ -767,7 +844,8 @@ fn a_silent_member_is_suspected_and_wedges_the_shard() {
             0,
             Input::Submit {
                 shard: SHARD,
-                request: refused
+                request: refused,
+                durable: false,
             }
         ),
         Err(StepError::Submit(SubmitError::Wedged(SHARD)))
@@ -938,6 +1016,7 @@ fn submits_beyond_the_bounds_are_refused() {
     let submit = |shard, id| Input::Submit {
         shard,
         request: request(id),
+        durable: false,
     };
     assert_eq!(
         cluster.step(0, submit(ShardId(3), 0)),
@@ -960,7 +1039,8 @@ fn submits_beyond_the_bounds_are_refused() {
             0,
             Input::Submit {
                 shard: SHARD,
-                request: huge
+                request: huge,
+                durable: false,
             }
         ),
         Err(StepError::Submit(SubmitError::TooLarge(_)))
@@ -1056,7 +1136,8 @@ fn a_minority_stays_wedged_and_refuses_writes() {
             0,
             Input::Submit {
                 shard: SHARD,
-                request
+                request,
+                durable: false,
             }
         ),
         Err(StepError::Submit(SubmitError::NoMajority))
@@ -1136,7 +1217,8 @@ fn an_inadequate_view_waits_wedged_until_a_join_makes_it_adequate() {
             1,
             Input::Submit {
                 shard: SHARD,
-                request
+                request,
+                durable: false,
             }
         ),
         Err(StepError::Submit(SubmitError::Inadequate))
@@ -1191,6 +1273,7 @@ fn a_new_node_joins_through_any_member_and_serves_once_its_log_is_transferred() 
                 Input::Submit {
                     shard: SHARD,
                     request,
+                    durable: false,
                 },
             );
             assert_eq!(

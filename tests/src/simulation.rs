@@ -1200,7 +1200,17 @@ impl Simulation {
                 node,
                 shard,
                 request,
-            } => self.step(node, Input::Submit { shard, request }),
+            } => {
+                let durable = wants_durability(request.id);
+                self.step(
+                    node,
+                    Input::Submit {
+                        shard,
+                        request,
+                        durable,
+                    },
+                )
+            }
             Event::ClientWake { client } => {
                 self.client_send(client);
                 Ok(())
@@ -1413,7 +1423,15 @@ impl Simulation {
             payload: Bytes::from(payload),
         };
         self.schedule(self.time_us + 2 * suspect_us, Event::ProbeSubmit { shard });
-        self.step(node, Input::Submit { shard, request })
+        let durable = wants_durability(request.id);
+        self.step(
+            node,
+            Input::Submit {
+                shard,
+                request,
+                durable,
+            },
+        )
     }
 
     /// The view clients learn: the newest any node installed.
@@ -1501,7 +1519,7 @@ impl Simulation {
         queued: bool,
     ) -> Result<(), Violation> {
         let retry = match &input {
-            Some(Input::Submit { shard, request }) => Some((*shard, request.clone())),
+            Some(Input::Submit { shard, request, .. }) => Some((*shard, request.clone())),
             _ => None,
         };
         let mut actions = std::mem::take(&mut self.actions);
@@ -2032,6 +2050,13 @@ fn config_of(options: &Options, id: NodeId) -> Config {
         addr: Some(crate::checker::announced_addr(id)),
         ..Config::new(id)
     }
+}
+
+/// Whether the client of request `id` waits until it is durable on every member (every other
+/// request, by its id), so that runs mix the rows pushed at once for a waiting client with the
+/// persistence reported at the next push or tick.
+fn wants_durability(id: u64) -> bool {
+    id % 2 == 0
 }
 
 /// The simulated driver's encoding of a delivery in its log: the sender, then each request's

@@ -318,6 +318,7 @@ impl Member {
             let input = Input::Submit {
                 shard: self.shard,
                 request,
+                durable: false,
             };
             match self.step(input).await? {
                 None => {

@@ -1495,7 +1495,19 @@ impl Driver {
                 Err(reply) => Some(reply),
             },
             Request::FsSync { shard, version } => match self.fs_shard_here(shard) {
-                Ok(id) => self.sync(client, tag, id, version),
+                Ok(id) => {
+                    let reply = self.sync(client, tag, id, version);
+                    if reply.is_none() {
+                        // The members push their rows as their logs persist it.
+                        let want = Input::WantPersisted { shard: id, version };
+                        if self.in_turn {
+                            self.take_queued(want).await?;
+                        } else {
+                            self.step(want).await?;
+                        }
+                    }
+                    reply
+                }
                 Err(reply) => Some(reply),
             },
             Request::Space => Some(self.space()),
@@ -1702,11 +1714,16 @@ impl Driver {
         };
         let refused = if self.in_turn {
             // Sent with the other writes of this turn, when it ends.
-            let queued = self.node.queue(shard, request);
+            let queued = self.node.queue(shard, request, durable);
             self.queued |= queued.is_ok();
             queued.err().map(StepError::Submit)
         } else {
-            self.step(Input::Submit { shard, request }).await?
+            self.step(Input::Submit {
+                shard,
+                request,
+                durable,
+            })
+            .await?
         };
         match refused {
             Some(StepError::Submit(e)) => {
