@@ -66,6 +66,8 @@ pub(crate) struct Multicast {
     /// A version's persistence microseconds after its delivery would otherwise cost a push to
     /// every peer, each a wake-up there, where nobody waits for it.
     pushed_persisted_seqs: u64,
+    /// The own `persisted` in the row last pushed.
+    pushed_persisted: Option<Version>,
     /// How far `delivered` may run ahead of `pushed_delivered` while it waits to go out with
     /// the row that reports its versions persisted: half the send window (in sequence numbers,
     /// so each sender loses at most a few messages of its window to the wait), 0 for a window
@@ -126,6 +128,7 @@ impl Multicast {
             row_dirty: false,
             pushed_delivered: 0,
             pushed_persisted_seqs: 0,
+            pushed_persisted: None,
             delivered_lag_max: u64::from(config.window / 2),
             inbox: vec![VecDeque::new(); senders],
             batches_delivered: vec![0; senders],
@@ -761,7 +764,9 @@ impl Multicast {
 
     /// On a tick: what the log persisted since the last push goes out now.
     pub(crate) fn push_persisted(&mut self) {
-        if self.persisted_seqs > self.pushed_persisted_seqs {
+        if self.persisted_seqs > self.pushed_persisted_seqs
+            || self.rows[self.rank].persisted > self.pushed_persisted
+        {
             self.row_dirty = true;
         }
     }
@@ -956,6 +961,7 @@ impl Multicast {
         self.row_dirty = false;
         self.pushed_delivered = self.rows[self.rank].delivered;
         self.pushed_persisted_seqs = self.persisted_seqs;
+        self.pushed_persisted = self.rows[self.rank].persisted;
         let me = self.members[self.rank];
         let mut count = 0;
         for &peer in &self.members {
