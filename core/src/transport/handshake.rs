@@ -8,7 +8,7 @@
 //!
 //!    | offset | size | field |
 //!    |---|---|---|
-//!    | 0 | 8 | magic `"DFSLINK\x01"` |
+//!    | 0 | 8 | magic `"DFSLINK\x02"` (the last byte is the link version) |
 //!    | 8 | 1 | role: 1 = node, 2 = client |
 //!    | 9 | 1 | flags: bit 0 = an expected acceptor id follows; other bits zero |
 //!    | 10 | 2 | reserved, zero |
@@ -21,7 +21,7 @@
 //!
 //!    | offset | size | field |
 //!    |---|---|---|
-//!    | 0 | 8 | magic `"DFSLINK\x01"` |
+//!    | 0 | 8 | magic `"DFSLINK\x02"` (the last byte is the link version) |
 //!    | 8 | 4 | acceptor node id |
 //!    | 12 | 4 | acceptor view id |
 //!    | 16 | 32 | acceptor nonce, random |
@@ -51,10 +51,24 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{ClientId, Peer};
 use crate::view::NodeId;
 
-/// The first bytes of every connection.
-pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x01";
+/// The first bytes of every connection; the last is the link version. Version 1 had no
+/// `wants` in a row and carried a file system write's data after its offset.
+pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x02";
 /// Bytes of a hello.
 pub const HELLO_BYTES: usize = 60;
+
+/// Refuses another magic, naming a link version other than this build's.
+fn check_magic(magic: &[u8]) -> Result<(), HandshakeError> {
+    if magic == HANDSHAKE_MAGIC {
+        Ok(())
+    } else if magic[..7] == HANDSHAKE_MAGIC[..7] {
+        Err(HandshakeError::Malformed(
+            "another link version (this build speaks version 2)",
+        ))
+    } else {
+        Err(HandshakeError::Malformed("bad magic"))
+    }
+}
 /// Bytes of a challenge.
 pub const CHALLENGE_BYTES: usize = 80;
 /// Bytes of a proof (an HMAC-SHA256).
@@ -205,9 +219,7 @@ impl Hello {
 
     /// Decodes a hello; never panics.
     pub fn decode(bytes: &[u8; HELLO_BYTES]) -> Result<Hello, HandshakeError> {
-        if bytes[0..8] != HANDSHAKE_MAGIC {
-            return Err(HandshakeError::Malformed("bad magic"));
-        }
+        check_magic(&bytes[0..8])?;
         if bytes[9] & !FLAG_EXPECTED != 0 || bytes[10..12] != [0, 0] {
             return Err(HandshakeError::Malformed("reserved hello bits set"));
         }
@@ -288,9 +300,7 @@ impl Challenge {
         hello: &[u8; HELLO_BYTES],
         bytes: &[u8; CHALLENGE_BYTES],
     ) -> Result<Challenge, HandshakeError> {
-        if bytes[0..8] != HANDSHAKE_MAGIC {
-            return Err(HandshakeError::Malformed("bad magic"));
-        }
+        check_magic(&bytes[0..8])?;
         if !secret.verify(LABEL_ACCEPT, &[hello, &bytes[..48]], &bytes[48..80]) {
             return Err(HandshakeError::Authentication);
         }
@@ -454,6 +464,13 @@ mod tests {
                 "byte {at} = {value}"
             );
         }
+        let mut older = good;
+        older[7] = 1;
+        assert_eq!(
+            Hello::decode(&older).unwrap_err().to_string(),
+            HandshakeError::Malformed("another link version (this build speaks version 2)")
+                .to_string()
+        );
     }
 
     #[test]
