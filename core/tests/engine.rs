@@ -395,6 +395,18 @@ fn settle_counting_rows(cluster: &mut Cluster) -> Vec<(NodeId, u64, Option<u64>)
     rows
 }
 
+/// Every member's persistence frontier is `version`.
+fn assert_frontier_everywhere(cluster: &Cluster, version: u64) {
+    for node in 0..3 {
+        assert_eq!(
+            cluster.nodes[node].persistence_frontier(SHARD),
+            Some(version),
+            "node {}",
+            node + 1
+        );
+    }
+}
+
 /// Every member reports `version` of the one-message cluster persisted.
 fn persist_everywhere(cluster: &mut Cluster) {
     for node in 0..3 {
@@ -442,12 +454,7 @@ fn persistence_nobody_waits_for_goes_out_at_the_next_tick_with_the_delivered_cou
             .all(|&(_, delivered, persisted)| delivered == 1 && persisted == Some(version)),
         "the persisted row carries the delivered counter: {rows:?}"
     );
-    for node in 0..3 {
-        assert_eq!(
-            cluster.nodes[node].persistence_frontier(SHARD),
-            Some(version)
-        );
-    }
+    assert_frontier_everywhere(&cluster, version);
 }
 
 #[test]
@@ -781,12 +788,7 @@ fn the_persistence_frontier_waits_for_every_member() {
     assert_eq!(cluster.nodes[0].persistence_frontier(SHARD), Some(version));
     cluster.tick_all(1_000);
     cluster.settle();
-    for node in 0..3 {
-        assert_eq!(
-            cluster.nodes[node].persistence_frontier(SHARD),
-            Some(version)
-        );
-    }
+    assert_frontier_everywhere(&cluster, version);
 }
 
 #[test]

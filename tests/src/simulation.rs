@@ -1200,17 +1200,7 @@ impl Simulation {
                 node,
                 shard,
                 request,
-            } => {
-                let durable = wants_durability(request.id);
-                self.step(
-                    node,
-                    Input::Submit {
-                        shard,
-                        request,
-                        durable,
-                    },
-                )
-            }
+            } => self.step(node, submit_input(shard, request)),
             Event::ClientWake { client } => {
                 self.client_send(client);
                 Ok(())
@@ -1423,15 +1413,7 @@ impl Simulation {
             payload: Bytes::from(payload),
         };
         self.schedule(self.time_us + 2 * suspect_us, Event::ProbeSubmit { shard });
-        let durable = wants_durability(request.id);
-        self.step(
-            node,
-            Input::Submit {
-                shard,
-                request,
-                durable,
-            },
-        )
+        self.step(node, submit_input(shard, request))
     }
 
     /// The view clients learn: the newest any node installed.
@@ -2052,11 +2034,16 @@ fn config_of(options: &Options, id: NodeId) -> Config {
     }
 }
 
-/// Whether the client of request `id` waits until it is durable on every member (every other
-/// request, by its id), so that runs mix the rows pushed at once for a waiting client with the
-/// persistence reported at the next push or tick.
-fn wants_durability(id: u64) -> bool {
-    id % 2 == 0
+/// The submission of `request` to `shard`. Every other request (by its id) has a client that
+/// waits until it is durable on every member, so that runs mix the rows pushed at once for a
+/// waiting client with the persistence reported at the next push or tick.
+fn submit_input(shard: ShardId, request: Request) -> Input {
+    let durable = request.id % 2 == 0;
+    Input::Submit {
+        shard,
+        request,
+        durable,
+    }
 }
 
 /// The simulated driver's encoding of a delivery in its log: the sender, then each request's
