@@ -4,12 +4,16 @@
 //! the run prints one Markdown table row in the format `derechofs bench kv` uses:
 //! `| system | workload | value | clients | ops/s | p50 ms | p99 ms |`.
 //! For the `cas` workloads ops/s counts successful compare-and-swaps and the latency is that of
-//! one attempt (a linearizable get, then the txn). Details (failed compares, errors) go to stderr.
+//! one attempt: one txn that puts the key if its mod_revision is the one the client last learned,
+//! and otherwise gets the key, so that a failed compare tells the client the current revision.
+//! This is the client algorithm `derechofs bench kv` runs (there a conflict reply carries the
+//! key's current version). Each key's revision is read once before the clock starts. Details
+//! (failed compares, errors) go to stderr.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
 
 const USAGE: &str = "\
 usage: etcd-load [options]
@@ -149,7 +153,7 @@ fn parse_args() -> Result<Args, String> {
 /// What one client measured.
 #[derive(Debug, Default)]
 struct Tally {
-    /// Latency of every completed operation (put, or get + txn attempt), in microseconds.
+    /// Latency of every completed operation (put, or txn attempt), in microseconds.
     lat_us: Vec<u32>,
     successes: u64,
     failed_compares: u64,
@@ -171,34 +175,67 @@ impl Rng {
     }
 }
 
-/// One compare-and-swap attempt: read the key's mod_revision (0 when absent), then a txn that
-/// writes only if it is unchanged. Ok(true) when the txn succeeded.
+/// One compare-and-swap attempt: a txn that writes only if the key's mod_revision is `known`
+/// (0: absent), and otherwise reads it. Ok(true) when the txn succeeded; either way `known`
+/// becomes the key's mod_revision after the txn (the put's revision, or the one read).
 async fn cas_once(
     client: &mut Client,
     key: &str,
     value: &[u8],
+    known: &mut i64,
 ) -> Result<bool, etcd_client::Error> {
-    let got = client.get(key, None).await?;
-    let rev = got.kvs().first().map_or(0, |kv| kv.mod_revision());
     let txn = Txn::new()
-        .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
-        .and_then([TxnOp::put(key, value.to_vec(), None)]);
-    Ok(client.txn(txn).await?.succeeded())
+        .when([Compare::mod_revision(key, CompareOp::Equal, *known)])
+        .and_then([TxnOp::put(key, value.to_vec(), None)])
+        .or_else([TxnOp::get(key, None)]);
+    let resp = client.txn(txn).await?;
+    if resp.succeeded() {
+        *known = resp.header().map_or(0, |h| h.revision());
+        return Ok(true);
+    }
+    *known = resp
+        .op_responses()
+        .into_iter()
+        .find_map(|op| match op {
+            TxnOpResponse::Get(got) => Some(got.kvs().first().map_or(0, |kv| kv.mod_revision())),
+            _ => None,
+        })
+        .unwrap_or(0);
+    Ok(false)
 }
 
+/// The key's mod_revision now (0 when absent), read before the clock starts.
+async fn revision(client: &mut Client, key: &str) -> Result<i64, etcd_client::Error> {
+    let got = client.get(key, None).await?;
+    Ok(got.kvs().first().map_or(0, |kv| kv.mod_revision()))
+}
+
+/// The keys a client conditionally puts, in turn: its own for `cas`, the shared one for
+/// `contended-cas`, none for `put`.
+fn cas_keys(workload: Workload, id: usize, keys_per_client: u64) -> Vec<String> {
+    match workload {
+        Workload::Put => Vec::new(),
+        Workload::Cas => (0..keys_per_client)
+            .map(|k| format!("bench/cas/{id:04}/{k:04}"))
+            .collect(),
+        Workload::ContendedCas => vec!["bench/contended".to_string()],
+    }
+}
+
+/// `owned`: the keys the client conditionally puts, each with the revision it last learned.
 async fn run_client(
     mut client: Client,
     workload: Workload,
     id: usize,
     value: Vec<u8>,
     keys: u64,
-    keys_per_client: u64,
+    mut owned: Vec<(String, i64)>,
     deadline: Instant,
 ) -> Tally {
     let mut t = Tally::default();
     let mut rng =
         Rng(0x9E37_79B9_7F4A_7C15 ^ ((id as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03)));
-    let mut n: u64 = 0;
+    let mut n: usize = 0;
     while Instant::now() < deadline {
         let started = Instant::now();
         let outcome = match workload {
@@ -206,13 +243,13 @@ async fn run_client(
                 let key = format!("bench/put/{:08}", rng.next() % keys);
                 client.put(key, value.clone(), None).await.map(|_| true)
             }
-            Workload::Cas => {
-                let key = format!("bench/cas/{id:04}/{:04}", n % keys_per_client);
-                cas_once(&mut client, &key, &value).await
+            Workload::Cas | Workload::ContendedCas => {
+                let slot = n % owned.len();
+                let (key, known) = &mut owned[slot];
+                cas_once(&mut client, key, &value, known).await
             }
-            Workload::ContendedCas => cas_once(&mut client, "bench/contended", &value).await,
         };
-        n += 1;
+        n = n.wrapping_add(1);
         match outcome {
             Ok(ok) => {
                 let us = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
@@ -276,18 +313,32 @@ async fn run(a: Args) -> Result<(), String> {
         Err(_) => return Err(format!("etcd unreachable at {eps}: no answer within 5 s")),
     }
 
+    // Every client reads the revisions of the keys it will conditionally put, before the clock.
+    let mut owned = Vec::with_capacity(a.clients);
+    for id in 0..a.clients {
+        let mut client = clients[id % conns].clone();
+        let mut revisions = Vec::new();
+        for key in cas_keys(a.workload, id, a.keys_per_client) {
+            let rev = revision(&mut client, &key)
+                .await
+                .map_err(|e| format!("reading {key} before the run: {e}"))?;
+            revisions.push((key, rev));
+        }
+        owned.push(revisions);
+    }
+
     let value = vec![b'v'; a.value_bytes];
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(a.seconds);
     let mut tasks = Vec::with_capacity(a.clients);
-    for id in 0..a.clients {
+    for (id, owned) in owned.into_iter().enumerate() {
         tasks.push(tokio::spawn(run_client(
             clients[id % conns].clone(),
             a.workload,
             id,
             value.clone(),
             a.keys,
-            a.keys_per_client,
+            owned,
             deadline,
         )));
     }
