@@ -22,6 +22,12 @@
 //!   complete directory does not exist. Past [`UNKNOWN_NAMES_MAX`] unknown names the directory
 //!   stops being complete.
 //!
+//! - *Extended attributes* are cached by inode and name, the value or its absence (ENODATA), under
+//!   the rules of attributes: a setxattr or removexattr changes the inode's record (its
+//!   ctime), so a reported change of the record drops them. Only values up to
+//!   [`XATTR_CACHE_VALUE_LEN_MAX`] bytes are kept. The kernel asks for `security.capability`
+//!   before every write to a file; this answers it without a round trip to the cluster.
+//!
 //! - *Chunk plans* for local reads (`crate::local`) are kept here too, by inode and chunk
 //!   index, and answer under the same condition as attributes. A reported change of an inode's
 //!   record drops its plans; so do this client's writes and opens of it
@@ -55,6 +61,11 @@ pub type Version = u64;
 pub const ATTR_CACHE_ENTRIES_MAX: usize = 1 << 17;
 /// Most names cached; past it new ones are not cached.
 pub const NAME_CACHE_ENTRIES_MAX: usize = 1 << 17;
+/// Most extended attributes (values or absences) cached, over every inode; past it new ones are
+/// not cached.
+pub const XATTR_CACHE_ENTRIES_MAX: usize = 1 << 14;
+/// Longest extended attribute value cached (a file capability is 20 bytes).
+pub const XATTR_CACHE_VALUE_LEN_MAX: usize = 256;
 /// Most directories kept complete (every entry known); past it new ones are not.
 pub const COMPLETE_DIRS_MAX: usize = 4096;
 /// Most names of a complete directory that changed while not cached; past it the directory is
@@ -101,7 +112,7 @@ pub struct CacheStats {
     pub breaks: u64,
     /// Answers from the cache.
     pub hits: u64,
-    /// Attributes and names cached now.
+    /// Attributes, names and extended attributes cached now.
     pub entries: usize,
     /// The last version the feed reported, if subscribed.
     pub position: Option<Version>,
@@ -129,6 +140,10 @@ struct State {
     dir_change: HashMap<Ino, Version>,
     /// Complete directories, with the names that changed while not cached.
     complete: HashMap<Ino, HashSet<Bytes>>,
+    /// Extended attributes by inode and name: the value (`None`: absent) and the version read at.
+    xattrs: HashMap<Ino, HashMap<Bytes, (Option<Bytes>, Version)>>,
+    /// Entries in `xattrs`, over every inode.
+    xattr_count: usize,
     /// Chunk plans for local reads, by inode and chunk index ([`AttrCache::plan`]).
     plans: HashMap<Ino, HashMap<u64, Arc<ChunkPlan>>>,
     /// Items of the plans held ([`plan_items`]), over every inode.
@@ -152,7 +167,21 @@ impl State {
         self.last_change.clear();
         self.dir_change.clear();
         self.complete.clear();
+        self.xattrs.clear();
+        self.xattr_count = 0;
         self.forget_all_plans();
+    }
+
+    /// Drops the extended attributes of `ino` cached at a version before `version`.
+    fn forget_xattrs_before(&mut self, ino: Ino, version: Version) {
+        if let Some(names) = self.xattrs.get_mut(&ino) {
+            let before = names.len();
+            names.retain(|_, (_, v)| *v >= version);
+            self.xattr_count -= before - names.len();
+            if names.is_empty() {
+                self.xattrs.remove(&ino);
+            }
+        }
     }
 
     fn forget_plans(&mut self, ino: Ino) {
@@ -316,6 +345,8 @@ impl AttrCache {
             if s.attrs.get(&ino).is_some_and(|&(_, v)| v < version) {
                 s.attrs.remove(&ino);
             }
+            // Every change of an extended attribute changes the record (its ctime).
+            s.forget_xattrs_before(ino, version);
             // The inode's record changed (its size, mtime, ...): whatever a writer did to its
             // bytes before that, a plan from before may miss.
             s.forget_plans(ino);
@@ -443,6 +474,50 @@ impl AttrCache {
             s.stats.hits += 1;
         }
         absent
+    }
+
+    /// Caches extended attribute `name` of `ino` as read at `version`: its value, or `None`
+    /// when it was absent (ENODATA), if the rules allow and the value is short enough.
+    pub fn insert_xattr(&self, ino: Ino, name: &[u8], value: Option<&Bytes>, version: Version) {
+        if value.is_some_and(|v| v.len() > XATTR_CACHE_VALUE_LEN_MAX) {
+            return;
+        }
+        let mut s = self.lock();
+        if !s.may_cache(&Key::Inode(ino), version) {
+            return;
+        }
+        let full = s.xattr_count >= XATTR_CACHE_ENTRIES_MAX;
+        let names = s.xattrs.entry(ino).or_default();
+        match names.get_mut(name) {
+            Some(e) if e.1 <= version => *e = (value.cloned(), version),
+            Some(_) => {}
+            None if full => {
+                if names.is_empty() {
+                    s.xattrs.remove(&ino);
+                }
+            }
+            None => {
+                names.insert(Bytes::copy_from_slice(name), (value.cloned(), version));
+                s.xattr_count += 1;
+            }
+        }
+    }
+
+    /// Extended attribute `name` of `ino`, if the cache answers now: `Some(None)` when it is
+    /// known absent.
+    pub fn xattr(&self, ino: Ino, name: &[u8]) -> Option<Option<Bytes>> {
+        let mut s = self.lock();
+        if !s.answers() {
+            return None;
+        }
+        let (value, _) = s.xattrs.get(&ino)?.get(name)?.clone();
+        s.stats.hits += 1;
+        Some(value)
+    }
+
+    /// Forgets every extended attribute of `ino` (this client is about to change one, or has).
+    pub fn forget_xattrs(&self, ino: Ino) {
+        self.lock().forget_xattrs_before(ino, Version::MAX);
     }
 
     /// Forgets `ino`'s attributes (a change of this client whose reply does not carry them).
@@ -609,7 +684,7 @@ impl AttrCache {
     pub fn stats(&self) -> CacheStats {
         let s = self.lock();
         CacheStats {
-            entries: s.attrs.len() + s.names.len(),
+            entries: s.attrs.len() + s.names.len() + s.xattr_count,
             position: s.live.then_some(s.position),
             ..s.stats
         }
@@ -1049,5 +1124,72 @@ mod tests {
             c.changed(13 + i as u64, &[], &[(8, Bytes::from(format!("n{i}")))]);
         }
         assert!(!c.absent(8, b"y"));
+    }
+
+    #[test]
+    fn an_extended_attribute_or_its_absence_answers_until_a_later_change_of_its_inode() {
+        let c = AttrCache::new();
+        let cap = b"security.capability";
+        c.insert_xattr(5, cap, None, 11);
+        assert_eq!(c.xattr(5, cap), None, "no feed: nothing cached");
+        c.subscribed(10);
+        c.insert_xattr(5, cap, None, 11);
+        c.insert_xattr(5, b"user.a", Some(&Bytes::from_static(b"1")), 11);
+        c.insert_xattr(6, b"user.a", Some(&Bytes::from_static(b"2")), 11);
+        assert_eq!(c.xattr(5, cap), Some(None));
+        assert_eq!(c.xattr(5, b"user.a"), Some(Some(Bytes::from_static(b"1"))));
+        assert_eq!(c.xattr(5, b"user.b"), None, "never read");
+        assert_eq!(c.stats().entries, 3);
+        // The change the reads saw, and one of another inode, drop nothing.
+        c.changed(11, &[5], &[]);
+        c.changed(12, &[6], &[]);
+        assert_eq!(c.xattr(5, cap), Some(None));
+        assert_eq!(
+            c.xattr(6, b"user.a"),
+            None,
+            "inode 6 changed after the read"
+        );
+        // A later change of the inode's record (a setxattr changes its ctime) drops them all.
+        c.changed(13, &[5], &[]);
+        assert_eq!(c.xattr(5, cap), None);
+        assert_eq!(c.xattr(5, b"user.a"), None);
+        assert_eq!(c.stats().entries, 0);
+        // A read answered before a change that has already streamed past is not kept.
+        c.insert_xattr(5, cap, None, 12);
+        assert_eq!(c.xattr(5, cap), None);
+        c.insert_xattr(5, cap, None, 13);
+        assert_eq!(c.xattr(5, cap), Some(None));
+        // A version this client knows of and the feed has not reported: no answer until it has.
+        c.saw(14);
+        assert_eq!(c.xattr(5, cap), None);
+        c.changed(14, &[7], &[]);
+        assert_eq!(c.xattr(5, cap), Some(None));
+        // This client's own change of an attribute forgets the inode's at once.
+        c.forget_xattrs(5);
+        assert_eq!(c.xattr(5, cap), None);
+        assert_eq!(c.stats().entries, 0);
+    }
+
+    #[test]
+    fn extended_attributes_are_bounded_in_length_and_number_and_a_broken_feed_drops_them() {
+        let c = AttrCache::new();
+        c.subscribed(10);
+        let long = Bytes::from(vec![b'x'; XATTR_CACHE_VALUE_LEN_MAX + 1]);
+        let short = Bytes::from(vec![b'x'; XATTR_CACHE_VALUE_LEN_MAX]);
+        c.insert_xattr(5, b"user.long", Some(&long), 11);
+        c.insert_xattr(5, b"user.short", Some(&short), 11);
+        assert_eq!(c.xattr(5, b"user.long"), None);
+        assert_eq!(c.xattr(5, b"user.short"), Some(Some(short)));
+        for ino in 0..XATTR_CACHE_ENTRIES_MAX as u64 + 10 {
+            c.insert_xattr(100 + ino, b"user.a", None, 11);
+        }
+        assert_eq!(c.stats().entries, XATTR_CACHE_ENTRIES_MAX);
+        // Full: a newer read of a cached one still replaces it.
+        c.insert_xattr(5, b"user.short", None, 12);
+        assert_eq!(c.xattr(5, b"user.short"), Some(None));
+        c.broken();
+        assert_eq!(c.stats().entries, 0);
+        c.subscribed(20);
+        assert_eq!(c.xattr(5, b"user.short"), None);
     }
 }

@@ -1478,13 +1478,15 @@ impl<S: Shards> FileSystem<S> {
     /// Sets an extended attribute.
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         let ino = self.live(ino)?;
-        self.ns(NsOp::SetXattr {
+        self.forget_xattrs(ino);
+        let r = self.ns(NsOp::SetXattr {
             ino,
             name: Bytes::copy_from_slice(name),
             value: Bytes::copy_from_slice(value),
             flags,
-        })
-        .map(drop)
+        });
+        self.forget_xattrs(ino);
+        r.map(drop)
     }
 
     /// One extended attribute; [`HISTORY_XATTR`] is computed: one line per change of the inode,
@@ -1511,13 +1513,34 @@ impl<S: Shards> FileSystem<S> {
             lines.reverse();
             return Ok(Bytes::from(lines.concat()));
         }
-        match self.ns_read(
-            v.read_at(),
-            NsRead::GetXattr {
-                ino: v.ino,
-                name: Bytes::copy_from_slice(name),
-            },
-        )? {
+        let cache = self.shards.attr_cache().filter(|_| v.at.is_none());
+        if let Some(cached) = cache.and_then(|c| c.xattr(v.ino, name)) {
+            return cached.ok_or_else(|| {
+                fs_err!(
+                    libc::ENODATA,
+                    "no attribute {:?}",
+                    String::from_utf8_lossy(name)
+                )
+            });
+        }
+        let at = v.read_at();
+        let read = NsRead::GetXattr {
+            ino: v.ino,
+            name: Bytes::copy_from_slice(name),
+        };
+        let (reply, version) =
+            self.shards
+                .read_versioned(ShardRef::Namespace, at, read.encode())?;
+        let version = version.filter(|_| at == ReadAt::Latest);
+        let r = decode_read_reply(&reply).map_err(bad_reply)?;
+        if let (Some(c), Some(version)) = (cache, version) {
+            match &r {
+                Ok(ReadReply::Bytes(b)) => c.insert_xattr(v.ino, name, Some(b), version),
+                Err(e) if e.errno == libc::ENODATA => c.insert_xattr(v.ino, name, None, version),
+                _ => {}
+            }
+        }
+        match r? {
             ReadReply::Bytes(b) => Ok(b),
             other => Err(bad_reply(format!("{other:?}"))),
         }
@@ -1538,11 +1561,21 @@ impl<S: Shards> FileSystem<S> {
     /// Removes an extended attribute.
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         let ino = self.live(ino)?;
-        self.ns(NsOp::RemoveXattr {
+        self.forget_xattrs(ino);
+        let r = self.ns(NsOp::RemoveXattr {
             ino,
             name: Bytes::copy_from_slice(name),
-        })
-        .map(drop)
+        });
+        self.forget_xattrs(ino);
+        r.map(drop)
+    }
+
+    /// Forgets the extended attributes of `ino` cached here: this client changes one (before
+    /// the change, and again once it is applied, so that no value read meanwhile is kept).
+    fn forget_xattrs(&self, ino: Ino) {
+        if let Some(cache) = self.shards.attr_cache() {
+            cache.forget_xattrs(ino);
+        }
     }
 
     /// The versions and stamps at which inode `ino` changed (its attributes, its size and times

@@ -740,6 +740,69 @@ fn connect_local(cluster: &Cluster, local: bool) -> RemoteShards {
 }
 
 #[test]
+fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_them() {
+    let cluster = cluster(56, "");
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    let f = plain_file(&a, ROOT_INO, b"f");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's create");
+    let cap = b"security.capability";
+    let errno = |r: Result<Bytes, FsError>| r.map_err(|e| e.errno);
+
+    // The kernel asks for the capability before every write: after the first, b answers it.
+    assert_eq!(errno(b.getxattr(f.ino, cap)), Err(libc::ENODATA));
+    let hits = b.shards().cache_stats().hits;
+    for i in 0..8u64 {
+        assert_eq!(errno(b.getxattr(f.ino, cap)), Err(libc::ENODATA));
+        b.write_buffered(f.ino, i * 4096, &[7; 4096])
+            .expect("buffered write");
+    }
+    assert_eq!(
+        b.shards().cache_stats().hits,
+        hits + 8,
+        "every capability check between buffered writes came from b's cache"
+    );
+    b.flush(f.ino).expect("flush");
+
+    // a sets and removes attributes; b sees each once the feed reported it.
+    a.setxattr(f.ino, b"user.k", b"v1", 0).expect("setxattr");
+    a.setxattr(f.ino, cap, b"c", 0)
+        .expect("setxattr capability");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's setxattr");
+    assert_eq!(errno(b.getxattr(f.ino, cap)), Ok(Bytes::from_static(b"c")));
+    assert_eq!(
+        errno(b.getxattr(f.ino, b"user.k")),
+        Ok(Bytes::from_static(b"v1"))
+    );
+    let hits = b.shards().cache_stats().hits;
+    assert_eq!(
+        errno(b.getxattr(f.ino, b"user.k")),
+        Ok(Bytes::from_static(b"v1"))
+    );
+    assert_eq!(b.shards().cache_stats().hits, hits + 1, "cached");
+    a.removexattr(f.ino, b"user.k").expect("removexattr");
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), "a's removexattr");
+    assert_eq!(errno(b.getxattr(f.ino, b"user.k")), Err(libc::ENODATA));
+
+    // b's own change shows to b at once (read-your-writes), with no wait for its feed.
+    assert_eq!(errno(b.getxattr(f.ino, b"user.k")), Err(libc::ENODATA));
+    b.setxattr(f.ino, b"user.k", b"v2", 0)
+        .expect("b's setxattr");
+    assert_eq!(
+        errno(b.getxattr(f.ino, b"user.k")),
+        Ok(Bytes::from_static(b"v2"))
+    );
+    b.removexattr(f.ino, cap).expect("b's removexattr");
+    assert_eq!(errno(b.getxattr(f.ino, cap)), Err(libc::ENODATA));
+    drop((a, b));
+    cluster.stop_all();
+}
+
+#[test]
 fn t54_fs_reads_on_a_members_machine_come_from_its_log_files_and_see_each_close_at_the_next_open() {
     // Client a writes; client b, linked to the members over local sockets, reads the file's
     // bytes from the members' log files by each chunk's plan (local reads); client c, over TCP
