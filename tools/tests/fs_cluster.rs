@@ -141,6 +141,10 @@ fn step<S: Shards>(fs: &FileSystem<S>, op: u64, r: &[u64; 6], inos: &[Ino], dirs
                     .collect(),
             )
         }),
+        15 => seen(fs.removexattr(ino, b"user.k"), |()| Seen::Done),
+        16 => seen(fs.getxattr(ino, b"security.capability"), |b| {
+            Seen::Bytes(b.to_vec())
+        }),
         _ => seen(fs.lookup(dir, name), |a| attr(&a)),
     }
 }
@@ -222,7 +226,7 @@ fn t20_fs_on_a_cluster_matches_local_shards_reads_the_past_alike_on_every_replic
     // Trees after some steps, with a time between that step and the next.
     let mut past: Vec<(u64, Tree)> = Vec::new();
     for i in 0..300 {
-        let op = rng.below(16);
+        let op = rng.below(18);
         let r = [
             rng.next(),
             rng.next(),
@@ -378,7 +382,7 @@ fn t30_fs_through_a_member_killed_mid_sequence_resends_applies_once_and_keeps_th
             if i == 80 {
                 kill_now.store(true, std::sync::atomic::Ordering::SeqCst);
             }
-            let op = rng.below(16);
+            let op = rng.below(18);
             let r = [
                 rng.next(),
                 rng.next(),
