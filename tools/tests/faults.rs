@@ -26,18 +26,26 @@ const EVERY_NODE_IN_EVERY_SHARD: &str = "[layout]\nreplicas = 5\n";
 /// What one client wrote: key → (value, version), for every write it saw acknowledged.
 type Acked = BTreeMap<String, (String, String)>;
 
-/// A client writing fresh keys `PREFIX/N` one after another until `stop`, then at least
-/// `min` of them; every write must be acknowledged, view changes included.
+/// A client writing fresh keys `PREFIX/N` one after another until `stop`, then `min` more,
+/// begun after it saw `stop` (so after the fault, however fast the machine); every write must be
+/// acknowledged, view changes included.
 fn writer(cluster: &Cluster, contacts: &str, prefix: &str, stop: &AtomicBool, min: usize) -> Acked {
     let mut acked = Acked::new();
     let mut n = 0;
-    while n < min || !stop.load(Ordering::Relaxed) {
+    // Writes begun once `stop` was seen: after the fault, whatever the machine's speed.
+    let mut after_stop = 0;
+    loop {
+        let stopping = stop.load(Ordering::Relaxed);
+        if stopping && after_stop >= min {
+            break;
+        }
         let key = format!("{prefix}/{n}");
         let value = format!("{prefix}-v{n}");
         let run = cluster.kv_via(contacts, &["put", &key, &value]);
         assert_eq!(run.code, 0, "put {key} failed: {run:?}");
         acked.insert(key, (value, version_of(&run.stdout)));
         n += 1;
+        after_stop += usize::from(stopping);
     }
     acked
 }
