@@ -515,6 +515,27 @@ fn wait_feed(remote: &RemoteShards, version: Option<u64>, what: &str) {
     }
 }
 
+type Client = FileSystem<RemoteShards>;
+
+/// Two clients: `a` with its requests on node 1, `b` with its requests and its feed on node
+/// `b_node`; returns once `b`'s feed is subscribed.
+fn two_clients(cluster: &Cluster, b_node: u32) -> (Client, Client) {
+    let a = FileSystem::new(connect(cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(
+        connect(cluster, Some(b_node)),
+        fs_config(u64::from(b_node) << 40),
+    )
+    .expect("client b");
+    wait_feed(b.shards(), None, "b subscribed");
+    (a, b)
+}
+
+/// Waits (bounded) until `b`'s feed has reported every namespace change `a` made so far.
+fn wait_reported(a: &Client, b: &Client, what: &str) {
+    let v = a.shards().namespace_version().expect("a wrote");
+    wait_feed(b.shards(), Some(v), what);
+}
+
 fn plain_file(fs: &FileSystem<RemoteShards>, parent: Ino, name: &[u8]) -> Attr {
     fs.create(parent, name, 0o644, Creds { uid: 0, gid: 0 })
         .expect("create")
@@ -524,17 +545,14 @@ fn plain_file(fs: &FileSystem<RemoteShards>, parent: Ino, name: &[u8]) -> Attr {
 fn t50_fs_a_stat_cached_by_one_client_shows_another_clients_change_once_the_feed_reported_it() {
     let cluster = cluster(50, "");
     // Two clients, each with its requests and its feed on another member.
-    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
-    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
-    wait_feed(b.shards(), None, "b subscribed");
+    let (a, b) = two_clients(&cluster, 2);
     let dir = a
         .mkdir(ROOT_INO, b"d", 0o755, Creds { uid: 0, gid: 0 })
         .expect("mkdir")
         .ino;
     let f = plain_file(&a, dir, b"f");
     let g = plain_file(&a, dir, b"g");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's creates");
+    wait_reported(&a, &b, "a's creates");
 
     // b reads each once from the cluster, then from its cache.
     let f_attr = b.lookup(dir, b"f").expect("lookup f");
@@ -561,8 +579,7 @@ fn t50_fs_a_stat_cached_by_one_client_shows_another_clients_change_once_the_feed
     let g_new = a.getattr(g.ino).expect("getattr g at a");
     a.rename(dir, b"f", dir, b"f2", 0).expect("rename");
     let h = plain_file(&a, dir, b"f");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's changes");
+    wait_reported(&a, &b, "a's changes");
     let f_b = b.getattr(f.ino).expect("getattr f at b");
     assert_eq!((f_b.perm, f_b.size), (0o600, 123), "b sees the setattr");
     assert_eq!(f_b.ctime, a.getattr(f.ino).expect("getattr f at a").ctime);
@@ -573,8 +590,7 @@ fn t50_fs_a_stat_cached_by_one_client_shows_another_clients_change_once_the_feed
     // An unlink: b's cached name goes once the feed reported it.
     assert_eq!(b.lookup(dir, b"f2").expect("lookup f2").ino, f.ino);
     a.unlink(dir, b"f2").expect("unlink");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's unlink");
+    wait_reported(&a, &b, "a's unlink");
     assert_eq!(
         b.lookup(dir, b"f2").map(|a| a.ino).map_err(|e| e.errno),
         Err(libc::ENOENT)
@@ -587,13 +603,10 @@ fn t50_fs_a_stat_cached_by_one_client_shows_another_clients_change_once_the_feed
 #[test]
 fn t51_fs_a_broken_feed_clears_the_cache_and_a_new_one_serves_the_changes_made_meanwhile() {
     let cluster = cluster(51, "suspect_after_ms = 400");
-    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
     // b's requests and feed go to node 3, which is killed.
-    let b = FileSystem::new(connect(&cluster, Some(3)), fs_config(3 << 40)).expect("client b");
-    wait_feed(b.shards(), None, "b subscribed");
+    let (a, b) = two_clients(&cluster, 3);
     let f = plain_file(&a, ROOT_INO, b"f");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's create");
+    wait_reported(&a, &b, "a's create");
     assert_eq!(b.getattr(f.ino).expect("getattr"), f);
     let before = b.shards().cache_stats();
     assert_eq!(b.getattr(f.ino).expect("getattr"), f);
@@ -612,8 +625,7 @@ fn t51_fs_a_broken_feed_clears_the_cache_and_a_new_one_serves_the_changes_made_m
         ..SetAttr::default()
     };
     a.setattr(f.ino, set).expect("setattr");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "b's new feed");
+    wait_reported(&a, &b, "b's new feed");
     let after = b.shards().cache_stats();
     assert!(
         after.subscriptions > before.subscriptions,
@@ -635,9 +647,7 @@ fn t51_fs_a_broken_feed_clears_the_cache_and_a_new_one_serves_the_changes_made_m
 fn t52_fs_a_directory_one_client_created_answers_its_negative_lookups_until_another_creates_the_name(
 ) {
     let cluster = cluster(52, "");
-    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
-    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
-    wait_feed(b.shards(), None, "b subscribed");
+    let (a, b) = two_clients(&cluster, 2);
     let creds = Creds { uid: 0, gid: 0 };
     let dir = b.mkdir(ROOT_INO, b"d", 0o755, creds).expect("mkdir").ino;
     let v = b.shards().namespace_version().expect("b wrote");
@@ -658,8 +668,7 @@ fn t52_fs_a_directory_one_client_created_answers_its_negative_lookups_until_anot
     let y = plain_file(&b, dir, b"y");
     let x = plain_file(&a, dir, b"x");
     a.rename(dir, b"y", dir, b"z", 0).expect("rename");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's changes");
+    wait_reported(&a, &b, "a's changes");
     assert_eq!(enoent(b.lookup(dir, b"x")), Ok(x.ino));
     assert_eq!(enoent(b.lookup(dir, b"y")), Err(libc::ENOENT));
     assert_eq!(enoent(b.lookup(dir, b"z")), Ok(y.ino));
@@ -692,9 +701,7 @@ fn round_contents(round: u64, rng: &mut Rng) -> Vec<u8> {
 fn t53_fs_an_open_after_another_clients_close_returned_sees_its_size_mtime_and_bytes() {
     let cluster = cluster(53, "");
     // The writer and the reader on different members, each with its attribute cache.
-    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
-    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
-    wait_feed(b.shards(), None, "b subscribed");
+    let (a, b) = two_clients(&cluster, 2);
     let f = plain_file(&a, ROOT_INO, b"f");
     // b learns of the file by opening it (close-to-open): b's member may not have delivered a's
     // create yet, and a getattr by inode number before any open may then find no inode.
@@ -746,12 +753,9 @@ fn connect_local(cluster: &Cluster, local: bool) -> RemoteShards {
 #[test]
 fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_them() {
     let cluster = cluster(56, "");
-    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
-    let b = FileSystem::new(connect(&cluster, Some(2)), fs_config(2 << 40)).expect("client b");
-    wait_feed(b.shards(), None, "b subscribed");
+    let (a, b) = two_clients(&cluster, 2);
     let f = plain_file(&a, ROOT_INO, b"f");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's create");
+    wait_reported(&a, &b, "a's create");
     let cap = b"security.capability";
     let errno = |r: Result<Bytes, FsError>| r.map_err(|e| e.errno);
 
@@ -774,8 +778,7 @@ fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_t
     a.setxattr(f.ino, b"user.k", b"v1", 0).expect("setxattr");
     a.setxattr(f.ino, cap, b"c", 0)
         .expect("setxattr capability");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's setxattr");
+    wait_reported(&a, &b, "a's setxattr");
     assert_eq!(errno(b.getxattr(f.ino, cap)), Ok(Bytes::from_static(b"c")));
     assert_eq!(
         errno(b.getxattr(f.ino, b"user.k")),
@@ -788,8 +791,7 @@ fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_t
     );
     assert_eq!(b.shards().cache_stats().hits, hits + 1, "cached");
     a.removexattr(f.ino, b"user.k").expect("removexattr");
-    let v = a.shards().namespace_version().expect("a wrote");
-    wait_feed(b.shards(), Some(v), "a's removexattr");
+    wait_reported(&a, &b, "a's removexattr");
     assert_eq!(errno(b.getxattr(f.ino, b"user.k")), Err(libc::ENODATA));
 
     // b's own change shows to b at once (read-your-writes), with no wait for its feed.
