@@ -79,14 +79,10 @@ pub(crate) struct Multicast {
     /// Per sender: one past the index of the last batch (not null) delivered here; a ragged
     /// trim must keep at least these.
     batches_delivered: Vec<u64>,
-    /// Local requests waiting for the window to open.
-    pending: VecDeque<Request>,
-    /// Requests submitted here so far, and taken into batches so far.
-    submitted: u64,
-    taken: u64,
-    /// The numbers (in `submitted` order) of pending requests whose clients wait until they are
-    /// durable on every member: the batch that carries one sets the own row's `wants`.
-    durable_pending: VecDeque<u64>,
+    /// Local requests waiting for the window to open, each with whether its client waits
+    /// until it is durable on every member (the batch that carries one sets the own row's
+    /// `wants`).
+    pending: VecDeque<(Request, bool)>,
     pending_bytes: usize,
     pending_max: usize,
     /// Sequence numbers and stamps of own batches not yet delivered and persisted here: the
@@ -133,9 +129,6 @@ impl Multicast {
             inbox: vec![VecDeque::new(); senders],
             batches_delivered: vec![0; senders],
             pending: VecDeque::new(),
-            submitted: 0,
-            taken: 0,
-            durable_pending: VecDeque::new(),
             pending_bytes: 0,
             pending_max: config.pending_requests_max,
             own_unpersisted: VecDeque::new(),
@@ -487,11 +480,7 @@ impl Multicast {
             return Err(SubmitError::QueueFull(self.shard));
         }
         self.pending_bytes += bytes;
-        self.pending.push_back(request);
-        self.submitted += 1;
-        if durable {
-            self.durable_pending.push_back(self.submitted);
-        }
+        self.pending.push_back((request, durable));
         Ok(())
     }
 
@@ -834,16 +823,7 @@ impl Multicast {
                 break;
             }
             let body = if !self.pending.is_empty() {
-                let batch = self.take_batch(now_us, config.batch_bytes_max);
-                let mut durable = false;
-                while self
-                    .durable_pending
-                    .front()
-                    .is_some_and(|&n| n <= self.taken)
-                {
-                    self.durable_pending.pop_front();
-                    durable = true;
-                }
+                let (batch, durable) = self.take_batch(now_us, config.batch_bytes_max);
                 if durable {
                     self.want_seqs(seq + 1);
                 }
@@ -886,10 +866,13 @@ impl Multicast {
         }
     }
 
-    fn take_batch(&mut self, now_us: u64, batch_bytes_max: usize) -> Batch {
+    /// The next batch of pending requests, and whether any of their clients waits for
+    /// durability.
+    fn take_batch(&mut self, now_us: u64, batch_bytes_max: usize) -> (Batch, bool) {
         let mut requests = Vec::new();
+        let mut durable = false;
         let mut bytes = 0;
-        while let Some(next) = self.pending.front() {
+        while let Some((next, _)) = self.pending.front() {
             let len = next.payload.len();
             if !requests.is_empty()
                 && (bytes + len > batch_bytes_max || requests.len() == BATCH_REQUESTS_MAX)
@@ -897,14 +880,16 @@ impl Multicast {
                 break;
             }
             bytes += len;
-            requests.push(self.pending.pop_front().expect("the queue is not empty"));
-            self.taken += 1;
+            let (request, wants) = self.pending.pop_front().expect("the queue is not empty");
+            requests.push(request);
+            durable |= wants;
         }
         self.pending_bytes -= bytes;
-        Batch {
+        let batch = Batch {
             stamp: sender_stamp(now_us, &requests),
             requests,
-        }
+        };
+        (batch, durable)
     }
 
     /// Publishes a new floor: below the clock, and below the stamp of the oldest own message not
