@@ -56,19 +56,6 @@ use crate::view::NodeId;
 pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x02";
 /// Bytes of a hello.
 pub const HELLO_BYTES: usize = 60;
-
-/// Refuses another magic, naming a link version other than this build's.
-fn check_magic(magic: &[u8]) -> Result<(), HandshakeError> {
-    if magic == HANDSHAKE_MAGIC {
-        Ok(())
-    } else if magic[..7] == HANDSHAKE_MAGIC[..7] {
-        Err(HandshakeError::Malformed(
-            "another link version (this build speaks version 2)",
-        ))
-    } else {
-        Err(HandshakeError::Malformed("bad magic"))
-    }
-}
 /// Bytes of a challenge.
 pub const CHALLENGE_BYTES: usize = 80;
 /// Bytes of a proof (an HMAC-SHA256).
@@ -81,6 +68,22 @@ const ROLE_CLIENT: u8 = 2;
 const FLAG_EXPECTED: u8 = 1;
 const LABEL_ACCEPT: &[u8] = b"derechofs accept\0";
 const LABEL_DIAL: &[u8] = b"derechofs dial\0";
+
+/// Refuses another magic, naming a link version other than this build's (the message names
+/// version 2: `HANDSHAKE_MAGIC`'s last byte, checked below).
+fn check_magic(magic: &[u8]) -> Result<(), HandshakeError> {
+    if magic == HANDSHAKE_MAGIC {
+        Ok(())
+    } else if magic[..7] == HANDSHAKE_MAGIC[..7] {
+        Err(HandshakeError::Malformed(
+            "another link version (this build speaks version 2)",
+        ))
+    } else {
+        Err(HandshakeError::Malformed("bad magic"))
+    }
+}
+
+const _: () = assert!(HANDSHAKE_MAGIC[7] == 2);
 
 /// The cluster secret every node and client holds. Its bytes never leave the process, and its
 /// `Debug` form does not show them.
