@@ -535,11 +535,22 @@ impl<S: Shards> FileSystem<S> {
     /// A namespace read, with the version it was answered at (a read at the latest state of
     /// shards that know it).
     fn ns_read_versioned(&self, at: ReadAt, read: NsRead) -> FsResult<(ReadReply, Option<u64>)> {
+        let (reply, version) = self.ns_read_answer(at, read)?;
+        Ok((reply?, version))
+    }
+
+    /// A namespace read whose answer may be the namespace's error (ENODATA, …), with the
+    /// version it was answered at, as [`FileSystem::ns_read_versioned`].
+    fn ns_read_answer(
+        &self,
+        at: ReadAt,
+        read: NsRead,
+    ) -> FsResult<(FsResult<ReadReply>, Option<u64>)> {
         let (reply, version) =
             self.shards
                 .read_versioned(ShardRef::Namespace, at, read.encode())?;
         let version = version.filter(|_| at == ReadAt::Latest);
-        Ok((decode_read_reply(&reply).map_err(bad_reply)??, version))
+        Ok((decode_read_reply(&reply).map_err(bad_reply)?, version))
     }
 
     fn view(&self, ino: Ino) -> FsResult<View> {
@@ -1523,16 +1534,11 @@ impl<S: Shards> FileSystem<S> {
                 )
             });
         }
-        let at = v.read_at();
         let read = NsRead::GetXattr {
             ino: v.ino,
             name: Bytes::copy_from_slice(name),
         };
-        let (reply, version) =
-            self.shards
-                .read_versioned(ShardRef::Namespace, at, read.encode())?;
-        let version = version.filter(|_| at == ReadAt::Latest);
-        let r = decode_read_reply(&reply).map_err(bad_reply)?;
+        let (r, version) = self.ns_read_answer(v.read_at(), read)?;
         if let (Some(c), Some(version)) = (cache, version) {
             match &r {
                 Ok(ReadReply::Bytes(b)) => c.insert_xattr(v.ino, name, Some(b), version),
