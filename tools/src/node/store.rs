@@ -64,6 +64,9 @@ struct PersistCell {
     begun: Option<Version>,
     /// The newest version the threads made durable (at most `wanted`).
     done: Option<Version>,
+    /// The newest version a finished sync made durable, asked for or not: a sync may cover
+    /// versions delivered after the newest one asked for, and end before they are asked for.
+    synced: Option<Version>,
     /// A sync failed: the log is poisoned and this replica must stop.
     failed: Option<String>,
     stop: bool,
@@ -97,6 +100,8 @@ pub struct ShardStore {
     /// The thread zero-filling ahead of the log's append point, if the log has one.
     prefill: Option<(Prefiller, JoinHandle<()>)>,
     sync: SyncPolicy,
+    /// Wakes the driver to take what became durable.
+    notify: Arc<Notify>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,6 +185,7 @@ impl ShardStore {
             inline,
             sync,
             prefill: None,
+            notify: notify.clone(),
         };
         if let Some(prefiller) = prefiller {
             let worker = prefiller.clone();
@@ -249,6 +255,12 @@ impl ShardStore {
     pub fn persist(&self, version: Version) {
         let mut cell = lock(&self.persist.cell);
         cell.wanted = cell.wanted.max(Some(version));
+        let covered = cell.synced.min(cell.wanted);
+        if covered > cell.done {
+            // A sync that ended already covered it: no sync is owed, only the report.
+            cell.done = covered;
+            self.notify.notify_one();
+        }
         if self.inline {
             return;
         }
@@ -394,7 +406,8 @@ fn record_sync(cell: &mut PersistCell, result: Result<Option<Version>, LogError>
     match result {
         Ok(persisted) => {
             // The log may have synced versions delivered after the newest one asked for; the
-            // engine hears only of versions it asked to persist.
+            // engine hears only of versions it asked to persist, the rest when asked.
+            cell.synced = cell.synced.max(persisted);
             cell.done = cell.done.max(persisted.min(cell.wanted));
             true
         }
@@ -532,6 +545,51 @@ mod tests {
         }
         drop(store);
         assert_eq!(after_power_cut(&cb, 0), Some(last));
+    }
+
+    /// Polls (bounded) until the store reports a version at least `want`; returns the last
+    /// version it reported.
+    fn wait_reported(store: &mut ShardStore, want: Version) -> Option<Version> {
+        let mut reported = None;
+        for _ in 0..CATCH_UP_POLLS {
+            if let Some(v) = store.take_persisted().unwrap() {
+                reported = Some(v);
+            }
+            if reported >= Some(want) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        reported
+    }
+
+    #[test]
+    fn a_version_a_finished_sync_already_covered_is_reported_when_asked_for() {
+        // The driver appends a delivery, then asks for it to be persisted; a sync begun in
+        // between covers it, and ends before the ask. (A view change's trim is the last
+        // delivery for a while, and the member installs the next view only once it hears of
+        // it.)
+        let cb = CrashingBackend::new();
+        let mut store = threaded_store(&cb);
+        append(&store, 1).unwrap();
+        append(&store, 2).unwrap();
+        store.persist(1);
+        assert_eq!(
+            wait_reported(&mut store, 1),
+            Some(1),
+            "the version asked for"
+        );
+        assert_eq!(
+            store.kv().log().persisted(),
+            Some(2),
+            "the sync covered both"
+        );
+        store.persist(2);
+        assert_eq!(
+            wait_reported(&mut store, 2),
+            Some(2),
+            "the later ask hears of the sync that covered it"
+        );
     }
 
     #[test]
