@@ -163,7 +163,13 @@ impl KvRequest {
     /// Encodes the request as a request payload for the engine.
     pub fn encode(&self) -> Bytes {
         let key = self.op.key();
-        let mut b = BytesMut::with_capacity(32 + key.len());
+        let value_len = match &self.op {
+            KvOp::Put { value, .. } | KvOp::CondPut { value, .. } => value.len(),
+            KvOp::Delete { .. } => 0,
+        };
+        // Client and number, the op and a conditional put's expected version, then the two
+        // lengths: allocated once, not grown as the value is copied in.
+        let mut b = BytesMut::with_capacity(34 + key.len() + value_len);
         b.put_u64_le(self.client);
         b.put_u64_le(self.number);
         match &self.op {
@@ -254,6 +260,12 @@ impl KvReply {
     /// Encodes the reply (for the client, and for the per-client record in the log).
     pub fn encode(&self) -> Bytes {
         let mut b = BytesMut::with_capacity(24);
+        self.encode_into(&mut b);
+        b.freeze()
+    }
+
+    /// Appends the encoded reply to `b` (as [`KvReply::encode`] gives it).
+    pub fn encode_into(&self, b: &mut BytesMut) {
         match self {
             KvReply::Written { version, hlc } => {
                 b.put_u8(1);
@@ -277,7 +289,6 @@ impl KvReply {
                 b.put_slice(r);
             }
         }
-        b.freeze()
     }
 
     /// Decodes a reply; never panics, whatever the bytes.

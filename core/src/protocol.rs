@@ -434,7 +434,12 @@ const AT_VERSION: u8 = 1;
 const AT_TIME: u8 = 2;
 
 fn header(kind: u8, tag: u64) -> BytesMut {
-    let mut b = BytesMut::with_capacity(64);
+    header_for(kind, tag, 54)
+}
+
+/// The header of a message whose body is `body` bytes long: allocated once for the whole.
+fn header_for(kind: u8, tag: u64, body: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(10 + body);
     b.put_u8(PROTOCOL_VERSION);
     b.put_u8(kind);
     b.put_u64_le(tag);
@@ -612,7 +617,8 @@ impl Request {
                 durable,
                 payload,
             } => {
-                b = header(KIND_WRITE, tag);
+                // The time, the flag, and the payload with its length.
+                b = header_for(KIND_WRITE, tag, 12 + 1 + 4 + payload.len());
                 put_hlc(&mut b, *hlc);
                 b.put_u8(u8::from(*durable));
                 put_bytes(&mut b, payload);
@@ -863,7 +869,7 @@ impl Reply {
             }
             Reply::Written(reply) => {
                 b = header(REPLY_WRITTEN, tag);
-                b.put_slice(&reply.encode());
+                reply.encode_into(&mut b);
             }
             Reply::Value {
                 read_version,
