@@ -458,7 +458,7 @@ impl KvStore {
         delta.extend(clients.iter().map(|(client, (number, reply))| {
             let mut b = BytesMut::with_capacity(8 + 24);
             b.put_u64_le(*number);
-            b.put_slice(&reply.encode());
+            reply.encode_into(&mut b);
             (
                 Bytes::copy_from_slice(&client_key(*client)),
                 Some(b.freeze()),
