@@ -23,7 +23,9 @@
 # FS_BENCH_WARM_GIB=N: GiB of memory touched before each write job (default 8; see warm_memory).
 # Before every target: sync, wait for the dirty data to be written back, drop the caches; each
 # target's data is removed once it is done. After the table: the CPU time the target's own
-# processes spent per MiB of the write job (tells a slow system from a starved one).
+# processes spent per MiB of the write job (tells a slow system from a starved one), and the
+# share of the machine's CPU time the host stole during each write job and the whole run (this
+# virtual machine's speed moves by up to 2x within an hour; a run with much stolen time says so).
 # DERECHOFS_BIN=PATH: the derechofs binary to run (default: the release build, made first);
 #   its directory's examples/ must hold memory_mount and versions for those targets.
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
@@ -146,6 +148,17 @@ cpu_ticks() {
   echo "$t"
 }
 
+# stat_ticks: the machine's total and stolen clock ticks so far (/proc/stat's first line: every
+# column summed, and `steal`, the time the host ran something else while this guest wanted a CPU).
+stat_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit}' /proc/stat; }
+# steal_pct "T0 S0" "T1 S1": stolen share of the ticks between two stat_ticks readings, in %.
+steal_pct() {
+  local t0 s0 t1 s1
+  read -r t0 s0 <<< "$1"; read -r t1 s1 <<< "$2"
+  if [ $((t1 - t0)) -gt 0 ]; then echo "scale=1; 100 * ($s1 - $s0) / ($t1 - $t0)" | bc; else echo 0; fi
+}
+run_start=$(stat_ticks)
+
 # fio_terse DIR ARGS…: one terse v3 line.
 fio_terse() {
   local dir=$1; shift
@@ -155,6 +168,7 @@ fio_terse() {
 
 declare -A R   # R[target,job] = number
 declare -A CPU # CPU[target] = ms of CPU of its processes per MiB of the write job
+declare -A STEAL # STEAL[target] = % of the machine's ticks the host took during the write job
 targets=()
 # run_jobs NAME DIR
 run_jobs() {
@@ -164,10 +178,12 @@ run_jobs() {
   settle
   # Terse v3: field 48 is the write bandwidth (KiB/s), 7 the read bandwidth, 8 the read IOPS.
   warm_memory
-  local c0 c1 kib
+  local c0 c1 kib s0
   c0=$(cpu_ticks)
+  s0=$(stat_ticks)
   out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
   c1=$(cpu_ticks)
+  STEAL[$name]=$(steal_pct "$s0" "$(stat_ticks)")
   R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
   # Terse v3 field 47: KiB written. CPU of the target's processes per MiB written.
   kib=$(echo "$out" | cut -d';' -f47)
@@ -316,6 +332,11 @@ for t in "${targets[@]}"; do
   [ -n "${CPU[$t]:-}" ] && echo -n " $t ${CPU[$t]};"
 done
 echo
+echo -n "Stolen by the host during the write job, % of the machine's CPU time:"
+for t in "${targets[@]}"; do
+  [ -n "${STEAL[$t]:-}" ] && echo -n " $t ${STEAL[$t]};"
+done
+echo " whole run $(steal_pct "$run_start" "$(stat_ticks)")"
 if [ -n "${R[disk,write]:-}" ]; then
   third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
   echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \

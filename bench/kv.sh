@@ -68,6 +68,20 @@ mkdir -p "$W/etcd" "$data"
 : > "$W/etcd/pids"
 rows=$W/rows
 
+# The machine's total and stolen clock ticks so far (/proc/stat's first line: every column
+# summed, and `steal`, the time the host ran something else while this guest wanted a CPU); this
+# virtual machine's speed moves by up to 2x within an hour, and a run with much stolen time says so.
+stat_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit}' /proc/stat; }
+steals=()   # "system workload value clients: N %" per run, printed after the table
+# note_steal LABEL "T0 S0": records the stolen share of the ticks since that reading.
+note_steal() {
+  local t0 s0 t1 s1
+  read -r t0 s0 <<< "$2"; read -r t1 s1 <<< "$(stat_ticks)"
+  if [ $((t1 - t0)) -gt 0 ]; then
+    steals+=("$1: $(awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", 100 * s / t}') %")
+  fi
+}
+
 # True while the process is running (a zombie awaiting its reaping counts as exited).
 alive() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
 
@@ -136,6 +150,7 @@ printf '| system | workload | value | clients | ops/s | p50 ms | p99 ms |\n|---|
   | tee "$rows"
 for row in "${matrix[@]}"; do
   read -r workload value clients <<< "$row"
+  ticks=$(stat_ticks)
   # The row goes to stdout and the table; the run's details (failed compares, errors) follow it.
   if ! timeout "$run_limit" "$etcd_load" --endpoints "$endpoints" --system "$label" \
          --workload "$workload" --value-bytes "$value" --clients "$clients" --seconds "$secs" \
@@ -145,6 +160,7 @@ for row in "${matrix[@]}"; do
   else
     cat "$W/stderr" >&2
   fi
+  note_steal "etcd $workload $value B x$clients" "$ticks"
 done
 stop_etcd
 
@@ -153,11 +169,12 @@ stop_etcd
 # acknowledged once fsynced on all three replicas), runs the load and stops them by pid. Its flags
 # mirror etcd-load's and it prints the same table row format, so its rows join the etcd rows.
 run_derechofs() {
-  local row workload value clients failed=0 dir=$data/derechofs
+  local row workload value clients ticks failed=0 dir=$data/derechofs
   echo "== derechofs: ${secs} s per run, data in $dir"
   for row in "${matrix[@]}"; do
     read -r workload value clients <<< "$row"
     rm -rf "$dir"
+    ticks=$(stat_ticks)
     if ! timeout "$run_limit" "$derechofs" bench kv --dir "$dir" --workload "$workload" \
            --value-bytes "$value" --clients "$clients" --seconds "$secs" \
            | tee -a "$rows"; then
@@ -165,6 +182,7 @@ run_derechofs() {
       tail -n 20 "$dir"/node*.log >&2 || true
       failed=1
     fi
+    note_steal "derechofs $workload $value B x$clients" "$ticks"
   done
   rm -rf "$dir"
   return $failed
@@ -175,4 +193,7 @@ run_derechofs || status=1
 echo
 echo "== results"
 cat "$rows"
+echo
+echo "Stolen by the host during each run, % of the machine's CPU time:"
+printf '  %s\n' "${steals[@]}"
 exit $status
