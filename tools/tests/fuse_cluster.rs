@@ -5,7 +5,8 @@
 //! unreachable cluster, a bad option and a missing mount point; close-to-open across two
 //! mounts on different members (a write closed through one, then at once opened and read
 //! through the other, round after round); what one mount's kernel keeps dropped when another
-//! mount changes it (attributes, entries, renames, links).
+//! mount changes it (attributes, entries, renames, links); `O_DIRECT` descriptors, which read
+//! the client's own writes before the close and show them through the other mount after it.
 //!
 //! Needs root and `/dev/fuse`, as CI has. Every process is stopped by its pid and every mount
 //! unmounted when a test ends, failed or not; every wait is bounded. The seed is printed;
@@ -310,4 +311,127 @@ fn what_one_mounts_kernel_keeps_is_dropped_when_another_mount_changes_it() {
         assert!(Instant::now() < deadline, "the link count at b stayed 2");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Bytes of the file the `O_DIRECT` test writes, and the size of its pieces (page multiples, as
+/// direct I/O asks).
+const DIRECT_FILE_BYTES: usize = 64 << 12;
+const DIRECT_PIECE_BYTES: usize = 4 << 12;
+
+/// A buffer of `len` bytes at a page-aligned address, inside a vector it borrows from.
+fn aligned(store: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    store.clear();
+    store.resize(len + 4096, 0);
+    let off = store.as_ptr().align_offset(4096);
+    &mut store[off..off + len]
+}
+
+/// Opens `path` with `O_DIRECT` (and `O_CREAT` when `create`), for reading and writing.
+fn open_direct(path: &std::path::Path, create: bool) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} with O_DIRECT: {e}", path.display()))
+}
+
+/// The whole of `file`, read with page-aligned reads (the file's size a page multiple).
+fn read_direct(file: &std::fs::File, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut store = Vec::new();
+    let buf = aligned(&mut store, len);
+    let mut done = 0;
+    while done < len {
+        let n = file
+            .read_at(&mut buf[done..], done as u64)
+            .expect("direct read");
+        assert!(n > 0, "direct read ended at {done} of {len} bytes");
+        done += n;
+    }
+    buf.to_vec()
+}
+
+#[test]
+fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhere_after_close() {
+    use std::os::unix::fs::FileExt;
+    let seed = seed();
+    let cluster = Cluster::new(64, 3, "");
+    cluster.start_all();
+    let _running = Running(&cluster);
+    cluster.wait_active();
+    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
+    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (at_a, at_b) = (a.path.join("direct"), b.path.join("direct"));
+    // The reference: what the file holds after every write so far.
+    let mut want = vec![0u8; DIRECT_FILE_BYTES];
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut store = Vec::new();
+    let writer = open_direct(&at_a, true);
+    // The pieces in a shuffled order, so the writes are not one run.
+    let pieces = DIRECT_FILE_BYTES / DIRECT_PIECE_BYTES;
+    let mut order: Vec<usize> = (0..pieces).collect();
+    for i in (1..pieces).rev() {
+        order.swap(i, (next() % (i as u64 + 1)) as usize);
+    }
+    for &piece in &order {
+        let at = piece * DIRECT_PIECE_BYTES;
+        let buf = aligned(&mut store, DIRECT_PIECE_BYTES);
+        for byte in buf.iter_mut() {
+            *byte = next() as u8;
+        }
+        writer
+            .write_all_at(buf, at as u64)
+            .expect("direct write at a");
+        want[at..at + DIRECT_PIECE_BYTES].copy_from_slice(buf);
+    }
+    // Before the writer closes, a second direct descriptor of the same client reads it all.
+    let reader = open_direct(&at_a, false);
+    assert_eq!(
+        reader.metadata().expect("fstat at a").len(),
+        DIRECT_FILE_BYTES as u64,
+        "seed {seed}: size through a second descriptor before the close"
+    );
+    assert!(
+        read_direct(&reader, DIRECT_FILE_BYTES) == want,
+        "seed {seed}: the client's own direct writes, read back before the close"
+    );
+    drop(reader);
+    drop(writer);
+    // Closed: another mount, on another member, opens it and reads it all, directly.
+    let at_other = open_direct(&at_b, false);
+    assert_eq!(
+        at_other.metadata().expect("fstat at b").len(),
+        DIRECT_FILE_BYTES as u64,
+        "seed {seed}: size at b after the close at a"
+    );
+    assert!(
+        read_direct(&at_other, DIRECT_FILE_BYTES) == want,
+        "seed {seed}: bytes at b after the close at a"
+    );
+    // And back: a direct overwrite at b, fsynced and closed, is what a new open at a reads.
+    let at = (next() as usize % pieces) * DIRECT_PIECE_BYTES;
+    let buf = aligned(&mut store, DIRECT_PIECE_BYTES);
+    for byte in buf.iter_mut() {
+        *byte = next() as u8;
+    }
+    at_other
+        .write_all_at(buf, at as u64)
+        .expect("direct write at b");
+    want[at..at + DIRECT_PIECE_BYTES].copy_from_slice(buf);
+    at_other.sync_all().expect("fsync at b");
+    drop(at_other);
+    let again = open_direct(&at_a, false);
+    assert!(
+        read_direct(&again, DIRECT_FILE_BYTES) == want,
+        "seed {seed}: bytes at a after the overwrite at b was closed"
+    );
 }
