@@ -618,6 +618,8 @@ pub struct Report {
     pub rounds_led: u64,
     /// Nodes welcomed into a view they joined (new nodes, restarted ones, removed ones).
     pub joins: u64,
+    /// Views installed by a node after another node had installed the view after it.
+    pub late_installs: u64,
     /// Records received by state transfer, over all nodes.
     pub records_transferred: u64,
     /// Shards caught up by state transfer, over all nodes.
@@ -837,6 +839,7 @@ struct Simulation {
     probes: BTreeMap<ShardId, bool>,
     refused_no_majority: u64,
     joins: u64,
+    late_installs: u64,
     transferred: u64,
     caught_up: u64,
     restarts: u64,
@@ -970,6 +973,7 @@ impl Simulation {
             probes: BTreeMap::new(),
             refused_no_majority: 0,
             joins: 0,
+            late_installs: 0,
             transferred: 0,
             caught_up: 0,
             restarts: 0,
@@ -1727,6 +1731,11 @@ impl Simulation {
                 let me = self.nodes[node].node_id();
                 let old = self.views[node].take();
                 self.joins += u64::from(old.is_none());
+                self.late_installs += u64::from(
+                    view.view_id
+                        .checked_add(1)
+                        .is_some_and(|next| self.checker.view(next).is_some()),
+                );
                 self.logged[node] = None;
                 self.logging[node] = None;
                 let restarted = self.restarting[node];
@@ -2014,6 +2023,7 @@ impl Simulation {
             rounds_led: self.nodes.iter().map(|n| n.counters().rounds_led).sum(),
             forgiven: self.nodes.iter().map(|n| n.counters().forgiven).sum(),
             joins: self.joins,
+            late_installs: self.late_installs,
             records_transferred: self.transferred,
             shards_caught_up: self.caught_up,
             restarts: self.restarts,
