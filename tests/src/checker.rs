@@ -166,7 +166,7 @@ impl Checker {
         // The versions of the view it leaves and of those before it: a member that installs the
         // next view late may find that view ended already, its versions delivered by the others
         // (in the trim that ended it) and the member removed from the view after it.
-        let left = u64::from(new.view_id - 1);
+        let left = u64::from(new.view_id.saturating_sub(1));
         for shard in trimmed {
             let s = usize::from(shard.0);
             let delivered = self.delivered[node][s];
