@@ -202,3 +202,17 @@ fn sim_fault_seed_1732_a_member_that_installs_a_view_the_others_ended_already_de
 fn sim_stall_seed_966_a_shards_new_member_with_a_clock_behind_stamps_above_every_frontier() {
     stall_seed_makes_progress(966);
 }
+
+/// Known issue, not fixed yet (docs/ARCHITECTURE.md, "Known issue: a removed member that has
+/// not heard it was removed answers reads"): slow-members seed 2238 (5 nodes, every member
+/// stalled past the suspicion timeout) stops with "node 3: barrier Barrier { view_id: 1, seqs: 12
+/// } of shard 1 reached with Some(0x10000000b) delivered, below version 0x10000000d a member had
+/// delivered when it was taken". Node id 4 stalled from 232 to 487 ms and was being removed; the
+/// trim of view 1 delivered node id 5's fifth message at node id 1, which node id 4 never
+/// received; back in view 1, node id 4 answered a barrier from its own counters. Run with
+/// `--ignored` to reproduce; it is to pass once reads that promise finality need a lease.
+#[test]
+#[ignore = "known issue: a removed member that has not heard it was removed answers reads"]
+fn sim_stall_seed_2238_a_member_removed_while_stalled_answers_no_barrier_read_from_its_old_view() {
+    stall_seed_makes_progress(2238);
+}
