@@ -255,10 +255,8 @@ impl ShardStore {
     pub fn persist(&self, version: Version) {
         let mut cell = lock(&self.persist.cell);
         cell.wanted = cell.wanted.max(Some(version));
-        let covered = cell.synced.min(cell.wanted);
-        if covered > cell.done {
+        if cell.report_synced() {
             // A sync that ended already covered it: no sync is owed, only the report.
-            cell.done = covered;
             self.notify.notify_one();
         }
         if self.inline {
@@ -401,6 +399,19 @@ fn sync_log(
     }
 }
 
+impl PersistCell {
+    /// Reports as done what finished syncs made durable, up to the newest version asked for;
+    /// returns whether `done` moved.
+    fn report_synced(&mut self) -> bool {
+        let covered = self.synced.min(self.wanted);
+        if covered > self.done {
+            self.done = covered;
+            return true;
+        }
+        false
+    }
+}
+
 /// Records the outcome of a sync; returns whether it succeeded. The first failure is kept.
 fn record_sync(cell: &mut PersistCell, result: Result<Option<Version>, LogError>) -> bool {
     match result {
@@ -408,7 +419,7 @@ fn record_sync(cell: &mut PersistCell, result: Result<Option<Version>, LogError>
             // The log may have synced versions delivered after the newest one asked for; the
             // engine hears only of versions it asked to persist, the rest when asked.
             cell.synced = cell.synced.max(persisted);
-            cell.done = cell.done.max(persisted.min(cell.wanted));
+            cell.report_synced();
             true
         }
         Err(e) => {
