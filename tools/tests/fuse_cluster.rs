@@ -91,13 +91,24 @@ impl Drop for Mount {
     }
 }
 
-/// Stops the nodes when the test ends, failed or not.
-struct Running<'a>(&'a Cluster);
+/// A started three-node cluster (`extra` appended to every node's configuration) with mount
+/// `a` linked to node 1 and mount `b` to node 2. Bound as `let (cluster, a, b) = …`, the mounts
+/// go first when the test ends, failed or not, then the nodes (`Cluster`'s drop stops them).
+fn two_mounts(test: u8, extra: &str) -> (Cluster, Mount, Mount) {
+    let cluster = Cluster::new(test, 3, extra);
+    cluster.start_all();
+    cluster.wait_active();
+    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
+    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    (cluster, a, b)
+}
 
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.stop_all();
-    }
+/// The next value of a xorshift generator (`x` never 0).
+fn xorshift(x: &mut u64) -> u64 {
+    *x ^= *x << 13;
+    *x ^= *x >> 7;
+    *x ^= *x << 17;
+    *x
 }
 
 fn seed() -> u64 {
@@ -112,12 +123,7 @@ fn seed() -> u64 {
 #[test]
 fn time_travel_through_two_mounts_on_different_nodes_is_identical_and_survives_a_killed_node() {
     let seed = seed();
-    let cluster = Cluster::new(61, 3, "suspect_after_ms = 2000\ntime_read_wait_ms = 5000\n");
-    cluster.start_all();
-    let _running = Running(&cluster);
-    cluster.wait_active();
-    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
-    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (cluster, a, b) = two_mounts(61, "suspect_after_ms = 2000\ntime_read_wait_ms = 5000\n");
 
     let history = time_travel::record(&a.path, "tree", STEPS, seed);
     time_travel::check(&a.path, "tree", &history, seed);
@@ -186,22 +192,14 @@ fn mount_refuses_an_unreachable_cluster_a_bad_option_and_a_missing_mount_point()
 #[test]
 fn an_open_through_one_mount_after_a_close_through_another_returned_sees_the_new_size_and_bytes() {
     let seed = seed();
-    let cluster = Cluster::new(62, 3, "");
-    cluster.start_all();
-    let _running = Running(&cluster);
-    cluster.wait_active();
     // The writer and the reader on different members; the reader's kernel holds the file's
     // attributes from the stat of the round before (within LIVE_TTL), its client its cache.
-    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
-    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (_cluster, a, b) = two_mounts(62, "");
     let (at_a, at_b) = (a.path.join("f"), b.path.join("f"));
     let mut x = seed | 1;
     for round in 0..ROUNDS {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
         // Sizes from empty to several pages, growing and shrinking from round to round.
-        let len = (x % 20_000) as usize;
+        let len = (xorshift(&mut x) % 20_000) as usize;
         let bytes: Vec<u8> = (0..len).map(|i| (round * 31 + i * 7) as u8).collect();
         if round > 0 {
             let _ = std::fs::metadata(&at_b).expect("stat at b");
@@ -245,12 +243,7 @@ fn seen(path: &std::path::Path) -> Option<(u32, u64)> {
 
 #[test]
 fn what_one_mounts_kernel_keeps_is_dropped_when_another_mount_changes_it() {
-    let cluster = Cluster::new(63, 3, "");
-    cluster.start_all();
-    let _running = Running(&cluster);
-    cluster.wait_active();
-    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
-    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (_cluster, a, b) = two_mounts(63, "");
     std::fs::create_dir(a.path.join("d")).expect("mkdir at a");
     for name in ["mode", "gone", "moved", "grown", "d/inner", "linked"] {
         std::fs::write(a.path.join(name), b"0123456789").expect("create at a");
@@ -358,22 +351,12 @@ fn read_direct(file: &std::fs::File, len: usize) -> Vec<u8> {
 fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhere_after_close() {
     use std::os::unix::fs::FileExt;
     let seed = seed();
-    let cluster = Cluster::new(64, 3, "");
-    cluster.start_all();
-    let _running = Running(&cluster);
-    cluster.wait_active();
-    let a = Mount::start(&cluster, "a", &cluster.contacts_of(&[1]), "prefer=1");
-    let b = Mount::start(&cluster, "b", &cluster.contacts_of(&[2]), "prefer=2");
+    let (_cluster, a, b) = two_mounts(64, "");
     let (at_a, at_b) = (a.path.join("direct"), b.path.join("direct"));
     // The reference: what the file holds after every write so far.
     let mut want = vec![0u8; DIRECT_FILE_BYTES];
     let mut x = seed | 1;
-    let mut next = move || {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x
-    };
+    let mut next = move || xorshift(&mut x);
     let mut store = Vec::new();
     let writer = open_direct(&at_a, true);
     // The pieces in a shuffled order, so the writes are not one run.
