@@ -148,15 +148,6 @@ cpu_ticks() {
   echo "$t"
 }
 
-# stat_ticks: the machine's total and stolen clock ticks so far (/proc/stat's first line: every
-# column summed, and `steal`, the time the host ran something else while this guest wanted a CPU).
-stat_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit}' /proc/stat; }
-# steal_pct "T0 S0" "T1 S1": stolen share of the ticks between two stat_ticks readings, in %.
-steal_pct() {
-  local t0 s0 t1 s1
-  read -r t0 s0 <<< "$1"; read -r t1 s1 <<< "$2"
-  if [ $((t1 - t0)) -gt 0 ]; then echo "scale=1; 100 * ($s1 - $s0) / ($t1 - $t0)" | bc; else echo 0; fi
-}
 run_start=$(stat_ticks)
 
 # fio_terse DIR ARGS…: one terse v3 line.

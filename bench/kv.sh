@@ -24,6 +24,7 @@ secs=${SECONDS_PER_RUN:-10}
 run_limit=$((secs + 40))   # a run's own deadline plus connection set-up and request time-outs
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+. "$here/scripts/lib.sh"
 derechofs_target=${CARGO_TARGET_DIR:-$here/target}
 derechofs=$derechofs_target/release/derechofs
 etcd_target=${ETCD_LOAD_TARGET_DIR:-${CARGO_TARGET_DIR:-$here/bench/etcd-load/target}}
@@ -68,19 +69,9 @@ mkdir -p "$W/etcd" "$data"
 : > "$W/etcd/pids"
 rows=$W/rows
 
-# The machine's total and stolen clock ticks so far (/proc/stat's first line: every column
-# summed, and `steal`, the time the host ran something else while this guest wanted a CPU); this
-# virtual machine's speed moves by up to 2x within an hour, and a run with much stolen time says so.
-stat_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit}' /proc/stat; }
 steals=()   # "system workload value clients: N %" per run, printed after the table
 # note_steal LABEL "T0 S0": records the stolen share of the ticks since that reading.
-note_steal() {
-  local t0 s0 t1 s1
-  read -r t0 s0 <<< "$2"; read -r t1 s1 <<< "$(stat_ticks)"
-  if [ $((t1 - t0)) -gt 0 ]; then
-    steals+=("$1: $(awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", 100 * s / t}') %")
-  fi
-}
+note_steal() { steals+=("$1: $(steal_pct "$2" "$(stat_ticks)") %"); }
 
 # True while the process is running (a zombie awaiting its reaping counts as exited).
 alive() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }

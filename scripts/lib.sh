@@ -1,4 +1,4 @@
-# Shared by up.sh, test.sh and scripts/fuse-tests.sh: install what is missing, quietly, and say
+# Shared by up.sh, test.sh, scripts/fuse-tests.sh and the bench/ scripts: install what is missing, quietly, and say
 # what was installed. Runs side by side (a CI run and a local one) are safe: apt waits for the
 # other's lock, and the mount helper is replaced atomically.
 need_apt() {
@@ -68,4 +68,17 @@ install_mount_helper() {
   rm -f "$MOUNT_HELPER_TMP"
   MOUNT_HELPER_TMP=
   return $status
+}
+
+# stat_ticks: the machine's total and stolen clock ticks so far (/proc/stat's first line: every
+# column summed, and `steal`, the time the host ran something else while this guest wanted a
+# CPU). The benchmarks report the stolen share: this virtual machine's speed moves by up to 2x
+# within an hour, and a run with much stolen time says so.
+stat_ticks() { awk '/^cpu / {t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $9; exit}' /proc/stat; }
+
+# steal_pct "T0 S0" "T1 S1": the stolen share of the ticks between two stat_ticks readings, in %.
+steal_pct() {
+  local t0 s0 t1 s1
+  read -r t0 s0 <<< "$1"; read -r t1 s1 <<< "$2"
+  awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", (t > 0 ? 100 * s / t : 0)}'
 }
