@@ -1489,15 +1489,15 @@ impl<S: Shards> FileSystem<S> {
     /// Sets an extended attribute.
     pub fn setxattr(&self, ino: Ino, name: &[u8], value: &[u8], flags: u32) -> FsResult<()> {
         let ino = self.live(ino)?;
-        self.forget_xattrs(ino);
-        let r = self.ns(NsOp::SetXattr {
+        self.change_xattrs(
             ino,
-            name: Bytes::copy_from_slice(name),
-            value: Bytes::copy_from_slice(value),
-            flags,
-        });
-        self.forget_xattrs(ino);
-        r.map(drop)
+            NsOp::SetXattr {
+                ino,
+                name: Bytes::copy_from_slice(name),
+                value: Bytes::copy_from_slice(value),
+                flags,
+            },
+        )
     }
 
     /// One extended attribute; [`HISTORY_XATTR`] is computed: one line per change of the inode,
@@ -1567,21 +1567,28 @@ impl<S: Shards> FileSystem<S> {
     /// Removes an extended attribute.
     pub fn removexattr(&self, ino: Ino, name: &[u8]) -> FsResult<()> {
         let ino = self.live(ino)?;
-        self.forget_xattrs(ino);
-        let r = self.ns(NsOp::RemoveXattr {
+        self.change_xattrs(
             ino,
-            name: Bytes::copy_from_slice(name),
-        });
-        self.forget_xattrs(ino);
-        r.map(drop)
+            NsOp::RemoveXattr {
+                ino,
+                name: Bytes::copy_from_slice(name),
+            },
+        )
     }
 
-    /// Forgets the extended attributes of `ino` cached here: this client changes one (before
-    /// the change, and again once it is applied, so that no value read meanwhile is kept).
-    fn forget_xattrs(&self, ino: Ino) {
-        if let Some(cache) = self.shards.attr_cache() {
-            cache.forget_xattrs(ino);
-        }
+    /// Applies `op`, a change of an extended attribute of `ino`, forgetting the attributes of
+    /// `ino` cached here before the change and again once it is applied, so that no value read
+    /// meanwhile is kept.
+    fn change_xattrs(&self, ino: Ino, op: NsOp) -> FsResult<()> {
+        let forget = || {
+            if let Some(cache) = self.shards.attr_cache() {
+                cache.forget_xattrs(ino);
+            }
+        };
+        forget();
+        let r = self.ns(op);
+        forget();
+        r.map(drop)
     }
 
     /// The versions and stamps at which inode `ino` changed (its attributes, its size and times
