@@ -29,6 +29,7 @@ mod error;
 pub mod hlc;
 pub mod kv;
 mod layout;
+mod lease;
 mod message;
 mod multicast;
 mod node;

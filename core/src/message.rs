@@ -65,11 +65,18 @@ pub enum Message {
         row: Row,
     },
     /// Liveness, and the sender's suspicions over view ranks for the members outside its shards.
+    /// Sent to each peer on its own, so it also carries that peer's read lease (see
+    /// `Node::holds_read_lease`).
     Heartbeat {
         /// The sender's view.
         view_id: u32,
         /// Bit `r` set: the sender suspects the member of view rank `r`.
         suspicions: u64,
+        /// The sender's clock when it sent this heartbeat, in µs.
+        sent_us: u64,
+        /// The `sent_us` of the newest heartbeat the sender received from the receiver in this
+        /// view; 0 if none, or if the sender ever suspected the receiver in this view.
+        echo_us: u64,
     },
     /// View change, phase 1: the leader asks every member it does not suspect to promise
     /// `round` and to report what it received.

@@ -13,6 +13,7 @@ use crate::bounds::{
 use crate::config::{Config, ConfigError};
 use crate::error::{Rejection, StepError, SubmitError};
 use crate::layout::{Layout, LayoutSpec, ShardId};
+use crate::lease::Lease;
 use crate::message::{Decision, Message, Record, Request};
 use crate::multicast::{Barrier, Multicast};
 use crate::row::Row;
@@ -303,6 +304,8 @@ pub struct Node {
     /// Indexed by shard id; `None` for shards this node does not replicate.
     shards: Vec<Option<Multicast>>,
     suspicion: Suspicion,
+    /// Whether this member may answer reads of the latest state (see [`Node::holds_read_lease`]).
+    lease: Lease,
     now_us: u64,
     started: bool,
     /// The time of the last step: a longer gap to the next one is a pause of this node.
@@ -367,11 +370,17 @@ impl Node {
             view.members.len(),
             config.suspect_after_ms.saturating_mul(1000),
         );
+        let lease = Lease::new(
+            rank,
+            view.members.len(),
+            config.suspect_after_ms.saturating_mul(1000),
+        );
         Ok(Node {
             config,
             rank,
             shards,
             suspicion,
+            lease,
             now_us: 0,
             started: false,
             last_step_us: 0,
@@ -582,7 +591,7 @@ impl Node {
             Input::LinkBroken { .. } if self.joining.is_some() => Ok(()),
             Input::LinkBroken { peer } => {
                 if let Some(rank) = self.view.rank_of(peer).filter(|&r| r != self.rank) {
-                    self.suspect(1 << rank, out);
+                    self.suspicion.cut(rank);
                 }
                 Ok(())
             }
@@ -695,6 +704,8 @@ impl Node {
                     let message = Message::Heartbeat {
                         view_id: self.view.view_id,
                         suspicions,
+                        sent_us: self.now_us,
+                        echo_us: self.lease.echo_for(rank),
                     };
                     out.push(Action::Send { to: peer, message });
                     self.counters.heartbeats_sent += 1;
@@ -783,6 +794,11 @@ impl Node {
             .view
             .rank_of(from)
             .ok_or(Rejection::UnknownSender(from))?;
+        if self.suspicion.is_cut(from_rank) && !matches!(message, Message::Commit { .. }) {
+            // The link from it broke, so messages may be missing before these: none counts,
+            // and its silence makes it suspected (see `Input::LinkBroken`).
+            return Ok(());
+        }
         if self.suspicion.suspected() & (1 << from_rank) != 0
             && !matches!(message, Message::Commit { .. })
             && !self.forgive(from_rank)
@@ -823,8 +839,19 @@ impl Node {
                 self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
-            Message::Heartbeat { suspicions, .. } => {
+            Message::Heartbeat {
+                suspicions,
+                sent_us,
+                echo_us,
+                ..
+            } => {
                 self.check_suspicions(suspicions)?;
+                if echo_us > self.now_us {
+                    return Err(Rejection::OutOfRange(
+                        "heartbeat echoing a time not yet come",
+                    ));
+                }
+                self.lease.heard(from_rank, sent_us, echo_us);
                 self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
@@ -1532,6 +1559,7 @@ impl Node {
     fn suspect(&mut self, mask: u64, out: &mut Vec<Action>) {
         let reports_me = mask & (1 << self.rank) != 0;
         let new = self.suspicion.merge(mask);
+        self.lease.withhold(new);
         if new == 0 {
             if reports_me {
                 self.wedge(out);
@@ -1966,6 +1994,11 @@ impl Node {
             self.config.suspect_after_ms.saturating_mul(1000),
         );
         self.suspicion.start(self.now_us);
+        self.lease = Lease::new(
+            rank,
+            view.members.len(),
+            self.config.suspect_after_ms.saturating_mul(1000),
+        );
         self.wedged = false;
         self.restarting = false;
         self.membership = Membership::Active;
@@ -2092,6 +2125,15 @@ impl Node {
     /// answers it the same. `None` if this node does not replicate the shard.
     pub fn stability_frontier(&self, shard: ShardId) -> Option<Hlc> {
         self.shard_ref(shard).map(Multicast::stability_frontier)
+    }
+
+    /// Whether this node may take a [`Node::barrier`] at `now_us` (its clock, read when the
+    /// barrier is taken, not at its last step): every other member of its view echoed one of
+    /// its heartbeats sent recently enough that none of them can have suspected it yet, so no
+    /// view change can have removed it and delivered, in its ragged trim, what it never
+    /// received. False while it joins; true alone in its view.
+    pub fn holds_read_lease(&self, now_us: u64) -> bool {
+        self.joining.is_none() && self.lease.holds(now_us.max(self.now_us))
     }
 
     /// A barrier of `shard` at this node now (`None` if it does not replicate the shard): once

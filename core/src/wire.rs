@@ -11,7 +11,7 @@
 //! Row       = 2 view_id shard senders received*senders delivered persisted
 //!             floor floor_delivered suspicions wedged:u8 wants
 //!   persisted = 0 (none) | version + 1
-//! Heartbeat = 3 view_id suspicions
+//! Heartbeat = 3 view_id suspicions sent_us echo_us
 //! Propose   = 4 view_id round suspicions
 //! Ack       = 5 view_id round promised suspicions count (shard senders received*senders)*count
 //!             0 | 1 accepted_round decision           (accepted)
@@ -150,10 +150,14 @@ impl Message {
             Message::Heartbeat {
                 view_id,
                 suspicions,
+                sent_us,
+                echo_us,
             } => {
                 out.push(TAG_HEARTBEAT);
                 put_varint(out, u64::from(*view_id));
                 put_varint(out, *suspicions);
+                put_varint(out, *sent_us);
+                put_varint(out, *echo_us);
             }
             Message::Propose {
                 view_id,
@@ -398,6 +402,8 @@ impl Message {
                 Message::Heartbeat {
                     view_id,
                     suspicions,
+                    sent_us: reader.varint("heartbeat send time")?,
+                    echo_us: reader.varint("heartbeat echo")?,
                 }
             }
             TAG_PROPOSE => Message::Propose {
@@ -1112,6 +1118,8 @@ mod tests {
             _ => Message::Heartbeat {
                 view_id,
                 suspicions: rng.number(),
+                sent_us: rng.number(),
+                echo_us: rng.number(),
             },
         }
     }
@@ -1211,6 +1219,8 @@ mod tests {
         let message = Message::Heartbeat {
             view_id: 3,
             suspicions: 1 << 40,
+            sent_us: 1_700_000_000_000_000,
+            echo_us: 1_699_999_999_980_000,
         };
         let bytes = message.to_bytes();
         let short = Bytes::copy_from_slice(&bytes[..bytes.len() - 1]);

@@ -861,6 +861,8 @@ fn a_suspicion_spreads_through_heartbeats_and_rows() {
     let heartbeat = Message::Heartbeat {
         view_id: 1,
         suspicions: 0b100,
+        sent_us: 0,
+        echo_us: 0,
     };
     cluster
         .step(
@@ -889,6 +891,8 @@ fn messages_of_a_later_view_wait_and_strangers_are_refused_and_counted() {
     let heartbeat = |view_id| Message::Heartbeat {
         view_id,
         suspicions: 0,
+        sent_us: 0,
+        echo_us: 0,
     };
     // A peer that installed a later view first: its heartbeats are dropped, its other
     // messages kept until this node installs that view.
@@ -918,6 +922,8 @@ fn messages_of_a_later_view_wait_and_strangers_are_refused_and_counted() {
     let beyond = Message::Heartbeat {
         view_id: 1,
         suspicions: 1 << 5,
+        sent_us: 0,
+        echo_us: 0,
     };
     assert!(cluster
         .step(
@@ -1664,4 +1670,78 @@ fn members_that_all_suspected_each_other_falsely_form_a_view_and_never_suspect_t
     let last = cluster.delivered[writer].last().unwrap();
     assert_eq!(last.version >> 32, u64::from(newest));
     assert_eq!(cluster.payloads(writer), vec!["a", "b"]);
+}
+
+#[test]
+fn a_member_holds_its_read_lease_only_while_no_peer_can_have_suspected_it() {
+    let mut cluster = Cluster::new(3, |_| {});
+    assert!(
+        !cluster.nodes[0].holds_read_lease(cluster.now_us),
+        "no heartbeat echoed yet"
+    );
+    // Heartbeats go out every 20 ms; the second round echoes the first.
+    for _ in 0..3 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+    }
+    for node in 0..3 {
+        assert!(cluster.nodes[node].holds_read_lease(cluster.now_us));
+    }
+    // Node 1 stops running (its messages and steps stop; the others keep going). Its lease,
+    // counted on its own clock, ends before the others can suspect it: 750 ms after the last
+    // heartbeat they echoed, which it sent at most 60 ms ago.
+    let sent_last_us = cluster.now_us - 20_000;
+    let stopped_us = cluster.now_us;
+    cluster.crashed[0] = true;
+    let mut suspected_at = None;
+    let mut lease_ended_at = None;
+    for _ in 0..80 {
+        cluster.tick_all(20_000);
+        cluster.wire.retain(|(from, to, _)| *from != 1 && *to != 1);
+        cluster.settle();
+        if lease_ended_at.is_none() && !cluster.nodes[0].holds_read_lease(cluster.now_us) {
+            lease_ended_at = Some(cluster.now_us);
+        }
+        if suspected_at.is_none() && cluster.nodes[1].suspected().contains(&1) {
+            suspected_at = Some(cluster.now_us);
+        }
+    }
+    let (lease_ended_at, suspected_at) = (lease_ended_at.unwrap(), suspected_at.unwrap());
+    // Observed at the first tick after it ends.
+    assert!(
+        lease_ended_at <= sent_last_us + 750_000 + 20_000,
+        "{lease_ended_at}"
+    );
+    assert!(cluster.nodes[0].holds_read_lease(lease_ended_at - 20_000));
+    assert!(
+        suspected_at >= stopped_us + 1_000_000 - 20_000,
+        "{suspected_at}"
+    );
+    assert!(lease_ended_at < suspected_at);
+}
+
+#[test]
+fn a_broken_link_suspects_the_peer_only_after_its_silence_and_a_suspected_peer_gets_no_echo() {
+    let mut cluster = Cluster::new(3, |_| {});
+    for _ in 0..3 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+    }
+    let broken_us = cluster.now_us;
+    cluster.step(1, Input::LinkBroken { peer: 1 }).unwrap();
+    assert!(cluster.nodes[1].suspected().is_empty(), "not at once");
+    // Node 1 still sends to node 2, which no longer counts what arrives.
+    let mut suspected_at = None;
+    for _ in 0..70 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+        if suspected_at.is_none() && cluster.nodes[1].suspected().contains(&1) {
+            suspected_at = Some(cluster.now_us);
+        }
+    }
+    let suspected_at = suspected_at.expect("suspected for its silence");
+    assert!(suspected_at >= broken_us + 1_000_000, "{suspected_at}");
+    // Node 2 suspected node 1 and echoes none of its heartbeats again in this view, so node 1
+    // holds no lease, though it still hears node 2's heartbeats until the view changes.
+    assert!(!cluster.nodes[0].holds_read_lease(cluster.now_us));
 }

@@ -576,6 +576,50 @@ mod tests {
             .is_err());
     }
 
+    /// A member that installs view 2 late, after the others delivered a version of view 2 in
+    /// the trim that ended it (found as fault seed 1732 before links that break were suspected
+    /// only for their silence): it must have delivered the versions of view 1, not view 2's.
+    #[test]
+    fn a_member_leaving_a_view_late_owes_only_that_views_versions() {
+        let spec = derechofs_core::LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let views: Vec<View> = (1..=2)
+            .map(|id| View::initial(id, vec![1, 2, 3], spec).unwrap())
+            .collect();
+        let mut later = delivery(0, 30, 3);
+        later.version = version_of(2, 0);
+        let mut checker = Checker::new(3, 1);
+        for node in 0..2 {
+            let log = [delivery(0, 10, 1), delivery(1, 20, 2), later.clone()];
+            checker.deliver(node, ShardId(0), &log).unwrap();
+            checker.install(node, None, &views[0], &[]).unwrap();
+        }
+        checker
+            .deliver(2, ShardId(0), &[delivery(0, 10, 1)])
+            .unwrap();
+        checker.install(2, None, &views[0], &[]).unwrap();
+        assert!(
+            checker
+                .install(2, Some(&views[0]), &views[1], &[ShardId(0)])
+                .is_err(),
+            "a version of view 1 is missing"
+        );
+        let mut checker = Checker::new(3, 1);
+        for node in 0..3 {
+            let log = [delivery(0, 10, 1), delivery(1, 20, 2), later.clone()];
+            let log = if node == 2 { &log[..2] } else { &log[..] };
+            checker.deliver(node, ShardId(0), log).unwrap();
+            checker.install(node, None, &views[0], &[]).unwrap();
+        }
+        checker
+            .install(2, Some(&views[0]), &views[1], &[ShardId(0)])
+            .unwrap();
+    }
+
     #[test]
     fn a_request_delivered_twice_is_caught() {
         let mut checker = Checker::new(1, 1);

@@ -620,6 +620,11 @@ pub struct Report {
     pub joins: u64,
     /// Views installed by a node after another node had installed the view after it.
     pub late_installs: u64,
+    /// Barriers taken (reads of the latest state a member answered).
+    pub barriers_taken: u64,
+    /// Barriers a member declined to take: joining, in a minority, back from a total restart,
+    /// or without its read lease.
+    pub barriers_refused: u64,
     /// Records received by state transfer, over all nodes.
     pub records_transferred: u64,
     /// Shards caught up by state transfer, over all nodes.
@@ -840,6 +845,8 @@ struct Simulation {
     refused_no_majority: u64,
     joins: u64,
     late_installs: u64,
+    barriers_taken: u64,
+    barriers_refused: u64,
     transferred: u64,
     caught_up: u64,
     restarts: u64,
@@ -974,6 +981,8 @@ impl Simulation {
             refused_no_majority: 0,
             joins: 0,
             late_installs: 0,
+            barriers_taken: 0,
+            barriers_refused: 0,
             transferred: 0,
             caught_up: 0,
             restarts: 0,
@@ -1884,16 +1893,20 @@ impl Simulation {
     /// Takes a barrier of `shard` at `node`, to be checked once the node reaches it.
     fn take_barrier(&mut self, node: usize, shard: ShardId) {
         // As a node's driver: a member that is joining (back from a crash, or removed) or in a
-        // minority answers no read at the latest state.
-        // Nor does one back from a total restart until the view that ends it is formed.
+        // minority answers no read at the latest state, nor one without its read lease (it may
+        // have been removed without having heard of it yet), nor one back from a total restart
+        // until the view that ends it is formed.
         if self.restarting[node]
             || matches!(
                 self.nodes[node].membership(),
                 Membership::Joining | Membership::NoMajority
             )
+            || !self.nodes[node].holds_read_lease(self.local_now_us(node))
         {
+            self.barriers_refused += 1;
             return;
         }
+        self.barriers_taken += 1;
         let Some(barrier) = self.nodes[node].barrier(shard) else {
             return;
         };
@@ -1919,18 +1932,14 @@ impl Simulation {
     }
 
     /// Every barrier `node` reached: it delivered what any member had delivered when it was
-    /// taken (`Node::barrier`'s contract). Checked while the node is a member of the newest
-    /// view: a member cut off from the others (a partition) keeps answering from its view
-    /// until it suspects them, while the others may exclude it and deliver, in the ragged trim,
-    /// messages it never received (docs/SEMANTICS.md states this limit). Not checked once a
-    /// total restart ended a view: it cuts logs to the logged trim, the simulator's other
-    /// checks cover what it keeps.
+    /// taken (`Node::barrier`'s contract), also when the others removed it meanwhile (its read
+    /// lease kept it from taking one once they could have). Not checked once a total restart
+    /// ended a view: it cuts logs to the logged trim, the simulator's other checks cover what
+    /// it keeps.
     fn check_barriers(&mut self, node: usize) -> Result<(), Violation> {
         let incarnation = self.incarnation[node];
         let mut result = Ok(());
-        let id = node as NodeId + 1;
-        let restarted =
-            !self.restarts_ended.is_empty() || !self.current_view().members.contains(&id);
+        let restarted = !self.restarts_ended.is_empty();
         let nodes = &self.nodes;
         self.barriers.retain(|p| {
             if p.node != node {
@@ -2024,6 +2033,8 @@ impl Simulation {
             forgiven: self.nodes.iter().map(|n| n.counters().forgiven).sum(),
             joins: self.joins,
             late_installs: self.late_installs,
+            barriers_taken: self.barriers_taken,
+            barriers_refused: self.barriers_refused,
             records_transferred: self.transferred,
             shards_caught_up: self.caught_up,
             restarts: self.restarts,

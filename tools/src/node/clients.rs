@@ -48,6 +48,9 @@ pub enum Until {
     Stable(Hlc),
     /// This replica delivered everything the barrier covers (`Request::FsReadBarrier`).
     Barrier(Barrier),
+    /// This member holds its read lease, to take the barrier of a `Request::FsReadBarrier`
+    /// (`Node::holds_read_lease`): until then it may have been removed without knowing.
+    Lease,
 }
 
 /// What a read asks.

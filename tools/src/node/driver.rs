@@ -1042,7 +1042,17 @@ impl Driver {
         let mut served = Vec::new();
         if !self.clients.reads.is_empty() {
             let reads = std::mem::take(&mut self.clients.reads);
-            for read in reads {
+            for mut read in reads {
+                if read.until == Until::Lease {
+                    // Removed meanwhile, or left in a minority: the client asks another member.
+                    if let Some(refusal) = self.read_refusal(read.shard, read.at) {
+                        out.push((read.client, refusal.encode(read.tag)));
+                        continue;
+                    }
+                    if let Some(barrier) = self.leased_barrier(read.shard) {
+                        read.until = barrier;
+                    }
+                }
                 if self.ready(read.shard, read.until) {
                     let reply = self.serve(read.tag, read.shard, &read.what, read.at);
                     served.push((read.client, reply));
@@ -1068,6 +1078,17 @@ impl Driver {
                 .is_some_and(|(latest, _)| latest >= v),
             Until::Stable(t) => self.node.stability_frontier(shard).is_some_and(|f| f >= t),
             Until::Barrier(barrier) => self.node.barrier_reached(shard, barrier),
+            Until::Lease => false,
+        }
+    }
+
+    /// A barrier of `shard` to wait for, taken now if this member holds its read lease
+    /// (`Node::holds_read_lease`, checked on the clock read now, not at the last step).
+    fn leased_barrier(&self, shard: ShardId) -> Option<Until> {
+        if self.node.holds_read_lease(now_us()) {
+            self.node.barrier(shard).map(Until::Barrier)
+        } else {
+            None
         }
     }
 
@@ -1216,7 +1237,7 @@ impl Driver {
                         self.stopping.push((id, due));
                         return Ok(());
                     }
-                    tracing::warn!(node = self.me, peer = id, %reason, "link broke; suspecting the member");
+                    tracing::warn!(node = self.me, peer = id, %reason, "link broke; the member is suspected once silent for the timeout");
                     if let Some(e) = self.step(Input::LinkBroken { peer: id }).await? {
                         tracing::debug!(node = self.me, error = %e, "link break refused");
                     }
@@ -1382,16 +1403,33 @@ impl Driver {
                     .partition(|r| r.deadline <= now);
             self.clients.reads = waiting;
             for r in late {
-                let message = match r.until {
-                    Until::Stable(t) => format!("the stability frontier did not pass {t} in time"),
-                    Until::Delivered(v) => format!("version {v:#x} was not delivered here in time"),
-                    Until::Barrier(b) => format!(
-                        "what this member had received in view {} (sequence numbers below {}) \
-                         was not delivered here in time",
-                        b.view_id, b.seqs
+                let (code, message) = match r.until {
+                    Until::Stable(t) => (
+                        ErrorCode::TimedOut,
+                        format!("the stability frontier did not pass {t} in time"),
+                    ),
+                    Until::Delivered(v) => (
+                        ErrorCode::TimedOut,
+                        format!("version {v:#x} was not delivered here in time"),
+                    ),
+                    Until::Barrier(b) => (
+                        ErrorCode::TimedOut,
+                        format!(
+                            "what this member had received in view {} (sequence numbers below \
+                             {}) was not delivered here in time",
+                            b.view_id, b.seqs
+                        ),
+                    ),
+                    // Not an EAGAIN for the application: the client asks another member.
+                    Until::Lease => (
+                        ErrorCode::Wedged,
+                        "this member has not heard from every member of its view recently \
+                         enough to answer a read of the latest state (it may have been removed \
+                         from the view): ask another member"
+                            .to_string(),
                     ),
                 };
-                self.send_client(r.client, error(ErrorCode::TimedOut, &message).encode(r.tag));
+                self.send_client(r.client, error(code, &message).encode(r.tag));
             }
         }
         Ok(())
@@ -1482,14 +1520,14 @@ impl Driver {
             Request::FsReadBarrier { .. } if !self.formed => self.write_refusal(),
             Request::FsReadBarrier { shard, request } => match self.fs_shard_here(shard) {
                 Ok(id) => {
-                    let barrier = self.node.barrier(id).map(Until::Barrier);
+                    let barrier = self.leased_barrier(id).unwrap_or(Until::Lease);
                     self.read_until(
                         client,
                         tag,
                         id,
                         ReadWhat::Fs(request),
                         ReadAt::Latest,
-                        barrier,
+                        Some(barrier),
                     )
                 }
                 Err(reply) => Some(reply),
