@@ -105,6 +105,9 @@ pub enum Message {
         /// In a total restart, per shard whose log the member holds: the last record of its
         /// log (`None`: empty). Empty in an ordinary view change.
         logs: Vec<(ShardId, Option<(Version, Hlc)>)>,
+        /// Per shard the member replicates (as for `counts`): the highest stability floor it
+        /// published in the view. Empty in a total restart.
+        floors: Vec<(ShardId, Hlc)>,
     },
     /// View change, phase 2: the leader asks the members to log `decision` and accept it.
     Accept {
@@ -180,6 +183,9 @@ pub enum Message {
         end: Option<(Version, Hlc)>,
         /// The member can serve this shard.
         ready: bool,
+        /// The stamp every version of the shard in this view is above (the view change's
+        /// floor, `Decision::floors`): the joiner starts stamping above it and the end's stamp.
+        floor: Hlc,
         /// The records.
         records: Vec<Record>,
     },
@@ -217,6 +223,12 @@ pub struct Decision {
     /// The addresses the nodes of `joined` announced in their joins, in the order of `joined`
     /// (a joiner that announced none has no entry). The next view carries them.
     pub addrs: Vec<(NodeId, SocketAddr)>,
+    /// Empty in a total restart. Otherwise, per shard of the old layout, in shard id order: the
+    /// highest stability floor the reporting members of the shard published in the old view.
+    /// Every version of the shard in the next view is stamped above it, so no frontier built
+    /// in the old view, at any member, is passed by a later version, whatever the clock of the
+    /// member that sends it (one new to the shard may run behind).
+    pub floors: Vec<Hlc>,
 }
 
 impl Message {

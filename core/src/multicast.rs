@@ -90,6 +90,9 @@ pub(crate) struct Multicast {
     own_unpersisted: VecDeque<(u64, Hlc)>,
     last_hlc: Hlc,
     last_version: Option<Version>,
+    /// Every version of this view is stamped above it: the highest stability floor published
+    /// in the previous view (`Decision::floors`), which the log's last stamp may be below.
+    stamp_floor: Hlc,
     /// Persist requests not yet confirmed: the version asked for, and the delivered counter
     /// (nulls included) that becomes persisted with it.
     persist_queue: VecDeque<(Version, u64)>,
@@ -134,6 +137,7 @@ impl Multicast {
             own_unpersisted: VecDeque::new(),
             last_hlc: Hlc::ZERO,
             last_version: None,
+            stamp_floor: Hlc::ZERO,
             persist_queue: VecDeque::new(),
             persisted_seqs: 0,
             stability: Stability::new(senders),
@@ -204,6 +208,17 @@ impl Multicast {
     /// The transfer in progress, if this member is catching up.
     pub(crate) fn catch_up(&self) -> Option<&CatchUp> {
         self.catch_up.as_ref()
+    }
+
+    /// The stamp every version of this view is above (see `Decision::floors`); a transfer
+    /// served by this member carries it.
+    pub(crate) fn stamp_floor(&self) -> Hlc {
+        self.stamp_floor
+    }
+
+    /// The highest stability floor this member published in this view.
+    pub(crate) fn published_floor(&self) -> Hlc {
+        self.rows[self.rank].floor
     }
 
     /// Where a transfer served by this member ends, or `None` if it cannot serve (it is
@@ -284,6 +299,7 @@ impl Multicast {
         }
         check_piece(catch_up.have, piece.end, &piece.records)?;
         catch_up.end = Some(piece.end);
+        catch_up.floor = catch_up.floor.max(piece.floor);
         let Some(last) = piece.records.last() else {
             if catch_up.have.map(|(v, _)| v) != piece.end.map(|(v, _)| v) {
                 return Err(Rejection::OutOfRange("an empty piece before the end"));
@@ -318,6 +334,7 @@ impl Multicast {
             return false;
         }
         let end = catch_up.end.expect("a finished transfer knows its end");
+        self.stamp_floor = catch_up.floor;
         self.catch_up = None;
         self.start = end;
         if let Some((version, hlc)) = end {
@@ -353,6 +370,7 @@ impl Multicast {
         members: Vec<NodeId>,
         rank: usize,
         config: &Config,
+        stamp_floor: Hlc,
     ) -> Multicast {
         assert!(
             self.all_persisted(),
@@ -365,6 +383,8 @@ impl Multicast {
         let mut next = Multicast::new(self.shard, view_id, members, rank, config);
         next.last_hlc = self.last_hlc;
         next.last_version = self.last_version;
+        // Frontiers carried from earlier views stay protected too.
+        next.stamp_floor = self.stamp_floor.max(stamp_floor);
         next.start = self.last_version.map(|version| (version, self.last_hlc));
         // What every member persisted, as far as this one knows, stays durable. The rows of
         // the other members start from nothing: a member may still be catching up the shard
@@ -653,7 +673,7 @@ impl Multicast {
             .expect("a delivered message was received here");
         if let Body::Batch(batch) = body {
             self.batches_delivered[sender] = seq / self.senders() + 1;
-            let hlc = delivery_stamp(self.last_hlc, batch.stamp);
+            let hlc = delivery_stamp(self.last_hlc.max(self.stamp_floor), batch.stamp);
             let version = version_of(self.view_id, seq as u32);
             self.last_hlc = hlc;
             self.last_version = Some(version);

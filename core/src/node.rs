@@ -865,6 +865,7 @@ impl Node {
                 counts,
                 accepted,
                 logs,
+                floors,
                 ..
             } => {
                 self.check_suspicions(suspicions)?;
@@ -876,6 +877,7 @@ impl Node {
                     counts,
                     accepted,
                     logs,
+                    floors,
                 };
                 self.on_ack(from_rank, round, promised, report)
             }
@@ -906,6 +908,7 @@ impl Node {
                 after,
                 end,
                 ready,
+                floor,
                 records,
                 ..
             } => {
@@ -916,6 +919,7 @@ impl Node {
                     after,
                     end,
                     ready,
+                    floor,
                     records,
                 };
                 let appended = multicast.receive_piece(sender, piece, now_us, retry_us, out)?;
@@ -1059,12 +1063,14 @@ impl Node {
                 after,
                 end: None,
                 ready: false,
+                floor: Hlc::ZERO,
                 records: Vec::new(),
             };
             out.push(Action::Send { to: from, message });
             return Ok(());
         };
         let end_version = end.map(|(v, _)| v);
+        let floor = multicast.stamp_floor();
         // A fetch after the end comes from a member holding a tail a total restart cut: the
         // end alone tells it where to cut.
         if after >= end_version {
@@ -1074,6 +1080,7 @@ impl Node {
                 after,
                 end,
                 ready: true,
+                floor,
                 records: Vec::new(),
             };
             out.push(Action::Send { to: from, message });
@@ -1105,9 +1112,13 @@ impl Node {
         if view_id != self.view.view_id || self.joining.is_some() {
             return;
         }
-        let Some(end) = self.shard_ref(shard).and_then(Multicast::transfer_end) else {
+        let Some(multicast) = self.shard_ref(shard) else {
             return;
         };
+        let Some(end) = multicast.transfer_end() else {
+            return;
+        };
+        let floor = multicast.stamp_floor();
         let end_version = end.map(|(v, _)| v);
         // What the driver read comes from disk: check it instead of trusting it. Keep the
         // longest prefix that is in the range asked and within the piece's bounds.
@@ -1140,6 +1151,7 @@ impl Node {
             after,
             end,
             ready: true,
+            floor,
             records,
         };
         out.push(Action::Send { to, message });
@@ -1223,6 +1235,7 @@ impl Node {
         let shards = self.view.layout.shards();
         if decision.trims.len() != shards.len()
             || !(decision.ends.is_empty() || decision.ends.len() == shards.len())
+            || !(decision.floors.is_empty() || decision.floors.len() == shards.len())
         {
             return Err(Rejection::OutOfRange("decision of the wrong shape"));
         }
@@ -1294,6 +1307,7 @@ impl Node {
             counts: report.counts,
             accepted: report.accepted,
             logs: report.logs,
+            floors: report.floors,
         };
         out.push(Action::Send {
             to: leader,
@@ -1449,19 +1463,26 @@ impl Node {
                 counts: Vec::new(),
                 accepted: self.change.accepted.clone(),
                 logs,
+                floors: Vec::new(),
             };
         }
-        let counts = self
-            .shards
-            .iter()
-            .flatten()
-            .filter(|m| m.catch_up().is_none())
+        let current = || {
+            self.shards
+                .iter()
+                .flatten()
+                .filter(|m| m.catch_up().is_none())
+        };
+        let counts = current()
             .map(|m| (m.shard(), m.received().to_vec()))
+            .collect();
+        let floors = current()
+            .map(|m| (m.shard(), m.published_floor()))
             .collect();
         Report {
             counts,
             accepted: self.change.accepted.clone(),
             logs: Vec::new(),
+            floors,
         }
     }
 
@@ -1894,7 +1915,7 @@ impl Node {
         let old: Vec<Option<Multicast>> = std::mem::take(&mut self.shards);
         let old_view = self.view.clone();
         let restarting = self.restarting;
-        self.enter(view.clone(), old, &decision.ends, out);
+        self.enter(view.clone(), old, &decision.ends, &decision.floors, out);
         if !decision.ends.is_empty() {
             self.last_restart = Some((old_view.clone(), round, decision.clone()));
             self.told_restart = 0;
@@ -1927,7 +1948,7 @@ impl Node {
     /// A joiner was welcomed into `view`: every shard it replicates there is new to it.
     fn install_welcome(&mut self, view: View, out: &mut Vec<Action>) {
         self.joining = None;
-        self.enter(view, Vec::new(), &[], out);
+        self.enter(view, Vec::new(), &[], &[], out);
         self.counters.views_installed += 1;
         self.replay_future(out);
     }
@@ -1943,6 +1964,7 @@ impl Node {
         view: View,
         mut old: Vec<Option<Multicast>>,
         ends: &[Option<(Version, Hlc)>],
+        floors: &[Hlc],
         out: &mut Vec<Action>,
     ) {
         let me = self.config.node_id;
@@ -1956,12 +1978,16 @@ impl Node {
             let members = shard.members.clone();
             let previous = old.get_mut(usize::from(shard.id.0)).and_then(Option::take);
             let end = ends.get(usize::from(shard.id.0));
+            let floor = floors
+                .get(usize::from(shard.id.0))
+                .copied()
+                .unwrap_or(Hlc::ZERO);
             let multicast = match previous {
                 Some(multicast)
                     if multicast.catch_up().is_none()
                         && end.is_none_or(|&end| multicast.last_delivered() == end) =>
                 {
-                    multicast.successor(view.view_id, members, position, &self.config)
+                    multicast.successor(view.view_id, members, position, &self.config, floor)
                 }
                 Some(multicast) => Multicast::joining(
                     shard.id,

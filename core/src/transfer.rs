@@ -49,6 +49,8 @@ pub(crate) struct Piece {
     pub(crate) after: Option<Version>,
     pub(crate) end: Option<(Version, Hlc)>,
     pub(crate) ready: bool,
+    /// The serving member's stamp floor of the view (`Multicast::stamp_floor`).
+    pub(crate) floor: Hlc,
     pub(crate) records: Vec<Record>,
 }
 
@@ -61,6 +63,8 @@ pub(crate) struct CatchUp {
     pub(crate) persisted: Option<Version>,
     /// The end of the transfer, once a source said it.
     pub(crate) end: Option<Option<(Version, Hlc)>>,
+    /// The view's stamp floor, as the sources said it.
+    pub(crate) floor: Hlc,
     /// The shard rank of the member asked, or to ask next.
     pub(crate) source: usize,
     /// Sources tried in a row that could not serve; after a whole round the joiner waits.
@@ -81,6 +85,7 @@ impl CatchUp {
             have,
             persisted,
             end: None,
+            floor: Hlc::ZERO,
             source: 0,
             refused: 0,
             asked: false,

@@ -28,6 +28,8 @@ pub(crate) struct Report {
     pub(crate) accepted: Option<(u64, Decision)>,
     /// In a total restart, per shard it replicates: the last record of its log.
     pub(crate) logs: Vec<(ShardId, Option<(Version, Hlc)>)>,
+    /// Per shard it replicates (as for `counts`): the highest stability floor it published.
+    pub(crate) floors: Vec<(ShardId, Hlc)>,
 }
 
 /// The leader's side of one round.
@@ -106,8 +108,10 @@ pub(crate) fn decide(
         return Some(decision.clone());
     }
     let mut trims = Vec::with_capacity(layout.shards().len());
+    let mut floors = Vec::with_capacity(layout.shards().len());
     for shard in layout.shards() {
         let mut trim: Option<Vec<u64>> = None;
+        let mut floor = Hlc::ZERO;
         for &member in &shard.members {
             let rank = members
                 .iter()
@@ -120,12 +124,16 @@ pub(crate) fn decide(
             let Some((_, counts)) = report.counts.iter().find(|(id, _)| *id == shard.id) else {
                 continue;
             };
+            if let Some(&(_, published)) = report.floors.iter().find(|(id, _)| *id == shard.id) {
+                floor = floor.max(published);
+            }
             trim = Some(match trim {
                 None => counts.clone(),
                 Some(low) => low.iter().zip(counts).map(|(a, b)| *a.min(b)).collect(),
             });
         }
         trims.push(trim?);
+        floors.push(floor);
     }
     let survivors = members.len() - suspected.count_ones() as usize;
     let joined = joins
@@ -145,6 +153,7 @@ pub(crate) fn decide(
         trims,
         ends: Vec::new(),
         addrs: Vec::new(),
+        floors,
     })
 }
 
@@ -202,6 +211,7 @@ pub(crate) fn decide_restart(
         trims,
         ends,
         addrs: Vec::new(),
+        floors: Vec::new(),
     })
 }
 
@@ -233,6 +243,7 @@ mod tests {
             counts,
             accepted,
             logs: Vec::new(),
+            floors: Vec::new(),
         }
     }
 
@@ -241,7 +252,35 @@ mod tests {
             counts: Vec::new(),
             accepted: None,
             logs,
+            floors: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_decision_carries_the_highest_floor_the_shards_live_members_published() {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards: 0,
+            replicas: 3,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        let layout = Layout::assign(spec, &members, None).unwrap();
+        let with_floor = |wall_us| Report {
+            counts: vec![(ShardId(0), vec![4, 4, 4])],
+            accepted: None,
+            logs: Vec::new(),
+            floors: vec![(ShardId(0), Hlc::at(wall_us))],
+        };
+        let mut reports = BTreeMap::new();
+        reports.insert(0, with_floor(300));
+        reports.insert(1, with_floor(700));
+        let decision = decide(&layout, &members, 0b100, &[], &reports).unwrap();
+        assert_eq!(decision.floors, vec![Hlc::at(700)]);
+        // A suspected member's report does not count.
+        reports.insert(2, with_floor(900));
+        let decision = decide(&layout, &members, 0b100, &[], &reports).unwrap();
+        assert_eq!(decision.floors, vec![Hlc::at(700)]);
     }
 
     #[test]
@@ -297,6 +336,7 @@ mod tests {
             trims: vec![vec![1, 1, 1]],
             ends: vec![],
             addrs: vec![],
+            floors: vec![],
         };
         let mut reports = BTreeMap::new();
         reports.insert(0, restart_report(vec![(ShardId(0), None)]));
@@ -361,6 +401,7 @@ mod tests {
             trims: vec![vec![1, 1]],
             ends: vec![],
             addrs: vec![],
+            floors: vec![],
         };
         let newer = Decision {
             removed: 0b001,
@@ -368,6 +409,7 @@ mod tests {
             trims: vec![vec![2, 1]],
             ends: vec![],
             addrs: vec![],
+            floors: vec![],
         };
         let mut reports = BTreeMap::new();
         reports.insert(1, report(vec![(ShardId(0), vec![9, 9])], Some((64, old))));

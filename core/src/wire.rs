@@ -16,12 +16,14 @@
 //! Ack       = 5 view_id round promised suspicions count (shard senders received*senders)*count
 //!             0 | 1 accepted_round decision           (accepted)
 //!             logs (shard end)*logs                   (restart: each log's last record)
+//!             floors (shard floor)*floors             (each shard's highest own floor)
 //! Accept    = 6 view_id round decision
 //! Accepted  = 7 view_id round
 //! Commit    = 8 view_id round decision
 //!   decision = removed joins node*joins shards (senders trim*senders)*shards
 //!              ends end*ends                          (restart: each shard's log end)
 //!              addrs (node addr)*addrs                (the joiners' announced addresses)
+//!              floors floor*floors                    (per shard: the next view stamps above)
 //! Join      = 9 view_id 0 | 9 view_id addr            (without / with an address)
 //! Redirect  = 10 view_id leader
 //! Welcome   = 11 view
@@ -30,7 +32,8 @@
 //!             addrs (node addr)*addrs                 (members' announced addresses, ids rising)
 //!   addr    = 4 ip:4 port:2 | 6 ip:16 port:2          (bytes as on the network: big-endian)
 //! Fetch     = 12 view_id shard after
-//! Piece     = 13 view_id shard after ready:u8 end records (version hlc len payload[len])*records
+//! Piece     = 13 view_id shard after ready:u8 end floor
+//!             records (version hlc len payload[len])*records
 //!   after, end = 0 (none) | 1 version (after) | 1 version wall_us logical (end)
 //! stamp, client_hlc, floor = wall_us logical
 //! ```
@@ -177,6 +180,7 @@ impl Message {
                 counts,
                 accepted,
                 logs,
+                floors,
             } => {
                 out.push(TAG_ACK);
                 put_varint(out, u64::from(*view_id));
@@ -200,6 +204,11 @@ impl Message {
                 for (shard, end) in logs {
                     put_varint(out, u64::from(shard.0));
                     put_end(out, *end);
+                }
+                put_varint(out, floors.len() as u64);
+                for (shard, floor) in floors {
+                    put_varint(out, u64::from(shard.0));
+                    put_hlc(out, *floor);
                 }
             }
             Message::Accept {
@@ -260,6 +269,7 @@ impl Message {
                 after,
                 end,
                 ready,
+                floor,
                 records,
             } => {
                 out.push(TAG_PIECE);
@@ -268,6 +278,7 @@ impl Message {
                 put_version(out, *after);
                 out.push(u8::from(*ready));
                 put_end(out, *end);
+                put_hlc(out, *floor);
                 put_varint(out, records.len() as u64);
                 for record in records {
                     put_varint(out, record.version);
@@ -433,6 +444,12 @@ impl Message {
                     let shard = reader.shard()?;
                     logs.push((shard, reader.end()?));
                 }
+                // Each floor takes at least 3 bytes.
+                let (count, mut floors) = reader.list("floor count", 0, SHARDS_MAX, 3)?;
+                for _ in 0..count {
+                    let shard = reader.shard()?;
+                    floors.push((shard, reader.hlc()?));
+                }
                 Message::Ack {
                     view_id,
                     round,
@@ -441,6 +458,7 @@ impl Message {
                     counts,
                     accepted,
                     logs,
+                    floors,
                 }
             }
             TAG_ACCEPT => Message::Accept {
@@ -489,12 +507,14 @@ impl Message {
                     _ => return Err(DecodeError::BadInteger("ready")),
                 };
                 let end = reader.end()?;
+                let floor = reader.hlc()?;
                 Message::Piece {
                     view_id,
                     shard,
                     after,
                     end,
                     ready,
+                    floor,
                     records: reader.records()?,
                 }
             }
@@ -543,6 +563,10 @@ fn put_decision(out: &mut Vec<u8>, decision: &Decision) {
         put_end(out, *end);
     }
     put_addrs(out, &decision.addrs);
+    put_varint(out, decision.floors.len() as u64);
+    for floor in &decision.floors {
+        put_hlc(out, *floor);
+    }
 }
 
 fn put_addrs(out: &mut Vec<u8>, addrs: &[(NodeId, SocketAddr)]) {
@@ -732,12 +756,18 @@ impl Reader<'_> {
             ends.push(self.end()?);
         }
         let addrs = self.addrs()?;
+        // Each floor takes at least 2 bytes.
+        let (count, mut floors) = self.list("floor count", 0, SHARDS_MAX, 2)?;
+        for _ in 0..count {
+            floors.push(self.hlc()?);
+        }
         Ok(Decision {
             removed,
             joined,
             trims,
             ends,
             addrs,
+            floors,
         })
     }
 
@@ -991,6 +1021,7 @@ mod tests {
             addrs: (0..rng.below(3))
                 .map(|i| (i as NodeId, random_addr(rng)))
                 .collect(),
+            floors: (0..rng.below(3)).map(|_| rng.hlc()).collect(),
         }
     }
 
@@ -1020,6 +1051,7 @@ mod tests {
                 after: (rng.below(2) == 0).then(|| rng.number()),
                 end: (rng.below(2) == 0).then(|| (rng.number(), rng.hlc())),
                 ready: rng.below(2) == 0,
+                floor: rng.hlc(),
                 records: (0..rng.below(4))
                     .map(|_| Record {
                         version: rng.number(),
@@ -1048,6 +1080,9 @@ mod tests {
                         (ShardId(rng.number() as u16), end)
                     })
                     .collect();
+                let floors = (0..rng.below(3))
+                    .map(|_| (ShardId(rng.number() as u16), rng.hlc()))
+                    .collect();
                 Message::Ack {
                     view_id,
                     round: rng.number(),
@@ -1056,6 +1091,7 @@ mod tests {
                     counts,
                     accepted,
                     logs,
+                    floors,
                 }
             }
             6 => Message::Accept {
@@ -1267,7 +1303,8 @@ mod tests {
 
     #[test]
     fn a_huge_record_count_and_an_oversized_piece_are_refused_before_allocating() {
-        let mut bytes = vec![TAG_PIECE, 1, 0, 0, 1, 0];
+        // view 1, shard 0, after none, ready, end none, floor 0.0, then the record count.
+        let mut bytes = vec![TAG_PIECE, 1, 0, 0, 1, 0, 0, 0];
         put_varint(&mut bytes, u64::MAX);
         assert_eq!(
             Message::decode(&Bytes::from(bytes)),
@@ -1286,6 +1323,7 @@ mod tests {
             after: None,
             end: Some((2, Hlc::at(2))),
             ready: true,
+            floor: Hlc::ZERO,
             records: vec![record(1), record(2)],
         };
         assert_eq!(

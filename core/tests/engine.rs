@@ -1400,6 +1400,7 @@ fn a_joiner_announces_its_address_and_every_later_view_carries_it_to_every_membe
             trims: vec![vec![0; 3]],
             ends: vec![],
             addrs: vec![(2, addr)],
+            floors: vec![],
         },
     };
     assert!(cluster
@@ -1481,6 +1482,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
             trims: vec![vec![0, 0]],
             ends: vec![],
             addrs: vec![],
+            floors: vec![],
         },
     };
     assert!(cluster
@@ -1505,6 +1507,7 @@ fn view_change_messages_out_of_range_are_refused_without_effect() {
                 trims: vec![vec![0, 0, 0]],
                 ends: vec![],
                 addrs: vec![],
+                floors: vec![],
             },
         };
         assert!(cluster

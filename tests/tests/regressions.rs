@@ -193,16 +193,15 @@ fn sim_fault_seed_1732_links_breaking_around_a_slow_member_hold_every_invariant(
     );
 }
 
-/// Known issue, not fixed yet (docs/ARCHITECTURE.md, "Known issue: a shard's new member with a
-/// clock behind"): a wide run of slow-members seeds (2,500) stopped at seed 966 (5 nodes, clock
-/// skews up to ±92 ms, every member stalled past the suspicion timeout) with "time read: node 1
-/// answers 2 versions of shard 2 at 1700000000.419083+0, but 3 are delivered somewhere". Node id
-/// 1, new to shard 2 in view 2 with its clock 92 ms behind, stamped a version of view 3 below the
-/// floors the shard's old members had published in view 1, from which node id 2 (removed, still
-/// in view 1) had built its frontier. Run with `--ignored` to reproduce; it is to pass once the
-/// view change carries a stamp floor per shard.
+/// A wide run of slow-members seeds (2,500) stopped at seed 966 (5 nodes, clock skews up to
+/// ±92 ms, every member stalled past the suspicion timeout) with "time read: node 1 answers 2
+/// versions of shard 2 at 1700000000.419083+0, but 3 are delivered somewhere". Node id 1, new to
+/// shard 2 in view 2 with its clock 92 ms behind, stamped a version of view 3 below the floors the
+/// shard's old members had published in view 1, from which node id 2 (removed, still in view 1)
+/// had built its frontier. Each member now reports the floor it published per shard when it
+/// acknowledges a view change, the decision carries the highest per shard, and every version of
+/// the next view is stamped above it (members new to the shard learn it with the state transfer).
 #[test]
-#[ignore = "known issue: a shard's new member with a clock behind can stamp below a frontier"]
 fn sim_stall_seed_966_a_shards_new_member_with_a_clock_behind_stamps_above_every_frontier() {
     stall_seed_makes_progress(966);
 }

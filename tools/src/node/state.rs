@@ -19,7 +19,10 @@ pub const STATE_FILE: &str = "view-state";
 /// The temporary name it is written under before the rename.
 const STATE_TEMP: &str = "view-state.tmp";
 /// The magic and format version at the start of the file.
-const MAGIC: &[u8; 8] = b"DFSVIEW\x04";
+const MAGIC: &[u8; 8] = b"DFSVIEW\x05";
+/// Format 4, read as format 5 without a decision's stamp floors (written before decisions
+/// carried them).
+const MAGIC_4: &[u8; 8] = b"DFSVIEW\x04";
 /// Format 3, read as format 4 without addresses (written before views carried them).
 const MAGIC_3: &[u8; 8] = b"DFSVIEW\x03";
 /// The file's header: magic, body length, body checksum.
@@ -155,6 +158,11 @@ impl NodeState {
                     }
                 }
                 put_addrs(&mut body, &logged.decision.addrs);
+                body.extend_from_slice(&(logged.decision.floors.len() as u16).to_le_bytes());
+                for floor in &logged.decision.floors {
+                    body.extend_from_slice(&floor.wall_us.to_le_bytes());
+                    body.extend_from_slice(&floor.logical.to_le_bytes());
+                }
             }
         }
         let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
@@ -170,9 +178,10 @@ impl NodeState {
         if bytes.len() < HEADER_BYTES {
             return Err(format!("{} bytes, shorter than the header", bytes.len()));
         }
-        let with_addrs = match &bytes[..8] {
-            m if m == MAGIC => true,
-            m if m == MAGIC_3 => false,
+        let (with_addrs, with_floors) = match &bytes[..8] {
+            m if m == MAGIC => (true, true),
+            m if m == MAGIC_4 => (true, false),
+            m if m == MAGIC_3 => (false, false),
             _ => return Err("wrong magic (not a view state, or a newer format)".into()),
         };
         let len = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
@@ -289,6 +298,20 @@ impl NodeState {
                         ));
                     }
                 }
+                let count = if with_floors {
+                    usize::from(r.u16()?)
+                } else {
+                    0
+                };
+                if count != 0 && count != shard_count {
+                    return Err(format!("{count} stamp floors for {shard_count} shards"));
+                }
+                let mut floors = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let wall_us = r.u64()?;
+                    let logical = r.u32()?;
+                    floors.push(derechofs_core::Hlc { wall_us, logical });
+                }
                 Some(LoggedDecision {
                     round,
                     decision: Decision {
@@ -297,6 +320,7 @@ impl NodeState {
                         trims,
                         ends,
                         addrs,
+                        floors,
                     },
                 })
             }
@@ -486,6 +510,10 @@ mod tests {
                 trims: vec![vec![3, 2, 2], vec![5, 0, 1]],
                 ends: vec![],
                 addrs: vec![(12, "127.0.0.5:9000".parse().unwrap())],
+                floors: vec![
+                    derechofs_core::Hlc::at(1_700_000_000_000_000),
+                    derechofs_core::Hlc::ZERO,
+                ],
             },
         };
         let restart = LoggedDecision {
@@ -496,6 +524,7 @@ mod tests {
                 trims: vec![vec![3, 2, 2], vec![0, 0, 0]],
                 ends: vec![Some((7 << 32 | 6, derechofs_core::Hlc::at(99))), None],
                 addrs: vec![],
+                floors: vec![],
             },
         };
         for s in [state(None), state(Some(logged)), state(Some(restart))] {
@@ -527,6 +556,39 @@ mod tests {
     }
 
     #[test]
+    fn view_state_of_format_4_reads_as_a_decision_without_stamp_floors() {
+        let logged = LoggedDecision {
+            round: 3,
+            decision: Decision {
+                removed: 0b100,
+                joined: vec![],
+                trims: vec![vec![2, 2, 1], vec![0, 0, 0]],
+                ends: vec![],
+                addrs: vec![],
+                floors: vec![],
+            },
+        };
+        let state = state(Some(logged));
+        let bytes = state.encode();
+        // Format 4 is format 5 without the decision's floor count (two zero bytes, last).
+        let body = &bytes[HEADER_BYTES..];
+        let n = body.len();
+        assert_eq!(&body[n - 2..], &[0, 0]);
+        let old_body = &body[..n - 2];
+        let mut old = MAGIC_4.to_vec();
+        old.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc32c::crc32c(old_body).to_le_bytes());
+        old.extend_from_slice(old_body);
+        assert_eq!(NodeState::decode(&old), Ok(state.clone()));
+        let mut stale = old.clone();
+        stale[..8].copy_from_slice(MAGIC);
+        assert!(
+            NodeState::decode(&stale).is_err(),
+            "format 5 needs the floor count"
+        );
+    }
+
+    #[test]
     fn view_state_refuses_every_truncation_and_flipped_byte() {
         let bytes = state(Some(LoggedDecision {
             round: 1,
@@ -536,6 +598,7 @@ mod tests {
                 trims: vec![vec![1, 1, 1], vec![0, 0, 0]],
                 ends: vec![None, Some((3, derechofs_core::Hlc::at(5)))],
                 addrs: vec![],
+                floors: vec![derechofs_core::Hlc::at(9), derechofs_core::Hlc::at(4)],
             },
         }))
         .encode();
