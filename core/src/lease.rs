@@ -9,25 +9,29 @@
 //! delivered versions it never received; until it hears of the next view, its counters say
 //! nothing about them.
 //!
-//! Removing a member starts with some member suspecting it, and a member suspects a peer only
-//! once it has not heard from it for `suspect_after` of its own running time (a broken link is
-//! not a shortcut: messages from the peer stop counting, and its silence does the rest). Each
-//! heartbeat carries the sender's clock when it sent it, and echoes back to each peer the send
-//! time of the last heartbeat it received from that peer, as long as it never suspected the peer
-//! in this view. A member that holds, from every other member of its view, an echo of a
-//! heartbeat it sent less than `suspect_after - margin` ago knows that none of them can have
-//! suspected it yet: each heard it after that send, and suspects it at the earliest
-//! `suspect_after` later. Durations are measured on each member's own clock, so the clocks'
-//! offsets do not matter; the margin covers their rates differing and the tick granularity.
+//! Each heartbeat carries the sender's clock when it sent it, and echoes back to each peer the
+//! send time of the last heartbeat it took from that peer, as long as it never suspected the
+//! peer in this view. A member holds its lease while every other member of its view echoed a
+//! heartbeat it sent less than the lease's length ago (a quarter of `suspect_after`). The other
+//! side: a member delivers the trim of a decision that removes a peer only once the lease's
+//! length and an eighth more have passed, on its own clock, since it last took a heartbeat from
+//! that peer. Every echo it gave was of a heartbeat sent before it took it, so by then the
+//! removed member's lease, which needed that echo, has run out: it took its last barrier before
+//! any trim that leaves it out was delivered anywhere. Durations are measured on each member's
+//! own clock, so offsets between clocks do not matter; the eighth covers clocks that run at
+//! slightly different rates. A member that suspects a peer stops echoing it and stops counting
+//! its heartbeats, so the wait for a removed member is bounded however long it keeps sending.
 
-/// The part of the suspicion timeout a lease does not use.
-pub(crate) const LEASE_MARGIN_DIVISOR: u64 = 4;
+/// A lease lasts this part of the suspicion timeout (a quarter: 250 ms by default).
+pub(crate) const LEASE_DIVISOR: u64 = 4;
 
 #[derive(Debug)]
 pub(crate) struct Lease {
     rank: usize,
     /// Per rank: the send time (that member's clock) of the newest heartbeat received from it.
     heard_sent_us: Vec<u64>,
+    /// Per rank: when (this member's clock) it last took a heartbeat from that member.
+    heard_at_us: Vec<u64>,
     /// Per rank: the newest send time (this member's clock) of its own heartbeats that member
     /// echoed; 0 if none.
     echoed_us: Vec<u64>,
@@ -38,22 +42,34 @@ pub(crate) struct Lease {
     lease_us: u64,
 }
 
+/// How long after it last took a heartbeat from a peer a member waits before delivering a trim
+/// that removes the peer: the lease, and an eighth more for clock rates.
+fn removal_wait_us(lease_us: u64) -> u64 {
+    lease_us + lease_us / 8
+}
+
 impl Lease {
     pub(crate) fn new(rank: usize, members: usize, suspect_after_us: u64) -> Lease {
         Lease {
             rank,
             heard_sent_us: vec![0; members],
+            heard_at_us: vec![0; members],
             echoed_us: vec![0; members],
             withheld: 0,
-            lease_us: suspect_after_us - suspect_after_us / LEASE_MARGIN_DIVISOR,
+            lease_us: suspect_after_us / LEASE_DIVISOR,
         }
     }
 
     /// A heartbeat from `rank`, sent at `sent_us` of its clock, echoing `echo_us` of this
-    /// member's clock. The caller checked `echo_us` is not in this member's future.
-    pub(crate) fn heard(&mut self, rank: usize, sent_us: u64, echo_us: u64) {
-        let sent = &mut self.heard_sent_us[rank];
-        *sent = (*sent).max(sent_us);
+    /// member's clock, taken at `now_us`. The caller checked `echo_us` is not in this member's
+    /// future.
+    pub(crate) fn heard(&mut self, rank: usize, sent_us: u64, echo_us: u64, now_us: u64) {
+        if self.withheld & (1 << rank) == 0 {
+            let sent = &mut self.heard_sent_us[rank];
+            *sent = (*sent).max(sent_us);
+            let at = &mut self.heard_at_us[rank];
+            *at = (*at).max(now_us);
+        }
         let echoed = &mut self.echoed_us[rank];
         *echoed = (*echoed).max(echo_us);
     }
@@ -73,7 +89,20 @@ impl Lease {
         }
     }
 
-    /// Whether no other member can have suspected this one at `now_us`.
+    /// From when this member may deliver a trim that removes the members of `removed` (a mask
+    /// over view ranks): no lease any of them holds rests on an echo of this member by then.
+    pub(crate) fn removable_at(&self, removed: u64) -> u64 {
+        let wait_us = removal_wait_us(self.lease_us);
+        self.heard_at_us
+            .iter()
+            .enumerate()
+            .filter(|&(rank, &at)| removed & (1 << rank) != 0 && at != 0)
+            .map(|(_, &at)| at.saturating_add(wait_us))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether no trim that leaves this member out can have been delivered at `now_us`.
     pub(crate) fn holds(&self, now_us: u64) -> bool {
         self.echoed_us.iter().enumerate().all(|(rank, &echo)| {
             rank == self.rank || (echo != 0 && now_us.saturating_sub(echo) < self.lease_us)
@@ -87,19 +116,22 @@ mod tests {
 
     #[test]
     fn a_lease_needs_a_fresh_echo_from_every_other_member() {
-        let mut lease = Lease::new(0, 3, 1_000);
+        let mut lease = Lease::new(0, 3, 4_000);
         assert!(!lease.holds(10), "no echo yet");
-        lease.heard(1, 5, 100);
+        lease.heard(1, 5, 100, 110);
         assert!(!lease.holds(200), "rank 2 echoed nothing");
-        lease.heard(2, 7, 150);
+        lease.heard(2, 7, 150, 160);
         assert!(lease.holds(200));
-        assert!(lease.holds(849), "750 µs after the older echoed send");
-        assert!(!lease.holds(850));
-        lease.heard(1, 9, 90);
-        assert!(!lease.holds(850), "an older echo does not extend the lease");
-        lease.heard(1, 9, 600);
+        assert!(lease.holds(1_099), "1,000 µs after the older echoed send");
+        assert!(!lease.holds(1_100));
+        lease.heard(1, 9, 90, 170);
         assert!(
-            lease.holds(899) && !lease.holds(900),
+            !lease.holds(1_100),
+            "an older echo does not extend the lease"
+        );
+        lease.heard(1, 9, 600, 180);
+        assert!(
+            lease.holds(1_149) && !lease.holds(1_150),
             "rank 2's echo bounds it now"
         );
     }
@@ -108,14 +140,21 @@ mod tests {
     fn a_single_member_holds_its_lease_and_a_suspected_peer_gets_no_echo() {
         assert!(Lease::new(0, 1, 1_000).holds(5));
         let mut lease = Lease::new(1, 3, 1_000);
-        lease.heard(0, 42, 0);
+        lease.heard(0, 42, 0, 1_000);
         assert_eq!(lease.echo_for(0), 42);
+        assert_eq!(lease.removable_at(0b001), 1_000 + 250 + 31);
+        assert_eq!(lease.removable_at(0b100), 0, "nothing heard from rank 2");
         lease.withhold(0b001);
-        lease.heard(0, 50, 0);
+        lease.heard(0, 50, 0, 5_000);
         assert_eq!(
             lease.echo_for(0),
             0,
             "suspected once in this view, never echoed again"
+        );
+        assert_eq!(
+            lease.removable_at(0b001),
+            1_281,
+            "its heartbeats no longer count"
         );
         assert_eq!(lease.echo_for(2), 0, "nothing heard from rank 2");
     }

@@ -591,7 +591,7 @@ impl Node {
             Input::LinkBroken { .. } if self.joining.is_some() => Ok(()),
             Input::LinkBroken { peer } => {
                 if let Some(rank) = self.view.rank_of(peer).filter(|&r| r != self.rank) {
-                    self.suspicion.cut(rank);
+                    self.suspect(1 << rank, out);
                 }
                 Ok(())
             }
@@ -794,11 +794,6 @@ impl Node {
             .view
             .rank_of(from)
             .ok_or(Rejection::UnknownSender(from))?;
-        if self.suspicion.is_cut(from_rank) && !matches!(message, Message::Commit { .. }) {
-            // The link from it broke, so messages may be missing before these: none counts,
-            // and its silence makes it suspected (see `Input::LinkBroken`).
-            return Ok(());
-        }
         if self.suspicion.suspected() & (1 << from_rank) != 0
             && !matches!(message, Message::Commit { .. })
             && !self.forgive(from_rank)
@@ -851,7 +846,7 @@ impl Node {
                         "heartbeat echoing a time not yet come",
                     ));
                 }
-                self.lease.heard(from_rank, sent_us, echo_us);
+                self.lease.heard(from_rank, sent_us, echo_us, self.now_us);
                 self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
@@ -1861,6 +1856,12 @@ impl Node {
             // the logs, and the next view starts from the longest.
             self.change.trimmed = true;
         }
+        if !self.change.trimmed && self.now_us < self.lease.removable_at(decision.removed) {
+            // A removed member may still hold a read lease resting on this member's echo:
+            // nothing it never received is delivered before that lease ran out (see `lease.rs`).
+            // The tick that comes after tries again.
+            return false;
+        }
         if !self.change.trimmed {
             self.change.trimmed = true;
             for (index, trim) in decision.trims.iter().enumerate() {
@@ -2155,9 +2156,10 @@ impl Node {
 
     /// Whether this node may take a [`Node::barrier`] at `now_us` (its clock, read when the
     /// barrier is taken, not at its last step): every other member of its view echoed one of
-    /// its heartbeats sent recently enough that none of them can have suspected it yet, so no
-    /// view change can have removed it and delivered, in its ragged trim, what it never
-    /// received. False while it joins; true alone in its view.
+    /// its heartbeats sent less than a quarter of the suspicion timeout ago, and a member
+    /// delivers the trim of a decision that removes a peer only once such a lease resting on
+    /// its echo has run out; so no view change can have removed this node and delivered, in its
+    /// ragged trim, what it never received. False while it joins; true alone in its view.
     pub fn holds_read_lease(&self, now_us: u64) -> bool {
         self.joining.is_none() && self.lease.holds(now_us.max(self.now_us))
     }

@@ -13,8 +13,6 @@ pub(crate) struct Suspicion {
     rank: usize,
     last_heard_us: Vec<u64>,
     suspected: u64,
-    /// Ranks whose link to this node broke: nothing they send is heard any more.
-    cut: u64,
     suspect_after_us: u64,
 }
 
@@ -24,7 +22,6 @@ impl Suspicion {
             rank,
             last_heard_us: vec![0; members],
             suspected: 0,
-            cut: 0,
             suspect_after_us,
         }
     }
@@ -35,21 +32,8 @@ impl Suspicion {
     }
 
     pub(crate) fn heard(&mut self, rank: usize, now_us: u64) {
-        if self.cut & (1 << rank) != 0 {
-            return;
-        }
         let last = &mut self.last_heard_us[rank];
         *last = (*last).max(now_us);
-    }
-
-    /// The link from `rank` broke: it is not heard from again in this view, so it is suspected
-    /// once silent for the timeout, like a member that stopped.
-    pub(crate) fn cut(&mut self, rank: usize) {
-        self.cut |= 1 << rank;
-    }
-
-    pub(crate) fn is_cut(&self, rank: usize) -> bool {
-        self.cut & (1 << rank) != 0
     }
 
     /// Members silent for too long and not yet suspected.

@@ -1691,8 +1691,8 @@ fn a_member_holds_its_read_lease_only_while_no_peer_can_have_suspected_it() {
         assert!(cluster.nodes[node].holds_read_lease(cluster.now_us));
     }
     // Node 1 stops running (its messages and steps stop; the others keep going). Its lease,
-    // counted on its own clock, ends before the others can suspect it: 750 ms after the last
-    // heartbeat they echoed, which it sent at most 60 ms ago.
+    // counted on its own clock, ends 250 ms after the last heartbeat they echoed, long before
+    // the others suspect it.
     let sent_last_us = cluster.now_us - 20_000;
     let stopped_us = cluster.now_us;
     cluster.crashed[0] = true;
@@ -1724,27 +1724,44 @@ fn a_member_holds_its_read_lease_only_while_no_peer_can_have_suspected_it() {
 }
 
 #[test]
-fn a_broken_link_suspects_the_peer_only_after_its_silence_and_a_suspected_peer_gets_no_echo() {
+fn a_member_removed_at_once_for_a_broken_link_lost_its_lease_before_the_trim_is_delivered() {
     let mut cluster = Cluster::new(3, |_| {});
     for _ in 0..3 {
         cluster.tick_all(20_000);
         cluster.settle();
     }
-    let broken_us = cluster.now_us;
-    cluster.step(1, Input::LinkBroken { peer: 1 }).unwrap();
-    assert!(cluster.nodes[1].suspected().is_empty(), "not at once");
-    // Node 1 still sends to node 2, which no longer counts what arrives.
-    let mut suspected_at = None;
-    for _ in 0..70 {
-        cluster.tick_all(20_000);
+    // Node id 1's links break while it keeps running: the others suspect it at once.
+    let last_heard_us = cluster.now_us;
+    for node in [1, 2] {
+        cluster.step(node, Input::LinkBroken { peer: 1 }).unwrap();
+    }
+    for peer in [2, 3] {
+        cluster.step(0, Input::LinkBroken { peer }).unwrap();
+    }
+    assert!(cluster.nodes[1].suspected().contains(&1));
+    let mut lease_ended_at = None;
+    let mut installed_at = None;
+    for _ in 0..200 {
+        cluster.tick_all(5_000);
+        cluster.wire.retain(|(from, to, _)| *from != 1 && *to != 1);
         cluster.settle();
-        if suspected_at.is_none() && cluster.nodes[1].suspected().contains(&1) {
-            suspected_at = Some(cluster.now_us);
+        cluster.log_trims();
+        cluster.persist_all();
+        if lease_ended_at.is_none() && !cluster.nodes[0].holds_read_lease(cluster.now_us) {
+            lease_ended_at = Some(cluster.now_us);
+        }
+        if installed_at.is_none() && !cluster.installed[1].is_empty() {
+            installed_at = Some(cluster.now_us);
         }
     }
-    let suspected_at = suspected_at.expect("suspected for its silence");
-    assert!(suspected_at >= broken_us + 1_000_000, "{suspected_at}");
-    // Node 2 suspected node 1 and echoes none of its heartbeats again in this view, so node 1
-    // holds no lease, though it still hears node 2's heartbeats until the view changes.
-    assert!(!cluster.nodes[0].holds_read_lease(cluster.now_us));
+    let (lease_ended_at, installed_at) = (lease_ended_at.unwrap(), installed_at.unwrap());
+    assert_eq!(cluster.installed[1][0].members, vec![2, 3]);
+    // A lease is a quarter of the 1 s timeout; the trim waits that and an eighth more after
+    // the last heartbeat taken from the removed member.
+    assert!(
+        lease_ended_at <= last_heard_us + 250_000,
+        "{lease_ended_at}"
+    );
+    assert!(installed_at >= last_heard_us + 281_250, "{installed_at}");
+    assert!(installed_at < last_heard_us + 400_000, "{installed_at}");
 }

@@ -1237,7 +1237,7 @@ impl Driver {
                         self.stopping.push((id, due));
                         return Ok(());
                     }
-                    tracing::warn!(node = self.me, peer = id, %reason, "link broke; the member is suspected once silent for the timeout");
+                    tracing::warn!(node = self.me, peer = id, %reason, "link broke; suspecting the member");
                     if let Some(e) = self.step(Input::LinkBroken { peer: id }).await? {
                         tracing::debug!(node = self.me, error = %e, "link break refused");
                     }
