@@ -1856,6 +1856,9 @@ impl Node {
             // the logs, and the next view starts from the longest.
             self.change.trimmed = true;
         }
+        // Whether or not this member suspected them, the removed members get no more echoes
+        // from it and their heartbeats no longer move the wait below.
+        self.lease.withhold(decision.removed);
         if !self.change.trimmed && self.now_us < self.lease.removable_at(decision.removed) {
             // A removed member may still hold a read lease resting on this member's echo:
             // nothing it never received is delivered before that lease ran out (see `lease.rs`).
