@@ -12,7 +12,10 @@
 //! Each heartbeat carries the sender's clock when it sent it, and echoes back to each peer the
 //! send time of the last heartbeat it took from that peer, as long as it never suspected the
 //! peer in this view. A member holds its lease while every other member of its view echoed a
-//! heartbeat it sent less than the lease's length ago (a quarter of `suspect_after`). The other
+//! heartbeat it sent less than the lease's length ago (an eighth of `suspect_after`, at least
+//! four heartbeat intervals: 125 ms by default). The length is free: safety rests on the other
+//! side, and a longer lease only lets a member go longer without fresh echoes at the cost of a
+//! longer wait when a member is removed. The other
 //! side: a member delivers the trim of a decision that removes a peer only once the lease's
 //! length and an eighth more have passed, on its own clock, since it last took a heartbeat from
 //! that peer. Every echo it gave was of a heartbeat sent before it took it, so by then the
@@ -22,8 +25,11 @@
 //! slightly different rates. A member that suspects a peer stops echoing it and stops counting
 //! its heartbeats, so the wait for a removed member is bounded however long it keeps sending.
 
-/// A lease lasts this part of the suspicion timeout (a quarter: 250 ms by default).
-pub(crate) const LEASE_DIVISOR: u64 = 4;
+/// A lease lasts this part of the suspicion timeout (an eighth: 125 ms by default)...
+pub(crate) const LEASE_DIVISOR: u64 = 8;
+
+/// ...and at least this many heartbeat intervals, so that echoes arriving on time keep it.
+pub(crate) const LEASE_HEARTBEATS_MIN: u64 = 4;
 
 #[derive(Debug)]
 pub(crate) struct Lease {
@@ -49,14 +55,20 @@ fn removal_wait_us(lease_us: u64) -> u64 {
 }
 
 impl Lease {
-    pub(crate) fn new(rank: usize, members: usize, suspect_after_us: u64) -> Lease {
+    pub(crate) fn new(
+        rank: usize,
+        members: usize,
+        suspect_after_us: u64,
+        heartbeat_us: u64,
+    ) -> Lease {
         Lease {
             rank,
             heard_sent_us: vec![0; members],
             heard_at_us: vec![0; members],
             echoed_us: vec![0; members],
             withheld: 0,
-            lease_us: suspect_after_us / LEASE_DIVISOR,
+            lease_us: (suspect_after_us / LEASE_DIVISOR)
+                .max(heartbeat_us.saturating_mul(LEASE_HEARTBEATS_MIN)),
         }
     }
 
@@ -116,7 +128,7 @@ mod tests {
 
     #[test]
     fn a_lease_needs_a_fresh_echo_from_every_other_member() {
-        let mut lease = Lease::new(0, 3, 4_000);
+        let mut lease = Lease::new(0, 3, 8_000, 20);
         assert!(!lease.holds(10), "no echo yet");
         lease.heard(1, 5, 100, 110);
         assert!(!lease.holds(200), "rank 2 echoed nothing");
@@ -137,12 +149,19 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_lasts_at_least_four_heartbeats() {
+        let mut lease = Lease::new(0, 2, 1_000, 50);
+        lease.heard(1, 1, 100, 100);
+        assert!(lease.holds(299) && !lease.holds(300));
+    }
+
+    #[test]
     fn a_single_member_holds_its_lease_and_a_suspected_peer_gets_no_echo() {
-        assert!(Lease::new(0, 1, 1_000).holds(5));
-        let mut lease = Lease::new(1, 3, 1_000);
+        assert!(Lease::new(0, 1, 1_000, 10).holds(5));
+        let mut lease = Lease::new(1, 3, 1_000, 10);
         lease.heard(0, 42, 0, 1_000);
         assert_eq!(lease.echo_for(0), 42);
-        assert_eq!(lease.removable_at(0b001), 1_000 + 250 + 31);
+        assert_eq!(lease.removable_at(0b001), 1_000 + 125 + 15);
         assert_eq!(lease.removable_at(0b100), 0, "nothing heard from rank 2");
         lease.withhold(0b001);
         lease.heard(0, 50, 0, 5_000);
@@ -153,7 +172,7 @@ mod tests {
         );
         assert_eq!(
             lease.removable_at(0b001),
-            1_281,
+            1_140,
             "its heartbeats no longer count"
         );
         assert_eq!(lease.echo_for(2), 0, "nothing heard from rank 2");

@@ -374,6 +374,7 @@ impl Node {
             rank,
             view.members.len(),
             config.suspect_after_ms.saturating_mul(1000),
+            config.heartbeat_ms.saturating_mul(1000),
         );
         Ok(Node {
             config,
@@ -2028,6 +2029,7 @@ impl Node {
             rank,
             view.members.len(),
             self.config.suspect_after_ms.saturating_mul(1000),
+            self.config.heartbeat_ms.saturating_mul(1000),
         );
         self.wedged = false;
         self.restarting = false;
@@ -2159,7 +2161,8 @@ impl Node {
 
     /// Whether this node may take a [`Node::barrier`] at `now_us` (its clock, read when the
     /// barrier is taken, not at its last step): every other member of its view echoed one of
-    /// its heartbeats sent less than a quarter of the suspicion timeout ago, and a member
+    /// its heartbeats sent less than an eighth of the suspicion timeout ago (at least four
+    /// heartbeat intervals), and a member
     /// delivers the trim of a decision that removes a peer only once such a lease resting on
     /// its echo has run out; so no view change can have removed this node and delivered, in its
     /// ragged trim, what it never received. False while it joins; true alone in its view.

@@ -210,7 +210,7 @@ fn sim_stall_seed_966_a_shards_new_member_with_a_clock_behind_stamps_above_every
 /// delivered node id 5's fifth message at node id 1, which node id 4 never received; back in view
 /// 1, not yet told, node id 4 answered a barrier from its own counters. A member now takes a
 /// barrier only while it holds its read lease (every other member echoed a heartbeat it sent
-/// less than a quarter of the suspicion timeout ago), and a member delivers a trim that removes
+/// less than an eighth of the suspicion timeout ago), and a member delivers a trim that removes
 /// a peer only once that lease, resting on its echo, has run out; the simulator checks every
 /// barrier, the removed members' ones included.
 #[test]
