@@ -51,7 +51,7 @@ pub(crate) struct Lease {
 /// How long after it last took a heartbeat from a peer a member waits before delivering a trim
 /// that removes the peer: the lease, and an eighth more for clock rates.
 fn removal_wait_us(lease_us: u64) -> u64 {
-    lease_us + lease_us / 8
+    lease_us.saturating_add(lease_us / 8)
 }
 
 impl Lease {
@@ -69,6 +69,18 @@ impl Lease {
             withheld: 0,
             lease_us: (suspect_after_us / LEASE_DIVISOR)
                 .max(heartbeat_us.saturating_mul(LEASE_HEARTBEATS_MIN)),
+        }
+    }
+
+    /// This member starts counting at `now_us` (its first step, or the install of the view):
+    /// it may have echoed any member's heartbeats up to then, in this process's earlier view
+    /// (a member that installs the view late may still hold a lease of that view resting on
+    /// those echoes), so a removal waits out a lease from now at least.
+    pub(crate) fn start(&mut self, now_us: u64) {
+        for (rank, at) in self.heard_at_us.iter_mut().enumerate() {
+            if rank != self.rank {
+                *at = (*at).max(now_us);
+            }
         }
     }
 
@@ -153,6 +165,15 @@ mod tests {
         let mut lease = Lease::new(0, 2, 1_000, 50);
         lease.heard(1, 1, 100, 100);
         assert!(lease.holds(299) && !lease.holds(300));
+    }
+
+    #[test]
+    fn a_removal_waits_out_a_lease_from_the_start_of_the_view() {
+        let mut lease = Lease::new(0, 3, 1_000, 10);
+        lease.start(5_000);
+        assert_eq!(lease.removable_at(0b010), 5_140);
+        lease.heard(1, 1, 0, 6_000);
+        assert_eq!(lease.removable_at(0b110), 6_140);
     }
 
     #[test]

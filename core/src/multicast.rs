@@ -362,7 +362,8 @@ impl Multicast {
 
     /// The multicast of the same shard in the next view `view_id`, with `members`, continuing
     /// this one: the log's last version and stamp, what this member persisted, the stability
-    /// frontier, and the local requests still waiting. Every member of the new shard persisted
+    /// frontier, the stamp floor (raised to `stamp_floor`, the decision's), and the local
+    /// requests still waiting. Every member of the new shard persisted
     /// this shard up to the ragged trim before installing.
     pub(crate) fn successor(
         mut self,
@@ -370,7 +371,7 @@ impl Multicast {
         members: Vec<NodeId>,
         rank: usize,
         config: &Config,
-        stamp_floor: Hlc,
+        stamp_floor: Option<Hlc>,
     ) -> Multicast {
         assert!(
             self.all_persisted(),
@@ -383,8 +384,9 @@ impl Multicast {
         let mut next = Multicast::new(self.shard, view_id, members, rank, config);
         next.last_hlc = self.last_hlc;
         next.last_version = self.last_version;
-        // Frontiers carried from earlier views stay protected too.
-        next.stamp_floor = self.stamp_floor.max(stamp_floor);
+        // Frontiers carried from earlier views stay protected too; `None` (a total restart)
+        // starts over from nothing, as members back from their logs do.
+        next.stamp_floor = stamp_floor.map_or(Hlc::ZERO, |floor| self.stamp_floor.max(floor));
         next.start = self.last_version.map(|version| (version, self.last_hlc));
         // What every member persisted, as far as this one knows, stays durable. The rows of
         // the other members start from nothing: a member may still be catching up the shard

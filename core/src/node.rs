@@ -644,6 +644,7 @@ impl Node {
         if !self.started {
             self.started = true;
             self.suspicion.start(self.now_us);
+            self.lease.start(self.now_us);
             self.next_heartbeat_us = self.now_us;
         } else {
             let normal_us = self
@@ -1852,19 +1853,19 @@ impl Node {
             self.ensure_logged(round, &decision, out);
             return false;
         }
-        if !self.change.trimmed && (self.restarting || !decision.ends.is_empty()) {
-            // Nothing is delivered in a view a total restart ends: what was delivered is in
-            // the logs, and the next view starts from the longest.
-            self.change.trimmed = true;
-        }
         // Whether or not this member suspected them, the removed members get no more echoes
         // from it and their heartbeats no longer move the wait below.
         self.lease.withhold(decision.removed);
         if !self.change.trimmed && self.now_us < self.lease.removable_at(decision.removed) {
             // A removed member may still hold a read lease resting on this member's echo:
-            // nothing it never received is delivered before that lease ran out (see `lease.rs`).
-            // The tick that comes after tries again.
+            // nothing it never received is delivered, in the trim or in the next view, before
+            // that lease ran out (see `lease.rs`). The tick that comes after tries again.
             return false;
+        }
+        if !self.change.trimmed && (self.restarting || !decision.ends.is_empty()) {
+            // Nothing is delivered in a view a total restart ends: what was delivered is in
+            // the logs, and the next view starts from the longest.
+            self.change.trimmed = true;
         }
         if !self.change.trimmed {
             self.change.trimmed = true;
@@ -1983,10 +1984,18 @@ impl Node {
             let members = shard.members.clone();
             let previous = old.get_mut(usize::from(shard.id.0)).and_then(Option::take);
             let end = ends.get(usize::from(shard.id.0));
-            let floor = floors
-                .get(usize::from(shard.id.0))
-                .copied()
-                .unwrap_or(Hlc::ZERO);
+            // A total restart carries no floor (none is on disk), and every member starts its
+            // stamps over from its log, whatever floor it had kept: all start equal.
+            let floor = if ends.is_empty() {
+                Some(
+                    floors
+                        .get(usize::from(shard.id.0))
+                        .copied()
+                        .unwrap_or(Hlc::ZERO),
+                )
+            } else {
+                None
+            };
             let multicast = match previous {
                 Some(multicast)
                     if multicast.catch_up().is_none()
@@ -2031,6 +2040,7 @@ impl Node {
             self.config.suspect_after_ms.saturating_mul(1000),
             self.config.heartbeat_ms.saturating_mul(1000),
         );
+        self.lease.start(self.now_us);
         self.wedged = false;
         self.restarting = false;
         self.membership = Membership::Active;
