@@ -577,8 +577,8 @@ mod tests {
     }
 
     /// A member that installs view 2 late, after the others delivered a version of view 2 in
-    /// the trim that ended it (as in fault seed 1732): it must have delivered the versions of
-    /// view 1, not view 2's.
+    /// the trim that ended it (as fault seed 1732 did before removals waited out read leases):
+    /// it must have delivered the versions of view 1, not view 2's.
     #[test]
     fn a_member_leaving_a_view_late_owes_only_that_views_versions() {
         let spec = derechofs_core::LayoutSpec {

@@ -179,14 +179,18 @@ fn sim_fault_seed_551_a_node_restarted_while_catching_up_a_shard_does_not_bound_
 /// it, and its two other members of shard 0 had delivered a version of view 4 (0x400000002) in
 /// that view's trim. Node 2 had delivered every version of views 1–3, as it must; the checker
 /// counted the view-4 version too. It now counts, for a member leaving view `v`, the versions of
-/// views up to `v` delivered anywhere (its rule is also tested on its own:
-/// `a_member_leaving_a_view_late_owes_only_that_views_versions` in `tests/src/checker.rs`).
+/// views up to `v` delivered anywhere. Since a removal waits out the read lease the removed
+/// member may hold (docs/ARCHITECTURE.md), from the last heartbeat taken from it or the start of
+/// the view, this schedule no longer installs a view late, nor does any of the first 3,000 fault
+/// seeds: the checker's rule is tested on its own
+/// (`a_member_leaving_a_view_late_owes_only_that_views_versions` in `tests/src/checker.rs`), and
+/// the seed stays as a run of its schedule.
 #[test]
-fn sim_fault_seed_1732_a_member_that_installs_a_view_the_others_ended_already_delivered_its_trim() {
+fn sim_fault_seed_1732_links_breaking_around_a_slow_member_hold_every_invariant() {
     let report = run(&Options::with_faults(1732)).unwrap_or_else(|failure| panic!("{failure}"));
     assert!(
-        report.late_installs > 0,
-        "seed 1732 no longer installs a view after the next one: {report:?}"
+        report.rounds_led > 0,
+        "seed 1732 no longer changes the view: {report:?}"
     );
 }
 
