@@ -21,8 +21,9 @@
 //! that peer. Every echo it gave was of a heartbeat sent before it took it, so by then the
 //! removed member's lease, which needed that echo, has run out: it took its last barrier before
 //! any trim that leaves it out was delivered anywhere. Durations are measured on each member's
-//! own clock, so offsets between clocks do not matter; the eighth covers clocks that run at
-//! slightly different rates. A member that suspects a peer stops echoing it and stops counting
+//! own timer clock (`Now::mono_us`, monotonic: a wall clock set back or forward does not move
+//! it), so offsets between clocks do not matter; the eighth covers clocks that run at slightly
+//! different rates. A member that suspects a peer stops echoing it and stops counting
 //! its heartbeats, so the wait for a removed member is bounded however long it keeps sending.
 
 /// A lease lasts this part of the suspicion timeout (an eighth: 125 ms by default)...

@@ -50,7 +50,7 @@ pub use error::{Rejection, StepError, SubmitError};
 pub use layout::{Layout, LayoutError, LayoutSpec, Shard, ShardId, Subgroup};
 pub use message::{Batch, Body, Decision, Message, Record, Request};
 pub use multicast::Barrier;
-pub use node::{Action, Counters, Delivery, Input, Membership, Node, ShardStatus};
+pub use node::{Action, Counters, Delivery, Input, Membership, Node, Now, ShardStatus};
 pub use row::Row;
 pub use view::{NodeId, View, ViewError};
 pub use wire::DecodeError;

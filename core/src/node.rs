@@ -24,6 +24,31 @@ use crate::view_change::{
     decide, decide_restart, is_majority, next_round, Leading, Report, ViewChange,
 };
 
+/// A node's two clocks at a step, in microseconds.
+///
+/// `wall_us` (since the Unix epoch) stamps versions and stability floors: times that mean
+/// something to readers of the past. `mono_us` times durations: heartbeats, suspicion, the read
+/// lease and retries. It must not be stepped (a monotonic clock, slewed at most), so that a
+/// wall clock set back or forward while the node runs does not stretch a lease or suspect a
+/// live peer; its origin is free, but it must be above 0. A `u64` gives both the same reading
+/// (the simulator and the tests, whose clocks are not stepped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// The wall clock.
+    pub wall_us: u64,
+    /// The timer clock.
+    pub mono_us: u64,
+}
+
+impl From<u64> for Now {
+    fn from(us: u64) -> Now {
+        Now {
+            wall_us: us,
+            mono_us: us,
+        }
+    }
+}
+
 /// Something that happened to the node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {
@@ -306,7 +331,12 @@ pub struct Node {
     suspicion: Suspicion,
     /// Whether this member may answer reads of the latest state (see [`Node::holds_read_lease`]).
     lease: Lease,
+    /// The wall clock of the last step (µs since the Unix epoch, never going back): stamps and
+    /// stability floors.
     now_us: u64,
+    /// The timer clock of the last step (µs, never going back, not stepped with the wall
+    /// clock): heartbeats, suspicion, the read lease, retries.
+    mono_us: u64,
     started: bool,
     /// The time of the last step: a longer gap to the next one is a pause of this node.
     last_step_us: u64,
@@ -383,6 +413,7 @@ impl Node {
             suspicion,
             lease,
             now_us: 0,
+            mono_us: 0,
             started: false,
             last_step_us: 0,
             wedged_at_us: 0,
@@ -507,17 +538,16 @@ impl Node {
         Ok(node)
     }
 
-    /// Handles one input at time `now_us` (microseconds since the Unix epoch, from this node's
-    /// clock; a clock going back is treated as standing still) and appends the resulting actions
-    /// to `out`. An error reports a refused message or request; everything else the step had to
+    /// Handles one input at time `now` (this node's clocks: see [`Now`]; a clock going back is
+    /// treated as standing still) and appends the resulting actions to `out`. An error reports a refused message or request; everything else the step had to
     /// do is done and its actions are in `out` all the same.
     pub fn step(
         &mut self,
-        now_us: u64,
+        now: impl Into<Now>,
         input: Input,
         out: &mut Vec<Action>,
     ) -> Result<(), StepError> {
-        let result = self.step_queued(now_us, input, out);
+        let result = self.step_queued(now, input, out);
         self.progress(out);
         result
     }
@@ -529,11 +559,11 @@ impl Node {
     /// (a step per message delivers, persists and pushes a row for each).
     pub fn step_queued(
         &mut self,
-        now_us: u64,
+        now: impl Into<Now>,
         input: Input,
         out: &mut Vec<Action>,
     ) -> Result<(), StepError> {
-        self.advance_clock(now_us);
+        self.advance_clock(now.into());
         self.handle(input, out)
     }
 
@@ -627,11 +657,11 @@ impl Node {
         })
     }
 
-    /// Moves the engine on at `now_us` without a new input: sends what the window allows (the
+    /// Moves the engine on at `now` without a new input: sends what the window allows (the
     /// requests of [`Node::queue`] among them), delivers what became stable, pushes rows. The
     /// actions go to `out`, as from [`Node::step`].
-    pub fn flush(&mut self, now_us: u64, out: &mut Vec<Action>) {
-        self.advance_clock(now_us);
+    pub fn flush(&mut self, now: impl Into<Now>, out: &mut Vec<Action>) {
+        self.advance_clock(now.into());
         self.progress(out);
     }
 
@@ -639,25 +669,26 @@ impl Node {
     /// Steps further apart than [`PAUSE_HEARTBEATS`] heartbeats mean this node itself did not
     /// run (a long step before, its process descheduled): what it missed meanwhile waits
     /// unread, so the excess of the gap is not counted as its peers' silence.
-    fn advance_clock(&mut self, now_us: u64) {
-        self.now_us = self.now_us.max(now_us);
+    fn advance_clock(&mut self, now: Now) {
+        self.now_us = self.now_us.max(now.wall_us);
+        self.mono_us = self.mono_us.max(now.mono_us);
         if !self.started {
             self.started = true;
-            self.suspicion.start(self.now_us);
-            self.lease.start(self.now_us);
-            self.next_heartbeat_us = self.now_us;
+            self.suspicion.start(self.mono_us);
+            self.lease.start(self.mono_us);
+            self.next_heartbeat_us = self.mono_us;
         } else {
             let normal_us = self
                 .config
                 .heartbeat_ms
                 .saturating_mul(1000 * PAUSE_HEARTBEATS);
-            let gap_us = self.now_us - self.last_step_us;
+            let gap_us = self.mono_us - self.last_step_us;
             if gap_us > normal_us {
                 self.suspicion.paused(gap_us - normal_us);
                 self.counters.pauses += 1;
             }
         }
-        self.last_step_us = self.now_us;
+        self.last_step_us = self.mono_us;
     }
 
     fn shard_mut(&mut self, shard: ShardId) -> Option<&mut Multicast> {
@@ -691,22 +722,22 @@ impl Node {
     }
 
     fn tick(&mut self, out: &mut Vec<Action>) {
-        let silent = self.suspicion.silent(self.now_us);
+        let silent = self.suspicion.silent(self.mono_us);
         if silent != 0 {
             self.suspect(silent, out);
         }
         for multicast in self.shards.iter_mut().flatten() {
             multicast.push_persisted();
         }
-        if self.now_us >= self.next_heartbeat_us {
-            self.next_heartbeat_us = self.now_us + self.config.heartbeat_ms * 1000;
+        if self.mono_us >= self.next_heartbeat_us {
+            self.next_heartbeat_us = self.mono_us + self.config.heartbeat_ms * 1000;
             let suspicions = self.suspicion.suspected();
             for (rank, &peer) in self.view.members.iter().enumerate() {
                 if rank != self.rank {
                     let message = Message::Heartbeat {
                         view_id: self.view.view_id,
                         suspicions,
-                        sent_us: self.now_us,
+                        sent_us: self.mono_us,
                         echo_us: self.lease.echo_for(rank),
                     };
                     out.push(Action::Send { to: peer, message });
@@ -817,7 +848,7 @@ impl Node {
         if round > ROUND_MAX {
             return Err(Rejection::OutOfRange("view change round"));
         }
-        self.suspicion.heard(from_rank, self.now_us);
+        self.suspicion.heard(from_rank, self.mono_us);
         if self.restarting && matches!(message, Message::Data { .. } | Message::Row { .. }) {
             // The multicast of a view a total restart ends carries nothing any more.
             return Ok(());
@@ -843,12 +874,12 @@ impl Node {
                 ..
             } => {
                 self.check_suspicions(suspicions)?;
-                if echo_us > self.now_us {
+                if echo_us > self.mono_us {
                     return Err(Rejection::OutOfRange(
                         "heartbeat echoing a time not yet come",
                     ));
                 }
-                self.lease.heard(from_rank, sent_us, echo_us, self.now_us);
+                self.lease.heard(from_rank, sent_us, echo_us, self.mono_us);
                 self.adopt_suspicions(suspicions, out);
                 Ok(())
             }
@@ -909,7 +940,7 @@ impl Node {
                 records,
                 ..
             } => {
-                let now_us = self.now_us;
+                let now_us = self.mono_us;
                 let retry_us = self.config.heartbeat_ms * 1000;
                 let (multicast, sender) = self.shard_member(shard, from)?;
                 let piece = Piece {
@@ -976,7 +1007,7 @@ impl Node {
     /// A joiner asks its next contact, every suspicion timeout until it is welcomed.
     fn ask_to_join(&mut self, out: &mut Vec<Action>) {
         let retry_us = self.config.suspect_after_ms * 1000;
-        let now_us = self.now_us;
+        let now_us = self.mono_us;
         let view_id = self.view.view_id;
         let joining = self.joining.as_mut().expect("joining");
         if now_us < joining.next_try_us {
@@ -1534,7 +1565,7 @@ impl Node {
     /// Whether this node has been wedged for [`STUCK_CHANGE_TIMEOUTS`] suspicion timeouts.
     fn change_stuck(&self) -> bool {
         let stuck_us = (self.config.suspect_after_ms * 1000).saturating_mul(STUCK_CHANGE_TIMEOUTS);
-        self.wedged && self.now_us.saturating_sub(self.wedged_at_us) >= stuck_us
+        self.wedged && self.mono_us.saturating_sub(self.wedged_at_us) >= stuck_us
     }
 
     /// Whether the members this node trusts (itself among them) are no majority of its view.
@@ -1600,7 +1631,7 @@ impl Node {
         }
         if !self.wedged {
             self.wedged = true;
-            self.wedged_at_us = self.now_us;
+            self.wedged_at_us = self.mono_us;
             if self.membership == Membership::Active {
                 self.membership = Membership::Wedged;
             }
@@ -1622,7 +1653,7 @@ impl Node {
                     let shard = multicast.shard();
                     out.push(Action::CaughtUp { shard });
                 }
-                if let Some((to, after)) = multicast.next_fetch(self.now_us) {
+                if let Some((to, after)) = multicast.next_fetch(self.mono_us) {
                     let shard = multicast.shard();
                     let message = Message::Fetch {
                         view_id,
@@ -1856,7 +1887,7 @@ impl Node {
         // Whether or not this member suspected them, the removed members get no more echoes
         // from it and their heartbeats no longer move the wait below.
         self.lease.withhold(decision.removed);
-        if !self.change.trimmed && self.now_us < self.lease.removable_at(decision.removed) {
+        if !self.change.trimmed && self.mono_us < self.lease.removable_at(decision.removed) {
             // A removed member may still hold a read lease resting on this member's echo:
             // nothing it never received is delivered, in the trim or in the next view, before
             // that lease ran out (see `lease.rs`). The tick that comes after tries again.
@@ -2033,14 +2064,14 @@ impl Node {
             view.members.len(),
             self.config.suspect_after_ms.saturating_mul(1000),
         );
-        self.suspicion.start(self.now_us);
+        self.suspicion.start(self.mono_us);
         self.lease = Lease::new(
             rank,
             view.members.len(),
             self.config.suspect_after_ms.saturating_mul(1000),
             self.config.heartbeat_ms.saturating_mul(1000),
         );
-        self.lease.start(self.now_us);
+        self.lease.start(self.mono_us);
         self.wedged = false;
         self.restarting = false;
         self.membership = Membership::Active;
@@ -2086,7 +2117,7 @@ impl Node {
         self.joining = Some(Joining {
             contacts,
             next: 0,
-            next_try_us: self.now_us,
+            next_try_us: self.mono_us,
             redirected: false,
         });
     }
@@ -2169,15 +2200,16 @@ impl Node {
         self.shard_ref(shard).map(Multicast::stability_frontier)
     }
 
-    /// Whether this node may take a [`Node::barrier`] at `now_us` (its clock, read when the
+    /// Whether this node may take a [`Node::barrier`] at `now` (its clocks, read when the
     /// barrier is taken, not at its last step): every other member of its view echoed one of
     /// its heartbeats sent less than an eighth of the suspicion timeout ago (at least four
     /// heartbeat intervals), and a member
     /// delivers the trim of a decision that removes a peer only once such a lease resting on
     /// its echo has run out; so no view change can have removed this node and delivered, in its
     /// ragged trim, what it never received. False while it joins; true alone in its view.
-    pub fn holds_read_lease(&self, now_us: u64) -> bool {
-        self.joining.is_none() && self.lease.holds(now_us.max(self.now_us))
+    pub fn holds_read_lease(&self, now: impl Into<Now>) -> bool {
+        let mono_us = now.into().mono_us.max(self.mono_us);
+        self.joining.is_none() && self.lease.holds(mono_us)
     }
 
     /// A barrier of `shard` at this node now (`None` if it does not replicate the shard): once

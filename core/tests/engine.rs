@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use bytes::Bytes;
 use derechofs_core::{
     version_of, Action, Body, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership,
-    Message, Node, NodeId, Record, Rejection, Request, Row, ShardId, StepError, SubmitError, View,
-    TRANSFER_PIECE_RECORDS_MAX,
+    Message, Node, NodeId, Now, Record, Rejection, Request, Row, ShardId, StepError, SubmitError,
+    View, TRANSFER_PIECE_RECORDS_MAX,
 };
 
 const SHARD: ShardId = ShardId(0);
@@ -1764,4 +1764,35 @@ fn a_member_removed_at_once_for_a_broken_link_lost_its_lease_before_the_trim_is_
     );
     assert!(installed_at >= last_heard_us + 140_625, "{installed_at}");
     assert!(installed_at < last_heard_us + 250_000, "{installed_at}");
+}
+
+#[test]
+fn timers_follow_the_timer_clock_not_a_wall_clock_set_back_or_forward() {
+    let mut cluster = Cluster::new(3, |_| {});
+    for _ in 0..3 {
+        cluster.tick_all(20_000);
+        cluster.settle();
+    }
+    let now = cluster.now_us;
+    assert!(cluster.nodes[0].holds_read_lease(now));
+    // Node id 1's wall clock is set back 0.5 s while 200 ms pass: its lease ran out all the same.
+    let back = Now {
+        wall_us: now - 500_000,
+        mono_us: now + 200_000,
+    };
+    let mut actions = Vec::new();
+    cluster.nodes[0]
+        .step(back, Input::Tick, &mut actions)
+        .unwrap();
+    assert!(!cluster.nodes[0].holds_read_lease(back));
+    // Node id 2's wall clock is set 10 s ahead while 20 ms pass: it suspects no one.
+    let ahead = Now {
+        wall_us: now + 10_000_000,
+        mono_us: now + 20_000,
+    };
+    cluster.nodes[1]
+        .step(ahead, Input::Tick, &mut actions)
+        .unwrap();
+    assert!(cluster.nodes[1].suspected().is_empty());
+    assert!(!actions.iter().any(|a| matches!(a, Action::Suspect { .. })));
 }

@@ -14,8 +14,8 @@ use derechofs_core::transport::{
     BreakReason, ClientConn, ClientId, ConnectError, LinkEvent, Payload, Peer, SendError, Transport,
 };
 use derechofs_core::{
-    Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, Record, ShardId,
-    StepError, Subgroup, SubmitError, Version, View,
+    Action, Decision, Delivery, Hlc, Input, Membership, Message, Node, NodeId, Now, Record,
+    ShardId, StepError, Subgroup, SubmitError, Version, View,
 };
 use derechofs_storage::{LogError, RecordCursor};
 use tokio::sync::Notify;
@@ -85,6 +85,19 @@ fn now_us() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// The engine's clocks now: the wall clock for stamps, and for timers a monotonic clock (never
+/// stepped when the wall clock is set) counted from the wall clock's reading at the first call,
+/// so that it is well above 0.
+fn now() -> Now {
+    static ORIGIN: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
+    let &(start, base_us) = ORIGIN.get_or_init(|| (Instant::now(), now_us().max(1)));
+    let elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Now {
+        wall_us: now_us(),
+        mono_us: base_us.saturating_add(elapsed_us),
+    }
 }
 
 /// The node's state outside the engine.
@@ -378,7 +391,7 @@ impl Driver {
     /// `flush` does. Carries out the actions the input itself caused.
     async fn take_queued(&mut self, input: Input) -> anyhow::Result<Option<StepError>> {
         let mut actions = std::mem::take(&mut self.actions);
-        let error = self.node.step_queued(now_us(), input, &mut actions).err();
+        let error = self.node.step_queued(now(), input, &mut actions).err();
         self.queued = true;
         let result = self.carry_out(&mut actions).await;
         actions.clear();
@@ -400,9 +413,9 @@ impl Driver {
         while let Some(input) = next.take().or_else(|| self.followups.pop_front().map(Some)) {
             let mut actions = std::mem::take(&mut self.actions);
             let e = match input {
-                Some(input) => self.node.step(now_us(), input, &mut actions).err(),
+                Some(input) => self.node.step(now(), input, &mut actions).err(),
                 None => {
-                    self.node.flush(now_us(), &mut actions);
+                    self.node.flush(now(), &mut actions);
                     None
                 }
             };
@@ -1085,7 +1098,7 @@ impl Driver {
     /// A barrier of `shard` to wait for, taken now if this member holds its read lease
     /// (`Node::holds_read_lease`, checked on the clock read now, not at the last step).
     fn leased_barrier(&self, shard: ShardId) -> Option<Until> {
-        if self.node.holds_read_lease(now_us()) {
+        if self.node.holds_read_lease(now()) {
             self.node.barrier(shard).map(Until::Barrier)
         } else {
             None
