@@ -238,6 +238,19 @@ mod tests {
     use super::*;
     use crate::layout::LayoutSpec;
 
+    /// The layout of a view of members 1, 2 and 3: one namespace shard, `data_shards` data
+    /// shards, shards of `replicas`.
+    fn three_members(data_shards: u16, replicas: u16) -> (Layout, [NodeId; 3]) {
+        let spec = LayoutSpec {
+            namespace_shards: 1,
+            data_shards,
+            replicas,
+            replicas_min: 1,
+        };
+        let members = [1, 2, 3];
+        (Layout::assign(spec, &members, None).unwrap(), members)
+    }
+
     fn report(counts: Vec<(ShardId, Vec<u64>)>, accepted: Option<(u64, Decision)>) -> Report {
         Report {
             counts,
@@ -258,14 +271,7 @@ mod tests {
 
     #[test]
     fn a_decision_carries_the_highest_floor_the_shards_live_members_published() {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 0,
-            replicas: 3,
-            replicas_min: 1,
-        };
-        let members = [1, 2, 3];
-        let layout = Layout::assign(spec, &members, None).unwrap();
+        let (layout, members) = three_members(0, 3);
         let with_floor = |wall_us| Report {
             counts: vec![(ShardId(0), vec![4, 4, 4])],
             accepted: None,
@@ -285,14 +291,7 @@ mod tests {
 
     #[test]
     fn a_restart_ends_each_shard_at_the_longest_reported_log() {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 1,
-            replicas: 3,
-            replicas_min: 1,
-        };
-        let members = [1, 2, 3];
-        let layout = Layout::assign(spec, &members, None).unwrap();
+        let (layout, members) = three_members(1, 3);
         let view = 5u64 << 32;
         let long = Some((view + 7, Hlc::at(70)));
         let short = Some((view + 2, Hlc::at(20)));
@@ -322,14 +321,7 @@ mod tests {
 
     #[test]
     fn a_restart_adopts_a_decision_logged_before_the_stop() {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 0,
-            replicas: 3,
-            replicas_min: 1,
-        };
-        let members = [1, 2, 3];
-        let layout = Layout::assign(spec, &members, None).unwrap();
+        let (layout, members) = three_members(0, 3);
         let logged = Decision {
             removed: 0b010,
             joined: vec![],
@@ -367,14 +359,7 @@ mod tests {
 
     #[test]
     fn the_trim_is_the_minimum_over_live_members_per_sender() {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 0,
-            replicas: 3,
-            replicas_min: 1,
-        };
-        let members = [1, 2, 3];
-        let layout = Layout::assign(spec, &members, None).unwrap();
+        let (layout, members) = three_members(0, 3);
         let mut reports = BTreeMap::new();
         reports.insert(0, report(vec![(ShardId(0), vec![5, 3, 9])], None));
         reports.insert(1, report(vec![(ShardId(0), vec![4, 3, 7])], None));
@@ -387,14 +372,7 @@ mod tests {
 
     #[test]
     fn a_new_leader_adopts_the_highest_accepted_decision() {
-        let spec = LayoutSpec {
-            namespace_shards: 1,
-            data_shards: 0,
-            replicas: 2,
-            replicas_min: 1,
-        };
-        let members = [1, 2, 3];
-        let layout = Layout::assign(spec, &members, None).unwrap();
+        let (layout, members) = three_members(0, 2);
         let old = Decision {
             removed: 0b001,
             joined: vec![],

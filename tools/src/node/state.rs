@@ -533,6 +533,15 @@ mod tests {
         }
     }
 
+    /// A view-state file of `body` with `magic`: its header, then the body.
+    fn file_of(magic: &[u8; 8], body: &[u8]) -> Vec<u8> {
+        let mut file = magic.to_vec();
+        file.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        file.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
+        file.extend_from_slice(body);
+        file
+    }
+
     #[test]
     fn view_state_of_format_3_reads_as_a_view_without_addresses() {
         let mut state = state(None);
@@ -548,10 +557,7 @@ mod tests {
             .chain(&body[n - 1..])
             .copied()
             .collect();
-        let mut old = MAGIC_3.to_vec();
-        old.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
-        old.extend_from_slice(&crc32c::crc32c(&old_body).to_le_bytes());
-        old.extend_from_slice(&old_body);
+        let old = file_of(MAGIC_3, &old_body);
         assert_eq!(NodeState::decode(&old), Ok(state));
     }
 
@@ -574,11 +580,7 @@ mod tests {
         let body = &bytes[HEADER_BYTES..];
         let n = body.len();
         assert_eq!(&body[n - 2..], &[0, 0]);
-        let old_body = &body[..n - 2];
-        let mut old = MAGIC_4.to_vec();
-        old.extend_from_slice(&(old_body.len() as u32).to_le_bytes());
-        old.extend_from_slice(&crc32c::crc32c(old_body).to_le_bytes());
-        old.extend_from_slice(old_body);
+        let old = file_of(MAGIC_4, &body[..n - 2]);
         assert_eq!(NodeState::decode(&old), Ok(state.clone()));
         let mut stale = old.clone();
         stale[..8].copy_from_slice(MAGIC);
