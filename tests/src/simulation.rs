@@ -9,7 +9,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use bytes::Bytes;
 use derechofs_core::{
     Action, Barrier, Config, Decision, Delivery, Hlc, Input, LayoutSpec, Membership, Message, Node,
-    NodeId, Record, Request, ShardId, StepError, SubmitError, Version, View,
+    NodeId, Now, Record, Request, ShardId, StepError, SubmitError, Version, View,
 };
 
 /// Ids of probe requests: above every client's.
@@ -353,6 +353,27 @@ impl Options {
         options
     }
 
+    /// Options drawn from `seed` as [`Options::with_stalls`] (slow members, clock skews), with
+    /// wall clocks stepped besides: each member's wall clock is set ahead or back, once or
+    /// twice, by up to three suspicion timeouts, at times around the stalls. Timers read each
+    /// node's timer clock, which no step moves: nothing may be suspected or leased differently,
+    /// and stamps stay in order whatever the wall clock does.
+    pub fn with_clock_steps(seed: u64) -> Options {
+        let mut options = Options::with_stalls(seed);
+        let mut rng = Rng::new(seed ^ 0xc10c_5e7);
+        let suspect_us = options.suspect_after_ms * 1_000;
+        let span_us = options.heal_us + 2 * suspect_us;
+        for node in 0..options.nodes {
+            for _ in 0..1 + rng.below(2) {
+                let by_us = rng.between(1_000, 3 * suspect_us) as i64;
+                let by_us = if rng.chance(50) { by_us } else { -by_us };
+                let at_us = rng.between(10_000, span_us);
+                options.faults.push(Fault::ClockStep { node, at_us, by_us });
+            }
+        }
+        options
+    }
+
     /// Options drawn from `seed` as [`Options::from_seed`], with suspicion after 100 to 300 ms
     /// and a host-wide stall, in one of two shapes. Together: every member stalls over the
     /// same span of two to four suspicion timeouts (the whole machine is not scheduled), so
@@ -475,7 +496,8 @@ impl Options {
                 Fault::Join { .. }
                 | Fault::Restart { .. }
                 | Fault::Recover { .. }
-                | Fault::Stall { .. } => {}
+                | Fault::Stall { .. }
+                | Fault::ClockStep { .. } => {}
                 Fault::Break { a, b, .. } => faulty.extend([*a, *b]),
                 Fault::Partition { minority, .. } => faulty.extend(minority),
                 Fault::Clog {
@@ -572,6 +594,17 @@ pub enum Fault {
         start_us: u64,
         /// Runs again.
         end_us: u64,
+    },
+    /// The node's wall clock is set `by_us` ahead (back if negative) at `at_us`, as by an
+    /// operator or an NTP step; its timer clock goes on unmoved. Not a failure: the node's
+    /// stamps may stand still or jump, its leases and suspicions must not change.
+    ClockStep {
+        /// The node.
+        node: usize,
+        /// When.
+        at_us: u64,
+        /// By how much.
+        by_us: i64,
     },
     /// Link `from → to` holds its messages during `[start_us, end_us)`.
     Clog {
@@ -1019,7 +1052,7 @@ impl Simulation {
                 | Fault::Recover { at_us, .. } => {
                     simulation.schedule(*at_us, Event::Fault { index });
                 }
-                Fault::Clog { .. } | Fault::Stall { .. } => {}
+                Fault::Clog { .. } | Fault::Stall { .. } | Fault::ClockStep { .. } => {}
             }
         }
         if !faults.is_empty() {
@@ -1054,8 +1087,27 @@ impl Simulation {
         });
     }
 
-    fn local_now_us(&self, node: usize) -> u64 {
-        (EPOCH_US + self.time_us).saturating_add_signed(self.options.skew_us[node])
+    /// `node`'s clocks now: its wall clock, skewed and stepped (`Fault::ClockStep`), and its
+    /// timer clock, skewed only (its origin does not matter).
+    fn local_now(&self, node: usize) -> Now {
+        let mono_us = (EPOCH_US + self.time_us).saturating_add_signed(self.options.skew_us[node]);
+        let stepped_us: i64 = self
+            .options
+            .faults
+            .iter()
+            .map(|fault| match fault {
+                Fault::ClockStep {
+                    node: n,
+                    at_us,
+                    by_us,
+                } if *n == node && *at_us <= self.time_us => *by_us,
+                _ => 0,
+            })
+            .sum();
+        Now {
+            wall_us: mono_us.saturating_add_signed(stepped_us),
+            mono_us,
+        }
     }
 
     fn total_requests(&self) -> u64 {
@@ -1278,7 +1330,7 @@ impl Simulation {
                     }
                 }
             }
-            Fault::Clog { .. } | Fault::Stall { .. } => {}
+            Fault::Clog { .. } | Fault::Stall { .. } | Fault::ClockStep { .. } => {}
         }
         for (a, b) in pairs {
             self.network.set_broken(a, b, true);
@@ -1518,16 +1570,16 @@ impl Simulation {
             _ => None,
         };
         let mut actions = std::mem::take(&mut self.actions);
-        let now_us = self.local_now_us(node);
+        let now = self.local_now(node);
         if self.unflushed.len() <= node {
             self.unflushed.resize(node + 1, false);
         }
         self.unflushed[node] = queued;
         let result = match input {
-            Some(input) if queued => self.nodes[node].step_queued(now_us, input, &mut actions),
-            Some(input) => self.nodes[node].step(now_us, input, &mut actions),
+            Some(input) if queued => self.nodes[node].step_queued(now, input, &mut actions),
+            Some(input) => self.nodes[node].step(now, input, &mut actions),
             None => {
-                self.nodes[node].flush(now_us, &mut actions);
+                self.nodes[node].flush(now, &mut actions);
                 Ok(())
             }
         };
@@ -1901,7 +1953,7 @@ impl Simulation {
                 self.nodes[node].membership(),
                 Membership::Joining | Membership::NoMajority
             )
-            || !self.nodes[node].holds_read_lease(self.local_now_us(node))
+            || !self.nodes[node].holds_read_lease(self.local_now(node))
         {
             self.barriers_refused += 1;
             return;

@@ -1,9 +1,10 @@
 //! The simulator run over seeds. A failure prints its seed; `DERECHOFS_SIM_SEED=<seed>` reruns
 //! exactly that run (with `DERECHOFS_SIM_FAULTS=1` for a fault seed, `DERECHOFS_SIM_RESTART=1`
 //! for a total restart seed, `DERECHOFS_SIM_STALL=1` for a slow members seed,
-//! `DERECHOFS_SIM_HOST_STALL=1` for a host-wide stall seed), and `DERECHOFS_SIM_SEEDS=<count>`,
-//! `DERECHOFS_SIM_FAULT_SEEDS=<count>`, `DERECHOFS_SIM_RESTART_SEEDS=<count>`,
-//! `DERECHOFS_SIM_STALL_SEEDS=<count>` and `DERECHOFS_SIM_HOST_STALL_SEEDS=<count>` widen the
+//! `DERECHOFS_SIM_HOST_STALL=1` for a host-wide stall seed, `DERECHOFS_SIM_CLOCK=1` for a clock
+//! step seed), and `DERECHOFS_SIM_SEEDS=<count>`, `DERECHOFS_SIM_FAULT_SEEDS=<count>`,
+//! `DERECHOFS_SIM_RESTART_SEEDS=<count>`, `DERECHOFS_SIM_STALL_SEEDS=<count>`,
+//! `DERECHOFS_SIM_HOST_STALL_SEEDS=<count>` and `DERECHOFS_SIM_CLOCK_SEEDS=<count>` widen the
 //! batches.
 
 use std::time::Instant;
@@ -73,6 +74,28 @@ fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_vi
 }
 
 #[test]
+fn seeds_with_wall_clocks_stepped_ahead_and_back_hold_every_invariant_and_make_progress() {
+    let seeds = env_u64("DERECHOFS_SIM_CLOCK_SEEDS").unwrap_or(20);
+    let started = Instant::now();
+    let (mut steps, mut views) = (0, 0);
+    for seed in 0..seeds {
+        let options = Options::with_clock_steps(seed);
+        match run(&options) {
+            Ok(report) => {
+                assert!(report.probes_delivered > 0, "seed {seed}: no progress");
+                steps += report.steps;
+                views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
+            }
+            Err(failure) => panic!("{failure}\n  (clock steps: DERECHOFS_SIM_CLOCK=1)"),
+        }
+    }
+    eprintln!(
+        "{seeds} clock step seeds: {steps} steps, {views} views in {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
 fn one_seed_from_the_environment() {
     let Some(seed) = env_u64("DERECHOFS_SIM_SEED") else {
         return;
@@ -85,6 +108,8 @@ fn one_seed_from_the_environment() {
         Options::with_stalls(seed)
     } else if env_u64("DERECHOFS_SIM_HOST_STALL").unwrap_or(0) == 1 {
         Options::with_host_stall(seed)
+    } else if env_u64("DERECHOFS_SIM_CLOCK").unwrap_or(0) == 1 {
+        Options::with_clock_steps(seed)
     } else {
         Options::from_seed(seed)
     };
