@@ -360,7 +360,7 @@ impl Options {
     /// and stamps stay in order whatever the wall clock does.
     pub fn with_clock_steps(seed: u64) -> Options {
         let mut options = Options::with_stalls(seed);
-        let mut rng = Rng::new(seed ^ 0xc10c_5e7);
+        let mut rng = Rng::new(seed ^ 0x0c10_c5e7);
         let suspect_us = options.suspect_after_ms * 1_000;
         let span_us = options.heal_us + 2 * suspect_us;
         for node in 0..options.nodes {
