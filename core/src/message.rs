@@ -72,7 +72,7 @@ pub enum Message {
         view_id: u32,
         /// Bit `r` set: the sender suspects the member of view rank `r`.
         suspicions: u64,
-        /// The sender's clock when it sent this heartbeat, in µs.
+        /// The sender's timer clock (`Now::mono_us`) when it sent this heartbeat, in µs.
         sent_us: u64,
         /// The `sent_us` of the newest heartbeat the sender received from the receiver in this
         /// view; 0 if none, or if the sender ever suspected the receiver in this view.
