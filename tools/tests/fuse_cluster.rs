@@ -347,9 +347,37 @@ fn read_direct(file: &std::fs::File, len: usize) -> Vec<u8> {
     buf.to_vec()
 }
 
+/// Writes a piece of random bytes from `next` at `at` of `file` with one direct write, and
+/// records it in `want`, the reference.
+fn write_direct_piece(
+    file: &std::fs::File,
+    at: usize,
+    want: &mut [u8],
+    next: &mut impl FnMut() -> u64,
+) {
+    use std::os::unix::fs::FileExt;
+    let mut store = Vec::new();
+    let buf = aligned(&mut store, DIRECT_PIECE_BYTES);
+    for byte in buf.iter_mut() {
+        *byte = next() as u8;
+    }
+    file.write_all_at(buf, at as u64)
+        .unwrap_or_else(|e| panic!("direct write at {at}: {e}"));
+    want[at..at + DIRECT_PIECE_BYTES].copy_from_slice(buf);
+}
+
+/// Asserts that `file`, read directly, is `want`, size and bytes.
+fn assert_direct_holds(file: &std::fs::File, want: &[u8], what: &str) {
+    assert_eq!(
+        file.metadata().expect("fstat").len(),
+        want.len() as u64,
+        "{what}: size"
+    );
+    assert!(read_direct(file, want.len()) == want, "{what}: bytes");
+}
+
 #[test]
 fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhere_after_close() {
-    use std::os::unix::fs::FileExt;
     let seed = seed();
     let (_cluster, a, b) = two_mounts(64, "");
     let (at_a, at_b) = (a.path.join("direct"), b.path.join("direct"));
@@ -357,7 +385,6 @@ fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhe
     let mut want = vec![0u8; DIRECT_FILE_BYTES];
     let mut x = seed | 1;
     let mut next = move || xorshift(&mut x);
-    let mut store = Vec::new();
     let writer = open_direct(&at_a, true);
     // The pieces in a shuffled order, so the writes are not one run.
     let pieces = DIRECT_FILE_BYTES / DIRECT_PIECE_BYTES;
@@ -366,55 +393,33 @@ fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhe
         order.swap(i, (next() % (i as u64 + 1)) as usize);
     }
     for &piece in &order {
-        let at = piece * DIRECT_PIECE_BYTES;
-        let buf = aligned(&mut store, DIRECT_PIECE_BYTES);
-        for byte in buf.iter_mut() {
-            *byte = next() as u8;
-        }
-        writer
-            .write_all_at(buf, at as u64)
-            .expect("direct write at a");
-        want[at..at + DIRECT_PIECE_BYTES].copy_from_slice(buf);
+        write_direct_piece(&writer, piece * DIRECT_PIECE_BYTES, &mut want, &mut next);
     }
     // Before the writer closes, a second direct descriptor of the same client reads it all.
     let reader = open_direct(&at_a, false);
-    assert_eq!(
-        reader.metadata().expect("fstat at a").len(),
-        DIRECT_FILE_BYTES as u64,
-        "seed {seed}: size through a second descriptor before the close"
-    );
-    assert!(
-        read_direct(&reader, DIRECT_FILE_BYTES) == want,
-        "seed {seed}: the client's own direct writes, read back before the close"
+    assert_direct_holds(
+        &reader,
+        &want,
+        &format!("seed {seed}: the client's own direct writes, read back before the close"),
     );
     drop(reader);
     drop(writer);
     // Closed: another mount, on another member, opens it and reads it all, directly.
     let at_other = open_direct(&at_b, false);
-    assert_eq!(
-        at_other.metadata().expect("fstat at b").len(),
-        DIRECT_FILE_BYTES as u64,
-        "seed {seed}: size at b after the close at a"
-    );
-    assert!(
-        read_direct(&at_other, DIRECT_FILE_BYTES) == want,
-        "seed {seed}: bytes at b after the close at a"
+    assert_direct_holds(
+        &at_other,
+        &want,
+        &format!("seed {seed}: at b after the close at a"),
     );
     // And back: a direct overwrite at b, fsynced and closed, is what a new open at a reads.
     let at = (next() as usize % pieces) * DIRECT_PIECE_BYTES;
-    let buf = aligned(&mut store, DIRECT_PIECE_BYTES);
-    for byte in buf.iter_mut() {
-        *byte = next() as u8;
-    }
-    at_other
-        .write_all_at(buf, at as u64)
-        .expect("direct write at b");
-    want[at..at + DIRECT_PIECE_BYTES].copy_from_slice(buf);
+    write_direct_piece(&at_other, at, &mut want, &mut next);
     at_other.sync_all().expect("fsync at b");
     drop(at_other);
     let again = open_direct(&at_a, false);
-    assert!(
-        read_direct(&again, DIRECT_FILE_BYTES) == want,
-        "seed {seed}: bytes at a after the overwrite at b was closed"
+    assert_direct_holds(
+        &again,
+        &want,
+        &format!("seed {seed}: at a after the overwrite at b was closed"),
     );
 }
