@@ -262,6 +262,15 @@ impl Cluster {
         }
     }
 
+    /// Three rounds of heartbeats, each carried: every member then holds echoes of its own
+    /// (its read lease).
+    fn exchange_heartbeats(&mut self) {
+        for _ in 0..3 {
+            self.tick_all(20_000);
+            self.settle();
+        }
+    }
+
     /// Confirms every decision the nodes asked to log, then settles.
     fn log_trims(&mut self) {
         for node in 0..self.nodes.len() {
@@ -1683,10 +1692,7 @@ fn a_member_holds_its_read_lease_only_while_no_peer_can_have_suspected_it() {
         "no heartbeat echoed yet"
     );
     // Heartbeats go out every 20 ms; the second round echoes the first.
-    for _ in 0..3 {
-        cluster.tick_all(20_000);
-        cluster.settle();
-    }
+    cluster.exchange_heartbeats();
     for node in 0..3 {
         assert!(cluster.nodes[node].holds_read_lease(cluster.now_us));
     }
@@ -1726,10 +1732,7 @@ fn a_member_holds_its_read_lease_only_while_no_peer_can_have_suspected_it() {
 #[test]
 fn a_member_removed_at_once_for_a_broken_link_lost_its_lease_before_the_trim_is_delivered() {
     let mut cluster = Cluster::new(3, |_| {});
-    for _ in 0..3 {
-        cluster.tick_all(20_000);
-        cluster.settle();
-    }
+    cluster.exchange_heartbeats();
     // Node id 1's links break while it keeps running: the others suspect it at once.
     let last_heard_us = cluster.now_us;
     for node in [1, 2] {
@@ -1769,10 +1772,7 @@ fn a_member_removed_at_once_for_a_broken_link_lost_its_lease_before_the_trim_is_
 #[test]
 fn timers_follow_the_timer_clock_not_a_wall_clock_set_back_or_forward() {
     let mut cluster = Cluster::new(3, |_| {});
-    for _ in 0..3 {
-        cluster.tick_all(20_000);
-        cluster.settle();
-    }
+    cluster.exchange_heartbeats();
     let now = cluster.now_us;
     assert!(cluster.nodes[0].holds_read_lease(now));
     // Node id 1's wall clock is set back 0.5 s while 200 ms pass: its lease ran out all the same.
