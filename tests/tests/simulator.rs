@@ -76,22 +76,11 @@ fn seeds_with_crashes_breaks_partitions_and_clogs_hold_every_invariant_across_vi
 #[test]
 fn seeds_with_wall_clocks_stepped_ahead_and_back_hold_every_invariant_and_make_progress() {
     let seeds = env_u64("DERECHOFS_SIM_CLOCK_SEEDS").unwrap_or(20);
-    let started = Instant::now();
-    let (mut steps, mut views) = (0, 0);
-    for seed in 0..seeds {
-        let options = Options::with_clock_steps(seed);
-        match run(&options) {
-            Ok(report) => {
-                assert!(report.probes_delivered > 0, "seed {seed}: no progress");
-                steps += report.steps;
-                views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
-            }
-            Err(failure) => panic!("{failure}\n  (clock steps: DERECHOFS_SIM_CLOCK=1)"),
-        }
-    }
-    eprintln!(
-        "{seeds} clock step seeds: {steps} steps, {views} views in {:?}",
-        started.elapsed()
+    slow_member_seeds(
+        seeds,
+        Options::with_clock_steps,
+        "clock step",
+        "DERECHOFS_SIM_CLOCK=1",
     );
 }
 
@@ -393,10 +382,22 @@ fn seeds_with_a_total_restart_lose_nothing_durable_and_make_progress_again() {
 #[test]
 fn seeds_with_members_slow_past_the_suspicion_timeout_hold_every_invariant_and_make_progress() {
     let seeds = env_u64("DERECHOFS_SIM_STALL_SEEDS").unwrap_or(30);
+    slow_member_seeds(
+        seeds,
+        Options::with_stalls,
+        "slow members",
+        "DERECHOFS_SIM_STALL=1",
+    );
+}
+
+/// Runs `seeds` seeds of slow members (`Options::with_stalls` or a batch built on it): nothing
+/// fails, so each must hold every invariant, make progress again, and leave no node suspecting
+/// itself. `rerun` is the environment that reruns one failed seed.
+fn slow_member_seeds(seeds: u64, options_of: fn(u64) -> Options, what: &str, rerun: &str) {
     let started = Instant::now();
     let (mut steps, mut views, mut joins) = (0, 0, 0);
     for seed in 0..seeds {
-        let options = Options::with_stalls(seed);
+        let options = options_of(seed);
         assert!(
             options.must_recover(),
             "seed {seed}: stalled members are not faulty"
@@ -415,11 +416,11 @@ fn seeds_with_members_slow_past_the_suspicion_timeout_hold_every_invariant_and_m
                 joins += report.joins;
                 views += u64::from(report.view_ids.iter().copied().max().unwrap_or(1) - 1);
             }
-            Err(failure) => panic!("{failure}\n  (slow members: DERECHOFS_SIM_STALL=1)"),
+            Err(failure) => panic!("{failure}\n  ({what}: {rerun})"),
         }
     }
     eprintln!(
-        "{seeds} slow members seeds: {steps} steps, {views} views, {joins} joins in {:?}",
+        "{seeds} {what} seeds: {steps} steps, {views} views, {joins} joins in {:?}",
         started.elapsed()
     );
 }
