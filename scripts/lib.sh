@@ -1,6 +1,6 @@
-# Shared by up.sh, test.sh, scripts/fuse-tests.sh and the bench/ scripts: install what is missing, quietly, and say
-# what was installed. Runs side by side (a CI run and a local one) are safe: apt waits for the
-# other's lock, and the mount helper is replaced atomically.
+# Shared by up.sh, test.sh, scripts/fuse-tests.sh and the bench/ scripts: install what is
+# missing, quietly, and say what was installed. Runs side by side (a CI run and a local one) are
+# safe: apt waits for the other's lock, and the mount helper is replaced atomically.
 need_apt() {
   local missing=()
   for pkg in "$@"; do
