@@ -1452,10 +1452,10 @@ impl Log {
             segment.map(|s| &s.file)
         };
         let file = file.ok_or_else(|| corrupt("log", offset, "index names a missing file"))?;
-        let bytes = file.read_at(offset, len as usize).map_err(io_err(format!(
-            "read of file {:#x} at {offset}",
-            entry.file
-        )))?;
+        // The error's text is made only on an error: this runs for every read of a value.
+        let bytes = file
+            .read_at(offset, len as usize)
+            .map_err(|e| io_err(format!("read of file {:#x} at {offset}", entry.file))(e))?;
         Ok(bytes)
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 
-use super::frame::Inbound;
+use super::frame::{Inbound, PayloadSum};
 use super::link::{read_frame, Outbound, IO_BUFFER_BYTES};
 use super::stream::{LinkKind, ReadHalf, Stream, WriteHalf};
 use super::{
@@ -38,6 +38,7 @@ pub struct ClientSender {
 pub struct ClientReceiver {
     reader: BufReader<ReadHalf>,
     inbound: Inbound,
+    sum: PayloadSum,
 }
 
 impl ClientConn {
@@ -84,11 +85,12 @@ impl ClientConn {
             kind,
             sender: ClientSender {
                 writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
-                outbound: Outbound::new(0),
+                outbound: Outbound::new(0, PayloadSum::of(kind)),
             },
             receiver: ClientReceiver {
                 reader: BufReader::with_capacity(IO_BUFFER_BYTES, read),
                 inbound: Inbound::new(acceptor.view_id),
+                sum: PayloadSum::of(kind),
             },
         })
     }
@@ -197,6 +199,6 @@ impl ClientSender {
 impl ClientReceiver {
     /// The next message from the node, with the node's view id; an error ends the link.
     pub async fn recv(&mut self) -> Result<(u32, Bytes), BreakReason> {
-        read_frame(&mut self.reader, &mut self.inbound).await
+        read_frame(&mut self.reader, &mut self.inbound, self.sum).await
     }
 }

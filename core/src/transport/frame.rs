@@ -111,7 +111,21 @@ impl FrameHeader {
     /// Checks the payload against the header's checksum.
     pub fn check_payload(&self, payload: &[u8]) -> Result<(), FrameError> {
         debug_assert_eq!(payload.len(), self.len as usize);
-        let computed = crc32c::crc32c_append(crc32c::crc32c(payload), &self.fields);
+        self.check_sum(crc32c::crc32c(payload))
+    }
+
+    /// Checks the frame's checksum as `sum` says it was made: over the payload and the header's
+    /// fields ([`PayloadSum::Summed`], as [`FrameHeader::check_payload`]), or over the header's
+    /// fields only ([`PayloadSum::HeaderOnly`]).
+    pub fn check(&self, payload: &[u8], sum: PayloadSum) -> Result<(), FrameError> {
+        match sum {
+            PayloadSum::Summed => self.check_payload(payload),
+            PayloadSum::HeaderOnly => self.check_sum(0),
+        }
+    }
+
+    fn check_sum(&self, payload_crc: u32) -> Result<(), FrameError> {
+        let computed = crc32c::crc32c_append(payload_crc, &self.fields);
         if computed != self.stored_crc {
             return Err(FrameError::Checksum {
                 stored: self.stored_crc,
@@ -119,6 +133,31 @@ impl FrameHeader {
             });
         }
         Ok(())
+    }
+}
+
+/// What a link's frame checksums cover.
+///
+/// On TCP, the payload and the header's fields. On a Unix-domain socket, whose bytes never leave
+/// the kernel's memory between two processes of one machine, the header's fields only: the
+/// checksum of a frame with an empty payload, so that a frame boundary lost by a bug is still
+/// caught, while the payload's bytes are not summed twice more per link (they are summed again
+/// where they are kept, in the log's records).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadSum {
+    /// The checksum covers the payload, then the header's fields.
+    Summed,
+    /// The checksum covers the header's fields only.
+    HeaderOnly,
+}
+
+impl PayloadSum {
+    /// What frames on a link of `kind` are summed over.
+    pub fn of(kind: super::stream::LinkKind) -> PayloadSum {
+        match kind {
+            super::stream::LinkKind::Tcp => PayloadSum::Summed,
+            super::stream::LinkKind::Local => PayloadSum::HeaderOnly,
+        }
     }
 }
 
@@ -389,6 +428,48 @@ mod tests {
         covered.extend_from_slice(&header[0..4]);
         covered.extend_from_slice(&header[8..24]);
         assert_eq!(le_u32(&header[4..8]), crc32c::crc32c(&covered));
+    }
+
+    #[test]
+    fn a_header_only_checksum_covers_the_header_fields_and_not_the_payload() {
+        let payload = b"some payload";
+        let len = payload.len();
+        let header_only = encode_header_with_crc(FrameKind::Message, 3, 9, len, 0);
+        let summed = encode_header(FrameKind::Message, 3, 9, payload);
+        let decoded = decode_header(&header_only).unwrap();
+        // The checksum of a frame with an empty payload, over the same fields.
+        let mut empty = encode_header(FrameKind::Message, 3, 9, b"");
+        empty[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+        assert_eq!(
+            le_u32(&header_only[4..8]),
+            crc32c::crc32c_append(0, &fields(&empty))
+        );
+        assert_eq!(decoded.check(payload, PayloadSum::HeaderOnly), Ok(()));
+        assert_eq!(
+            decoded.check(b"other bytes!", PayloadSum::HeaderOnly),
+            Ok(())
+        );
+        assert!(decoded.check(payload, PayloadSum::Summed).is_err());
+        let summed_decoded = decode_header(&summed).unwrap();
+        assert_eq!(summed_decoded.check(payload, PayloadSum::Summed), Ok(()));
+        assert!(summed_decoded
+            .check(payload, PayloadSum::HeaderOnly)
+            .is_err());
+        // Every covered header byte is still checked: flip each bit of the view id and sequence.
+        for byte in 12..24 {
+            for bit in 0..8 {
+                let mut flipped = header_only;
+                flipped[byte] ^= 1 << bit;
+                let header = decode_header(&flipped).unwrap();
+                assert!(
+                    matches!(
+                        header.check(payload, PayloadSum::HeaderOnly),
+                        Err(FrameError::Checksum { .. })
+                    ),
+                    "byte {byte} bit {bit}"
+                );
+            }
+        }
     }
 
     #[test]

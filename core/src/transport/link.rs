@@ -2,13 +2,15 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
-use super::frame::{decode_header, encode_header_with_crc, FrameKind, Inbound, FRAME_HEADER_BYTES};
+use super::frame::{
+    decode_header, encode_header_with_crc, FrameKind, Inbound, PayloadSum, FRAME_HEADER_BYTES,
+};
 use super::BreakReason;
 
 /// Bytes of the read and write buffers of one connection.
@@ -45,13 +47,32 @@ impl Parts {
     }
 }
 
+/// The CRC-32C of the payload parts `parts`, one after the other.
+pub(crate) fn sum_parts<P: AsRef<[u8]>>(parts: &[P]) -> u32 {
+    parts
+        .iter()
+        .fold(0, |crc, part| crc32c::crc32c_append(crc, part.as_ref()))
+}
+
+/// A payload's CRC-32C, shared by the links its message goes to: computed once, by the first
+/// of them that sums payloads (a TCP link, [`PayloadSum`]), and never if none does.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct SharedCrc(Arc<OnceLock<u32>>);
+
+impl SharedCrc {
+    /// The CRC-32C of `parts`, the payload this was made for.
+    pub fn of(&self, parts: &[Bytes]) -> u32 {
+        *self.0.get_or_init(|| sum_parts(parts))
+    }
+}
+
 /// One frame waiting in a link's queue, holding its share of the link's byte budget.
 #[derive(Debug)]
 pub(crate) struct Outgoing {
     pub view_id: u32,
     pub parts: Parts,
-    /// The payload's CRC-32C when the sender computed it once for several links.
-    pub payload_crc: Option<u32>,
+    /// The payload's CRC-32C when several links share it.
+    pub payload_crc: Option<SharedCrc>,
     pub _budget: Option<OwnedSemaphorePermit>,
 }
 
@@ -63,11 +84,13 @@ fn read_failure(e: std::io::Error) -> BreakReason {
     }
 }
 
-/// Reads the next message frame: its view id and payload. A bye, the end of the stream, an I/O
-/// error or a malformed frame ends the link with the reason.
+/// Reads the next message frame: its view id and payload, its checksum checked as `sum` says
+/// the link's frames are summed. A bye, the end of the stream, an I/O error or a malformed frame
+/// ends the link with the reason.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     inbound: &mut Inbound,
+    sum: PayloadSum,
 ) -> Result<(u32, Bytes), BreakReason> {
     if reader.fill_buf().await.map_err(read_failure)?.is_empty() {
         return Err(BreakReason::Eof);
@@ -89,7 +112,7 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
             return Err(BreakReason::Truncated);
         }
     }
-    header.check_payload(&payload)?;
+    header.check(&payload, sum)?;
     inbound.accept(&header)?;
     match header.kind {
         FrameKind::Message => Ok((header.view_id, payload.freeze())),
@@ -102,14 +125,17 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
 pub(crate) struct Outbound {
     last_seq: u64,
     view_id: u32,
+    sum: PayloadSum,
 }
 
 impl Outbound {
-    /// A direction whose sender declared `view_id` in the handshake.
-    pub fn new(view_id: u32) -> Outbound {
+    /// A direction whose sender declared `view_id` in the handshake, its frames summed as `sum`
+    /// says.
+    pub fn new(view_id: u32, sum: PayloadSum) -> Outbound {
         Outbound {
             last_seq: 0,
             view_id,
+            sum,
         }
     }
 
@@ -121,21 +147,7 @@ impl Outbound {
         view_id: u32,
         payload: &[u8],
     ) -> std::io::Result<()> {
-        self.write_with_crc(writer, kind, view_id, payload, None)
-            .await
-    }
-
-    /// As [`Outbound::write`], with the payload's CRC-32C if it is already known.
-    pub async fn write_with_crc<W: AsyncWrite + Unpin>(
-        &mut self,
-        writer: &mut W,
-        kind: FrameKind,
-        view_id: u32,
-        payload: &[u8],
-        payload_crc: Option<u32>,
-    ) -> std::io::Result<()> {
-        let crc = payload_crc.unwrap_or_else(|| crc32c::crc32c(payload));
-        let header = self.header(kind, view_id, payload.len(), crc);
+        let header = self.header(kind, view_id, payload.len(), || crc32c::crc32c(payload));
         writer.write_all(&header).await?;
         writer.write_all(payload).await
     }
@@ -148,11 +160,8 @@ impl Outbound {
         view_id: u32,
         parts: &[&[u8]],
     ) -> std::io::Result<()> {
-        let crc = parts
-            .iter()
-            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
         let len = parts.iter().map(|p| p.len()).sum();
-        let header = self.header(FrameKind::Message, view_id, len, crc);
+        let header = self.header(FrameKind::Message, view_id, len, || sum_parts(parts));
         writer.write_all(&header).await?;
         for part in parts {
             writer.write_all(part).await?;
@@ -160,17 +169,23 @@ impl Outbound {
         Ok(())
     }
 
-    /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc`.
+    /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc()`
+    /// (asked for only if this direction sums payloads).
     fn header(
         &mut self,
         kind: FrameKind,
         view_id: u32,
         len: usize,
-        payload_crc: u32,
+        payload_crc: impl FnOnce() -> u32,
     ) -> [u8; FRAME_HEADER_BYTES] {
         self.last_seq += 1;
         self.view_id = self.view_id.max(view_id);
-        encode_header_with_crc(kind, view_id, self.last_seq, len, payload_crc)
+        // A header-only checksum is that of a frame with an empty payload (whose CRC is 0).
+        let crc = match self.sum {
+            PayloadSum::Summed => payload_crc(),
+            PayloadSum::HeaderOnly => 0,
+        };
+        encode_header_with_crc(kind, view_id, self.last_seq, len, crc)
     }
 
     /// Writes a bye in the highest view sent so far.
@@ -257,16 +272,16 @@ impl Gather {
 /// queued frame, writing whenever the queue is empty or [`WRITE_AT_BYTES`] are gathered, so that
 /// frames queued together leave in one vectored write. When the queue closes (the link was
 /// disconnected locally) it writes a bye and shuts the connection down; when writing fails it
-/// reports the reason to the link's supervisor.
+/// reports the reason to the link's supervisor. Frames are summed as `sum` says.
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: mpsc::Receiver<Outgoing>,
     prefix: Option<u8>,
-    local_view: u32,
+    (local_view, sum): (u32, PayloadSum),
     failed: oneshot::Sender<BreakReason>,
 ) {
     let mut gather = Gather::default();
-    let mut outbound = Outbound::new(local_view);
+    let mut outbound = Outbound::new(local_view, sum);
     let result: std::io::Result<()> = async {
         if let Some(byte) = prefix {
             gather.put_copied(&[byte]);
@@ -282,11 +297,10 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             };
             let Some(frame) = next else { break };
             let parts = frame.parts.as_slice();
-            let crc = frame.payload_crc.unwrap_or_else(|| {
-                parts
-                    .iter()
-                    .fold(0, |crc, part| crc32c::crc32c_append(crc, part))
-            });
+            let crc = || match &frame.payload_crc {
+                Some(shared) => shared.of(parts),
+                None => sum_parts(parts),
+            };
             let header = outbound.header(FrameKind::Message, frame.view_id, frame.parts.len(), crc);
             gather.put_copied(&header);
             for part in parts {
@@ -297,7 +311,7 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             }
         }
         let view_id = outbound.view_id;
-        let header = outbound.header(FrameKind::Bye, view_id, 0, crc32c::crc32c(&[]));
+        let header = outbound.header(FrameKind::Bye, view_id, 0, || 0);
         gather.put_copied(&header);
         gather.write_out(&mut writer).await?;
         writer.flush().await?;

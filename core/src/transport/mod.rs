@@ -55,8 +55,9 @@ pub use stream::{
 };
 
 use crate::view::NodeId;
+use frame::PayloadSum;
 use frame::{dials, Inbound};
-use link::{read_frame, write_frames, Outgoing, Parts, IO_BUFFER_BYTES};
+use link::{read_frame, write_frames, Outgoing, Parts, SharedCrc, IO_BUFFER_BYTES};
 use stream::{Listener, ReadHalf, Stream};
 
 /// A client's id, chosen by the client; unique among the clients linked to one node at a time.
@@ -190,37 +191,34 @@ pub enum SendError {
     Full(Peer),
 }
 
-/// A message's bytes, as one or more parts sent back to back, with their CRC-32C computed once,
-/// for sending the same message to several peers ([`Transport::send_payload`]). Parts are
+/// A message's bytes, as one or more parts sent back to back, for sending the same message to
+/// several peers ([`Transport::send_payload`]): their CRC-32C is computed at most once, by the
+/// first link that sums payloads ([`PayloadSum`]: TCP links do, local links do not). Parts are
 /// written with vectored writes, so a large part goes to the socket without being copied.
 #[derive(Clone, Debug)]
 pub struct Payload {
     parts: Parts,
-    crc: u32,
+    crc: SharedCrc,
 }
 
 impl Payload {
-    /// Checksums `bytes`.
+    /// A payload of `bytes`.
     pub fn new(bytes: Bytes) -> Payload {
-        let crc = crc32c::crc32c(&bytes);
         Payload {
             parts: Parts::One(bytes),
-            crc,
+            crc: SharedCrc::default(),
         }
     }
 
-    /// Checksums the concatenation of `parts` (as made by
+    /// A payload of the concatenation of `parts` (as made by
     /// [`crate::message::Message::to_parts`]).
     pub fn from_parts(mut parts: Vec<Bytes>) -> Payload {
         if parts.len() == 1 {
             return Payload::new(parts.pop().expect("one part"));
         }
-        let crc = parts
-            .iter()
-            .fold(0, |crc, part| crc32c::crc32c_append(crc, part));
         Payload {
             parts: Parts::Many(parts.into()),
-            crc,
+            crc: SharedCrc::default(),
         }
     }
 
@@ -594,7 +592,7 @@ impl Transport {
         view_id: u32,
         payload: &Payload,
     ) -> Result<(), SendError> {
-        let (parts, crc) = (payload.parts.clone(), payload.crc);
+        let (parts, crc) = (payload.parts.clone(), payload.crc.clone());
         self.send_outgoing(peer, view_id, parts, Some(crc)).await
     }
 
@@ -603,7 +601,7 @@ impl Transport {
         peer: Peer,
         view_id: u32,
         parts: Parts,
-        payload_crc: Option<u32>,
+        payload_crc: Option<SharedCrc>,
     ) -> Result<(), SendError> {
         let len = parts.len();
         let (queue, budget) = self.link_queue(peer, len)?;
@@ -860,7 +858,14 @@ fn spawn_link(
     let (read, write) = stream.into_split();
     let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
     let (failed, writer_failed) = oneshot::channel();
-    let writer = tokio::spawn(write_frames(write, queued, prefix, local_view, failed));
+    let sum = PayloadSum::of(kind);
+    let writer = tokio::spawn(write_frames(
+        write,
+        queued,
+        prefix,
+        (local_view, sum),
+        failed,
+    ));
     let supervisor = tokio::spawn(supervise(
         shared.clone(),
         peer,
@@ -898,6 +903,7 @@ async fn supervise(
     writer: AbortHandle,
 ) {
     let node = shared.node_id;
+    let sum = PayloadSum::of(addr.kind());
     // Clients come and go all the time; only links between nodes are news.
     match peer {
         Peer::Node(_) => tracing::info!(node, ?peer, %addr, kind = %addr.kind(), "link up"),
@@ -915,7 +921,7 @@ async fn supervise(
             let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, read);
             let mut inbound = Inbound::new(remote_view);
             loop {
-                let (view_id, bytes) = match read_frame(&mut reader, &mut inbound).await {
+                let (view_id, bytes) = match read_frame(&mut reader, &mut inbound, sum).await {
                     Ok(frame) => frame,
                     Err(reason) => return reason,
                 };

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use super::frame::{encode_frame, FrameKind};
+use super::frame::{encode_header_with_crc, FrameKind, PayloadSum};
 use super::stream::Stream;
 use super::*;
 
@@ -285,13 +285,21 @@ async fn transport_malformed_frames_break_a_local_link_with_a_reason() {
 }
 
 async fn malformed_frames_break_the_link_with_a_reason(dir: Option<&Path>) {
+    // Frames as the link sums them: a local link's checksum covers the header's fields only.
+    let sum = PayloadSum::of(kind_with(dir));
     let good = |seq: u64, view: u32| {
-        let mut bytes = Vec::new();
-        encode_frame(&mut bytes, FrameKind::Message, view, seq, b"payload");
+        let payload = b"payload";
+        let crc = match sum {
+            PayloadSum::Summed => crc32c::crc32c(payload),
+            PayloadSum::HeaderOnly => 0,
+        };
+        let mut bytes =
+            encode_header_with_crc(FrameKind::Message, view, seq, payload.len(), crc).to_vec();
+        bytes.extend_from_slice(payload);
         bytes
     };
-    let mut corrupted = good(1, 0);
-    corrupted[30] ^= 0x01;
+    let mut corrupted_header = good(1, 0);
+    corrupted_header[23] ^= 0x01;
     let mut unknown_kind = good(1, 0);
     unknown_kind[8] = 7;
     let mut too_long = good(1, 0);
@@ -305,7 +313,7 @@ async fn malformed_frames_break_the_link_with_a_reason(dir: Option<&Path>) {
         ("garbage", vec![0xAB; 64], |r| {
             matches!(r, BreakReason::Malformed(_))
         }),
-        ("corrupted payload", corrupted, |r| {
+        ("corrupted header", corrupted_header, |r| {
             matches!(r, BreakReason::Malformed(FrameError::Checksum { .. }))
         }),
         ("unknown kind", unknown_kind, |r| {
@@ -333,6 +341,14 @@ async fn malformed_frames_break_the_link_with_a_reason(dir: Option<&Path>) {
             *r == BreakReason::Truncated
         }),
     ];
+    let mut cases = cases;
+    if sum == PayloadSum::Summed {
+        let mut corrupted = good(1, 0);
+        corrupted[30] ^= 0x01;
+        cases.push(("corrupted payload", corrupted, |r| {
+            matches!(r, BreakReason::Malformed(FrameError::Checksum { .. }))
+        }));
+    }
     let (acceptor, mut events) = node_in(100, b"cluster", dir).await;
     for (dialer, (name, bytes, expected)) in (0..).zip(cases) {
         acceptor.set_view(dialer); // so the previous case's broken link does not refuse this one
