@@ -941,6 +941,9 @@ impl Driver {
             return Ok(());
         };
         let mut out: Vec<(ClientId, Bytes)> = Vec::new();
+        // Whether a client may wait for these versions to be durable, here or at the member
+        // that submitted a request: every replica computes the same replies, so decides alike.
+        let mut waited = false;
         for d in deliveries {
             let payloads: Vec<Bytes> = d.requests.iter().map(|r| r.payload.clone()).collect();
             let started = Instant::now();
@@ -953,6 +956,10 @@ impl Driver {
                         version: d.version,
                         cause: anyhow::anyhow!("applying and appending the version: {e}"),
                     })?;
+            waited |= applied
+                .replies
+                .iter()
+                .any(|reply| waits_for_durability(true, reply));
             let took = started.elapsed();
             if took >= Duration::from_millis(SLOW_APPLY_MS) {
                 // The event loop sent no heartbeat meanwhile; the engine does not count this
@@ -1025,6 +1032,9 @@ impl Driver {
                     }
                 }
             }
+        }
+        if let Some(store) = self.stores.get_mut(&shard) {
+            store.delivered(waited);
         }
         for (client, bytes) in out {
             self.send_client(client, bytes);

@@ -39,6 +39,13 @@ pub const SYNCS_IN_FLIGHT: usize = 4;
 
 const _: () = assert!(SYNCS_IN_FLIGHT <= derechofs_storage::SYNCS_IN_FLIGHT_MAX);
 
+/// Under [`SyncPolicy::Fsync`], the longest a persister waits, after the last sync ended, before
+/// it syncs versions that nobody waits for (a version whose every request wrote nothing: K/V
+/// conditional puts that failed, stale retries). A version someone may wait for is synced at
+/// once, and covers the ones before it. Each `fdatasync` costs CPU in the kernel; in a
+/// contended run most versions are failed attempts that nobody waits to be durable.
+pub const LAZY_SYNC_MS: u64 = 2;
+
 /// Pace of the zero-filling ahead of a log's append point (MiB a second), on a log that syncs
 /// to a disk ([`Log::prefiller`]): an `fdatasync` after appends into written blocks skips the
 /// inode write that appends into the fallocated (unwritten) blocks of a new segment cost. The
@@ -59,6 +66,11 @@ fn persister_threads(sync: SyncPolicy) -> usize {
 struct PersistCell {
     /// The newest version the engine asked to persist.
     wanted: Option<Version>,
+    /// The newest version asked to persist at once (someone may wait for it); versions above
+    /// it and up to `wanted` wait up to [`LAZY_SYNC_MS`] after the last sync ended.
+    urgent: Option<Version>,
+    /// Threads asleep until that interval ends: a version nobody waits for wakes none of them.
+    timed: usize,
     /// The newest version a sync begun covers (or, while it is being begun, was asked to):
     /// a version at most this needs no new sync.
     begun: Option<Version>,
@@ -102,6 +114,9 @@ pub struct ShardStore {
     sync: SyncPolicy,
     /// Wakes the driver to take what became durable.
     notify: Arc<Notify>,
+    /// Whether every version delivered since the last [`ShardStore::persist`] wrote nothing
+    /// that anyone may wait to be durable (`None`: nothing delivered since).
+    delivered_idle: Option<bool>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -186,6 +201,7 @@ impl ShardStore {
             sync,
             prefill: None,
             notify: notify.clone(),
+            delivered_idle: None,
         };
         if let Some(prefiller) = prefiller {
             let worker = prefiller.clone();
@@ -250,11 +266,27 @@ impl ShardStore {
         self.kv.clone()
     }
 
+    /// Records that versions were delivered whose requests may (`waited`) or may not have
+    /// a client waiting until they are durable: a write that wrote, or any file system
+    /// request. Every replica decides it alike, from the replies it computed.
+    pub fn delivered(&mut self, waited: bool) {
+        self.delivered_idle = Some(self.delivered_idle.unwrap_or(true) && !waited);
+    }
+
     /// Asks the persister to make everything up to `version` durable (an inline log: records
-    /// it for the next [`ShardStore::sync_inline`]).
-    pub fn persist(&self, version: Version) {
+    /// it for the next [`ShardStore::sync_inline`]): at once, unless everything delivered since
+    /// the last call was recorded as waited for by nobody ([`ShardStore::delivered`]) and the
+    /// log is synced by persister threads under `fsync`: then within [`LAZY_SYNC_MS`] after the
+    /// last sync ended, or with the next version asked for at once.
+    pub fn persist(&mut self, version: Version) {
+        let lazy = self.delivered_idle.take() == Some(true)
+            && !self.inline
+            && self.sync == SyncPolicy::Fsync;
         let mut cell = lock(&self.persist.cell);
         cell.wanted = cell.wanted.max(Some(version));
+        if !lazy {
+            cell.urgent = cell.urgent.max(Some(version));
+        }
         if cell.report_synced() {
             // A sync that ended already covered it: no sync is owed, only the report.
             self.notify.notify_one();
@@ -262,8 +294,9 @@ impl ShardStore {
         if self.inline {
             return;
         }
-        // A sync begun covers it, or a thread is already on its way: no wake-up.
-        if cell.wanted > cell.begun && cell.sleeping > cell.wakes {
+        // A sync begun covers it, or a thread is already on its way, or (a version nobody
+        // waits for) one already waits out the interval: no wake-up.
+        if cell.wanted > cell.begun && cell.sleeping > cell.wakes && (!lazy || cell.timed == 0) {
             cell.wakes += 1;
             self.persist.wake.notify_one();
         }
@@ -325,6 +358,9 @@ fn persister(
                 if cell.wanted > cell.begun && cell.in_flight < slots {
                     let due = match (sync, cell.last_end) {
                         (SyncPolicy::BatchMs(ms), Some(at)) => Some(at + Duration::from_millis(ms)),
+                        (SyncPolicy::Fsync, Some(at)) if cell.urgent <= cell.begun => {
+                            Some(at + Duration::from_millis(LAZY_SYNC_MS))
+                        }
                         _ => None,
                     };
                     match due {
@@ -335,11 +371,14 @@ fn persister(
                 cell.sleeping += 1;
                 cell = match timeout {
                     Some(t) => {
-                        persist
+                        cell.timed += 1;
+                        let mut cell = persist
                             .wake
                             .wait_timeout(cell, t)
                             .unwrap_or_else(|p| p.into_inner())
-                            .0
+                            .0;
+                        cell.timed -= 1;
+                        cell
                     }
                     None => persist.wake.wait(cell).unwrap_or_else(|p| p.into_inner()),
                 };
@@ -556,6 +595,33 @@ mod tests {
         }
         drop(store);
         assert_eq!(after_power_cut(&cb, 0), Some(last));
+    }
+
+    #[test]
+    fn versions_nobody_waits_for_are_made_durable_without_another_request() {
+        // Every tenth version may have a client waiting (a write that wrote); the others
+        // (failed conditional puts) are synced within the lazy interval or with the next
+        // waited one. The last ones are of the second kind: nothing asks again after them.
+        let cb = CrashingBackend::new();
+        let mut store = threaded_store(&cb);
+        let last: Version = 205;
+        let mut reported = None;
+        for v in 1..=last {
+            append(&store, v).unwrap();
+            store.delivered(v % 10 == 0);
+            store.persist(v);
+            if let Some(r) = store.take_persisted().unwrap() {
+                assert!(Some(r) > reported, "{r} reported after {reported:?}");
+                reported = Some(r);
+                let survived = after_power_cut(&cb, v);
+                assert!(
+                    survived >= Some(r),
+                    "reported {r}, a power cut keeps {survived:?}"
+                );
+            }
+        }
+        assert_eq!(wait_reported(&mut store, last), Some(last));
+        assert_eq!(after_power_cut(&cb, 1), Some(last));
     }
 
     /// Polls (bounded) until the store reports a version at least `want`; returns the last
