@@ -6,42 +6,17 @@
 #   bench/open.sh [LABEL]
 # DERECHOFS_BIN=PATH: the derechofs binary (default: the release build, made first).
 # Runs as root; the cluster and the mount it starts are stopped by pid (Ctrl-C to `up`), and its
-# data directory is removed.
+# data directory and mount point are removed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 . scripts/lib.sh
 need_apt fuse3 python3
-if [ -n "${DERECHOFS_BIN:-}" ]; then
-  bin=$DERECHOFS_BIN
-else
-  need_rust
-  cargo build --release -q -p derechofs-tools
-  bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
-fi
 label=${1:-run}
-case $label in
-  *[!A-Za-z0-9_-]*|"") echo "bench/open.sh: LABEL must be letters, digits, - or _" >&2; exit 2 ;;
-esac
-dir=/dev/shm/derechofs-open-$label
-mnt=/mnt/derechofs-open-$label
-log=$(mktemp /tmp/derechofs-open.XXXXXX.log)
-rm -rf "$dir"
-mkdir -p "$mnt"
-"$bin" up --data "$dir" "$mnt" >"$log" 2>&1 &
-pid=$!
-stop() {
-  kill -INT "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  rm -rf "$dir" "$log"
-}
-trap stop EXIT
-for _ in $(seq 1 300); do mountpoint -q "$mnt" && break; sleep 0.1; done
-if ! mountpoint -q "$mnt"; then
-  echo "bench/open.sh: the mount did not come up; its log:" >&2
-  cat "$log" >&2
-  exit 1
-fi
+bench_label open "$label"
+bin=$(bench_bin)
+bench_up open "$bin" "$label"
+mnt=$BENCH_MNT
 echo hello >"$mnt/f"
 measure() {
   python3 - "$mnt/f" "$1" <<'PY'

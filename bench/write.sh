@@ -8,46 +8,21 @@
 # DERECHOFS_BIN=PATH: the derechofs binary (default: the release build, made first).
 # WRITE_SIZE=SIZE: fio's --size (default 1G).
 # Runs as root; the cluster and the mount it starts are stopped by pid (Ctrl-C to `up`), and its
-# data directory is removed.
+# data directory and mount point are removed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 cd "$here"
 . scripts/lib.sh
 need_apt fuse3 fio
-if [ -n "${DERECHOFS_BIN:-}" ]; then
-  bin=$DERECHOFS_BIN
-else
-  need_rust
-  cargo build --release -q -p derechofs-tools
-  bin=${CARGO_TARGET_DIR:-$here/target}/release/derechofs
-fi
-label=${1:-run}
-case $label in
-  *[!A-Za-z0-9_-]*|"") echo "bench/write.sh: LABEL must be letters, digits, - or _" >&2; exit 2 ;;
-esac
 size=${WRITE_SIZE:-1G}
 case $size in
   *[!0-9KMG]*|"") echo "bench/write.sh: WRITE_SIZE must be a size such as 512M or 1G" >&2; exit 2 ;;
 esac
-dir=/dev/shm/derechofs-write-$label
-mnt=/mnt/derechofs-write-$label
-log=$(mktemp /tmp/derechofs-write.XXXXXX.log)
-rm -rf "$dir"
-mkdir -p "$mnt"
-"$bin" up --data "$dir" --local-socket-dir "/run/derechofs-write-$label" "$mnt" >"$log" 2>&1 &
-pid=$!
-stop() {
-  kill -INT "$pid" 2>/dev/null || true
-  wait "$pid" 2>/dev/null || true
-  rm -rf "$dir" "$log"
-}
-trap stop EXIT
-for _ in $(seq 1 300); do mountpoint -q "$mnt" && break; sleep 0.1; done
-if ! mountpoint -q "$mnt"; then
-  echo "bench/write.sh: the mount did not come up; its log:" >&2
-  cat "$log" >&2
-  exit 1
-fi
+label=${1:-run}
+bench_label write "$label"
+bin=$(bench_bin)
+bench_up write "$bin" "$label" --local-socket-dir "/run/derechofs-write-$label"
+mnt=$BENCH_MNT
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8; exit}' /proc/stat; }
 ticks_before=$(stat_ticks)
 busy_before=$(busy)

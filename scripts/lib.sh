@@ -82,3 +82,52 @@ steal_pct() {
   read -r t0 s0 <<< "$1"; read -r t1 s1 <<< "$2"
   awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", (t > 0 ? 100 * s / t : 0)}'
 }
+
+# bench_bin: the derechofs binary a benchmark measures: $DERECHOFS_BIN, or the release build of
+# this tree (built first). Prints its path.
+bench_bin() {
+  if [ -n "${DERECHOFS_BIN:-}" ]; then
+    echo "$DERECHOFS_BIN"
+  else
+    need_rust
+    cargo build --release -q -p derechofs-tools >&2
+    echo "${CARGO_TARGET_DIR:-$PWD/target}/release/derechofs"
+  fi
+}
+
+# bench_label SCRIPT LABEL: exits (status 2) unless LABEL is letters, digits, - or _.
+bench_label() {
+  case $2 in
+    *[!A-Za-z0-9_-]*|"") echo "bench/$1.sh: LABEL must be letters, digits, - or _" >&2; exit 2 ;;
+  esac
+}
+
+# bench_up SCRIPT BIN LABEL [UP OPTION…]: starts `BIN up` on /dev/shm/derechofs-SCRIPT-LABEL,
+# mounted at /mnt/derechofs-SCRIPT-LABEL (in BENCH_MNT), and waits for the mount; its pid is in
+# BENCH_UP_PID, and an EXIT trap stops it (Ctrl-C to `up`) and removes its data and mount point.
+bench_up() {
+  local script=$1 bin=$2 label=$3 _
+  shift 3
+  bench_label "$script" "$label"
+  BENCH_DIR=/dev/shm/derechofs-$script-$label
+  BENCH_MNT=/mnt/derechofs-$script-$label
+  BENCH_LOG=$(mktemp "/tmp/derechofs-$script.XXXXXX.log")
+  rm -rf "$BENCH_DIR"
+  mkdir -p "$BENCH_MNT"
+  "$bin" up --data "$BENCH_DIR" "$@" "$BENCH_MNT" >"$BENCH_LOG" 2>&1 &
+  BENCH_UP_PID=$!
+  trap bench_stop EXIT
+  for _ in $(seq 1 300); do mountpoint -q "$BENCH_MNT" && break; sleep 0.1; done
+  if ! mountpoint -q "$BENCH_MNT"; then
+    echo "bench/$script.sh: the mount did not come up; its log:" >&2
+    cat "$BENCH_LOG" >&2
+    exit 1
+  fi
+}
+
+bench_stop() {
+  kill -INT "$BENCH_UP_PID" 2>/dev/null || true
+  wait "$BENCH_UP_PID" 2>/dev/null || true
+  rm -rf "$BENCH_DIR" "$BENCH_LOG"
+  rmdir "$BENCH_MNT" 2>/dev/null || true
+}
