@@ -1060,7 +1060,7 @@ impl Inner {
         message: Message,
         flush: Flush,
     ) -> Result<Reply, String> {
-        let parts = [&message.head[..], &message.body[..]];
+        let parts = [message.head, message.body];
         let _slot = link
             .slots
             .acquire()
@@ -1075,9 +1075,9 @@ impl Inner {
             return Err(format!("the link to node {} broke", link.node));
         }
         let sent = match flush {
-            Flush::Now => link.sender.lock().await.send_parts(0, &parts).await,
+            Flush::Now => link.sender.lock().await.send_payload(0, &parts).await,
             Flush::Batch => {
-                let queued = link.sender.lock().await.queue_parts(0, &parts).await;
+                let queued = link.sender.lock().await.queue_payload(0, &parts).await;
                 match queued {
                     Ok(()) => {
                         // The other requests of the batch, polled after this one in the same

@@ -8,7 +8,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 
+use std::sync::Arc;
+
 use super::frame::{Inbound, PayloadSum};
+use super::lend::Lending;
 use super::link::{read_frame, Outbound, IO_BUFFER_BYTES};
 use super::stream::{LinkKind, ReadHalf, Stream, WriteHalf};
 use super::{
@@ -31,6 +34,8 @@ pub struct ClientConn {
 pub struct ClientSender {
     writer: BufWriter<WriteHalf>,
     outbound: Outbound,
+    /// On a local link, what this end lent (a client lends, and takes no loans).
+    lending: Option<Arc<Lending>>,
 }
 
 /// The receiving half of a [`ClientConn`].
@@ -39,6 +44,7 @@ pub struct ClientReceiver {
     reader: BufReader<ReadHalf>,
     inbound: Inbound,
     sum: PayloadSum,
+    lending: Option<Arc<Lending>>,
 }
 
 impl ClientConn {
@@ -79,18 +85,32 @@ impl ClientConn {
                         tracing::warn!(client = client_id, %addr, "refused node: it does not hold the cluster secret");
                     }
                 })?;
+        // A client lends its large requests (file data) to a node on this machine; it takes no
+        // loans (its peer's pid is not asked for), so the node's replies come inline.
+        let lending = (kind == LinkKind::Local).then(|| Lending::new(None));
         let (read, write) = stream.into_split();
+        let mut sender = ClientSender {
+            writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
+            outbound: Outbound::new(0, PayloadSum::of(kind)),
+            lending: lending.clone(),
+        };
+        if let Some(lending) = &lending {
+            // Queued, not flushed: it leaves with the first request.
+            sender
+                .outbound
+                .write_offer(&mut sender.writer, lending)
+                .await
+                .map_err(ConnectError::Connect)?;
+        }
         Ok(ClientConn {
             node_id: acceptor.node_id,
             kind,
-            sender: ClientSender {
-                writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
-                outbound: Outbound::new(0, PayloadSum::of(kind)),
-            },
+            sender,
             receiver: ClientReceiver {
                 reader: BufReader::with_capacity(IO_BUFFER_BYTES, read),
                 inbound: Inbound::new(acceptor.view_id),
                 sum: PayloadSum::of(kind),
+                lending,
             },
         })
     }
@@ -182,6 +202,45 @@ impl ClientSender {
         Ok(())
     }
 
+    /// [`ClientSender::queue`] of the message made of the shared `parts`, one after the other:
+    /// on a local link whose node accepted loans, large parts are lent ([`super::lend`]) and
+    /// kept until the node has copied them.
+    pub async fn queue_payload(
+        &mut self,
+        view_id: u32,
+        parts: &[Bytes],
+    ) -> Result<(), ClientSendError> {
+        let len: usize = parts.iter().map(Bytes::len).sum();
+        if len > FRAME_PAYLOAD_MAX {
+            return Err(SendError::TooLarge(len).into());
+        }
+        self.outbound
+            .write_lending(&mut self.writer, view_id, parts, self.lending.as_deref())
+            .await?;
+        Ok(())
+    }
+
+    /// [`ClientSender::queue_payload`], then a flush.
+    pub async fn send_payload(
+        &mut self,
+        view_id: u32,
+        parts: &[Bytes],
+    ) -> Result<(), ClientSendError> {
+        self.queue_payload(view_id, parts).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    /// Frames lent so far whose parts the node has not said it copied.
+    pub fn loans_outstanding(&self) -> usize {
+        self.lending.as_ref().map_or(0, |l| l.outstanding())
+    }
+
+    /// Frames sent with lent parts so far.
+    pub fn lent_frames(&self) -> u64 {
+        self.lending.as_ref().map_or(0, |l| l.lent_frames())
+    }
+
     /// Writes every frame queued so far.
     pub async fn flush(&mut self) -> Result<(), ClientSendError> {
         self.writer.flush().await?;
@@ -199,6 +258,12 @@ impl ClientSender {
 impl ClientReceiver {
     /// The next message from the node, with the node's view id; an error ends the link.
     pub async fn recv(&mut self) -> Result<(u32, Bytes), BreakReason> {
-        read_frame(&mut self.reader, &mut self.inbound, self.sum).await
+        read_frame(
+            &mut self.reader,
+            &mut self.inbound,
+            self.sum,
+            self.lending.as_deref(),
+        )
+        .await
     }
 }

@@ -8,7 +8,7 @@
 //! |---|---|---|
 //! | 0 | 4 | `len`: payload length, at most [`FRAME_PAYLOAD_MAX`] |
 //! | 4 | 4 | CRC-32C of the payload, then bytes 0..4, then bytes 8..24 |
-//! | 8 | 1 | kind: 1 = message, 2 = bye; any other value is malformed |
+//! | 8 | 1 | kind: 1 = message, 2 = bye, 3 = lent message, 4 = offer, 5 = read (the last three on local links only, [`super::lend`]); any other value is malformed |
 //! | 9 | 3 | reserved, zero |
 //! | 12 | 4 | view id of the sender when it sent the frame |
 //! | 16 | 8 | sequence number: 1 for the first frame in each direction, then strictly +1 |
@@ -41,6 +41,13 @@ pub enum FrameKind {
     Message = 1,
     /// The sender closes the link in order: nothing follows. Its payload is ignored.
     Bye = 2,
+    /// A message whose large parts stay in the sender's memory: the payload is a descriptor
+    /// ([`super::lend`]).
+    Lent = 3,
+    /// The sender offers to lend: the address of a probe in its memory, and the probe.
+    Offer = 4,
+    /// The sender copied the lent memory of the peer's frames up to a sequence number.
+    Read = 5,
 }
 
 impl FrameKind {
@@ -48,6 +55,9 @@ impl FrameKind {
         match byte {
             1 => Ok(FrameKind::Message),
             2 => Ok(FrameKind::Bye),
+            3 => Ok(FrameKind::Lent),
+            4 => Ok(FrameKind::Offer),
+            5 => Ok(FrameKind::Read),
             other => Err(FrameError::UnknownKind(other)),
         }
     }
@@ -81,6 +91,9 @@ pub enum FrameError {
         /// The one the frame carries.
         got: u64,
     },
+    /// A lending frame is malformed, or its lent memory could not be read.
+    #[error("{0}")]
+    Loan(String),
     /// The view id is lower than one the link already carried.
     #[error("frame view {got} is below view {floor} already seen on the link")]
     ViewWentBack {

@@ -8,7 +8,7 @@
 //!
 //!    | offset | size | field |
 //!    |---|---|---|
-//!    | 0 | 8 | magic `"DFSLINK\x04"` (the last byte is the link version) |
+//!    | 0 | 8 | magic `"DFSLINK\x05"` (the last byte is the link version) |
 //!    | 8 | 1 | role: 1 = node, 2 = client |
 //!    | 9 | 1 | flags: bit 0 = an expected acceptor id follows; other bits zero |
 //!    | 10 | 2 | reserved, zero |
@@ -21,7 +21,7 @@
 //!
 //!    | offset | size | field |
 //!    |---|---|---|
-//!    | 0 | 8 | magic `"DFSLINK\x04"` (the last byte is the link version) |
+//!    | 0 | 8 | magic `"DFSLINK\x05"` (the last byte is the link version) |
 //!    | 8 | 4 | acceptor node id |
 //!    | 12 | 4 | acceptor view id |
 //!    | 16 | 32 | acceptor nonce, random |
@@ -51,11 +51,12 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use super::{ClientId, Peer};
 use crate::view::NodeId;
 
-/// The first bytes of every connection; the last is the link version. Version 3 summed the
+/// The first bytes of every connection; the last is the link version. Version 4 had no lending
+/// frames (lent message, offer, read) on local links; version 3 summed the
 /// payload of every frame, on local links too; version 2 had no send time and echo in a
 /// heartbeat and no stamp floors; version 1 had no `wants` in a row and carried a file system
 /// write's data after its offset.
-pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x04";
+pub const HANDSHAKE_MAGIC: [u8; 8] = *b"DFSLINK\x05";
 /// Bytes of a hello.
 pub const HELLO_BYTES: usize = 60;
 /// Bytes of a challenge.
@@ -72,20 +73,20 @@ const LABEL_ACCEPT: &[u8] = b"derechofs accept\0";
 const LABEL_DIAL: &[u8] = b"derechofs dial\0";
 
 /// Refuses another magic, naming a link version other than this build's (the message names
-/// version 4: `HANDSHAKE_MAGIC`'s last byte, checked below).
+/// version 5: `HANDSHAKE_MAGIC`'s last byte, checked below).
 fn check_magic(magic: &[u8]) -> Result<(), HandshakeError> {
     if magic == HANDSHAKE_MAGIC {
         Ok(())
     } else if magic[..7] == HANDSHAKE_MAGIC[..7] {
         Err(HandshakeError::Malformed(
-            "another link version (this build speaks version 4)",
+            "another link version (this build speaks version 5)",
         ))
     } else {
         Err(HandshakeError::Malformed("bad magic"))
     }
 }
 
-const _: () = assert!(HANDSHAKE_MAGIC[7] == 4);
+const _: () = assert!(HANDSHAKE_MAGIC[7] == 5);
 
 /// The cluster secret every node and client holds. Its bytes never leave the process, and its
 /// `Debug` form does not show them.
@@ -473,7 +474,7 @@ mod tests {
         older[7] = 1;
         assert_eq!(
             Hello::decode(&older).unwrap_err().to_string(),
-            HandshakeError::Malformed("another link version (this build speaks version 4)")
+            HandshakeError::Malformed("another link version (this build speaks version 5)")
                 .to_string()
         );
     }

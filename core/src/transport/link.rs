@@ -9,8 +9,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWrite
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
 use super::frame::{
-    decode_header, encode_header_with_crc, FrameKind, Inbound, PayloadSum, FRAME_HEADER_BYTES,
+    decode_header, encode_header_with_crc, FrameError, FrameKind, Inbound, PayloadSum,
+    FRAME_HEADER_BYTES,
 };
+use super::lend::{describe, read_payload, Lending, OFFER_BYTES, READ_BYTES};
 use super::BreakReason;
 
 /// Bytes of the read and write buffers of one connection.
@@ -86,37 +88,55 @@ fn read_failure(e: std::io::Error) -> BreakReason {
 
 /// Reads the next message frame: its view id and payload, its checksum checked as `sum` says
 /// the link's frames are summed. A bye, the end of the stream, an I/O error or a malformed frame
-/// ends the link with the reason.
+/// ends the link with the reason. On a local link, `lending` is this end's lending state: the
+/// frames that lend ([`super::lend`]) are handled here, a lent message's parts copied from the
+/// peer; on a link without it they are malformed.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     reader: &mut BufReader<R>,
     inbound: &mut Inbound,
     sum: PayloadSum,
+    lending: Option<&Lending>,
 ) -> Result<(u32, Bytes), BreakReason> {
-    if reader.fill_buf().await.map_err(read_failure)?.is_empty() {
-        return Err(BreakReason::Eof);
-    }
-    let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
-    reader
-        .read_exact(&mut header_bytes)
-        .await
-        .map_err(read_failure)?;
-    let header = decode_header(&header_bytes)?;
-    // Bounded by FRAME_PAYLOAD_MAX, which decode_header checked. Read into spare capacity:
-    // zeroing a buffer the socket overwrites at once costs as much as a copy of the payload.
-    let len = header.len as usize;
-    let mut payload = BytesMut::with_capacity(len);
-    while payload.len() < len {
-        let missing = len - payload.len();
-        let mut rest = (&mut payload).limit(missing);
-        if reader.read_buf(&mut rest).await.map_err(read_failure)? == 0 {
-            return Err(BreakReason::Truncated);
+    loop {
+        if reader.fill_buf().await.map_err(read_failure)?.is_empty() {
+            return Err(BreakReason::Eof);
         }
-    }
-    header.check(&payload, sum)?;
-    inbound.accept(&header)?;
-    match header.kind {
-        FrameKind::Message => Ok((header.view_id, payload.freeze())),
-        FrameKind::Bye => Err(BreakReason::PeerClosed),
+        let mut header_bytes = [0u8; FRAME_HEADER_BYTES];
+        reader
+            .read_exact(&mut header_bytes)
+            .await
+            .map_err(read_failure)?;
+        let header = decode_header(&header_bytes)?;
+        // Bounded by FRAME_PAYLOAD_MAX, which decode_header checked. Read into spare capacity:
+        // zeroing a buffer the socket overwrites at once costs as much as a copy of the payload.
+        let len = header.len as usize;
+        let mut payload = BytesMut::with_capacity(len);
+        while payload.len() < len {
+            let missing = len - payload.len();
+            let mut rest = (&mut payload).limit(missing);
+            if reader.read_buf(&mut rest).await.map_err(read_failure)? == 0 {
+                return Err(BreakReason::Truncated);
+            }
+        }
+        header.check(&payload, sum)?;
+        inbound.accept(&header)?;
+        let lending = match (header.kind, lending) {
+            (FrameKind::Message, _) => return Ok((header.view_id, payload.freeze())),
+            (FrameKind::Bye, _) => return Err(BreakReason::PeerClosed),
+            (_, Some(lending)) => lending,
+            (kind, None) => {
+                return Err(FrameError::Loan(format!(
+                    "a {kind:?} frame on a link that does not lend (TCP)"
+                ))
+                .into())
+            }
+        };
+        match header.kind {
+            FrameKind::Lent => return Ok((header.view_id, lending.take(header.seq, &payload)?)),
+            FrameKind::Offer => lending.on_offer(header.seq, &payload)?,
+            FrameKind::Read => lending.on_read(&payload)?,
+            FrameKind::Message | FrameKind::Bye => unreachable!("answered above"),
+        }
     }
 }
 
@@ -167,6 +187,65 @@ impl Outbound {
             writer.write_all(part).await?;
         }
         Ok(())
+    }
+
+    /// Writes this direction's offer to lend ([`super::lend`]) into `writer`.
+    pub async fn write_offer<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        lending: &Lending,
+    ) -> std::io::Result<()> {
+        let view_id = self.view_id;
+        let header = self.header(FrameKind::Offer, view_id, OFFER_BYTES, || 0);
+        let payload = lending.offer(self.last_seq);
+        let header = self.resum(header, &payload);
+        writer.write_all(&header).await?;
+        writer.write_all(&payload).await
+    }
+
+    /// Writes the message of `parts` into `writer` as a lent frame when `lending` allows it and a
+    /// part is worth lending ([`Lending::worth`]), else as a message frame; `budget` (the link's
+    /// bytes the frame holds) is kept with the loan until the peer has read it.
+    pub async fn write_lending<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        view_id: u32,
+        parts: &[Bytes],
+        lending: Option<&Lending>,
+    ) -> std::io::Result<()> {
+        match lending.filter(|l| l.worth(parts)) {
+            Some(lending) => {
+                let (descriptor, lent) = describe(parts);
+                let header = self.header(FrameKind::Lent, view_id, descriptor.len(), || {
+                    crc32c::crc32c(&descriptor)
+                });
+                lending.lend(self.last_seq, lent, None);
+                writer.write_all(&header).await?;
+                writer.write_all(&descriptor).await
+            }
+            None => {
+                let slices: Vec<&[u8]> = parts.iter().map(|p| &p[..]).collect();
+                self.write_parts(writer, view_id, &slices).await
+            }
+        }
+    }
+
+    /// A header made with a payload checksum of 0, made again with `payload`'s if this direction
+    /// sums payloads (for frames whose payload depends on their sequence number).
+    fn resum(&self, header: [u8; FRAME_HEADER_BYTES], payload: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
+        match self.sum {
+            PayloadSum::HeaderOnly => header,
+            PayloadSum::Summed => {
+                let decoded = decode_header(&header).expect("a header this end made");
+                encode_header_with_crc(
+                    decoded.kind,
+                    decoded.view_id,
+                    decoded.seq,
+                    payload.len(),
+                    crc32c::crc32c(payload),
+                )
+            }
+        }
     }
 
     /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc()`
@@ -272,41 +351,80 @@ impl Gather {
 /// queued frame, writing whenever the queue is empty or [`WRITE_AT_BYTES`] are gathered, so that
 /// frames queued together leave in one vectored write. When the queue closes (the link was
 /// disconnected locally) it writes a bye and shuts the connection down; when writing fails it
-/// reports the reason to the link's supervisor. Frames are summed as `sum` says.
+/// reports the reason to the link's supervisor. Frames are summed as `sum` says. On a local
+/// link (`lending`), it first offers to lend, lends large parts once the peer has read the
+/// offer, and reports what this end read of the peer's loans.
 pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
     mut queue: mpsc::Receiver<Outgoing>,
     prefix: Option<u8>,
     (local_view, sum): (u32, PayloadSum),
+    lending: Option<Arc<Lending>>,
     failed: oneshot::Sender<BreakReason>,
 ) {
     let mut gather = Gather::default();
     let mut outbound = Outbound::new(local_view, sum);
+    let mut reported = 0u64;
+    let lending = lending.as_deref();
     let result: std::io::Result<()> = async {
         if let Some(byte) = prefix {
             gather.put_copied(&[byte]);
+        }
+        if let Some(lending) = lending {
+            let header = outbound.header(FrameKind::Offer, local_view, OFFER_BYTES, || 0);
+            let payload = lending.offer(outbound.last_seq);
+            gather.put_copied(&outbound.resum(header, &payload));
+            gather.put_copied(&payload);
         }
         loop {
             let next = match queue.try_recv() {
                 Ok(frame) => Some(frame),
                 Err(mpsc::error::TryRecvError::Empty) => {
+                    put_answer(&mut gather, &mut outbound, lending, &mut reported);
                     gather.write_out(&mut writer).await?;
-                    queue.recv().await
+                    match lending {
+                        None => queue.recv().await,
+                        Some(lending) => loop {
+                            tokio::select! {
+                                biased;
+                                frame = queue.recv() => break frame,
+                                () = lending.wake.notified() => {
+                                    put_answer(&mut gather, &mut outbound, Some(lending), &mut reported);
+                                    gather.write_out(&mut writer).await?;
+                                }
+                            }
+                        },
+                    }
                 }
                 Err(mpsc::error::TryRecvError::Disconnected) => None,
             };
             let Some(frame) = next else { break };
             let parts = frame.parts.as_slice();
-            let crc = || match &frame.payload_crc {
-                Some(shared) => shared.of(parts),
-                None => sum_parts(parts),
-            };
-            let header = outbound.header(FrameKind::Message, frame.view_id, frame.parts.len(), crc);
-            gather.put_copied(&header);
-            for part in parts {
-                gather.put_part(part);
+            match lending.filter(|l| l.worth(parts)) {
+                Some(lending) => {
+                    let (descriptor, lent) = describe(parts);
+                    let header = outbound.header(FrameKind::Lent, frame.view_id, descriptor.len(), || {
+                        crc32c::crc32c(&descriptor)
+                    });
+                    lending.lend(outbound.last_seq, lent, frame._budget);
+                    gather.put_copied(&header);
+                    gather.put_copied(&descriptor);
+                }
+                None => {
+                    let crc = || match &frame.payload_crc {
+                        Some(shared) => shared.of(parts),
+                        None => sum_parts(parts),
+                    };
+                    let header =
+                        outbound.header(FrameKind::Message, frame.view_id, frame.parts.len(), crc);
+                    gather.put_copied(&header);
+                    for part in parts {
+                        gather.put_part(part);
+                    }
+                }
             }
             if gather.bytes >= WRITE_AT_BYTES {
+                put_answer(&mut gather, &mut outbound, lending, &mut reported);
                 gather.write_out(&mut writer).await?;
             }
         }
@@ -321,4 +439,24 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
     if let Err(e) = result {
         let _ = failed.send(BreakReason::Io(e.to_string()));
     }
+}
+
+/// Gathers a read frame if this end copied lent memory of the peer's since it last said so.
+fn put_answer(
+    gather: &mut Gather,
+    outbound: &mut Outbound,
+    lending: Option<&Lending>,
+    reported: &mut u64,
+) {
+    let Some(answer) = lending.and_then(|l| l.answer_after(*reported)) else {
+        return;
+    };
+    let payload = read_payload(answer);
+    let view_id = outbound.view_id;
+    let header = outbound.header(FrameKind::Read, view_id, READ_BYTES, || {
+        crc32c::crc32c(&payload)
+    });
+    gather.put_copied(&header);
+    gather.put_copied(&payload);
+    *reported = answer;
 }

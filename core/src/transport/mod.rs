@@ -28,6 +28,7 @@
 mod client;
 pub mod frame;
 pub mod handshake;
+mod lend;
 mod link;
 pub mod stream;
 
@@ -57,6 +58,7 @@ pub use stream::{
 use crate::view::NodeId;
 use frame::PayloadSum;
 use frame::{dials, Inbound};
+use lend::Lending;
 use link::{read_frame, write_frames, Outgoing, Parts, SharedCrc, IO_BUFFER_BYTES};
 use stream::{Listener, ReadHalf, Stream};
 
@@ -296,6 +298,21 @@ struct Link {
     supervisor: AbortHandle,
     /// The writer, which writes a bye and ends once `queue` is dropped.
     writer: tokio::task::JoinHandle<()>,
+    /// On a local link, what it lent and read ([`lend`]).
+    lending: Option<Arc<Lending>>,
+}
+
+/// What one local link lent and read so far ([`Transport::lending`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LendingStats {
+    /// Whether the peer read this end's offer, so that this end lends its large parts.
+    pub lends: bool,
+    /// Frames this end sent with parts lent.
+    pub lent_frames: u64,
+    /// Lent frames the peer has not said it read yet.
+    pub outstanding: usize,
+    /// Parts this end copied out of the peer's memory.
+    pub copied_parts: u64,
 }
 
 impl Shared {
@@ -436,6 +453,18 @@ impl Transport {
             .collect();
         links.sort();
         links
+    }
+
+    /// What the link with `peer` lent and read, if it is up and local.
+    pub fn lending(&self, peer: Peer) -> Option<LendingStats> {
+        let state = self.shared.state();
+        let lending = state.links.get(&peer)?.lending.as_ref()?;
+        Some(LendingStats {
+            lends: lending.lends(),
+            lent_frames: lending.lent_frames(),
+            outstanding: lending.outstanding(),
+            copied_parts: lending.copied_parts(),
+        })
     }
 
     /// The address the transport listens on.
@@ -855,6 +884,10 @@ fn spawn_link(
     let serial = state.next_serial;
     state.next_serial += 1;
     let kind = addr.kind();
+    let lending = match &stream {
+        stream::Stream::Local(local) => Some(Lending::new(local.peer_pid())),
+        stream::Stream::Tcp(_) => None,
+    };
     let (read, write) = stream.into_split();
     let (queue, queued) = mpsc::channel(LINK_QUEUE_MAX);
     let (failed, writer_failed) = oneshot::channel();
@@ -864,6 +897,7 @@ fn spawn_link(
         queued,
         prefix,
         (local_view, sum),
+        lending.clone(),
         failed,
     ));
     let supervisor = tokio::spawn(supervise(
@@ -872,7 +906,7 @@ fn spawn_link(
         serial,
         addr,
         remote_view,
-        read,
+        (read, lending.clone()),
         writer_failed,
         writer.abort_handle(),
     ));
@@ -885,6 +919,7 @@ fn spawn_link(
             budget: Arc::new(Semaphore::new(LINK_QUEUE_BYTES_MAX)),
             supervisor: supervisor.abort_handle(),
             writer,
+            lending,
         },
     );
 }
@@ -898,7 +933,7 @@ async fn supervise(
     serial: u64,
     addr: LinkAddr,
     remote_view: u32,
-    read: ReadHalf,
+    (read, lending): (ReadHalf, Option<Arc<Lending>>),
     writer_failed: oneshot::Receiver<BreakReason>,
     writer: AbortHandle,
 ) {
@@ -921,7 +956,8 @@ async fn supervise(
             let mut reader = BufReader::with_capacity(IO_BUFFER_BYTES, read);
             let mut inbound = Inbound::new(remote_view);
             loop {
-                let (view_id, bytes) = match read_frame(&mut reader, &mut inbound, sum).await {
+                let read = read_frame(&mut reader, &mut inbound, sum, lending.as_deref()).await;
+                let (view_id, bytes) = match read {
                     Ok(frame) => frame,
                     Err(reason) => return reason,
                 };

@@ -70,16 +70,21 @@ pub(crate) struct LocalStream {
     socket: Arc<AsyncFd<std::os::unix::net::UnixStream>>,
     /// Registered for writability while a write waits for room; `None` otherwise.
     room: Option<AsyncFd<OwnedFd>>,
+    /// The process at the other end, as the kernel recorded it when the connection was made
+    /// (`SO_PEERCRED`); `None` if it could not say.
+    peer_pid: Option<i32>,
 }
 
 impl LocalStream {
     /// Takes a connected socket from tokio's registration into one for readability only.
     fn new(stream: UnixStream) -> io::Result<LocalStream> {
         widen(&stream);
+        let peer_pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
         let std = stream.into_std()?;
         Ok(LocalStream {
             socket: Arc::new(register(std, Interest::READABLE)?),
             room: None,
+            peer_pid,
         })
     }
 
@@ -88,7 +93,13 @@ impl LocalStream {
         LocalStream {
             socket: Arc::clone(&self.socket),
             room: None,
+            peer_pid: self.peer_pid,
         }
+    }
+
+    /// The process at the other end, if the kernel said.
+    pub fn peer_pid(&self) -> Option<i32> {
+        self.peer_pid
     }
 
     /// Writes what the socket takes now; when it is full, waits for room.

@@ -342,6 +342,33 @@ async fn malformed_frames_break_the_link_with_a_reason(dir: Option<&Path>) {
         }),
     ];
     let mut cases = cases;
+    // The frames that lend: malformed on TCP; on a local link, a lent frame before this end
+    // accepted any loan, a read of a frame never lent, and an offer of the wrong size.
+    let frame_of = |kind: FrameKind, payload: &[u8]| {
+        let crc = match sum {
+            PayloadSum::Summed => crc32c::crc32c(payload),
+            PayloadSum::HeaderOnly => 0,
+        };
+        let mut bytes = encode_header_with_crc(kind, 0, 1, payload.len(), crc).to_vec();
+        bytes.extend_from_slice(payload);
+        bytes
+    };
+    let (descriptor, _) = super::lend::describe(&[Bytes::from_static(b"inline")]);
+    cases.push((
+        "lent frame not accepted",
+        frame_of(FrameKind::Lent, &descriptor),
+        |r| matches!(r, BreakReason::Malformed(FrameError::Loan(_))),
+    ));
+    cases.push((
+        "read of a frame never lent",
+        frame_of(FrameKind::Read, &9u64.to_le_bytes()),
+        |r| matches!(r, BreakReason::Malformed(FrameError::Loan(_))),
+    ));
+    cases.push((
+        "offer of three bytes",
+        frame_of(FrameKind::Offer, b"abc"),
+        |r| matches!(r, BreakReason::Malformed(FrameError::Loan(_))),
+    ));
     if sum == PayloadSum::Summed {
         let mut corrupted = good(1, 0);
         corrupted[30] ^= 0x01;
@@ -841,6 +868,131 @@ async fn transport_nodes_with_a_socket_directory_link_locally() {
             (Peer::Node(1), LinkKind::Local)
         ]
     );
+}
+
+/// A message with a large part crosses a local link lent: the receiver copies the part out of
+/// the sender's memory, every message arrives whole and in order among inline ones, and the
+/// sender keeps each loan only until the receiver says it copied it. Over TCP nothing is lent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_local_links_lend_large_parts_and_get_each_loan_back() {
+    let dir = LocalDir::new("lend");
+    let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    let (two, mut two_events) = node_in(2, b"cluster", Some(dir.path())).await;
+    one.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(1)).await;
+    // Each end offers at once; the peer's answer comes in its first turn.
+    let both_lend = async {
+        loop {
+            let lends = |t: &Transport, peer| t.lending(Peer::Node(peer)).unwrap().lends;
+            if lends(&one, 2) && lends(&two, 1) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, both_lend).await.unwrap();
+
+    let large: Bytes = (0..300_000u32)
+        .map(|i| (i % 251) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let mut expected = Vec::new();
+    for index in 0..40u64 {
+        let message = if index % 3 == 0 {
+            Payload::new(payload(1, index))
+        } else {
+            Payload::from_parts(vec![
+                Bytes::copy_from_slice(&index.to_le_bytes()),
+                large.slice(index as usize..),
+                Bytes::from_static(b"tail"),
+            ])
+        };
+        expected.push(message.parts().concat());
+        one.send_payload(Peer::Node(2), 0, &message).await.unwrap();
+    }
+    for (index, want) in expected.iter().enumerate() {
+        match next_event(&mut two_events).await {
+            LinkEvent::Frame { bytes, .. } => assert_eq!(&bytes[..], &want[..], "message {index}"),
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+    let lent = expected.len() as u64 - 14; // every message but each third
+    let returned = async {
+        loop {
+            let stats = one.lending(Peer::Node(2)).unwrap();
+            if stats.outstanding == 0 {
+                break stats;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let stats = tokio::time::timeout(WAIT, returned).await.unwrap();
+    assert_eq!(stats.lent_frames, lent);
+    assert_eq!(two.lending(Peer::Node(1)).unwrap().copied_parts, lent);
+
+    // Over TCP the same node lends nothing.
+    let (zero, mut zero_events) = node_in(0, b"cluster", None).await;
+    zero.connect(2, two.local_addr()).await.unwrap();
+    expect_connected(&mut zero_events, Peer::Node(2)).await;
+    expect_connected(&mut two_events, Peer::Node(0)).await;
+    assert_eq!(zero.lending(Peer::Node(2)), None);
+    assert_eq!(two.lending(Peer::Node(0)), None);
+}
+
+/// A client on a local link lends its large requests once the node has read its offer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_a_local_client_lends_its_large_requests() {
+    let dir = LocalDir::new("lendclient");
+    let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    let client = ClientConn::connect_via(
+        one.local_addr(),
+        Some(dir.path()),
+        7,
+        &secret(b"cluster"),
+        None,
+    )
+    .await
+    .unwrap();
+    expect_connected(&mut one_events, Peer::Client(7)).await;
+    let (mut sender, mut receiver) = client.into_split();
+    // The node's answer to the offer reaches the client's receiver, which must be reading.
+    let (replies, mut replied) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok(reply) = receiver.recv().await {
+            let _ = replies.send(reply).await;
+        }
+    });
+    let large: Bytes = (0..200_000u32)
+        .map(|i| (i % 249) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    let message = [Bytes::from_static(b"head"), large.clone()];
+    // Sent inline until the node accepted, lent after: the node gets the same bytes either way.
+    let mut index = 0;
+    while sender.lent_frames() < 3 {
+        assert!(index < 1000, "the client never lent");
+        sender.send_payload(0, &message).await.unwrap();
+        match next_event(&mut one_events).await {
+            LinkEvent::Frame { bytes, .. } => assert_eq!(bytes, message.concat()),
+            other => panic!("expected a request, got {other:?}"),
+        }
+        one.send(Peer::Client(7), 0, Bytes::from_static(b"ok"))
+            .await
+            .unwrap();
+        assert_eq!(
+            replied.recv().await.unwrap(),
+            (0, Bytes::from_static(b"ok"))
+        );
+        index += 1;
+    }
+    let returned = async {
+        while sender.loans_outstanding() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, returned).await.unwrap();
+    assert_eq!(one.lending(Peer::Client(7)).unwrap().copied_parts, 3);
 }
 
 /// A socket file nobody listens on (a node that died) makes dialers fall back to TCP; a node
