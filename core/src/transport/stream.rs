@@ -79,7 +79,13 @@ impl LocalStream {
     /// Takes a connected socket from tokio's registration into one for readability only.
     fn new(stream: UnixStream) -> io::Result<LocalStream> {
         widen(&stream);
-        let peer_pid = stream.peer_cred().ok().and_then(|cred| cred.pid());
+        // A peer outside this process's pid namespace is reported as pid 0: not a process to
+        // read from.
+        let peer_pid = stream
+            .peer_cred()
+            .ok()
+            .and_then(|cred| cred.pid())
+            .filter(|&pid| pid > 0);
         let std = stream.into_std()?;
         Ok(LocalStream {
             socket: Arc::new(register(std, Interest::READABLE)?),
