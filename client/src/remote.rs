@@ -1005,6 +1005,9 @@ impl Inner {
     async fn adopt_link(self: &Arc<Self>, conn: ClientConn) -> Arc<Link> {
         let node = conn.node_id();
         let kind = conn.kind();
+        // On a local link, the member's large replies (file data) are copied straight out of
+        // its memory; `read_replies` answers them.
+        conn.take_loans();
         let (sender, receiver) = conn.into_split();
         let link = Arc::new(Link {
             node,
@@ -1327,6 +1330,14 @@ async fn read_replies(link: Arc<Link>, mut receiver: ClientReceiver) {
                 Ok((tag, reply)) => {
                     if let Some(waiter) = lock(&link.pending).remove(&tag) {
                         let _ = waiter.send(reply);
+                    }
+                    // The reply's large parts were copied out of the member's memory, which
+                    // keeps them until told so (`adopt_link` took its loans).
+                    if receiver.loans_to_answer() {
+                        if let Err(e) = link.sender.lock().await.answer_loans().await {
+                            tracing::debug!(node = link.node, error = %e, "link to a member broke");
+                            break;
+                        }
                     }
                 }
                 Err(e) => {

@@ -34,8 +34,10 @@ pub struct ClientConn {
 pub struct ClientSender {
     writer: BufWriter<WriteHalf>,
     outbound: Outbound,
-    /// On a local link, what this end lent (a client lends, and takes no loans).
+    /// On a local link, what this end lent and read ([`ClientConn::take_loans`]).
     lending: Option<Arc<Lending>>,
+    /// The last read frame sent: the node's lent frames up to it were copied.
+    reported: u64,
 }
 
 /// The receiving half of a [`ClientConn`].
@@ -45,6 +47,8 @@ pub struct ClientReceiver {
     inbound: Inbound,
     sum: PayloadSum,
     lending: Option<Arc<Lending>>,
+    /// The copies of the node's loans already said to be due ([`ClientReceiver::loans_to_answer`]).
+    seen: u64,
 }
 
 impl ClientConn {
@@ -85,14 +89,18 @@ impl ClientConn {
                         tracing::warn!(client = client_id, %addr, "refused node: it does not hold the cluster secret");
                     }
                 })?;
-        // A client lends its large requests (file data) to a node on this machine; it takes no
-        // loans (its peer's pid is not asked for), so the node's replies come inline.
-        let lending = (kind == LinkKind::Local).then(|| Lending::new(None));
+        // A client lends its large requests (file data) to a node on this machine, and takes
+        // its loans only once asked to (`take_loans`): it must then answer them.
+        let lending = match &stream {
+            Stream::Local(local) => Some(Lending::new(local.peer_pid(), false)),
+            Stream::Tcp(_) => None,
+        };
         let (read, write) = stream.into_split();
         let mut sender = ClientSender {
             writer: BufWriter::with_capacity(IO_BUFFER_BYTES, write),
             outbound: Outbound::new(0, PayloadSum::of(kind)),
             lending: lending.clone(),
+            reported: 0,
         };
         if let Some(lending) = &lending {
             // Queued, not flushed: it leaves with the first request.
@@ -111,6 +119,7 @@ impl ClientConn {
                 inbound: Inbound::new(acceptor.view_id),
                 sum: PayloadSum::of(kind),
                 lending,
+                seen: 0,
             },
         })
     }
@@ -123,6 +132,17 @@ impl ClientConn {
     /// The kind of connection the link runs on.
     pub fn kind(&self) -> LinkKind {
         self.kind
+    }
+
+    /// Takes the node's loans on a local link: large parts of its replies are copied straight
+    /// out of the node's memory. The caller must then answer them: after each message received,
+    /// when [`ClientReceiver::loans_to_answer`] says so, [`ClientSender::answer_loans`]; the
+    /// node keeps each loan until then. Call before the first receive (the node's offer is
+    /// read there). Nothing on TCP.
+    pub fn take_loans(&self) {
+        if let Some(lending) = &self.sender.lending {
+            lending.take_loans();
+        }
     }
 
     /// Sends one message; see [`ClientSender::send`].
@@ -241,6 +261,22 @@ impl ClientSender {
         self.lending.as_ref().map_or(0, |l| l.lent_frames())
     }
 
+    /// Tells the node which of its loans this end has copied, if any since the last time, and
+    /// flushes ([`ClientConn::take_loans`]).
+    pub async fn answer_loans(&mut self) -> Result<(), ClientSendError> {
+        let Some(seq) = self
+            .lending
+            .as_ref()
+            .and_then(|l| l.answer_after(self.reported))
+        else {
+            return Ok(());
+        };
+        self.outbound.write_read(&mut self.writer, seq).await?;
+        self.writer.flush().await?;
+        self.reported = seq;
+        Ok(())
+    }
+
     /// Writes every frame queued so far.
     pub async fn flush(&mut self) -> Result<(), ClientSendError> {
         self.writer.flush().await?;
@@ -265,5 +301,21 @@ impl ClientReceiver {
             self.lending.as_deref(),
         )
         .await
+    }
+
+    /// Whether this end copied loans of the node's since it last said so: the sender must then
+    /// [`ClientSender::answer_loans`].
+    pub fn loans_to_answer(&mut self) -> bool {
+        match self
+            .lending
+            .as_ref()
+            .and_then(|l| l.answer_after(self.seen))
+        {
+            Some(seq) => {
+                self.seen = seq;
+                true
+            }
+            None => false,
+        }
     }
 }

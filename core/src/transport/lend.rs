@@ -9,7 +9,8 @@
 //!    memory and the same bytes inline.
 //! 2. The receiver reads the address from the sender's process (its pid as the kernel gave it for
 //!    the socket, `SO_PEERCRED`). If it reads the same bytes it answers **read** with the offer's
-//!    sequence number; if it cannot (another user, no permission, another pid namespace) it
+//!    sequence number; if it cannot (another user, no permission, another pid namespace), or
+//!    does not take loans (a client that did not ask to, [`super::ClientConn::take_loans`]), it
 //!    answers nothing, and the sender never lends: every frame then carries its bytes inline.
 //! 3. Once answered, the sender may send a message as a **lent** frame: a descriptor of segments,
 //!    each inline bytes or the address and length of a part in its memory. It keeps the parts
@@ -79,6 +80,8 @@ pub(crate) struct Lending {
     /// The peer read the probe: this end's writer may lend.
     lends: AtomicBool,
     loans: Mutex<Loans>,
+    /// This end takes loans: it reads the peer's offer (a node always; a client once asked).
+    taking: AtomicBool,
     /// This end read the peer's probe: the peer's lent frames are accepted.
     accepts: AtomicBool,
     /// The highest sequence number of the peer's whose lent memory this end copied (the offer's
@@ -92,8 +95,9 @@ pub(crate) struct Lending {
 }
 
 impl Lending {
-    /// The lending state of one end of a local link whose peer is process `peer_pid`.
-    pub fn new(peer_pid: Option<i32>) -> Arc<Lending> {
+    /// The lending state of one end of a local link whose peer is process `peer_pid`; with
+    /// `taking`, this end takes loans from the peer if it can read the peer's memory.
+    pub fn new(peer_pid: Option<i32>, taking: bool) -> Arc<Lending> {
         let mut probe = [0u8; PROBE_BYTES];
         // A probe of zeros would still work (the receiver compares with the inline copy); the
         // random bytes only make an accidental match at a wrong address unlikely.
@@ -103,12 +107,18 @@ impl Lending {
             probe: Box::new(probe),
             lends: AtomicBool::new(false),
             loans: Mutex::new(Loans::default()),
+            taking: AtomicBool::new(taking),
             accepts: AtomicBool::new(false),
             answer: AtomicU64::new(0),
             wake: Notify::new(),
             lent_frames: AtomicU64::new(0),
             copied_parts: AtomicU64::new(0),
         })
+    }
+
+    /// Has this end take loans from now on (an offer read later is answered).
+    pub fn take_loans(&self) {
+        self.taking.store(true, Ordering::Release);
     }
 
     fn loans(&self) -> MutexGuard<'_, Loans> {
@@ -182,7 +192,10 @@ impl Lending {
                 payload.len()
             )));
         }
-        let Some(pid) = self.peer_pid else {
+        let Some(pid) = self
+            .peer_pid
+            .filter(|_| self.taking.load(Ordering::Acquire))
+        else {
             return Ok(());
         };
         let addr = le_u64(&payload[..8]);
@@ -516,7 +529,7 @@ mod tests {
 
     #[test]
     fn loans_are_kept_until_read_and_reads_are_checked() {
-        let lending = Lending::new(Some(std::process::id() as i32));
+        let lending = Lending::new(Some(std::process::id() as i32), true);
         // No offer yet: a read is malformed.
         assert!(lending.on_read(&read_payload(1)).is_err());
         let _ = lending.offer(1);
@@ -542,23 +555,30 @@ mod tests {
 
     #[test]
     fn an_offer_is_accepted_only_when_the_probe_reads_back() {
-        let sender = Lending::new(None);
+        let sender = Lending::new(None, true);
         let offer = sender.offer(1);
         // A receiver that knows the sender's process (here: this one) reads the probe.
-        let receiver = Lending::new(Some(std::process::id() as i32));
+        let receiver = Lending::new(Some(std::process::id() as i32), true);
         receiver.on_offer(1, &offer).unwrap();
         assert_eq!(receiver.answer_after(0), Some(1));
         // The probe's bytes differ from the inline copy: no answer.
         let mut wrong = offer;
         wrong[8] ^= 1;
-        let other = Lending::new(Some(std::process::id() as i32));
+        let other = Lending::new(Some(std::process::id() as i32), true);
         other.on_offer(1, &wrong).unwrap();
         assert_eq!(other.answer_after(0), None);
         assert!(other.take(2, &describe(&parts(&[3])).0).is_err());
         // A receiver that does not know its peer's process never answers.
-        let blind = Lending::new(None);
+        let blind = Lending::new(None, true);
         blind.on_offer(1, &offer).unwrap();
         assert_eq!(blind.answer_after(0), None);
+        // Nor one that does not take loans, until asked to.
+        let client = Lending::new(Some(std::process::id() as i32), false);
+        client.on_offer(1, &offer).unwrap();
+        assert_eq!(client.answer_after(0), None);
+        client.take_loans();
+        client.on_offer(2, &offer).unwrap();
+        assert_eq!(client.answer_after(0), Some(2));
         // An offer of the wrong size is malformed.
         assert!(receiver.on_offer(1, &offer[..10]).is_err());
     }

@@ -203,6 +203,18 @@ impl Outbound {
         writer.write_all(&payload).await
     }
 
+    /// Writes a read frame naming `seq` (the peer's lent frames up to it were copied) into
+    /// `writer`.
+    pub async fn write_read<W: AsyncWrite + Unpin>(
+        &mut self,
+        writer: &mut W,
+        seq: u64,
+    ) -> std::io::Result<()> {
+        let view_id = self.view_id;
+        self.write(writer, FrameKind::Read, view_id, &read_payload(seq))
+            .await
+    }
+
     /// Writes the message of `parts` into `writer` as a lent frame when `lending` allows it and a
     /// part is worth lending ([`Lending::worth`]), else as a message frame; `budget` (the link's
     /// bytes the frame holds) is kept with the loan until the peer has read it.

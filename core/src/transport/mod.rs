@@ -885,7 +885,7 @@ fn spawn_link(
     state.next_serial += 1;
     let kind = addr.kind();
     let lending = match &stream {
-        stream::Stream::Local(local) => Some(Lending::new(local.peer_pid())),
+        stream::Stream::Local(local) => Some(Lending::new(local.peer_pid(), true)),
         stream::Stream::Tcp(_) => None,
     };
     let (read, write) = stream.into_split();

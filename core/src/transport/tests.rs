@@ -995,6 +995,70 @@ async fn transport_a_local_client_lends_its_large_requests() {
     assert_eq!(one.lending(Peer::Client(7)).unwrap().copied_parts, 3);
 }
 
+/// A client that takes loans gets a node's large replies lent, and each loan back once it
+/// answers; one that does not gets them inline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transport_a_local_client_that_takes_loans_gets_large_replies_lent() {
+    let dir = LocalDir::new("takeloans");
+    let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
+    let large: Bytes = (0..500_000u32)
+        .map(|i| (i % 241) as u8)
+        .collect::<Vec<u8>>()
+        .into();
+    for (id, takes) in [(8u64, true), (9, false)] {
+        let client = ClientConn::connect_via(
+            one.local_addr(),
+            Some(dir.path()),
+            id,
+            &secret(b"cluster"),
+            None,
+        )
+        .await
+        .unwrap();
+        if takes {
+            client.take_loans();
+        }
+        expect_connected(&mut one_events, Peer::Client(id)).await;
+        let (mut sender, mut receiver) = client.into_split();
+        for index in 0..20u64 {
+            sender.send(0, &index.to_le_bytes()).await.unwrap();
+            match next_event(&mut one_events).await {
+                LinkEvent::Frame { bytes, .. } => assert_eq!(&bytes[..], &index.to_le_bytes()),
+                other => panic!("expected a request, got {other:?}"),
+            }
+            let reply = Payload::from_parts(vec![
+                Bytes::copy_from_slice(&index.to_le_bytes()),
+                large.slice(index as usize..),
+            ]);
+            one.send_payload(Peer::Client(id), 0, &reply).await.unwrap();
+            let (_, got) = receiver.recv().await.unwrap();
+            assert_eq!(&got[..], &reply.parts().concat()[..], "reply {index}");
+            if receiver.loans_to_answer() {
+                sender.answer_loans().await.unwrap();
+            }
+        }
+        let settled = async {
+            loop {
+                let stats = one.lending(Peer::Client(id)).unwrap();
+                if stats.outstanding == 0 {
+                    break stats;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let stats = tokio::time::timeout(WAIT, settled).await.unwrap();
+        assert_eq!(stats.lends, takes, "client {id}");
+        if takes {
+            // Inline until the client's first answer reached the node, lent after.
+            assert!(stats.lent_frames >= 15, "{stats:?}");
+        } else {
+            assert_eq!(stats.lent_frames, 0);
+        }
+        drop((sender, receiver));
+        expect_broken(&mut one_events, Peer::Client(id)).await;
+    }
+}
+
 /// A socket file nobody listens on (a node that died) makes dialers fall back to TCP; a node
 /// that binds the address replaces the stale file, and removes its own at a clean stop.
 #[tokio::test]
