@@ -107,6 +107,21 @@ fn up_mounts_a_cluster_stops_it_on_sigterm_and_finds_the_files_again() {
     let mut up = Up::start(&data, &mnt, &dir.path().join("up1.log"));
     assert_eq!(node_processes(&data), 3, "three nodes run");
     std::fs::write(mnt.join("kept"), b"across a restart").expect("write");
+    // A file large enough that its writes cross the local links lent (docs/ARCHITECTURE.md):
+    // every node says its peers read its memory, and the bytes come back whole.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(mnt.join("big"), &big).expect("write a large file");
+    assert!(std::fs::read(mnt.join("big")).expect("read it back") == big);
+    for i in 1..=3 {
+        let log = std::fs::read_to_string(data.join(format!("node{i}.log"))).expect("node log");
+        for peer in (1..=3).filter(|&p| p != i) {
+            assert!(
+                log.lines().any(|l| l.contains("large parts are lent")
+                    && l.contains(&format!("node {i} to Node({peer})"))),
+                "node {i} does not lend to node {peer}:\n{log}"
+            );
+        }
+    }
     assert_eq!(up.stop(), Some(0), "exit status after SIGTERM");
     assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
     assert_eq!(node_processes(&data), 0, "nodes left running");

@@ -92,7 +92,12 @@ impl ClientConn {
         // A client lends its large requests (file data) to a node on this machine, and takes
         // its loans only once asked to (`take_loans`): it must then answer them.
         let lending = match &stream {
-            Stream::Local(local) => Some(Lending::new(local.peer_pid(), false)),
+            Stream::Local(local) => Some(Lending::new(
+                local.peer_pid(),
+                false,
+                format!("client {client_id} to node {}", acceptor.node_id),
+                false,
+            )),
             Stream::Tcp(_) => None,
         };
         let (read, write) = stream.into_split();

@@ -89,6 +89,9 @@ pub(crate) struct Lending {
     answer: AtomicU64,
     /// Wakes this end's writer to report `answer`.
     pub(crate) wake: Notify,
+    /// The link, as logs name it; with `announce`, the start of lending is logged at info.
+    label: String,
+    announce: bool,
     /// Lent frames this end sent, and parts it copied from the peer (for tests and status).
     lent_frames: AtomicU64,
     copied_parts: AtomicU64,
@@ -96,8 +99,10 @@ pub(crate) struct Lending {
 
 impl Lending {
     /// The lending state of one end of a local link whose peer is process `peer_pid`; with
-    /// `taking`, this end takes loans from the peer if it can read the peer's memory.
-    pub fn new(peer_pid: Option<i32>, taking: bool) -> Arc<Lending> {
+    /// `taking`, this end takes loans from the peer if it can read the peer's memory. `label`
+    /// names the link in logs; with `announce` the start of lending is logged at info level
+    /// (links between nodes), else at debug level.
+    pub fn new(peer_pid: Option<i32>, taking: bool, label: String, announce: bool) -> Arc<Lending> {
         let mut probe = [0u8; PROBE_BYTES];
         // A probe of zeros would still work (the receiver compares with the inline copy); the
         // random bytes only make an accidental match at a wrong address unlikely.
@@ -111,6 +116,8 @@ impl Lending {
             accepts: AtomicBool::new(false),
             answer: AtomicU64::new(0),
             wake: Notify::new(),
+            label,
+            announce,
             lent_frames: AtomicU64::new(0),
             copied_parts: AtomicU64::new(0),
         })
@@ -179,7 +186,14 @@ impl Lending {
             loans.loans.pop_front();
         }
         drop(loans);
-        self.lends.store(true, Ordering::Release);
+        if !self.lends.swap(true, Ordering::AcqRel) {
+            let (link, pid) = (&self.label, self.peer_pid);
+            if self.announce {
+                tracing::info!(%link, ?pid, "the peer reads this end's memory: large parts are lent");
+            } else {
+                tracing::debug!(%link, ?pid, "the peer reads this end's memory: large parts are lent");
+            }
+        }
         Ok(())
     }
 
@@ -529,7 +543,7 @@ mod tests {
 
     #[test]
     fn loans_are_kept_until_read_and_reads_are_checked() {
-        let lending = Lending::new(Some(std::process::id() as i32), true);
+        let lending = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         // No offer yet: a read is malformed.
         assert!(lending.on_read(&read_payload(1)).is_err());
         let _ = lending.offer(1);
@@ -555,25 +569,25 @@ mod tests {
 
     #[test]
     fn an_offer_is_accepted_only_when_the_probe_reads_back() {
-        let sender = Lending::new(None, true);
+        let sender = Lending::new(None, true, "test".into(), false);
         let offer = sender.offer(1);
         // A receiver that knows the sender's process (here: this one) reads the probe.
-        let receiver = Lending::new(Some(std::process::id() as i32), true);
+        let receiver = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         receiver.on_offer(1, &offer).unwrap();
         assert_eq!(receiver.answer_after(0), Some(1));
         // The probe's bytes differ from the inline copy: no answer.
         let mut wrong = offer;
         wrong[8] ^= 1;
-        let other = Lending::new(Some(std::process::id() as i32), true);
+        let other = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         other.on_offer(1, &wrong).unwrap();
         assert_eq!(other.answer_after(0), None);
         assert!(other.take(2, &describe(&parts(&[3])).0).is_err());
         // A receiver that does not know its peer's process never answers.
-        let blind = Lending::new(None, true);
+        let blind = Lending::new(None, true, "test".into(), false);
         blind.on_offer(1, &offer).unwrap();
         assert_eq!(blind.answer_after(0), None);
         // Nor one that does not take loans, until asked to.
-        let client = Lending::new(Some(std::process::id() as i32), false);
+        let client = Lending::new(Some(std::process::id() as i32), false, "test".into(), false);
         client.on_offer(1, &offer).unwrap();
         assert_eq!(client.answer_after(0), None);
         client.take_loans();

@@ -885,7 +885,12 @@ fn spawn_link(
     state.next_serial += 1;
     let kind = addr.kind();
     let lending = match &stream {
-        stream::Stream::Local(local) => Some(Lending::new(local.peer_pid(), true)),
+        stream::Stream::Local(local) => Some(Lending::new(
+            local.peer_pid(),
+            true,
+            format!("node {} to {peer:?}", shared.node_id),
+            matches!(peer, Peer::Node(_)),
+        )),
         stream::Stream::Tcp(_) => None,
     };
     let (read, write) = stream.into_split();
