@@ -71,7 +71,8 @@ pub(crate) struct LocalStream {
     /// Registered for writability while a write waits for room; `None` otherwise.
     room: Option<AsyncFd<OwnedFd>>,
     /// The process at the other end, as the kernel recorded it when the connection was made
-    /// (`SO_PEERCRED`); `None` if it could not say.
+    /// (`SO_PEERCRED`), if it runs as this process's user; `None` otherwise, or if the kernel
+    /// could not say.
     peer_pid: Option<i32>,
 }
 
@@ -79,11 +80,13 @@ impl LocalStream {
     /// Takes a connected socket from tokio's registration into one for readability only.
     fn new(stream: UnixStream) -> io::Result<LocalStream> {
         widen(&stream);
-        // A peer outside this process's pid namespace is reported as pid 0: not a process to
-        // read from.
+        // Only a peer of this process's own user is one whose memory it may read (a node run as
+        // root must not read another user's process, or a process that took its pid later). A
+        // peer outside this process's pid namespace is reported as pid 0: not one either.
         let peer_pid = stream
             .peer_cred()
             .ok()
+            .filter(|cred| cred.uid() == effective_uid())
             .and_then(|cred| cred.pid())
             .filter(|&pid| pid > 0);
         let std = stream.into_std()?;
@@ -143,6 +146,13 @@ impl AsFd for LocalStream {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.socket.get_ref().as_fd()
     }
+}
+
+/// This process's effective user id.
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: `geteuid` takes nothing, touches no memory, and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Receives into `buf`'s unfilled part, which may be uninitialized, and marks what came in as
