@@ -16,10 +16,12 @@ const BIN: &str = env!("CARGO_BIN_EXE_derechofs");
 /// Longest `up` may take to mount, or to stop after SIGTERM.
 const UP_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A running `derechofs up`; killed (and its mount detached) if the test fails.
+/// A running `derechofs up`; killed, with its nodes (which a killed `up` cannot stop), and its
+/// mount detached, if the test fails.
 struct Up {
     child: Option<Child>,
     mnt: std::path::PathBuf,
+    data: std::path::PathBuf,
 }
 
 impl Up {
@@ -38,6 +40,7 @@ impl Up {
         let mut up = Up {
             child: Some(child),
             mnt: mnt.to_path_buf(),
+            data: data.to_path_buf(),
         };
         let deadline = Instant::now() + UP_TIMEOUT;
         while !is_mounted(mnt) {
@@ -77,6 +80,11 @@ impl Drop for Up {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+            for pid in node_pids(&self.data) {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
         }
         if is_mounted(&self.mnt) {
             let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
@@ -84,17 +92,24 @@ impl Drop for Up {
     }
 }
 
-fn node_processes(data: &Path) -> usize {
+/// The node processes of the cluster under `data`.
+fn node_pids(data: &Path) -> Vec<u32> {
     // The nodes' command lines name their configuration under `data`.
     let needle = data.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
         .expect("/proc")
         .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
-        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .filter(|c| c.contains(" node ") && c.contains(&needle))
-        .count()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (cmdline.contains(" node ") && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+fn node_processes(data: &Path) -> usize {
+    node_pids(data).len()
 }
 
 #[test]

@@ -3,12 +3,11 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
-
-use std::sync::Arc;
 
 use super::frame::{Inbound, PayloadSum};
 use super::lend::Lending;

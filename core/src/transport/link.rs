@@ -120,22 +120,20 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
         }
         header.check(&payload, sum)?;
         inbound.accept(&header)?;
-        let lending = match (header.kind, lending) {
+        match (header.kind, lending) {
             (FrameKind::Message, _) => return Ok((header.view_id, payload.freeze())),
             (FrameKind::Bye, _) => return Err(BreakReason::PeerClosed),
-            (_, Some(lending)) => lending,
+            (FrameKind::Lent, Some(lending)) => {
+                return Ok((header.view_id, lending.take(header.seq, &payload)?))
+            }
+            (FrameKind::Offer, Some(lending)) => lending.on_offer(header.seq, &payload)?,
+            (FrameKind::Read, Some(lending)) => lending.on_read(&payload)?,
             (kind, None) => {
                 return Err(FrameError::Loan(format!(
                     "a {kind:?} frame on a link that does not lend (TCP)"
                 ))
                 .into())
             }
-        };
-        match header.kind {
-            FrameKind::Lent => return Ok((header.view_id, lending.take(header.seq, &payload)?)),
-            FrameKind::Offer => lending.on_offer(header.seq, &payload)?,
-            FrameKind::Read => lending.on_read(&payload)?,
-            FrameKind::Message | FrameKind::Bye => unreachable!("answered above"),
         }
     }
 }
