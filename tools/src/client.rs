@@ -311,7 +311,11 @@ async fn write_requests(
             let mut yielded = false;
             while let Some(outgoing) = next.take() {
                 match outgoing {
-                    Outgoing::Request(bytes) => sender.queue(0, &bytes).await?,
+                    Outgoing::Request(bytes) => {
+                        sender
+                            .queue_payload(0, std::slice::from_ref(&bytes))
+                            .await?
+                    }
                     Outgoing::Close(done) => {
                         closing = Some(done);
                         break;
