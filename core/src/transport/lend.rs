@@ -29,6 +29,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio::sync::{Notify, OwnedSemaphorePermit};
 
 use super::frame::{FrameError, FRAME_PAYLOAD_MAX};
+use super::BreakReason;
 
 /// Payload parts of at least this many bytes are lent; smaller ones travel inline (a lent part
 /// costs a system call at the receiver and a share of an answer frame).
@@ -232,21 +233,33 @@ impl Lending {
         Ok(())
     }
 
-    /// Copies the message of lent frame `seq` with `descriptor` out of the peer's memory.
-    pub fn take(&self, seq: u64, descriptor: &[u8]) -> Result<Bytes, FrameError> {
-        if !self.accepts.load(Ordering::Acquire) {
-            return Err(FrameError::Loan(
-                "a lent frame on a link whose loans this end did not accept".into(),
-            ));
-        }
-        let pid = self.peer_pid.expect("an accepting end knows its peer");
-        let (payload, copied) = assemble(descriptor, |addr, len, out| {
+    /// Copies the message of lent frame `seq` with `descriptor` out of the peer's memory. A
+    /// peer process that is gone (it died after sending the frame) ends the link as one that
+    /// ended inside a frame; any other failure is a malformed frame.
+    pub fn take(&self, seq: u64, descriptor: &[u8]) -> Result<Bytes, BreakReason> {
+        let pid = match self.peer_pid {
+            Some(pid) if self.accepts.load(Ordering::Acquire) => pid,
+            _ => {
+                return Err(FrameError::Loan(
+                    "a lent frame on a link whose loans this end did not accept".into(),
+                )
+                .into())
+            }
+        };
+        let mut gone = false;
+        let assembled = assemble(descriptor, |addr, len, out| {
             read_remote(pid, addr, len, out).map_err(|e| {
+                gone = e.raw_os_error() == Some(libc::ESRCH);
                 FrameError::Loan(format!(
                     "reading {len} bytes at {addr:#x} of process {pid}: {e}"
                 ))
             })
-        })?;
+        });
+        let (payload, copied) = match assembled {
+            Ok(done) => done,
+            Err(_) if gone => return Err(BreakReason::Truncated),
+            Err(e) => return Err(e.into()),
+        };
         self.copied_parts.fetch_add(copied, Ordering::Relaxed);
         self.report(seq);
         Ok(payload)
@@ -542,6 +555,36 @@ mod tests {
     }
 
     #[test]
+    fn a_lender_that_is_gone_ends_the_link_as_one_cut_inside_a_frame() {
+        // A process that has exited and been reaped: its pid names no process (until the
+        // kernel hands it out again, which it does not do at once).
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        let receiver = Lending::new(Some(pid), true, "test".into(), false);
+        receiver.accepts.store(true, Ordering::Release);
+        let big = parts(&[LEND_PART_MIN]);
+        let (descriptor, _lent) = describe(&big);
+        assert_eq!(
+            receiver.take(2, &descriptor).unwrap_err(),
+            BreakReason::Truncated
+        );
+        // This process's own memory at an address never mapped: malformed, not gone.
+        let mine = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
+        mine.accepts.store(true, Ordering::Release);
+        let mut bad = BytesMut::new();
+        bad.put_u32_le(4096);
+        bad.put_u32_le(1);
+        bad.put_u32_le(4096);
+        bad.put_u32_le(SEGMENT_LENT);
+        bad.put_u64_le(8);
+        assert!(matches!(
+            mine.take(2, &bad),
+            Err(BreakReason::Malformed(FrameError::Loan(_)))
+        ));
+    }
+
+    #[test]
     fn loans_are_kept_until_read_and_reads_are_checked() {
         let lending = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         // No offer yet: a read is malformed.
@@ -581,7 +624,10 @@ mod tests {
         let other = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         other.on_offer(1, &wrong).unwrap();
         assert_eq!(other.answer_after(0), None);
-        assert!(other.take(2, &describe(&parts(&[3])).0).is_err());
+        assert!(matches!(
+            other.take(2, &describe(&parts(&[3])).0),
+            Err(BreakReason::Malformed(FrameError::Loan(_)))
+        ));
         // A receiver that does not know its peer's process never answers.
         let blind = Lending::new(None, true, "test".into(), false);
         blind.on_offer(1, &offer).unwrap();
