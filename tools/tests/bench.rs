@@ -140,6 +140,31 @@ fn bench_multicast_prints_a_row_per_size_with_deliveries_and_ordered_percentiles
     }
 }
 
+/// Over local links, with messages large enough to be lent, the members deliver as over TCP.
+#[test]
+fn bench_multicast_over_local_links_delivers_lent_messages() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let sockets = dir.path().join("s");
+    let out = run(&[
+        "bench",
+        "multicast",
+        "--sizes",
+        "131072",
+        "--seconds",
+        "1",
+        "--warmup",
+        "0.2",
+        "--inflight-bytes",
+        "1048576",
+        "--local-socket-dir",
+        sockets.to_str().expect("utf-8 path"),
+    ]);
+    let rows = rows(&out);
+    assert_eq!(rows.len(), 1, "one row:\n{out}");
+    assert_eq!(rows[0][0], "128 KiB");
+    assert!(number(&rows[0][2]) > 0.0, "{out}");
+}
+
 #[test]
 fn bench_restart_prints_a_row_per_size_whose_log_holds_what_was_written() {
     let dir = tempfile::tempdir().expect("temp dir");

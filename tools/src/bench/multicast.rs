@@ -4,6 +4,9 @@
 //! own TCP [`Transport`] bound on loopback, all on one tokio runtime of two worker threads: the
 //! messages go through the real frame codec, checksums, handshakes and kernel sockets, exactly
 //! as between node processes. Nothing is persisted: every persist request is confirmed at once.
+//! With `--local-socket-dir` the members link over Unix-domain sockets instead, where parts of
+//! 64 KiB and more are lent: each receiver copies them with `process_vm_readv(2)` from the
+//! sender, here the same process (the same copy as across processes).
 //!
 //! Every member sends (unless `--senders` says fewer): it keeps up to `--inflight-bytes` of its
 //! own messages submitted and not yet delivered back to it, so the engine's window and batching
@@ -69,6 +72,10 @@ pub struct Args {
     /// Loopback address the members listen on (ports are picked by the kernel).
     #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::LOCALHOST))]
     address: IpAddr,
+    /// Link the members over Unix-domain sockets in this directory, where large parts are lent
+    /// (docs/ARCHITECTURE.md) instead of sent. Default "": over loopback TCP.
+    #[arg(long, default_value = "", value_parser = crate::kv::parse_local_socket_dir_arg)]
+    local_socket_dir: crate::kv::LocalSocketDir,
 }
 
 /// Runs the benchmark.
@@ -167,10 +174,14 @@ async fn measure(args: &Args, size: usize) -> anyhow::Result<RunResult> {
     let ids: Vec<NodeId> = (1..=MEMBERS as NodeId).collect();
     let mut bound = Vec::new();
     for &id in &ids {
-        let (transport, events) =
-            Transport::bind(SocketAddr::new(args.address, 0), id, secret.clone())
-                .await
-                .with_context(|| format!("listening on {}", args.address))?;
+        let (transport, events) = Transport::bind_with(
+            SocketAddr::new(args.address, 0),
+            id,
+            secret.clone(),
+            args.local_socket_dir.0.as_deref(),
+        )
+        .await
+        .with_context(|| format!("listening on {}", args.address))?;
         transport.set_view(1);
         bound.push((Arc::new(transport), events));
     }
@@ -184,6 +195,17 @@ async fn measure(args: &Args, size: usize) -> anyhow::Result<RunResult> {
             .await
             .context("linking the members timed out")?
             .with_context(|| format!("linking node {} with node {}", ids[i], ids[peer]))?;
+        }
+    }
+    if args.local_socket_dir.0.is_some() {
+        for (transport, _) in &bound {
+            if let Some((peer, kind)) = transport
+                .links()
+                .into_iter()
+                .find(|(_, kind)| *kind != derechofs_core::transport::LinkKind::Local)
+            {
+                bail!("the link with {peer:?} runs over {kind}, not the local socket directory");
+            }
         }
     }
     let spec = LayoutSpec {
