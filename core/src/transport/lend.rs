@@ -133,15 +133,19 @@ impl Lending {
         self.loans.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The payload of this end's offer, sent as frame `seq`.
-    pub fn offer(&self, seq: u64) -> [u8; OFFER_BYTES] {
-        let mut loans = self.loans();
-        loans.offer_seq = seq;
-        loans.last_lent = seq;
+    /// The payload of this end's offer: the probe's address, then the probe.
+    pub fn offer_payload(&self) -> [u8; OFFER_BYTES] {
         let mut out = [0u8; OFFER_BYTES];
         out[..8].copy_from_slice(&(self.probe.as_ptr() as u64).to_le_bytes());
         out[8..].copy_from_slice(&self.probe[..]);
         out
+    }
+
+    /// Records that this end's offer went out as frame `seq`.
+    pub fn offered(&self, seq: u64) {
+        let mut loans = self.loans();
+        loans.offer_seq = seq;
+        loans.last_lent = seq;
     }
 
     /// Whether this end's writer may lend.
@@ -589,7 +593,7 @@ mod tests {
         let lending = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         // No offer yet: a read is malformed.
         assert!(lending.on_read(&read_payload(1)).is_err());
-        let _ = lending.offer(1);
+        lending.offered(1);
         assert!(!lending.lends());
         lending.on_read(&read_payload(1)).unwrap();
         assert!(lending.lends());
@@ -613,7 +617,8 @@ mod tests {
     #[test]
     fn an_offer_is_accepted_only_when_the_probe_reads_back() {
         let sender = Lending::new(None, true, "test".into(), false);
-        let offer = sender.offer(1);
+        let offer = sender.offer_payload();
+        sender.offered(1);
         // A receiver that knows the sender's process (here: this one) reads the probe.
         let receiver = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
         receiver.on_offer(1, &offer).unwrap();

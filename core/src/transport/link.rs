@@ -193,10 +193,7 @@ impl Outbound {
         writer: &mut W,
         lending: &Lending,
     ) -> std::io::Result<()> {
-        let view_id = self.view_id;
-        let header = self.header(FrameKind::Offer, view_id, OFFER_BYTES, || 0);
-        let payload = lending.offer(self.last_seq);
-        let header = self.resum(header, &payload);
+        let (header, payload) = self.offer_frame(lending);
         writer.write_all(&header).await?;
         writer.write_all(&payload).await
     }
@@ -208,14 +205,13 @@ impl Outbound {
         writer: &mut W,
         seq: u64,
     ) -> std::io::Result<()> {
-        let view_id = self.view_id;
-        self.write(writer, FrameKind::Read, view_id, &read_payload(seq))
-            .await
+        let (header, payload) = self.answer_frame(seq);
+        writer.write_all(&header).await?;
+        writer.write_all(&payload).await
     }
 
     /// Writes the message of `parts` into `writer` as a lent frame when `lending` allows it and a
-    /// part is worth lending ([`Lending::worth`]), else as a message frame; `budget` (the link's
-    /// bytes the frame holds) is kept with the loan until the peer has read it.
+    /// part is worth lending ([`Lending::worth`]), else as a message frame.
     pub async fn write_lending<W: AsyncWrite + Unpin>(
         &mut self,
         writer: &mut W,
@@ -225,11 +221,7 @@ impl Outbound {
     ) -> std::io::Result<()> {
         match lending.filter(|l| l.worth(parts)) {
             Some(lending) => {
-                let (descriptor, lent) = describe(parts);
-                let header = self.header(FrameKind::Lent, view_id, descriptor.len(), || {
-                    crc32c::crc32c(&descriptor)
-                });
-                lending.lend(self.last_seq, lent, None);
+                let (header, descriptor) = self.lent_frame(view_id, parts, lending, None);
                 writer.write_all(&header).await?;
                 writer.write_all(&descriptor).await
             }
@@ -240,22 +232,43 @@ impl Outbound {
         }
     }
 
-    /// A header made with a payload checksum of 0, made again with `payload`'s if this direction
-    /// sums payloads (for frames whose payload depends on their sequence number).
-    fn resum(&self, header: [u8; FRAME_HEADER_BYTES], payload: &[u8]) -> [u8; FRAME_HEADER_BYTES] {
-        match self.sum {
-            PayloadSum::HeaderOnly => header,
-            PayloadSum::Summed => {
-                let decoded = decode_header(&header).expect("a header this end made");
-                encode_header_with_crc(
-                    decoded.kind,
-                    decoded.view_id,
-                    decoded.seq,
-                    payload.len(),
-                    crc32c::crc32c(payload),
-                )
-            }
-        }
+    /// The header and payload of this direction's offer, recorded in `lending`.
+    fn offer_frame(&mut self, lending: &Lending) -> ([u8; FRAME_HEADER_BYTES], [u8; OFFER_BYTES]) {
+        let payload = lending.offer_payload();
+        let view_id = self.view_id;
+        let header = self.header(FrameKind::Offer, view_id, OFFER_BYTES, || {
+            crc32c::crc32c(&payload)
+        });
+        lending.offered(self.last_seq);
+        (header, payload)
+    }
+
+    /// The header and payload of a read frame naming `seq`.
+    fn answer_frame(&mut self, seq: u64) -> ([u8; FRAME_HEADER_BYTES], [u8; READ_BYTES]) {
+        let payload = read_payload(seq);
+        let view_id = self.view_id;
+        let header = self.header(FrameKind::Read, view_id, READ_BYTES, || {
+            crc32c::crc32c(&payload)
+        });
+        (header, payload)
+    }
+
+    /// The header and descriptor of a lent frame of the message of `parts`, its large parts
+    /// recorded in `lending` with `budget` (the link's bytes the frame holds), both kept until
+    /// the peer has read them.
+    fn lent_frame(
+        &mut self,
+        view_id: u32,
+        parts: &[Bytes],
+        lending: &Lending,
+        budget: Option<OwnedSemaphorePermit>,
+    ) -> ([u8; FRAME_HEADER_BYTES], BytesMut) {
+        let (descriptor, lent) = describe(parts);
+        let header = self.header(FrameKind::Lent, view_id, descriptor.len(), || {
+            crc32c::crc32c(&descriptor)
+        });
+        lending.lend(self.last_seq, lent, budget);
+        (header, descriptor)
     }
 
     /// The header of the next frame, whose payload is `len` bytes with CRC-32C `payload_crc()`
@@ -381,9 +394,8 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             gather.put_copied(&[byte]);
         }
         if let Some(lending) = lending {
-            let header = outbound.header(FrameKind::Offer, local_view, OFFER_BYTES, || 0);
-            let payload = lending.offer(outbound.last_seq);
-            gather.put_copied(&outbound.resum(header, &payload));
+            let (header, payload) = outbound.offer_frame(lending);
+            gather.put_copied(&header);
             gather.put_copied(&payload);
         }
         loop {
@@ -412,11 +424,8 @@ pub(crate) async fn write_frames<W: AsyncWrite + Unpin>(
             let parts = frame.parts.as_slice();
             match lending.filter(|l| l.worth(parts)) {
                 Some(lending) => {
-                    let (descriptor, lent) = describe(parts);
-                    let header = outbound.header(FrameKind::Lent, frame.view_id, descriptor.len(), || {
-                        crc32c::crc32c(&descriptor)
-                    });
-                    lending.lend(outbound.last_seq, lent, frame._budget);
+                    let (header, descriptor) =
+                        outbound.lent_frame(frame.view_id, parts, lending, frame._budget);
                     gather.put_copied(&header);
                     gather.put_copied(&descriptor);
                 }
@@ -461,11 +470,7 @@ fn put_answer(
     let Some(answer) = lending.and_then(|l| l.answer_after(*reported)) else {
         return;
     };
-    let payload = read_payload(answer);
-    let view_id = outbound.view_id;
-    let header = outbound.header(FrameKind::Read, view_id, READ_BYTES, || {
-        crc32c::crc32c(&payload)
-    });
+    let (header, payload) = outbound.answer_frame(answer);
     gather.put_copied(&header);
     gather.put_copied(&payload);
     *reported = answer;
