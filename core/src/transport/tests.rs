@@ -111,6 +111,28 @@ async fn expect_broken(events: &mut mpsc::Receiver<LinkEvent>, peer: Peer) -> Br
     }
 }
 
+/// Polls `check` every few milliseconds until it gives a value, within [`WAIT`].
+async fn eventually<T>(mut check: impl FnMut() -> Option<T>) -> T {
+    let poll = async {
+        loop {
+            if let Some(value) = check() {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(WAIT, poll)
+        .await
+        .expect("the condition within the wait")
+}
+
+/// A client `id` of node `to`, through its socket file in `dir`.
+async fn local_client(to: &Transport, dir: &Path, id: ClientId) -> ClientConn {
+    ClientConn::connect_via(to.local_addr(), Some(dir), id, &secret(b"cluster"), None)
+        .await
+        .unwrap()
+}
+
 async fn assert_quiet(events: &mut mpsc::Receiver<LinkEvent>) {
     let quiet = tokio::time::timeout(Duration::from_millis(200), events.recv()).await;
     assert!(quiet.is_err(), "unexpected event: {quiet:?}");
@@ -882,16 +904,8 @@ async fn transport_local_links_lend_large_parts_and_get_each_loan_back() {
     expect_connected(&mut one_events, Peer::Node(2)).await;
     expect_connected(&mut two_events, Peer::Node(1)).await;
     // Each end offers at once; the peer's answer comes in its first turn.
-    let both_lend = async {
-        loop {
-            let lends = |t: &Transport, peer| t.lending(Peer::Node(peer)).unwrap().lends;
-            if lends(&one, 2) && lends(&two, 1) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, both_lend).await.unwrap();
+    let lends = |t: &Transport, peer| t.lending(Peer::Node(peer)).unwrap().lends;
+    eventually(|| (lends(&one, 2) && lends(&two, 1)).then_some(())).await;
 
     let large: Bytes = (0..300_000u32)
         .map(|i| (i % 251) as u8)
@@ -918,16 +932,11 @@ async fn transport_local_links_lend_large_parts_and_get_each_loan_back() {
         }
     }
     let lent = expected.len() as u64 - 14; // every message but each third
-    let returned = async {
-        loop {
-            let stats = one.lending(Peer::Node(2)).unwrap();
-            if stats.outstanding == 0 {
-                break stats;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    let stats = tokio::time::timeout(WAIT, returned).await.unwrap();
+    let stats = eventually(|| {
+        let stats = one.lending(Peer::Node(2)).unwrap();
+        (stats.outstanding == 0).then_some(stats)
+    })
+    .await;
     assert_eq!(stats.lent_frames, lent);
     assert_eq!(two.lending(Peer::Node(1)).unwrap().copied_parts, lent);
 
@@ -945,15 +954,7 @@ async fn transport_local_links_lend_large_parts_and_get_each_loan_back() {
 async fn transport_a_local_client_lends_its_large_requests() {
     let dir = LocalDir::new("lendclient");
     let (one, mut one_events) = node_in(1, b"cluster", Some(dir.path())).await;
-    let client = ClientConn::connect_via(
-        one.local_addr(),
-        Some(dir.path()),
-        7,
-        &secret(b"cluster"),
-        None,
-    )
-    .await
-    .unwrap();
+    let client = local_client(&one, dir.path(), 7).await;
     expect_connected(&mut one_events, Peer::Client(7)).await;
     let (mut sender, mut receiver) = client.into_split();
     // The node's answer to the offer reaches the client's receiver, which must be reading.
@@ -986,12 +987,7 @@ async fn transport_a_local_client_lends_its_large_requests() {
         );
         index += 1;
     }
-    let returned = async {
-        while sender.loans_outstanding() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(WAIT, returned).await.unwrap();
+    eventually(|| (sender.loans_outstanding() == 0).then_some(())).await;
     assert_eq!(one.lending(Peer::Client(7)).unwrap().copied_parts, 3);
 }
 
@@ -1006,15 +1002,7 @@ async fn transport_a_local_client_that_takes_loans_gets_large_replies_lent() {
         .collect::<Vec<u8>>()
         .into();
     for (id, takes) in [(8u64, true), (9, false)] {
-        let client = ClientConn::connect_via(
-            one.local_addr(),
-            Some(dir.path()),
-            id,
-            &secret(b"cluster"),
-            None,
-        )
-        .await
-        .unwrap();
+        let client = local_client(&one, dir.path(), id).await;
         if takes {
             client.take_loans();
         }
@@ -1037,16 +1025,11 @@ async fn transport_a_local_client_that_takes_loans_gets_large_replies_lent() {
                 sender.answer_loans().await.unwrap();
             }
         }
-        let settled = async {
-            loop {
-                let stats = one.lending(Peer::Client(id)).unwrap();
-                if stats.outstanding == 0 {
-                    break stats;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        let stats = tokio::time::timeout(WAIT, settled).await.unwrap();
+        let stats = eventually(|| {
+            let stats = one.lending(Peer::Client(id)).unwrap();
+            (stats.outstanding == 0).then_some(stats)
+        })
+        .await;
         assert_eq!(stats.lends, takes, "client {id}");
         if takes {
             // Inline until the client's first answer reached the node, lent after.
@@ -1144,15 +1127,7 @@ async fn transport_a_second_node_on_a_taken_address_leaves_the_owners_socket_alo
     let taken =
         Transport::bind_with(owner.local_addr(), 2, secret(b"cluster"), Some(dir.path())).await;
     assert!(taken.is_err(), "bound an address another node listens on");
-    let client = ClientConn::connect_via(
-        owner.local_addr(),
-        Some(dir.path()),
-        4,
-        &secret(b"cluster"),
-        None,
-    )
-    .await
-    .unwrap();
+    let client = local_client(&owner, dir.path(), 4).await;
     assert_eq!((client.kind(), client.node_id()), (LinkKind::Local, 1));
     expect_connected(&mut owner_events, Peer::Client(4)).await;
 }
