@@ -92,7 +92,7 @@ impl ClientConn {
         // its loans only once asked to (`take_loans`): it must then answer them.
         let lending = match &stream {
             Stream::Local(local) => Some(Lending::new(
-                local.peer_pid(),
+                local.peer(),
                 false,
                 format!("client {client_id} to node {}", acceptor.node_id),
                 false,

@@ -20,8 +20,15 @@
 //! Reading another process's memory needs the same permission as tracing it, so lending gives a
 //! receiver nothing it could not take already. A sender's address that cannot be read breaks the
 //! link as a malformed frame; the sender's own memory is all a bad address can reach.
+//!
+//! A pid names whichever process holds it now: once the sender has exited, another process may
+//! be given its pid, and a read by pid would copy that process's bytes. So the receiver also
+//! holds a pidfd of the sender ([`PeerProcess`]), bound to that very process, and trusts a read
+//! only if the sender had not exited once the read was done (a process that still runs holds its
+//! pid). A lent frame read after the sender exited ends the link as one cut inside a frame.
 
 use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,6 +57,83 @@ pub(crate) const SEGMENTS_MAX: usize = 1024;
 const SEGMENT_INLINE: u32 = 0;
 const SEGMENT_LENT: u32 = 1;
 
+/// The process at the other end of a local link, as the kernel named it when the connection was
+/// made: its pid, by which its memory is read, and a pidfd, which stays bound to that process
+/// and tells whether it has exited (after which its pid may name another process).
+#[derive(Debug)]
+pub(crate) struct PeerProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+}
+
+impl PeerProcess {
+    /// The process that made the connection `socket` (whose credentials named `pid`): the
+    /// kernel's pidfd of it (`SO_PEERPIDFD`, Linux 6.5 and later), or else a pidfd opened for
+    /// `pid` now (`pidfd_open`). The latter names another process only if the peer exited and
+    /// its pid was handed out again in between; no probe reads back from that one, so nothing
+    /// is lent. `None` when neither is available: this end then takes no loans.
+    #[allow(unsafe_code)]
+    pub(crate) fn of_socket(socket: BorrowedFd<'_>, pid: i32) -> Option<PeerProcess> {
+        let mut fd: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `fd` and `len` are valid for the kernel to write an int and its size.
+        let got = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERPIDFD,
+                (&mut fd as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if got == 0 && fd >= 0 {
+            // SAFETY: the kernel returned a new descriptor that nothing else owns.
+            let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+            return Some(PeerProcess { pid, pidfd });
+        }
+        PeerProcess::open(pid).ok()
+    }
+
+    /// A pidfd opened for `pid` now.
+    #[allow(unsafe_code)]
+    fn open(pid: i32) -> std::io::Result<PeerProcess> {
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new descriptor that nothing else owns.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+        Ok(PeerProcess { pid, pidfd })
+    }
+
+    /// The pid by which the process's memory is read.
+    pub(crate) fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Whether the process has not exited: its pidfd is not readable yet. An error of `poll`
+    /// counts as exited (a read is then not trusted).
+    #[allow(unsafe_code)]
+    pub(crate) fn runs(&self) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.pidfd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        loop {
+            // SAFETY: one valid pollfd, no waiting.
+            let n = unsafe { libc::poll(&mut p, 1, 0) };
+            if n >= 0 {
+                return n == 0;
+            }
+            if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+                return false;
+            }
+        }
+    }
+}
+
 /// Parts lent in one frame, kept until the receiver says it copied them.
 #[derive(Debug)]
 struct Loan {
@@ -75,7 +159,7 @@ struct Loans {
 pub(crate) struct Lending {
     /// The peer's process as the kernel named it for the socket; `None` when unknown, and then
     /// this end takes no loans.
-    peer_pid: Option<i32>,
+    peer: Option<Arc<PeerProcess>>,
     /// This end's offer's probe, at a fixed address for the link's life.
     probe: Box<[u8; PROBE_BYTES]>,
     /// The peer read the probe: this end's writer may lend.
@@ -99,17 +183,22 @@ pub(crate) struct Lending {
 }
 
 impl Lending {
-    /// The lending state of one end of a local link whose peer is process `peer_pid`; with
+    /// The lending state of one end of a local link whose peer is process `peer`; with
     /// `taking`, this end takes loans from the peer if it can read the peer's memory. `label`
     /// names the link in logs; with `announce` the start of lending is logged at info level
     /// (links between nodes), else at debug level.
-    pub fn new(peer_pid: Option<i32>, taking: bool, label: String, announce: bool) -> Arc<Lending> {
+    pub fn new(
+        peer: Option<Arc<PeerProcess>>,
+        taking: bool,
+        label: String,
+        announce: bool,
+    ) -> Arc<Lending> {
         let mut probe = [0u8; PROBE_BYTES];
         // A probe of zeros would still work (the receiver compares with the inline copy); the
         // random bytes only make an accidental match at a wrong address unlikely.
         let _ = getrandom::fill(&mut probe);
         Arc::new(Lending {
-            peer_pid,
+            peer,
             probe: Box::new(probe),
             lends: AtomicBool::new(false),
             loans: Mutex::new(Loans::default()),
@@ -192,7 +281,7 @@ impl Lending {
         }
         drop(loans);
         if !self.lends.swap(true, Ordering::AcqRel) {
-            let (link, pid) = (&self.label, self.peer_pid);
+            let (link, pid) = (&self.label, self.peer.as_ref().map(|p| p.pid()));
             if self.announce {
                 tracing::info!(%link, ?pid, "the peer reads this end's memory: large parts are lent");
             } else {
@@ -211,15 +300,20 @@ impl Lending {
                 payload.len()
             )));
         }
-        let Some(pid) = self
-            .peer_pid
+        let Some(peer) = self
+            .peer
+            .as_ref()
             .filter(|_| self.taking.load(Ordering::Acquire))
         else {
             return Ok(());
         };
+        let pid = peer.pid();
         let addr = le_u64(&payload[..8]);
         let mut seen = BytesMut::with_capacity(PROBE_BYTES);
         match read_remote(pid, addr, PROBE_BYTES, &mut seen) {
+            Ok(()) if !peer.runs() => {
+                tracing::debug!(pid, "a lending peer exited before its probe was checked")
+            }
             Ok(()) if seen[..] == payload[8..] => {
                 self.accepts.store(true, Ordering::Release);
                 self.report(seq);
@@ -238,11 +332,12 @@ impl Lending {
     }
 
     /// Copies the message of lent frame `seq` with `descriptor` out of the peer's memory. A
-    /// peer process that is gone (it died after sending the frame) ends the link as one that
-    /// ended inside a frame; any other failure is a malformed frame.
+    /// peer process that is gone (it died after sending the frame, so its pid names no process
+    /// or, once handed out again, another one) ends the link as one that ended inside a frame;
+    /// any other failure is a malformed frame.
     pub fn take(&self, seq: u64, descriptor: &[u8]) -> Result<Bytes, BreakReason> {
-        let pid = match self.peer_pid {
-            Some(pid) if self.accepts.load(Ordering::Acquire) => pid,
+        let peer = match &self.peer {
+            Some(peer) if self.accepts.load(Ordering::Acquire) => peer,
             _ => {
                 return Err(FrameError::Loan(
                     "a lent frame on a link whose loans this end did not accept".into(),
@@ -250,6 +345,7 @@ impl Lending {
                 .into())
             }
         };
+        let pid = peer.pid();
         let mut gone = false;
         let assembled = assemble(descriptor, |addr, len, out| {
             read_remote(pid, addr, len, out).map_err(|e| {
@@ -260,8 +356,10 @@ impl Lending {
             })
         });
         let (payload, copied) = match assembled {
-            Ok(done) => done,
-            Err(_) if gone => return Err(BreakReason::Truncated),
+            // Still running after the reads: its pid named it throughout, so the bytes are its.
+            Ok(done) if peer.runs() => done,
+            Ok(_) => return Err(BreakReason::Truncated),
+            Err(_) if gone || !peer.runs() => return Err(BreakReason::Truncated),
             Err(e) => return Err(e.into()),
         };
         self.copied_parts.fetch_add(copied, Ordering::Relaxed);
@@ -558,14 +656,32 @@ mod tests {
         assert!(e.contains("Bad address") || e.contains("copied"), "{e}");
     }
 
+    /// This process, as a link's peer.
+    fn this_process() -> Option<Arc<PeerProcess>> {
+        Some(Arc::new(
+            PeerProcess::open(std::process::id() as i32).unwrap(),
+        ))
+    }
+
+    /// A child process that has exited and been reaped, with the pidfd opened while it ran.
+    fn exited_child() -> PeerProcess {
+        let mut child = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .unwrap();
+        let peer = PeerProcess::open(child.id() as i32).unwrap();
+        assert!(peer.runs(), "a child that runs");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(!peer.runs(), "a child that exited");
+        peer
+    }
+
     #[test]
     fn a_lender_that_is_gone_ends_the_link_as_one_cut_inside_a_frame() {
         // A process that has exited and been reaped: its pid names no process (until the
         // kernel hands it out again, which it does not do at once).
-        let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
-        child.wait().unwrap();
-        let receiver = Lending::new(Some(pid), true, "test".into(), false);
+        let receiver = Lending::new(Some(Arc::new(exited_child())), true, "test".into(), false);
         receiver.accepts.store(true, Ordering::Release);
         let big = parts(&[LEND_PART_MIN]);
         let (descriptor, _lent) = describe(&big);
@@ -574,7 +690,7 @@ mod tests {
             BreakReason::Truncated
         );
         // This process's own memory at an address never mapped: malformed, not gone.
-        let mine = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
+        let mine = Lending::new(this_process(), true, "test".into(), false);
         mine.accepts.store(true, Ordering::Release);
         let mut bad = BytesMut::new();
         bad.put_u32_le(4096);
@@ -589,8 +705,43 @@ mod tests {
     }
 
     #[test]
+    fn bytes_read_by_the_pid_of_a_lender_that_exited_are_not_trusted() {
+        // The lender exited and its pid was handed out again, to a process whose memory holds
+        // readable bytes at the lent address (here: this process, whose pid the peer's pid
+        // stands for, with the pidfd still bound to the exited child).
+        let reused = || {
+            let gone = exited_child();
+            Some(Arc::new(PeerProcess {
+                pid: std::process::id() as i32,
+                pidfd: gone.pidfd,
+            }))
+        };
+        let receiver = Lending::new(reused(), true, "test".into(), false);
+        receiver.accepts.store(true, Ordering::Release);
+        let big = parts(&[LEND_PART_MIN, 100, LEND_PART_MIN]);
+        let (descriptor, _lent) = describe(&big);
+        assert_eq!(
+            receiver.take(2, &descriptor).unwrap_err(),
+            BreakReason::Truncated
+        );
+        assert_eq!(receiver.answer_after(0), None, "nothing reported copied");
+        // The same frame from a lender that runs is taken whole.
+        let live = Lending::new(this_process(), true, "test".into(), false);
+        live.accepts.store(true, Ordering::Release);
+        let taken = live.take(2, &descriptor).unwrap();
+        assert_eq!(taken, big.concat());
+        // Nor is an offer accepted whose probe was read by the pid of a lender that exited,
+        // even though the bytes match.
+        let sender = Lending::new(None, true, "test".into(), false);
+        let offer = sender.offer_payload();
+        let late = Lending::new(reused(), true, "test".into(), false);
+        late.on_offer(1, &offer).unwrap();
+        assert_eq!(late.answer_after(0), None);
+    }
+
+    #[test]
     fn loans_are_kept_until_read_and_reads_are_checked() {
-        let lending = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
+        let lending = Lending::new(this_process(), true, "test".into(), false);
         // No offer yet: a read is malformed.
         assert!(lending.on_read(&read_payload(1)).is_err());
         lending.offered(1);
@@ -620,13 +771,13 @@ mod tests {
         let offer = sender.offer_payload();
         sender.offered(1);
         // A receiver that knows the sender's process (here: this one) reads the probe.
-        let receiver = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
+        let receiver = Lending::new(this_process(), true, "test".into(), false);
         receiver.on_offer(1, &offer).unwrap();
         assert_eq!(receiver.answer_after(0), Some(1));
         // The probe's bytes differ from the inline copy: no answer.
         let mut wrong = offer;
         wrong[8] ^= 1;
-        let other = Lending::new(Some(std::process::id() as i32), true, "test".into(), false);
+        let other = Lending::new(this_process(), true, "test".into(), false);
         other.on_offer(1, &wrong).unwrap();
         assert_eq!(other.answer_after(0), None);
         assert!(matches!(
@@ -638,7 +789,7 @@ mod tests {
         blind.on_offer(1, &offer).unwrap();
         assert_eq!(blind.answer_after(0), None);
         // Nor one that does not take loans, until asked to.
-        let client = Lending::new(Some(std::process::id() as i32), false, "test".into(), false);
+        let client = Lending::new(this_process(), false, "test".into(), false);
         client.on_offer(1, &offer).unwrap();
         assert_eq!(client.answer_after(0), None);
         client.take_loans();

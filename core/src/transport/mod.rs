@@ -886,7 +886,7 @@ fn spawn_link(
     let kind = addr.kind();
     let lending = match &stream {
         stream::Stream::Local(local) => Some(Lending::new(
-            local.peer_pid(),
+            local.peer(),
             true,
             format!("node {} to {peer:?}", shared.node_id),
             matches!(peer, Peer::Node(_)),

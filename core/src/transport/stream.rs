@@ -30,6 +30,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{tcp, TcpListener, TcpStream, UnixListener, UnixStream};
 
+use super::lend::PeerProcess;
+
 /// The directory of the local sockets when the configuration does not name one.
 pub const LOCAL_SOCKET_DIR_DEFAULT: &str = "/run/derechofs";
 
@@ -71,9 +73,9 @@ pub(crate) struct LocalStream {
     /// Registered for writability while a write waits for room; `None` otherwise.
     room: Option<AsyncFd<OwnedFd>>,
     /// The process at the other end, as the kernel recorded it when the connection was made
-    /// (`SO_PEERCRED`), if it runs as this process's user; `None` otherwise, or if the kernel
-    /// could not say.
-    peer_pid: Option<i32>,
+    /// (`SO_PEERCRED`, and its pidfd), if it runs as this process's user; `None` otherwise, or
+    /// if the kernel could not say.
+    peer: Option<Arc<PeerProcess>>,
 }
 
 impl LocalStream {
@@ -83,17 +85,19 @@ impl LocalStream {
         // Only a peer of this process's own user is one whose memory it may read (a node run as
         // root must not read another user's process, or a process that took its pid later). A
         // peer outside this process's pid namespace is reported as pid 0: not one either.
-        let peer_pid = stream
+        let peer = stream
             .peer_cred()
             .ok()
             .filter(|cred| cred.uid() == effective_uid())
             .and_then(|cred| cred.pid())
-            .filter(|&pid| pid > 0);
+            .filter(|&pid| pid > 0)
+            .and_then(|pid| PeerProcess::of_socket(stream.as_fd(), pid))
+            .map(Arc::new);
         let std = stream.into_std()?;
         Ok(LocalStream {
             socket: Arc::new(register(std, Interest::READABLE)?),
             room: None,
-            peer_pid,
+            peer,
         })
     }
 
@@ -102,13 +106,13 @@ impl LocalStream {
         LocalStream {
             socket: Arc::clone(&self.socket),
             room: None,
-            peer_pid: self.peer_pid,
+            peer: self.peer.clone(),
         }
     }
 
     /// The process at the other end, if the kernel said.
-    pub fn peer_pid(&self) -> Option<i32> {
-        self.peer_pid
+    pub(crate) fn peer(&self) -> Option<Arc<PeerProcess>> {
+        self.peer.clone()
     }
 
     /// Writes what the socket takes now; when it is full, waits for room.
