@@ -90,6 +90,36 @@ fn now_us() -> u64 {
 /// The engine's clocks now: the wall clock for stamps, and for timers a monotonic clock (never
 /// stepped when the wall clock is set) counted from the wall clock's reading at the first call,
 /// so that it is well above 0.
+/// Within each run of sends, deliveries and persist requests (the engine's output of one step,
+/// between any actions that change the view or the logs otherwise), puts the sends first, each
+/// group in its order. The engine delivers before it sends what a step made ready (its window
+/// may open with its own deliveries), and nothing it sends depends on the driver having applied
+/// the deliveries: a row's `delivered` only bounds the peers' windows, and what was persisted
+/// reaches the engine later, as an input. Sending first lets the peers act on the rows and
+/// messages while this node applies.
+fn sends_first(actions: &mut [Action]) {
+    let movable = |a: &Action| {
+        matches!(
+            a,
+            Action::Send { .. } | Action::Deliver { .. } | Action::Persist { .. }
+        )
+    };
+    let mut start = 0;
+    while start < actions.len() {
+        if !movable(&actions[start]) {
+            start += 1;
+            continue;
+        }
+        let end = actions[start..]
+            .iter()
+            .position(|a| !movable(a))
+            .map_or(actions.len(), |n| start + n);
+        // Stable: sends keep their order, and so do the deliveries and persist requests.
+        actions[start..end].sort_by_key(|a| !matches!(a, Action::Send { .. }));
+        start = end;
+    }
+}
+
 fn now() -> Now {
     static ORIGIN: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
     let &(start, base_us) = ORIGIN.get_or_init(|| (Instant::now(), now_us().max(1)));
@@ -530,10 +560,21 @@ impl Driver {
     }
 
     async fn carry_out(&mut self, actions: &mut Vec<Action>) -> anyhow::Result<()> {
+        sends_first(actions);
         // A data message goes to every peer of its shard as the same bytes: encoded (without
         // copying large payloads) and checksummed once.
         let mut last_data: Option<((u32, ShardId, u64), Payload)> = None;
+        // Messages queued for members and not written yet: the link writers are tasks of this
+        // thread, which write only when the loop lets them run.
+        let mut queued_for_members = false;
         for action in actions.drain(..) {
+            if queued_for_members && matches!(action, Action::Deliver { .. }) {
+                // Applying a delivery (and then syncing a log on tmpfs) is the longest part of
+                // a turn: the messages go out first, so the members that wait for them (for a
+                // row, to deliver themselves) go on meanwhile, on the other CPU.
+                queued_for_members = false;
+                tokio::task::yield_now().await;
+            }
             match action {
                 Action::Send { to, message } => {
                     let payload = match (&message, &last_data) {
@@ -562,7 +603,7 @@ impl Driver {
                         _ => Payload::new(Bytes::from(message.to_bytes())),
                     };
                     match self.send_to_member(to, &payload).await {
-                        Ok(()) => {}
+                        Ok(()) => queued_for_members = true,
                         Err(SendError::NoLink(_)) => self.hold(to, payload),
                         Err(e) => {
                             tracing::debug!(node = self.me, peer = to, error = %e, "message not sent")
