@@ -1502,6 +1502,9 @@ impl Driver {
     /// Syncs the logs that sync on this thread and hands the engine what they made durable.
     async fn sync_inline(&mut self) -> anyhow::Result<()> {
         self.inline_owed = 0;
+        // What the turn queued for members and clients (rows, replies given at delivery)
+        // leaves before the sync, which nothing of it waits for.
+        tokio::task::yield_now().await;
         let mut done = Vec::new();
         for (shard, store) in &mut self.stores {
             if store.syncs_inline() {
