@@ -87,9 +87,6 @@ fn now_us() -> u64 {
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-/// The engine's clocks now: the wall clock for stamps, and for timers a monotonic clock (never
-/// stepped when the wall clock is set) counted from the wall clock's reading at the first call,
-/// so that it is well above 0.
 /// Within each run of sends, deliveries and persist requests (the engine's output of one step,
 /// between any actions that change the view or the logs otherwise), puts the sends first, each
 /// group in its order. The engine delivers before it sends what a step made ready (its window
@@ -120,6 +117,9 @@ fn sends_first(actions: &mut [Action]) {
     }
 }
 
+/// The engine's clocks now: the wall clock for stamps, and for timers a monotonic clock (never
+/// stepped when the wall clock is set) counted from the wall clock's reading at the first call,
+/// so that it is well above 0.
 fn now() -> Now {
     static ORIGIN: std::sync::OnceLock<(Instant, u64)> = std::sync::OnceLock::new();
     let &(start, base_us) = ORIGIN.get_or_init(|| (Instant::now(), now_us().max(1)));
@@ -2475,6 +2475,75 @@ mod tests {
     use derechofs_storage::{Log, LogConfig};
 
     use super::*;
+
+    #[test]
+    fn sends_go_first_within_each_run_and_never_across_another_action() {
+        let send = |after: u64| Action::Send {
+            to: 2,
+            message: Message::Fetch {
+                view_id: 1,
+                shard: ShardId(0),
+                after: Some(after),
+            },
+        };
+        let deliver = |n: u64| Action::Deliver {
+            shard: ShardId(n as u16),
+            deliveries: Vec::new(),
+        };
+        let persist = |version: u64| Action::Persist {
+            shard: ShardId(0),
+            version,
+        };
+        let mut actions = vec![
+            deliver(1),
+            persist(10),
+            send(1),
+            deliver(2),
+            send(2),
+            Action::Wedge,
+            deliver(3),
+            send(3),
+            send(4),
+            persist(11),
+            Action::Suspect { node: 3 },
+            send(5),
+        ];
+        sends_first(&mut actions);
+        let shown: Vec<String> = actions
+            .iter()
+            .map(|a| match a {
+                Action::Send {
+                    message:
+                        Message::Fetch {
+                            after: Some(after), ..
+                        },
+                    ..
+                } => format!("send {after}"),
+                Action::Deliver { shard, .. } => format!("deliver {}", shard.0),
+                Action::Persist { version, .. } => format!("persist {version}"),
+                Action::Wedge => "wedge".into(),
+                Action::Suspect { .. } => "suspect".into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "send 1",
+                "send 2",
+                "deliver 1",
+                "persist 10",
+                "deliver 2",
+                "wedge",
+                "send 3",
+                "send 4",
+                "deliver 3",
+                "persist 11",
+                "suspect",
+                "send 5",
+            ]
+        );
+    }
 
     #[test]
     fn ticks_come_at_least_twice_per_heartbeat_and_at_most_every_tick_ms_max() {
