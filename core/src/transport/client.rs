@@ -203,14 +203,9 @@ impl ClientSender {
         Ok(())
     }
 
-    /// Writes one message frame into the link's buffer without flushing it, so that several
-    /// frames leave in one write: [`ClientSender::flush`] sends them (a full buffer is written
-    /// on the way).
-    pub async fn queue(&mut self, view_id: u32, payload: &[u8]) -> Result<(), ClientSendError> {
-        self.queue_parts(view_id, &[payload]).await
-    }
-
-    /// [`ClientSender::queue`] of the message made of `parts` one after the other.
+    /// Writes one message frame, made of `parts` one after the other, into the link's buffer
+    /// without flushing it, so that several frames leave in one write: [`ClientSender::flush`]
+    /// sends them (a full buffer is written on the way).
     pub async fn queue_parts(
         &mut self,
         view_id: u32,
@@ -226,7 +221,7 @@ impl ClientSender {
         Ok(())
     }
 
-    /// [`ClientSender::queue`] of the message made of the shared `parts`, one after the other:
+    /// [`ClientSender::queue_parts`] of the message made of the shared `parts`:
     /// on a local link whose node accepted loans, large parts are lent ([`super::lend`]) and
     /// kept until the node has copied them.
     pub async fn queue_payload(

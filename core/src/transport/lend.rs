@@ -346,22 +346,20 @@ impl Lending {
             }
         };
         let pid = peer.pid();
-        let mut gone = false;
         let assembled = assemble(descriptor, |addr, len, out| {
             read_remote(pid, addr, len, out).map_err(|e| {
-                gone = e.raw_os_error() == Some(libc::ESRCH);
                 FrameError::Loan(format!(
                     "reading {len} bytes at {addr:#x} of process {pid}: {e}"
                 ))
             })
         });
-        let (payload, copied) = match assembled {
-            // Still running after the reads: its pid named it throughout, so the bytes are its.
-            Ok(done) if peer.runs() => done,
-            Ok(_) => return Err(BreakReason::Truncated),
-            Err(_) if gone || !peer.runs() => return Err(BreakReason::Truncated),
-            Err(e) => return Err(e.into()),
-        };
+        // Still running after the reads: its pid named it throughout, so the bytes (or the
+        // failure) are its own. Not running: whatever the reads gave (a pid naming no process,
+        // `ESRCH`, or another one) says nothing of the frame.
+        if !peer.runs() {
+            return Err(BreakReason::Truncated);
+        }
+        let (payload, copied) = assembled?;
         self.copied_parts.fetch_add(copied, Ordering::Relaxed);
         self.report(seq);
         Ok(payload)
