@@ -111,8 +111,13 @@ fn sends_first(actions: &mut [Action]) {
             .iter()
             .position(|a| !movable(a))
             .map_or(actions.len(), |n| start + n);
-        // Stable: sends keep their order, and so do the deliveries and persist requests.
-        actions[start..end].sort_by_key(|a| !matches!(a, Action::Send { .. }));
+        // Stable: sends keep their order, and so do the deliveries and persist requests. Most
+        // runs are in that order already (sends alone, or no send at all).
+        let run = &mut actions[start..end];
+        let not_send = |a: &Action| !matches!(a, Action::Send { .. });
+        if !run.is_sorted_by_key(not_send) {
+            run.sort_by_key(not_send);
+        }
         start = end;
     }
 }
