@@ -1305,8 +1305,9 @@ async fn feed_once(inner: &Arc<Inner>, node: NodeId) -> (String, bool) {
                     version,
                     inodes,
                     entries,
+                    xattrs,
                 },
-            )) if subscribed => inner.cache.changed(version, &inodes, &entries),
+            )) if subscribed => inner.cache.changed(version, &inodes, &entries, &xattrs),
             Ok((_, Reply::Error { code, message })) => {
                 return (format!("node {node}: {code:?}: {message}"), subscribed)
             }

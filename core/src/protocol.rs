@@ -27,7 +27,7 @@ use crate::kv::{KvReply, ReadAt, Versioned};
 use crate::{Hlc, NodeId, Version};
 
 /// The protocol version this build speaks; a message with another one is refused.
-pub const PROTOCOL_VERSION: u8 = 3;
+pub const PROTOCOL_VERSION: u8 = 4;
 /// Entries of a history reply; older ones are left out (the reply says so).
 pub const HISTORY_ENTRIES_MAX: usize = 100_000;
 /// Watches one client may have on one node.
@@ -199,8 +199,8 @@ pub enum Reply {
     /// The answer to `FsSync`: the version is durable on every replica.
     FsSynced,
     /// A version of the namespace shard was delivered (`FsWatch`): the inodes whose records it
-    /// changed and the directory entries it added, replaced or removed (both empty when it
-    /// changed neither).
+    /// changed, the directory entries it added, replaced or removed, and the inodes whose
+    /// extended attributes it changed (all empty when it changed none of them).
     FsChanged {
         /// The version.
         version: Version,
@@ -208,6 +208,9 @@ pub enum Reply {
         inodes: Vec<u64>,
         /// The entries as (directory inode, name), in key order, each once.
         entries: Vec<(u64, Bytes)>,
+        /// The inodes any of whose extended attributes it wrote or deleted, ascending, each
+        /// once.
+        xattrs: Vec<u64>,
     },
     /// The answer to `Space`.
     Space {
@@ -963,9 +966,10 @@ impl Reply {
                 version,
                 inodes,
                 entries,
+                xattrs,
             } => {
                 b = header(REPLY_FS_CHANGED, tag);
-                b.reserve(16 + 8 * inodes.len() + 16 * entries.len());
+                b.reserve(20 + 8 * inodes.len() + 16 * entries.len() + 8 * xattrs.len());
                 b.put_u64_le(*version);
                 b.put_u32_le(inodes.len() as u32);
                 for ino in inodes {
@@ -975,6 +979,10 @@ impl Reply {
                 for (parent, name) in entries {
                     b.put_u64_le(*parent);
                     put_bytes(&mut b, name);
+                }
+                b.put_u32_le(xattrs.len() as u32);
+                for ino in xattrs {
+                    b.put_u64_le(*ino);
                 }
             }
             Reply::Space {
@@ -1146,10 +1154,17 @@ impl Reply {
                     let parent = r.u64()?;
                     entries.push((parent, r.bytes()?));
                 }
+                let n = r.u32()? as usize;
+                let n = r.count(n, 8)?;
+                let mut xattrs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    xattrs.push(r.u64()?);
+                }
                 Reply::FsChanged {
                     version,
                     inodes,
                     entries,
+                    xattrs,
                 }
             }
             REPLY_SPACE => Reply::Space {
@@ -1376,11 +1391,13 @@ mod tests {
                 version: 9,
                 inodes: vec![1, 5, u64::MAX],
                 entries: vec![(1, Bytes::from_static(b"f")), (5, Bytes::new())],
+                xattrs: vec![5, 9],
             },
             Reply::FsChanged {
                 version: 10,
                 inodes: vec![],
                 entries: vec![],
+                xattrs: vec![],
             },
             Reply::Space {
                 total_bytes: 10,

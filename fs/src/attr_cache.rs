@@ -23,8 +23,9 @@
 //!   stops being complete.
 //!
 //! - *Extended attributes* are cached by inode and name, the value or its absence (ENODATA), under
-//!   the rules of attributes: a setxattr or removexattr changes the inode's record (its
-//!   ctime), so a reported change of the record drops them. Only values up to
+//!   the rules of attributes, where the change that counts is one the feed reports of the
+//!   inode's extended attributes (any of them), not of its record: a write that changes the
+//!   file's size and mtime leaves them cached. Only values up to
 //!   [`XATTR_CACHE_VALUE_LEN_MAX`] bytes are kept. The kernel asks for `security.capability`
 //!   before every write to a file; this answers it without a round trip to the cluster.
 //!
@@ -99,6 +100,8 @@ pub enum KernelDrop {
 enum Key {
     /// An inode's record (its attributes).
     Inode(Ino),
+    /// Any extended attribute of an inode.
+    Xattrs(Ino),
     /// A directory entry: the directory and the name.
     Entry(Ino, Bytes),
 }
@@ -204,6 +207,8 @@ impl State {
             let d = match key {
                 Key::Inode(ino) => KernelDrop::Inode(ino),
                 Key::Entry(parent, name) => KernelDrop::Entry(parent, name),
+                // The kernel is never let keep extended attributes.
+                Key::Xattrs(_) => return,
             };
             if tx.send(d).is_err() {
                 // The receiver is gone (the mount ending, or its thread): nothing can be
@@ -335,7 +340,13 @@ impl AttrCache {
     /// The feed reports that `version` changed the records of `inodes` and the directory
     /// `entries` (directory, name). A version at or before the position (which a feed never
     /// sends) is ignored.
-    pub fn changed(&self, version: Version, inodes: &[Ino], entries: &[(Ino, Bytes)]) {
+    pub fn changed(
+        &self,
+        version: Version,
+        inodes: &[Ino],
+        entries: &[(Ino, Bytes)],
+        xattrs: &[Ino],
+    ) {
         let mut s = self.lock();
         if !s.live || version <= s.position {
             return;
@@ -345,13 +356,17 @@ impl AttrCache {
             if s.attrs.get(&ino).is_some_and(|&(_, v)| v < version) {
                 s.attrs.remove(&ino);
             }
-            // Every change of an extended attribute changes the record (its ctime).
-            s.forget_xattrs_before(ino, version);
             // The inode's record changed (its size, mtime, ...): whatever a writer did to its
             // bytes before that, a plan from before may miss.
             s.forget_plans(ino);
             s.changed_in_kernel(Key::Inode(ino), version);
             s.record(version, Key::Inode(ino));
+        }
+        // A change of the record alone (a write's new size and mtime) leaves the extended
+        // attributes as they were: only these drop them.
+        for &ino in xattrs {
+            s.forget_xattrs_before(ino, version);
+            s.record(version, Key::Xattrs(ino));
         }
         for (parent, name) in entries {
             let key = (*parent, name.clone());
@@ -483,7 +498,7 @@ impl AttrCache {
             return;
         }
         let mut s = self.lock();
-        if !s.may_cache(&Key::Inode(ino), version) {
+        if !s.may_cache(&Key::Xattrs(ino), version) {
             return;
         }
         let full = s.xattr_count >= XATTR_CACHE_ENTRIES_MAX;
@@ -742,13 +757,13 @@ mod tests {
         assert!(!c.keep_attr_in_kernel(&attr(6, 1), later()), "not cached");
         assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
         // The change that gave them, or one of another inode: nothing to drop.
-        c.changed(12, &[5], &[]);
-        c.changed(13, &[6], &[]);
+        c.changed(12, &[5], &[], &[]);
+        c.changed(13, &[6], &[], &[]);
         assert_eq!(drained(&rx), vec![]);
-        c.changed(14, &[5], &[]);
+        c.changed(14, &[5], &[], &[]);
         assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
         // Dropped once: a later change sends nothing more until the kernel is given them again.
-        c.changed(15, &[5], &[]);
+        c.changed(15, &[5], &[], &[]);
         assert_eq!(drained(&rx), vec![]);
         assert!(
             !c.keep_attr_in_kernel(&attr(5, 1), later()),
@@ -756,7 +771,7 @@ mod tests {
         );
         c.insert_attr(&attr(5, 3), 15);
         assert!(c.keep_attr_in_kernel(&attr(5, 3), later()));
-        c.changed(16, &[5], &[]);
+        c.changed(16, &[5], &[], &[]);
         assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
     }
 
@@ -781,11 +796,11 @@ mod tests {
             "other attributes"
         );
         assert!(c.keep_entry_in_kernel(1, b"a", &attr(5, 1), later()));
-        c.changed(12, &[], &[(1, Bytes::from_static(b"b"))]);
+        c.changed(12, &[], &[(1, Bytes::from_static(b"b"))], &[]);
         assert_eq!(drained(&rx), vec![]);
-        c.changed(13, &[], &[(1, Bytes::from_static(b"a"))]);
+        c.changed(13, &[], &[(1, Bytes::from_static(b"a"))], &[]);
         assert_eq!(drained(&rx), vec![entry(1, "a")]);
-        c.changed(14, &[5], &[]);
+        c.changed(14, &[5], &[], &[]);
         assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
     }
 
@@ -827,14 +842,14 @@ mod tests {
         c.insert_name(1, b"a", 5, 11);
         assert!(c.keep_entry_in_kernel(1, b"a", &attr(5, 1), later()));
         c.removing_here(1, b"a");
-        c.changed(12, &[5], &[(1, Bytes::from_static(b"a"))]);
+        c.changed(12, &[5], &[(1, Bytes::from_static(b"a"))], &[]);
         // The inode's attributes may still be held (another link, an open file): dropped.
         assert_eq!(drained(&rx), vec![KernelDrop::Inode(5)]);
         // Given again later (the name made again): its next change drops it.
         c.insert_attr(&attr(6, 1), 14);
         c.insert_name(1, b"a", 6, 14);
         assert!(c.keep_entry_in_kernel(1, b"a", &attr(6, 1), later()));
-        c.changed(15, &[], &[(1, Bytes::from_static(b"a"))]);
+        c.changed(15, &[], &[(1, Bytes::from_static(b"a"))], &[]);
         assert_eq!(drained(&rx), vec![entry(1, "a")]);
     }
 
@@ -847,7 +862,7 @@ mod tests {
         c.insert_attr(&attr(6, 1), 11);
         assert!(c.keep_attr_in_kernel(&attr(5, 1), later()));
         drop(rx);
-        c.changed(12, &[5], &[]);
+        c.changed(12, &[5], &[], &[]);
         assert!(!c.keep_attr_in_kernel(&attr(6, 1), later()));
     }
 
@@ -902,7 +917,7 @@ mod tests {
         assert_eq!(c.plan(5, 1), Some(a_plan(2)));
         c.saw(11);
         assert_eq!(c.plan(5, 1), None, "the feed is behind what the client saw");
-        c.changed(11, &[5], &[]);
+        c.changed(11, &[5], &[], &[]);
         assert_eq!(c.plan(5, 0), None, "a change of inode 5 drops its plans");
         assert_eq!(c.plan(5, 1), None);
         assert_eq!(c.plan(6, 0), Some(a_plan(3)), "inode 6's stay");
@@ -948,11 +963,11 @@ mod tests {
         c.insert_attr(&attr(6, 1), 12);
         c.saw(12);
         assert_eq!(c.attr(5), None, "the feed has not reached version 12 yet");
-        c.changed(11, &[5], &[]);
-        c.changed(12, &[6], &[]);
+        c.changed(11, &[5], &[], &[]);
+        c.changed(12, &[6], &[], &[]);
         assert_eq!(c.attr(5), Some(attr(5, 1)), "11 is in the state read at 12");
         assert_eq!(c.attr(6), Some(attr(6, 1)), "12 is the state read");
-        c.changed(13, &[5], &[]);
+        c.changed(13, &[5], &[], &[]);
         assert_eq!(c.attr(5), None);
         assert_eq!(c.attr(6), Some(attr(6, 1)));
     }
@@ -961,8 +976,8 @@ mod tests {
     fn a_read_answered_before_a_change_that_already_streamed_past_is_not_cached() {
         let c = AttrCache::new();
         c.subscribed(10);
-        c.changed(11, &[5], &[]);
-        c.changed(12, &[7], &[]);
+        c.changed(11, &[5], &[], &[]);
+        c.changed(12, &[7], &[], &[]);
         // A lagging replica answered at 10, before the change of 5 at 11.
         c.insert_attr(&attr(5, 1), 10);
         assert_eq!(c.attr(5), None);
@@ -985,7 +1000,7 @@ mod tests {
         let c = AttrCache::new();
         c.subscribed(0);
         for v in 1..=(RECENT_CHANGES_MAX as u64 + 10) {
-            c.changed(v, &[1000 + v], &[]);
+            c.changed(v, &[1000 + v], &[], &[]);
         }
         // The changes of versions 1..=10 are forgotten: a read at 5 of any inode is refused
         // (it could be older than a forgotten change), one at 10 of an inode unchanged since is
@@ -1012,9 +1027,9 @@ mod tests {
         // This client's own write at 14 (or a read answered at 14): the feed must get there.
         c.saw(14);
         assert_eq!(c.attr(5), None);
-        c.changed(13, &[], &[]);
+        c.changed(13, &[], &[], &[]);
         assert_eq!(c.attr(5), None);
-        c.changed(14, &[6], &[]);
+        c.changed(14, &[6], &[], &[]);
         assert_eq!(c.attr(5), Some(attr(5, 1)));
     }
 
@@ -1027,14 +1042,14 @@ mod tests {
         c.insert_attr(&attr(5, 2), 11);
         c.insert_name(1, b"f", 5, 11);
         c.saw(12);
-        c.changed(12, &[1], &[(1, Bytes::from_static(b"g"))]);
+        c.changed(12, &[1], &[(1, Bytes::from_static(b"g"))], &[]);
         assert_eq!(c.attr(5), Some(attr(5, 3)), "the newer attributes stay");
         assert_eq!(
             c.lookup(1, b"f"),
             Some(attr(5, 3)),
             "another name of the directory changed"
         );
-        c.changed(13, &[1], &[(1, Bytes::from_static(b"f"))]);
+        c.changed(13, &[1], &[(1, Bytes::from_static(b"f"))], &[]);
         assert_eq!(
             c.lookup(1, b"f"),
             None,
@@ -1071,15 +1086,15 @@ mod tests {
         c.insert_empty_dir(7, 11);
         c.saw(11);
         assert!(!c.absent(7, b"a"), "the feed has not reached the mkdir");
-        c.changed(11, &[1, 7], &[(1, Bytes::from_static(b"d"))]);
+        c.changed(11, &[1, 7], &[(1, Bytes::from_static(b"d"))], &[]);
         assert!(c.absent(7, b"a"));
         // This client creates "a" at 12 (reply before the feed's report), another client "b"
         // at 13.
         c.insert_attr(&attr(20, 0), 12);
         c.insert_name(7, b"a", 20, 12);
         c.saw(12);
-        c.changed(12, &[7, 20], &[name("a")]);
-        c.changed(13, &[7, 21], &[name("b")]);
+        c.changed(12, &[7, 20], &[name("a")], &[]);
+        c.changed(13, &[7, 21], &[name("b")], &[]);
         assert_eq!(c.lookup(7, b"a"), Some(attr(20, 0)));
         assert!(!c.absent(7, b"a"), "it exists");
         assert!(!c.absent(7, b"b"), "changed elsewhere: unknown");
@@ -1089,7 +1104,7 @@ mod tests {
         c.insert_name(7, b"b", 21, 13);
         assert_eq!(c.lookup(7, b"b"), Some(attr(21, 0)));
         // "a" removed at 14: unknown until a negative lookup read at 14 or later.
-        c.changed(14, &[7, 20], &[name("a")]);
+        c.changed(14, &[7, 20], &[name("a")], &[]);
         assert_eq!(c.lookup(7, b"a"), None);
         assert!(!c.absent(7, b"a"));
         c.insert_absent(7, b"a", 13);
@@ -1097,7 +1112,7 @@ mod tests {
         c.insert_absent(7, b"a", 14);
         assert!(c.absent(7, b"a"));
         // The feed reports the change before this client's own reply is handled.
-        c.changed(15, &[7, 22], &[name("e")]);
+        c.changed(15, &[7, 22], &[name("e")], &[]);
         assert!(!c.absent(7, b"e"));
         c.insert_attr(&attr(22, 0), 15);
         c.insert_name(7, b"e", 22, 15);
@@ -1111,8 +1126,8 @@ mod tests {
     fn a_directory_whose_entries_changed_after_its_creation_was_read_is_not_complete() {
         let c = AttrCache::new();
         c.subscribed(10);
-        c.changed(11, &[7], &[]);
-        c.changed(12, &[7, 30], &[name("x")]);
+        c.changed(11, &[7], &[], &[]);
+        c.changed(12, &[7, 30], &[name("x")], &[]);
         // The mkdir reply at 11 is handled after the feed reported "x" created at 12.
         c.insert_empty_dir(7, 11);
         assert!(!c.absent(7, b"x"));
@@ -1121,13 +1136,19 @@ mod tests {
         c.insert_empty_dir(8, 12);
         assert!(c.absent(8, b"y"));
         for i in 0..=UNKNOWN_NAMES_MAX {
-            c.changed(13 + i as u64, &[], &[(8, Bytes::from(format!("n{i}")))]);
+            c.changed(
+                13 + i as u64,
+                &[],
+                &[(8, Bytes::from(format!("n{i}")))],
+                &[],
+            );
         }
         assert!(!c.absent(8, b"y"));
     }
 
     #[test]
-    fn an_extended_attribute_or_its_absence_answers_until_a_later_change_of_its_inode() {
+    fn an_extended_attribute_or_its_absence_answers_until_a_later_change_of_the_inodes_attributes()
+    {
         let c = AttrCache::new();
         let cap = b"security.capability";
         c.insert_xattr(5, cap, None, 11);
@@ -1141,28 +1162,34 @@ mod tests {
         assert_eq!(c.xattr(5, b"user.b"), None, "never read");
         assert_eq!(c.stats().entries, 3);
         // The change the reads saw, and one of another inode, drop nothing.
-        c.changed(11, &[5], &[]);
-        c.changed(12, &[6], &[]);
+        c.changed(11, &[5], &[], &[5]);
+        c.changed(12, &[6], &[], &[6]);
         assert_eq!(c.xattr(5, cap), Some(None));
         assert_eq!(
             c.xattr(6, b"user.a"),
             None,
-            "inode 6 changed after the read"
+            "inode 6's attributes changed after the read"
         );
-        // A later change of the inode's record (a setxattr changes its ctime) drops them all.
-        c.changed(13, &[5], &[]);
+        // A later change of the record alone (a write's size and mtime) keeps them.
+        c.changed(13, &[5], &[], &[]);
+        assert_eq!(c.xattr(5, cap), Some(None));
+        assert_eq!(c.xattr(5, b"user.a"), Some(Some(Bytes::from_static(b"1"))));
+        // A later change of any of them (with the record's ctime) drops them all.
+        c.changed(14, &[5], &[], &[5]);
         assert_eq!(c.xattr(5, cap), None);
         assert_eq!(c.xattr(5, b"user.a"), None);
         assert_eq!(c.stats().entries, 0);
-        // A read answered before a change that has already streamed past is not kept.
-        c.insert_xattr(5, cap, None, 12);
-        assert_eq!(c.xattr(5, cap), None);
+        // A read answered before a change of the attributes that has already streamed past
+        // is not kept; one answered before a change of the record alone is.
         c.insert_xattr(5, cap, None, 13);
+        assert_eq!(c.xattr(5, cap), None);
+        c.changed(15, &[5], &[], &[]);
+        c.insert_xattr(5, cap, None, 14);
         assert_eq!(c.xattr(5, cap), Some(None));
         // A version this client knows of and the feed has not reported: no answer until it has.
-        c.saw(14);
+        c.saw(16);
         assert_eq!(c.xattr(5, cap), None);
-        c.changed(14, &[7], &[]);
+        c.changed(16, &[7], &[], &[]);
         assert_eq!(c.xattr(5, cap), Some(None));
         // This client's own change of an attribute forgets the inode's at once.
         c.forget_xattrs(5);

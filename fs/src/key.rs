@@ -53,6 +53,16 @@ pub fn inode_of(key: &[u8]) -> Option<Ino> {
     }
 }
 
+/// The inode an extended-attribute key names; `None` for every other key.
+pub fn xattr_inode_of(key: &[u8]) -> Option<Ino> {
+    match key {
+        [FS_KEY_PREFIX, TAG_XATTR, rest @ ..] if rest.len() >= 8 => {
+            Some(Ino::from_be_bytes(rest[..8].try_into().ok()?))
+        }
+        _ => None,
+    }
+}
+
 /// The directory and name a directory-entry key names; `None` for every other key.
 pub fn dirent_of(key: &[u8]) -> Option<(Ino, &[u8])> {
     match key {

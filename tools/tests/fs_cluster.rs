@@ -773,6 +773,21 @@ fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_t
         "every capability check between buffered writes came from b's cache"
     );
     b.flush(f.ino).expect("flush");
+    // The size and mtime updates that the flushes send change the inode's record, not its
+    // attributes: once the feed reported them, the checks still come from the cache.
+    for i in 8..12u64 {
+        b.write_buffered(f.ino, i * 4096, &[7; 4096])
+            .expect("buffered write");
+        b.flush(f.ino).expect("flush");
+        wait_reported(&b, &b, "b's size update");
+        let hits = b.shards().cache_stats().hits;
+        assert_eq!(errno(b.getxattr(f.ino, cap)), Err(libc::ENODATA));
+        assert_eq!(
+            b.shards().cache_stats().hits,
+            hits + 1,
+            "the check after size update {i} came from b's cache"
+        );
+    }
 
     // a sets and removes attributes; b sees each once the feed reported it.
     a.setxattr(f.ino, b"user.k", b"v1", 0).expect("setxattr");

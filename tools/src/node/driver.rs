@@ -1056,6 +1056,7 @@ impl Driver {
                         version: d.version,
                         inodes: applied.fs_inodes.clone(),
                         entries: applied.fs_entries.clone(),
+                        xattrs: applied.fs_xattrs.clone(),
                     };
                     out.push((client, changed.encode(w.tag)));
                 }

@@ -50,6 +50,9 @@ pub struct Applied {
     /// The directory entries (directory, name) the version changed, in key order, for the
     /// namespace feed.
     pub fs_entries: Vec<(u64, Bytes)>,
+    /// The inodes any of whose extended attributes the version wrote or deleted (ascending,
+    /// each once), for the namespace feed.
+    pub fs_xattrs: Vec<u64>,
 }
 
 /// The machines of one shard replica.
@@ -162,6 +165,13 @@ impl Machine {
             .collect();
         fs_entries.sort_unstable();
         fs_entries.dedup();
+        let mut fs_xattrs: Vec<u64> = fs_applied
+            .delta
+            .iter()
+            .filter_map(|(k, _)| derechofs_fs::key::xattr_inode_of(k))
+            .collect();
+        fs_xattrs.sort_unstable();
+        fs_xattrs.dedup();
         let mut kv_replies = kv_applied.replies.into_iter();
         let mut fs_replies = fs_applied.replies.into_iter();
         let replies = payloads
@@ -184,6 +194,7 @@ impl Machine {
             changed: kv_applied.changed,
             fs_inodes,
             fs_entries,
+            fs_xattrs,
         })
     }
 
@@ -398,7 +409,7 @@ mod tests {
         let h = |t| Hlc::at(t);
         let applied = m.apply(1, h(1), &[init(1, 1)]).unwrap();
         assert_eq!(applied.fs_inodes, vec![derechofs_fs::ROOT_INO]);
-        assert!(applied.fs_entries.is_empty());
+        assert!(applied.fs_entries.is_empty() && applied.fs_xattrs.is_empty());
         // Two directories and a K/V put in one version: the root (its nlink and times), both new
         // inodes, both entries; nothing of the K/V key.
         let applied = m
@@ -423,6 +434,42 @@ mod tests {
         assert!(applied.fs_inodes.is_empty() && applied.fs_entries.is_empty());
         let applied = m.apply(4, h(4), &[mkdir(1, 3, "a")]).unwrap();
         assert!(applied.fs_inodes.is_empty() && applied.fs_entries.is_empty());
+        assert!(applied.fs_xattrs.is_empty());
+        // An extended attribute set and removed: its inode's attributes and record (ctime);
+        // the versions before changed none.
+        let root = derechofs_fs::ROOT_INO;
+        let applied = m.apply(5, h(5), &[setxattr(1, 4, root)]).unwrap();
+        assert_eq!(applied.fs_xattrs, vec![root]);
+        assert_eq!(applied.fs_inodes, vec![root]);
+        let applied = m.apply(6, h(6), &[removexattr(1, 5, root)]).unwrap();
+        assert_eq!(applied.fs_xattrs, vec![root]);
+        assert!(applied.fs_entries.is_empty());
+    }
+
+    fn setxattr(client: u64, number: u64, ino: u64) -> Bytes {
+        let r = Request {
+            client,
+            number,
+            op: Op::Ns(NsOp::SetXattr {
+                ino,
+                name: Bytes::from_static(b"user.k"),
+                value: Bytes::from_static(b"v"),
+                flags: 0,
+            }),
+        };
+        tagged(MACHINE_FS, &r.encode())
+    }
+
+    fn removexattr(client: u64, number: u64, ino: u64) -> Bytes {
+        let r = Request {
+            client,
+            number,
+            op: Op::Ns(NsOp::RemoveXattr {
+                ino,
+                name: Bytes::from_static(b"user.k"),
+            }),
+        };
+        tagged(MACHINE_FS, &r.encode())
     }
 
     /// The largest record payload of `m`'s log.
