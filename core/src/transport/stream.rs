@@ -317,6 +317,7 @@ impl Stream {
         addr: SocketAddr,
         local_dir: Option<&Path>,
     ) -> io::Result<(Stream, LinkAddr)> {
+        let mut missing = None;
         if let Some(dir) = local_dir {
             let path = local_socket_path(dir, addr);
             match UnixStream::connect(&path).await {
@@ -327,13 +328,25 @@ impl Stream {
                     ));
                 }
                 // No file: the node is elsewhere or does not listen locally; the ordinary case.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => missing = Some(path),
                 Err(e) => {
                     tracing::debug!(path = %path.display(), error = %e, "local socket refused; dialing over TCP")
                 }
             }
         }
         let stream = TcpStream::connect(addr).await?;
+        if let Some(path) = missing {
+            // A node binds its socket file before its TCP socket listens, so if it listens
+            // locally the file is there now; it was missing a moment ago only if the node was
+            // starting in between (peers started together). Local, then: the TCP connection
+            // closes before its handshake.
+            if let Ok(local) = UnixStream::connect(&path).await {
+                return Ok((
+                    Stream::Local(LocalStream::new(local)?),
+                    LinkAddr::Local(path),
+                ));
+            }
+        }
         stream.set_nodelay(true)?;
         Ok((Stream::Tcp(stream), LinkAddr::Tcp(addr)))
     }
