@@ -184,8 +184,19 @@ impl AsyncRead for LocalStream {
         let this = self.get_mut();
         loop {
             let mut guard = ready!(this.socket.poll_read_ready(cx))?;
+            let room = buf.remaining();
             match guard.try_io(|socket| recv_into(socket.get_ref(), buf)) {
-                Ok(Ok(())) => return Poll::Ready(Ok(())),
+                Ok(Ok(())) => {
+                    // A read that did not fill the room found the socket drained (a stream
+                    // socket's `recv` copies until the room or the queue ends): wait for the next
+                    // edge rather than try a read that can only say "would block". Bytes that
+                    // arrived since are a newer edge, which this does not clear.
+                    let read = room - buf.remaining();
+                    if read > 0 && read < room {
+                        guard.clear_ready();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // Not readable after all: the guard cleared the readiness; wait again.
@@ -550,6 +561,47 @@ mod tests {
             LocalStream::new(a).expect("registered"),
             LocalStream::new(b).expect("registered"),
         )
+    }
+
+    /// Small writes from another thread, some back to back and some apart, read with a buffer
+    /// far larger than any: nearly every read is short, and marks the socket drained. Bytes that
+    /// arrive while a read runs are a newer edge, so none is left unread: everything arrives, in
+    /// order, without the reader hanging.
+    #[tokio::test(flavor = "current_thread")]
+    async fn short_reads_wait_for_the_next_edge_and_miss_no_bytes() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        b.set_nonblocking(true).expect("non-blocking");
+        let b = UnixStream::from_std(b).expect("registered with the runtime");
+        let mut reader = LocalStream::new(b).expect("registered");
+        const WRITES: usize = 20_000;
+        let writer = std::thread::spawn(move || {
+            use std::io::Write;
+            let mut a = a;
+            for i in 0..WRITES {
+                let piece = [(i % 251) as u8; 7];
+                a.write_all(&piece).expect("a write");
+                if i % 97 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+            }
+        });
+        let mut got = Vec::with_capacity(WRITES * 7);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = tokio::time::timeout(std::time::Duration::from_secs(30), reader.read(&mut buf))
+                .await
+                .expect("bytes within 30 s: no edge was lost")
+                .expect("a read");
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        writer.join().expect("the writer");
+        assert_eq!(got.len(), WRITES * 7);
+        for (i, piece) in got.chunks(7).enumerate() {
+            assert!(piece.iter().all(|&b| b == (i % 251) as u8), "piece {i}");
+        }
     }
 
     /// Many times the send buffer written while the reader takes its time: every write that
