@@ -349,8 +349,29 @@ impl Driver {
         let mut terminate =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                 .context("installing the SIGTERM handler")?;
-        let interrupt = tokio::signal::ctrl_c();
-        tokio::pin!(interrupt);
+        let mut interrupt =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("installing the SIGINT handler")?;
+        // The signals are awaited by a task of their own, which says so once: the loop below
+        // polls every branch of its `select!` on every turn, and a closed channel is cheaper to
+        // poll than the signal streams.
+        let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
+        let signals = tokio::spawn(async move {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            let _ = stop_tx.send(());
+        })
+        .abort_handle();
+        // Whichever way the loop ends, the task ends with it.
+        struct Abort(tokio::task::AbortHandle);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _signals = Abort(signals);
         loop {
             let result = tokio::select! {
                 event = events.recv() => match event {
@@ -379,8 +400,7 @@ impl Driver {
                 Some((peer, layout)) = probes.recv() => driver.probed(peer, layout).await,
                 _ = ticker.tick() => driver.tick().await,
                 _ = notify.notified() => driver.persisted().await,
-                _ = &mut interrupt => break,
-                _ = terminate.recv() => break,
+                _ = &mut stop => break,
             };
             // The syncs of logs on tmpfs run once the loop finds no link event waiting (or
             // after `INLINE_SYNC_TURNS_MAX` turns), so under load one covers several turns;
