@@ -353,8 +353,8 @@ impl Driver {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
                 .context("installing the SIGINT handler")?;
         // The signals are awaited by a task of their own, which says so once: the loop below
-        // polls every branch of its `select!` on every turn, and a closed channel is cheaper to
-        // poll than the signal streams.
+        // polls every branch of its `select!` on every turn, and a oneshot is cheaper to poll
+        // than the two signal streams.
         let (stop_tx, mut stop) = tokio::sync::oneshot::channel::<()>();
         let signals = tokio::spawn(async move {
             tokio::select! {
