@@ -351,6 +351,12 @@ mod tests {
         Bytes::from(b)
     }
 
+    /// File system request `number` of `client`, as the engine delivers it.
+    fn fs_request(client: u64, number: u64, op: Op) -> Bytes {
+        let r = Request { client, number, op };
+        tagged(MACHINE_FS, &r.encode())
+    }
+
     fn put(client: u64, number: u64, key: &[u8]) -> Bytes {
         let r = KvRequest {
             client,
@@ -364,42 +370,39 @@ mod tests {
     }
 
     fn mkdir(client: u64, number: u64, name: &str) -> Bytes {
-        let r = Request {
+        fs_request(
             client,
             number,
-            op: Op::Ns(NsOp::Mkdir {
+            Op::Ns(NsOp::Mkdir {
                 parent: derechofs_fs::ROOT_INO,
                 name: Bytes::copy_from_slice(name.as_bytes()),
                 perm: 0o755,
                 creds: Creds::default(),
             }),
-        };
-        tagged(MACHINE_FS, &r.encode())
+        )
     }
 
     fn init(client: u64, number: u64) -> Bytes {
-        let r = Request {
+        fs_request(
             client,
             number,
-            op: Op::Ns(NsOp::Init {
+            Op::Ns(NsOp::Init {
                 creds: Creds::default(),
             }),
-        };
-        tagged(MACHINE_FS, &r.encode())
+        )
     }
 
     fn write(client: u64, number: u64, ino: u64, offset: u32, data: Bytes) -> Bytes {
-        let r = Request {
+        fs_request(
             client,
             number,
-            op: Op::Data(DataOp::Write {
+            Op::Data(DataOp::Write {
                 ino,
                 index: 0,
                 offset,
                 data,
             }),
-        };
-        tagged(MACHINE_FS, &r.encode())
+        )
     }
 
     #[test]
@@ -447,29 +450,27 @@ mod tests {
     }
 
     fn setxattr(client: u64, number: u64, ino: u64) -> Bytes {
-        let r = Request {
+        fs_request(
             client,
             number,
-            op: Op::Ns(NsOp::SetXattr {
+            Op::Ns(NsOp::SetXattr {
                 ino,
                 name: Bytes::from_static(b"user.k"),
                 value: Bytes::from_static(b"v"),
                 flags: 0,
             }),
-        };
-        tagged(MACHINE_FS, &r.encode())
+        )
     }
 
     fn removexattr(client: u64, number: u64, ino: u64) -> Bytes {
-        let r = Request {
+        fs_request(
             client,
             number,
-            op: Op::Ns(NsOp::RemoveXattr {
+            Op::Ns(NsOp::RemoveXattr {
                 ino,
                 name: Bytes::from_static(b"user.k"),
             }),
-        };
-        tagged(MACHINE_FS, &r.encode())
+        )
     }
 
     /// The largest record payload of `m`'s log.
