@@ -353,15 +353,36 @@ impl LayoutInfo {
     }
 }
 
-/// The index, among `data_shards` data shards, of the shard that owns `key`: FNV-1a, stable
-/// across builds and machines.
-pub fn data_shard_index(key: &[u8], data_shards: u16) -> u16 {
+/// FNV-1a of `key` (64 bits), stable across builds and machines.
+fn key_hash(key: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in key {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    (hash % u64::from(data_shards.max(1))) as u16
+    hash
+}
+
+/// The index, among `data_shards` data shards, of the shard that owns `key`: FNV-1a, stable
+/// across builds and machines.
+pub fn data_shard_index(key: &[u8], data_shards: u16) -> u16 {
+    (key_hash(key) % u64::from(data_shards.max(1))) as u16
+}
+
+/// The position, among a shard's `members` (in the layout's order), of the member every client
+/// sends the writes of `key` to first. The same for every client, so concurrent writes of one
+/// key meet at one member and leave in one multicast message per turn, instead of one from
+/// each member; different keys spread over the members. From the hash mixed again (the
+/// finalizer of MurmurHash3): the shard index reduces the same hash, and a residue of FNV-1a's
+/// bits alone would follow it, so the keys of one shard would all pick one member.
+pub fn write_member_index(key: &[u8], members: usize) -> usize {
+    let mut h = key_hash(key);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^= h >> 33;
+    (h % members.max(1) as u64) as usize
 }
 
 /// A node's state for `derechofs status`.
@@ -1490,5 +1511,27 @@ mod tests {
             data_shard_index(b"a", 7),
             (0xaf63_dc4c_8601_ec8c_u64 % 7) as u16
         );
+        assert_eq!(write_member_index(b"a", 0), 0);
+    }
+
+    #[test]
+    fn the_writes_of_the_keys_of_each_shard_spread_over_all_its_members() {
+        // Keys as clients name them; three data shards of three members. Picked from FNV-1a's
+        // high half, the member followed the shard: every key of shard 0 went to member 1 or 2.
+        let mut counts = [[0usize; 3]; 3];
+        for i in 0..9000 {
+            let key = format!("key-{i:08}");
+            let shard = usize::from(data_shard_index(key.as_bytes(), 3));
+            counts[shard][write_member_index(key.as_bytes(), 3)] += 1;
+        }
+        for (shard, members) in counts.iter().enumerate() {
+            let total: usize = members.iter().sum();
+            for (member, &n) in members.iter().enumerate() {
+                assert!(
+                    n * 4 > total && n * 2 < total,
+                    "shard {shard}: member {member} takes {n} of {total} keys' writes"
+                );
+            }
+        }
     }
 }

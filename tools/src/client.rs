@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 
 use crate::protocol::{
-    Change, ErrorCode, Event, LayoutInfo, NodeStatus, Reply, Request, ShardInfo,
+    write_member_index, Change, ErrorCode, Event, LayoutInfo, NodeStatus, Reply, Request, ShardInfo,
 };
 
 /// Time a request may take before the client tries another member.
@@ -114,6 +114,22 @@ pub struct Client {
     /// Per shard, the newest version this client wrote: reads wait for it.
     written: HashMap<u16, Version>,
     spread: usize,
+    /// The key of the last conditional put of this client that was answered with a conflict.
+    contended: Option<Vec<u8>>,
+}
+
+/// Which member of the owning shard a request goes to first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Route {
+    /// The next in this client's rotation over the members: requests spread over them.
+    Spread,
+    /// The key's own member (`write_member_index`), the same for every client. Conditional
+    /// puts of a contended key go there: the attempts of all its clients reach one member and
+    /// leave in one multicast message per turn, rather than one message from each member, so
+    /// the round after which the next attempt can succeed is shorter. Writes of keys without
+    /// contention stay spread: clients that move over the members in step share the members'
+    /// turns and their links' writes, which random placement by key would scatter.
+    KeyMember,
 }
 
 /// A random id, for clients.
@@ -528,6 +544,7 @@ impl Client {
                             seen: Hlc::ZERO,
                             written: HashMap::new(),
                             spread: id as usize,
+                            contended: None,
                         });
                     }
                     Ok(other) => last = format!("{addr}: unexpected reply {other:?}"),
@@ -705,6 +722,7 @@ impl Client {
         key: &[u8],
         request: &Request,
         pin: Option<NodeId>,
+        route: Route,
     ) -> Result<(NodeId, Reply), ClientError> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(RETRY_WINDOW_MS);
         let mut pause = RETRY_PAUSE_MS;
@@ -723,7 +741,11 @@ impl Client {
             if members.is_empty() {
                 return Err(ClientError::Unreachable("the shard has no members".into()));
             }
-            let node = members[(self.spread + attempt) % members.len()];
+            let first = match route {
+                Route::Spread => self.spread,
+                Route::KeyMember => write_member_index(key, members.len()),
+            };
+            let node = members[(first + attempt) % members.len()];
             attempt += 1;
             let relearn;
             let skip = self.is_down(node) && members.iter().any(|m| !self.is_down(*m));
@@ -796,6 +818,14 @@ impl Client {
     /// Writes: `Put`, `CondPut` or `Delete`; acknowledged once durable on every replica.
     pub async fn write(&mut self, op: KvOp) -> Result<KvReply, ClientError> {
         let key = op.key().to_vec();
+        let conditional = matches!(op, KvOp::CondPut { .. });
+        // A conditional put of the key this client last lost a race on goes to the key's member,
+        // where the other clients' attempts at it go too (`Route::KeyMember`).
+        let route = if conditional && self.contended.as_deref() == Some(&key[..]) {
+            Route::KeyMember
+        } else {
+            Route::Spread
+        };
         let number = self.next_number;
         self.next_number += 1;
         let payload = KvRequest {
@@ -810,9 +840,12 @@ impl Client {
             payload,
         };
         // A retry resends the same request number, so the write applies once.
-        let (_, reply) = self.call_shard(&key, &request, None).await?;
+        let (_, reply) = self.call_shard(&key, &request, None, route).await?;
         match reply {
             Reply::Written(reply) => {
+                if conditional && matches!(reply, KvReply::Conflict { .. }) {
+                    self.contended = Some(key.clone());
+                }
                 if let KvReply::Written { version, hlc } = reply {
                     self.saw(hlc);
                     let shard = self.shard_of(&key)?;
@@ -842,7 +875,9 @@ impl Client {
             at,
             after,
         };
-        let (node, reply) = self.call_shard(key, &request, member).await?;
+        let (node, reply) = self
+            .call_shard(key, &request, member, Route::Spread)
+            .await?;
         match reply {
             Reply::Value {
                 read_version,
@@ -866,7 +901,7 @@ impl Client {
         let request = Request::History {
             key: Bytes::copy_from_slice(key),
         };
-        match self.call_shard(key, &request, None).await?.1 {
+        match self.call_shard(key, &request, None, Route::Spread).await?.1 {
             Reply::History { truncated, changes } => Ok((truncated, changes)),
             other => Err(ClientError::Protocol(format!("{other:?}"))),
         }
