@@ -132,6 +132,18 @@ enum Route {
     KeyMember,
 }
 
+impl Route {
+    /// The route of the write `op` from a client whose last conditional put that lost a race
+    /// was of `contended`: a conditional put of that key goes to the key's member, where the
+    /// other clients' attempts at it go too; every other write is spread.
+    fn of_write(op: &KvOp, contended: Option<&[u8]>) -> Route {
+        match op {
+            KvOp::CondPut { key, .. } if contended == Some(&key[..]) => Route::KeyMember,
+            _ => Route::Spread,
+        }
+    }
+}
+
 /// A random id, for clients.
 pub fn random_id() -> u64 {
     let mut b = [0u8; 8];
@@ -819,13 +831,7 @@ impl Client {
     pub async fn write(&mut self, op: KvOp) -> Result<KvReply, ClientError> {
         let key = op.key().to_vec();
         let conditional = matches!(op, KvOp::CondPut { .. });
-        // A conditional put of the key this client last lost a race on goes to the key's member,
-        // where the other clients' attempts at it go too (`Route::KeyMember`).
-        let route = if conditional && self.contended.as_deref() == Some(&key[..]) {
-            Route::KeyMember
-        } else {
-            Route::Spread
-        };
+        let route = Route::of_write(&op, self.contended.as_deref());
         let number = self.next_number;
         self.next_number += 1;
         let payload = KvRequest {
@@ -1111,6 +1117,29 @@ mod tests {
     use derechofs_core::transport::{LinkEvent, Peer, Transport};
 
     const NODE: NodeId = 1;
+
+    #[test]
+    fn only_conditional_puts_of_the_key_last_lost_on_go_to_the_keys_member() {
+        let k = Bytes::from_static(b"hot");
+        let other = Bytes::from_static(b"cold");
+        let cput = |key: &Bytes| KvOp::CondPut {
+            key: key.clone(),
+            value: Bytes::from_static(b"v"),
+            expected: Some(7),
+        };
+        assert_eq!(Route::of_write(&cput(&k), Some(b"hot")), Route::KeyMember);
+        assert_eq!(Route::of_write(&cput(&other), Some(b"hot")), Route::Spread);
+        assert_eq!(Route::of_write(&cput(&k), None), Route::Spread);
+        let put = KvOp::Put {
+            key: k.clone(),
+            value: Bytes::from_static(b"v"),
+        };
+        assert_eq!(Route::of_write(&put, Some(b"hot")), Route::Spread);
+        assert_eq!(
+            Route::of_write(&KvOp::Delete { key: k }, Some(b"hot")),
+            Route::Spread
+        );
+    }
 
     fn secret() -> Secret {
         Secret::new(b"a cluster secret of enough bytes".to_vec()).expect("a valid secret")
