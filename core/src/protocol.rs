@@ -369,12 +369,13 @@ pub fn data_shard_index(key: &[u8], data_shards: u16) -> u16 {
     (key_hash(key) % u64::from(data_shards.max(1))) as u16
 }
 
-/// The position, among a shard's `members` (in the layout's order), of the member every client
-/// sends the writes of `key` to first. The same for every client, so concurrent writes of one
-/// key meet at one member and leave in one multicast message per turn, instead of one from
-/// each member; different keys spread over the members. From the hash mixed again (the
-/// finalizer of MurmurHash3): the shard index reduces the same hash, and a residue of FNV-1a's
-/// bits alone would follow it, so the keys of one shard would all pick one member.
+/// The position, among a shard's `members` (in the layout's order), of `key`'s own member: the
+/// one K/V clients send their conditional puts of a contended `key` to first. The same for every
+/// client, so the attempts at one key meet at one member and leave in one multicast message per
+/// turn, instead of one from each member; different keys spread over the members. From the hash
+/// mixed again (the finalizer of MurmurHash3): the shard index reduces the same hash, and a
+/// residue of FNV-1a's bits alone would follow it, so the keys of one shard would all pick one
+/// member.
 pub fn write_member_index(key: &[u8], members: usize) -> usize {
     let mut h = key_hash(key);
     h ^= h >> 33;
