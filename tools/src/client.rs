@@ -849,7 +849,9 @@ impl Client {
         let (_, reply) = self.call_shard(&key, &request, None, route).await?;
         match reply {
             Reply::Written(reply) => {
-                if conditional && matches!(reply, KvReply::Conflict { .. }) {
+                // A contended run loses race after race on one key: kept, not copied again.
+                let lost = conditional && matches!(reply, KvReply::Conflict { .. });
+                if lost && self.contended.as_deref() != Some(&key[..]) {
                     self.contended = Some(key.clone());
                 }
                 if let KvReply::Written { version, hlc } = reply {
