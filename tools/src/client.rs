@@ -255,6 +255,27 @@ impl Link {
 
     /// Sends `request` and waits at most `timeout_ms` for its reply.
     async fn call(&self, request: &Request, timeout_ms: u64) -> Result<Reply, String> {
+        tokio::time::timeout(Duration::from_millis(timeout_ms), self.exchange(request))
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_string()))
+    }
+
+    /// Sends `request` and waits for its reply, however long: the caller bounds the wait (a
+    /// caller that stops waiting, by dropping this future, leaves no tag behind).
+    async fn exchange(&self, request: &Request) -> Result<Reply, String> {
+        /// Forgets the tag of a call that ends without its reply, whichever way it ends.
+        struct Forget<'a> {
+            waiting: &'a Mutex<Waiting>,
+            tag: u64,
+            answered: bool,
+        }
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                if !self.answered {
+                    lock(self.waiting).calls.remove(&self.tag);
+                }
+            }
+        }
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         {
@@ -267,25 +288,24 @@ impl Link {
             }
             waiting.calls.insert(tag, tx);
         }
-        let exchange = async {
-            self.queue
-                .send(Outgoing::Request(request.encode(tag)))
-                .await
-                .map_err(|_| format!("the link to node {} closed", self.node))?;
-            rx.await.map_err(|_| {
-                lock(&self.waiting)
-                    .broken
-                    .clone()
-                    .unwrap_or_else(|| format!("the link to node {} closed", self.node))
-            })
+        let mut forget = Forget {
+            waiting: &self.waiting,
+            tag,
+            answered: false,
         };
-        let result = tokio::time::timeout(Duration::from_millis(timeout_ms), exchange)
+        self.queue
+            .send(Outgoing::Request(request.encode(tag)))
             .await
-            .unwrap_or_else(|_| Err("timed out".to_string()));
-        if result.is_err() {
-            lock(&self.waiting).calls.remove(&tag);
-        }
-        result
+            .map_err(|_| format!("the link to node {} closed", self.node))?;
+        let reply = rx.await.map_err(|_| {
+            lock(&self.waiting)
+                .broken
+                .clone()
+                .unwrap_or_else(|| format!("the link to node {} closed", self.node))
+        })?;
+        // The reader took the tag out when it handed the reply over.
+        forget.answered = true;
+        Ok(reply)
     }
 
     /// Ends the link at once: its tasks stop, the connection closes, every caller fails.
@@ -590,10 +610,9 @@ impl Client {
         self.refresh_layout().await
     }
 
-    fn shard_of(&self, key: &[u8]) -> Result<ShardInfo, ClientError> {
+    fn shard_of(&self, key: &[u8]) -> Result<&ShardInfo, ClientError> {
         self.layout
             .shard_of(key)
-            .cloned()
             .ok_or_else(|| ClientError::Protocol("the layout has no data shard".into()))
     }
 
@@ -643,21 +662,28 @@ impl Client {
     async fn call_watching(&mut self, node: NodeId, request: &Request) -> Result<Reply, String> {
         let link = self.link(node).await?;
         let result = {
-            let exchange = link.call(request, REQUEST_TIMEOUT_MS);
+            // One timer per request, for both the check and the timeout: most replies come
+            // long before either, and a timer costs its registration and its removal.
+            let exchange = link.exchange(request);
             tokio::pin!(exchange);
-            let mut check = tokio::time::interval_at(
-                tokio::time::Instant::now() + Duration::from_millis(SLOW_REPLY_MS),
-                Duration::from_millis(SLOW_REPLY_MS),
-            );
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(REQUEST_TIMEOUT_MS);
+            let slow = Duration::from_millis(SLOW_REPLY_MS);
+            let timer =
+                tokio::time::sleep_until((tokio::time::Instant::now() + slow).min(deadline));
+            tokio::pin!(timer);
             loop {
                 tokio::select! {
                     result = &mut exchange => break result,
-                    _ = check.tick() => {
+                    _ = &mut timer => {
+                        if tokio::time::Instant::now() >= deadline {
+                            break Err("timed out".to_string());
+                        }
                         if self.refresh_layout_without(Some(node)).await
                             && !self.layout.members.iter().any(|(m, _)| *m == node)
                         {
                             break Err(format!("node {node} left the view while the request waited"));
                         }
+                        timer.as_mut().reset((tokio::time::Instant::now() + slow).min(deadline));
                     }
                 }
             }
@@ -745,26 +771,33 @@ impl Client {
         self.spread = self.spread.wrapping_add(1);
         let mut attempt = 0usize;
         loop {
-            let shard = self.shard_of(key)?;
-            let members: Vec<NodeId> = match pin {
-                Some(node) => vec![node],
-                None => shard.members.clone(),
+            // The member to ask, the shard's number of members, and whether to skip it.
+            let (node, members, skip) = {
+                let pinned;
+                let members: &[NodeId] = match pin {
+                    Some(node) => {
+                        pinned = [node];
+                        &pinned
+                    }
+                    None => &self.shard_of(key)?.members,
+                };
+                if members.is_empty() {
+                    return Err(ClientError::Unreachable("the shard has no members".into()));
+                }
+                let first = match route {
+                    Route::Spread => self.spread,
+                    Route::KeyMember => write_member_index(key, members.len()),
+                };
+                let node = members[(first + attempt) % members.len()];
+                let skip = self.is_down(node) && members.iter().any(|m| !self.is_down(*m));
+                (node, members.len(), skip)
             };
-            if members.is_empty() {
-                return Err(ClientError::Unreachable("the shard has no members".into()));
-            }
-            let first = match route {
-                Route::Spread => self.spread,
-                Route::KeyMember => write_member_index(key, members.len()),
-            };
-            let node = members[(first + attempt) % members.len()];
             attempt += 1;
             let relearn;
-            let skip = self.is_down(node) && members.iter().any(|m| !self.is_down(*m));
             if skip {
                 // Counts as an unreachable answer, without the wait.
                 hopeless += 1;
-                let give_up = refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members.len();
+                let give_up = refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members;
                 if give_up || tokio::time::Instant::now() >= deadline {
                     return Err(match refused {
                         Some((code, message)) => ClientError::Refused { code, message },
@@ -811,7 +844,7 @@ impl Client {
                 continue;
             }
             let give_up = tokio::time::Instant::now() >= deadline
-                || (refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members.len());
+                || (refused.is_some() && hopeless >= REFUSING_PASSES_MAX * members);
             if give_up {
                 return Err(match refused {
                     Some((code, message)) => ClientError::Refused { code, message },
@@ -856,8 +889,8 @@ impl Client {
                 }
                 if let KvReply::Written { version, hlc } = reply {
                     self.saw(hlc);
-                    let shard = self.shard_of(&key)?;
-                    let w = self.written.entry(shard.id).or_insert(version);
+                    let shard = self.shard_of(&key)?.id;
+                    let w = self.written.entry(shard).or_insert(version);
                     *w = (*w).max(version);
                 }
                 Ok(reply)
@@ -873,9 +906,9 @@ impl Client {
         at: ReadAt,
         member: Option<NodeId>,
     ) -> Result<ReadResult, ClientError> {
-        let shard = self.shard_of(key)?;
+        let shard = self.shard_of(key)?.id;
         let after = match at {
-            ReadAt::Latest => self.written.get(&shard.id).copied(),
+            ReadAt::Latest => self.written.get(&shard).copied(),
             _ => None,
         };
         let request = Request::Get {
@@ -1297,5 +1330,65 @@ mod tests {
         assert!(link.is_broken());
         let request = Request::Layout;
         assert!(link.call(&request, REQUEST_TIMEOUT_MS).await.is_err());
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_stops_waiting_leaves_no_tag_and_its_late_reply_is_dropped() {
+        let (transport, mut events) = node().await;
+        let links = Links::new(random_id(), secret(), None);
+        let link = links
+            .link(NODE, transport.local_addr())
+            .await
+            .expect("linked");
+        let write = |client: u64| Request::Write {
+            hlc: Hlc::ZERO,
+            durable: true,
+            payload: KvRequest {
+                client,
+                number: 1,
+                op: KvOp::Delete {
+                    key: Bytes::from_static(b"k"),
+                },
+            }
+            .encode(),
+        };
+        // One call times out, one is dropped by its caller while it waits.
+        assert_eq!(
+            link.call(&write(1), 50).await.expect_err("no reply came"),
+            "timed out"
+        );
+        let second = write(2);
+        let dropped = tokio::time::timeout(Duration::from_millis(50), link.exchange(&second));
+        assert!(dropped.await.is_err(), "no reply came");
+        let late = writes(&mut events, 2).await;
+        assert!(lock(&link.waiting).calls.is_empty(), "no tag left behind");
+        // Their replies, late, go nowhere; the link still carries the next call.
+        for (peer, tag, _) in late {
+            let reply = Reply::Written(KvReply::Conflict { current: None });
+            transport
+                .send(peer, 1, reply.encode(tag))
+                .await
+                .expect("sent");
+        }
+        let next = tokio::spawn({
+            let link = link.clone();
+            async move { link.call(&write(3), REQUEST_TIMEOUT_MS).await }
+        });
+        let (peer, tag, request) = writes(&mut events, 1).await.remove(0);
+        assert_eq!(request.client, 3);
+        let reply = Reply::Written(KvReply::Written {
+            version: 9,
+            hlc: Hlc::ZERO,
+        });
+        transport
+            .send(peer, 1, reply.encode(tag))
+            .await
+            .expect("sent");
+        match next.await.expect("the call ran").expect("answered") {
+            Reply::Written(KvReply::Written { version, .. }) => assert_eq!(version, 9),
+            other => panic!("the third call got {other:?}"),
+        }
+        assert!(!link.is_broken());
+        assert!(lock(&link.waiting).calls.is_empty());
+        links.close().await;
     }
 }
