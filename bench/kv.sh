@@ -8,6 +8,9 @@
 # Environment: SECONDS_PER_RUN (default 10) is the length of each run; CARGO_TARGET_DIR is honoured
 # when building derechofs (default target/) and etcd-load (default bench/etcd-load/target);
 # ETCD_LOAD_TARGET_DIR, when set, is etcd-load's target directory instead.
+# A run during which the host stole more than STEAL_RETRY_PCT % (default 5) of the machine's CPU
+# time is run again, at most STEAL_RETRIES (default 2) more times, on either system; the table
+# keeps the attempt with the least stolen, and every attempt's share is listed after the table.
 set -euo pipefail
 
 tmpfs=0
@@ -21,6 +24,10 @@ done
 
 secs=${SECONDS_PER_RUN:-10}
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || { echo "kv.sh: SECONDS_PER_RUN must be a positive integer" >&2; exit 2; }
+retry_pct=${STEAL_RETRY_PCT:-5}
+[[ $retry_pct =~ ^[0-9]+$ && $retry_pct -le 100 ]] || { echo "kv.sh: STEAL_RETRY_PCT must be an integer from 0 to 100" >&2; exit 2; }
+retries=${STEAL_RETRIES:-2}
+[[ $retries =~ ^[0-9]+$ && $retries -le 10 ]] || { echo "kv.sh: STEAL_RETRIES must be an integer from 0 to 10" >&2; exit 2; }
 run_limit=$((secs + 40))   # a run's own deadline plus connection set-up and request time-outs
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -69,9 +76,30 @@ mkdir -p "$W/etcd" "$data"
 : > "$W/etcd/pids"
 rows=$W/rows
 
-steals=()   # "system workload value clients: N %" per run, printed after the table
-# note_steal LABEL "T0 S0": records the stolen share of the ticks since that reading.
-note_steal() { steals+=("$1: $(steal_pct "$2" "$(stat_ticks)") %"); }
+steals=()   # "system workload value clients: N %" per attempt, printed after the table
+
+# run_row NAME COMMAND…: runs COMMAND, which prints the row; again while the host stole more than
+# $retry_pct % of the machine's time during it (at most $retries more times). The attempt with the
+# least stolen goes to the table. Returns COMMAND's status if an attempt fails (its row is dropped).
+run_row() {
+  local name=$1 attempt pct ticks best=-1 best_pct=""
+  shift
+  for attempt in $(seq 0 "$retries"); do
+    ticks=$(stat_ticks)
+    if ! "$@" > "$W/attempt.$attempt"; then
+      steals+=("$name: failed")
+      return 1
+    fi
+    pct=$(steal_pct "$ticks" "$(stat_ticks)")
+    steals+=("$name$([ "$attempt" -gt 0 ] && echo " (again, $((attempt + 1)))"): $pct %")
+    if [ $best -lt 0 ] || awk -v a="$pct" -v b="$best_pct" 'BEGIN {exit !(a < b)}'; then
+      best=$attempt; best_pct=$pct
+    fi
+    awk -v a="$pct" -v m="$retry_pct" 'BEGIN {exit !(a <= m)}' && break
+    [ "$attempt" -lt "$retries" ] && echo "   (the host stole $pct % during that run: once more)" >&2
+  done
+  tee -a "$rows" < "$W/attempt.$best"
+}
 
 # True while the process is running (a zombie awaiting its reaping counts as exited).
 alive() { [ -e "/proc/$1" ] && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
@@ -139,19 +167,20 @@ ETCDCTL_API=3 timeout 10 etcdctl --endpoints="$endpoints" endpoint status -w tab
 echo "== etcd: ${secs} s per run"
 printf '| system | workload | value | clients | ops/s | p50 ms | p99 ms |\n|---|---|---|---:|---:|---:|---:|\n' \
   | tee "$rows"
+# etcd_row WORKLOAD VALUE CLIENTS: one etcd-load run; the row to stdout, its details (failed
+# compares, errors) to stderr after it.
+etcd_row() {
+  local status=0
+  timeout "$run_limit" "$etcd_load" --endpoints "$endpoints" --system "$label" \
+    --workload "$1" --value-bytes "$2" --clients "$3" --seconds "$secs" 2> "$W/stderr" || status=$?
+  cat "$W/stderr" >&2
+  return $status
+}
 for row in "${matrix[@]}"; do
   read -r workload value clients <<< "$row"
-  ticks=$(stat_ticks)
-  # The row goes to stdout and the table; the run's details (failed compares, errors) follow it.
-  if ! timeout "$run_limit" "$etcd_load" --endpoints "$endpoints" --system "$label" \
-         --workload "$workload" --value-bytes "$value" --clients "$clients" --seconds "$secs" \
-         2> "$W/stderr" | tee -a "$rows"; then
-    cat "$W/stderr" >&2
+  if ! run_row "etcd $workload $value B x$clients" etcd_row "$workload" "$value" "$clients"; then
     echo "kv.sh: etcd-load $workload $value B x$clients failed" >&2
-  else
-    cat "$W/stderr" >&2
   fi
-  note_steal "etcd $workload $value B x$clients" "$ticks"
 done
 stop_etcd
 
@@ -159,21 +188,23 @@ stop_etcd
 # `derechofs node` processes on loopback under --dir (persistence.policy = "fsync": a write is
 # acknowledged once fsynced on all three replicas), runs the load and stops them by pid. Its flags
 # mirror etcd-load's and it prints the same table row format, so its rows join the etcd rows.
+# derechofs_row DIR WORKLOAD VALUE CLIENTS: one run on a fresh cluster under DIR.
+derechofs_row() {
+  rm -rf "$1"
+  timeout "$run_limit" "$derechofs" bench kv --dir "$1" --workload "$2" \
+    --value-bytes "$3" --clients "$4" --seconds "$secs"
+}
 run_derechofs() {
-  local row workload value clients ticks failed=0 dir=$data/derechofs
+  local row workload value clients failed=0 dir=$data/derechofs
   echo "== derechofs: ${secs} s per run, data in $dir"
   for row in "${matrix[@]}"; do
     read -r workload value clients <<< "$row"
-    rm -rf "$dir"
-    ticks=$(stat_ticks)
-    if ! timeout "$run_limit" "$derechofs" bench kv --dir "$dir" --workload "$workload" \
-           --value-bytes "$value" --clients "$clients" --seconds "$secs" \
-           | tee -a "$rows"; then
+    if ! run_row "derechofs $workload $value B x$clients" \
+           derechofs_row "$dir" "$workload" "$value" "$clients"; then
       echo "kv.sh: derechofs bench kv $workload $value B x$clients failed; node logs:" >&2
       tail -n 20 "$dir"/node*.log >&2 || true
       failed=1
     fi
-    note_steal "derechofs $workload $value B x$clients" "$ticks"
   done
   rm -rf "$dir"
   return $failed
@@ -185,6 +216,6 @@ echo
 echo "== results"
 cat "$rows"
 echo
-echo "Stolen by the host during each run, % of the machine's CPU time:"
+echo "Stolen by the host during each attempt, % of the machine's CPU time (the table keeps the least):"
 printf '  %s\n' "${steals[@]}"
 exit $status
