@@ -28,6 +28,10 @@
 # virtual machine's speed moves by up to 2x within an hour; a run with much stolen time says so).
 # DERECHOFS_BIN=PATH: the derechofs binary to run (default: the release build, made first);
 #   its directory's examples/ must hold memory_mount and versions for those targets.
+# STEAL_RETRY_PCT (default 5), STEAL_RETRIES (default 2): a write job during which the host stole
+#   more than that share of the machine's CPU time is run again (the file removed, the caches
+#   settled), at most that many more times; the table keeps the attempt with the least stolen and
+#   every attempt's share is listed after it.
 # Runs as root. Everything it starts is stopped by pid; every mount it makes is unmounted.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -41,6 +45,10 @@ if [ $quick -eq 1 ]; then
 else
   size=1G; runtime=10; files=10000; versions=100000
 fi
+retry_pct=${STEAL_RETRY_PCT:-5}
+[[ $retry_pct =~ ^[0-9]+$ && $retry_pct -le 100 ]] || { echo "fs.sh: STEAL_RETRY_PCT must be an integer from 0 to 100" >&2; exit 2; }
+retries=${STEAL_RETRIES:-2}
+[[ $retries =~ ^[0-9]+$ && $retries -le 10 ]] || { echo "fs.sh: STEAL_RETRIES must be an integer from 0 to 10" >&2; exit 2; }
 # Bounds on every step.
 job_timeout=300
 mount_wait_s=30
@@ -160,6 +168,7 @@ fio_terse() {
 declare -A R   # R[target,job] = number
 declare -A CPU # CPU[target] = ms of CPU of its processes per MiB of the write job
 declare -A STEAL # STEAL[target] = % of the machine's ticks the host took during the write job
+write_steals=() # "target: N %" for every attempt of a write job
 targets=()
 # run_jobs NAME DIR
 run_jobs() {
@@ -168,19 +177,37 @@ run_jobs() {
   echo "== $name ($dir)" >&2
   settle
   # Terse v3: field 48 is the write bandwidth (KiB/s), 7 the read bandwidth, 8 the read IOPS.
-  warm_memory
-  local c0 c1 kib s0
-  c0=$(cpu_ticks)
-  s0=$(stat_ticks)
-  out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
-  c1=$(cpu_ticks)
-  STEAL[$name]=$(steal_pct "$s0" "$(stat_ticks)")
-  R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
-  # Terse v3 field 47: KiB written. CPU of the target's processes per MiB written.
-  kib=$(echo "$out" | cut -d';' -f47)
-  if [[ "$kib" =~ ^[0-9]+$ ]] && [ "$kib" -gt 0 ]; then
-    CPU[$name]=$(echo "scale=2; ($c1 - $c0) * 1000 / $(getconf CLK_TCK) / ($kib / 1024)" | bc)
-  fi
+  local c0 c1 kib s0 attempt pct
+  for attempt in $(seq 0 "$retries"); do
+    if [ "$attempt" -gt 0 ]; then
+      echo "   (the host stole $pct % during the write: once more)" >&2
+      rm -f "$dir/fio.dat"
+      settle
+    fi
+    warm_memory
+    c0=$(cpu_ticks)
+    s0=$(stat_ticks)
+    out=$(fio_terse "$dir" --rw=write --bs=1M --end_fsync=1)
+    c1=$(cpu_ticks)
+    pct=$(steal_pct "$s0" "$(stat_ticks)")
+    if [ "$attempt" -eq 0 ]; then
+      write_steals+=("$name: $pct %")
+    else
+      write_steals+=("$name (again, $((attempt + 1))): $pct %")
+    fi
+    # The attempt with the least stolen is kept.
+    if [ "$attempt" -eq 0 ] || awk -v a="$pct" -v b="${STEAL[$name]}" 'BEGIN {exit !(a < b)}'; then
+      STEAL[$name]=$pct
+      R[$name,write]=$(mib "$(echo "$out" | cut -d';' -f48)")
+      # Terse v3 field 47: KiB written. CPU of the target's processes per MiB written.
+      kib=$(echo "$out" | cut -d';' -f47)
+      unset "CPU[$name]"
+      if [[ "$kib" =~ ^[0-9]+$ ]] && [ "$kib" -gt 0 ]; then
+        CPU[$name]=$(echo "scale=2; ($c1 - $c0) * 1000 / $(getconf CLK_TCK) / ($kib / 1024)" | bc)
+      fi
+    fi
+    awk -v a="$pct" -v m="$retry_pct" 'BEGIN {exit !(a <= m)}' && break
+  done
   drop_caches
   out=$(fio_terse "$dir" --rw=read --bs=1M)
   R[$name,read]=$(mib "$(echo "$out" | cut -d';' -f7)")
@@ -328,6 +355,10 @@ for t in "${targets[@]}"; do
   [ -n "${STEAL[$t]:-}" ] && echo -n " $t ${STEAL[$t]};"
 done
 echo " whole run $(steal_pct "$run_start" "$(stat_ticks)")"
+if [ ${#write_steals[@]} -gt ${#STEAL[@]} ]; then
+  echo "Write jobs run again (stolen during each attempt; the table keeps the least):"
+  printf '  %s\n' "${write_steals[@]}"
+fi
 if [ -n "${R[disk,write]:-}" ]; then
   third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
   echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \

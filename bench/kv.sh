@@ -91,7 +91,11 @@ run_row() {
       return 1
     fi
     pct=$(steal_pct "$ticks" "$(stat_ticks)")
-    steals+=("$name$([ "$attempt" -gt 0 ] && echo " (again, $((attempt + 1)))"): $pct %")
+    if [ "$attempt" -eq 0 ]; then
+      steals+=("$name: $pct %")
+    else
+      steals+=("$name (again, $((attempt + 1))): $pct %")
+    fi
     if [ $best -lt 0 ] || awk -v a="$pct" -v b="$best_pct" 'BEGIN {exit !(a < b)}'; then
       best=$attempt; best_pct=$pct
     fi
