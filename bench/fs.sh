@@ -158,11 +158,18 @@ cpu_ticks() {
 
 run_start=$(stat_ticks)
 
-# fio_terse DIR ARGS…: one terse v3 line.
+# fio_terse DIR ARGS…: one terse v3 line; a fio that fails is reported (unless FIO_PROBE=1).
 fio_terse() {
-  local dir=$1; shift
-  timeout "$job_timeout" fio --name=job --filename="$dir/fio.dat" --size="$size" --ioengine=psync \
-    --output-format=terse --terse-version=3 "$@" 2>"$W/fio.err" | tail -1
+  local dir=$1 out; shift
+  if ! out=$(timeout "$job_timeout" fio --name=job --filename="$dir/fio.dat" --size="$size" \
+               --ioengine=psync --output-format=terse --terse-version=3 "$@" 2>"$W/fio.err"); then
+    if [ "${FIO_PROBE:-0}" != 1 ]; then
+      echo "fs.sh: fio $* on $dir failed:" >&2
+      cat "$W/fio.err" >&2
+    fi
+    return 1
+  fi
+  echo "$out" | tail -1
 }
 
 declare -A R   # R[target,job] = number
@@ -211,7 +218,7 @@ run_jobs() {
   drop_caches
   out=$(fio_terse "$dir" --rw=read --bs=1M)
   R[$name,read]=$(mib "$(echo "$out" | cut -d';' -f7)")
-  if ! fio_terse "$dir" --rw=randread --bs=4k --direct=1 --runtime=1 --time_based >/dev/null \
+  if ! FIO_PROBE=1 fio_terse "$dir" --rw=randread --bs=4k --direct=1 --runtime=1 --time_based >/dev/null \
        || grep -qi 'error\|invalid' "$W/fio.err"; then
     direct=0; mark="*"
   fi
@@ -288,7 +295,9 @@ fi
 
 if "$bin" up --help >/dev/null 2>&1; then
   mkdir -p "$W/dfs-tmpfs"
-  mount -t tmpfs -o size=6g tmpfs "$W/dfs-tmpfs"
+  # Room for every attempt of the write job: removing fio's file frees nothing here (the
+  # versions stay, readable at a past time), and each attempt writes the file on three replicas.
+  mount -t tmpfs -o size=$((3 * (retries + 1) + 3))g tmpfs "$W/dfs-tmpfs"
   for kind in disk tmpfs tmpfs-tcp; do
     want "derechofs-$kind" || continue
     if [ $kind = disk ]; then d=$W/dfs-data; else d=$W/dfs-tmpfs/data; fi
