@@ -43,7 +43,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use derechofs_core::kv::ReadAt;
-use derechofs_core::protocol::{ErrorCode, LayoutInfo, Reply, Request, SubgroupShard};
+use derechofs_core::protocol::{
+    write_member_index, ErrorCode, LayoutInfo, Reply, Request, SubgroupShard,
+};
 use derechofs_core::transport::{
     ClientConn, ClientId, ClientReceiver, ClientSender, LinkKind, Secret, LOCAL_SOCKET_DIR_DEFAULT,
 };
@@ -502,12 +504,12 @@ impl Shards for RemoteShards {
         self.inner.config.attr_cache.then_some(&self.inner.cache)
     }
 
-    fn read_plan(&self, shard: ShardRef, request: Bytes) -> Option<FsResult<Bytes>> {
+    fn read_plan(&self, shard: ShardRef, ino: u64, request: Bytes) -> Option<FsResult<Bytes>> {
         let shard = match self.subgroup_shard(shard) {
             Ok(shard) => shard,
             Err(e) => return Some(Err(e)),
         };
-        self.block(|inner| async move { inner.read_on_this_machine(shard, request).await })
+        self.block(|inner| async move { inner.read_on_this_machine(shard, ino, request).await })
     }
 
     /// An `FsReadBarrier` of `shard`, after a new open barrier: the next read at the latest
@@ -892,10 +894,13 @@ impl Inner {
     /// A read of `shard` at the latest state from a member this set of links already reaches
     /// over a local socket, if one does; `None` if none does, or if the read was answered by a member over TCP after all (a
     /// retry after the local one failed), whose answer is dropped: a plan names files of the
-    /// member's machine.
+    /// member's machine. Of several such members, the one of `ino` (the same for every read of
+    /// that file, [`write_member_index`] of its number): a file's plans then name one member's
+    /// log files, which a reader in order reads in order.
     async fn read_on_this_machine(
         self: Arc<Self>,
         shard: SubgroupShard,
+        ino: u64,
         request: Bytes,
     ) -> Option<FsResult<Bytes>> {
         let members = lock(&self.layout)
@@ -918,7 +923,7 @@ impl Inner {
         // for a local member opens no connection of its own.
         let member = match local.as_slice() {
             [] => return None,
-            some => some[self.spread.fetch_add(1, Ordering::Relaxed) % some.len()],
+            some => some[write_member_index(&ino.to_le_bytes(), some.len())],
         };
         let answered = self
             .clone()

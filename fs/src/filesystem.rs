@@ -1247,9 +1247,11 @@ impl<S: Shards> FileSystem<S> {
                 None => {
                     let epoch = cache.plan_epoch();
                     let shard = ShardRef::Data(placement(ino, index, self.layout.data_shards));
-                    let reply = self
-                        .shards
-                        .read_plan(shard, DataRead::Plan { ino, index }.encode())?;
+                    let reply = self.shards.read_plan(
+                        shard,
+                        ino,
+                        DataRead::Plan { ino, index }.encode(),
+                    )?;
                     let Ok(reply) = reply else {
                         // The members could not answer (a view change, a failure): the read
                         // through them will wait or fail as any read does.

@@ -95,9 +95,12 @@ pub trait Shards: Send + Sync {
     /// A `DataRead::Plan` of `shard` at the latest state (with this client's writes and open
     /// barrier, as [`Shards::read`]), answered by a member on this machine: `None` when no
     /// member of the shard is linked to this client over a local socket, so that the files a
-    /// plan names would not be this machine's (docs/ARCHITECTURE.md, "Local reads").
-    fn read_plan(&self, shard: ShardRef, request: Bytes) -> Option<FsResult<Bytes>> {
-        let _ = (shard, request);
+    /// plan names would not be this machine's (docs/ARCHITECTURE.md, "Local reads"). `ino` is
+    /// the file the plan is of: the plans of one file are asked of one member, so that a file
+    /// read in order is read from one member's log files, in order (which the kernel's
+    /// readahead follows), and different files spread over the members.
+    fn read_plan(&self, shard: ShardRef, ino: u64, request: Bytes) -> Option<FsResult<Bytes>> {
+        let _ = (shard, ino, request);
         None
     }
     /// The cache of live attributes and names these shards keep coherent with a feed of the
@@ -308,11 +311,31 @@ impl<T: Shards> Shards for std::sync::Arc<T> {
     fn read(&self, shard: ShardRef, at: ReadAt, request: Bytes) -> FsResult<Bytes> {
         (**self).read(shard, at, request)
     }
+    fn submit_versioned(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
+        (**self).submit_versioned(shard, request)
+    }
+    fn read_versioned(
+        &self,
+        shard: ShardRef,
+        at: ReadAt,
+        request: Bytes,
+    ) -> FsResult<(Bytes, Option<u64>)> {
+        (**self).read_versioned(shard, at, request)
+    }
     fn read_many(&self, reads: Vec<(ShardRef, ReadAt, Bytes)>) -> Vec<FsResult<Bytes>> {
         (**self).read_many(reads)
     }
+    fn submit_many(&self, requests: Vec<(ShardRef, Bytes)>) -> Vec<FsResult<(Bytes, Option<u64>)>> {
+        (**self).submit_many(requests)
+    }
     fn read_barrier(&self, shard: ShardRef, request: Bytes) -> FsResult<(Bytes, Option<u64>)> {
         (**self).read_barrier(shard, request)
+    }
+    fn read_plan(&self, shard: ShardRef, ino: u64, request: Bytes) -> Option<FsResult<Bytes>> {
+        (**self).read_plan(shard, ino, request)
+    }
+    fn attr_cache(&self) -> Option<&AttrCache> {
+        (**self).attr_cache()
     }
     fn now_us(&self) -> u64 {
         (**self).now_us()

@@ -751,6 +751,87 @@ fn connect_local(cluster: &Cluster, local: bool) -> RemoteShards {
 }
 
 #[test]
+fn t57_fs_a_files_local_reads_come_from_one_members_log_files_and_files_spread_over_members() {
+    // A reader in order of one file reads one member's log files in order (which the kernel's
+    // readahead follows), not every third chunk from each member's; different files spread.
+    let cluster = cluster(57, "");
+    let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
+    let b = FileSystem::new(connect_local(&cluster, true), fs_config(2 << 40)).expect("client b");
+    let root = Creds { uid: 0, gid: 0 };
+    const FILES: usize = 8;
+    const CHUNKS: u64 = 4;
+    let bytes: Vec<u8> = (0..CHUNKS as usize * CHUNK_SIZE as usize)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let files: Vec<Ino> = (0..FILES)
+        .map(|i| {
+            let f = a
+                .create(ROOT_INO, format!("f{i}").as_bytes(), 0o644, root)
+                .expect("create")
+                .ino;
+            a.write(f, 0, &bytes).expect("write");
+            a.flush(f).expect("close");
+            f
+        })
+        .collect();
+    let cache = b.shards().attr_cache().expect("b keeps a cache");
+    // The member whose data directory a plan's files are in (`dataN`, by the test cluster).
+    let member_of = |place: &derechofs_storage::backend::FilePlace| -> String {
+        let rel = place
+            .path
+            .strip_prefix(cluster.path(""))
+            .unwrap_or_else(|_| panic!("a plan names {:?}, outside the cluster", place.path));
+        rel.components()
+            .next()
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .expect("a data directory")
+    };
+    // The space of the file system is asked of every member: this thread is then linked to
+    // all three, so that each plan could come from any of them.
+    b.statfs().expect("statfs");
+    let mut used = std::collections::BTreeSet::new();
+    for &f in &files {
+        b.open(f).expect("open");
+        let v = b.shards().namespace_version();
+        wait_feed(b.shards(), v, "the open");
+        // Reads until every chunk's plan is held (the first reads of a thread go through the
+        // members while its local links are made).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let plans = loop {
+            let got = b.read(f, 0, CHUNKS as u32 * CHUNK_SIZE).expect("read");
+            assert!(got == bytes, "file {f}: the bytes read differ");
+            let plans: Vec<_> = (0..CHUNKS).filter_map(|i| cache.plan(f, i)).collect();
+            if plans.len() == CHUNKS as usize {
+                break plans;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "file {f}: plans of {} of {CHUNKS} chunks after 10 s: {:?}",
+                plans.len(),
+                b.shards().cache_stats()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let members: std::collections::BTreeSet<String> = plans
+            .iter()
+            .flat_map(|p| p.files.iter().map(&member_of))
+            .collect();
+        assert_eq!(
+            members.len(),
+            1,
+            "file {f}: its chunks' plans name the files of {members:?}"
+        );
+        used.extend(members);
+    }
+    assert!(
+        used.len() > 1,
+        "the plans of {FILES} files all name one member's files: {used:?}"
+    );
+    drop((a, b));
+    cluster.stop_all();
+}
+
+#[test]
 fn t56_fs_extended_attributes_come_from_the_cache_until_another_client_changes_them() {
     let cluster = cluster(56, "");
     let (a, b) = two_clients(&cluster, 2);
