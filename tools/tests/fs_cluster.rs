@@ -756,7 +756,13 @@ fn t57_fs_a_files_local_reads_come_from_one_members_log_files_and_files_spread_o
     // readahead follows), not every third chunk from each member's; different files spread.
     let cluster = cluster(57, "");
     let a = FileSystem::new(connect(&cluster, Some(1)), fs_config(1 << 40)).expect("client a");
-    let b = FileSystem::new(connect_local(&cluster, true), fs_config(2 << 40)).expect("client b");
+    // Shared shards, as several file systems of one process hold them: through `Arc` too, the
+    // attribute cache, the plans and the local reads are the shards' own.
+    let b = FileSystem::new(
+        std::sync::Arc::new(connect_local(&cluster, true)),
+        fs_config(2 << 40),
+    )
+    .expect("client b");
     let root = Creds { uid: 0, gid: 0 };
     const FILES: usize = 8;
     const CHUNKS: u64 = 4;
