@@ -370,9 +370,11 @@ pub fn data_shard_index(key: &[u8], data_shards: u16) -> u16 {
 }
 
 /// The position, among a shard's `members` (in the layout's order), of `key`'s own member: the
-/// one K/V clients send their conditional puts of a contended `key` to first. The same for every
-/// client, so the attempts at one key meet at one member and leave in one multicast message per
-/// turn, instead of one from each member; different keys spread over the members. From the hash
+/// one K/V clients send their conditional puts of a contended `key` to first, and (with a file's
+/// inode number as the key) the one a file system client asks a file's read plans of. The same
+/// for every client, so the attempts at one key meet at one member and leave in one multicast
+/// message per turn, instead of one from each member, and a file is read from one member's log
+/// files; different keys spread over the members. From the hash
 /// mixed again (the finalizer of MurmurHash3): the shard index reduces the same hash, and a
 /// residue of FNV-1a's bits alone would follow it, so the keys of one shard would all pick one
 /// member.

@@ -666,10 +666,10 @@ impl Client {
             // long before either, and a timer costs its registration and its removal.
             let exchange = link.exchange(request);
             tokio::pin!(exchange);
-            let deadline = tokio::time::Instant::now() + Duration::from_millis(REQUEST_TIMEOUT_MS);
+            let now = tokio::time::Instant::now();
+            let deadline = now + Duration::from_millis(REQUEST_TIMEOUT_MS);
             let slow = Duration::from_millis(SLOW_REPLY_MS);
-            let timer =
-                tokio::time::sleep_until((tokio::time::Instant::now() + slow).min(deadline));
+            let timer = tokio::time::sleep_until((now + slow).min(deadline));
             tokio::pin!(timer);
             loop {
                 tokio::select! {
@@ -1238,6 +1238,23 @@ mod tests {
         got
     }
 
+    /// A durable write of client `client`, request 1: a delete of `k`.
+    fn delete_of(client: u64) -> Request {
+        let payload = KvRequest {
+            client,
+            number: 1,
+            op: KvOp::Delete {
+                key: Bytes::from_static(b"k"),
+            },
+        }
+        .encode();
+        Request::Write {
+            hlc: Hlc::ZERO,
+            durable: true,
+            payload,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn clients_sharing_links_each_get_their_own_reply_whatever_the_order_of_answers() {
         let (transport, mut events) = node().await;
@@ -1301,20 +1318,7 @@ mod tests {
         for i in 0..4u64 {
             let link = link.clone();
             calls.push(tokio::spawn(async move {
-                let payload = KvRequest {
-                    client: i + 1,
-                    number: 1,
-                    op: KvOp::Delete {
-                        key: Bytes::from_static(b"k"),
-                    },
-                }
-                .encode();
-                let request = Request::Write {
-                    hlc: Hlc::ZERO,
-                    durable: true,
-                    payload,
-                };
-                link.call(&request, REQUEST_TIMEOUT_MS).await
+                link.call(&delete_of(i + 1), REQUEST_TIMEOUT_MS).await
             }));
         }
         let got = writes(&mut events, 4).await;
@@ -1331,6 +1335,7 @@ mod tests {
         let request = Request::Layout;
         assert!(link.call(&request, REQUEST_TIMEOUT_MS).await.is_err());
     }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_call_that_stops_waiting_leaves_no_tag_and_its_late_reply_is_dropped() {
         let (transport, mut events) = node().await;
@@ -1339,24 +1344,14 @@ mod tests {
             .link(NODE, transport.local_addr())
             .await
             .expect("linked");
-        let write = |client: u64| Request::Write {
-            hlc: Hlc::ZERO,
-            durable: true,
-            payload: KvRequest {
-                client,
-                number: 1,
-                op: KvOp::Delete {
-                    key: Bytes::from_static(b"k"),
-                },
-            }
-            .encode(),
-        };
         // One call times out, one is dropped by its caller while it waits.
         assert_eq!(
-            link.call(&write(1), 50).await.expect_err("no reply came"),
+            link.call(&delete_of(1), 50)
+                .await
+                .expect_err("no reply came"),
             "timed out"
         );
-        let second = write(2);
+        let second = delete_of(2);
         let dropped = tokio::time::timeout(Duration::from_millis(50), link.exchange(&second));
         assert!(dropped.await.is_err(), "no reply came");
         let late = writes(&mut events, 2).await;
@@ -1371,7 +1366,7 @@ mod tests {
         }
         let next = tokio::spawn({
             let link = link.clone();
-            async move { link.call(&write(3), REQUEST_TIMEOUT_MS).await }
+            async move { link.call(&delete_of(3), REQUEST_TIMEOUT_MS).await }
         });
         let (peer, tag, request) = writes(&mut events, 1).await.remove(0);
         assert_eq!(request.client, 3);
