@@ -92,12 +92,6 @@ impl Start {
 }
 
 async fn start(config: NodeConfig) -> anyhow::Result<()> {
-    if !config.partition_safety {
-        bail!(
-            "partition_safety = false is not supported: the engine always needs a majority of \
-             the previous view to install the next one"
-        );
-    }
     let me = config.node_id;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
