@@ -26,7 +26,8 @@
 #               of length 0, which Linux refuses with EINVAL on any file system and fsx then
 #               reports as "does not support posix_fallocate": at 50,000 operations seeds 4, 16,
 #               33, 41, 47, 54, 55 and 57 stop that way on tmpfs and ext4 alike (seed 1 does not)
-#   mount-helper (cluster only) `mount -t derechofs`, an fstab line (`mount -T`), and a bad option
+#   mount-helper (cluster only) `mount -t derechofs`, an fstab line (`mount -T`), a bad option, and
+#               `mount -N PID` into another mount namespace
 set -uo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 . "$here/scripts/lib.sh"
@@ -234,7 +235,23 @@ if [ "$target" = cluster ]; then
       && grep -q "written through mount -t" "$W/mnt3/helper-check2" \
       && umount "$W/mnt3" \
       && ! timeout 60 mount -t derechofs "$contacts" "$W/mnt2" -o bogus 2>"$W/bogus.err" \
-      && grep -q "unknown mount option \`bogus\`" "$W/bogus.err"
+      && grep -q "unknown mount option \`bogus\`" "$W/bogus.err" \
+      && helper_namespace
+  }
+  # mount -N: the mount is made in another mount namespace (a process's, by pid), seen there
+  # and not here; unmounted there, its daemon ends.
+  helper_namespace() {
+    unshare --mount --propagation private sleep 300 &
+    local ns=$!
+    sleep 0.5
+    timeout 60 mount -N "$ns" -t derechofs "$contacts" "$W/mnt2" -o allow_other \
+      && ! mountpoint -q "$W/mnt2" \
+      && nsenter -t "$ns" -m grep -q "written through mount -t" "$W/mnt2/helper-check2" \
+      && nsenter -t "$ns" -m umount "$W/mnt2"
+    local status=$?
+    kill "$ns" 2>/dev/null
+    wait "$ns" 2>/dev/null
+    return $status
   }
   status=0
   in_background "$logs/$target-mount-helper.log" helper_suite || status=1

@@ -93,8 +93,12 @@ pub struct RemoteConfig {
     pub request_timeout_ms: u64,
     /// Time a request keeps being resent (see [`RETRY_WINDOW_MS_DEFAULT`]).
     pub retry_window_ms: u64,
-    /// Acknowledge every write only once durable on every replica (a `sync` mount).
+    /// Acknowledge every operation only once durable on every replica (a `sync` mount).
     pub durable_writes: bool,
+    /// Acknowledge every operation of the namespace shards (names, directories, attributes,
+    /// a file's size and times) only once durable on every replica, file data once applied (a
+    /// `dirsync` mount).
+    pub durable_namespace: bool,
     /// Send requests to this member whenever it replicates the shard and is reachable (data
     /// locality, or a test that reads through one replica).
     pub prefer: Option<NodeId>,
@@ -116,6 +120,7 @@ impl RemoteConfig {
             request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
             retry_window_ms: RETRY_WINDOW_MS_DEFAULT,
             durable_writes: false,
+            durable_namespace: false,
             prefer: None,
             attr_cache: true,
             local_socket_dir: Some(PathBuf::from(LOCAL_SOCKET_DIR_DEFAULT)),
@@ -712,6 +717,11 @@ impl From<Bytes> for Message {
     }
 }
 
+/// Whether an operation on `shard` is answered only once durable on every replica.
+fn durable_for(config: &RemoteConfig, shard: SubgroupShard) -> bool {
+    config.durable_writes || (config.durable_namespace && !shard.data)
+}
+
 impl Inner {
     /// `Shards::submit` of one request to `shard`.
     async fn submit(
@@ -721,7 +731,7 @@ impl Inner {
     ) -> FsResult<(Bytes, Version)> {
         let tag = self.tag();
         let hlc = lock(&self.seen).tick();
-        let durable = self.config.durable_writes;
+        let durable = durable_for(&self.config, shard);
         // The request goes behind its envelope from its own memory: a large write is not
         // copied again.
         let message = Message {
@@ -1384,6 +1394,27 @@ mod tests {
                 .collect(),
             chunk_size,
         }
+    }
+
+    #[test]
+    fn a_sync_mount_waits_for_every_operation_a_dirsync_mount_for_the_namespaces() {
+        let secret = Secret::new(&b"s"[..]).unwrap();
+        let data = SubgroupShard {
+            data: true,
+            index: 0,
+        };
+        let names = SubgroupShard {
+            data: false,
+            index: 0,
+        };
+        let mut config = RemoteConfig::new(vec![], secret);
+        assert!(!durable_for(&config, data) && !durable_for(&config, names));
+        config.durable_namespace = true;
+        assert!(!durable_for(&config, data) && durable_for(&config, names));
+        config.durable_writes = true;
+        assert!(durable_for(&config, data) && durable_for(&config, names));
+        config.durable_namespace = false;
+        assert!(durable_for(&config, data) && durable_for(&config, names));
     }
 
     /// A client's state over `layout`, with no link.

@@ -3,7 +3,7 @@
 //! The list is comma-separated, as mount(8) passes it. Options the kernel or fuser act on are
 //! kept; options that only mean something to mount(8) or fstab (`defaults`, `noauto`, `nofail`,
 //! `_netdev`, `x-*`, …) are accepted and ignored, as every mount helper does; anything else is an
-//! error that names the option. Of a pair of opposites (`ro`/`rw`, `atime`/`noatime`, …) the last
+//! error that names the option. Of a pair of opposites (`ro`/`rw`, `sync`/`async`, …) the last
 //! one given wins, as in mount(8), so `defaults,ro` is read-only.
 
 use std::time::Duration;
@@ -49,7 +49,7 @@ pub struct MountOptions {
     /// `default_permissions`: the kernel checks permissions from the attributes the file system
     /// reports, as a local file system does.
     pub default_permissions: bool,
-    /// `atime` / `noatime`.
+    /// `noatime` (`atime` is refused: reads never update access times).
     pub atime: Flag,
     /// `dev` / `nodev` (FUSE defaults to `nodev`).
     pub dev: Flag,
@@ -179,7 +179,15 @@ impl MountOptions {
                 no_value(name, value)?;
                 self.attr_cache = name == "ac";
             }
-            "atime" => flag(&mut self.atime, true)?,
+            "atime" => {
+                // Reads never update a file's access time here (docs/SEMANTICS.md): a mount
+                // that took `atime` would promise what it does not do.
+                return Err(bad(
+                    name,
+                    "not supported: reads never update access times on DerechoFS (it behaves \
+                     as `noatime`)",
+                ));
+            }
             "noatime" => flag(&mut self.atime, false)?,
             "dev" => flag(&mut self.dev, true)?,
             "nodev" => flag(&mut self.dev, false)?,
@@ -346,10 +354,11 @@ mod tests {
     fn last_of_opposites_wins_as_in_mount() {
         assert!(MountOptions::parse("defaults,rw,ro").unwrap().read_only);
         assert!(!MountOptions::parse("ro,rw").unwrap().read_only);
-        assert_eq!(
-            MountOptions::parse("noatime,atime").unwrap().atime,
-            Some(true)
-        );
+        assert_eq!(MountOptions::parse("noatime").unwrap().atime, Some(false));
+        assert!(matches!(
+            MountOptions::parse("noatime,atime"),
+            Err(OptionError::BadValue { option, .. }) if option == "atime"
+        ));
         assert!(MountOptions::default().attr_cache);
         assert!(!MountOptions::parse("ac,noac").unwrap().attr_cache);
         assert!(MountOptions::parse("noac,ac").unwrap().attr_cache);

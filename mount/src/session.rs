@@ -153,7 +153,7 @@ fn set_readahead(canonical: &Path, kb: u32) {
     });
     match result {
         Ok(()) => tracing::debug!("readahead of {} set to {kb} KiB", canonical.display()),
-        Err(e) => tracing::info!(
+        Err(e) => tracing::warn!(
             "readahead of {} left at the kernel's default: {e}",
             canonical.display()
         ),

@@ -67,8 +67,9 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
         };
     let parts = components(&path)?;
     let secret = secret(&args.client.secret_file)?;
-    let shards = RemoteShards::connect(RemoteConfig::new(contacts, secret))
-        .context("connecting to the cluster")?;
+    let mut remote = RemoteConfig::new(contacts, secret);
+    remote.local_socket_dir = args.client.local_socket_dir.0.clone();
+    let shards = RemoteShards::connect(remote).context("connecting to the cluster")?;
     let config = FsConfig {
         client_base: crate::client::random_id(),
         skew_max_us: SKEW_MAX_US_DEFAULT,

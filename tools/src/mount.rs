@@ -37,9 +37,9 @@ pub struct Args {
     /// Where to mount.
     mountpoint: PathBuf,
     /// Mount options, comma-separated: ro, rw, allow_other, allow_root, default_permissions,
-    /// atime, noatime, dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync, fsname=,
-    /// threads=N, connect_timeout_ms=N, prefer=NODE, ac/noac (and fstab-only ones, which are
-    /// ignored).
+    /// noatime, dev, nodev, suid, nosuid, exec, noexec, sync, async, dirsync, fsname=,
+    /// threads=N, connect_timeout_ms=N, prefer=NODE, readahead_kb=N, ac/noac (and fstab-only
+    /// ones, which are ignored).
     #[arg(short = 'o', default_value = "")]
     options: String,
     /// File holding the cluster secret (default: the development secret of loopback clusters).
@@ -151,11 +151,28 @@ fn serve(
     let secret = crate::kv::secret(secret_file)?;
     let mut config = RemoteConfig::new(p.contacts.clone(), secret);
     config.durable_writes = p.options.sync == Some(true);
+    config.durable_namespace = p.options.dirsync;
     config.prefer = p.options.prefer;
     config.attr_cache = p.options.attr_cache;
     config.local_socket_dir = local_socket_dir;
     let shards = RemoteShards::connect(config)
         .with_context(|| format!("connecting to the cluster through {}", p.spec))?;
+    if let Some(node) = p.options.prefer {
+        let layout = shards.layout_info();
+        if !layout.members.iter().any(|&(id, _)| id == node) {
+            let members: Vec<String> = layout
+                .members
+                .iter()
+                .map(|(id, _)| id.to_string())
+                .collect();
+            errln!(
+                "derechofs: warning: prefer={node}: node {node} is not a member of view {} \
+                 (members {}); requests go to the shards' members in turn until it is",
+                layout.view_id,
+                members.join(", ")
+            );
+        }
+    }
     let fs = FileSystem::new(
         shards,
         FsConfig {
@@ -203,6 +220,8 @@ struct HelperArgs {
     sloppy: bool,
     fake: bool,
     verbose: bool,
+    /// `-N NS`: the mount namespace to mount in (a path, or a pid).
+    namespace: Option<String>,
 }
 
 fn helper_args(args: &[OsString]) -> Result<HelperArgs, String> {
@@ -224,9 +243,16 @@ fn helper_args(args: &[OsString]) -> Result<HelperArgs, String> {
                 }
                 h.options.push_str(o);
             }
-            // A type (`derechofs` or `derechofs.SUB`) and a namespace are accepted as given.
-            "-t" | "-N" => {
+            // A type (`derechofs` or `derechofs.SUB`) is accepted as given.
+            "-t" => {
                 it.next().ok_or(format!("{a} needs a value"))?;
+            }
+            "-N" => {
+                let ns = it
+                    .next()
+                    .and_then(|n| n.to_str())
+                    .ok_or("-N needs a namespace (a path or a pid)")?;
+                h.namespace = Some(ns.to_string());
             }
             _ if a.starts_with('-') && a.len() > 1 => {
                 for c in a[1..].chars() {
@@ -250,6 +276,24 @@ fn helper_args(args: &[OsString]) -> Result<HelperArgs, String> {
         _ => return Err("expected SPEC (host:port,…) and DIR".into()),
     }
     Ok(h)
+}
+
+/// Moves this process into the mount namespace `ns` (mount(8)'s `-N`): a path to a namespace
+/// file (mount(8) passes one), or the pid of a process in it. The helper is single-threaded
+/// here, as `setns(2)` requires, and the daemon it starts inherits the namespace.
+fn enter_mount_namespace(ns: &str) -> anyhow::Result<()> {
+    let path = if !ns.is_empty() && ns.bytes().all(|b| b.is_ascii_digit()) {
+        PathBuf::from(format!("/proc/{ns}/ns/mnt"))
+    } else {
+        PathBuf::from(ns)
+    };
+    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    rustix::thread::move_into_link_name_space(
+        std::os::fd::AsFd::as_fd(&file),
+        Some(rustix::thread::LinkNameSpaceType::Mount),
+    )
+    .with_context(|| format!("entering the mount namespace of {}", path.display()))?;
+    Ok(())
 }
 
 /// Drops options that `MountOptions` does not know (the helper's `-s`, sloppy).
@@ -278,6 +322,13 @@ pub fn helper_main(args: &[OsString]) -> i32 {
             return EX_USAGE;
         }
     };
+    // Before anything looks at the mount point: it is the namespace's.
+    if let Some(ns) = &h.namespace {
+        if let Err(e) = enter_mount_namespace(ns) {
+            errln!("mount.derechofs: -N {ns}: {e:#}");
+            return EX_USAGE;
+        }
+    }
     let options = if h.sloppy {
         sloppy(&h.options)
     } else {
@@ -394,12 +445,16 @@ mod tests {
             "allow_other",
             "-t",
             "derechofs",
+            "-N",
+            "/proc/77/fd/3",
         ]))
         .unwrap();
         assert_eq!(h.spec, "127.0.0.1:7071,127.0.0.2:7071");
         assert_eq!(h.dir, PathBuf::from("/mnt/x"));
         assert_eq!(h.options, "ro,noatime,allow_other");
         assert!(h.sloppy && h.verbose && !h.fake);
+        assert_eq!(h.namespace.as_deref(), Some("/proc/77/fd/3"));
+        assert!(helper_args(&os(&["a:1", "/m", "-N"])).is_err());
         assert!(helper_args(&os(&["a:1"])).is_err());
         assert!(helper_args(&os(&["a:1", "/m", "-x"])).is_err());
         assert!(helper_args(&os(&["a:1", "/m", "-o"])).is_err());

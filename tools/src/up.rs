@@ -44,7 +44,7 @@ pub struct Args {
     #[arg(short = 'o', default_value = "")]
     options: String,
     /// Directory of the local sockets the nodes and the mount link through (written into the
-    /// nodes' configurations on the first run); "" for loopback TCP.
+    /// nodes' configurations on every run); "" for loopback TCP.
     #[arg(long, default_value = LOCAL_SOCKET_DIR_DEFAULT, value_parser = crate::kv::parse_local_socket_dir_arg)]
     local_socket_dir: crate::kv::LocalSocketDir,
 }
@@ -95,7 +95,8 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
-/// The node configurations under `data`, written on the first run; returns their addresses.
+/// The node configurations under `data`, written on the first run (later runs set only their
+/// socket directory); returns their addresses.
 fn configs(data: &Path, nodes: usize, local_dir: &str) -> anyhow::Result<Vec<String>> {
     let existing: Vec<PathBuf> = (1..=NODES_MAX)
         .map(|i| data.join(format!("n{i}.toml")))
@@ -120,6 +121,32 @@ fn configs(data: &Path, nodes: usize, local_dir: &str) -> anyhow::Result<Vec<Str
                 .and_then(|l| l.strip_suffix('"'))
                 .with_context(|| format!("{}: no `listen` line", p.display()))?;
             addrs.push(listen.to_string());
+            // The socket directory of this run, for the nodes as for the mount: a node left
+            // with an earlier run's directory would be reached over TCP only.
+            let wanted = format!("local_socket_dir = {local_dir:?}");
+            let mut found = false;
+            let lines: Vec<&str> = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("local_socket_dir = ") {
+                        found = true;
+                        wanted.as_str()
+                    } else {
+                        l
+                    }
+                })
+                .collect();
+            if !found {
+                bail!(
+                    "{}: no `local_socket_dir` line (a configuration `derechofs up` did not \
+                     write?): add `local_socket_dir = {local_dir:?}` under `[transport]`",
+                    p.display()
+                );
+            }
+            let updated = lines.join("\n") + "\n";
+            if updated != text {
+                std::fs::write(p, updated).with_context(|| format!("writing {}", p.display()))?;
+            }
         }
         return Ok(addrs);
     }

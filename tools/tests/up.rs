@@ -25,10 +25,11 @@ struct Up {
 }
 
 impl Up {
-    fn start(data: &Path, mnt: &Path, log: &Path) -> Up {
+    fn start(data: &Path, mnt: &Path, log: &Path, args: &[&str]) -> Up {
         let log = std::fs::File::create(log).expect("log");
         let child = Command::new(BIN)
             .arg("up")
+            .args(args)
             .arg("--data")
             .arg(data)
             .arg(mnt)
@@ -119,7 +120,7 @@ fn up_mounts_a_cluster_stops_it_on_sigterm_and_finds_the_files_again() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).expect("mount point");
 
-    let mut up = Up::start(&data, &mnt, &dir.path().join("up1.log"));
+    let mut up = Up::start(&data, &mnt, &dir.path().join("up1.log"), &[]);
     assert_eq!(node_processes(&data), 3, "three nodes run");
     std::fs::write(mnt.join("kept"), b"across a restart").expect("write");
     // A file large enough that its writes cross the local links lent (docs/ARCHITECTURE.md):
@@ -141,10 +142,26 @@ fn up_mounts_a_cluster_stops_it_on_sigterm_and_finds_the_files_again() {
     assert!(!is_mounted(&mnt), "still mounted after SIGTERM");
     assert_eq!(node_processes(&data), 0, "nodes left running");
 
-    let mut up = Up::start(&data, &mnt, &dir.path().join("up2.log"));
+    // The second run with another socket directory: the nodes take it too (their socket
+    // files are there), not only the mount.
+    let sockets = dir.path().join("sockets2");
+    let sockets_arg = sockets.to_str().expect("a UTF-8 path");
+    let mut up = Up::start(
+        &data,
+        &mnt,
+        &dir.path().join("up2.log"),
+        &["--local-socket-dir", sockets_arg],
+    );
     assert_eq!(
         std::fs::read(mnt.join("kept")).expect("read after the restart"),
         b"across a restart"
+    );
+    let socket_files = std::fs::read_dir(&sockets)
+        .map(|d| d.filter(|e| e.is_ok()).count())
+        .unwrap_or(0);
+    assert_eq!(
+        socket_files, 3,
+        "each node listens in the new socket directory"
     );
     assert_eq!(up.stop(), Some(0));
 }
