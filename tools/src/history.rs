@@ -25,7 +25,8 @@ pub struct LogArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// A path inside a mounted DerechoFS (`/mnt/dfs/dir/file`, or relative to the current
-    /// directory), whose mount gives the contacts; or else the path from the root of the file
+    /// directory), whose mount gives the contacts (`--contacts` does for a mount made with
+    /// `fsname=`, whose source shows that name); or else the path from the root of the file
     /// system (`/dir/file`) of the cluster at `--contacts`. A component may carry `@TIME`.
     path: String,
     /// Show only the latest N changes.
@@ -53,16 +54,29 @@ fn components(path: &str) -> anyhow::Result<Vec<&str>> {
     Ok(parts)
 }
 
+/// `HOST:PORT` with a port number: what a mount's source lists when it names its contacts.
+fn looks_like_host_port(contact: &str) -> bool {
+    contact
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
+}
+
 /// Runs `derechofs log`.
 pub fn run(args: LogArgs) -> anyhow::Result<i32> {
     // A path inside a mount names its cluster: the mount's contacts win over `--contacts`.
     let cwd = std::env::current_dir().unwrap_or_else(|_| "/".into());
     let (contacts, path) =
         match mountinfo::derechofs_path(&mountinfo::mounts(), Path::new(&args.path), &cwd) {
-            Some((mount, inside)) => (
-                mount.source.split(',').map(str::to_string).collect(),
-                inside,
-            ),
+            Some((mount, inside)) => {
+                let contacts: Vec<String> = mount.source.split(',').map(str::to_string).collect();
+                if contacts.iter().all(|c| looks_like_host_port(c)) {
+                    (contacts, inside)
+                } else {
+                    // Mounted with `fsname=`: the source shows that name, not the contacts,
+                    // so `--contacts` names the cluster.
+                    (args.client.contacts.clone(), inside)
+                }
+            }
             None => (args.client.contacts.clone(), args.path.clone()),
         };
     let parts = components(&path)?;
@@ -132,6 +146,17 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_source_names_contacts_only_as_host_port_pairs() {
+        assert!(looks_like_host_port("127.0.0.1:7070"));
+        assert!(looks_like_host_port("node1:7070"));
+        assert!(looks_like_host_port("[::1]:7070"));
+        assert!(!looks_like_host_port("mydfs"));
+        assert!(!looks_like_host_port(":7070"));
+        assert!(!looks_like_host_port("node1:port"));
+        assert!(!looks_like_host_port("node1:70700"));
+    }
 
     #[test]
     fn a_log_path_is_split_from_the_root_and_odd_components_are_refused() {
