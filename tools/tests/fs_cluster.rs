@@ -1021,3 +1021,75 @@ fn t54_fs_reads_on_a_members_machine_come_from_its_log_files_and_see_each_close_
     drop((a, b, c));
     cluster.stop_all();
 }
+
+/// The versions delivered and persisted on each member, per shard, from `derechofs status`:
+/// `(shard name, delivered, persisted here)` for every row (`namespace/0`, `data/1`, …).
+fn persisted_rows(cluster: &Cluster) -> Vec<(String, Option<u64>, Option<u64>)> {
+    fn version(text: &str) -> Option<u64> {
+        let (view, seq) = text.split_once('.')?;
+        Some((view.parse::<u64>().ok()? << 32) | seq.parse::<u64>().ok()?)
+    }
+    let run = cluster.status(&cluster.contacts());
+    let rows: Vec<_> = run
+        .stdout
+        .lines()
+        .filter_map(|line| {
+            let at = line.find("namespace/").or_else(|| line.find("data/"))?;
+            let name = line[at..].split_whitespace().next()?.to_string();
+            let mut after = line[at..].split_once(']')?.1.split_whitespace();
+            let delivered = version(after.next()?);
+            let persisted = version(after.next()?);
+            Some((name, delivered, persisted))
+        })
+        .collect();
+    assert_eq!(rows.len(), 3 * 3, "a row per member and shard: {run:?}");
+    rows
+}
+
+#[test]
+fn t58_fs_a_sync_clients_operations_and_a_dirsync_clients_namespace_operations_are_durable_when_answered(
+) {
+    // The nodes sync at most every 2 s: an answer given at delivery would come before the
+    // versions are persisted, which the rows below would show.
+    let cluster = cluster(58, "[persistence]\npolicy = \"batch\"\nbatch_ms = 2000\n");
+    let root = Creds { uid: 0, gid: 0 };
+    // `dirsync`: names, directories and attributes durable before the answer.
+    let mut config = cluster.remote_config();
+    config.durable_namespace = true;
+    let a = FileSystem::new(connect_remote(config), fs_config(1 << 40)).expect("client a");
+    for i in 0..3 {
+        a.mkdir(ROOT_INO, format!("d{i}").as_bytes(), 0o755, root)
+            .expect("mkdir");
+        let version = a
+            .shards()
+            .namespace_version()
+            .expect("a wrote the namespace");
+        for (name, _, persisted) in persisted_rows(&cluster) {
+            if name.starts_with("namespace/") {
+                assert!(
+                    persisted >= Some(version),
+                    "mkdir {i} answered at {version:#x}, persisted {persisted:?} on a member"
+                );
+            }
+        }
+    }
+    drop(a);
+    // `sync`: file data too. Nobody else writes, so every version delivered is this client's.
+    let mut config = cluster.remote_config();
+    config.durable_writes = true;
+    let b = FileSystem::new(connect_remote(config), fs_config(2 << 40)).expect("client b");
+    let f = b.create(ROOT_INO, b"f", 0o644, root).expect("create").ino;
+    for i in 0..3u8 {
+        b.write(f, u64::from(i) * u64::from(CHUNK_SIZE), &[i; 100])
+            .expect("write");
+        b.flush(f).expect("close");
+        for (name, delivered, persisted) in persisted_rows(&cluster) {
+            assert!(
+                persisted >= delivered,
+                "write {i}: {name} delivered {delivered:?}, persisted {persisted:?} on a member"
+            );
+        }
+    }
+    drop(b);
+    cluster.stop_all();
+}
