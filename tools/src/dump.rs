@@ -10,7 +10,7 @@ use derechofs_core::ShardId;
 use derechofs_storage::{Log, SyncPolicy};
 
 use crate::kv::show_version;
-use crate::node::{open_log, stored_view};
+use crate::node::{open_log, EngineState};
 use crate::out::{write_line, StdoutError};
 
 /// Keys per scan page.
@@ -52,14 +52,18 @@ pub fn run(data_dir: &Path) -> anyhow::Result<i32> {
 }
 
 fn dump(shard: u16, log: &Log, out: &mut impl Write) -> anyhow::Result<()> {
+    let state = EngineState::of(log);
     write_line(
         out,
         format_args!(
-            "shard {shard} versions {} latest {} view {}",
+            "shard {shard} versions {} latest {} view {} chunk {}",
             log.version_count(),
             log.latest()
                 .map_or("-".into(), |(v, h)| format!("{}@{h}", show_version(v))),
-            stored_view(log).map_or("-".into(), |v| v.to_string()),
+            state.map_or("-".into(), |s| s.view_id.to_string()),
+            state
+                .and_then(|s| s.chunk_size)
+                .map_or("-".into(), |c| c.to_string()),
         ),
     )?;
     let Some((latest, _)) = log.latest() else {

@@ -311,3 +311,44 @@ fn t11_cluster_with_a_socket_directory_links_locally_and_serves_tcp_clients_too(
         "a clean stop removes them"
     );
 }
+
+/// A node restarted over its data with another `layout.chunk_size` refuses to start, naming the
+/// key and both values, and leaves its logs as they were; with the recorded chunk size again it
+/// restarts with the others and serves what was written.
+#[test]
+fn t12_cluster_a_node_restarted_with_another_chunk_size_refuses_naming_it() {
+    let cluster = Cluster::new(
+        12,
+        NODES,
+        "suspect_after_ms = 5000\n\n[layout]\nchunk_size = 1048576\n",
+    );
+    cluster.start_all();
+    cluster.wait_active();
+    cluster.kv_ok(&["put", "k", "before"]);
+    cluster.stop_all();
+    let before = cluster.dump(1);
+    assert!(
+        before.contains(" chunk 1048576\n") && before.contains("\n  k "),
+        "{before}"
+    );
+
+    let config = cluster.path("n1.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let changed = text.replace("chunk_size = 1048576", "chunk_size = 65536");
+    assert_ne!(changed, text);
+    std::fs::write(&config, changed).expect("config");
+    cluster.start(1);
+    assert_eq!(cluster.wait_exit(1), Some(1), "{}", cluster.log_of(1));
+    let log = cluster.log_of(1);
+    assert!(
+        log.contains("layout.chunk_size = 1048576, the configuration says 65536"),
+        "{log}"
+    );
+    assert_eq!(cluster.dump(1), before, "a refused start changes nothing");
+
+    std::fs::write(&config, text).expect("config");
+    cluster.start_all();
+    cluster.wait_active();
+    let got = cluster.kv_ok(&["get", "k", "--member", "1"]);
+    assert_eq!(got.trim(), "before");
+}

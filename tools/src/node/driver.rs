@@ -27,7 +27,7 @@ use super::clients::{
 use super::failed::{self, ReplicaFailed};
 use super::machine::{Machine, Outcome};
 use super::state::{LoggedDecision, NodeState};
-use super::store::{open_log, syncs_inline, ShardStore};
+use super::store::{check_chunk_size, open_log, syncs_inline, ShardStore};
 use super::Start;
 use crate::config::{Member, NodeConfig};
 use crate::protocol::{
@@ -971,10 +971,14 @@ impl Driver {
             let view_id = view.view_id;
             // Opening recovers the log and starting records the view in its metadata (an
             // fsync): both on the blocking pool.
-            let store = tokio::task::spawn_blocking(move || {
+            let store = tokio::task::spawn_blocking(move || -> anyhow::Result<ShardStore> {
                 let log = open_log(&dir, shard, sync)?;
+                // A log this node kept from an earlier assignment, written with other chunks.
+                check_chunk_size(&log, &dir, shard, chunk_size).map_err(anyhow::Error::msg)?;
                 let inline = syncs_inline(&dir, shard, sync);
-                ShardStore::start(shard, log, view_id, sync, inline, notify, chunk_size)
+                Ok(ShardStore::start(
+                    shard, log, view_id, sync, inline, notify, chunk_size,
+                )?)
             })
             .await
             .context("the log opener failed")?

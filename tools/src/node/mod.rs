@@ -17,6 +17,10 @@
 //! state transfer, a longer one is cut back. If a member already runs a view beyond what that
 //! restart makes (or one without this node), the node joins again instead.
 //!
+//! Each shard log records the `layout.chunk_size` its machines used (its engine state,
+//! [`store::EngineState`]); a node refuses to start over a log holding data written with
+//! another one ([`store::check_chunk_size`]).
+//!
 //! A node that is not in `members` (and never recorded a view) joins: it asks the members
 //! through `contacts` to add it, announcing its `listen` address, which the view that adds it
 //! carries to every member (`View::addrs`); state transfer then brings its shards' logs.
@@ -37,7 +41,7 @@ use tokio::sync::Notify;
 
 use crate::config::NodeConfig;
 pub use state::{trim_end, LoggedDecision, NodeState, STATE_FILE};
-pub use store::{open_log, stored_view};
+pub use store::{open_log, stored_view, EngineState};
 
 /// Runs the node until it is interrupted (SIGINT or SIGTERM) or fails.
 pub fn run(config: NodeConfig) -> anyhow::Result<()> {
@@ -125,10 +129,18 @@ async fn start(config: NodeConfig) -> anyhow::Result<()> {
     let view_id = start.view().map_or(0, |v| v.view_id);
     let notify = Arc::new(Notify::new());
     let chunk_size = fs_chunk_size(&config)?;
-    let mut stores = BTreeMap::new();
+    // Every log is opened and checked before any is cut or records anything: a refused start
+    // leaves them all as they were.
+    let mut logs = Vec::new();
     for shard in shards {
-        let mut log = open_log(&config.data_dir, shard, config.persistence)
+        let log = open_log(&config.data_dir, shard, config.persistence)
             .with_context(|| format!("opening the log of {shard}"))?;
+        store::check_chunk_size(&log, &config.data_dir, shard, chunk_size)
+            .map_err(anyhow::Error::msg)?;
+        logs.push((shard, log));
+    }
+    let mut stores = BTreeMap::new();
+    for (shard, mut log) in logs {
         if let Some(logged) = recorded.as_ref().and_then(|s| s.decision.as_ref()) {
             // The decision that ends the recorded view was logged: nothing beyond its trim may
             // stay in the log. (What the engine delivered is always within it; this cuts what a

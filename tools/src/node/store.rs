@@ -24,8 +24,12 @@ use tokio::sync::Notify;
 
 use super::machine::Machine;
 
-/// The first byte of the engine state this driver keeps in each log's metadata.
-const ENGINE_STATE_FORMAT: u8 = 1;
+/// The first byte of the engine state this driver keeps in each log's metadata (format 2: the
+/// view id, then the file chunk size; `docs/FORMATS.md`, "Metadata").
+const ENGINE_STATE_FORMAT: u8 = 2;
+/// Format 1, the view id alone (written before the chunk size was recorded): still read, as
+/// no recorded chunk size.
+const ENGINE_STATE_FORMAT_1: u8 = 1;
 
 /// `f_type` of a tmpfs in `statfs(2)`: its files live in memory, so an `fdatasync` there waits
 /// for no device.
@@ -125,11 +129,70 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What the node records in a log's metadata (its engine state) each time it opens the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineState {
+    /// The view the node ran when it opened the log.
+    pub view_id: u32,
+    /// Bytes of a file chunk (`layout.chunk_size`) the log's machines used; `None` in a log
+    /// written before it was recorded (format 1).
+    pub chunk_size: Option<u32>,
+}
+
+impl EngineState {
+    /// The bytes of format 2: the format, the view id, the chunk size (little-endian).
+    fn encode(view_id: u32, chunk_size: u32) -> [u8; 9] {
+        let mut out = [ENGINE_STATE_FORMAT, 0, 0, 0, 0, 0, 0, 0, 0];
+        out[1..5].copy_from_slice(&view_id.to_le_bytes());
+        out[5..].copy_from_slice(&chunk_size.to_le_bytes());
+        out
+    }
+
+    /// The state in `bytes`, of format 2 or 1; `None` for anything else (a new log's empty
+    /// state).
+    fn decode(bytes: &[u8]) -> Option<EngineState> {
+        match bytes {
+            [ENGINE_STATE_FORMAT, a, b, c, d, e, f, g, h] => Some(EngineState {
+                view_id: u32::from_le_bytes([*a, *b, *c, *d]),
+                chunk_size: Some(u32::from_le_bytes([*e, *f, *g, *h])),
+            }),
+            [ENGINE_STATE_FORMAT_1, a, b, c, d] => Some(EngineState {
+                view_id: u32::from_le_bytes([*a, *b, *c, *d]),
+                chunk_size: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The state recorded in `log`, if any.
+    pub fn of(log: &Log) -> Option<EngineState> {
+        EngineState::decode(log.engine_state())
+    }
+}
+
 /// The view id stored in a log's engine state, if any.
 pub fn stored_view(log: &Log) -> Option<u32> {
-    match log.engine_state() {
-        [ENGINE_STATE_FORMAT, a, b, c, d] => Some(u32::from_le_bytes([*a, *b, *c, *d])),
-        _ => None,
+    EngineState::of(log).map(|s| s.view_id)
+}
+
+/// Refuses the log of `shard` under `data_dir` if it holds data and records a file chunk size
+/// other than `chunk_size`: its files would be read and written with the wrong chunk
+/// boundaries. A log that records none (format 1) cannot be checked and passes; so does one
+/// without a version, which holds no chunk.
+pub fn check_chunk_size(
+    log: &Log,
+    data_dir: &Path,
+    shard: ShardId,
+    chunk_size: u32,
+) -> Result<(), String> {
+    match EngineState::of(log).and_then(|s| s.chunk_size) {
+        Some(recorded) if recorded != chunk_size && log.latest().is_some() => Err(format!(
+            "layout.chunk_size changed: the log of {shard} in {} was written with \
+             layout.chunk_size = {recorded}, the configuration says {chunk_size}; the chunk \
+             size of existing data cannot change (set layout.chunk_size = {recorded} again)",
+            data_dir.display()
+        )),
+        _ => Ok(()),
     }
 }
 
@@ -171,9 +234,11 @@ pub fn open_log(data_dir: &Path, shard: ShardId, sync: SyncPolicy) -> Result<Log
 }
 
 impl ShardStore {
-    /// Starts the persister of `log`, recording `view_id` durably in its engine state first;
-    /// the machines over it use file chunks of `chunk_size` bytes (checked by the caller). An
-    /// `inline` log (see [`syncs_inline`]) gets no thread: [`ShardStore::persist`] syncs it.
+    /// Starts the persister of `log`, recording `view_id` and `chunk_size` durably in its
+    /// engine state first; the machines over it use file chunks of `chunk_size` bytes (checked
+    /// by the caller, against the value and against what the log recorded:
+    /// [`check_chunk_size`]). An `inline` log (see [`syncs_inline`]) gets no thread:
+    /// [`ShardStore::persist`] syncs it.
     pub fn start(
         shard: ShardId,
         mut log: Log,
@@ -183,9 +248,7 @@ impl ShardStore {
         notify: Arc<Notify>,
         chunk_size: u32,
     ) -> Result<ShardStore, LogError> {
-        let mut state = vec![ENGINE_STATE_FORMAT];
-        state.extend_from_slice(&view_id.to_le_bytes());
-        log.set_engine_state(&state)?;
+        log.set_engine_state(&EngineState::encode(view_id, chunk_size))?;
         // On tmpfs an `fdatasync` waits for nothing, and a log that never syncs has no sync to
         // speed up: no zero-filling there.
         let prefiller = (!inline && sync != SyncPolicy::None).then(|| log.prefiller());
@@ -524,6 +587,70 @@ mod tests {
         drop(store);
         let reopened = open_log(dir.path(), ShardId(0), SyncPolicy::Fsync).unwrap();
         assert_eq!(reopened.latest().map(|(v, _)| v), Some(second));
+    }
+
+    #[test]
+    fn engine_state_round_trips_with_the_chunk_size_and_reads_format_1_without_it() {
+        let bytes = EngineState::encode(7, 1 << 16);
+        assert_eq!(bytes, [2, 7, 0, 0, 0, 0, 0, 1, 0]);
+        let state = EngineState {
+            view_id: 7,
+            chunk_size: Some(1 << 16),
+        };
+        assert_eq!(EngineState::decode(&bytes), Some(state));
+        // Format 1: the view id alone, so no chunk size to check against.
+        let old = EngineState {
+            view_id: 7,
+            chunk_size: None,
+        };
+        assert_eq!(EngineState::decode(&[1, 7, 0, 0, 0]), Some(old));
+        // A new log's empty state, a length that is not its format's, an unknown format.
+        for bad in [
+            &[][..],
+            &bytes[..5],
+            &[1, 7, 0, 0, 0, 0],
+            &[3, 7, 0, 0, 0, 0, 0, 1, 0],
+        ] {
+            assert_eq!(EngineState::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_log_with_data_refuses_another_chunk_size_naming_the_key_and_both_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path();
+        let open = || open_log(data, ShardId(0), SyncPolicy::Fsync).unwrap();
+        let check = |log: &Log, chunk_size| check_chunk_size(log, data, ShardId(0), chunk_size);
+        assert_eq!(check(&open(), 1 << 16), Ok(()), "a new log records nothing");
+        // Started with 1 MiB chunks, but without a version: it holds no chunk.
+        drop(inline_store(data));
+        let log = open();
+        let recorded = EngineState {
+            view_id: 1,
+            chunk_size: Some(1 << 20),
+        };
+        assert_eq!(EngineState::of(&log), Some(recorded));
+        assert_eq!(check(&log, 1 << 16), Ok(()));
+        drop(log);
+        let mut store = inline_store(data);
+        let version = (1u64 << 32) | 1;
+        append(&store, version).unwrap();
+        store.persist(version);
+        store.sync_inline();
+        drop(store);
+        let mut log = open();
+        assert_eq!(check(&log, 1 << 20), Ok(()));
+        let err = check(&log, 1 << 16).unwrap_err();
+        for part in [
+            "layout.chunk_size = 1048576",
+            "the configuration says 65536",
+            "shard 0",
+        ] {
+            assert!(err.contains(part), "{part:?} in {err}");
+        }
+        // A log of format 1 records no chunk size: nothing to check against.
+        log.set_engine_state(&[1, 1, 0, 0, 0]).unwrap();
+        assert_eq!(check(&log, 1 << 16), Ok(()));
     }
 
     /// Bound on the waits below for the persister threads to catch up (a liveness bound, not a
