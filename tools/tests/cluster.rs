@@ -352,3 +352,35 @@ fn t12_cluster_a_node_restarted_with_another_chunk_size_refuses_naming_it() {
     let got = cluster.kv_ok(&["get", "k", "--member", "1"]);
     assert_eq!(got.trim(), "before");
 }
+
+#[test]
+fn t13_cluster_a_member_configured_with_another_chunk_size_links_with_no_one_and_both_sides_say_why(
+) {
+    let cluster = Cluster::new(13, NODES, "\n[layout]\nchunk_size = 1048576\n");
+    let config = cluster.path("n3.toml");
+    let text = std::fs::read_to_string(&config).expect("config");
+    let changed = text.replace("chunk_size = 1048576", "chunk_size = 65536");
+    assert_ne!(changed, text);
+    std::fs::write(&config, &changed).expect("config");
+    cluster.start_all();
+    // Node 3 dials no one (the lower id dials) and refuses nodes 1 and 2; each of them says
+    // what differs when its dial is closed.
+    for node in 1..=2 {
+        cluster.wait_log(
+            node,
+            "group settings differ from this node's: layout.chunk_size is 1048576 here and 65536 there",
+        );
+    }
+    cluster.wait_log(
+        3,
+        "group settings differ from this node's: layout.chunk_size is 65536 here and 1048576 there",
+    );
+    cluster.kill_all();
+
+    std::fs::write(&config, &text).expect("config");
+    cluster.start_all();
+    cluster.wait_active();
+    cluster.kv_ok(&["put", "k", "v"]);
+    let got = cluster.kv_ok(&["get", "k", "--member", "3"]);
+    assert_eq!(got.trim(), "v");
+}

@@ -75,8 +75,15 @@ impl ClientConn {
             let (mut stream, link_addr) = Stream::connect(addr, local_dir)
                 .await
                 .map_err(ConnectError::Connect)?;
-            let acceptor =
-                handshake::dial(&mut stream, secret, Peer::Client(client_id), expected, 0).await?;
+            let acceptor = handshake::dial(
+                &mut stream,
+                secret,
+                Peer::Client(client_id),
+                expected,
+                0,
+                None,
+            )
+            .await?;
             Ok::<_, ConnectError>((stream, link_addr.kind(), acceptor))
         };
         let (stream, kind, acceptor) =

@@ -49,7 +49,7 @@ use tokio::task::AbortHandle;
 
 pub use client::{ClientConn, ClientReceiver, ClientSendError, ClientSender};
 pub use frame::{FrameError, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX};
-pub use handshake::{HandshakeError, Refusal, Secret};
+pub use handshake::{GroupSettings, HandshakeError, Refusal, Secret};
 pub use stream::{
     check_local_socket_dir, local_socket_name, local_socket_path, LinkAddr, LinkKind,
     LocalSocketError, LOCAL_SOCKET_DIR_DEFAULT,
@@ -256,6 +256,9 @@ pub struct Transport {
 struct Shared {
     node_id: NodeId,
     secret: Secret,
+    /// The settings this node states in every handshake ([`GroupSettings`]): a peer whose
+    /// own differ never links. `None`: stated and checked by neither side.
+    settings: Option<GroupSettings>,
     /// The directory of local sockets: peers are dialed through theirs first.
     local_dir: Option<PathBuf>,
     events: mpsc::Sender<LinkEvent>,
@@ -275,6 +278,8 @@ struct State {
     outside: bool,
     /// [`Transport::close`] ran: no link is made any more.
     closing: bool,
+    /// Dialers refused for their group settings, each logged once.
+    settings_refused: HashSet<Peer>,
     /// Nodes whose address this node has ([`Transport::know`]): links with them go by the
     /// direction rule. A node outside it may dial this node whatever the ids: it is joining
     /// and this node could not dial it ([`Transport::connect_joining`]).
@@ -334,7 +339,7 @@ impl Transport {
         node_id: NodeId,
         secret: Secret,
     ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
-        Transport::bind_with(addr, node_id, secret, None).await
+        Transport::bind_with(addr, node_id, secret, None, None).await
     }
 
     /// As [`Transport::bind`], and with `local_dir`, also listens on the socket file named
@@ -343,12 +348,15 @@ impl Transport {
     /// process listens on it), so a socket file of that name is a stale one and is replaced;
     /// the TCP socket listens only once the file is bound, so a peer that reaches the node over
     /// TCP would have found the file. If listening fails, the file is removed again. If the
-    /// socket file cannot be bound, that is logged and the node serves TCP only.
+    /// socket file cannot be bound, that is logged and the node serves TCP only. With
+    /// `settings`, the node states them in every handshake and links with no node whose own
+    /// differ ([`GroupSettings`]); both ends log what differs.
     pub async fn bind_with(
         addr: SocketAddr,
         node_id: NodeId,
         secret: Secret,
         local_dir: Option<&Path>,
+        settings: Option<GroupSettings>,
     ) -> std::io::Result<(Transport, mpsc::Receiver<LinkEvent>)> {
         // Bound before it listens: the socket file is in place before the first TCP dial can
         // succeed, so peers that start together do not link over TCP for want of it.
@@ -383,6 +391,7 @@ impl Transport {
         let shared = Arc::new(Shared {
             node_id,
             secret,
+            settings,
             local_dir: local_dir.map(Path::to_path_buf),
             events,
             state: Mutex::new(State::default()),
@@ -596,6 +605,7 @@ impl Transport {
                 Peer::Node(self.shared.node_id),
                 Some(peer),
                 view_id,
+                self.shared.settings.as_ref(),
             )
             .await?;
             Ok((stream, link_addr, acceptor.view_id))
@@ -811,7 +821,13 @@ async fn accept_connection(shared: Arc<Shared>, mut stream: Stream, addr: LinkAd
         }
         state.view_id
     };
-    let handshake = handshake::accept(&mut stream, &shared.secret, node_id, view_id);
+    let handshake = handshake::accept(
+        &mut stream,
+        &shared.secret,
+        node_id,
+        view_id,
+        shared.settings.as_ref(),
+    );
     let hello = match tokio::time::timeout(Duration::from_millis(HANDSHAKE_TIMEOUT_MS), handshake)
         .await
         .unwrap_or(Err(HandshakeError::TimedOut))
@@ -828,7 +844,7 @@ async fn accept_connection(shared: Arc<Shared>, mut stream: Stream, addr: LinkAd
         if state.closing {
             return;
         }
-        let refusal = admit(&state, node_id, &hello);
+        let refusal = admit(&mut state, node_id, &hello, shared.settings.as_ref());
         if refusal.is_none() {
             spawn_link(
                 &shared,
@@ -851,9 +867,21 @@ async fn accept_connection(shared: Arc<Shared>, mut stream: Stream, addr: LinkAd
 }
 
 /// Decides whether an authenticated dialer gets a link.
-fn admit(state: &State, node_id: NodeId, hello: &handshake::Hello) -> Option<Refusal> {
+fn admit(
+    state: &mut State,
+    node_id: NodeId,
+    hello: &handshake::Hello,
+    settings: Option<&GroupSettings>,
+) -> Option<Refusal> {
     if hello.expected.is_some_and(|expected| expected != node_id) {
         return Some(Refusal::WrongNode);
+    }
+    if let Some(differences) = handshake::settings_differ(settings, hello.settings.as_ref()) {
+        // Once per dialer: it dials again and again until its configuration changes.
+        if state.settings_refused.insert(hello.dialer) {
+            tracing::warn!(node = node_id, peer = ?hello.dialer, "refused link: the peer's group settings differ from this node's: {differences}; every member must have the same");
+        }
+        return Some(Refusal::SettingsDiffer);
     }
     if state.links.contains_key(&hello.dialer) {
         return Some(Refusal::Duplicate);

@@ -55,7 +55,7 @@ async fn node_in(
     key: &[u8],
     dir: Option<&Path>,
 ) -> (Transport, mpsc::Receiver<LinkEvent>) {
-    let (transport, events) = Transport::bind_with(loopback(), id, secret(key), dir)
+    let (transport, events) = Transport::bind_with(loopback(), id, secret(key), dir, None)
         .await
         .unwrap();
     assert_eq!(
@@ -240,6 +240,7 @@ async fn wrong_secret_is_refused_on_both_sides(dir: Option<&Path>) {
         expected: None,
         view_id: 0,
         nonce: [7; handshake::NONCE_BYTES],
+        settings: None,
     }
     .encode();
     raw.write_all(&hello).await.unwrap();
@@ -270,6 +271,7 @@ async fn raw_link(to: &Transport, as_node: NodeId, key: &[u8], dir: Option<&Path
         Peer::Node(as_node),
         Some(to.node_id()),
         0,
+        None,
     )
     .await
     .unwrap();
@@ -618,7 +620,7 @@ async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
     // A higher id the acceptor knows, dialing by hand, is refused by it.
     one.know([2]);
     let mut raw = TcpStream::connect(one.local_addr()).await.unwrap();
-    let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(2), None, 0)
+    let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(2), None, 0, None)
         .await
         .unwrap_err();
     assert!(
@@ -632,9 +634,16 @@ async fn transport_only_the_lower_id_dials_and_duplicates_are_refused() {
     let error = one.connect(2, two.local_addr()).await.unwrap_err();
     assert!(matches!(error, ConnectError::AlreadyLinked(2)), "{error}");
     let mut raw = TcpStream::connect(two.local_addr()).await.unwrap();
-    let error = handshake::dial(&mut raw, &secret(b"cluster"), Peer::Node(1), Some(2), 0)
-        .await
-        .unwrap_err();
+    let error = handshake::dial(
+        &mut raw,
+        &secret(b"cluster"),
+        Peer::Node(1),
+        Some(2),
+        0,
+        None,
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(error, HandshakeError::Refused(Refusal::Duplicate)),
         "{error}"
@@ -1083,7 +1092,7 @@ async fn transport_a_stale_socket_file_falls_back_to_tcp_and_is_replaced() {
     let path = local_socket_path(dir.path(), addr);
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     let (owner, _owner_events) =
-        Transport::bind_with(addr, 6, secret(b"cluster"), Some(dir.path()))
+        Transport::bind_with(addr, 6, secret(b"cluster"), Some(dir.path()), None)
             .await
             .unwrap();
     assert_eq!(owner.local_socket(), Some(path.clone()));
@@ -1103,7 +1112,7 @@ async fn transport_an_unusable_socket_directory_leaves_tcp_serving() {
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"not a directory").unwrap();
     let (one, mut one_events) =
-        Transport::bind_with(loopback(), 1, secret(b"cluster"), Some(&file))
+        Transport::bind_with(loopback(), 1, secret(b"cluster"), Some(&file), None)
             .await
             .unwrap();
     assert_eq!(one.local_socket(), None);
@@ -1124,10 +1133,93 @@ async fn transport_an_unusable_socket_directory_leaves_tcp_serving() {
 async fn transport_a_second_node_on_a_taken_address_leaves_the_owners_socket_alone() {
     let dir = LocalDir::new("taken");
     let (owner, mut owner_events) = node_in(1, b"cluster", Some(dir.path())).await;
-    let taken =
-        Transport::bind_with(owner.local_addr(), 2, secret(b"cluster"), Some(dir.path())).await;
+    let taken = Transport::bind_with(
+        owner.local_addr(),
+        2,
+        secret(b"cluster"),
+        Some(dir.path()),
+        None,
+    )
+    .await;
     assert!(taken.is_err(), "bound an address another node listens on");
     let client = local_client(&owner, dir.path(), 4).await;
     assert_eq!((client.kind(), client.node_id()), (LinkKind::Local, 1));
     expect_connected(&mut owner_events, Peer::Client(4)).await;
+}
+
+/// Nodes whose group settings differ never link: the acceptor refuses the dialer (verdict 5),
+/// and the dialer names what differs; nodes that agree link.
+#[tokio::test]
+async fn transport_nodes_whose_group_settings_differ_do_not_link() {
+    use crate::layout::LayoutSpec;
+    let settings = |chunk_size: u32| GroupSettings {
+        spec: LayoutSpec::default(),
+        chunk_size,
+    };
+    let bind = |id: NodeId, chunk_size: u32| {
+        Transport::bind_with(
+            loopback(),
+            id,
+            secret(b"cluster"),
+            None,
+            Some(settings(chunk_size)),
+        )
+    };
+    let (one, mut one_events) = bind(1, 1 << 20).await.unwrap();
+    let (two, mut two_events) = bind(2, 1 << 16).await.unwrap();
+    let error = one.connect(2, two.local_addr()).await.unwrap_err();
+    match &error {
+        ConnectError::Handshake(HandshakeError::SettingsDiffer { peer, differences }) => {
+            assert_eq!(*peer, 2);
+            assert_eq!(
+                differences,
+                "layout.chunk_size is 1048576 here and 65536 there"
+            );
+        }
+        other => panic!("expected SettingsDiffer, got {other}"),
+    }
+    let mut raw = TcpStream::connect(two.local_addr()).await.unwrap();
+    let stated = settings(1 << 20);
+    let error = handshake::dial(
+        &mut raw,
+        &secret(b"cluster"),
+        Peer::Node(1),
+        Some(2),
+        0,
+        Some(&stated),
+    )
+    .await
+    .unwrap_err();
+    // The acceptor refuses with verdict 5, and the dialer names what differs.
+    assert!(
+        matches!(error, HandshakeError::SettingsDiffer { .. }),
+        "{error}"
+    );
+    // The verdict on the wire, by hand: 5.
+    let mut raw = TcpStream::connect(two.local_addr()).await.unwrap();
+    let hello = handshake::Hello {
+        dialer: Peer::Node(1),
+        expected: Some(2),
+        view_id: 0,
+        nonce: [9; handshake::NONCE_BYTES],
+        settings: Some(stated),
+    }
+    .encode();
+    raw.write_all(&hello).await.unwrap();
+    let mut challenge = [0u8; handshake::CHALLENGE_BYTES];
+    raw.read_exact(&mut challenge).await.unwrap();
+    let proof = handshake::dial_proof(&secret(b"cluster"), &hello, &challenge);
+    raw.write_all(&proof).await.unwrap();
+    let mut verdict = [0u8; 1];
+    raw.read_exact(&mut verdict).await.unwrap();
+    assert_eq!(verdict[0], Refusal::SettingsDiffer as u8);
+    assert!(!one.is_linked(Peer::Node(2)) && !two.is_linked(Peer::Node(1)));
+    assert_quiet(&mut one_events).await;
+    assert_quiet(&mut two_events).await;
+
+    // Nodes that agree link.
+    let (three, mut three_events) = bind(3, 1 << 20).await.unwrap();
+    one.connect(3, three.local_addr()).await.unwrap();
+    expect_connected(&mut one_events, Peer::Node(3)).await;
+    expect_connected(&mut three_events, Peer::Node(1)).await;
 }

@@ -179,6 +179,7 @@ async fn measure(args: &Args, size: usize) -> anyhow::Result<RunResult> {
             id,
             secret.clone(),
             args.local_socket_dir.0.as_deref(),
+            None,
         )
         .await
         .with_context(|| format!("listening on {}", args.address))?;

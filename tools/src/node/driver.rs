@@ -211,11 +211,18 @@ impl Driver {
     ) -> anyhow::Result<()> {
         let me = config.node_id;
         let secret = config.secret()?;
+        // What every member must share, stated in each handshake: a peer configured otherwise
+        // never links, and both nodes log what differs.
+        let settings = derechofs_core::transport::GroupSettings {
+            spec: config.layout_spec(),
+            chunk_size: super::fs_chunk_size(&config)?,
+        };
         let (transport, mut events) = Transport::bind_with(
             config.listen,
             me,
             secret,
             config.local_socket_dir.as_deref(),
+            Some(settings),
         )
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -2291,6 +2298,7 @@ async fn dial_joining(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr)
 /// Keeps a link with a configured node up for as long as the node runs: dials it until the
 /// link is up (it may not have started yet), and again after the link breaks (it may restart).
 async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
+    use derechofs_core::transport::HandshakeError;
     let me = transport.node_id();
     let mut attempts: u64 = 0;
     loop {
@@ -2308,7 +2316,15 @@ async fn dial(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
             Err(e) => {
                 attempts += 1;
                 if attempts % 50 == 1 {
-                    tracing::info!(node = me, peer, %addr, error = %e, "waiting for member");
+                    if matches!(
+                        e,
+                        ConnectError::Handshake(HandshakeError::SettingsDiffer { .. })
+                    ) {
+                        // Not a member that is still starting: a configuration to fix.
+                        tracing::warn!(node = me, peer, %addr, error = %e, "cannot link with member");
+                    } else {
+                        tracing::info!(node = me, peer, %addr, error = %e, "waiting for member");
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(DIAL_RETRY_MS)).await;
             }
