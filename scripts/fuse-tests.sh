@@ -249,6 +249,8 @@ if [ "$target" = cluster ]; then
       && nsenter -t "$ns" -m grep -q "written through mount -t" "$W/mnt2/helper-check2" \
       && nsenter -t "$ns" -m umount "$W/mnt2"
     local status=$?
+    # On a failure above, the mount in the namespace still holds its daemon: unmount it there.
+    nsenter -t "$ns" -m sh -c "mountpoint -q '$W/mnt2' && umount -l '$W/mnt2'" 2>/dev/null
     kill "$ns" 2>/dev/null
     wait "$ns" 2>/dev/null
     return $status

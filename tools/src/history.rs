@@ -25,8 +25,8 @@ pub struct LogArgs {
     #[command(flatten)]
     client: ClientArgs,
     /// A path inside a mounted DerechoFS (`/mnt/dfs/dir/file`, or relative to the current
-    /// directory), whose mount gives the contacts (`--contacts` does for a mount made with
-    /// `fsname=`, whose source shows that name); or else the path from the root of the file
+    /// directory), whose mount gives the contacts (not a mount made with `fsname=`, whose
+    /// source shows that name); or else the path from the root of the file
     /// system (`/dir/file`) of the cluster at `--contacts`. A component may carry `@TIME`.
     path: String,
     /// Show only the latest N changes.
@@ -54,13 +54,6 @@ fn components(path: &str) -> anyhow::Result<Vec<&str>> {
     Ok(parts)
 }
 
-/// `HOST:PORT` with a port number: what a mount's source lists when it names its contacts.
-fn looks_like_host_port(contact: &str) -> bool {
-    contact
-        .rsplit_once(':')
-        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
-}
-
 /// Runs `derechofs log`.
 pub fn run(args: LogArgs) -> anyhow::Result<i32> {
     // A path inside a mount names its cluster: the mount's contacts win over `--contacts`.
@@ -69,13 +62,19 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
         match mountinfo::derechofs_path(&mountinfo::mounts(), Path::new(&args.path), &cwd) {
             Some((mount, inside)) => {
                 let contacts: Vec<String> = mount.source.split(',').map(str::to_string).collect();
-                if contacts.iter().all(|c| looks_like_host_port(c)) {
-                    (contacts, inside)
-                } else {
-                    // Mounted with `fsname=`: the source shows that name, not the contacts,
-                    // so `--contacts` names the cluster.
-                    (args.client.contacts.clone(), inside)
+                if let Some(bad) = contacts.iter().find(|c| !crate::mount::is_host_port(c)) {
+                    // Mounted with `fsname=`: the source shows that name, not the contacts.
+                    // Asking `--contacts` (whose default may be another cluster) could answer
+                    // for the wrong file system.
+                    anyhow::bail!(
+                        "{} is in a mount whose source is `{}` (mounted with fsname=?), and \
+                         `{bad}` is not a member's host:port: give the path from the root of \
+                         its file system, `{inside}`, with --contacts",
+                        args.path,
+                        mount.source
+                    );
                 }
+                (contacts, inside)
             }
             None => (args.client.contacts.clone(), args.path.clone()),
         };
@@ -146,17 +145,6 @@ pub fn run(args: LogArgs) -> anyhow::Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_mount_source_names_contacts_only_as_host_port_pairs() {
-        assert!(looks_like_host_port("127.0.0.1:7070"));
-        assert!(looks_like_host_port("node1:7070"));
-        assert!(looks_like_host_port("[::1]:7070"));
-        assert!(!looks_like_host_port("mydfs"));
-        assert!(!looks_like_host_port(":7070"));
-        assert!(!looks_like_host_port("node1:port"));
-        assert!(!looks_like_host_port("node1:70700"));
-    }
 
     #[test]
     fn a_log_path_is_split_from_the_root_and_odd_components_are_refused() {

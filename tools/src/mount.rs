@@ -64,13 +64,17 @@ fn contacts(spec: &str) -> anyhow::Result<Vec<String>> {
     if list.len() > CONTACTS_MAX {
         bail!("{} contacts given; at most {CONTACTS_MAX}", list.len());
     }
-    for c in &list {
-        match c.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => bail!("contact `{c}` is not host:port"),
-        }
+    if let Some(c) = list.iter().find(|c| !is_host_port(c)) {
+        bail!("contact `{c}` is not host:port");
     }
     Ok(list)
+}
+
+/// `HOST:PORT` with a port number: a contact, and what a mount's source lists.
+pub fn is_host_port(contact: &str) -> bool {
+    contact
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok())
 }
 
 /// Waits until one contact accepts a connection, at most `timeout` in all.
@@ -314,16 +318,26 @@ fn is_mounted(path: &Path) -> bool {
 /// mount) starts `derechofs mount` as a daemon and returns once the mount is in place, or with
 /// the daemon's error. Exit status 0, 1 (usage, options, mount point) or 32 (mount failure).
 pub fn helper_main(args: &[OsString]) -> i32 {
-    let usage = "usage: mount.derechofs HOST:PORT[,HOST:PORT…] DIR [-sfnv] [-o OPTIONS]";
-    let h = match helper_args(args) {
+    let usage = "usage: mount.derechofs HOST:PORT[,HOST:PORT…] DIR [-sfnv] [-N NS] [-o OPTIONS]";
+    let mut h = match helper_args(args) {
         Ok(h) => h,
         Err(e) => {
             errln!("mount.derechofs: {e}\n{usage}");
             return EX_USAGE;
         }
     };
-    // Before anything looks at the mount point: it is the namespace's.
+    // Before anything looks at the mount point: it is the namespace's. A relative one is
+    // taken from here, since entering the namespace moves to its root.
     if let Some(ns) = &h.namespace {
+        if h.dir.is_relative() {
+            match std::env::current_dir() {
+                Ok(cwd) => h.dir = cwd.join(&h.dir),
+                Err(e) => {
+                    errln!("mount.derechofs: the current directory: {e}");
+                    return EX_USAGE;
+                }
+            }
+        }
         if let Err(e) = enter_mount_namespace(ns) {
             errln!("mount.derechofs: -N {ns}: {e:#}");
             return EX_USAGE;
@@ -355,7 +369,14 @@ pub fn helper_main(args: &[OsString]) -> i32 {
         }
         return 0;
     }
-    match daemonize(&h.spec, &h.dir, &options, p.options.connect_timeout) {
+    let in_namespace = h.namespace.is_some();
+    match daemonize(
+        &h.spec,
+        &h.dir,
+        &options,
+        p.options.connect_timeout,
+        in_namespace,
+    ) {
         Ok(()) => {
             if h.verbose {
                 errln!("mount.derechofs: {} mounted on {}", h.spec, h.dir.display());
@@ -371,8 +392,20 @@ pub fn helper_main(args: &[OsString]) -> i32 {
 
 /// Starts `derechofs mount` detached (its own process group, no terminal), its output in a log
 /// file, and waits until the mount is in place or the daemon has exited.
-fn daemonize(spec: &str, dir: &Path, options: &str, connect: Duration) -> anyhow::Result<()> {
-    let exe = std::env::current_exe().context("finding this program")?;
+fn daemonize(
+    spec: &str,
+    dir: &Path,
+    options: &str,
+    connect: Duration,
+    in_namespace: bool,
+) -> anyhow::Result<()> {
+    // In another mount namespace this program's path may name nothing; the kernel's link to
+    // the running executable always does.
+    let exe = if in_namespace {
+        PathBuf::from("/proc/self/exe")
+    } else {
+        std::env::current_exe().context("finding this program")?
+    };
     std::fs::create_dir_all(DAEMON_LOG_DIR)
         .with_context(|| format!("creating {DAEMON_LOG_DIR}"))?;
     let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
@@ -430,6 +463,17 @@ mod tests {
 
     fn os(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn a_contact_is_a_host_and_a_port_number() {
+        assert!(is_host_port("127.0.0.1:7070"));
+        assert!(is_host_port("node1:7070"));
+        assert!(is_host_port("[::1]:7070"));
+        assert!(!is_host_port("mydfs"));
+        assert!(!is_host_port(":7070"));
+        assert!(!is_host_port("node1:port"));
+        assert!(!is_host_port("node1:70700"));
     }
 
     #[test]

@@ -95,6 +95,25 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(5)..].join("\n")
 }
 
+/// `text`, a node configuration `derechofs up` wrote, with `local_socket_dir` set to `dir`: the
+/// line replaced, or added under `[transport]` (configurations written before the key existed
+/// have none), or with its table at the end.
+fn with_socket_dir(text: &str, dir: &str) -> String {
+    let wanted = format!("local_socket_dir = {dir:?}");
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    if let Some(line) = lines
+        .iter_mut()
+        .find(|l| l.starts_with("local_socket_dir = "))
+    {
+        *line = wanted;
+    } else if let Some(at) = lines.iter().position(|l| l.trim() == "[transport]") {
+        lines.insert(at + 1, wanted);
+    } else {
+        lines.extend([String::new(), "[transport]".to_string(), wanted]);
+    }
+    lines.join("\n") + "\n"
+}
+
 /// The node configurations under `data`, written on the first run (later runs set only their
 /// socket directory); returns their addresses.
 fn configs(data: &Path, nodes: usize, local_dir: &str) -> anyhow::Result<Vec<String>> {
@@ -123,27 +142,7 @@ fn configs(data: &Path, nodes: usize, local_dir: &str) -> anyhow::Result<Vec<Str
             addrs.push(listen.to_string());
             // The socket directory of this run, for the nodes as for the mount: a node left
             // with an earlier run's directory would be reached over TCP only.
-            let wanted = format!("local_socket_dir = {local_dir:?}");
-            let mut found = false;
-            let lines: Vec<&str> = text
-                .lines()
-                .map(|l| {
-                    if l.starts_with("local_socket_dir = ") {
-                        found = true;
-                        wanted.as_str()
-                    } else {
-                        l
-                    }
-                })
-                .collect();
-            if !found {
-                bail!(
-                    "{}: no `local_socket_dir` line (a configuration `derechofs up` did not \
-                     write?): add `local_socket_dir = {local_dir:?}` under `[transport]`",
-                    p.display()
-                );
-            }
-            let updated = lines.join("\n") + "\n";
+            let updated = with_socket_dir(&text, local_dir);
             if updated != text {
                 std::fs::write(p, updated).with_context(|| format!("writing {}", p.display()))?;
             }
@@ -352,5 +351,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(why) if why.starts_with("the mount ended (exit status: 0)") => Ok(()),
         Some(why) => bail!("{why}"),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_run_sets_the_socket_directory_in_any_configuration_up_wrote() {
+        let now = "node_id = 1\n\n[transport]\nlocal_socket_dir = \"/run/a\"\n";
+        assert_eq!(
+            with_socket_dir(now, "/run/b"),
+            "node_id = 1\n\n[transport]\nlocal_socket_dir = \"/run/b\"\n"
+        );
+        assert_eq!(with_socket_dir(now, "/run/a"), now);
+        // Written before the key existed: a `[transport]` table without it, or none at all.
+        assert_eq!(
+            with_socket_dir("node_id = 1\n[transport]\nkind = \"tcp\"\n", ""),
+            "node_id = 1\n[transport]\nlocal_socket_dir = \"\"\nkind = \"tcp\"\n"
+        );
+        assert_eq!(
+            with_socket_dir("node_id = 1\n[layout]\nreplicas = 3\n", "/run/b"),
+            "node_id = 1\n[layout]\nreplicas = 3\n\n[transport]\nlocal_socket_dir = \"/run/b\"\n"
+        );
     }
 }

@@ -501,6 +501,18 @@ async fn read_exact<S: AsyncRead + Unpin>(
     }
 }
 
+/// Reads a hello or a challenge: its magic first, so that a peer of another link version, whose
+/// messages have other lengths, is told so at once rather than waited for until the timeout.
+async fn read_magic_then_rest<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut [u8],
+) -> Result<(), HandshakeError> {
+    let (magic, rest) = buf.split_at_mut(HANDSHAKE_MAGIC.len());
+    read_exact(stream, magic).await?;
+    check_magic(magic)?;
+    read_exact(stream, rest).await
+}
+
 /// What the dialer learned about the acceptor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Acceptor {
@@ -528,7 +540,7 @@ pub(crate) async fn dial<S: AsyncRead + AsyncWrite + Unpin>(
     stream.write_all(&hello).await?;
     stream.flush().await?;
     let mut challenge_bytes = [0u8; CHALLENGE_BYTES];
-    read_exact(stream, &mut challenge_bytes).await?;
+    read_magic_then_rest(stream, &mut challenge_bytes).await?;
     let challenge = Challenge::decode(secret, &hello, &challenge_bytes)?;
     if let Some(expected) = expected {
         if challenge.node_id != expected {
@@ -578,7 +590,7 @@ pub(crate) async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     settings: Option<&GroupSettings>,
 ) -> Result<Hello, HandshakeError> {
     let mut hello_bytes = [0u8; HELLO_BYTES];
-    read_exact(stream, &mut hello_bytes).await?;
+    read_magic_then_rest(stream, &mut hello_bytes).await?;
     let hello = Hello::decode(&hello_bytes)?;
     let challenge = Challenge::new(
         secret,
@@ -765,6 +777,26 @@ mod tests {
              there, layout.replicas is 3 here and 5 there, layout.replicas_min is 2 here and 3 \
              there"
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_of_another_link_version_is_named_from_its_magic_alone() {
+        // A version-5 peer's hello is shorter: only its first bytes are waited for.
+        let mut older: &[u8] = b"DFSLINK\x05";
+        let mut hello = [0u8; HELLO_BYTES];
+        let error = read_magic_then_rest(&mut older, &mut hello)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            HandshakeError::Malformed("another link version (this build speaks version 6)")
+                .to_string()
+        );
+        let mut current: &[u8] = &[&HANDSHAKE_MAGIC[..], &[7; HELLO_BYTES - 8]].concat();
+        read_magic_then_rest(&mut current, &mut hello)
+            .await
+            .unwrap();
+        assert_eq!(hello[HELLO_BYTES - 1], 7);
     }
 
     #[test]

@@ -278,7 +278,7 @@ struct State {
     outside: bool,
     /// [`Transport::close`] ran: no link is made any more.
     closing: bool,
-    /// Dialers refused for their group settings, each logged once.
+    /// Dialers refused for their group settings, each logged once until it links.
     settings_refused: HashSet<Peer>,
     /// Nodes whose address this node has ([`Transport::know`]): links with them go by the
     /// direction rule. A node outside it may dial this node whatever the ids: it is joining
@@ -846,6 +846,8 @@ async fn accept_connection(shared: Arc<Shared>, mut stream: Stream, addr: LinkAd
         }
         let refusal = admit(&mut state, node_id, &hello, shared.settings.as_ref());
         if refusal.is_none() {
+            // Its settings agree now: a later difference is logged again.
+            state.settings_refused.remove(&hello.dialer);
             spawn_link(
                 &shared,
                 &mut state,

@@ -2283,11 +2283,20 @@ async fn probe(
 /// node's address from the view that added it, and dials it itself.
 async fn dial_joining(transport: Arc<Transport>, peer: NodeId, addr: SocketAddr) {
     use derechofs_core::transport::{HandshakeError, Refusal};
+    let mut refused_for_settings: u64 = 0;
     loop {
         if !transport.is_linked(Peer::Node(peer)) {
             match transport.connect_joining(peer, addr).await {
                 Err(ConnectError::Handshake(HandshakeError::Refused(Refusal::WrongDirection)))
                 | Err(ConnectError::Closing) => return,
+                Err(e @ ConnectError::Handshake(HandshakeError::SettingsDiffer { .. })) => {
+                    // A configuration to fix, not a member still starting.
+                    if refused_for_settings % 50 == 0 {
+                        let me = transport.node_id();
+                        tracing::warn!(node = me, peer, %addr, error = %e, "cannot join through member");
+                    }
+                    refused_for_settings += 1;
+                }
                 Ok(()) | Err(_) => {}
             }
         }
