@@ -175,6 +175,7 @@ fio_terse() {
 declare -A R   # R[target,job] = number
 declare -A CPU # CPU[target] = ms of CPU of its processes per MiB of the write job
 declare -A STEAL # STEAL[target] = % of the machine's ticks the host took during the write job
+declare -A JOB_STEAL # JOB_STEAL[target] = "read N %, ..." for the jobs after the write (not run again)
 write_steals=() # "target: N %" for every attempt of a write job
 targets=()
 # run_jobs NAME DIR
@@ -216,20 +217,26 @@ run_jobs() {
     awk -v a="$pct" -v m="$retry_pct" 'BEGIN {exit !(a <= m)}' && break
   done
   drop_caches
+  s0=$(stat_ticks)
   out=$(fio_terse "$dir" --rw=read --bs=1M)
   R[$name,read]=$(mib "$(echo "$out" | cut -d';' -f7)")
+  JOB_STEAL[$name]="read $(steal_pct "$s0" "$(stat_ticks)") %"
   if ! FIO_PROBE=1 fio_terse "$dir" --rw=randread --bs=4k --direct=1 --runtime=1 --time_based >/dev/null \
        || grep -qi 'error\|invalid' "$W/fio.err"; then
     direct=0; mark="*"
   fi
   for jobs in 1 4; do
     drop_caches
+    s0=$(stat_ticks)
     out=$(fio_terse "$dir" --rw=randread --bs=4k --direct=$direct --runtime="$runtime" \
           --time_based --numjobs=$jobs --group_reporting)
     R[$name,rand$jobs]="$(echo "$out" | cut -d';' -f8)$mark"
+    JOB_STEAL[$name]+=", 4k rand ${jobs}j $(steal_pct "$s0" "$(stat_ticks)") %"
   done
   rm -f "$dir/fio.dat"
+  s0=$(stat_ticks)
   out=$(timeout "$job_timeout" "$bin" bench files "$dir" --count "$files")
+  JOB_STEAL[$name]+=", files $(steal_pct "$s0" "$(stat_ticks)") %"
   for k in create stat unlink; do
     R[$name,$k]=$(echo "$out" | grep -oE "${k}_per_s=[0-9]+" | cut -d= -f2)
   done
@@ -368,6 +375,10 @@ if [ ${#write_steals[@]} -gt ${#STEAL[@]} ]; then
   echo "Write jobs run again (stolen during each attempt; the table keeps the least):"
   printf '  %s\n' "${write_steals[@]}"
 fi
+echo "Stolen by the host during the other jobs (run once each), % of the machine's CPU time:"
+for t in "${targets[@]}"; do
+  [ -n "${JOB_STEAL[$t]:-}" ] && echo "  $t: ${JOB_STEAL[$t]}"
+done
 if [ -n "${R[disk,write]:-}" ]; then
   third=$(echo "scale=1; ${R[disk,write]} / 3" | bc)
   echo "sequential write limit of 3 replicas on one disk (disk / 3): $third MiB/s;" \
