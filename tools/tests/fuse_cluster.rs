@@ -182,6 +182,9 @@ fn mount_refuses_an_unreachable_cluster_a_bad_option_and_a_missing_mount_point()
     let (code, err) = run(&["mount", &free, m, "-o", "ro,bogus"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("unknown mount option `bogus`"), "{err}");
+    let (code, err) = run(&["mount", &free, m, "-o", "atime"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("mount option `atime`: not supported"), "{err}");
     let missing = dir.path().join("missing");
     let (code, err) = run(&["mount", &free, missing.to_str().expect("utf-8")]);
     assert_eq!(code, Some(1), "{err}");
@@ -422,4 +425,37 @@ fn direct_io_through_a_cluster_mount_reads_its_own_writes_and_shows_them_elsewhe
         &want,
         &format!("seed {seed}: at a after the overwrite at b was closed"),
     );
+}
+
+#[test]
+fn derechofs_log_takes_its_cluster_from_a_mount_and_refuses_one_whose_source_is_a_name() {
+    let cluster = Cluster::new(17, 3, "");
+    cluster.start_all();
+    cluster.wait_active();
+    let plain = Mount::start(&cluster, "plain", &cluster.contacts(), "");
+    std::fs::write(plain.path.join("f"), b"x").expect("write");
+    let path = plain.path.join("f");
+    let path = path.to_str().expect("utf-8");
+    let socket_dir = cluster.socket_dir();
+    let socket_dir = socket_dir.to_str().expect("utf-8");
+    let run = cluster.run(&["log", "--local-socket-dir", socket_dir, path]);
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains("regular"), "{run:?}");
+    // Mounted with `fsname=`: the source shows the name, not the contacts, so the command
+    // cannot know the cluster and says which path to give with --contacts.
+    let named = Mount::start(&cluster, "named", &cluster.contacts(), "fsname=mydfs");
+    let path = named.path.join("f");
+    let path = path.to_str().expect("utf-8");
+    let run = cluster.run(&["log", path]);
+    assert_ne!(run.code, 0, "{run:?}");
+    assert!(
+        run.stderr
+            .contains("give the path from the root of its file system, `/f`, with --contacts"),
+        "{run:?}"
+    );
+    let contacts = cluster.contacts();
+    let run = cluster.run(&["log", "--contacts", &contacts, "/f"]);
+    assert_eq!(run.code, 0, "{run:?}");
+    drop((plain, named));
+    cluster.stop_all();
 }

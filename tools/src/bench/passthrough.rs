@@ -26,16 +26,13 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let options = MountOptions::parse(&args.options)?;
     // What only a DerechoFS client acts on would be taken and ignored here.
-    let defaults = MountOptions::default();
-    let client_only = [
-        ("prefer=", options.prefer.is_some()),
-        (
-            "connect_timeout_ms=",
-            options.connect_timeout != defaults.connect_timeout,
-        ),
-        ("noac", options.attr_cache != defaults.attr_cache),
-    ];
-    if let Some((name, _)) = client_only.iter().find(|(_, given)| *given) {
+    let client_only = ["prefer", "connect_timeout_ms", "ac", "noac"];
+    if let Some(name) = args
+        .options
+        .split(',')
+        .map(|o| o.split_once('=').map_or(o, |(name, _)| name))
+        .find(|name| client_only.contains(name))
+    {
         anyhow::bail!("mount option `{name}` is a DerechoFS client's; the passthrough has none");
     }
     let fs = Passthrough::new(&args.source)?;
