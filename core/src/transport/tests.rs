@@ -74,6 +74,23 @@ fn kind_with(dir: Option<&Path>) -> LinkKind {
 }
 
 /// A raw connection to `to`: through its socket file in `dir`, or over TCP without one.
+/// Sends `hello`, reads the challenge, answers with a proof made with `key` whatever the
+/// challenge says, and returns the verdict byte, or `None` if the acceptor closed without one.
+async fn dial_by_hand<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    raw: &mut S,
+    hello: handshake::Hello,
+    key: &[u8],
+) -> Option<u8> {
+    let hello = hello.encode();
+    raw.write_all(&hello).await.unwrap();
+    let mut challenge = [0u8; handshake::CHALLENGE_BYTES];
+    raw.read_exact(&mut challenge).await.unwrap();
+    let proof = handshake::dial_proof(&secret(key), &hello, &challenge);
+    raw.write_all(&proof).await.unwrap();
+    let mut verdict = [0u8; 1];
+    (raw.read(&mut verdict).await.unwrap() == 1).then_some(verdict[0])
+}
+
 async fn raw_connect(to: &Transport, dir: Option<&Path>) -> Stream {
     let (stream, addr) = Stream::connect(to.local_addr(), dir).await.unwrap();
     assert_eq!(addr.kind(), kind_with(dir));
@@ -241,17 +258,10 @@ async fn wrong_secret_is_refused_on_both_sides(dir: Option<&Path>) {
         view_id: 0,
         nonce: [7; handshake::NONCE_BYTES],
         settings: None,
-    }
-    .encode();
-    raw.write_all(&hello).await.unwrap();
-    let mut challenge = [0u8; handshake::CHALLENGE_BYTES];
-    raw.read_exact(&mut challenge).await.unwrap();
-    let forged = handshake::dial_proof(&secret(b"intruder"), &hello, &challenge);
-    raw.write_all(&forged).await.unwrap();
-    let mut verdict = [0u8; 1];
+    };
     assert_eq!(
-        raw.read(&mut verdict).await.unwrap(),
-        0,
+        dial_by_hand(&mut raw, hello, b"intruder").await,
+        None,
         "closed without a verdict"
     );
 
@@ -1203,16 +1213,11 @@ async fn transport_nodes_whose_group_settings_differ_do_not_link() {
         view_id: 0,
         nonce: [9; handshake::NONCE_BYTES],
         settings: Some(stated),
-    }
-    .encode();
-    raw.write_all(&hello).await.unwrap();
-    let mut challenge = [0u8; handshake::CHALLENGE_BYTES];
-    raw.read_exact(&mut challenge).await.unwrap();
-    let proof = handshake::dial_proof(&secret(b"cluster"), &hello, &challenge);
-    raw.write_all(&proof).await.unwrap();
-    let mut verdict = [0u8; 1];
-    raw.read_exact(&mut verdict).await.unwrap();
-    assert_eq!(verdict[0], Refusal::SettingsDiffer as u8);
+    };
+    assert_eq!(
+        dial_by_hand(&mut raw, hello, b"cluster").await,
+        Some(Refusal::SettingsDiffer as u8)
+    );
     assert!(!one.is_linked(Peer::Node(2)) && !two.is_linked(Peer::Node(1)));
     assert_quiet(&mut one_events).await;
     assert_quiet(&mut two_events).await;
